@@ -1,0 +1,27 @@
+# The two commands of the README:  `make demo` (the main job) and `make test` (the whole suite).
+# Both create .venv on first use. TORCH pins a torch build with a matching torchvision; on this
+# project's machines both wheels lie on disk, elsewhere pip takes your platform's normal wheel.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[all]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/tightfit train
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) runs

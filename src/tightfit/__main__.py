@@ -1,0 +1,5 @@
+import sys
+
+from tightfit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""The ``tightfit`` command line: one registry of sub-commands, one small module per command.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``
+and imports nothing heavy at module level, so ``tightfit --help`` and ``tightfit COMMAND --help``
+never import torch.
+"""
+
+import argparse
+import importlib
+import sys
+
+from tightfit import __version__
+from tightfit.errors import TightfitError
+
+# name -> module; the order is the order of ``tightfit --help``.
+COMMANDS = {
+    "doctor": "tightfit.cli.doctor",
+    "devices": "tightfit.cli.devices",
+    "plan": "tightfit.cli.plan",
+    "batch-size": "tightfit.cli.batch_size",
+    "train": "tightfit.cli.train",
+    "compress": "tightfit.cli.compress",
+    "predict": "tightfit.cli.predict",
+    "lora": "tightfit.cli.lora",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tightfit",
+        description="Train, fine-tune and shrink PyTorch models on the hardware you actually have.",
+    )
+    parser.add_argument("--version", action="version", version=f"tightfit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue  # a command whose module is not written yet is simply not offered
+        command_parser = subparsers.add_parser(
+            name,
+            help=module.HELP,
+            description=getattr(module, "DESCRIPTION", module.HELP),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except TightfitError as error:
+        print(f"tightfit {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"tightfit {args.command}: interrupted", file=sys.stderr)
+        return 130

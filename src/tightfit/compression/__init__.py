@@ -1,0 +1,1 @@
+"""Compression: prune, distill, quantize, export, and the report that measures each step."""

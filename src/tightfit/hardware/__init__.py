@@ -1,0 +1,1 @@
+"""Hardware: detection, device profiles and the doctor checks."""

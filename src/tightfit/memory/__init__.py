@@ -1,0 +1,1 @@
+"""The memory engine: tracker, estimator, planner, batch-size search, out-of-memory handling."""

@@ -1,0 +1,1 @@
+"""Models: specs (builtin:, torchvision:, hf:, module:callable), checkpointing, LoRA."""

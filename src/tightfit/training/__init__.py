@@ -1,0 +1,1 @@
+"""Training: the loop, its callbacks, schedules, checkpoints, metrics and loggers."""
