@@ -1,0 +1,424 @@
+"""Stable Diffusion fine-tuning as an ordinary model: ``forward(**batch).loss`` is the noise-prediction loss.
+
+:func:`build_diffusion_model` wraps a local diffusers Stable Diffusion directory (``unet/``,
+``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, the layout ``save_pretrained`` writes)
+in a :class:`DiffusionTrainingModule`. One forward pass is one step of the latent-diffusion training
+objective (Rombach et al. 2022), the same as diffusers' ``train_text_to_image_lora.py``:
+
+1. encode the images with the frozen VAE: ``latents = vae.encode(pixels).sample() * scaling_factor``;
+2. encode the captions with the frozen CLIP text encoder;
+3. draw noise and a timestep per sample, and noise the latents with the scheduler;
+4. predict with the UNet and return the MSE against the noise (or against the velocity when the
+   scheduler is configured for ``v_prediction``).
+
+So the trainer's single training step (``tightfit.training.loss``: the model's own ``.loss``)
+trains it, LoRA adapts only the UNet's attention (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), and
+the memory engine plans it like any model.
+
+A directory holding only a UNet ``config.json`` (such as the shipped ``configs/sd15-unet``) gives
+a UNet-only module whose batches carry ``latents`` and ``encoder_hidden_states`` directly: that is
+how the SD 1.5 UNet is planned at 512x512 (latents 4x64x64, text context 77x768) on the meta device.
+
+The memory helpers of seed-003 are settings of :func:`build_diffusion_model`: ``attention``
+(``sdpa``, the fused kernel, or ``sliced``, computing attention a head group at a time),
+``vae_tiling`` (encode large images tile by tile), ``cpu_offload`` (the frozen VAE and text
+encoder stay in CPU memory; only the UNet goes to the accelerator) and ``gradient_checkpointing``.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tightfit._optional import require
+from tightfit.errors import SpecError
+
+# The DDPM noise schedule Stable Diffusion 1.x was trained with (its scheduler_config.json);
+# used by a UNet-only directory, which has no scheduler of its own.
+SD15_NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "steps_offset": 1,
+}
+TEXT_CONTEXT_LENGTH = 77  # CLIP's context: every SD caption is padded to 77 tokens
+LATENT_DOWNSCALE = 8  # the SD VAE maps 512x512 pixels to 64x64 latents
+
+
+@dataclass
+class DiffusionOutput:
+    """What a training forward returns: ``loss`` for the trainer, ``sample`` the UNet prediction."""
+
+    loss: torch.Tensor
+    sample: torch.Tensor
+
+
+class DiffusionTrainingModule(nn.Module):
+    """A UNet trained to predict noise, with its frozen VAE, text encoder and noise scheduler.
+
+    Build it with :func:`build_diffusion_model`. ``vae`` and ``text_encoder`` are ``None`` for a
+    UNet-only module.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        noise_scheduler: Any,
+        vae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any = None,
+        *,
+        cpu_offload: bool = False,
+        source: str | None = None,
+    ):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+        self.cpu_offload = cpu_offload
+        self.source = source
+        for frozen in (vae, text_encoder):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+                frozen.eval()
+
+    # -- what LoRA and the planner ask of a model -------------------------------------------
+    def lora_target_modules(self) -> list[str]:
+        """The UNet's attention projections; the frozen VAE and text encoder are left alone."""
+        suffixes = (".to_q", ".to_k", ".to_v", ".to_out.0")
+        return [
+            f"unet.{name}" for name, module in self.unet.named_modules()
+            if isinstance(module, nn.Linear) and name.endswith(suffixes)
+        ]
+
+    def lora_modules_to_save(self) -> list[str]:
+        return []  # no new task head: the UNet's output is already noise
+
+    def example_batch(self, batch_size: int, device: torch.device | str = "cpu", resolution: int | None = None) -> dict:
+        """A random batch of the right shapes (for planning and smoke runs).
+
+        A full pipeline gets ``pixel_values`` (``batch x 3 x resolution x resolution`` in
+        ``[-1, 1]``) and ``input_ids`` (``batch x 77``); a UNet-only module gets ``latents`` and
+        ``encoder_hidden_states`` (``batch x 77 x cross_attention_dim``).
+        """
+        config = self.unet.config
+        latent_size = (resolution // LATENT_DOWNSCALE) if resolution else config.sample_size
+        if self.vae is None or self.text_encoder is None:
+            return {
+                "latents": torch.randn(batch_size, config.in_channels, latent_size, latent_size, device=device),
+                "encoder_hidden_states": torch.randn(
+                    batch_size, TEXT_CONTEXT_LENGTH if resolution else self._context_length(),
+                    config.cross_attention_dim, device=device,
+                ),
+            }
+        pixels = latent_size * self.vae_scale_factor
+        vocab_size = self.text_encoder.config.vocab_size
+        return {
+            "pixel_values": torch.rand(batch_size, 3, pixels, pixels, device=device) * 2 - 1,
+            "input_ids": torch.randint(0, vocab_size, (batch_size, self._context_length()), device=device),
+        }
+
+    def _context_length(self) -> int:
+        if self.tokenizer is not None:
+            return int(self.tokenizer.model_max_length)
+        return TEXT_CONTEXT_LENGTH
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else LATENT_DOWNSCALE
+
+    # -- devices ----------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # With cpu_offload only the UNet follows .to()/.cuda()/.half(): the frozen encoders stay
+        # on the CPU in fp32, where they cost host memory instead of accelerator memory.
+        if self.cpu_offload:
+            self.unet._apply(fn, recurse)
+            return self
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.vae, self.text_encoder):
+            if frozen is not None:
+                frozen.eval()  # frozen encoders never use dropout or update statistics
+        return self
+
+    # -- the training objective -------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Latents of ``pixel_values`` (in ``[-1, 1]``) through the frozen VAE, scaled for the UNet."""
+        vae_device = next(self.vae.parameters()).device
+        vae_dtype = next(self.vae.parameters()).dtype
+        posterior = self.vae.encode(pixel_values.to(vae_device, vae_dtype)).latent_dist
+        return posterior.sample() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token caption embeddings from the frozen text encoder (the UNet's cross-attention context)."""
+        encoder_device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(input_ids.to(encoder_device))[0]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        **unused: Any,
+    ) -> DiffusionOutput:
+        """One step of the noise-prediction objective; see the module doc.
+
+        Args:
+            pixel_values: images in ``[-1, 1]`` (``batch x 3 x H x W``), or give ``latents``.
+            input_ids: tokenized captions (``batch x 77``), or give ``encoder_hidden_states``.
+            latents: already-encoded, already-scaled latents.
+            encoder_hidden_states: already-encoded captions.
+            unused: other batch keys (``attention_mask``, ``labels``...) are ignored.
+
+        Returns:
+            :class:`DiffusionOutput` with the MSE loss in fp32.
+        """
+        unet_parameter = next(self.unet.parameters())
+        device = unet_parameter.device
+        if latents is None:
+            if pixel_values is None or self.vae is None:
+                raise ValueError("a diffusion batch needs pixel_values (with a VAE) or latents")
+            latents = self.encode_images(pixel_values)
+        if encoder_hidden_states is None:
+            if input_ids is None or self.text_encoder is None:
+                raise ValueError("a diffusion batch needs input_ids (with a text encoder) or encoder_hidden_states")
+            encoder_hidden_states = self.encode_text(input_ids)
+        latents = latents.to(device)
+        encoder_hidden_states = encoder_hidden_states.to(device)
+
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
+        )
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        loss = F.mse_loss(prediction.float(), target.float())
+        return DiffusionOutput(loss=loss, sample=prediction)
+
+
+def _has_weights(directory: Path) -> bool:
+    return any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
+
+
+def _load(component_class, directory: Path, meta: bool):
+    """A diffusers/transformers component: its weights when present, else random init from config."""
+    if _has_weights(directory) and not meta:
+        return component_class.from_pretrained(str(directory))
+    if hasattr(component_class, "from_config") and hasattr(component_class, "load_config"):
+        config = component_class.load_config(str(directory))  # diffusers models
+        if meta:
+            with torch.device("meta"):
+                return component_class.from_config(config)
+        return component_class.from_config(config)
+    config = component_class.config_class.from_pretrained(str(directory))  # transformers models
+    if meta:
+        with torch.device("meta"):
+            return component_class(config)
+    return component_class(config)
+
+
+def build_diffusion_model(
+    directory: str | Path,
+    *,
+    meta: bool = False,
+    attention: Literal["sdpa", "sliced", "default"] = "sdpa",
+    vae_tiling: bool = False,
+    cpu_offload: bool = False,
+    gradient_checkpointing: bool = False,
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+    **unused: Any,
+) -> DiffusionTrainingModule:
+    """Build the trainable diffusion module from a local Stable Diffusion directory.
+
+    Args:
+        directory: a diffusers pipeline directory (``unet/``, ``vae/``, ``text_encoder/``,
+            ``tokenizer/``, ``scheduler/``), or a directory with only a UNet ``config.json``.
+            Components without weight files get random weights from their config.
+        meta: build on the meta device (no weights; for the planner).
+        attention: ``sdpa`` (PyTorch's fused scaled-dot-product attention), ``sliced``
+            (diffusers attention slicing: less memory, slower) or ``default`` (plain matmuls).
+        vae_tiling: encode images tile by tile (large resolutions on small memory).
+        cpu_offload: keep the frozen VAE and text encoder on the CPU.
+        gradient_checkpointing: recompute UNet block activations in the backward pass.
+        prediction_type: override the scheduler's (``epsilon`` or ``v_prediction``).
+        unused: other keyword arguments of the model-spec builder (``num_classes``...) are ignored.
+
+    Returns:
+        A :class:`DiffusionTrainingModule`; the VAE and text encoder are frozen.
+
+    Raises:
+        SpecError: when the directory is missing or is not a Stable Diffusion layout.
+        MissingExtraError: without diffusers/transformers (``tightfit[hf]``).
+    """
+    diffusers = require("diffusers", extra="hf", purpose="diffusion fine-tuning")
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise SpecError(f"diffusion:{directory}: no such directory")
+    has_pipeline = (directory / "unet").is_dir()
+    if not has_pipeline and not _is_unet_config(directory / "config.json"):
+        raise SpecError(
+            f"diffusion:{directory}: not a Stable Diffusion directory (expected unet/, vae/, "
+            "text_encoder/, tokenizer/, scheduler/ or a UNet2DConditionModel config.json)"
+        )
+    unet_dir = directory / "unet" if has_pipeline else directory
+    unet = _load(diffusers.UNet2DConditionModel, unet_dir, meta)
+    vae = text_encoder = tokenizer = None
+    if has_pipeline:
+        transformers = require("transformers", extra="hf", purpose="the diffusion text encoder")
+        for needed in ("vae", "text_encoder", "tokenizer", "scheduler"):
+            if not (directory / needed).is_dir():
+                raise SpecError(f"diffusion:{directory}: the pipeline has no {needed}/ folder")
+        vae = _load(diffusers.AutoencoderKL, directory / "vae", meta)
+        text_encoder = _load(transformers.CLIPTextModel, directory / "text_encoder", meta)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
+        noise_scheduler = diffusers.DDPMScheduler.from_pretrained(str(directory), subfolder="scheduler")
+    else:
+        noise_scheduler = diffusers.DDPMScheduler.from_config(SD15_NOISE_SCHEDULE)
+    if prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+
+    _set_attention(unet, attention, diffusers)
+    if vae_tiling and vae is not None:
+        vae.enable_tiling()
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return DiffusionTrainingModule(
+        unet, noise_scheduler, vae, text_encoder, tokenizer, cpu_offload=cpu_offload, source=str(directory)
+    )
+
+
+def _is_unet_config(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("_class_name") == "UNet2DConditionModel"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _set_attention(unet: nn.Module, attention: str, diffusers) -> None:
+    processors = diffusers.models.attention_processor
+    if attention == "sdpa":
+        unet.set_attn_processor(processors.AttnProcessor2_0())
+    elif attention == "sliced":
+        unet.set_attention_slice("auto")  # half the heads at a time
+    elif attention == "default":
+        unet.set_attn_processor(processors.AttnProcessor())
+    else:
+        raise SpecError(f"attention must be sdpa, sliced or default; got {attention!r}")
+
+
+def write_tiny_pipeline(directory: str | Path, *, seed: int = 0, sample_size: int = 16) -> Path:
+    """Write a tiny random Stable Diffusion pipeline directory (for tests and smoke runs).
+
+    Same layout and component classes as SD 1.5 (UNet2DConditionModel, AutoencoderKL,
+    CLIPTextModel, CLIPTokenizer, DDPMScheduler) at toy sizes, random weights, and a byte-level
+    CLIP vocabulary written here, so nothing is downloaded.
+
+    Args:
+        directory: where to write (created; existing files of the same names are replaced).
+        seed: seed of the random weights.
+        sample_size: image side in pixels (latents are half of it: the tiny VAE downsamples 2x).
+
+    Returns:
+        The directory, loadable by :func:`build_diffusion_model` and ``StableDiffusionPipeline``.
+    """
+    diffusers = require("diffusers", extra="hf", purpose="diffusion fine-tuning")
+    transformers = require("transformers", extra="hf", purpose="the diffusion text encoder")
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    cross_attention_dim = 32
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=sample_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 32),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size,
+    )
+    tokenizer_dir = directory / "tokenizer"
+    _write_byte_level_clip_vocabulary(tokenizer_dir)
+    tokenizer = transformers.CLIPTokenizer(
+        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=TEXT_CONTEXT_LENGTH
+    )
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_CONTEXT_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = diffusers.DDPMScheduler(**SD15_NOISE_SCHEDULE)
+    unet.save_pretrained(str(directory / "unet"))
+    vae.save_pretrained(str(directory / "vae"))
+    text_encoder.save_pretrained(str(directory / "text_encoder"))
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    scheduler.save_pretrained(str(directory / "scheduler"))
+    (directory / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }, indent=2) + "\n")
+    return directory
+
+
+def _write_byte_level_clip_vocabulary(directory: Path) -> None:
+    """A CLIP BPE vocabulary with no merges: every byte is a token (with and without ``</w>``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    characters = [chr(byte) for byte in printable]
+    extra = 0
+    for byte in range(256):  # GPT-2's byte-to-unicode map: unprintable bytes move above 255
+        if byte not in printable:
+            characters.append(chr(256 + extra))
+            extra += 1
+    tokens = characters + [character + "</w>" for character in characters]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
