@@ -1,0 +1,209 @@
+"""Model specs: one string names any model tightfit can build.
+
+================================  ==========================================================
+spec                              builds
+================================  ==========================================================
+``builtin:NAME``                  a model from :mod:`tightfit.models.builtin` (``digits-cnn`` ...)
+``torchvision:NAME``              ``torchvision.models.get_model(NAME, weights=None)``: random init
+``hf:DIR``                        a local Hugging Face directory: with weights, ``from_pretrained``
+                                  offline; with only ``config.json``, the class named in its
+                                  ``architectures`` (``AutoModel`` when none) with random init
+``diffusion:DIR``                 ``tightfit.models.diffusion.build_diffusion_model(DIR)``
+``module.path:callable``          ``callable(**kwargs)`` from an importable module
+================================  ==========================================================
+
+``meta=True`` builds the model on the ``meta`` device: shapes and dtypes without storage, so the
+planner can look at a 7B model without allocating 28 GB.
+
+Input specs (``3x224x224``, ``tokens:512``) and random batches live in
+:mod:`tightfit.models.inputs` and are re-exported here.
+"""
+
+import contextlib
+import difflib
+import importlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tightfit._optional import require
+from tightfit.errors import SpecError
+from tightfit.models.builtin import BUILTINS, WITHOUT_CLASSES
+from tightfit.models.inputs import InputSpec, make_batch_factory, parse_input_spec
+
+__all__ = ["InputSpec", "PREFIXES", "build_model", "make_batch_factory", "parse_input_spec"]
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_MODULE_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+
+
+def _closest(name: str, candidates: list[str]) -> str:
+    matches = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(matches)}?" if matches else ""
+
+
+def _build_builtin(name: str, *, num_classes: int | None, **kwargs) -> nn.Module:
+    if name not in BUILTINS:
+        raise SpecError(
+            f"model spec 'builtin:{name}': unknown builtin model{_closest(name, list(BUILTINS))} "
+            f"(builtins: {', '.join(BUILTINS)})"
+        )
+    if num_classes is not None and name not in WITHOUT_CLASSES:
+        kwargs["num_classes"] = num_classes
+    try:
+        return BUILTINS[name](**kwargs)
+    except (TypeError, ValueError) as error:
+        raise SpecError(f"model spec 'builtin:{name}': {error}") from None
+
+
+def _build_torchvision(name: str, *, num_classes: int | None, **kwargs) -> nn.Module:
+    require("torchvision", extra="vision", purpose=f"the model spec 'torchvision:{name}'")
+    from torchvision import models
+
+    available = models.list_models()
+    if name not in available:
+        raise SpecError(
+            f"model spec 'torchvision:{name}': unknown torchvision model{_closest(name, available)} "
+            "(see torchvision.models.list_models())"
+        )
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    # weights=None: random init, nothing is downloaded.
+    try:
+        return models.get_model(name, weights=None, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise SpecError(f"model spec 'torchvision:{name}': {error}") from None
+
+
+def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **kwargs) -> nn.Module:
+    transformers = require("transformers", extra="hf", purpose=f"the model spec 'hf:{directory}'")
+    path = Path(directory).expanduser()
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise SpecError(f"model spec 'hf:{directory}': no config.json in {path} (need a local model directory)")
+    try:
+        architectures = json.loads(config_path.read_text()).get("architectures") or []
+    except json.JSONDecodeError as error:
+        raise SpecError(f"model spec 'hf:{directory}': {config_path} is not valid JSON ({error})") from None
+    model_class = transformers.AutoModel
+    if architectures:
+        model_class = getattr(transformers, architectures[0], None)
+        if model_class is None:
+            raise SpecError(
+                f"model spec 'hf:{directory}': architecture {architectures[0]!r} in {config_path} "
+                f"is not a class of transformers {transformers.__version__}"
+            )
+    config_kwargs = dict(kwargs)
+    if num_classes is not None:
+        config_kwargs["num_labels"] = num_classes
+    has_weights = any((path / name).is_file() for name in _WEIGHT_FILES)
+    try:
+        if has_weights and not meta:
+            return model_class.from_pretrained(
+                path, local_files_only=True, ignore_mismatched_sizes=num_classes is not None, **config_kwargs
+            )
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **config_kwargs)
+        # Under the meta device, parameters get shapes but no storage: a 7B config costs nothing.
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            if model_class is transformers.AutoModel:
+                return model_class.from_config(config)
+            return model_class._from_config(config)  # what AutoModel.from_config calls for a known class
+    except (OSError, ValueError, TypeError) as error:
+        raise SpecError(f"model spec 'hf:{directory}': {error}") from None
+
+
+def _build_diffusion(directory: str, *, num_classes: int | None, **kwargs) -> nn.Module:
+    try:
+        diffusion = importlib.import_module("tightfit.models.diffusion")
+    except ModuleNotFoundError as error:
+        if error.name != "tightfit.models.diffusion":
+            raise
+        raise SpecError(f"model spec 'diffusion:{directory}': diffusion models are not available in this build") from None
+    return diffusion.build_diffusion_model(directory, **kwargs)
+
+
+def _build_callable(module_name: str, attribute: str, *, num_classes: int | None, **kwargs) -> nn.Module:
+    spec = f"{module_name}:{attribute}"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SpecError(
+            f"model spec {spec!r}: cannot import module {module_name!r} ({error}); "
+            f"valid prefixes: {', '.join(PREFIXES)}, or module.path:callable"
+        ) from None
+    factory: Any = module
+    for part in attribute.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise SpecError(f"model spec {spec!r}: module {module_name!r} has no callable {attribute!r}")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"model spec {spec!r}: {attribute}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+# prefix -> builder(rest_of_spec, num_classes=..., **kwargs). hf handles ``meta`` itself (it must
+# not load weights first); the others are built under the meta device by build_model.
+PREFIXES: dict[str, Callable[..., nn.Module]] = {
+    "builtin": _build_builtin,
+    "torchvision": _build_torchvision,
+    "hf": _build_hf,
+    "diffusion": _build_diffusion,
+}
+
+
+def build_model(spec: str, *, num_classes: int | None = None, meta: bool = False, **kwargs) -> nn.Module:
+    """Build the model a spec names.
+
+    Args:
+        spec: ``builtin:NAME``, ``torchvision:NAME``, ``hf:DIR``, ``diffusion:DIR`` or
+            ``module.path:callable`` (see the module doc).
+        num_classes: number of output classes, passed to models that have a classifier
+            (``num_labels`` for HF models); ``None`` keeps the model's default.
+        meta: build on the ``meta`` device (no storage) for planning.
+        **kwargs: passed to the model's constructor (builtin, torchvision, callable) or used as
+            config overrides (hf).
+
+    Returns:
+        The model, in training mode.
+
+    Raises:
+        SpecError: the spec has no known prefix, names an unknown model, or the model cannot be
+            built from it; the message names the spec and what is valid.
+
+    Example:
+        >>> model = build_model("builtin:digits-cnn")
+        >>> llama = build_model("hf:src/tightfit/configs/llama-7b", meta=True)
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        hint = ""
+        if isinstance(spec, str) and spec in BUILTINS:
+            hint = f"; did you mean builtin:{spec}?"
+        raise SpecError(
+            f"model spec {spec!r} has no prefix{hint} (use builtin:NAME, torchvision:NAME, hf:DIR, "
+            "diffusion:DIR or module.path:callable)"
+        )
+    prefix, rest = spec.split(":", 1)
+    if not rest:
+        raise SpecError(f"model spec {spec!r}: nothing after {prefix + ':'!r}")
+    if prefix == "hf":
+        model = _build_hf(rest, num_classes=num_classes, meta=meta, **kwargs)
+    elif prefix in PREFIXES:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = PREFIXES[prefix](rest, num_classes=num_classes, **kwargs)
+    elif _MODULE_PATH.fullmatch(prefix) and _MODULE_PATH.fullmatch(rest):
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = _build_callable(prefix, rest, num_classes=num_classes, **kwargs)
+    else:
+        raise SpecError(
+            f"model spec {spec!r}: unknown prefix {prefix!r}{_closest(prefix, list(PREFIXES))} "
+            f"(use builtin:NAME, torchvision:NAME, hf:DIR, diffusion:DIR or module.path:callable)"
+        )
+    return model.train()
