@@ -92,6 +92,8 @@ def bundle_from_arrays(
     class_names: list[str] | None = None,
     normalize: str = "none",
     source: str = "tensors",
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    metadata: dict | None = None,
 ):
     """Split, limit, normalise and wrap in-memory arrays into a :class:`~tightfit.data.build.DataBundle`.
 
@@ -105,6 +107,9 @@ def bundle_from_arrays(
         normalize: ``"none"``, ``"unit"`` (divide by 255 for uint8, by the maximum for other
             integer inputs) or ``"standard"`` (fitted on train).
         source: the source name, for the bundle's metadata.
+        splits: ``(train, val, test)`` indices already drawn (by a source that fits something
+            on the training rows before this); default: drawn here from ``config``.
+        metadata: extra facts to keep in the bundle's metadata.
 
     Returns:
         The bundle; ``val``/``test`` are ``None`` when their fraction is zero.
@@ -140,7 +145,7 @@ def bundle_from_arrays(
 
     split_seed = config.seed if config.seed is not None else seed
     stratify_labels = targets.numpy() if (task == "classification" and config.stratify) else None
-    train, val, test = split_indices(
+    train, val, test = splits if splits is not None else split_indices(
         len(inputs),
         val_fraction=config.val_fraction,
         test_fraction=config.test_fraction,
@@ -185,7 +190,12 @@ def bundle_from_arrays(
         class_names=class_names,
         collate_fn=None,
         task=task,
-        metadata={"source": source, "normalization": {"mode": normalize, **stats}, "split_seed": split_seed},
+        metadata={
+            "source": source,
+            "normalization": {"mode": normalize, **stats},
+            "split_seed": split_seed,
+            **(metadata or {}),
+        },
     )
 
 
