@@ -1,0 +1,338 @@
+"""The typed configuration of a training run, loaded from YAML with ``key=value`` overrides.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or a bad
+value is a :class:`~tightfit.errors.ConfigError` whose one line names the key, where it came from
+(the file or the command line) and the closest valid key. The defaults are the built-in digits
+recipe (``recipes/digits.yaml``), so ``TrainConfig()`` is a complete, working run.
+
+Example:
+    >>> config = load_config("recipes/digits.yaml", ["optimizer.lr=0.01", "epochs=5"])
+    >>> config.optimizer.lr
+    0.01
+"""
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from tightfit.data.config import DataConfig
+from tightfit.errors import ConfigError, SpecError
+from tightfit.models.lora import LoRAConfig
+from tightfit.units import parse_memory
+
+Mode = Literal["min", "max"]
+
+
+class OptimizerConfig(BaseModel, extra="forbid"):
+    """``optimizer:`` which optimizer and its hyper-parameters (see ``training/optim.py``)."""
+
+    name: Literal["sgd", "sgd-momentum", "adam", "adamw", "adam8bit"] = "adamw"
+    lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+
+
+class ScheduleConfig(BaseModel, extra="forbid"):
+    """``schedule:`` the learning-rate schedule, stepped per optimizer step (``training/schedules.py``)."""
+
+    name: Literal["constant", "constant-warmup", "linear", "cosine", "exponential", "step", "reduce-on-plateau"] = "cosine"
+    warmup_steps: int | None = Field(default=None, ge=0, description="default: warmup_fraction of all steps")
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="final lr / base lr for linear and cosine")
+    gamma: float = Field(default=0.5, gt=0, le=1, description="decay per step_size for exponential and step")
+    step_size: int | None = Field(default=None, ge=1, description="optimizer steps per decay; default one epoch")
+    monitor: str = Field(default="val_loss", description="reduce-on-plateau: the validation metric to watch")
+    mode: Mode = "min"
+    factor: float = Field(default=0.5, gt=0, lt=1, description="reduce-on-plateau: lr multiplier")
+    patience: int = Field(default=2, ge=0, description="reduce-on-plateau: validations without improvement")
+
+
+class BatchConfig(BaseModel, extra="forbid"):
+    """``batch:`` samples per forward pass (micro-batch), and per optimizer step (effective batch).
+
+    ``effective_batch_size = micro_batch_size * accumulation_steps`` unless set; when it is set,
+    the accumulation follows from it (the last micro-batch of a window may be smaller).
+    """
+
+    micro_batch_size: int | Literal["auto"] = Field(default=64, description="an integer, or auto (largest that fits)")
+    accumulation_steps: int = Field(default=1, ge=1)
+    effective_batch_size: int | None = Field(default=None, ge=1)
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be a positive integer or 'auto', got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BatchConfig":
+        if (
+            self.effective_batch_size is not None
+            and self.accumulation_steps != 1
+            and isinstance(self.micro_batch_size, int)
+            and self.micro_batch_size * self.accumulation_steps != self.effective_batch_size
+        ):
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} x accumulation_steps {self.accumulation_steps} "
+                f"!= effective_batch_size {self.effective_batch_size}; set two of the three"
+            )
+        return self
+
+
+class ActivationCheckpointingConfig(BaseModel, extra="forbid"):
+    """``checkpointing:`` activation (gradient) checkpointing: recompute instead of storing."""
+
+    activation: bool | Literal["auto"] | list[str] = Field(
+        default=False, description="false, auto (the model's repeated blocks) or module names"
+    )
+
+
+class CheckpointConfig(BaseModel, extra="forbid"):
+    """``checkpoint:`` which checkpoint files the run writes (``last`` always, ``best`` with validation)."""
+
+    every_n_steps: int | None = Field(default=None, ge=1, description="also write 'last' every N optimizer steps")
+    keep_top_k: int = Field(default=0, ge=0, description="keep the k best checkpoints by monitor under top-k/")
+    monitor: str = "val_loss"
+    mode: Mode = "min"
+
+
+class EarlyStoppingConfig(BaseModel, extra="forbid"):
+    """``early_stopping:`` stop when the monitored metric stalls."""
+
+    enabled: bool = False
+    monitor: str = "val_loss"
+    mode: Mode = "min"
+    patience: int = Field(default=5, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
+    restore_best: bool = Field(default=True, description="end with the best weights instead of the last")
+
+
+class LoggingConfig(BaseModel, extra="forbid"):
+    """``logging:`` where metrics go (console, JSON lines, TensorBoard, MLflow)."""
+
+    console: bool = True
+    progress: bool = Field(default=True, description="rich progress bars (off when not a terminal)")
+    jsonl: bool = True
+    tensorboard: bool = True
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = Field(default=None, description="default: a file store in RUN_DIR/mlruns")
+    experiment: str = "tightfit"
+    every_n_steps: int = Field(default=10, ge=1, description="log training metrics every N optimizer steps")
+
+
+class MonitorConfig(BaseModel, extra="forbid"):
+    """``monitor:`` the background sampler of process and device memory."""
+
+    enabled: bool = True
+    interval_s: float = Field(default=0.5, gt=0)
+    warn_fraction: float = Field(default=0.9, gt=0, le=1, description="warn when memory in use passes this share")
+
+
+class NumericsConfig(BaseModel, extra="forbid"):
+    """``numerics:`` what to do when the loss or the gradients stop being finite."""
+
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_consecutive_skips: int = Field(default=10, ge=1)
+    flat_loss_steps: int = Field(default=200, ge=20, description="warn when the loss has not moved after N steps")
+
+
+class TrainConfig(BaseModel, extra="forbid"):
+    """A whole training run. The defaults are the digits recipe."""
+
+    model: str = Field(default="builtin:digits-cnn", description="builtin:NAME, torchvision:NAME, hf:DIR, module:callable")
+    model_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model's constructor")
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    precision: Literal["auto", "fp32", "fp16", "bf16", "bf16-pure"] = "auto"
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    checkpointing: ActivationCheckpointingConfig = Field(default_factory=ActivationCheckpointingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    numerics: NumericsConfig = Field(default_factory=NumericsConfig)
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
+    budget: str | int | None = Field(default=None, description="memory budget, e.g. 6GiB (simulated on CPU)")
+    seed: int = 0
+    run_dir: str | None = Field(default=None, description="default: a new folder under runs/")
+    epochs: int = Field(default=12, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    eval_every_n_steps: int | None = Field(default=None, ge=1, description="validate mid-epoch too")
+    clip_grad_norm: float | None = Field(default=None, gt=0)
+    lora: LoRAConfig | None = None
+
+    @field_validator("checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_shorthand(cls, value: Any) -> Any:
+        # "checkpointing: auto" is the natural way to write it; it means the activation setting.
+        return value if isinstance(value, Mapping) or isinstance(value, ActivationCheckpointingConfig) else {"activation": value}
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_parses(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            try:
+                parse_memory(value, where="budget")
+            except SpecError as error:
+                raise ValueError(str(error).removeprefix("budget: ")) from None
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        kind = value.split(":")[0]
+        if kind not in ("auto", "cpu", "cuda", "mps") or (":" in value and not value.split(":")[1].isdigit()):
+            raise ValueError(f"unknown device {value!r} (auto, cpu, cuda, cuda:N or mps)")
+        return value
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The memory budget in bytes, or None."""
+        return None if self.budget is None else parse_memory(self.budget, where="budget")
+
+
+def _section_fields(location: tuple) -> list[str]:
+    """The valid keys of the (nested) section that holds ``location``'s last key."""
+    model: type[BaseModel] = TrainConfig
+    for key in location[:-1]:
+        field = model.model_fields.get(str(key))
+        annotation = getattr(field, "annotation", None)
+        candidates = getattr(annotation, "__args__", (annotation,))  # unwrap "LoRAConfig | None"
+        nested = [item for item in candidates if isinstance(item, type) and issubclass(item, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    matches = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{matches[0]}'?" if matches else ""
+
+
+def describe_errors(error: ValidationError, source: str, overridden: set[str]) -> str:
+    """One line naming every bad key, where it was set, what is wrong and the closest valid key.
+
+    Args:
+        error: pydantic's error for a ``TrainConfig``.
+        source: the config file's name ("the defaults" when there is none).
+        overridden: dotted keys set on the command line.
+    """
+    problems = []
+    for item in error.errors():
+        location = tuple(str(part) for part in item["loc"] if not isinstance(part, int))
+        # pydantic names the union member that failed ("int", "literal['auto']"); drop it.
+        location = tuple(part for part in location if not part.startswith(("literal[", "function-")) and part not in ("int", "str", "bool", "float", "list[str]", "LoRAConfig", "tuple[float, float]"))
+        key = ".".join(location)
+        where = "on the command line" if any(key == set_key or key.startswith(set_key + ".") for set_key in overridden) else f"in {source}"
+        if item["type"] == "extra_forbidden":
+            valid = _section_fields(location)
+            problems.append(f"{key} ({where}): unknown key{_closest(location[-1], valid)} (valid: {', '.join(valid)})")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{key} ({where}): {message} (got {item.get('input')!r})")
+    # A value failing every member of a union is reported once per member; keep one line per key.
+    unique = list(dict.fromkeys(problems))
+    return "; ".join(unique)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key.sub=value`` into the dotted key and the value read as YAML (``0.1``, ``true``, ``[a, b]``)."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. optimizer.lr=0.01")
+    key, raw_value = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError:
+        value = raw_value
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None or not isinstance(child, dict):
+            if child is not None:
+                raise ConfigError(f"override {key}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a config file into a dict.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or is not a mapping at the top.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of settings at the top, got {type(tree).__name__}")
+    return tree
+
+
+def build_config(tree: Mapping[str, Any], *, source: str = "the defaults", overrides: list[str] = ()) -> TrainConfig:
+    """Validate a config mapping with ``key=value`` overrides applied.
+
+    Raises:
+        ConfigError: naming each bad key, where it was set and the closest valid key.
+    """
+    tree = dict(tree)
+    overridden = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        overridden.add(key)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(describe_errors(error, source, overridden)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Load a run configuration: a YAML file (or the digits defaults when None) plus overrides.
+
+    Args:
+        path: a YAML file, or None for the built-in digits recipe.
+        overrides: ``key=value`` strings, dotted for nested keys (``optimizer.lr=0.01``).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: for a missing or malformed file, an unknown key, a wrong type or a bad value.
+    """
+    if path is None:
+        return build_config({}, overrides=overrides)
+    return build_config(read_yaml(path), source=str(path), overrides=overrides)
+
+
+def default_recipe() -> Path | None:
+    """``recipes/digits.yaml`` of a source checkout, or None for an installed package (whose
+    ``TrainConfig()`` defaults are the same recipe; tests check they agree)."""
+    candidate = Path(__file__).resolve().parents[2] / "recipes" / "digits.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The resolved configuration as YAML, every default filled in (saved next to every run)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,149 @@
+"""Callbacks: plain objects whose methods are named after the loop's events.
+
+A callback implements any subset of the events below; the trainer calls a method only if the
+object has it (no base class to inherit). The order in which they fire is documented on
+:meth:`tightfit.training.trainer.Trainer.fit`.
+
+``on_fit_start(trainer)``, ``on_epoch_start(trainer, epoch)``,
+``on_step_end(trainer, metrics)`` (after every optimizer step, skipped or not),
+``on_validation_end(trainer, metrics)``, ``on_epoch_end(trainer, metrics)``,
+``on_fit_end(trainer, summary)``; and for exact resume ``state_dict()`` / ``load_state_dict(state)``.
+
+A callback stops the run by setting ``trainer.should_stop = True`` (and ``trainer.stop_reason``).
+"""
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Callback(Protocol):
+    """What the trainer may call on a callback; every method is optional (checked with ``hasattr``)."""
+
+    def on_fit_start(self, trainer: Any) -> None: ...
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None: ...
+    def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None: ...
+    def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None: ...
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None: ...
+    def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None: ...
+
+
+def is_improvement(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (``mode``: ``min`` or ``max``)."""
+    if value is None or math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class EarlyStopping:
+    """Stop when the monitored validation metric has not improved for ``patience`` validations.
+
+    Args:
+        monitor: the metric's name, e.g. ``val_loss`` or ``val_accuracy``.
+        mode: ``min`` (loss) or ``max`` (accuracy).
+        patience: validations without improvement before stopping.
+        min_delta: the smallest change that counts as an improvement.
+    """
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 5, min_delta: float = 0.0):
+        self.monitor = monitor
+        self.mode = mode
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best: float | None = None
+        self.bad_validations = 0
+
+    def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.monitor)
+        if value is None:
+            return
+        if is_improvement(value, self.best, self.mode, self.min_delta):
+            self.best = value
+            self.bad_validations = 0
+            return
+        self.bad_validations += 1
+        if self.bad_validations >= self.patience:
+            trainer.should_stop = True
+            trainer.stop_reason = (
+                f"early stopping: {self.monitor} did not improve on {self.best:.4g} for {self.patience} validations"
+            )
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_validations": self.bad_validations}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]
+        self.bad_validations = state["bad_validations"]
+
+
+class ModelCheckpoint:
+    """Write ``last`` (resumable), ``best`` by a validation metric, and the top ``k`` by it.
+
+    ``last`` is written at the end of every epoch and, with ``every_n_steps``, every that many
+    optimizer steps (mid-epoch, so a killed run loses at most that many steps). ``best`` holds the
+    weights with the best monitored value so far; ``top-k/`` keeps the ``keep_top_k`` best.
+
+    Args:
+        every_n_steps: also write ``last`` every this many optimizer steps (None: epoch ends only).
+        monitor: the validation metric that ranks checkpoints.
+        mode: ``min`` or ``max``.
+        keep_top_k: how many ranked checkpoints to keep under ``top-k/`` (0: none).
+    """
+
+    def __init__(self, every_n_steps: int | None = None, monitor: str = "val_loss", mode: str = "min", keep_top_k: int = 0):
+        self.every_n_steps = every_n_steps
+        self.monitor = monitor
+        self.mode = mode
+        self.keep_top_k = keep_top_k
+        self.best: float | None = None
+        self.best_path: str | None = None
+        self.top_k: list[tuple[float, str]] = []  # (value, path), best first
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.epoch_finished:
+            trainer.save_checkpoint("last")
+
+    def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.monitor)
+        if value is None:
+            return
+        if is_improvement(value, self.best, self.mode):
+            self.best = value
+            self.best_path = str(trainer.save_checkpoint("best", weights_only=True, metrics=metrics))
+        if self.keep_top_k > 0:
+            self._keep_if_top_k(trainer, value, metrics)
+
+    def _keep_if_top_k(self, trainer: Any, value: float, metrics: dict[str, float]) -> None:
+        worst_kept = self.top_k[-1][0] if len(self.top_k) >= self.keep_top_k else None
+        if worst_kept is not None and not is_improvement(value, worst_kept, self.mode):
+            return
+        name = f"top-k/step-{trainer.global_step:07d}-{self.monitor}-{value:.4f}"
+        path = str(trainer.save_checkpoint(name, weights_only=True, metrics=metrics))
+        self.top_k.append((value, path))
+        self.top_k.sort(key=lambda item: item[0], reverse=self.mode == "max")
+        for _, dropped in self.top_k[self.keep_top_k :]:
+            if trainer.process.is_main:
+                shutil.rmtree(dropped, ignore_errors=True)
+        self.top_k = self.top_k[: self.keep_top_k]
+
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        trainer.save_checkpoint("last")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_path": self.best_path, "top_k": [list(item) for item in self.top_k]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]
+        self.best_path = state["best_path"]
+        self.top_k = [(value, path) for value, path in state["top_k"]]
+        # A run killed between writing a top-k checkpoint and the next ``last`` left a directory no
+        # state refers to; remove it so the kept set is exactly the recorded one.
+        kept = {Path(path).name for _, path in self.top_k}
+        top_dir = Path(self.best_path or ".").parent / "top-k" if self.best_path else None
+        if top_dir is not None and top_dir.is_dir():
+            for child in top_dir.iterdir():
+                if child.name not in kept:
+                    shutil.rmtree(child, ignore_errors=True)

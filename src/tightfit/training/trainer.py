@@ -1,0 +1,697 @@
+"""The trainer: one recipe read top to bottom, one visible training step.
+
+``Trainer(config).fit()`` builds what the configuration names (data, model, optimizer, schedule),
+then runs the loop documented on :meth:`Trainer.fit`. Every feature that is not the step itself
+(checkpoints, early stopping, the progress bar) is a callback; every feature of the step
+(accumulation, precision, clipping, the numerics guard, out-of-memory recovery) is a setting.
+
+Example (a notebook, with your own model and data sets):
+    >>> trainer = Trainer({"epochs": 3, "optimizer": {"lr": 1e-3}}, model=my_model, datasets=(train, val, test))
+    >>> summary = trainer.fit()
+    >>> summary["test_accuracy"]
+"""
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tightfit.config import TrainConfig, build_config, config_to_yaml
+from tightfit.errors import ConfigError, TightfitError
+from tightfit.memory.oom import is_out_of_memory
+from tightfit.training import checkpoint as checkpoint_files
+from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint
+from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
+from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
+from tightfit.training.loss import forward_and_loss, split_batch
+from tightfit.training.metrics import MetricAccumulator
+from tightfit.training.monitor import ResourceMonitor
+from tightfit.training.numerics import NumericsGuard
+from tightfit.training.optim import build_optimizer
+from tightfit.training.precision import autocast, needs_grad_scaler, parameter_dtype, resolve_precision
+from tightfit.training.sampler import ResumableSampler
+from tightfit.training.schedules import LRSchedule
+
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+# ------------------------------------------------------------------------------ batch helpers
+def count_samples(batch: Any) -> int:
+    """The number of samples in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        return count_samples(next(iter(batch.values())))
+    return count_samples(batch[0])
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of a batch, keeping its form (tensor, pair, tuple or mapping)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return {key: slice_batch(value, start, stop) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(item, start, stop) for item in batch)
+    return batch  # a non-tensor field (None target) belongs to every slice
+
+
+def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """A copy of the batch with every tensor on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device, non_blocking) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to_device(item, device, non_blocking) for item in batch)
+    return batch
+
+
+def resolve_device(name: str, process: ProcessInfo) -> torch.device:
+    """``auto`` is CUDA, else MPS, else CPU; under torchrun each rank takes its local GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} was asked for but torch sees no CUDA device (try device=auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device: mps was asked for but this torch build or machine has no MPS")
+    if name == "cuda" and process.distributed:
+        name = f"cuda:{process.local_rank}"
+    return torch.device(name)
+
+
+def new_run_dir(root: str | Path = "runs") -> Path:
+    """A fresh folder under ``root`` named after the time (``runs/20260101-120000``, ``-2`` if taken)."""
+    stem = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = Path(root) / stem
+    suffix = 2
+    while candidate.exists():
+        candidate = Path(root) / f"{stem}-{suffix}"
+        suffix += 1
+    return candidate
+
+
+class Trainer:
+    """Trains a model as a :class:`~tightfit.config.TrainConfig` describes.
+
+    Args:
+        config: a ``TrainConfig``, a dict of settings (validated into one) or None (the digits recipe).
+        model: your own ``nn.Module``; default: built from ``config.model``.
+        datasets: your own ``(train, val, test)`` data sets (val and test may be None) or a
+            ``DataBundle``; default: built from ``config.data``.
+        callbacks: extra callbacks (see :mod:`tightfit.training.callbacks`).
+        loggers: replaces the loggers the ``logging:`` section would build.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig | Mapping[str, Any] | None = None,
+        model: torch.nn.Module | None = None,
+        datasets: Sequence[Dataset | None] | Any = None,
+        callbacks: Sequence[Any] = (),
+        loggers: Sequence[Logger] | None = None,
+    ):
+        self.config = config if isinstance(config, TrainConfig) else build_config(config or {}, source="the Python config")
+        self.user_model = model
+        self.user_datasets = datasets
+        self.extra_callbacks = list(callbacks)
+        self.user_loggers = loggers
+        # counters; all of them go into the checkpoint so a resumed run continues exactly
+        self.global_step = 0
+        self.epoch = 0
+        self.samples_in_epoch = 0  # this rank's samples already read in the current epoch
+        self.epoch_finished = False
+        self.samples_seen = 0
+        self.wall_time_before_s = 0.0  # wall time of the earlier parts of a resumed run
+        self.oom_recoveries = 0
+        self.should_stop = False
+        self.stop_reason: str | None = None
+        self.is_set_up = False
+        self.fit_start_time: float | None = None
+
+    # ------------------------------------------------------------------------------ setup
+    def setup(self, resume_from: str | Path | None = None) -> None:
+        """Build everything the run needs, in order: process, device, seed, run directory, data,
+        model, precision, optimizer, schedule, callbacks, loggers; then restore a checkpoint.
+
+        Raises:
+            ConfigError: a setting that cannot be honoured here (device missing, no data...).
+        """
+        config = self.config
+        self.process = setup_process("cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = resolve_device(config.device, self.process)
+        self.console = _console(config.logging.console and self.process.is_main)
+        seed_everything(config.seed)
+
+        self.run_dir = Path(resume_from or config.run_dir or new_run_dir())
+        self.data = self._build_data()
+        self.model = self._build_model()
+        self.precision, precision_reason = resolve_precision(config.precision, self.device.type)
+        self.console.print(f"precision: {self.precision} ({precision_reason})")
+        self.precision_reason = precision_reason
+        if self.precision == "bf16-pure":
+            self.model.to(dtype=parameter_dtype(self.precision))
+        self.model.to(self.device)
+        self._apply_budget()
+        self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **config.optimizer.model_dump(exclude={"name"}))
+        self.micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
+        self.loaders = self._build_loaders()
+        self.steps_per_epoch = len(self.loaders["train"])
+        self.total_steps = self.config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.schedule = LRSchedule(self.optimizer, config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
+        self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips, flat_loss_steps=config.numerics.flat_loss_steps)
+        self.train_model = self._wrap_for_processes(self.model)
+        self.callbacks = self._build_callbacks()
+        if resume_from is not None:
+            self._restore(Path(resume_from))
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad config has written nothing
+        self.loggers = self._build_loggers() if self.process.is_main else []
+        if self.process.is_main:
+            (self.run_dir / CONFIG_FILE).write_text(config_to_yaml(config))
+            for logger in self.loggers:
+                logger.log_params(flatten(config.model_dump(mode="json")))
+        self.monitor = ResourceMonitor(self.device, config.monitor.interval_s, config.monitor.warn_fraction, warn=self.console.print) if config.monitor.enabled else None
+        self.is_set_up = True
+
+    def _build_data(self) -> dict[str, Dataset | None]:
+        datasets = self.user_datasets
+        if datasets is None:
+            from tightfit.data.build import build_datasets
+
+            datasets = build_datasets(self.config.data, seed=self.config.seed)
+        if hasattr(datasets, "train"):  # a DataBundle
+            self.num_classes, self.collate_fn = datasets.num_classes, datasets.collate_fn
+            splits = {"train": datasets.train, "val": datasets.val, "test": datasets.test}
+        else:
+            train, val, test = (list(datasets) + [None, None])[:3]
+            self.num_classes, self.collate_fn = None, None
+            splits = {"train": train, "val": val, "test": test}
+        if splits["train"] is None or len(splits["train"]) == 0:
+            raise ConfigError("data: the training split is empty")
+        return splits
+
+    def _build_model(self) -> torch.nn.Module:
+        config = self.config
+        if self.user_model is not None:
+            model = self.user_model
+        else:
+            from tightfit.models.spec import build_model
+
+            model = build_model(config.model, num_classes=self.num_classes, **config.model_options)
+        activation = config.checkpointing.activation
+        if activation:
+            from tightfit.models.checkpointing import apply_activation_checkpointing
+
+            wrapped = apply_activation_checkpointing(model, "auto" if activation is True else activation)
+            self.console.print(f"activation checkpointing: {len(wrapped)} blocks" + (f" ({wrapped[0]} ...)" if wrapped else " (no repeated blocks found)"))
+        if config.lora is not None:
+            from tightfit.models.lora import apply_lora
+
+            model = apply_lora(model, config.lora, verbose=self.process.is_main)
+        return model
+
+    def _apply_budget(self) -> None:
+        """A memory budget caps the CUDA allocator; on CPU the memory tracker enforces it per step."""
+        self.budget_bytes = self.config.budget_bytes
+        if self.budget_bytes is not None and self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.budget_bytes / total), self.device)
+
+    def _batch_sizes(self) -> tuple[int, int, int]:
+        """``(micro_batch_size, accumulation_steps, effective_batch_size)``, searching ``auto``."""
+        batch = self.config.batch
+        micro = batch.micro_batch_size
+        if micro == "auto":
+            micro = self._find_micro_batch_size()
+        train_size = len(self.data["train"])
+        micro = min(micro, train_size)
+        if batch.effective_batch_size is not None:
+            effective = min(batch.effective_batch_size, train_size)
+        else:
+            effective = min(micro * batch.accumulation_steps, train_size)
+        return micro, math.ceil(effective / micro), effective
+
+    def _find_micro_batch_size(self) -> int:
+        from tightfit.memory.search import find_batch_size
+
+        train = self.data["train"]
+        collate = self.collate_fn or torch.utils.data.default_collate
+
+        def batch_factory(batch_size: int, device: torch.device) -> Any:
+            samples = [train[index % len(train)] for index in range(batch_size)]
+            return move_to_device(collate(samples), device)
+
+        activation = self.config.checkpointing.activation
+        result = find_batch_size(
+            self.model,
+            batch_factory,
+            budget_bytes=self.budget_bytes,
+            device=self.device,
+            precision=self.precision,
+            optimizer=self.config.optimizer.name,
+            checkpointing=False if not activation else activation,
+            max_batch_size=max(1, len(train)),
+        )
+        self.console.print(f"micro_batch_size auto: {result.batch_size} (peak {result.peak_bytes / 2**20:.1f} MiB, {len(result.trials)} trials)")
+        return result.batch_size
+
+    def _build_loaders(self) -> dict[str, DataLoader | None]:
+        from tightfit.data.build import make_dataloader
+
+        loaders: dict[str, DataLoader | None] = {}
+        for split, dataset in self.data.items():
+            if dataset is None or len(dataset) == 0:
+                loaders[split] = None
+                continue
+            training = split == "train"
+            sampler = ResumableSampler(
+                len(dataset), seed=self.config.seed, shuffle=training, rank=self.process.rank, world_size=self.process.world_size, pad=training
+            )
+            loaders[split] = make_dataloader(
+                dataset,
+                self.config.data,
+                # a training batch is a whole optimizer step's window; the step splits it into micro-batches
+                batch_size=self.effective_batch_size if training else self.micro_batch_size,
+                device_type=self.device.type,
+                collate_fn=self.collate_fn,
+                sampler=sampler,
+                # a private generator: creating a loader iterator must not draw from the global RNG,
+                # or a resumed run's dropout masks would differ from the uninterrupted run's
+                generator=torch.Generator().manual_seed(self.config.seed),
+            )
+        return loaders
+
+    def _wrap_for_processes(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.process.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def _build_callbacks(self) -> list[Any]:
+        config = self.config
+        callbacks: list[Any] = []
+        if config.early_stopping.enabled:
+            stopping = config.early_stopping
+            callbacks.append(EarlyStopping(stopping.monitor, stopping.mode, stopping.patience, stopping.min_delta))
+        saving = config.checkpoint
+        callbacks.append(ModelCheckpoint(saving.every_n_steps, saving.monitor, saving.mode, saving.keep_top_k))
+        if config.logging.progress and config.logging.console and self.process.is_main:
+            from tightfit.training.progress import ProgressBar
+
+            callbacks.append(ProgressBar(self.console))
+        return callbacks + self.extra_callbacks
+
+    def _build_loggers(self) -> list[Logger]:
+        if self.user_loggers is not None:
+            return list(self.user_loggers)
+        settings = self.config.logging
+        loggers: list[Logger] = []
+        if settings.console:
+            loggers.append(ConsoleLogger(self.console))
+        if settings.jsonl:
+            loggers.append(JsonlLogger(self.run_dir / "metrics.jsonl"))
+        if settings.tensorboard:
+            loggers.append(TensorBoardLogger(self.run_dir / "tensorboard"))
+        if settings.mlflow:
+            uri = settings.mlflow_tracking_uri or (self.run_dir / "mlruns").resolve().as_uri()
+            loggers.append(MLflowLogger(uri, settings.experiment, self.run_dir.name))
+        return loggers
+
+    @property
+    def steps_in_epoch(self) -> int:
+        """Optimizer steps already taken in the current epoch (non-zero after a mid-epoch resume)."""
+        return math.ceil(self.samples_in_epoch / self.effective_batch_size)
+
+    # ------------------------------------------------------------------------------ the loop
+    def fit(self, resume_from: str | Path | None = None) -> dict[str, Any]:
+        """Train, validate, test on the best checkpoint; returns the summary (also in summary.json).
+
+        Args:
+            resume_from: a run directory whose ``checkpoints/last`` to continue from exactly.
+
+        The events fire in this order (``cb.on_x`` runs for every callback that has it)::
+
+            on_fit_start
+            for epoch in epochs:
+                on_epoch_start(epoch)
+                for window in train data (one window = one effective batch):
+                    train_step(window)      # micro-batches: forward, backward; clip, guard, step
+                    on_step_end(metrics)
+                    [every eval_every_n_steps: evaluate("val"); on_validation_end(metrics)]
+                evaluate("val"); on_validation_end(metrics)      # when there is a val split
+                on_epoch_end(metrics)                            # ModelCheckpoint writes "last"
+            evaluate("test") on the best checkpoint
+            on_fit_end(summary)
+            (on_exception(error) instead, if anything raised)
+        """
+        if not self.is_set_up:
+            self.setup(resume_from)
+        start_time = self.fit_start_time = time.perf_counter()
+        try:
+            with self.monitor or contextlib.nullcontext():
+                self._fire("on_fit_start")
+                self._train_epochs(start_time)
+                summary = self._finish(start_time)
+            self._fire("on_fit_end", summary)
+            return summary
+        except BaseException as error:
+            self._fire("on_exception", error)
+            raise
+        finally:
+            for logger in self.loggers:
+                logger.close()
+            teardown_process(self.process)
+
+    def _train_epochs(self, start_time: float) -> None:
+        while self.epoch < self.config.epochs and not self._done():
+            self.epoch_finished = False
+            sampler = self.loaders["train"].sampler
+            sampler.set_epoch(self.epoch, start_index=self.samples_in_epoch)
+            # worker seeds come from the loader's generator: a function of the epoch, not of history
+            self.loaders["train"].generator.manual_seed(self.config.seed + self.epoch)
+            self._fire("on_epoch_start", self.epoch)
+            self.model.train()
+            window_start = time.perf_counter()
+            for window in self.loaders["train"]:
+                metrics = self.train_step(window)
+                now = time.perf_counter()
+                metrics["samples_per_s"] = metrics["samples"] * self.process.world_size / (now - window_start)
+                window_start = now
+                self._log_step(metrics)
+                self._fire("on_step_end", metrics)
+                if self.config.eval_every_n_steps and self.global_step % self.config.eval_every_n_steps == 0:
+                    self._validate()
+                    self.model.train()
+                if self._done():
+                    break
+            finished_whole_epoch = self.samples_in_epoch >= sampler.start_index + len(sampler)
+            epoch_metrics = {"epoch": self.epoch + 1}
+            # validate at the end of an epoch, or where max_steps cut it short (an early stop
+            # mid-epoch has just validated)
+            if finished_whole_epoch or not self.should_stop:
+                epoch_metrics.update(self._validate())
+            self.epoch_finished = True
+            self._fire("on_epoch_end", epoch_metrics)
+            self.epoch += 1
+            self.samples_in_epoch = 0
+
+    def train_step(self, window: Any) -> dict[str, float]:
+        """One optimizer step over a window of samples (the effective batch), in micro-batches.
+
+        Each micro-batch's mean loss is weighted by its share of the window, so the summed
+        gradient equals the gradient of the window's mean loss: exactly one large batch, also for
+        a smaller last window. An out-of-memory error halves the micro-batch (doubling the
+        accumulation) and retries the same window; the effective batch does not change.
+        """
+        window_samples = count_samples(window)
+        while True:
+            try:
+                loss_sum = self._accumulate_gradients(window, window_samples)
+                break
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                self._recover_from_out_of_memory(error)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and check the true gradients, not the scaled ones
+        max_norm = self.config.clip_grad_norm or math.inf  # inf: measure the norm for the guard, clip nothing
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        loss = float(loss_sum) / window_samples
+        lr = self.optimizer.param_groups[0]["lr"]
+        problem = None
+        if self.scaler is None or math.isfinite(loss):
+            # with fp16 a few overflowing steps are the scaler's business: it skips them and rescales
+            gradients_checked = grad_norm if self.scaler is None or math.isfinite(grad_norm) else 0.0
+            problem = self.guard.check(self.model, loss, gradients_checked, lr=lr, clip_grad_norm=self.config.clip_grad_norm)
+        if problem is not None:
+            self.console.print(f"[yellow]step {self.global_step + 1} skipped:[/] {problem}")
+        elif self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        self.global_step += 1
+        self.samples_in_epoch += window_samples
+        self.samples_seen += window_samples
+        return {"train_loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": window_samples, "skipped": float(problem is not None)}
+
+    def _accumulate_gradients(self, window: Any, window_samples: int) -> torch.Tensor:
+        """Forward and backward every micro-batch of the window; returns the window's summed loss."""
+        loss_sum = torch.zeros((), device=self.device)
+        starts = range(0, window_samples, self.micro_batch_size)
+        budget = self._budget_context()
+        with budget:
+            for index, start in enumerate(starts):
+                micro_batch = move_to_device(slice_batch(window, start, start + self.micro_batch_size), self.device, non_blocking=True)
+                micro_samples = count_samples(micro_batch)
+                last = index == len(starts) - 1
+                # in DDP only the last micro-batch of the window needs to synchronise gradients
+                sync = contextlib.nullcontext() if last or not self.process.distributed else self.train_model.no_sync()
+                with sync:
+                    with autocast(self.precision, self.device.type):
+                        _, loss = forward_and_loss(self.train_model, micro_batch)
+                    weighted = loss * (micro_samples / window_samples)
+                    (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
+                loss_sum += loss.detach().float() * micro_samples
+        return loss_sum
+
+    def _budget_context(self):
+        """On CPU a ``budget`` is enforced by the memory tracker, raising the same error a GPU would."""
+        if self.budget_bytes is None or self.device.type != "cpu":
+            return contextlib.nullcontext()
+        from tightfit.memory.tracker import MemoryTracker
+
+        return MemoryTracker(self.model, self.optimizer, budget_bytes=self.budget_bytes)
+
+    def _recover_from_out_of_memory(self, error: BaseException) -> None:
+        """Halve the micro-batch, double the accumulation, drop the partial gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.micro_batch_size == 1:
+            raise TightfitError(
+                "out of memory with a micro-batch of 1: the model itself does not fit "
+                "(try checkpointing: auto, precision: bf16, optimizer.name: sgd, or lora)"
+            ) from error
+        self.micro_batch_size = max(1, self.micro_batch_size // 2)
+        self.accumulation_steps = math.ceil(self.effective_batch_size / self.micro_batch_size)
+        self.oom_recoveries += 1
+        self.console.print(
+            f"[yellow]out of memory at step {self.global_step + 1}:[/] micro_batch_size -> {self.micro_batch_size}, "
+            f"accumulation_steps -> {self.accumulation_steps} (effective batch {self.effective_batch_size} unchanged)"
+        )
+
+    def _validate(self) -> dict[str, float]:
+        if self.loaders.get("val") is None:
+            return {}
+        metrics = self.evaluate("val")
+        self.schedule.validated(metrics)
+        self._log(metrics, "val")
+        self._fire("on_validation_end", metrics)
+        return metrics
+
+    def _done(self) -> bool:
+        return self.should_stop or (self.config.max_steps is not None and self.global_step >= self.config.max_steps)
+
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        """Loss and accuracy (top-k where it applies) over a split, under ``torch.inference_mode``.
+
+        Returns:
+            Metrics named ``{split}_loss``, ``{split}_accuracy``, ``{split}_top5_accuracy``.
+        """
+        loader = self.loaders.get(split)
+        if loader is None:
+            raise ConfigError(f"evaluate: the run has no {split!r} split")
+        model = self.model
+        was_training = model.training
+        model.eval()
+        metrics = MetricAccumulator()
+        with torch.inference_mode():
+            for batch in loader:
+                batch = move_to_device(batch, self.device, non_blocking=True)
+                with autocast(self.precision, self.device.type):
+                    output, loss = forward_and_loss(model, batch)
+                metrics.update(output, split_batch(batch)[2], loss, count_samples(batch))
+        model.train(was_training)
+        return metrics.compute(prefix=f"{split}_", device=self.device, process=self.process)
+
+    # ------------------------------------------------------------------------------ the end
+    def _finish(self, start_time: float) -> dict[str, Any]:
+        """Test on the best checkpoint, write the last checkpoint and the summary."""
+        saver = next(callback for callback in self.callbacks if isinstance(callback, ModelCheckpoint))
+        best_path = saver.best_path
+        if not self.epoch_finished:  # stopped by max_steps or a callback mid-epoch
+            self.save_checkpoint("last")
+        test_metrics: dict[str, float] = {}
+        restore_best = not self.config.early_stopping.enabled or self.config.early_stopping.restore_best
+        if best_path is not None:
+            self._barrier()
+            checkpoint_files.load_weights(self.model, Path(best_path) / checkpoint_files.WEIGHTS_FILE)
+        if self.loaders.get("test") is not None:
+            test_metrics = self.evaluate("test")
+            self._log(test_metrics, "test")
+        if best_path is not None and not restore_best:
+            checkpoint_files.load_weights(self.model, self.run_dir / "checkpoints" / "last" / checkpoint_files.WEIGHTS_FILE)
+        if self.config.lora is not None and self.process.is_main:
+            from tightfit.models.lora import save_adapters
+
+            save_adapters(self.model, self.run_dir / "adapters")
+        wall_time_s = self.wall_time_before_s + time.perf_counter() - start_time
+        summary = {
+            "run_dir": str(self.run_dir),
+            "model": self.config.model if self.user_model is None else type(self.user_model).__name__,
+            **test_metrics,
+            "best_metric": {"name": saver.monitor, "value": saver.best} if saver.best is not None else None,
+            "best_checkpoint": best_path,
+            "last_checkpoint": str(self.run_dir / "checkpoints" / "last"),
+            "wall_time_s": round(wall_time_s, 3),
+            "steps": self.global_step,
+            "epochs": self.epoch,
+            "samples_seen": self.samples_seen,
+            "samples_per_s": round(self.samples_seen * self.process.world_size / max(wall_time_s, 1e-9), 1),
+            "peak_memory_bytes": self._peak_memory_bytes(),
+            "device": str(self.device),
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
+            "micro_batch_size": self.micro_batch_size,
+            "accumulation_steps": self.accumulation_steps,
+            "effective_batch_size": self.effective_batch_size,
+            "oom_recoveries": self.oom_recoveries,
+            "skipped_steps": self.guard.skipped_steps,
+            "stop_reason": self.stop_reason,
+            "world_size": self.process.world_size,
+        }
+        if self.process.is_main:
+            _write_json_atomically(self.run_dir / SUMMARY_FILE, summary)
+            for logger in self.loggers:
+                if best_path is not None:
+                    logger.log_artifact(Path(best_path))
+        return summary
+
+    def _peak_memory_bytes(self) -> dict[str, int]:
+        peaks = {"process_rss": int(self.monitor.peak_rss_bytes) if self.monitor else None}
+        if self.device.type == "cuda":
+            peaks["cuda_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
+            peaks["cuda_reserved"] = int(torch.cuda.max_memory_reserved(self.device))
+        return peaks
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, name: str, *, weights_only: bool = False, metrics: dict[str, float] | None = None) -> Path:
+        """Write ``RUN_DIR/checkpoints/NAME`` (rank 0 only); ``weights_only`` leaves out the
+        optimizer and RNG state (best and top-k checkpoints, which are not resumed from)."""
+        directory = self.run_dir / "checkpoints" / name
+        if not self.process.is_main:
+            return directory
+        meta = {
+            "step": self.global_step,
+            "epoch": self.epoch,
+            "epoch_finished": self.epoch_finished,
+            "metrics": metrics or {},
+            "time": datetime.now().isoformat(timespec="seconds"),
+        }
+        state = {"counters": self._counters()} if weights_only else self._training_state()
+        return checkpoint_files.save_checkpoint(directory, self.model, state, meta)
+
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            # a finished epoch resumes at the start of the next one
+            "epoch": self.epoch + 1 if self.epoch_finished else self.epoch,
+            "samples_in_epoch": 0 if self.epoch_finished else self.samples_in_epoch,
+            "samples_seen": self.samples_seen,
+            "wall_time_s": self.wall_time_before_s + (time.perf_counter() - self.fit_start_time if self.fit_start_time else 0.0),
+            "micro_batch_size": self.micro_batch_size,
+            "oom_recoveries": self.oom_recoveries,
+        }
+
+    def _training_state(self) -> dict[str, Any]:
+        return {
+            "counters": self._counters(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": checkpoint_files.rng_state(),
+            "guard": self.guard.state_dict(),
+            "callbacks": [callback.state_dict() if hasattr(callback, "state_dict") else None for callback in self.callbacks],
+        }
+
+    def _restore(self, run_dir: Path) -> None:
+        """Continue exactly from ``run_dir/checkpoints/last``: weights, optimizer, schedule,
+        scaler, RNG, counters, callback state and the position in the epoch's data order."""
+        state, meta = checkpoint_files.load_checkpoint(run_dir / "checkpoints" / "last", self.model)
+        counters = state["counters"]
+        self.global_step = counters["global_step"]
+        self.epoch = counters["epoch"]
+        self.samples_in_epoch = counters["samples_in_epoch"]
+        self.samples_seen = counters["samples_seen"]
+        self.wall_time_before_s = counters["wall_time_s"]
+        self.oom_recoveries = counters["oom_recoveries"]
+        if counters["micro_batch_size"] < self.micro_batch_size:  # keep what out-of-memory recovery learnt
+            self.micro_batch_size = counters["micro_batch_size"]
+            self.accumulation_steps = math.ceil(self.effective_batch_size / self.micro_batch_size)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.guard.load_state_dict(state["guard"])
+        for callback, callback_state in zip(self.callbacks, state["callbacks"]):
+            if callback_state is not None and hasattr(callback, "load_state_dict"):
+                callback.load_state_dict(callback_state)
+        checkpoint_files.set_rng_state(state["rng"])
+        self.console.print(f"resumed from {run_dir} at step {self.global_step} (epoch {self.epoch + 1}, {self.samples_in_epoch} samples in)")
+
+    # ------------------------------------------------------------------------------ plumbing
+    def _fire(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, event, None)
+            if method is not None:
+                method(self, *args)
+
+    def _log_step(self, metrics: dict[str, float]) -> None:
+        if self.global_step % self.config.logging.every_n_steps == 0 or self.global_step == 1:
+            shown = {key: value for key, value in metrics.items() if key != "samples"}
+            self._log({**shown, **(self.monitor.latest if self.monitor else {})}, "train")
+
+    def _log(self, metrics: dict[str, float], stage: str) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step, stage=stage)
+
+    def _barrier(self) -> None:
+        if self.process.distributed:
+            torch.distributed.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a run is repeatable."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _console(enabled: bool):
+    from rich.console import Console
+
+    return Console(highlight=False, quiet=not enabled)
+
+
+def _write_json_atomically(path: Path, payload: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=2, default=str))
+    temporary.replace(path)
