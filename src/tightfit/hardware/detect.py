@@ -45,7 +45,17 @@ def cpu_info() -> dict[str, Any]:
         "max_frequency_hz": frequency,
         "vector_extensions": extensions,
         "fp32_flop_per_cycle_per_core": _fp32_flop_per_cycle(extensions, _cpu_model()),
+        "load_average_1min": _load_average(),
     }
+
+
+def _load_average() -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
 
 
 def _fp32_flop_per_cycle(extensions: list[str], model: str) -> int:
@@ -144,10 +154,21 @@ def torch_info() -> dict[str, Any]:
         "version": torch.__version__,
         "cuda_build": torch.version.cuda,
         "hip_build": getattr(torch.version, "hip", None),
-        "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn_version": _cudnn_version(torch),
         "mps_built": bool(torch.backends.mps.is_built()),
         "debug_build": bool(torch.version.debug),
     }
+
+
+def _cudnn_version(torch) -> str | None:
+    if not torch.backends.cudnn.is_available():
+        return None
+    number = torch.backends.cudnn.version()
+    if not number:
+        return None
+    # cuDNN >= 9 encodes major*10000 + minor*100 + patch; older releases major*1000 + minor*100 + patch.
+    major, rest = divmod(number, 10000) if number >= 90000 else divmod(number, 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
 
 
 def cuda_devices() -> dict[str, Any]:
