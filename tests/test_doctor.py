@@ -263,3 +263,16 @@ def test_run_dir_that_does_not_exist_checks_its_parent(tmp_path):
 
     info = disk_info(tmp_path / "a" / "b")
     assert info["checked"] == str(tmp_path) and Path(info["path"]) == tmp_path / "a" / "b"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_doctor_on_cuda_reports_every_gpu_and_passes_the_smoke_test():
+    report = run_doctor()
+    assert report["cuda"]["device_count"] == torch.cuda.device_count()
+    for device in report["cuda"]["devices"]:
+        properties = torch.cuda.get_device_properties(device["index"])
+        assert device["name"] == properties.name and device["total_bytes"] == properties.total_memory
+        assert device["compute_capability"] == f"{properties.major}.{properties.minor}"
+        assert device["free_bytes"] is not None and 0 < device["free_bytes"] <= device["total_bytes"]
+    assert report["smoke_test"]["device"] == "cuda" and report["smoke_test"]["ok"], report["smoke_test"]["error"]

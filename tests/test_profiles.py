@@ -184,3 +184,47 @@ def test_unmatched_gpu_gets_derived_figures(monkeypatch):
     assert "no matching profile" in profile.description
     matched = profiles._cuda_profile(dict(device, name="NVIDIA GeForce RTX 3050 6GB Laptop GPU"), None)
     assert matched.peak_flops == get_profile("rtx3050-laptop-6gb").peak_flops
+
+
+# ----------------------------------------------------------------------------- tightfit devices
+
+
+def test_devices_json_lists_the_detected_device_and_every_profile(capsys):
+    import json
+
+    from tightfit.cli import main
+
+    assert main(["devices", "--json", "--memory", "5GiB"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["detected"]["name"].startswith("current-")
+    assert data["detected"]["usable_bytes"] == 5 * GIB
+    names = [profile["name"] for profile in data["profiles"]]
+    assert names == [profile.name for profile in list_profiles()]
+    assert all(profile["usable_bytes"] == 5 * GIB for profile in data["profiles"])
+
+
+def test_devices_table_and_one_profile_with_sources(capsys):
+    from tightfit.cli import main
+
+    assert main(["devices"]) == 0
+    table = capsys.readouterr().out
+    for name in REQUIRED:
+        assert name in table
+    assert main(["devices", "t4-16gb"]) == 0
+    detail = capsys.readouterr().out
+    assert "peak_flops.fp16" in detail and "65.00 TFLOP/s" in detail and "nvidia.com" in detail
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["devices", "rtx3050"], "did you mean rtx3050-laptop-6gb"),
+    (["devices", "--memory", "lots"], "--memory"),
+    (["devices", "cpu", "--memory", "6XB"], "unknown unit"),
+])
+def test_devices_bad_input_exits_2_with_one_line(argv, message, capsys):
+    from tightfit.cli import main
+
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]

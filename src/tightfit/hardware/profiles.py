@@ -431,9 +431,12 @@ def _cpu_profile() -> DeviceProfile:
         # No clock reported (common in VMs): scale the generic 8-core figure by the core count.
         peak_flops = {"fp32": generic.peak_flops["fp32"] * cores / 8}
         sources["peak_flops.fp32"] = f"derived: generic cpu profile scaled to {cores} cores (no clock reported)"
+    native_bf16 = any(flag in cpu["vector_extensions"] for flag in ("avx512_bf16", "amx_bf16"))
+    sources["supports_bf16"] = "detected: CPU flags " + ("include" if native_bf16 else "lack") + " avx512_bf16/amx_bf16"
     return dataclasses.replace(
         generic,
         name="current-cpu",
+        supports_bf16=native_bf16,
         description=f"{cpu['model']}, {cores} cores, {format_bytes(memory['total_bytes'])} RAM (this machine)",
         memory_bytes=memory["total_bytes"],
         usable_bytes=memory["available_bytes"],
