@@ -77,8 +77,10 @@ class DiffusionTrainingModule(nn.Module):
         *,
         cpu_offload: bool = False,
         source: str | None = None,
+        validation: "ValidationSettings | None" = None,
     ):
         super().__init__()
+        self.validation = validation
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -135,6 +137,12 @@ class DiffusionTrainingModule(nn.Module):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else LATENT_DOWNSCALE
+
+    def training_callbacks(self) -> list:
+        """Callbacks this model asks the trainer for: validation images when prompts are set."""
+        if self.validation is None or not self.validation.prompts:
+            return []
+        return [DiffusionValidationImages(self.validation)]
 
     # -- devices ----------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -214,6 +222,130 @@ class DiffusionTrainingModule(nn.Module):
         loss = F.mse_loss(prediction.float(), target.float())
         return DiffusionOutput(loss=loss, sample=prediction)
 
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        resolution: int | None = None,
+    ) -> torch.Tensor:
+        """Images for ``prompts`` with the current UNet (adapters included): DDIM sampling with
+        classifier-free guidance, decoded by the VAE.
+
+        The loop is written out rather than borrowed from ``StableDiffusionPipeline`` so that it
+        follows this module's device placement (``cpu_offload`` keeps the encoders on the CPU).
+
+        Returns:
+            ``len(prompts) x 3 x H x W`` float images in ``[0, 1]``, on the CPU.
+        """
+        if self.vae is None or self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("image generation needs a full pipeline (VAE, text encoder, tokenizer)")
+        diffusers = require("diffusers", extra="hf", purpose="diffusion sampling")
+        unet_parameter = next(self.unet.parameters())
+        device, dtype = unet_parameter.device, unet_parameter.dtype
+        scheduler = diffusers.DDIMScheduler.from_config(self.noise_scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+
+        def tokens(texts: list[str]) -> torch.Tensor:
+            return self.tokenizer(
+                texts, padding="max_length", max_length=self._context_length(), truncation=True, return_tensors="pt"
+            ).input_ids
+
+        # unconditional first, then the prompts: one UNet call per step for both halves
+        context = torch.cat([self.encode_text(tokens([""] * len(prompts))), self.encode_text(tokens(prompts))])
+        context = context.to(device, dtype)
+        latent_size = resolution // self.vae_scale_factor if resolution else self.unet.config.sample_size
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn(
+            (len(prompts), self.unet.config.in_channels, latent_size, latent_size), generator=generator
+        ).to(device, dtype) * scheduler.init_noise_sigma
+        for timestep in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
+            unconditional, conditional = self.unet(model_input, timestep, context).sample.chunk(2)
+            noise = unconditional + guidance_scale * (conditional - unconditional)
+            latents = scheduler.step(noise, timestep, latents).prev_sample
+        vae_parameter = next(self.vae.parameters())
+        latents = latents.to(vae_parameter.device, vae_parameter.dtype) / self.vae.config.scaling_factor
+        images = self.vae.decode(latents).sample
+        return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+@dataclass
+class ValidationSettings:
+    """When and how the validation images are drawn (``model_options`` of the recipe)."""
+
+    prompts: list[str]
+    every_n_steps: int = 500
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 0
+    resolution: int | None = None
+
+
+class DiffusionValidationImages:
+    """Trainer callback: every ``every_n_steps`` optimizer steps (and at the end), draw the
+    validation prompts with the current adapters; PNGs go to ``RUN_DIR/validation/`` and images to
+    TensorBoard (``validation/N``). The seed is fixed, so successive images show what training changed.
+    """
+
+    def __init__(self, settings: ValidationSettings):
+        self.settings = settings
+        self.last_step: int | None = None
+
+    def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        if trainer.global_step % self.settings.every_n_steps == 0:
+            self.render(trainer)
+
+    def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        if self.last_step != trainer.global_step:
+            self.render(trainer)
+
+    def render(self, trainer: Any) -> list[Path]:
+        """Draw and write the images for the trainer's current step; returns the PNG paths."""
+        from PIL import Image
+
+        step = trainer.global_step
+        self.last_step = step
+        if not getattr(getattr(trainer, "process", None), "is_main", True):
+            return []
+        module = find_diffusion_module(trainer.model)
+        was_training = module.training
+        module.eval()
+        try:
+            images = module.generate(
+                self.settings.prompts,
+                num_inference_steps=self.settings.num_inference_steps,
+                guidance_scale=self.settings.guidance_scale,
+                seed=self.settings.seed,
+                resolution=self.settings.resolution,
+            )
+        finally:
+            module.train(was_training)
+        directory = Path(trainer.run_dir) / "validation"
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, image in enumerate(images):
+            path = directory / f"step-{step:06d}-{index}.png"
+            pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            Image.fromarray(pixels).save(path)
+            paths.append(path)
+            for logger in getattr(trainer, "loggers", []):
+                writer = getattr(logger, "writer", None)  # TensorBoard's SummaryWriter
+                if writer is not None and hasattr(writer, "add_image"):
+                    writer.add_image(f"validation/{index}", image, global_step=step)
+        return paths
+
+
+def find_diffusion_module(model: nn.Module) -> DiffusionTrainingModule:
+    """The :class:`DiffusionTrainingModule` inside a PEFT/DDP wrapper (or the model itself)."""
+    for module in model.modules():
+        if isinstance(module, DiffusionTrainingModule):
+            return module
+    raise TypeError(f"{type(model).__name__} holds no DiffusionTrainingModule")
+
 
 def _has_weights(directory: Path) -> bool:
     return any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
@@ -245,6 +377,12 @@ def build_diffusion_model(
     cpu_offload: bool = False,
     gradient_checkpointing: bool = False,
     prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+    validation_prompts: list[str] | None = None,
+    validation_every_n_steps: int = 500,
+    validation_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    validation_seed: int = 0,
+    resolution: int | None = None,
     **unused: Any,
 ) -> DiffusionTrainingModule:
     """Build the trainable diffusion module from a local Stable Diffusion directory.
@@ -260,6 +398,13 @@ def build_diffusion_model(
         cpu_offload: keep the frozen VAE and text encoder on the CPU.
         gradient_checkpointing: recompute UNet block activations in the backward pass.
         prediction_type: override the scheduler's (``epsilon`` or ``v_prediction``).
+        validation_prompts: prompts drawn every ``validation_every_n_steps`` optimizer steps
+            (:class:`DiffusionValidationImages`, a callback the trainer takes from the model).
+        validation_every_n_steps: how often to draw them.
+        validation_inference_steps: DDIM steps per validation image.
+        guidance_scale: classifier-free guidance of the validation images.
+        validation_seed: the noise seed of the validation images (fixed across the run).
+        resolution: image side for validation images and example batches (default: the UNet's).
         unused: other keyword arguments of the model-spec builder (``num_classes``...) are ignored.
 
     Returns:
@@ -273,26 +418,31 @@ def build_diffusion_model(
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise SpecError(f"diffusion:{directory}: no such directory")
+    # build_model("diffusion:DIR", meta=True) calls this under torch.device("meta")
+    meta = meta or torch.empty(0).is_meta
     has_pipeline = (directory / "unet").is_dir()
     if not has_pipeline and not _is_unet_config(directory / "config.json"):
         raise SpecError(
             f"diffusion:{directory}: not a Stable Diffusion directory (expected unet/, vae/, "
             "text_encoder/, tokenizer/, scheduler/ or a UNet2DConditionModel config.json)"
         )
+    for needed in ("vae", "text_encoder", "tokenizer", "scheduler") if has_pipeline else ():
+        if not (directory / needed).is_dir():
+            raise SpecError(f"diffusion:{directory}: the pipeline has no {needed}/ folder")
     unet_dir = directory / "unet" if has_pipeline else directory
     unet = _load(diffusers.UNet2DConditionModel, unet_dir, meta)
     vae = text_encoder = tokenizer = None
     if has_pipeline:
         transformers = require("transformers", extra="hf", purpose="the diffusion text encoder")
-        for needed in ("vae", "text_encoder", "tokenizer", "scheduler"):
-            if not (directory / needed).is_dir():
-                raise SpecError(f"diffusion:{directory}: the pipeline has no {needed}/ folder")
         vae = _load(diffusers.AutoencoderKL, directory / "vae", meta)
         text_encoder = _load(transformers.CLIPTextModel, directory / "text_encoder", meta)
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
-        noise_scheduler = diffusers.DDPMScheduler.from_pretrained(str(directory), subfolder="scheduler")
-    else:
-        noise_scheduler = diffusers.DDPMScheduler.from_config(SD15_NOISE_SCHEDULE)
+    # The noise schedule is real data (alphas), needed on the CPU even when planning on meta.
+    with torch.device("cpu"):
+        if has_pipeline:
+            noise_scheduler = diffusers.DDPMScheduler.from_pretrained(str(directory), subfolder="scheduler")
+        else:
+            noise_scheduler = diffusers.DDPMScheduler.from_config(SD15_NOISE_SCHEDULE)
     if prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=prediction_type)
 
@@ -301,8 +451,17 @@ def build_diffusion_model(
         vae.enable_tiling()
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    validation = None
+    if validation_prompts:
+        if validation_every_n_steps < 1 or validation_inference_steps < 1:
+            raise SpecError("validation_every_n_steps and validation_inference_steps must be at least 1")
+        validation = ValidationSettings(
+            list(validation_prompts), validation_every_n_steps, validation_inference_steps,
+            guidance_scale, validation_seed, resolution,
+        )
     return DiffusionTrainingModule(
-        unet, noise_scheduler, vae, text_encoder, tokenizer, cpu_offload=cpu_offload, source=str(directory)
+        unet, noise_scheduler, vae, text_encoder, tokenizer,
+        cpu_offload=cpu_offload, source=str(directory), validation=validation,
     )
 
 

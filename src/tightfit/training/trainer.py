@@ -212,11 +212,13 @@ class Trainer:
 
             model = build_model(config.model, num_classes=self.num_classes, **config.model_options)
         activation = config.checkpointing.activation
+        self.checkpointed_blocks: list[str] = []
         if activation:
             from tightfit.models.checkpointing import apply_activation_checkpointing
 
-            wrapped = apply_activation_checkpointing(model, "auto" if activation is True else activation)
-            self.console.print(f"activation checkpointing: {len(wrapped)} blocks" + (f" ({wrapped[0]} ...)" if wrapped else " (no repeated blocks found)"))
+            self.checkpointed_blocks = apply_activation_checkpointing(model, "auto" if activation is True else activation)
+            found = f"{len(self.checkpointed_blocks)} blocks ({', '.join(self.checkpointed_blocks[:3])}...)" if self.checkpointed_blocks else "no repeated blocks found"
+            self.console.print(f"activation checkpointing: {found}")
         if config.lora is not None:
             from tightfit.models.lora import apply_lora
 
@@ -314,7 +316,13 @@ class Trainer:
             from tightfit.training.progress import ProgressBar
 
             callbacks.append(ProgressBar(self.console))
-        return callbacks + self.extra_callbacks
+        # A model may bring callbacks of its own (the diffusion module's validation images);
+        # looked up on the class so PEFT's attribute forwarding does not report one twice.
+        model_callbacks = [
+            callback for module in self.model.modules() if hasattr(type(module), "training_callbacks")
+            for callback in module.training_callbacks()
+        ]
+        return callbacks + model_callbacks + self.extra_callbacks
 
     def _build_loggers(self) -> list[Logger]:
         if self.user_loggers is not None:
@@ -429,8 +437,7 @@ class Trainer:
                 self._recover_from_out_of_memory(error)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip and check the true gradients, not the scaled ones
-        max_norm = self.config.clip_grad_norm or math.inf  # inf: measure the norm for the guard, clip nothing
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = self._gradient_norm()
         loss = float(loss_sum) / window_samples
         lr = self.optimizer.param_groups[0]["lr"]
         problem = None
@@ -451,6 +458,13 @@ class Trainer:
         self.samples_in_epoch += window_samples
         self.samples_seen += window_samples
         return {"train_loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": window_samples, "skipped": float(problem is not None)}
+
+    def _gradient_norm(self) -> float:
+        """The total gradient norm (what the numerics guard watches), after clipping to it if set."""
+        if self.config.clip_grad_norm is not None:
+            return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm))
+        gradients = [parameter.grad for parameter in self.model.parameters() if parameter.grad is not None]
+        return float(torch.nn.utils.get_total_norm(gradients)) if gradients else 0.0
 
     def _accumulate_gradients(self, window: Any, window_samples: int) -> torch.Tensor:
         """Forward and backward every micro-batch of the window; returns the window's summed loss."""
