@@ -65,6 +65,18 @@ def _inputs_of(batch: Any) -> tuple[tuple, dict]:
     return tuple(args), kwargs
 
 
+def _tracing_inputs(batch: Any) -> tuple[tuple, dict]:
+    """CPU inputs for tracing, with at least two samples: torch.export specialises a batch axis
+    of size 1 to a constant, which would defeat the dynamic batch."""
+    args, kwargs = _inputs_of(batch)
+
+    def widen(value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().cpu()
+        return torch.cat([value, value]) if value.ndim and value.shape[0] == 1 else value
+
+    return tuple(widen(value) for value in args), {key: widen(value) for key, value in kwargs.items()}
+
+
 def input_names_of(batch: Any) -> list[str]:
     """The ONNX input names for a batch: ``input`` (or ``input_0``, ...) or the keyword names."""
     args, kwargs = _inputs_of(batch)
@@ -128,9 +140,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
-    args, kwargs = _inputs_of(example_batch)
-    args = tuple(value.cpu() for value in args)
-    kwargs = {key: value.cpu() for key, value in kwargs.items()}
+    args, kwargs = _tracing_inputs(example_batch)
     names = input_names_of(example_batch)
     errors = []
     with warnings.catch_warnings():
@@ -372,16 +382,77 @@ def export_program(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    args, kwargs = _inputs_of(example_batch)
+    args, kwargs = _tracing_inputs(example_batch)
     model = model.cpu().eval()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(
-                model, tuple(a.cpu() for a in args), kwargs={k: v.cpu() for k, v in kwargs.items()},
-                dynamic_shapes=_dynamic_shapes(args, kwargs),
-            )
+            program = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs))
     except Exception as error:  # torch.export raises many error types on uncapturable code
         raise ConfigError(f"export: torch.export could not capture the model: {str(error).splitlines()[0]}") from None
     torch.export.save(program, str(path), extra_files={PROGRAM_METADATA: json.dumps(dict(metadata or {}))})
     return path
+
+
+def export(
+    model: nn.Module,
+    example_batch: Any,
+    directory: str | os.PathLike,
+    *,
+    verify_batches: Iterable[Any] | None = None,
+    calibration_batches: Iterable[Any] = (),
+    int8: Literal["auto", "static", "dynamic", "none"] = "auto",
+    program: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+    min_int8_top1_agreement: float = 0.95,
+) -> dict[str, Any]:
+    """Export a float model for deployment: ONNX fp32, ONNX Runtime int8 and a ``.pt2`` program.
+
+    Args:
+        model: the float PyTorch model.
+        example_batch: one batch (its inputs define the ONNX inputs; the batch axis is dynamic).
+        directory: where ``model.onnx``, ``model.int8.onnx`` and ``model.pt2`` go.
+        verify_batches: real batches to verify against (default: the example batch alone).
+        calibration_batches: training batches for static int8 (fed one sample at a time).
+        int8: ``auto`` (static for CNNs, dynamic otherwise), ``static``, ``dynamic`` or ``none``.
+        program: also save the ``torch.export`` program.
+        metadata: stored in the files for ``tightfit predict`` (class names, input shape...).
+        min_int8_top1_agreement: the int8 file is deleted below this agreement with PyTorch.
+
+    Returns:
+        ``{"onnx", "onnx_verification", "onnx_int8", "onnx_int8_verification", "program"}``
+        (paths as strings; int8 entries are ``None`` when not made).
+
+    Raises:
+        ConfigError, VerificationError: when exporting fails or the fp32 file disagrees.
+    """
+    from tightfit.compression.quantize import model_kind
+
+    directory = Path(directory)
+    batches = list(verify_batches) if verify_batches is not None else [example_batch]
+    result: dict[str, Any] = {"program": None, "onnx_int8": None, "onnx_int8_verification": None}
+    if program:
+        result["program"] = str(export_program(model, example_batch, directory / "model.pt2", metadata=metadata))
+    onnx_path = export_onnx(model, example_batch, directory / "model.onnx", metadata=metadata)
+    result["onnx"] = str(onnx_path)
+    result["onnx_verification"] = verify_onnx(onnx_path, model, batches).to_dict()
+    if int8 == "auto":
+        int8 = "static" if model_kind(model) == "conv" else "dynamic"
+    if int8 != "none":
+        feeds = [onnx_feeds(_sample(batch, index)) for batch in calibration_batches for index in range(_size(batch))]
+        int8_path = quantize_onnx(onnx_path, directory / "model.int8.onnx", method=int8, calibration_feeds=feeds)
+        check = verify_onnx(int8_path, model, batches, max_abs_diff=None, min_top1_agreement=min_int8_top1_agreement)
+        result["onnx_int8"], result["onnx_int8_verification"] = str(int8_path), check.to_dict()
+    return result
+
+
+def _size(batch: Any) -> int:
+    args, kwargs = _inputs_of(batch)
+    return int((args[0] if args else next(iter(kwargs.values()))).shape[0])
+
+
+def _sample(batch: Any, index: int) -> Any:
+    args, kwargs = _inputs_of(batch)
+    if kwargs:
+        return {key: value[index : index + 1] for key, value in kwargs.items()}
+    return (tuple(value[index : index + 1] for value in args), None)

@@ -172,8 +172,9 @@ def _keep_largest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 class PolynomialPruningCallback:
     """A trainer callback that raises the sparsity along a :class:`PolynomialSchedule`.
 
-    After every optimizer step the trainer reports (``on_step_end``), the masks are recomputed
-    when the schedule says so; at the end of training the final sparsity is enforced.
+    After every optimizer step (``on_step_end(trainer, metrics)``, step read from
+    ``trainer.global_step``) the masks are recomputed when the schedule says so; at the end of
+    training (``on_fit_end``) the final sparsity is enforced.
     """
 
     def __init__(self, pruner: MagnitudePruner, schedule: PolynomialSchedule) -> None:
@@ -181,7 +182,7 @@ class PolynomialPruningCallback:
         self.schedule = schedule
         self.history: list[tuple[int, float]] = []
 
-    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+    def on_fit_start(self, *args: Any, **kwargs: Any) -> None:
         self._update(0)
 
     def on_step_end(self, *args: Any, step: int | None = None, **kwargs: Any) -> None:
@@ -189,7 +190,7 @@ class PolynomialPruningCallback:
         if self.schedule.updates_at(step):
             self._update(step)
 
-    def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+    def on_fit_end(self, *args: Any, **kwargs: Any) -> None:
         self._update(self.schedule.end_step)
 
     def _update(self, step: int) -> None:
@@ -460,3 +461,104 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], *, max_batch
         norm.momentum = momentum
     model.train(was_training)
     return used
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-call API
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did: the model, the per-layer sparsity table and method details."""
+
+    model: nn.Module
+    method: str
+    table: list[dict[str, Any]]
+    details: dict[str, Any]
+
+
+def prune(
+    model: nn.Module,
+    data: Any = None,
+    *,
+    method: Literal["magnitude", "structured"] = "magnitude",
+    sparsity: float = 0.5,
+    scope: Literal["global", "layer"] = "global",
+    schedule: PolynomialSchedule | None = None,
+    exclude: Iterable[str] = (),
+    example_inputs: Any = None,
+    num_classes: int | None = None,
+    importance: Literal["l1", "l2", "random"] = "l2",
+    finetune: Any = None,
+    run_dir: Any = None,
+    progress: bool = False,
+) -> PruneResult:
+    """Prune a model (in place) and, given data, fine-tune it through the trainer.
+
+    Args:
+        model: the trained model.
+        data: a ``DataBundle`` or ``(train, val, test)`` tuple; without it the pruning is
+            one-shot and nothing is fine-tuned (and BatchNorm is not re-calibrated).
+        method: ``magnitude`` (unstructured zeros) or ``structured`` (channels/heads removed).
+        sparsity: final fraction of weights zeroed (magnitude) or channels removed (structured).
+        scope: magnitude only: ``global`` or ``layer`` (see :class:`MagnitudePruner`).
+        schedule: magnitude only: the sparsity schedule during fine-tuning (default: polynomial
+            from 0 to ``sparsity`` over the first two thirds of the fine-tuning steps); when
+            given, its ``final_sparsity`` is the target and ``sparsity`` is ignored.
+        exclude: magnitude only: module names left dense.
+        example_inputs: structured only: one forward call's inputs, for the dependency graph.
+        num_classes: structured only: the classifier width to keep.
+        importance: structured only: channel score (``l1``, ``l2``, ``random``).
+        finetune: a :class:`tightfit.compression.training.FinetuneSettings` (default: 3 epochs).
+        run_dir: the trainer's run directory.
+        progress: show the trainer's progress.
+
+    Returns:
+        A :class:`PruneResult` (the masks are made permanent).
+
+    Raises:
+        ConfigError: on a bad method, sparsity or scope.
+
+    Example:
+        >>> result = prune(model, bundle, method="magnitude", sparsity=0.5)
+        >>> result.table[0]["sparsity"]
+    """
+    from tightfit.compression.training import FinetuneSettings, finetune as run_finetune
+
+    settings = finetune or FinetuneSettings()
+    details: dict[str, Any] = {}
+    if method == "magnitude":
+        pruner = MagnitudePruner(model, scope=scope, exclude=exclude)
+        if data is None:
+            pruner.set_sparsity(sparsity)
+        else:
+            if schedule is None:
+                steps = settings.planned_steps(len(_train_split(data)))
+                end = max(1, (2 * steps) // 3)
+                schedule = PolynomialSchedule(0.0, sparsity, 0, end, frequency=max(1, end // 10))
+            callback = PolynomialPruningCallback(pruner, schedule)
+            run_finetune(model, data, settings, callbacks=[callback], run_dir=run_dir, progress=progress)
+            details["schedule"] = {**schedule.__dict__, "updates": callback.history}
+        pruner.make_permanent()
+        details["scope"] = scope
+    elif method == "structured":
+        if example_inputs is None:
+            raise ConfigError("prune: structured pruning needs example inputs (one batch)")
+        result = structured_prune(
+            model, example_inputs, ratio=sparsity, importance=importance, num_classes=num_classes
+        )
+        details.update(result.to_dict())
+        if data is not None:
+            loader = torch.utils.data.DataLoader(
+                _train_split(data), batch_size=settings.batch_size, shuffle=True,
+                collate_fn=getattr(data, "collate_fn", None),
+            )
+            details["batchnorm_batches"] = recalibrate_batchnorm(model, loader)
+            run_finetune(model, data, settings, run_dir=run_dir, progress=progress)
+    else:
+        raise ConfigError(f"prune: method must be 'magnitude' or 'structured'; got {method!r}")
+    return PruneResult(model, method, sparsity_table(model), details)
+
+
+def _train_split(data: Any) -> Any:
+    return data.train if hasattr(data, "train") else data[0]

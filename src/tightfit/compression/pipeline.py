@@ -1,0 +1,556 @@
+"""``tightfit compress``: run a recipe's steps in order and measure every artifact.
+
+The recipe, top to bottom::
+
+    source   = load_source(run_dir)                 # model + best weights + data, as trained
+    measure(original)                               # size, params, latency b1/bN, metric
+    for step in recipe.steps:                       # prune, finetune, distill, qat, quantize, export
+        model = apply(step, model)                  # through the trainer where it fine-tunes
+        save(model) ; measure(model)                # one artifact per step, same measurements
+    compare(records) ; flag ; choose best           # slower or worse than tolerance: flagged
+    report.json + plots + table
+
+Every step's artifact lands in ``OUTPUT/NN-step/``; a step that fails leaves no partial folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tightfit.compression import benchmark
+from tightfit.compression.export import (
+    VerificationError, export_onnx, export_program, onnx_feeds, quantize_onnx, verify_onnx,
+)
+from tightfit.compression.prune import PolynomialSchedule, count_parameters, prune
+from tightfit.compression.quantize import is_quantized, model_kind, quantize
+from tightfit.compression.recipe import (
+    DistillStep, ExportStep, FinetuneConfig, FinetuneStep, PruneStep, QatStep, QuantizeStep, Recipe,
+    build_recipe, load_recipe,
+)
+from tightfit.compression.report import (
+    ArtifactRecord, Metric, choose_best, clean_directory, compare, file_sizes, render_table, write_report,
+)
+from tightfit.compression.training import FinetuneSettings
+from tightfit.errors import ConfigError
+from tightfit.training.loss import model_output_tensor, split_batch, task_loss
+
+
+@dataclass
+class Source:
+    """A trained model and its data, as the compression steps need them.
+
+    Attributes:
+        model: the trained model (CPU, eval mode).
+        data: a ``DataBundle`` (or anything with ``train``/``val``/``test`` and ``collate_fn``).
+        name: a short name for the report.
+        model_spec: how the model was built (``builtin:digits-cnn``), when known.
+        metadata: what ``tightfit predict`` needs: class names, input shape, normalisation, task.
+    """
+
+    model: nn.Module
+    data: Any
+    name: str
+    model_spec: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def load_source(
+    source: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    data: str | Path | None = None,
+) -> Source:
+    """Load a trained model and its data from a run directory, or from a model spec.
+
+    Args:
+        source: a tightfit run directory (``config.yaml`` + ``summary.json`` with the best
+            checkpoint), or a model spec (``builtin:digits-cnn``, ``hf:DIR``, ...).
+        checkpoint: with a model spec: its weights (``model.safetensors`` or a checkpoint folder).
+        data: with a model spec: a data YAML file (the ``data:`` section of a run config) or a
+            source name (``digits``).
+
+    Returns:
+        The :class:`Source`.
+
+    Raises:
+        ConfigError: a missing run directory, checkpoint or data config.
+    """
+    from tightfit.data.build import build_datasets
+    from tightfit.models.spec import build_model
+    from tightfit.training import checkpoint as checkpoint_files
+
+    path = Path(source)
+    if path.is_dir():
+        config_file = path / "config.yaml"
+        if not config_file.is_file():
+            raise ConfigError(f"compress: {path} is not a tightfit run directory (no config.yaml)")
+        from tightfit.config import load_config
+
+        config = load_config(config_file)
+        if config.lora is not None:
+            raise ConfigError(f"compress: {path} is a LoRA run; merge the adapters first (tightfit lora merge)")
+        weights = checkpoint or _best_weights(path)
+        bundle = build_datasets(config.data, seed=config.seed)
+        model = build_model(config.model, num_classes=bundle.num_classes, **config.model_options)
+        spec, name = config.model, path.name
+    else:
+        if ":" not in str(source):
+            raise ConfigError(f"compress: {source} is neither a run directory nor a model spec (builtin:NAME, hf:DIR, ...)")
+        if data is None:
+            raise ConfigError("compress: with a model spec, give the data too (--data digits or --data data.yaml)")
+        bundle = build_datasets(_data_config(data), seed=0)
+        model = build_model(str(source), num_classes=bundle.num_classes)
+        weights, spec, name = checkpoint, str(source), str(source).split(":", 1)[1].replace("/", "-")
+    if weights is not None:
+        weights = Path(weights)
+        if weights.is_dir():
+            weights = weights / checkpoint_files.WEIGHTS_FILE
+        if not weights.is_file():
+            raise ConfigError(f"compress: checkpoint {weights} does not exist")
+        checkpoint_files.load_weights(model, weights)
+    metadata = {
+        "model_spec": spec,
+        "class_names": bundle.class_names,
+        "input_shape": list(bundle.input_shape) if bundle.input_shape else None,
+        "task": getattr(bundle, "task", None),
+        "normalization": getattr(bundle, "metadata", {}).get("normalization"),
+    }
+    return Source(model.cpu().eval(), bundle, name, spec, metadata)
+
+
+def _best_weights(run_dir: Path) -> Path:
+    import json
+
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        for key in ("best_checkpoint", "last_checkpoint"):
+            if summary.get(key):
+                return Path(summary[key])
+    last = run_dir / "checkpoints" / "last"
+    if last.is_dir():
+        return last
+    raise ConfigError(f"compress: {run_dir} has no summary.json and no checkpoints/last; did the run finish?")
+
+
+def _data_config(data: str | Path):
+    from tightfit.config import read_yaml
+    from tightfit.data.config import DataConfig
+
+    path = Path(data)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"compress: data config {path} does not exist")
+        tree = read_yaml(path)
+        tree = tree.get("data", tree) if isinstance(tree, dict) else tree
+        try:
+            return DataConfig.model_validate(tree)
+        except Exception as error:
+            raise ConfigError(f"compress: data config {path}: {str(error).splitlines()[0]}") from None
+    try:
+        return DataConfig(source=str(data))
+    except Exception:
+        raise ConfigError(f"compress: --data {data!r} is neither a YAML file nor a data source name") from None
+
+
+# --------------------------------------------------------------------------------- measuring
+class Evaluator:
+    """The held-out batches, prepared once, and the metric over them for torch and ONNX models."""
+
+    def __init__(self, data: Any, *, batch_size: int = 256, latency_batch_size: int = 64) -> None:
+        split_name, split = next(
+            ((name, getattr(data, name, None)) for name in ("test", "val") if getattr(data, name, None) is not None),
+            ("train", getattr(data, "train", None)),
+        )
+        if split is None or len(split) == 0:
+            raise ConfigError("compress: the data has no held-out split to measure the metric on")
+        loader = DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=getattr(data, "collate_fn", None))
+        self.split = split_name
+        self.batches = list(loader)
+        self.samples = len(split)
+        first = self.batches[0]
+        self.example = _slice(first, 1)
+        self.large = _slice(first, min(latency_batch_size, _count(first)))
+        target = split_batch(first)[2]
+        self.classification = target is not None and not target.is_floating_point()
+
+    def metric_of(self, outputs: Iterable[Any]) -> Metric:
+        """The metric from model outputs, one per held-out batch (in order)."""
+        correct, loss_sum = 0, 0.0
+        for output, batch in zip(outputs, self.batches):
+            target = split_batch(batch)[2]
+            logits = model_output_tensor(output)
+            if self.classification and logits.ndim == 2:
+                correct += int((logits.argmax(1) == target).sum())
+            else:
+                loss_sum += float(task_loss(output, target)) * _count(batch)
+        if self.classification:
+            return Metric("accuracy", 100.0 * correct / self.samples, True, self.split, self.samples)
+        return Metric("loss", loss_sum / self.samples, False, self.split, self.samples)
+
+    @torch.inference_mode()
+    def torch_metric(self, model: nn.Module) -> Metric:
+        model.eval()
+        outputs = []
+        for batch in self.batches:
+            args, kwargs, _ = split_batch(batch)
+            kwargs = {key: value for key, value in kwargs.items() if key != "labels"}
+            outputs.append(model(*args, **kwargs))
+        return self.metric_of(outputs)
+
+    def onnx_metric(self, path: Path, threads: int | None) -> Metric:
+        session = benchmark.ort_session(path, threads=threads)
+        outputs = [torch.from_numpy(session.run(None, onnx_feeds(batch))[0]) for batch in self.batches]
+        return self.metric_of(outputs)
+
+
+def _count(batch: Any) -> int:
+    args, kwargs, _ = split_batch(batch)
+    first = args[0] if args else next(iter(kwargs.values()))
+    return int(first.shape[0])
+
+
+def _slice(batch: Any, size: int) -> Any:
+    if isinstance(batch, dict):
+        return {key: value[:size] for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        inputs, target = batch
+        inputs = tuple(i[:size] for i in inputs) if isinstance(inputs, (tuple, list)) else inputs[:size]
+        return (inputs, target[:size] if target is not None else None)
+    return batch[:size]
+
+
+@dataclass
+class MeasureSettings:
+    """How artifacts are timed (the same for all of them)."""
+
+    threads: int
+    warmup: int
+    repeats: int
+
+
+def measure_torch(
+    name: str, step: str, model: nn.Module, directory: Path, evaluator: Evaluator,
+    settings: MeasureSettings, *, metadata: dict[str, Any], program: bool = True,
+) -> ArtifactRecord:
+    """Save a PyTorch model (state dict, and a ``.pt2`` program when it exports) and measure it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    weights = directory / "model.pt"
+    torch.save(model.state_dict(), weights)
+    details: dict[str, Any] = {}
+    if program and not is_quantized(model):
+        try:
+            details["program"] = str(export_program(model, evaluator.example, directory / "model.pt2", metadata=metadata))
+        except ConfigError as error:
+            details["program_error"] = str(error)
+    size, gzipped = file_sizes(weights)
+    parameters, nonzero = count_parameters(model)
+    latency = {}
+    for batch in (evaluator.example, evaluator.large):
+        result = benchmark.measure_torch_latency(
+            model, batch, threads=settings.threads, warmup=settings.warmup, repeats=settings.repeats, min_seconds=0.2,
+        )
+        latency[f"batch_{result.batch_size}"] = result.to_dict()
+    metric = evaluator.torch_metric(model)
+    return ArtifactRecord(
+        name=name, step=step, format="pytorch", artifact=str(weights), size_bytes=size, gzip_bytes=gzipped,
+        parameters=parameters, nonzero_parameters=nonzero, latency=latency,
+        throughput=max(entry["throughput"] for entry in latency.values()),
+        metric=metric.__dict__, details=details,
+    )
+
+
+def measure_onnx(
+    name: str, step: str, path: Path, evaluator: Evaluator, settings: MeasureSettings,
+    *, parameters: tuple[int, int] | None = None, details: dict[str, Any] | None = None,
+) -> ArtifactRecord:
+    """Measure an ONNX file under ONNX Runtime with the same batches and threads."""
+    size, gzipped = file_sizes(path)
+    latency = {}
+    for batch in (evaluator.example, evaluator.large):
+        result = benchmark.measure_onnx_latency(
+            path, onnx_feeds(batch), threads=settings.threads,
+            warmup=settings.warmup, repeats=settings.repeats, min_seconds=0.2,
+        )
+        latency[f"batch_{result.batch_size}"] = result.to_dict()
+    metric = evaluator.onnx_metric(path, settings.threads)
+    return ArtifactRecord(
+        name=name, step=step, format="onnx", artifact=str(path), size_bytes=size, gzip_bytes=gzipped,
+        parameters=parameters[0] if parameters else None, nonzero_parameters=parameters[1] if parameters else None,
+        latency=latency, throughput=max(entry["throughput"] for entry in latency.values()),
+        metric=metric.__dict__, details=details or {},
+    )
+
+
+# --------------------------------------------------------------------------------- the steps
+def _settings(config: FinetuneConfig | None, recipe: Recipe) -> FinetuneSettings:
+    chosen = config or recipe.finetune
+    return FinetuneSettings(
+        epochs=chosen.epochs, max_steps=chosen.max_steps, lr=chosen.lr, optimizer=chosen.optimizer,
+        batch_size=chosen.batch_size, weight_decay=chosen.weight_decay, device=recipe.device, seed=recipe.seed,
+    )
+
+
+def _calibration(data: Any, batches: int, batch_size: int = 32) -> list[Any]:
+    """Batches drawn (shuffled, seeded) from the training split: what the model will really see."""
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=generator,
+                        collate_fn=getattr(data, "collate_fn", None))
+    calibration = []
+    for batch in loader:
+        if len(calibration) >= batches:
+            break
+        calibration.append(batch)
+    return calibration
+
+
+class Pipeline:
+    """Runs a recipe on a source; see the module doc for the order of things."""
+
+    def __init__(self, source: Source, recipe: Recipe, output: Path, *, console: Any = None, progress: bool = False) -> None:
+        self.source = source
+        self.recipe = recipe
+        self.output = output
+        self.console = console
+        self.progress = progress
+        self.records: list[ArtifactRecord] = []
+        self.float_model: nn.Module | None = None  # the last model that is not int8 (for ONNX export)
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text)
+
+    def run(self) -> dict[str, Any]:
+        recipe, source = self.recipe, self.source
+        threads = recipe.threads or benchmark.default_threads()
+        self.measure = MeasureSettings(threads, recipe.warmup, recipe.repeats)
+        self.evaluator = Evaluator(source.data, latency_batch_size=recipe.latency_batch_size)
+        int8 = benchmark.cpu_int8_support()
+        if int8["warning"]:
+            self.say(f"[yellow]warning:[/] {int8['warning']}")
+        started = time.perf_counter()
+        self.output.mkdir(parents=True, exist_ok=True)
+        model = copy.deepcopy(source.model).cpu().eval()
+        self.float_model = model
+        self.say(f"measuring the original model ({threads} threads, {self.evaluator.split} split: {self.evaluator.samples} samples)")
+        self.records.append(self._measure_torch("original", "original", model, self.output / "00-original"))
+        for index, step in enumerate(recipe.steps, start=1):
+            directory = self.output / f"{index:02d}-{step.step}"
+            self.say(f"step {index}/{len(recipe.steps)}: {step.step}")
+            step_started = time.perf_counter()
+            try:
+                model = self._apply(step, model, directory, index)
+            except BaseException:
+                clean_directory(directory)
+                raise
+            for record in self.records:
+                if record.step == f"{index:02d}-{step.step}" and not record.seconds:
+                    record.seconds = round(time.perf_counter() - step_started, 2)
+        compare(self.records, tolerance=recipe.tolerance)
+        best = choose_best(self.records)
+        context = {
+            "source": source.name,
+            "model_spec": source.model_spec,
+            "recipe": recipe.model_dump(mode="json"),
+            "threads": threads,
+            "cpu": int8,
+            "torch": torch.__version__,
+            "metric": {"name": self.records[0].metric["name"], "split": self.evaluator.split,
+                       "samples": self.evaluator.samples, "tolerance": recipe.tolerance},
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        path = write_report(self.output, self.records, best=best, context=context)
+        if self.console is not None:
+            self.console.print(render_table(self.records, best))
+            self.console.print(f"best: {best['why']}")
+            self.console.print(f"report: {path}")
+        import json
+
+        return json.loads(path.read_text())
+
+    def _measure_torch(self, name: str, step: str, model: nn.Module, directory: Path, program: bool = True) -> ArtifactRecord:
+        return measure_torch(name, step, model, directory, self.evaluator, self.measure,
+                             metadata=self.source.metadata, program=program)
+
+    def _apply(self, step: Any, model: nn.Module, directory: Path, index: int) -> nn.Module:
+        tag = f"{index:02d}-{step.step}"
+        data = self.source.data
+        if isinstance(step, PruneStep):
+            model = copy.deepcopy(model).train()
+            settings = _settings(step.finetune, self.recipe)
+            schedule = None
+            if step.method == "magnitude":
+                planned = settings.planned_steps(len(data.train))
+                end = step.end_step or max(step.begin_step + 1, (2 * planned) // 3)
+                schedule = PolynomialSchedule(
+                    step.initial_sparsity, step.sparsity, step.begin_step, end,
+                    frequency=step.frequency or max(1, (end - step.begin_step) // 10),
+                )
+            args, _, _ = split_batch(self.evaluator.example)
+            result = prune(
+                model, data, method=step.method, sparsity=step.sparsity, scope=step.scope, schedule=schedule,
+                exclude=step.exclude, example_inputs=args[0] if len(args) == 1 else args,
+                num_classes=getattr(data, "num_classes", None), importance=step.importance,
+                finetune=settings, run_dir=directory / "train", progress=self.progress,
+            )
+            record = self._measure_torch(f"{tag} {step.method} {step.sparsity:.0%}", tag, model, directory)
+            record.details.update(result.details, sparsity_table=result.table)
+            self.records.append(record)
+            self.float_model = model
+            return model
+        if isinstance(step, FinetuneStep):
+            from tightfit.compression.training import finetune
+
+            model = copy.deepcopy(model).train()
+            finetune(model, data, _settings(step, self.recipe), run_dir=directory / "train", progress=self.progress)
+            self.records.append(self._measure_torch(tag, tag, model, directory))
+            self.float_model = model
+            return model
+        if isinstance(step, DistillStep):
+            from tightfit.compression.distill import distill
+
+            teacher = self._teacher(step)
+            student = copy.deepcopy(model).train()
+            distill(student, teacher, data, temperature=step.temperature, alpha=step.alpha,
+                    settings=_settings(step.finetune, self.recipe), run_dir=directory / "train", progress=self.progress)
+            record = self._measure_torch(f"{tag} T={step.temperature:g} a={step.alpha:g}", tag, student, directory)
+            self.records.append(record)
+            self.float_model = student
+            return student
+        if isinstance(step, QatStep):
+            from tightfit.compression.qat import qat
+
+            args, _, _ = split_batch(self.evaluator.example)
+            quantized = qat(model, data, args, settings=_settings(step.finetune, self.recipe),
+                            run_dir=directory / "train", progress=self.progress)
+            self.records.append(self._measure_torch(f"{tag} int8", tag, quantized, directory))
+            return quantized
+        if isinstance(step, QuantizeStep):
+            if is_quantized(model):
+                self.say("  quantize: the model is already int8 (after qat); nothing to do")
+                return model
+            result = quantize(
+                model, step.method, example_batch=self.evaluator.example,
+                calibration_batches=_calibration(data, step.calibration_batches),
+                evaluate=lambda candidate: self.evaluator.torch_metric(candidate).value,
+                higher_is_better=self.evaluator.classification, tolerance=self.recipe.tolerance,
+                threads=self.measure.threads,
+            )
+            self.say(f"  quantize: {result.reason}")
+            record = self._measure_torch(f"{tag} {result.method}", tag, result.model, directory)
+            record.details.update(method=result.method, reason=result.reason, candidates=result.candidates,
+                                  warnings=result.warnings)
+            self.records.append(record)
+            return result.model
+        if isinstance(step, ExportStep):
+            self._export(step, model, directory, tag)
+            return model
+        raise ConfigError(f"compress: unknown step {step!r}")
+
+    def _teacher(self, step: DistillStep) -> nn.Module:
+        """The teacher: the source model, another run directory, or a model spec + weights."""
+        if step.teacher == "original":
+            return copy.deepcopy(self.source.model).eval()
+        if Path(step.teacher).is_dir():
+            return load_source(step.teacher).model
+        from tightfit.models.spec import build_model
+        from tightfit.training import checkpoint as checkpoint_files
+
+        if step.teacher_checkpoint is None or not Path(step.teacher_checkpoint).is_file():
+            raise ConfigError(f"distill: teacher {step.teacher} needs teacher_checkpoint, an existing weights file")
+        teacher = build_model(step.teacher, num_classes=getattr(self.source.data, "num_classes", None))
+        checkpoint_files.load_weights(teacher, Path(step.teacher_checkpoint))
+        return teacher.eval()
+
+    def _export(self, step: ExportStep, model: nn.Module, directory: Path, tag: str) -> None:
+        reference = self.float_model if is_quantized(model) else model
+        if reference is not model:
+            self.say("  export: the current model is torch int8, which ONNX cannot hold; exporting the last float model and quantizing it with ONNX Runtime")
+        directory.mkdir(parents=True, exist_ok=True)
+        verify_batches = self.evaluator.batches
+        counts = count_parameters(reference)
+        if step.program:
+            try:
+                export_program(reference, self.evaluator.example, directory / "model.pt2", metadata=self.source.metadata)
+            except ConfigError as error:
+                self.say(f"  export: no .pt2 program ({error})")
+        if not step.onnx:
+            return
+        fp32_path = export_onnx(reference, self.evaluator.example, directory / "model.onnx", metadata=self.source.metadata)
+        check = verify_onnx(
+            fp32_path, reference, verify_batches, max_abs_diff=step.max_abs_diff,
+            min_top1_agreement=step.min_top1_agreement, threads=self.measure.threads,
+        )
+        self.records.append(measure_onnx(f"{tag} onnx fp32", tag, fp32_path, self.evaluator, self.measure,
+                                         parameters=counts, details={"verification": check.to_dict()}))
+        method = step.int8
+        if method == "auto":
+            method = "static" if model_kind(reference) == "conv" else "dynamic"
+        if method == "none":
+            return
+        int8_path = quantize_onnx(
+            fp32_path, directory / "model.int8.onnx", method=method,
+            calibration_feeds=[onnx_feeds(batch) for batch in _calibration(self.source.data, step.calibration_batches, batch_size=1)],
+        )
+        try:
+            check = verify_onnx(
+                int8_path, reference, verify_batches, max_abs_diff=None,
+                min_top1_agreement=step.int8_min_top1_agreement, threads=self.measure.threads,
+            )
+        except VerificationError as error:
+            self.say(f"  [yellow]export: ONNX int8 not kept:[/] {error}")
+            return
+        self.records.append(measure_onnx(f"{tag} onnx int8 ({method})", tag, int8_path, self.evaluator, self.measure,
+                                         parameters=counts, details={"verification": check.to_dict(), "method": method}))
+
+
+def compress(
+    source: Source | str | Path,
+    recipe: Recipe | dict | str | Path | None = None,
+    output: str | Path | None = None,
+    *,
+    console: Any = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run a compression recipe on a trained model and return the report.
+
+    Args:
+        source: a :class:`Source`, a run directory or (with ``Source``) your own model and data.
+        recipe: a :class:`Recipe`, a dict, a YAML path, or ``None`` (prune -> quantize -> export).
+        output: the folder for artifacts and ``report.json`` (default: ``RUN_DIR/compressed``).
+        console: a rich console for progress and the table (``None``: quiet).
+        progress: show the trainer's progress bars during fine-tuning.
+        overwrite: allow an output folder that already holds a report.
+
+    Returns:
+        The report (the content of ``report.json``).
+
+    Raises:
+        ConfigError: a bad recipe or source, or an output folder that would be overwritten.
+    """
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    else:
+        recipe = build_recipe(recipe)
+    if not isinstance(source, Source):
+        run_dir = Path(source)
+        source = load_source(source)
+        output = output or run_dir / "compressed"
+    if output is None:
+        raise ConfigError("compress: give an output folder")
+    output = Path(output)
+    if (output / "report.json").exists() and not overwrite:
+        raise ConfigError(f"compress: {output} already holds a report; choose another --output or pass --overwrite")
+    torch.manual_seed(recipe.seed)
+    return Pipeline(source, recipe, output, console=console, progress=progress).run()

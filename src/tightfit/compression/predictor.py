@@ -1,0 +1,264 @@
+"""Run an exported model on new inputs without the training code (``tightfit predict``).
+
+An artifact is an ONNX file (run with ONNX Runtime) or a ``torch.export`` program (``.pt2``, run
+with ``torch.export.load`` alone). Both carry tightfit metadata written at export time: class
+names, the input shape, the pixel normalisation and, for text models, the tokenizer directory.
+
+Inputs are images (resized to the model's input size, scaled as in training), tensor files
+(``.npy`` read without pickle, ``.pt`` read with ``weights_only=True``: no code runs) or text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tightfit._optional import require
+from tightfit.errors import ConfigError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TENSOR_SUFFIXES = {".npy", ".pt", ".pth"}
+
+
+@dataclass
+class Artifact:
+    """A loaded model ready to run: ``run(feeds) -> outputs`` plus its metadata."""
+
+    path: Path
+    kind: str  # "onnx" or "program"
+    input_names: list[str]
+    input_types: list[str]  # numpy dtype names
+    metadata: dict[str, Any]
+    _runner: Any
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The model's main output for the given numpy inputs."""
+        return self._runner(feeds)
+
+
+def resolve_artifact(path: str | os.PathLike) -> Path:
+    """The model file for ``path``: the file itself, or in a compress output folder the best
+    ONNX/.pt2 artifact named by ``report.json`` (else the first ``model.onnx`` found).
+
+    Raises:
+        ConfigError: when nothing runnable is there.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix not in (".onnx", ".pt2"):
+            raise ConfigError(f"predict: {path} is not an .onnx or .pt2 file")
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"predict: artifact {path} does not exist")
+    report = path / "report.json"
+    if report.is_file():
+        payload = json.loads(report.read_text())
+        fastest = payload.get("best", {}).get("fastest")
+        for record in payload.get("artifacts", []):
+            if record["name"] == fastest and record["format"] == "onnx" and Path(record["artifact"]).is_file():
+                return Path(record["artifact"])
+    candidates = sorted(path.rglob("model.onnx")) or sorted(path.rglob("model.pt2"))
+    if not candidates:
+        raise ConfigError(f"predict: no model.onnx or model.pt2 under {path}")
+    return candidates[-1]
+
+
+def load_artifact(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
+    """Load an ONNX file or a ``.pt2`` program for inference on CPU.
+
+    Raises:
+        ConfigError: on a missing or unreadable file.
+    """
+    path = resolve_artifact(path)
+    if path.suffix == ".onnx":
+        from tightfit.compression.benchmark import ort_session
+        from tightfit.compression.export import read_metadata
+
+        try:
+            session = ort_session(path, threads=threads)
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ConfigError(f"predict: {path} cannot be loaded by ONNX Runtime: {str(error).splitlines()[0]}") from None
+        inputs = session.get_inputs()
+        types = [_ort_dtype(item.type) for item in inputs]
+        return Artifact(
+            path, "onnx", [item.name for item in inputs], types, read_metadata(path),
+            lambda feeds: session.run(None, feeds)[0],
+        )
+    import torch
+
+    from tightfit.compression.export import PROGRAM_METADATA
+
+    extra = {PROGRAM_METADATA: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as error:  # torch.export.load raises many types on bad archives
+        raise ConfigError(f"predict: {path} is not a readable torch.export program: {str(error).splitlines()[0]}") from None
+    module = program.module()
+    names = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+    metadata = json.loads(extra[PROGRAM_METADATA] or "{}")
+    types = ["float32" if not metadata.get("text") else "int64" for _ in names]
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        from tightfit.training.loss import model_output_tensor
+
+        with torch.inference_mode():
+            tensors = [torch.from_numpy(feeds[name]) for name in names]
+            return model_output_tensor(module(*tensors)).float().numpy()
+
+    return Artifact(path, "program", names, types, metadata, run)
+
+
+def _ort_dtype(type_name: str) -> str:
+    return {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
+            "tensor(double)": "float64", "tensor(float16)": "float16"}.get(type_name, "float32")
+
+
+def load_inputs(artifact: Artifact, inputs: list[str], *, text: bool = False, tokenizer: str | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Read the inputs into one batch of feeds.
+
+    Args:
+        artifact: the loaded model (its metadata says the input size and normalisation).
+        inputs: file paths (images, .npy, .pt), or sentences when ``text``.
+        text: treat every input as a sentence for a text model.
+        tokenizer: a local tokenizer directory (default: the one in the metadata).
+
+    Returns:
+        ``(labels, feeds)``: a name per sample, and the feed dictionary.
+
+    Raises:
+        ConfigError: a missing file, an unsupported suffix, or a shape the model cannot take.
+    """
+    if text:
+        return _text_feeds(artifact, inputs, tokenizer)
+    samples, labels = [], []
+    for item in inputs:
+        path = Path(item)
+        if not path.is_file():
+            raise ConfigError(f"predict: input {item} does not exist (pass --text for sentences)")
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            array = _read_image(path, artifact.metadata)
+            samples.append(array[None])
+            labels.append(str(path))
+        elif suffix in TENSOR_SUFFIXES:
+            array = _read_tensor(path)
+            shape = artifact.metadata.get("input_shape")
+            if shape and list(array.shape) == list(shape):
+                array = array[None]
+            samples.append(array)
+            labels += [f"{path}[{index}]" for index in range(len(array))] if len(array) > 1 else [str(path)]
+        else:
+            raise ConfigError(
+                f"predict: {path} has an unsupported type {suffix or '(none)'}; use images "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}) or tensor files (.npy, .pt)"
+            )
+    try:
+        batch = np.concatenate(samples).astype(artifact.input_types[0])
+    except ValueError as error:
+        raise ConfigError(f"predict: inputs of different shapes cannot form one batch ({error})") from None
+    expected = artifact.metadata.get("input_shape")
+    if expected and list(batch.shape[1:]) != list(expected):
+        raise ConfigError(f"predict: the model takes inputs of shape {expected}; got {list(batch.shape[1:])}")
+    return labels, {artifact.input_names[0]: batch}
+
+
+def _read_image(path: Path, metadata: dict[str, Any]) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    shape = metadata.get("input_shape") or [3, 224, 224]
+    channels, height, width = shape[-3], shape[-2], shape[-1]
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            array = np.asarray(image, dtype=np.float32) / 255.0  # "unit" normalisation, as in training
+    except (UnidentifiedImageError, OSError) as error:
+        raise ConfigError(f"predict: {path} is not a readable image ({error})") from None
+    array = array[None] if channels == 1 else array.transpose(2, 0, 1)
+    normalization = metadata.get("normalization") or {}
+    if normalization.get("mode") == "standard" and "mean" in normalization and "std" in normalization:
+        mean = np.asarray(normalization["mean"], dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(normalization["std"], dtype=np.float32).reshape(-1, 1, 1)
+        array = (array - mean) / std
+    return array
+
+
+def _read_tensor(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise ConfigError(f"predict: {path} is not a plain numpy array file ({error})") from None
+    import torch
+
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors of many kinds; weights_only refuses code
+        raise ConfigError(f"predict: {path} is not a tensor file torch can load safely ({str(error).splitlines()[0]})") from None
+    if not isinstance(value, torch.Tensor):
+        raise ConfigError(f"predict: {path} holds a {type(value).__name__}, not a tensor")
+    return value.float().numpy() if value.is_floating_point() else value.numpy()
+
+
+def _text_feeds(artifact: Artifact, sentences: list[str], tokenizer: str | None) -> tuple[list[str], dict[str, np.ndarray]]:
+    transformers = require("transformers", extra="hf", purpose="tokenizing text for prediction")
+    directory = tokenizer or artifact.metadata.get("tokenizer")
+    if not directory or not Path(directory).is_dir():
+        raise ConfigError("predict: a text model needs its tokenizer: pass --tokenizer DIR (a local folder)")
+    encoded = transformers.AutoTokenizer.from_pretrained(directory).__call__(
+        sentences, padding=True, truncation=True, return_tensors="np"
+    )
+    feeds = {}
+    for name, dtype in zip(artifact.input_names, artifact.input_types):
+        if name not in encoded:
+            raise ConfigError(f"predict: the model wants input {name!r}, which the tokenizer does not produce")
+        feeds[name] = encoded[name].astype(dtype)
+    return list(sentences), feeds
+
+
+def predict(
+    artifact: str | os.PathLike | Artifact,
+    inputs: list[str],
+    *,
+    top_k: int = 3,
+    text: bool = False,
+    tokenizer: str | None = None,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Predict for each input: the top-k classes (with names when known) or the output vector.
+
+    Returns:
+        One dict per sample: ``{"input", "top": [{"class", "name", "probability"}]}`` for
+        classifiers, ``{"input", "output": [...], "shape": [...]}`` otherwise.
+
+    Raises:
+        ConfigError: bad artifact or inputs.
+    """
+    if not inputs:
+        raise ConfigError("predict: give at least one input")
+    if top_k < 1:
+        raise ConfigError(f"predict: --top-k must be at least 1; got {top_k}")
+    model = artifact if isinstance(artifact, Artifact) else load_artifact(artifact, threads=threads)
+    labels, feeds = load_inputs(model, inputs, text=text, tokenizer=tokenizer)
+    output = np.asarray(model.run(feeds), dtype=np.float32)
+    names = model.metadata.get("class_names")
+    results = []
+    for index, label in enumerate(labels):
+        row = output[index]
+        if row.ndim == 1 and (names or model.metadata.get("task", "") in ("classification", "text-classification")):
+            shifted = np.exp(row - row.max())
+            probabilities = shifted / shifted.sum()
+            order = np.argsort(-probabilities)[:top_k]
+            top = [
+                {"class": int(c), "name": names[c] if names and c < len(names) else str(int(c)),
+                 "probability": float(probabilities[c])}
+                for c in order
+            ]
+            results.append({"input": label, "top": top})
+        else:
+            results.append({"input": label, "shape": list(row.shape), "output": row.reshape(-1).tolist()})
+    return results

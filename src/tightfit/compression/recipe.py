@@ -1,0 +1,234 @@
+"""The compression recipe: which steps, in which order, and how the result is measured.
+
+A recipe is YAML (``recipes/compress-digits.yaml``) or the equivalent dict::
+
+    steps:
+      - step: prune            # magnitude (unstructured) or structured, with fine-tuning
+        method: magnitude
+        sparsity: 0.5
+      - step: quantize         # auto: by model type and by what measures faster here
+        method: auto
+      - step: export           # ONNX fp32 + ONNX Runtime int8, verified against PyTorch
+    tolerance: 1.0             # metric points a step may lose before it is flagged
+
+Unknown keys are errors that name the key, the file and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from tightfit.errors import ConfigError
+
+STEP_NAMES = ("prune", "finetune", "distill", "qat", "quantize", "export")
+
+
+class FinetuneConfig(BaseModel, extra="forbid"):
+    """Fine-tuning inside a step (through the trainer)."""
+
+    epochs: int = Field(default=3, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw"] = "adamw"
+    batch_size: int = Field(default=64, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class PruneStep(BaseModel, extra="forbid"):
+    """Unstructured magnitude pruning on a polynomial schedule, or structured channel/head pruning."""
+
+    step: Literal["prune"]
+    method: Literal["magnitude", "structured"] = "magnitude"
+    sparsity: float = Field(default=0.5, gt=0, lt=1, description="final share of weights zeroed / channels removed")
+    scope: Literal["global", "layer"] = "global"
+    initial_sparsity: float = Field(default=0.0, ge=0, lt=1)
+    begin_step: int = Field(default=0, ge=0)
+    end_step: int | None = Field(default=None, ge=1, description="default: two thirds of the fine-tuning steps")
+    frequency: int | None = Field(default=None, ge=1, description="steps between mask updates; default end_step/10")
+    exclude: list[str] = Field(default_factory=list, description="module names left dense")
+    importance: Literal["l1", "l2", "random"] = "l2"
+    finetune: FinetuneConfig | None = Field(default=None, description="default: the recipe's finetune")
+
+
+class FinetuneStep(FinetuneConfig):
+    """Plain fine-tuning of the current model."""
+
+    step: Literal["finetune"]
+
+
+class DistillStep(BaseModel, extra="forbid"):
+    """Distillation of the current model (student) from a teacher."""
+
+    step: Literal["distill"]
+    teacher: str = Field(default="original", description="original (the source model), a run directory or a model spec")
+    teacher_checkpoint: str | None = Field(default=None, description="safetensors weights for a teacher model spec")
+    temperature: float = Field(default=4.0, gt=0)
+    alpha: float = Field(default=0.7, ge=0, le=1, description="weight of the teacher's term")
+    finetune: FinetuneConfig | None = None
+
+
+class QatStep(BaseModel, extra="forbid"):
+    """Quantization-aware fine-tuning, then conversion to int8."""
+
+    step: Literal["qat"]
+    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=1, lr=1e-4))
+
+
+class QuantizeStep(BaseModel, extra="forbid"):
+    """Post-training int8 quantization."""
+
+    step: Literal["quantize"]
+    method: Literal["auto", "dynamic", "static", "weight-only"] = "auto"
+    calibration_batches: int = Field(default=32, ge=1, description="static: training batches for activation ranges")
+
+
+class ExportStep(BaseModel, extra="forbid"):
+    """ONNX export (dynamic batch) and ONNX Runtime int8, each verified before it is kept."""
+
+    step: Literal["export"]
+    onnx: bool = True
+    int8: Literal["auto", "static", "dynamic", "none"] = Field(
+        default="auto", description="auto: static for CNNs, dynamic for Linear-heavy models"
+    )
+    program: bool = Field(default=True, description="also save a torch.export program (.pt2)")
+    max_abs_diff: float = Field(default=1e-3, gt=0, description="fp32 ONNX: largest difference / output scale")
+    min_top1_agreement: float = Field(default=0.99, ge=0, le=1, description="fp32 ONNX vs PyTorch")
+    int8_min_top1_agreement: float = Field(default=0.95, ge=0, le=1, description="ONNX int8 vs PyTorch")
+    calibration_batches: int = Field(default=32, ge=1)
+
+
+Step = Annotated[
+    Union[PruneStep, FinetuneStep, DistillStep, QatStep, QuantizeStep, ExportStep],
+    Field(discriminator="step"),
+]
+
+
+def _default_steps() -> list[Any]:
+    # seed-001's order: prune (with fine-tuning) -> quantize -> export for deployment.
+    return [PruneStep(step="prune"), QuantizeStep(step="quantize"), ExportStep(step="export")]
+
+
+class Recipe(BaseModel, extra="forbid"):
+    """A compression recipe: the steps and how every artifact is measured."""
+
+    steps: list[Step] = Field(default_factory=_default_steps)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="default fine-tuning of steps")
+    tolerance: float = Field(default=1.0, ge=0, description="metric loss (accuracy points) before a step is flagged")
+    threads: int | None = Field(default=None, ge=1, description="latency threads; default torch's (physical cores)")
+    latency_batch_size: int = Field(default=64, ge=2, description="the larger batch latency is measured at")
+    warmup: int = Field(default=10, ge=1)
+    repeats: int = Field(default=50, ge=5)
+    device: str = Field(default="cpu", description="where fine-tuning runs; measurement is always on CPU")
+    seed: int = 0
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    matches = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{matches[0]}'?" if matches else ""
+
+
+def _model_at(location: tuple, step_kind: str | None) -> type[BaseModel]:
+    """The pydantic model holding the last key of an error's location."""
+    model: type[BaseModel] = Recipe
+    steps = {"prune": PruneStep, "finetune": FinetuneStep, "distill": DistillStep, "qat": QatStep,
+             "quantize": QuantizeStep, "export": ExportStep}
+    for part in location[:-1]:
+        if part == "steps":
+            model = steps.get(step_kind or "", Recipe)
+        elif part == "finetune":
+            model = FinetuneConfig
+    return model
+
+
+def describe_errors(error: ValidationError, source: str) -> str:
+    """One line naming every bad key, where, what is wrong and the closest valid key."""
+    problems = []
+    for item in error.errors():
+        raw = item["loc"]
+        step_kind = next(
+            (str(part) for index, part in enumerate(raw) if index > 0 and isinstance(raw[index - 1], int)), None
+        )
+        parts = []
+        for index, part in enumerate(raw):
+            if isinstance(part, int):
+                parts[-1] = f"{parts[-1]}[{part}]"
+            elif part in STEP_NAMES and index > 0 and isinstance(raw[index - 1], int):
+                continue  # pydantic's name of the union member
+            elif str(part).startswith(("literal[", "function-")) or part in ("int", "float", "str", "bool"):
+                continue
+            else:
+                parts.append(str(part))
+        key = ".".join(parts) or "recipe"
+        if item["type"] == "extra_forbidden":
+            names = tuple(
+                part for index, part in enumerate(raw)
+                if not isinstance(part, int) and not (index > 0 and isinstance(raw[index - 1], int))
+            )
+            valid = list(_model_at(names, step_kind).model_fields)
+            last = str(raw[-1])
+            problems.append(f"{key}: unknown key{_closest(last, valid)} (valid: {', '.join(valid)})")
+        elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            tag = item.get("input", {}).get("step") if isinstance(item.get("input"), dict) else None
+            hint = _closest(str(tag), list(STEP_NAMES)) if tag else ""
+            got = f"got {tag!r}" if tag else "no 'step' key"
+            problems.append(f"{key}: 'step' must be one of {', '.join(STEP_NAMES)}{hint} ({got})")
+        else:
+            problems.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
+    return f"recipe {source}: " + "; ".join(dict.fromkeys(problems))
+
+
+def build_recipe(tree: Any, *, source: str = "(Python dict)") -> Recipe:
+    """Validate a recipe tree (dict) into a :class:`Recipe`.
+
+    Raises:
+        ConfigError: naming every bad key and where.
+    """
+    if tree is None:
+        tree = {}
+    if isinstance(tree, Recipe):
+        return tree
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {source}: expected a mapping of settings, got {type(tree).__name__}")
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(describe_errors(error, source)) from None
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    """Read a recipe YAML file (``None``: the default recipe).
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or has bad keys.
+    """
+    if path is None:
+        return Recipe()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path}: no such file")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe {path}: not valid YAML{where}") from None
+    return build_recipe(tree, source=str(path))
+
+
+def steps_from_names(names: str) -> list[dict[str, Any]]:
+    """``"prune,quantize,export"`` -> step dicts with default settings.
+
+    Raises:
+        ConfigError: on an unknown step name (with the closest valid one).
+    """
+    steps = []
+    for name in (part.strip() for part in names.split(",")):
+        if name not in STEP_NAMES:
+            raise ConfigError(f"--steps: unknown step {name!r}{_closest(name, list(STEP_NAMES))} (valid: {', '.join(STEP_NAMES)})")
+        steps.append({"step": name})
+    return steps
