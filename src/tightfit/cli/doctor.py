@@ -86,11 +86,12 @@ class _Progress:
 
 def render(report: dict, console) -> None:
     """Print the report as rich tables: checks, packages, dataset, recommendations, verdict."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
     console.print(f"[bold]tightfit doctor[/] (tightfit {report['tightfit_version']})")
-    checks = Table(title="Checks", title_justify="left", show_lines=False, expand=False)
+    checks = Table(title="Checks", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     checks.add_column("Status", no_wrap=True)
     checks.add_column("Check", no_wrap=True)
     checks.add_column("Details")
@@ -102,18 +103,19 @@ def render(report: dict, console) -> None:
 
     packages = report["packages"]
     if isinstance(packages, list):
-        table = Table(title="Packages", title_justify="left")
+        table = Table(title="Packages", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for column in ("Package", "Version", "Kind", "Needed for"):
-            table.add_column(column)
+            table.add_column(column, no_wrap=column != "Needed for")
         for row in packages:
+            needed_for = escape(row["needed_for"])
             if row["status"] == "installed":
                 version = row["version"]
-            elif row["status"] == "outdated":
-                version = f"[red]{row['version']} (need >= {row['minimum']})[/]"
             else:
-                version = f"[yellow]missing[/] — {escape(row['install'])}"
-            kind = "required" if row["required"] else (escape(f"extra [{row['extra']}]") if row["extra"] else "optional")
-            table.add_row(row["name"], version, kind, escape(row["needed_for"]))
+                version = (f"[red]{row['version']} < {row['minimum']}[/]" if row["status"] == "outdated"
+                           else "[yellow]missing[/]")
+                needed_for += f" [yellow]({escape(row['install'])})[/]"
+            kind = "required" if row["required"] else (escape(f"[{row['extra']}]") if row["extra"] else "optional")
+            table.add_row(row["name"], version, kind, needed_for)
         console.print(table)
 
     dataset = report.get("dataset")
@@ -134,13 +136,15 @@ def render(report: dict, console) -> None:
 
 
 def _render_dataset(dataset: dict, console) -> None:
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
     if "error" in dataset:
         console.print(f"[red]Dataset: {escape(dataset['error'])}[/]")
         return
-    table = Table(title=escape(f"Dataset {dataset['path']} ({dataset['layout']})"), title_justify="left")
+    table = Table(title=escape(f"Dataset {dataset['path']} ({dataset['layout']})"), title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("Split", "Images", "Per class", "Corrupt", "Captions"):
         table.add_column(column)
     for name, split in dataset["splits"].items():
@@ -159,8 +163,12 @@ def _render_dataset(dataset: dict, console) -> None:
     if dataset["size_range"]:
         size = dataset["size_range"]
         modes = ", ".join(f"{mode} {count}" for mode, count in dataset["image_modes"].items())
-        console.print(f"  image sizes {size['min_width']}-{size['max_width']} x {size['min_height']}-"
-                      f"{size['max_height']} px; modes: {modes}")
+        widths, heights = (size["min_width"], size["max_width"]), (size["min_height"], size["max_height"])
+        if widths[0] == widths[1] and heights[0] == heights[1]:
+            sizes = f"all {widths[0]}x{heights[0]} px"
+        else:
+            sizes = f"width {widths[0]}-{widths[1]} px, height {heights[0]}-{heights[1]} px"
+        console.print(f"  readable images: {sizes}; modes: {modes}")
     for problem in dataset["problems"]:
         color = "red" if problem["severity"] == "error" else "yellow"
         console.print(f"  [{color}]{problem['severity']}[/]: {escape(problem['message'])}")
