@@ -1,0 +1,210 @@
+"""``tightfit plan``: will a model train on a device, and with which settings?"""
+
+HELP = "estimate peak memory and time of a training step, and recommend settings that fit a device"
+DESCRIPTION = """\
+Estimate the peak memory (parameters, gradients, optimizer state, activations, device overhead)
+of one training step on fake tensors -- no weights are allocated, so a 7B model plans on a laptop --
+and compare it with a device's usable memory.
+
+With --batch-size: the peak and its breakdown for exactly those settings, and a verdict: fits,
+tight (less than --margin headroom) or does not fit. Without it: the fastest configuration
+(micro-batch, accumulation steps, precision, activation checkpointing, optimizer) that fits with
+--margin headroom and reaches --effective-batch, with the alternatives and what each costs.
+Times are estimates from counted FLOPs and the profile's peak FLOP/s at a stated utilisation;
+--measure runs real steps on this machine and prints them beside the estimate.
+
+Given a PIPELINE.yaml instead of --model/--input: every stage planned against one device, as one
+feasibility table (see examples/pipelines/seed002-rtx3050.yaml).
+
+examples:
+  tightfit plan --model torchvision:resnet50 --input 3x224x224 --device rtx3050-laptop-6gb
+  tightfit plan --model builtin:digits-cnn --input 1x8x8 --batch-size 64 --measure
+  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:512 --lora-rank 8 --device a100-80gb --json
+  tightfit plan examples/pipelines/seed002-rtx3050.yaml
+"""
+
+PRECISION_CHOICES = ("fp32", "fp16", "bf16", "bf16-pure")
+OPTIMIZER_CHOICES = ("sgd", "sgd-momentum", "adam", "adamw", "adam8bit")
+
+
+def add_arguments(parser) -> None:
+    import argparse
+
+    parser.add_argument("pipeline", nargs="?", metavar="PIPELINE.yaml", help="plan every stage of a pipeline file")
+    parser.add_argument("--model", metavar="SPEC", help="builtin:NAME, torchvision:NAME, hf:DIR, module.path:callable")
+    parser.add_argument("--input", metavar="SHAPE", help="per-sample input: 3x224x224, tokens:512, or several, comma-separated")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="check this micro-batch size instead of recommending one")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, help="fix the precision (default: chosen; fp32 with --batch-size)")
+    parser.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, help="fix the optimizer (default: adamw)")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="force activation checkpointing of the repeated blocks on (or off with --no-checkpointing)")
+    parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on a frozen base")
+    parser.add_argument("--device", metavar="PROFILE", help="a device profile (tightfit devices), or auto/cpu/cuda/mps (default: this machine)")
+    parser.add_argument("--memory", metavar="SIZE", help="a memory budget replacing the device's usable memory, e.g. 6GiB")
+    parser.add_argument("--effective-batch", type=int, metavar="N", help="samples per optimizer step, reached by gradient accumulation")
+    parser.add_argument("--margin", type=float, default=0.1, help="headroom to keep free, as a fraction (default 0.1)")
+    parser.add_argument("--samples", type=int, metavar="N", help="samples per epoch, for the epoch-time estimate")
+    parser.add_argument("--measure", action="store_true", help="also run real steps on this machine: measured time and peak")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def run(args) -> int:
+    from tightfit.errors import ConfigError
+
+    if args.pipeline:
+        if args.model or args.input or args.batch_size or args.lora_rank:
+            raise ConfigError("give either a PIPELINE.yaml or --model/--input, not both")
+        return _run_pipeline(args)
+    if not args.model or not args.input:
+        raise ConfigError("--model and --input are required (or give a PIPELINE.yaml)")
+    from tightfit.hardware.profiles import resolve_target
+    from tightfit.memory.planner import plan
+
+    profile = resolve_target(args.device, args.memory)
+    with _status(args.json, f"planning {args.model} on {profile.name}"):
+        result = plan(
+            args.model, args.input, batch_size=args.batch_size, precision=args.precision, optimizer=args.optimizer,
+            checkpointing=args.checkpointing, lora_rank=args.lora_rank, profile=profile,
+            effective_batch_size=args.effective_batch, margin=args.margin, samples=args.samples, measure=args.measure,
+        )
+    if args.json:
+        from tightfit.cli._output import print_json
+
+        print_json(result.to_dict())
+    else:
+        _render(result)
+    return 0
+
+
+def _status(quiet: bool, text: str):
+    """A spinner on stderr while estimates run (none with --json, whose stdout a script reads)."""
+    import contextlib
+
+    if quiet:
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(text + " (estimating on fake tensors) ...")
+
+
+def _render(result) -> None:
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tightfit.cli._output import console
+    from tightfit.memory.report import CATEGORIES
+    from tightfit.units import format_bytes
+
+    out = console()
+    colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}[result.verdict]
+    out.print(
+        f"[bold]{escape(result.model)}[/] on [bold]{escape(result.input)}[/] -> [bold]{escape(result.device)}[/] "
+        f"(usable {format_bytes(result.budget_bytes)}, margin {result.margin:.0%}; "
+        f"{result.parameters:,} parameters, {result.trainable_parameters:,} trainable)"
+    )
+    out.print(f"[bold {colour}]{result.verdict.upper()}[/]: {escape(result.why)}")
+    if result.recommendation:
+        rec = result.recommendation
+        out.print(
+            f"[bold]recommended:[/] micro-batch {rec['micro_batch_size']} x {rec['accumulation_steps']} accumulation "
+            f"= {rec['effective_batch_size']} per step, {rec['precision']}, checkpointing "
+            f"{'on' if rec['checkpointing'] else 'off'}, {rec['optimizer']}"
+        )
+    breakdown = Table(box=box.SIMPLE, title=f"peak {format_bytes(result.peak_bytes)} at batch {result.batch_size or 1}")
+    breakdown.add_column("category")
+    breakdown.add_column("bytes", justify="right")
+    breakdown.add_column("share", justify="right")
+    for name in CATEGORIES:
+        share = result.breakdown[name] / result.peak_bytes if result.peak_bytes else 0
+        breakdown.add_row(name, format_bytes(result.breakdown[name]), f"{share:.0%}")
+    out.print(breakdown)
+    timing = f"estimated step time {_seconds(result.step_time_s)}"
+    if result.epoch_time_s is not None:
+        timing += f", epoch {_seconds(result.epoch_time_s)}"
+    if result.flops_per_step:
+        timing += f" ({result.flops_per_step / 1e12:.2f} TFLOP per optimizer step)"
+    out.print(timing)
+    if result.alternatives:
+        table = Table(box=box.SIMPLE_HEAD, title="alternatives")
+        for column in ("precision", "ckpt", "optim", "batch", "peak", "est. step", "cost"):
+            table.add_column(column, justify="right" if column in ("batch", "peak", "est. step") else "left")
+        for option in result.alternatives:
+            batch = f"{option['micro_batch_size']} x {option['accumulation_steps']}" if option["fits"] else "-"
+            table.add_row(
+                option["precision"], "on" if option["checkpointing"] else "off", option["optimizer"], batch,
+                format_bytes(option["peak_bytes"]), _seconds(option["step_time_s"]), escape(option["note"]),
+            )
+        out.print(table)
+    if result.measured:
+        measured = result.measured
+        out.print(
+            f"[bold]measured[/] on {measured['device']} at batch {measured['batch_size']}: step "
+            f"{_seconds(measured['step_time_s'])} (estimate for {escape(result.device)}: {_seconds(result.step_time_s)}), "
+            f"peak {format_bytes(measured['peak_bytes'])} (estimate: {format_bytes(result.peak_bytes)})"
+        )
+    for note in result.notes:
+        out.print(f"[dim]- {escape(note)}[/]")
+    out.print(f"[dim]planned in {result.seconds:.1f} s[/]")
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 120:
+        return f"{value:.1f} s"
+    if value < 7200:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"
+
+
+def _run_pipeline(args) -> int:
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tightfit.cli._output import console, print_json
+    from tightfit.memory.pipeline import load_pipeline, plan_pipeline
+    from tightfit.units import format_bytes
+
+    config = load_pipeline(args.pipeline)
+    if args.json:
+        result = plan_pipeline(config, device=args.device, memory=args.memory)
+        print_json(result.to_dict())
+        return 0
+    from rich.console import Console
+
+    with Console(stderr=True).status("planning ...") as status:
+        result = plan_pipeline(
+            config, device=args.device, memory=args.memory,
+            on_stage=lambda name: status.update(f"planning stage {name} (estimating on fake tensors) ..."),
+        )
+    out = console()
+    out.print(
+        f"[bold]{escape(result.name)}[/] on [bold]{escape(result.device)}[/] "
+        f"(usable {format_bytes(result.budget_bytes)}, margin {result.margin:.0%})"
+    )
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("stage", "model", "input", "verdict", "batch", "precision", "ckpt", "peak", "est. step", "est. epoch", "note"):
+        table.add_column(column)
+    colours = {"fits": "green", "tight": "yellow", "does not fit": "red"}
+    for stage in result.stages:
+        batch = "-"
+        if stage.micro_batch_size:
+            batch = f"{stage.micro_batch_size} x {stage.accumulation_steps}"
+        table.add_row(
+            escape(stage.name), escape(stage.model or "(cpu)"), escape(stage.input or "-"),
+            f"[{colours[stage.verdict]}]{stage.verdict}[/]", batch, stage.precision or "-",
+            "-" if stage.checkpointing is None else ("on" if stage.checkpointing else "off"),
+            f"{format_bytes(stage.peak_bytes)} / {format_bytes(stage.budget_bytes)}",
+            _seconds(stage.step_time_s), _seconds(stage.epoch_time_s), escape(stage.note),
+        )
+    out.print(table)
+    for stage in result.stages:
+        out.print(f"[dim]- {escape(stage.name)}: {escape(stage.why)}[/]")
+    out.print("[dim]batch = micro-batch x accumulation steps; times are estimates (FLOPs / peak FLOP/s at the "
+              "stated utilisation); peaks include the device overhead.[/]")
+    out.print(f"[dim]planned in {result.seconds:.1f} s[/]")
+    return 0

@@ -1,0 +1,256 @@
+"""Feasibility of a whole pipeline on one device: ``tightfit plan PIPELINE.yaml``.
+
+A pipeline file lists stages (feature extractors, fine-tunes, a classifier on the CPU) and the one
+device they must run on; the planner answers for every stage and prints one table, the kind of
+document people otherwise write by hand (``reference/seed-002-rtx3050-feasibility.md``).
+
+.. code-block:: yaml
+
+    # tightfit plan examples/pipelines/seed002-rtx3050.yaml
+    name: medical imaging feature pipeline
+    device: rtx3050-laptop-6gb        # a profile name, or auto / cpu / cuda / mps
+    memory: null                      # optional budget, e.g. 5GiB, replacing the usable memory
+    margin: 0.1                       # headroom kept free
+    stages:
+      - name: baseline-cnn
+        model: torchvision:resnet50
+        input: 3x224x224
+        effective_batch_size: 32      # recommend micro-batch/accumulation/precision to reach it
+        samples: 20000                # per epoch, for the epoch time
+      - name: classifier
+        kind: cpu                     # runs on the CPU (scikit-learn); no model spec
+        features: 2048
+        samples: 20000
+        note: SVM on the extracted features
+
+A training stage takes ``model``, ``input`` and optionally ``batch_size`` (check exactly that),
+``effective_batch_size``, ``precision``, ``optimizer``, ``checkpointing``, ``lora_rank``,
+``samples``, ``model_kwargs`` and ``note``. A ``cpu`` stage is estimated as its feature matrix in
+float64 plus libsvm's kernel cache (scikit-learn's default ``cache_size=200`` MB) against the
+host's memory.
+"""
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from tightfit.errors import ConfigError, TightfitError
+from tightfit.units import format_bytes
+
+SVM_KERNEL_CACHE_BYTES = 200 * 10**6  # sklearn.svm.SVC(cache_size=200) MB, its default
+
+
+class StageConfig(BaseModel, extra="forbid"):
+    """One stage of a pipeline file."""
+
+    name: str
+    kind: Literal["train", "cpu"] = "train"
+    model: str | None = None
+    input: str | None = None
+    batch_size: int | None = Field(None, ge=1)
+    effective_batch_size: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "fp16", "bf16", "bf16-pure"] | None = None
+    optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw", "adam8bit"] | None = None
+    checkpointing: bool | None = None
+    lora_rank: int | None = Field(None, ge=1)
+    samples: int | None = Field(None, ge=1)
+    features: int | None = Field(None, ge=1)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    note: str = ""
+
+
+class PipelineConfig(BaseModel, extra="forbid"):
+    """A pipeline file: the device and the stages."""
+
+    name: str = "pipeline"
+    device: str | None = None
+    memory: str | int | None = None
+    margin: float = Field(0.1, ge=0, lt=1)
+    stages: list[StageConfig] = Field(min_length=1)
+
+
+@dataclass
+class StageResult:
+    """One row of the feasibility table (``plan`` holds the full :class:`PlanResult` dict)."""
+
+    name: str
+    kind: str
+    model: str | None
+    input: str | None
+    verdict: str
+    fits: bool
+    micro_batch_size: int | None
+    accumulation_steps: int | None
+    precision: str | None
+    checkpointing: bool | None
+    optimizer: str | None
+    peak_bytes: int
+    budget_bytes: int
+    step_time_s: float | None
+    epoch_time_s: float | None
+    why: str
+    note: str
+    plan: dict | None = None
+
+
+@dataclass
+class PipelineResult:
+    """The feasibility of every stage on one device."""
+
+    name: str
+    device: str
+    budget_bytes: int
+    margin: float
+    stages: list[StageResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def fits(self) -> bool:
+        return all(stage.fits for stage in self.stages)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fits": self.fits}
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline file.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key is unknown or has a bad value; the
+            message names the file, the key (``stages[1].batchsize``) and the closest valid key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'stages', got {type(raw).__name__}")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {_describe(error)}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    """The first validation problem as ``key: what is wrong`` with the closest valid key."""
+    problem = error.errors()[0]
+    location = problem["loc"]
+    key = ""
+    for part in location:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    if problem["type"] == "extra_forbidden":
+        model = StageConfig if "stages" in location and len(location) > 2 else PipelineConfig
+        close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(model.model_fields)})"
+        return f"{key}: unknown key{hint}"
+    return f"{key}: {problem['msg']}"
+
+
+def plan_pipeline(
+    config: PipelineConfig,
+    *,
+    device: str | None = None,
+    memory: str | int | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> PipelineResult:
+    """Plan every stage of a pipeline against one device.
+
+    Args:
+        config: from :func:`load_pipeline`.
+        device: overrides the file's device.
+        memory: overrides the file's memory budget.
+        on_stage: called with each stage's name before it is planned (progress display).
+
+    Returns:
+        A :class:`PipelineResult`.
+
+    Raises:
+        TightfitError: a stage has a bad spec or setting; the message names the stage.
+    """
+    import time
+
+    from tightfit.hardware.profiles import resolve_target
+    from tightfit.memory.planner import plan
+
+    started = time.perf_counter()
+    profile = resolve_target(device or config.device, memory if memory is not None else config.memory)
+    result = PipelineResult(config.name, profile.name, profile.usable_bytes, config.margin)
+    for stage in config.stages:
+        if on_stage is not None:
+            on_stage(stage.name)
+        if stage.kind == "cpu":
+            result.stages.append(_cpu_stage(stage))
+            continue
+        if not stage.model or not stage.input:
+            raise ConfigError(f"stage {stage.name!r}: a training stage needs 'model' and 'input' (or kind: cpu)")
+        try:
+            planned = plan(
+                stage.model, stage.input, batch_size=stage.batch_size, precision=stage.precision,
+                optimizer=stage.optimizer, checkpointing=stage.checkpointing, lora_rank=stage.lora_rank,
+                profile=profile, effective_batch_size=stage.effective_batch_size, margin=config.margin,
+                samples=stage.samples, model_kwargs=stage.model_kwargs,
+            )
+        except TightfitError as error:
+            raise type(error)(f"stage {stage.name!r}: {error}") from None
+        chosen = planned.recommendation or {
+            "micro_batch_size": stage.batch_size,
+            "accumulation_steps": (
+                math.ceil(stage.effective_batch_size / stage.batch_size)
+                if stage.batch_size and stage.effective_batch_size else 1
+            ),
+            "precision": stage.precision or "fp32",
+            "checkpointing": bool(stage.checkpointing),
+            "optimizer": stage.optimizer or "adamw",
+        }
+        fits = planned.fits
+        result.stages.append(
+            StageResult(
+                name=stage.name, kind="train", model=stage.model, input=stage.input,
+                verdict=planned.verdict, fits=fits,
+                micro_batch_size=chosen["micro_batch_size"] if fits else None,
+                accumulation_steps=chosen["accumulation_steps"] if fits else None,
+                precision=chosen["precision"] if fits else None,
+                checkpointing=chosen["checkpointing"] if fits else None,
+                optimizer=chosen["optimizer"] if fits else None,
+                peak_bytes=planned.peak_bytes, budget_bytes=planned.budget_bytes or 0,
+                step_time_s=planned.step_time_s, epoch_time_s=planned.epoch_time_s,
+                why=planned.why, note=stage.note, plan=planned.to_dict(),
+            )
+        )
+    result.seconds = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _cpu_stage(stage: StageConfig) -> StageResult:
+    import psutil
+
+    host_bytes = psutil.virtual_memory().total
+    if stage.samples and stage.features:
+        matrix_bytes = stage.samples * stage.features * 8  # scikit-learn works in float64
+        peak_bytes = matrix_bytes + SVM_KERNEL_CACHE_BYTES
+        why = (
+            f"feature matrix {stage.samples} x {stage.features} float64 = {format_bytes(matrix_bytes)} "
+            f"+ kernel cache {format_bytes(SVM_KERNEL_CACHE_BYTES)}, against this host's {format_bytes(host_bytes)} RAM"
+        )
+    else:
+        peak_bytes = 0
+        why = "CPU stage without samples/features: memory not estimated"
+    fits = peak_bytes <= host_bytes
+    return StageResult(
+        name=stage.name, kind="cpu", model=stage.model, input=stage.input,
+        verdict=("fits" if peak_bytes < 0.9 * host_bytes else "tight") if fits else "does not fit", fits=fits,
+        micro_batch_size=None, accumulation_steps=None, precision=None, checkpointing=None, optimizer=None,
+        peak_bytes=peak_bytes, budget_bytes=host_bytes, step_time_s=None, epoch_time_s=None,
+        why=why, note=stage.note or "CPU only: no GPU memory needed",
+    )

@@ -1,0 +1,689 @@
+"""The planner: will this model train on that device, and with which settings?
+
+Two questions, one engine (:func:`tightfit.memory.estimator.estimate_model_step`, fake tensors):
+
+* **check** (a batch size is given): the peak and its breakdown for exactly the settings asked
+  for, and a verdict against the device's usable memory: ``fits`` (at least ``margin`` headroom),
+  ``tight`` (fits with less than ``margin`` headroom) or ``does not fit``, with a one-line why.
+* **recommend** (no batch size): for each configuration the device supports (precision x
+  activation checkpointing x optimizer), the largest micro-batch whose peak stays below
+  ``usable x (1 - margin)``, found by bisection (the peak only grows with the batch size), then
+  the accumulation steps that reach the effective batch. The recommendation is the fastest
+  configuration by the time model below; the others are the alternatives, with what they cost.
+
+The recipe, top to bottom (:func:`plan`)::
+
+    model  = build_model(spec, meta=True) [+ LoRA adapters]     # no weights allocated
+    batch  = make_batch_factory(inputs, model)                   # random batches + targets
+    device = resolve_target(...)                                 # budget = usable bytes
+    for each configuration: largest fitting micro-batch (estimates cached per setting)
+    pick the fastest; time it; (--measure) run real steps on this machine
+
+**Time model** (labelled as estimates everywhere): one micro-step takes the longer of its compute
+time, ``flops / (peak FLOP/s of the compute dtype x UTILISATION[device type])``, and the time to
+stream the weights three times (forward, backward for activations, backward for weights) at the
+profile's memory bandwidth; the optimizer step streams parameters, gradients and optimizer state
+in and out once per effective batch. ``flops`` is counted by ``torch.utils.flop_counter`` during
+the estimate, so checkpointing's recomputation is included.
+"""
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tightfit.errors import ConfigError, SpecError
+from tightfit.memory.report import CATEGORIES, StepMemory
+from tightfit.training.optim import OPTIMIZERS
+from tightfit.training.precision import PRECISIONS
+from tightfit.units import format_bytes
+
+# Model FLOPs utilisation of eager PyTorch training: the share of the datasheet peak a training
+# step reaches. 35-45 % is typical for mid-size CNNs and transformers on NVIDIA GPUs without
+# torch.compile (PaLM paper, appendix B; nanoGPT reports ~40 % MFU for GPT-2 on an A100 eagerly);
+# MPS and CPU kernels reach less of their peak.
+UTILISATION = {"cuda": 0.40, "mps": 0.30, "cpu": 0.30}
+UTILISATION_SOURCE = (
+    "assumed model-FLOPs utilisation of eager PyTorch training: 40 % CUDA, 30 % MPS and CPU "
+    "(PaLM paper appendix B; nanoGPT's measured ~40 % MFU); the estimate scales with it"
+)
+# The compute dtype whose peak FLOP/s a precision runs at.
+COMPUTE_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "bf16-pure": "bf16"}
+# Optimizer state per trainable parameter, in parameter-sized slots (Adam: exp_avg + exp_avg_sq).
+OPTIMIZER_SLOTS = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2, "adam8bit": 0.5}
+DEFAULT_MAX_BATCH_SIZE = 4096
+TIME_TIE = 0.05  # configurations within 5 % of each other's time are ties, broken by preference
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One training configuration the planner can estimate."""
+
+    precision: str
+    checkpointing: bool
+    optimizer: str
+
+    def label(self) -> str:
+        return f"{self.precision}{' + ckpt' if self.checkpointing else ''}, {self.optimizer}"
+
+
+@dataclass
+class Option:
+    """A configuration and what it gives: its largest fitting micro-batch and the time it takes.
+
+    Attributes:
+        settings: precision, checkpointing, optimizer.
+        micro_batch_size: the largest micro-batch that fits with the margin (0: none fits).
+        accumulation_steps: micro-batches per optimizer step to reach the effective batch.
+        effective_batch_size: ``micro_batch_size x accumulation_steps``.
+        memory: the estimate at ``micro_batch_size`` (at batch 1 when nothing fits).
+        step_time_s: estimated seconds per optimizer step (all its micro-batches).
+        epoch_time_s: estimated seconds per epoch, when the number of samples is known.
+        capped: the micro-batch stopped at the effective batch or the search limit, not memory.
+        note: what this option costs or why it was not evaluated.
+    """
+
+    settings: Settings
+    micro_batch_size: int
+    accumulation_steps: int = 1
+    effective_batch_size: int = 0
+    memory: StepMemory | None = None
+    step_time_s: float | None = None
+    epoch_time_s: float | None = None
+    capped: bool = False
+    note: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.micro_batch_size > 0
+
+    @property
+    def seconds_per_sample(self) -> float:
+        if not self.fits or not self.step_time_s:
+            return math.inf
+        return self.step_time_s / self.effective_batch_size
+
+    def to_dict(self) -> dict:
+        return {
+            "precision": self.settings.precision,
+            "checkpointing": self.settings.checkpointing,
+            "optimizer": self.settings.optimizer,
+            "micro_batch_size": self.micro_batch_size,
+            "accumulation_steps": self.accumulation_steps,
+            "effective_batch_size": self.effective_batch_size,
+            "peak_bytes": self.memory.peak_bytes if self.memory else None,
+            "fits": self.fits if self.memory is not None else None,  # None: not estimated
+            "step_time_s": self.step_time_s,
+            "epoch_time_s": self.epoch_time_s,
+            "note": self.note,
+        }
+
+
+@dataclass
+class PlanResult:
+    """The answer of :func:`plan`; ``to_dict()`` is what ``tightfit plan --json`` prints.
+
+    ``peak_bytes``/``breakdown`` describe the checked configuration, or the recommended one (at
+    batch 1 of the least memory-hungry configuration when nothing fits).
+    """
+
+    model: str
+    input: str
+    device: str
+    budget_bytes: int | None
+    margin: float
+    batch_size: int | None
+    peak_bytes: int
+    breakdown: dict[str, int]
+    fits: bool
+    verdict: str
+    why: str
+    recommendation: dict | None
+    alternatives: list[dict]
+    step_time_s: float | None
+    epoch_time_s: float | None
+    flops_per_step: int | None
+    parameters: int
+    trainable_parameters: int
+    method: str = "estimated"
+    notes: list[str] = field(default_factory=list)
+    measured: dict | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------ the recipe
+
+
+def plan(
+    model_spec: str,
+    input_spec: str,
+    *,
+    batch_size: int | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    checkpointing: bool | None = None,
+    lora_rank: int | None = None,
+    profile: Any = None,
+    effective_batch_size: int | None = None,
+    margin: float = 0.1,
+    samples: int | None = None,
+    measure: bool = False,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    model_kwargs: dict | None = None,
+) -> PlanResult:
+    """Plan training ``model_spec`` on ``input_spec`` for a device.
+
+    Args:
+        model_spec: a model spec (``torchvision:resnet50``, ``hf:DIR``, ...), built on meta.
+        input_spec: an input spec (``3x224x224``, ``tokens:512``).
+        batch_size: check this micro-batch size; ``None`` recommends one.
+        precision: fix the precision; ``None`` lets the planner choose (check mode: fp32).
+        optimizer: fix the optimizer; ``None``: AdamW (SGD tried when nothing else fits).
+        checkpointing: fix activation checkpointing on or off; ``None`` lets the planner choose
+            (check mode: off).
+        lora_rank: train LoRA adapters of this rank on a frozen base (``tightfit.models.lora``).
+        profile: a ``DeviceProfile``; ``None`` for this machine (``resolve_target()``).
+        effective_batch_size: the batch one optimizer step should see, reached by accumulation.
+        margin: headroom kept free (0.1 = plan to use at most 90 % of the usable memory).
+        samples: samples per epoch, for the epoch time.
+        measure: also run real steps on this machine and report measured time and peak.
+        max_batch_size: the largest micro-batch the search considers.
+        model_kwargs: passed to the model's constructor.
+
+    Returns:
+        A :class:`PlanResult`.
+
+    Raises:
+        SpecError: bad model or input spec.
+        ConfigError: bad settings (unknown precision/optimizer, margin out of range, ...).
+    """
+    from tightfit.hardware.profiles import resolve_target
+
+    started = time.perf_counter()
+    _check_arguments(batch_size, precision, optimizer, effective_batch_size, margin, samples, lora_rank)
+    profile = profile if profile is not None else resolve_target()
+    planner = _Planner(model_spec, input_spec, profile, lora_rank=lora_rank, model_kwargs=model_kwargs or {})
+    if batch_size is not None:
+        result = planner.check(
+            Settings(precision or "fp32", bool(checkpointing), optimizer or "adamw"),
+            batch_size=batch_size, effective_batch_size=effective_batch_size, margin=margin, samples=samples,
+        )
+    else:
+        result = planner.recommend(
+            precision=precision, optimizer=optimizer, checkpointing=checkpointing,
+            effective_batch_size=effective_batch_size, margin=margin, samples=samples, max_batch_size=max_batch_size,
+        )
+    if measure:
+        result.measured = planner.measure(result)
+    result.seconds = round(time.perf_counter() - started, 2)
+    return result
+
+
+def _check_arguments(batch_size, precision, optimizer, effective_batch_size, margin, samples, lora_rank) -> None:
+    for name, value in (("batch size", batch_size), ("effective batch size", effective_batch_size),
+                        ("samples", samples), ("LoRA rank", lora_rank)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ConfigError(f"precision: unknown value {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer: unknown value {optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+    if not 0 <= margin < 1:
+        raise ConfigError(f"margin: must be in [0, 1), got {margin!r}")
+
+
+# ------------------------------------------------------------------------------------ the engine
+
+
+class _Planner:
+    """One model, one input, one device; caches every estimate it makes."""
+
+    def __init__(self, model_spec: str, input_spec: str, profile: Any, *, lora_rank: int | None, model_kwargs: dict):
+        from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
+
+        self.model_spec = model_spec
+        self.input_spec = input_spec
+        self.profile = profile
+        self.lora_rank = lora_rank
+        self.inputs = parse_input_spec(input_spec)
+        self.notes: list[str] = []
+        model = build_model(model_spec, meta=True, **model_kwargs)
+        # The batch factory probes the base model: adapters do not change inputs or outputs.
+        self.batch_factory = make_batch_factory(self.inputs, model)
+        self._build_real = lambda: build_model(model_spec, **model_kwargs)
+        if lora_rank is not None:
+            model = self._with_lora(model)
+            self.notes.append(f"LoRA rank {lora_rank}: base frozen, only adapters (and task heads) train")
+        self.models = {False: model}
+        self.blocks = _repeated_blocks(model)
+        self.parameters = sum(parameter.numel() for parameter in model.parameters())
+        self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self._cache: dict[tuple[Settings, int], StepMemory] = {}
+
+    def _with_lora(self, model: nn.Module) -> nn.Module:
+        from tightfit.models.lora import LoRAConfig, apply_lora
+
+        return apply_lora(model, LoRAConfig(rank=self.lora_rank), verbose=False)
+
+    def model_for(self, checkpointing: bool) -> nn.Module:
+        """The meta model, with activation checkpointing applied to a copy when asked for."""
+        if checkpointing not in self.models:
+            from tightfit.models.checkpointing import apply_activation_checkpointing
+
+            model = copy.deepcopy(self.models[False])
+            apply_activation_checkpointing(model, self.blocks)
+            self.models[True] = model
+        return self.models[checkpointing]
+
+    def estimate(self, settings: Settings, batch_size: int, accumulation_steps: int = 1) -> StepMemory:
+        from tightfit.memory.estimator import EstimationError, estimate_model_step
+
+        key = (settings, batch_size, accumulation_steps)
+        if key not in self._cache:
+            try:
+                self._cache[key] = estimate_model_step(
+                    self.model_for(settings.checkpointing), self.batch_factory, batch_size=batch_size,
+                    precision=settings.precision, optimizer=settings.optimizer,
+                    accumulation_steps=accumulation_steps, profile=self.profile,
+                )
+            except EstimationError as error:
+                self._cache[key] = self._measure_instead(settings, batch_size, accumulation_steps, error)
+        return self._cache[key]
+
+    def _measure_instead(self, settings: Settings, batch_size: int, accumulation_steps: int,
+                         error: Exception) -> StepMemory:
+        """When tracing on fake tensors fails, measure real tensors on the CPU, if the model is small enough.
+
+        The CPU measurement gives the tensor peak; the target device's overhead is added to it
+        from the profile, as the estimator would have.
+        """
+        import psutil
+
+        from tightfit.memory.estimator import EstimationError, measure_step
+        from tightfit.memory.overhead import device_overhead
+
+        if 4 * self.parameters * 4 > psutil.virtual_memory().available:
+            raise EstimationError(f"{error} (and the model is too large to measure on this machine)") from None
+        measured = measure_step(
+            self._real_model, self.batch_factory, batch_size=batch_size, precision=settings.precision,
+            optimizer=settings.optimizer, checkpointing=self.blocks if settings.checkpointing else False,
+            accumulation_steps=accumulation_steps, device="cpu",
+        )
+        overhead = device_overhead(self.profile, tensor_peak_bytes=measured.peak_bytes)
+        breakdown = dict(measured.breakdown, overhead=overhead.total_bytes)
+        notes = [f"fake-tensor estimate failed ({error}); measured on CPU with real tensors instead"]
+        return StepMemory(
+            peak_bytes=sum(breakdown.values()), breakdown=breakdown, by_module=measured.by_module,
+            flops=measured.flops, method="measured", notes=notes + measured.notes,
+        )
+
+    def _real_model(self) -> nn.Module:
+        model = self._build_real()
+        return self._with_lora(model) if self.lora_rank is not None else model
+
+    @property
+    def estimates_made(self) -> int:
+        return len(self._cache)
+
+    # ------------------------------------------------------------------------- check one setting
+
+    def check(self, settings: Settings, *, batch_size: int, effective_batch_size: int | None, margin: float,
+              samples: int | None) -> PlanResult:
+        if settings.checkpointing and not self.blocks:
+            raise ConfigError(f"checkpointing: {self.model_spec} has no repeated blocks to checkpoint")
+        accumulation_steps = math.ceil(effective_batch_size / batch_size) if effective_batch_size else 1
+        memory = self.estimate(settings, batch_size, accumulation_steps)
+        option = Option(settings, batch_size, accumulation_steps, batch_size * accumulation_steps, memory)
+        self._time(option, samples)
+        budget = self.profile.usable_bytes
+        verdict = _verdict(memory.peak_bytes, budget, margin)
+        why = _why(memory, budget, verdict, batch_size)
+        if verdict == "does not fit":
+            why += "; run without --batch-size for a configuration that fits"
+        return self._result(option, batch_size, verdict, why, recommendation=None, alternatives=[], margin=margin)
+
+    # -------------------------------------------------------------------- recommend a configuration
+
+    def recommend(self, *, precision: str | None, optimizer: str | None, checkpointing: bool | None,
+                  effective_batch_size: int | None, margin: float, samples: int | None,
+                  max_batch_size: int) -> PlanResult:
+        primary, fallback = self._candidates(precision, optimizer, checkpointing)
+        threshold = int(self.profile.usable_bytes * (1 - margin))
+        limit = min(effective_batch_size or max_batch_size, max_batch_size)
+        options: list[Option] = []
+        for settings in primary:
+            options.append(self._option(settings, threshold, limit, effective_batch_size, samples, options))
+        if not any(option.fits for option in options):
+            # Nothing fits with the usual settings: try what trades accuracy or dynamics for memory.
+            for settings in fallback:
+                options.append(self._option(settings, threshold, limit, effective_batch_size, samples, options))
+        fitting = [option for option in options if option.fits]
+        preference = {settings: rank for rank, settings in enumerate(primary + fallback)}
+        if fitting:
+            fastest = min(option.seconds_per_sample for option in fitting)
+            best = min(
+                (option for option in fitting if option.seconds_per_sample <= fastest * (1 + TIME_TIE)),
+                key=lambda option: preference[option.settings],
+            )
+        else:
+            best = min((option for option in options if option.memory is not None),
+                       key=lambda option: option.memory.peak_bytes)
+        for option in options:
+            if option is not best and not option.note:
+                option.note = _cost(option, best)
+        budget = self.profile.usable_bytes
+        memory = best.memory
+        if best.fits:
+            verdict = _verdict(memory.peak_bytes, budget, margin)
+            why = (
+                f"fastest configuration that keeps {margin:.0%} headroom: micro-batch {best.micro_batch_size}"
+                f"{' (capped by the effective batch)' if best.capped else ''}, {best.settings.label()}, "
+                f"peak {format_bytes(memory.peak_bytes)} of {format_bytes(budget)}"
+            )
+            recommendation = {
+                "micro_batch_size": best.micro_batch_size,
+                "accumulation_steps": best.accumulation_steps,
+                "effective_batch_size": best.effective_batch_size,
+                "precision": best.settings.precision,
+                "checkpointing": best.settings.checkpointing,
+                "optimizer": best.settings.optimizer,
+            }
+        else:
+            verdict = "does not fit"
+            why = (
+                f"even batch 1 with {best.settings.label()} needs {format_bytes(memory.peak_bytes)} "
+                f"(with {margin:.0%} headroom: {format_bytes(threshold)} available): "
+                f"{_largest_category(memory)}"
+                + ("" if self.lora_rank else "; try --lora-rank or a smaller input")
+            )
+            recommendation = None
+        alternatives = [option.to_dict() for option in options if option is not best]
+        return self._result(best, best.micro_batch_size or None, verdict, why, recommendation, alternatives, margin)
+
+    def _candidates(self, precision, optimizer, checkpointing) -> tuple[list[Settings], list[Settings]]:
+        """Configurations to search: the usual ones first, then fallbacks used only when none fits."""
+        device_type = self.profile.device_type
+        if precision is not None:
+            precisions, fallback_precisions = [precision], []
+        else:
+            mixed = []
+            if device_type in ("cuda", "cpu") and self.profile.supports_bf16:
+                mixed = ["bf16"]
+            elif device_type in ("cuda", "mps") and self.profile.supports_fp16_autocast:
+                mixed = ["fp16"]
+            # Mixed precision first: same memory for weights, half the activations, faster matmuls.
+            precisions = mixed + ["fp32"]
+            # bf16 weights lose small updates (no fp32 master copy): a fallback, not a default.
+            fallback_precisions = ["bf16-pure"] if self.profile.supports_bf16 or device_type == "cpu" else []
+        if checkpointing is None:
+            checkpointing_choices = [False, True] if self.blocks else [False]
+        else:
+            if checkpointing and not self.blocks:
+                raise ConfigError(f"checkpointing: {self.model_spec} has no repeated blocks to checkpoint")
+            checkpointing_choices = [checkpointing]
+        optimizers = [optimizer or "adamw"]
+        fallback_optimizers = [] if optimizer else ["sgd"]  # no optimizer state at all
+        primary = [Settings(p, c, o) for p in precisions for c in checkpointing_choices for o in optimizers]
+        fallback = [Settings(p, c, o) for p in fallback_precisions for c in checkpointing_choices for o in optimizers]
+        fallback += [Settings(p, c, o) for p in precisions + fallback_precisions
+                     for c in checkpointing_choices for o in fallback_optimizers]
+        return primary, fallback
+
+    def _option(self, settings: Settings, threshold: int, limit: int, effective_batch_size: int | None,
+                samples: int | None, earlier: list[Option]) -> Option:
+        # Checkpointing only trades time for memory: it is worth estimating when the same settings
+        # without it fit no batch at all, or fall short of the effective batch in one micro-batch.
+        if settings.checkpointing:
+            plain = next((o for o in earlier if o.settings == dataclasses.replace(settings, checkpointing=False)), None)
+            if plain is not None and plain.fits and (not effective_batch_size or plain.capped):
+                reason = "reaches the effective batch" if effective_batch_size else "fits"
+                return Option(settings, 0, note=f"not needed: the batch {reason} without it")
+        micro_batch_size = self.largest_fitting(settings, threshold, limit)
+        if micro_batch_size == 0:
+            return Option(settings, 0, memory=self.estimate(settings, 1), note="batch 1 does not fit")
+        accumulation_steps, micro_batch_size = _accumulation(micro_batch_size, effective_batch_size)
+        option = Option(
+            settings, micro_batch_size, accumulation_steps, micro_batch_size * accumulation_steps,
+            memory=self.estimate(settings, micro_batch_size), capped=micro_batch_size >= limit,
+        )
+        self._time(option, samples)
+        return option
+
+    def largest_fitting(self, settings: Settings, threshold: int, limit: int) -> int:
+        """The largest batch in ``[1, limit]`` whose estimated peak is at most ``threshold`` (0: none).
+
+        The peak never decreases with the batch size, so this is a search over a monotone
+        predicate, kept as a bracket ``low`` (fits) .. ``high`` (does not). Each probe is a
+        prediction from the last estimate: its activations grow linearly with the batch (plus the
+        device's fragmentation share), while parameters, gradients and optimizer state do not, so
+        ``batch + (threshold - peak) / (activations per sample)``. In the common case that is four
+        estimates: batch 1, the prediction from it, the refined prediction and its neighbour;
+        bisection takes over if predictions stop narrowing the bracket.
+        """
+        def fits(batch: int) -> bool:
+            return self.estimate(settings, batch).peak_bytes <= threshold
+
+        if not fits(1):
+            return 0
+        low, high = 1, limit + 1  # low fits; high does not (limit + 1 stands for "beyond the search")
+        probe, probes = self._predict(settings, 1, threshold), 0
+        while high - low > 1:
+            probe = max(low + 1, min(probe, high - 1))
+            if fits(probe):
+                low = probe
+            else:
+                high = probe
+            probes += 1
+            predicted = self._predict(settings, probe, threshold)
+            if probes >= 4:
+                probe = (low + high) // 2
+            elif predicted == probe:  # the prediction confirms the probe: check its neighbour
+                probe = probe + 1 if probe == low else probe - 1
+            else:
+                probe = predicted
+        return low
+
+    def _predict(self, settings: Settings, batch: int, threshold: int) -> int:
+        """The batch at which the peak would reach ``threshold``, from the estimate at ``batch``."""
+        memory = self.estimate(settings, batch)
+        fragmentation = float(getattr(self.profile, "overhead", {}).get("fragmentation", 0.0))
+        per_sample = memory.breakdown["activations"] / batch * (1 + fragmentation)
+        if per_sample <= 0:
+            return 2 * batch
+        return batch + math.floor((threshold - memory.peak_bytes) / per_sample)
+
+    # ------------------------------------------------------------------------------------ timing
+
+    def _time(self, option: Option, samples: int | None) -> None:
+        memory = option.memory
+        if memory is None or memory.flops is None:
+            return
+        settings = option.settings
+        device_type = self.profile.device_type
+        flops_per_second = self.profile.flops_for(COMPUTE_DTYPE[settings.precision]) * UTILISATION[device_type]
+        bandwidth = self.profile.memory_bandwidth or math.inf
+        weight_bytes = self.parameters * (2 if settings.precision != "fp32" else 4)
+        compute_s = memory.flops / flops_per_second if flops_per_second else math.inf
+        micro_step_s = max(compute_s, 3 * weight_bytes / bandwidth)
+        slot_bytes = 2 if settings.precision == "bf16-pure" else 4
+        optimizer_bytes = self.trainable_parameters * slot_bytes * (2 + OPTIMIZER_SLOTS.get(settings.optimizer, 2))
+        option.step_time_s = option.accumulation_steps * micro_step_s + 2 * optimizer_bytes / bandwidth
+        if samples:
+            option.epoch_time_s = math.ceil(samples / option.effective_batch_size) * option.step_time_s
+
+    # ---------------------------------------------------------------------------------- measuring
+
+    def measure(self, result: PlanResult, steps: int = 3) -> dict:
+        """Run real training steps of the chosen configuration on this machine.
+
+        Times ``steps`` steps of the memory engine's training step after one warm-up step, then
+        measures the peak with real tensors (:func:`~tightfit.memory.estimator.measure_model_step`).
+
+        Raises:
+            ConfigError: nothing fits, or the model's weights alone exceed this machine's memory.
+        """
+        import psutil
+
+        from tightfit.memory.estimator import measure_model_step, resolve_device, training_step
+        from tightfit.models.checkpointing import apply_activation_checkpointing
+        from tightfit.training.optim import build_optimizer
+        from tightfit.training.precision import needs_grad_scaler
+
+        if result.batch_size is None:
+            raise ConfigError("--measure: no configuration fits, so there is nothing to measure")
+        settings = self._chosen
+        device = resolve_device(None)
+        weight_bytes = 4 * self.parameters
+        if device.type == "cpu" and weight_bytes > psutil.virtual_memory().available // 2:
+            raise ConfigError(
+                f"--measure: the model's weights alone ({format_bytes(weight_bytes)}) would take more than half of "
+                f"this machine's free memory; measure it on the target device"
+            )
+        model = self._real_model()
+        if settings.precision == "bf16-pure":
+            model = model.to(torch.bfloat16)
+        model = model.to(device)
+        if settings.checkpointing:
+            apply_activation_checkpointing(model, self.blocks)
+        model.train()
+        optimizer = build_optimizer(settings.optimizer, model.parameters())
+        scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(settings.precision, device.type) else None
+        step_settings = dict(precision=settings.precision, device_type=device.type, scaler=scaler)
+
+        def make_batch():
+            batch = self.batch_factory(result.batch_size, device)
+            if settings.precision == "bf16-pure":
+                from tightfit.memory.estimator import _cast_batch
+
+                batch = _cast_batch(batch, torch.bfloat16)
+            return batch
+
+        training_step(model, optimizer, make_batch, **step_settings)  # warm-up: kernels, optimizer state
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            training_step(model, optimizer, make_batch, **step_settings)
+        _synchronize(device)
+        micro_step_s = (time.perf_counter() - started) / steps
+        memory = measure_model_step(
+            model, self.batch_factory, batch_size=result.batch_size, precision=settings.precision,
+            optimizer=settings.optimizer, device=device,
+        )
+        accumulation = (result.recommendation or {}).get("accumulation_steps", 1)
+        return {
+            "device": str(device),
+            "batch_size": result.batch_size,
+            "micro_step_time_s": micro_step_s,
+            "step_time_s": micro_step_s * accumulation,
+            "peak_bytes": memory.peak_bytes,
+            "breakdown": memory.breakdown,
+            "steps_timed": steps,
+        }
+
+    # ------------------------------------------------------------------------------------ results
+
+    def _result(self, option: Option, batch_size: int | None, verdict: str, why: str, recommendation: dict | None,
+                alternatives: list[dict], margin: float) -> PlanResult:
+        memory = option.memory
+        self._chosen = option.settings
+        notes = list(self.notes)
+        notes.append(f"{self.estimates_made} estimates on fake tensors (no weights allocated)")
+        notes.append(f"times are estimates: {UTILISATION_SOURCE}")
+        notes.extend(memory.notes)
+        return PlanResult(
+            model=self.model_spec,
+            input=self.input_spec,
+            device=self.profile.name,
+            budget_bytes=self.profile.usable_bytes,
+            margin=margin,
+            batch_size=batch_size,
+            peak_bytes=memory.peak_bytes,
+            breakdown={name: memory.breakdown[name] for name in CATEGORIES},
+            fits=memory.peak_bytes <= self.profile.usable_bytes and option.fits,
+            verdict=verdict,
+            why=why,
+            recommendation=recommendation,
+            alternatives=alternatives,
+            step_time_s=option.step_time_s,
+            epoch_time_s=option.epoch_time_s,
+            flops_per_step=memory.flops * option.accumulation_steps if memory.flops is not None else None,
+            parameters=self.parameters,
+            trainable_parameters=self.trainable_parameters,
+            method=memory.method,
+            notes=notes,
+        )
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _repeated_blocks(model: nn.Module) -> list[str]:
+    from tightfit.models.checkpointing import find_repeated_blocks
+
+    return find_repeated_blocks(model)
+
+
+def _accumulation(max_micro_batch: int, effective_batch_size: int | None) -> tuple[int, int]:
+    """``(accumulation_steps, micro_batch_size)`` reaching ``effective_batch_size`` exactly if possible.
+
+    The fewest accumulation steps whose micro-batch fits; among up to twice that many steps, one
+    that divides the effective batch exactly is preferred, so the effective batch is not changed
+    (rounding it up is the fallback, never shrinking it).
+    """
+    if not effective_batch_size:
+        return 1, max_micro_batch
+    fewest = math.ceil(effective_batch_size / max_micro_batch)
+    for steps in range(fewest, 2 * fewest + 1):
+        if effective_batch_size % steps == 0:
+            return steps, effective_batch_size // steps
+    return fewest, math.ceil(effective_batch_size / fewest)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _verdict(peak_bytes: int, budget_bytes: int, margin: float) -> str:
+    if peak_bytes > budget_bytes:
+        return "does not fit"
+    if budget_bytes - peak_bytes < margin * budget_bytes:
+        return "tight"
+    return "fits"
+
+
+def _largest_category(memory: StepMemory) -> str:
+    name, size = max(((name, memory.breakdown[name]) for name in CATEGORIES), key=lambda item: item[1])
+    return f"{name} are the largest part ({format_bytes(size)})"
+
+
+def _why(memory: StepMemory, budget: int, verdict: str, batch_size: int) -> str:
+    headroom = budget - memory.peak_bytes
+    if verdict == "does not fit":
+        head = f"peak {format_bytes(memory.peak_bytes)} exceeds the {format_bytes(budget)} usable by {format_bytes(-headroom)}"
+    else:
+        head = (
+            f"peak {format_bytes(memory.peak_bytes)} of {format_bytes(budget)} usable "
+            f"({headroom / budget:.0%} headroom)"
+        )
+    return f"{head} at batch {batch_size}; {_largest_category(memory)}"
+
+
+def _cost(option: Option, best: Option) -> str:
+    """What choosing ``option`` instead of ``best`` costs, in a few words."""
+    if not option.fits:
+        return option.note or "does not fit"
+    if best.fits and math.isfinite(option.seconds_per_sample) and math.isfinite(best.seconds_per_sample):
+        return f"{option.seconds_per_sample / best.seconds_per_sample:.2f}x time per sample"
+    return ""
