@@ -121,6 +121,8 @@ def _print_summary(summary: dict) -> None:
         table.add_row("skipped steps", str(summary["skipped_steps"]))
     if summary.get("stop_reason"):
         table.add_row("stopped", summary["stop_reason"])
-    table.add_row("best checkpoint", str(summary.get("best_checkpoint")))
-    table.add_row("run written to", summary["run_dir"])
-    console().print(table)
+    output = console()
+    output.print(table)
+    # paths on their own lines: a narrow terminal would ellipsise them inside the table
+    output.print(f"best checkpoint: {summary.get('best_checkpoint')}", soft_wrap=True)
+    output.print(f"run written to: {summary['run_dir']}", soft_wrap=True)

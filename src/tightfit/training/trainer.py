@@ -407,12 +407,13 @@ class Trainer:
                     self.model.train()
                 if self._done():
                     break
-            finished_whole_epoch = self.samples_in_epoch >= sampler.start_index + len(sampler)
-            epoch_metrics = {"epoch": self.epoch + 1}
-            # validate at the end of an epoch, or where max_steps cut it short (an early stop
-            # mid-epoch has just validated)
-            if finished_whole_epoch or not self.should_stop:
-                epoch_metrics.update(self._validate())
+            if self.samples_in_epoch < sampler.start_index + len(sampler):
+                # cut short mid-epoch: by max_steps (validate where it stopped) or by a callback
+                # that has just validated; "last" is written by _finish, resumable mid-epoch
+                if not self.should_stop:
+                    self._validate()
+                return
+            epoch_metrics = {"epoch": self.epoch + 1, **self._validate()}
             self.epoch_finished = True
             self._fire("on_epoch_end", epoch_metrics)
             self.epoch += 1

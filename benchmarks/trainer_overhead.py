@@ -1,0 +1,116 @@
+"""What tightfit's trainer costs over a plain PyTorch loop: samples/s of both on the same job.
+
+The job: the digits recipe (``builtin:digits-cnn``, AdamW, cosine schedule, micro-batch 64,
+validation every epoch, test at the end), fp32 on CPU by default. The plain loop is the loop a
+careful person writes by hand (seed-004): shuffle, forward, cross-entropy, backward, step,
+schedule, validate under ``inference_mode``. tightfit runs with its default features on (numerics
+guard, gradient-norm tracking, resource monitor, JSON-lines and TensorBoard logs, ``last`` and
+``best`` checkpoints) except the console. Lightning is not installed in this project's
+environment; when it is, a third row is not added either (left for a later issue).
+
+Runs alternate (plain, tightfit, plain, ...) so that load from other processes hits both alike;
+the table shows the median of ``--repeats`` runs of each.
+
+Usage:
+    python benchmarks/trainer_overhead.py [--epochs 6] [--repeats 3] [--threads 2]
+"""
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+
+import torch
+
+from tightfit.data.build import build_datasets
+from tightfit.data.config import DataConfig
+from tightfit.models.spec import build_model
+from tightfit.training.trainer import Trainer
+
+
+def plain_loop(epochs: int, batch_size: int, lr: float, seed: int) -> float:
+    """Train by hand; returns training samples per second over the whole fit."""
+    torch.manual_seed(seed)
+    bundle = build_datasets(DataConfig(), seed=seed)
+    model = build_model("builtin:digits-cnn", num_classes=bundle.num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    train_loader = torch.utils.data.DataLoader(bundle.train, batch_size=batch_size, shuffle=True)
+    val_loader = torch.utils.data.DataLoader(bundle.val, batch_size=batch_size)
+    test_loader = torch.utils.data.DataLoader(bundle.test, batch_size=batch_size)
+    total_steps = epochs * len(train_loader)
+    warmup = round(0.05 * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total_steps - warmup))))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    loss_function = torch.nn.CrossEntropyLoss()
+
+    def evaluate(loader) -> float:
+        model.eval()
+        correct = 0
+        with torch.inference_mode():
+            for images, labels in loader:
+                correct += int((model(images).argmax(1) == labels).sum())
+        model.train()
+        return correct / len(loader.dataset)
+
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for images, labels in train_loader:
+            loss = loss_function(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        evaluate(val_loader)
+    evaluate(test_loader)
+    return epochs * len(bundle.train) / (time.perf_counter() - start)
+
+
+def tightfit_loop(epochs: int, batch_size: int, lr: float, seed: int) -> float:
+    """The same job through ``Trainer``; returns training samples per second over ``fit()``."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = {
+            "epochs": epochs,
+            "seed": seed,
+            "run_dir": run_dir,
+            "optimizer": {"name": "adamw", "lr": lr, "weight_decay": 1e-4},
+            "batch": {"micro_batch_size": batch_size},
+            "logging": {"console": False},
+        }
+        trainer = Trainer(config)
+        trainer.setup()
+        start = time.perf_counter()
+        summary = trainer.fit()
+        return summary["samples_seen"] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the CI box has 2 cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    plain, tightfit = [], []
+    for repeat in range(args.repeats):
+        plain.append(plain_loop(args.epochs, 64, 3e-3, seed=repeat))
+        tightfit.append(tightfit_loop(args.epochs, 64, 3e-3, seed=repeat))
+        print(f"run {repeat + 1}: plain {plain[-1]:.0f} samples/s, tightfit {tightfit[-1]:.0f} samples/s")
+    plain_median, tightfit_median = statistics.median(plain), statistics.median(tightfit)
+    print()
+    print(f"| loop | samples/s (median of {args.repeats}) | ratio to plain |")
+    print("|---|---:|---:|")
+    print(f"| plain PyTorch | {plain_median:.0f} | 1.00 |")
+    print(f"| tightfit Trainer | {tightfit_median:.0f} | {tightfit_median / plain_median:.2f} |")
+    print("| Lightning | not installed | - |")
+    print(f"\njob: digits-cnn, {args.epochs} epochs, batch 64, AdamW, cosine, fp32, CPU, {args.threads} threads, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
