@@ -10,6 +10,7 @@ Files are loaded only through formats that cannot run code: ``np.load(allow_pick
 
 from __future__ import annotations
 
+import pickle  # only for its error class: files are never unpickled beyond torch's weights-only loader
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,11 @@ def load_tensor_file(path: Path, inputs_key: str, targets_key: str) -> tuple[tor
             raise ConfigError(
                 f"data.path: {path} is not a tensors file; use one of {', '.join(TENSOR_FILE_SUFFIXES)}"
             )
+    except pickle.UnpicklingError:
+        raise DataError(
+            f"{path}: holds Python objects besides tensors, which only an unsafe (pickle) load could "
+            "read; save a dict of plain tensors, or use .npz/.safetensors"
+        ) from None
     except (OSError, ValueError, RuntimeError) as error:
         raise DataError(f"{path}: cannot read as {suffix} ({error})") from None
     for key, field in ((inputs_key, "inputs"), (targets_key, "target")):
