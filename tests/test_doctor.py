@@ -276,3 +276,16 @@ def test_doctor_on_cuda_reports_every_gpu_and_passes_the_smoke_test():
         assert device["compute_capability"] == f"{properties.major}.{properties.minor}"
         assert device["free_bytes"] is not None and 0 < device["free_bytes"] <= device["total_bytes"]
     assert report["smoke_test"]["device"] == "cuda" and report["smoke_test"]["ok"], report["smoke_test"]["error"]
+
+
+def test_broken_torch_is_a_failed_check_not_a_crash(monkeypatch):
+    def no_torch():
+        raise ImportError("libtorch_cpu.so: cannot open shared object file")
+
+    monkeypatch.setattr(doctor.detect, "torch_info", no_torch)
+    report = run_doctor()
+    assert report["torch"]["error"].startswith("ImportError")
+    assert report["smoke_test"]["skipped"] and "torch" in report["smoke_test"]["reason"]
+    assert report["verdict"]["ready"] is False and "torch" in report["verdict"]["failed"]
+    torch_check = next(check for check in report["checks"] if check["name"] == "torch")
+    assert "pip install torch" in torch_check["summary"]

@@ -228,3 +228,60 @@ def test_devices_bad_input_exits_2_with_one_line(argv, message, capsys):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
+
+
+# ----------------------------------------------------------------------------- detection paths without the hardware
+
+
+def fake_cuda(monkeypatch, name="NVIDIA GeForce RTX 3050 6GB Laptop GPU", total=6 * GIB, free=5 * GIB):
+    """Make torch report one CUDA GPU (NVML absent), so the detection code runs on a CPU machine."""
+    from types import SimpleNamespace
+
+    from tightfit.hardware import detect
+
+    properties = SimpleNamespace(name=name, total_memory=total, major=8, minor=6, multi_processor_count=20)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (free, total))
+    monkeypatch.setattr(detect, "_nvml_devices", lambda: None)
+
+
+def test_detected_cuda_gpu_takes_the_matching_profile_figures(monkeypatch):
+    fake_cuda(monkeypatch)
+    profile = resolve_target("auto")
+    assert profile.name == "current-cuda:0" and profile.device_type == "cuda"
+    assert profile.memory_bytes == 6 * GIB
+    assert profile.usable_bytes == 5 * GIB  # measured free memory, not the profile's share
+    assert profile.peak_flops == get_profile("rtx3050-laptop-6gb").peak_flops
+    assert profile.supports_bf16
+    assert "rtx3050-laptop-6gb" in profile.description
+    assert resolve_target("cuda:0", memory="3GiB").usable_bytes == 3 * GIB
+    with pytest.raises(SpecError, match="1 CUDA device"):
+        resolve_target("cuda:3")
+
+
+def test_detected_cuda_report_fields(monkeypatch):
+    from tightfit.hardware import detect
+
+    fake_cuda(monkeypatch, name="NVIDIA Imaginary X1")
+    report = detect.cuda_devices()
+    assert report["available"] and report["device_count"] == 1 and report["nvml"] is False
+    (device,) = report["devices"]
+    assert device["compute_capability"] == "8.6" and device["bf16"] and device["tf32"]
+    assert device["free_bytes"] == 5 * GIB and device["used_by_others_bytes"] is None
+
+
+def test_detected_mps_uses_metal_working_set(monkeypatch):
+    from tightfit.hardware import detect
+
+    monkeypatch.setattr(detect, "cuda_devices", lambda: {"available": False, "devices": []})
+    monkeypatch.setattr(detect, "mps_info",
+                        lambda: {"built": True, "available": True, "recommended_max_bytes": int(10.67 * GIB)})
+    monkeypatch.setattr(detect, "chip_name", lambda: "Apple M1")
+    profile = resolve_target("auto")
+    assert profile.name == "current-mps" and profile.device_type == "mps" and profile.unified_memory
+    assert profile.usable_bytes == int(10.67 * GIB)
+    assert profile.memory_bytes == psutil.virtual_memory().total
+    assert profile.peak_flops == get_profile("m1-16gb").peak_flops
+    assert "recommended_max_memory" in profile.sources["usable_bytes"]

@@ -65,12 +65,7 @@ def inspect_dataset(
     Raises:
         TightfitError: when ``path`` does not exist or is not a folder.
     """
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise TightfitError(f"--data: folder {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise TightfitError(f"--data: {str(root)!r} is a file, not a dataset folder")
-
+    root = dataset_root(path)
     split_dirs = _find_splits(root)
     missing_splits = [name for name in SPLIT_FOLDERS if name not in split_dirs]
     if not split_dirs:
@@ -141,6 +136,20 @@ def inspect_dataset(
         "problems": problems,
         "ok": not any(problem["severity"] == "error" for problem in problems),
     }
+
+
+def dataset_root(path: str | os.PathLike) -> Path:
+    """``path`` as a dataset folder, or a one-line error naming what is wrong with it.
+
+    Raises:
+        TightfitError: when ``path`` does not exist or is a file.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise TightfitError(f"--data: folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise TightfitError(f"--data: {str(root)!r} is a file, not a dataset folder")
+    return root
 
 
 # ----------------------------------------------------------------------------- layout

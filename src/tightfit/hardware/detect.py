@@ -177,8 +177,9 @@ def cuda_devices() -> dict[str, Any]:
     Returns:
         ``{"available", "device_count", "driver_version", "nvml", "devices": [...]}``; each
         device has ``index, name, total_bytes, free_bytes, used_by_others_bytes,
-        compute_capability, multiprocessors, bf16, tf32`` (``free_bytes`` from NVML when
-        available, which does not need a CUDA context; else from ``torch.cuda.mem_get_info``).
+        compute_capability, multiprocessors, bf16, tf32, max_clock_hz`` (``free_bytes`` and
+        ``used_by_others_bytes`` from NVML when available, which needs no CUDA context; else
+        ``free_bytes`` from ``torch.cuda.mem_get_info`` and ``used_by_others_bytes`` None).
     """
     import torch
 
@@ -245,12 +246,13 @@ def _nvml_devices() -> list[dict[str, Any]] | None:
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            own_bytes = _own_process_bytes(pynvml, handle)
             try:
                 clock = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM) * 1e6
             except Exception:  # noqa: BLE001 - not supported on every board
                 clock = None
             devices.append({"driver_version": driver, "free_bytes": int(memory.free),
-                            "used_bytes": int(memory.used), "total_bytes": int(memory.total),
+                            "used_bytes": int(memory.used) - own_bytes, "total_bytes": int(memory.total),
                             "max_clock_hz": clock})
         return devices
     except Exception:  # noqa: BLE001
@@ -260,6 +262,19 @@ def _nvml_devices() -> list[dict[str, Any]] | None:
             pynvml.nvmlShutdown()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _own_process_bytes(pynvml, handle) -> int:
+    """GPU memory NVML attributes to this process (its CUDA context and caches), 0 if unknown.
+
+    Subtracted from NVML's "used" so that memory this process already holds is not counted as
+    taken by others (in containers the PIDs may not match; then nothing is subtracted).
+    """
+    try:
+        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except Exception:  # noqa: BLE001 - not supported on every driver
+        return 0
+    return sum(int(process.usedGpuMemory or 0) for process in processes if process.pid == os.getpid())
 
 
 def mps_info() -> dict[str, Any]:

@@ -13,10 +13,10 @@ Example:
 """
 
 import importlib.metadata
+import os
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from tightfit import __version__
@@ -63,8 +63,8 @@ FALLBACK_REQUIRED = ("torch", "numpy", "pyyaml", "rich", "psutil", "pydantic", "
 
 def run_doctor(
     *,
-    data_dir: str | Path | None = None,
-    run_dir: str | Path = "runs",
+    data_dir: str | os.PathLike | None = None,
+    run_dir: str | os.PathLike = "runs",
     smoke_test: bool = True,
     progress: Callable[[str], None] | None = None,
     dataset_progress: Callable[[int, int], None] | None = None,
@@ -87,7 +87,9 @@ def run_doctor(
         TightfitError: only for bad arguments (``data_dir`` missing), before anything runs.
     """
     if data_dir is not None:
-        _check_data_dir(Path(data_dir))
+        from tightfit.data.inspect import dataset_root
+
+        dataset_root(data_dir)  # bad arguments fail before any work (exit status 2)
 
     def stage(name: str) -> None:
         if progress is not None:
@@ -126,15 +128,6 @@ def run_doctor(
     report["recommendations"] = recommend(report)
     report["verdict"] = verdict(report["checks"])
     return report
-
-
-def _check_data_dir(path: Path) -> None:
-    from tightfit.errors import TightfitError
-
-    if not path.exists():
-        raise TightfitError(f"--data: folder {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise TightfitError(f"--data: {str(path)!r} is a file, not a dataset folder")
 
 
 def _guarded(function: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
