@@ -1,0 +1,156 @@
+"""Exact resume: a run killed with SIGKILL mid-epoch and resumed ends with the same weights as an
+uninterrupted run; checkpoints survive a crash mid-write and load without unpickling code."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tightfit.training import checkpoint as checkpoint_files
+
+# The run: dropout (RNG), AdamW (optimizer state), cosine with warm-up (schedule), shuffled data
+# (sampler position), 3 epochs of 8 steps, a resumable checkpoint every 3 steps. A callback slows
+# each step so the parent can kill the process mid-epoch after a checkpoint landed.
+RUN_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+    from tightfit.training.trainer import Trainer
+
+    run_dir, mode, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(64, 6, generator=generator)
+    data = TensorDataset(inputs, (inputs[:, 0] > 0).long())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+    config = {
+        "run_dir": run_dir, "epochs": 3, "seed": 7,
+        "batch": {"micro_batch_size": 4, "effective_batch_size": 8},
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "schedule": {"name": "cosine", "warmup_steps": 3},
+        "checkpoint": {"every_n_steps": 3},
+        "logging": {"console": False, "tensorboard": False},
+        "monitor": {"enabled": False},
+    }
+
+    class SlowDown:
+        def on_step_end(self, trainer, metrics):
+            time.sleep(delay)
+
+    trainer = Trainer(config, model=model, datasets=(data, data, None), callbacks=[SlowDown()])
+    trainer.fit(resume_from=run_dir if mode == "resume" else None)
+    """
+)
+
+
+def run_script(tmp_path: Path, run_dir: Path, mode: str, delay: float = 0.0) -> subprocess.Popen:
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), str(run_dir), mode, str(delay)], stderr=subprocess.PIPE, text=True)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+
+
+def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    uninterrupted = tmp_path / "uninterrupted"
+    interrupted = tmp_path / "interrupted"
+    reference = run_script(tmp_path, uninterrupted, "fresh")
+    victim = run_script(tmp_path, interrupted, "fresh", delay=0.25)
+    meta_file = interrupted / "checkpoints" / "last" / "meta.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        # step 12 is the checkpoint half-way through the second epoch (8 steps an epoch)
+        if meta and meta["step"] >= 12 and not meta["epoch_finished"]:
+            break
+        time.sleep(0.05)
+    else:
+        victim.kill()
+        pytest.fail("the interrupted run wrote no mid-epoch checkpoint in time")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (interrupted / "summary.json").exists()
+    killed_at = json.loads(meta_file.read_text())["step"]
+    assert killed_at < 24
+
+    resumed = run_script(tmp_path, interrupted, "resume")
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
+    assert reference.wait(timeout=120) == 0, reference.stderr.read()
+
+    expected, actual = final_weights(uninterrupted), final_weights(interrupted)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+    summary = json.loads((interrupted / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["samples_seen"] == 3 * 64
+    assert summary["best_metric"] == json.loads((uninterrupted / "summary.json").read_text())["best_metric"]
+
+
+def test_checkpoint_survives_a_crash_between_the_two_renames(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    directory = tmp_path / "last"
+    checkpoint_files.save_checkpoint(directory, model, {"counters": {"global_step": 1}}, {"step": 1})
+    first_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    real_replace = os.replace
+    calls = []
+
+    def crash_on_second_replace(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between moving the old checkpoint aside and moving the new one in")
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint_files.os, "replace", crash_on_second_replace)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_files.save_checkpoint(directory, model, {"counters": {"global_step": 2}}, {"step": 2})
+    monkeypatch.undo()
+    assert not directory.exists()  # the crash left only the moved-aside copy ...
+    restored = torch.nn.Linear(3, 2)
+    state, meta = checkpoint_files.load_checkpoint(directory, restored)  # ... which load falls back to
+    assert meta["step"] == 1 and state["counters"]["global_step"] == 1
+    torch.testing.assert_close(restored.weight, first_weights["weight"])
+    assert not any(path.name.startswith(".last.tmp-") for path in tmp_path.iterdir())  # no half-written temp left
+
+
+def test_checkpoint_state_loads_with_weights_only_and_rng_round_trips(tmp_path):
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    torch.manual_seed(123)
+    state = {"optimizer": optimizer.state_dict(), "rng": checkpoint_files.rng_state()}
+    expected_draw = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    checkpoint_files.save_checkpoint(tmp_path / "ckpt", model, state, {"step": 1})
+    loaded = torch.load(tmp_path / "ckpt" / checkpoint_files.STATE_FILE, weights_only=True)  # no pickled code
+    checkpoint_files.set_rng_state(loaded["rng"])
+    actual_draw = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(actual_draw[0], expected_draw[0]) and actual_draw[1:] == expected_draw[1:]
+    fresh = torch.optim.AdamW(torch.nn.Linear(4, 2).parameters())
+    fresh.load_state_dict(loaded["optimizer"])
+    assert fresh.state_dict()["state"][0]["step"] == 1
+
+
+def test_resume_of_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
+    from tightfit.cli import main
+
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    (tmp_path / "config.yaml").write_text("epochs: 1\n")
+    from tightfit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        checkpoint_files.load_checkpoint(tmp_path / "checkpoints" / "last", torch.nn.Linear(1, 1))
