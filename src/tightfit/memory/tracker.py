@@ -37,13 +37,27 @@ OTHER_OWNER = "(other)"
 ROOT_OWNER = "(root)"
 
 
+# Normalisation statistics that the real CPU and CUDA kernels keep in fp32 (the "opmath" type)
+# when the input is bf16/fp16, but whose meta kernels return in the input's dtype: operator ->
+# indices of those outputs. Counted as fp32 so fake and real tensors agree.
+_FP32_STATISTICS = {
+    "aten.native_layer_norm.default": (1, 2),
+    "aten.native_group_norm.default": (1, 2),
+    "aten._native_batch_norm_legit.default": (1, 2),
+    "aten._native_batch_norm_legit.no_stats": (1, 2),
+    "aten._native_batch_norm_legit_functional.default": (1, 2),
+    "aten.native_batch_norm.default": (1, 2),
+}
+
+
 class _Record:
     """One live storage: its size, category and owner, and the weak reference that frees it."""
 
-    __slots__ = ("nbytes", "category", "owner", "reference", "sequence")
+    __slots__ = ("nbytes", "storage_nbytes", "category", "owner", "reference", "sequence")
 
     def __init__(self, nbytes: int, category: str, owner: str, reference: weakref.ref, sequence: int):
         self.nbytes = nbytes
+        self.storage_nbytes = nbytes
         self.sequence = sequence
         self.category = category
         self.owner = owner
@@ -131,7 +145,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         outputs = func(*args, **(kwargs or {}))
-        self._register_outputs(outputs)
+        self._register_outputs(outputs, str(func))
         return outputs
 
     # ------------------------------------------------------------------------- registration
@@ -202,13 +216,14 @@ class MemoryTracker(TorchDispatchMode):
             record.category, record.owner = category, owner
             self._move(record, +1)
 
-    def _register_outputs(self, outputs) -> None:
+    def _register_outputs(self, outputs, operator: str = "") -> None:
         if not self._active:
             return
         new: list[tuple[torch.UntypedStorage, int]] = []
         grown: list[tuple[_Record, int]] = []
         seen: set[int] = set()
-        for value in tree_flatten(outputs)[0]:
+        fp32_statistics = _FP32_STATISTICS.get(operator, ())
+        for index, value in enumerate(tree_flatten(outputs)[0]):
             if not isinstance(value, torch.Tensor):
                 continue
             storage = _storage_of(value)
@@ -218,8 +233,10 @@ class MemoryTracker(TorchDispatchMode):
             nbytes = storage.nbytes()
             record = self._records.get(id(storage))
             if record is None:
+                if index in fp32_statistics and value.dtype in (torch.bfloat16, torch.float16):
+                    nbytes *= 2
                 new.append((storage, nbytes))
-            elif record.nbytes != nbytes:  # resized in place (resize_, out= arguments)
+            elif record.storage_nbytes != nbytes:  # resized in place (resize_, out= arguments)
                 grown.append((record, nbytes))
         if not new and not grown:
             return
@@ -232,20 +249,21 @@ class MemoryTracker(TorchDispatchMode):
             )
         owner = self._current_owner()
         for storage, nbytes in new:
-            self._add(storage, nbytes, ACTIVATIONS, owner)
+            self._add(storage, nbytes, ACTIVATIONS, owner).storage_nbytes = storage.nbytes()
         for record, nbytes in grown:
             self._move(record, -1)
-            record.nbytes = nbytes
+            record.nbytes = record.storage_nbytes = nbytes
             self._move(record, +1)
         self._update_peak()
 
     # --------------------------------------------------------------------------- accounting
-    def _add(self, storage: torch.UntypedStorage, nbytes: int, category: str, owner: str) -> None:
+    def _add(self, storage: torch.UntypedStorage, nbytes: int, category: str, owner: str) -> _Record:
         key = id(storage)
         self._sequence += 1
         record = _Record(nbytes, category, owner, weakref.ref(storage, partial(self._on_free, key)), self._sequence)
         self._records[key] = record
         self._move(record, +1)
+        return record
 
     def _on_free(self, key: int, reference: weakref.ref) -> None:
         record = self._records.get(key)
