@@ -233,7 +233,10 @@ def describe_errors(error: ValidationError, source: str, overridden: set[str]) -
         # pydantic names the union member that failed ("int", "literal['auto']"); drop it.
         location = tuple(part for part in location if not part.startswith(("literal[", "function-")) and part not in ("int", "str", "bool", "float", "list[str]", "LoRAConfig", "tuple[float, float]"))
         key = ".".join(location)
-        where = "on the command line" if any(key == set_key or key.startswith(set_key + ".") for set_key in overridden) else f"in {source}"
+        from_command_line = any(
+            key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".") for set_key in overridden
+        )
+        where = "on the command line" if from_command_line else f"in {source}"
         if item["type"] == "extra_forbidden":
             valid = _section_fields(location)
             problems.append(f"{key} ({where}): unknown key{_closest(location[-1], valid)} (valid: {', '.join(valid)})")
