@@ -239,7 +239,8 @@ def fake_cuda(monkeypatch, name="NVIDIA GeForce RTX 3050 6GB Laptop GPU", total=
 
     from tightfit.hardware import detect
 
-    properties = SimpleNamespace(name=name, total_memory=total, major=8, minor=6, multi_processor_count=20)
+    properties = SimpleNamespace(name=name, total_memory=total, major=8, minor=6, multi_processor_count=20,
+                                 clock_rate=1_500_000, memory_clock_rate=7_000_000, memory_bus_width=96)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
@@ -270,6 +271,12 @@ def test_detected_cuda_report_fields(monkeypatch):
     (device,) = report["devices"]
     assert device["compute_capability"] == "8.6" and device["bf16"] and device["tf32"]
     assert device["free_bytes"] == 5 * GIB and device["used_by_others_bytes"] is None
+    assert device["max_clock_hz"] == 1.5e9
+    assert device["memory_bandwidth"] == pytest.approx(2 * 7e9 * 96 / 8)  # 168 GB/s
+    profile = profiles.detect_profile()
+    assert "no matching profile" in profile.description
+    assert profile.peak_flops["fp32"] == pytest.approx(20 * 128 * 2 * 1.5e9)
+    assert profile.memory_bandwidth == pytest.approx(168e9)
 
 
 def test_detected_mps_uses_metal_working_set(monkeypatch):

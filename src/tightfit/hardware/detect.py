@@ -177,7 +177,8 @@ def cuda_devices() -> dict[str, Any]:
     Returns:
         ``{"available", "device_count", "driver_version", "nvml", "devices": [...]}``; each
         device has ``index, name, total_bytes, free_bytes, used_by_others_bytes,
-        compute_capability, multiprocessors, bf16, tf32, max_clock_hz`` (``free_bytes`` and
+        compute_capability, multiprocessors, bf16, tf32, max_clock_hz, memory_bandwidth``
+        (bandwidth in bytes/s from the memory clock and bus width; ``free_bytes`` and
         ``used_by_others_bytes`` from NVML when available, which needs no CUDA context; else
         ``free_bytes`` from ``torch.cuda.mem_get_info`` and ``used_by_others_bytes`` None).
     """
@@ -206,13 +207,19 @@ def cuda_devices() -> dict[str, Any]:
             # bf16 and TF32 tensor cores arrive with Ampere (8.0).
             "bf16": major >= 8,
             "tf32": major >= 8,
-            "max_clock_hz": None,
+            "max_clock_hz": _khz_to_hz(getattr(properties, "clock_rate", None)),
+            # deviceQuery's formula: 2 transfers per memory clock x bus width in bytes.
+            "memory_bandwidth": (
+                2 * _khz_to_hz(properties.memory_clock_rate) * properties.memory_bus_width / 8
+                if getattr(properties, "memory_clock_rate", None) and getattr(properties, "memory_bus_width", None)
+                else None
+            ),
         }
         if nvml and index < len(nvml):
             info = nvml[index]
             device["free_bytes"] = info["free_bytes"]
             device["used_by_others_bytes"] = info["used_bytes"]
-            device["max_clock_hz"] = info.get("max_clock_hz")
+            device["max_clock_hz"] = info.get("max_clock_hz") or device["max_clock_hz"]
         else:
             try:
                 free, _total = torch.cuda.mem_get_info(index)
@@ -221,6 +228,10 @@ def cuda_devices() -> dict[str, Any]:
                 device["error"] = f"mem_get_info failed: {error}"
         report["devices"].append(device)
     return report
+
+
+def _khz_to_hz(value: float | None) -> float | None:
+    return float(value) * 1e3 if value else None
 
 
 def _nvml_devices() -> list[dict[str, Any]] | None:

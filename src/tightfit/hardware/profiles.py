@@ -311,22 +311,20 @@ def _matching_profile(device_name: str) -> DeviceProfile | None:
 
 
 def _cuda_cores_per_sm(major: int, minor: int) -> int:
-    # FP32 lanes per streaming multiprocessor, from NVIDIA's architecture whitepapers.
-    if major == 7:
-        return 64  # Volta, Turing
-    if major == 8 and minor == 0:
-        return 64  # GA100
-    if major in (8, 9) or major >= 10:
-        return 128  # GA10x, Ada, Hopper, Blackwell
-    return 128 if major == 6 and minor == 1 else 64
+    """FP32 lanes per streaming multiprocessor, from NVIDIA's architecture whitepapers."""
+    if major >= 8 and (major, minor) != (8, 0):
+        return 128  # GA10x (8.6, 8.7), Ada (8.9), Hopper (9.0), Blackwell
+    if major == 6 and minor != 0:
+        return 128  # consumer Pascal (6.1)
+    return 64  # P100 (6.0), Volta and Turing (7.x), A100 (8.0)
 
 
 def _cuda_profile(device: dict[str, Any], driver_version: str | None) -> DeviceProfile:
     total = device["total_bytes"]
     matched = _matching_profile(device["name"])
     if device.get("used_by_others_bytes") is not None:
-        # NVML's "used" includes our own context if torch already created one; the estimator
-        # adds the context back as overhead, so subtracting it here would count it twice.
+        # Memory this process already holds (its CUDA context) is not subtracted: the estimator
+        # adds the context as overhead, and counting it here too would count it twice.
         usable = total - device["used_by_others_bytes"]
         usable_source = "measured: NVML total minus memory used by processes at detection"
     elif device.get("free_bytes") is not None:
@@ -352,12 +350,13 @@ def _cuda_profile(device: dict[str, Any], driver_version: str | None) -> DeviceP
         if clock:
             fp32 = device["multiprocessors"] * _cuda_cores_per_sm(major, minor) * 2 * clock
             peak_flops["fp32"] = fp32
-            sources["peak_flops.fp32"] = "derived: SMs x FP32 lanes per SM x 2 FLOP x NVML max SM clock"
-        bandwidth = 0.0
-        sources["memory_bandwidth"] = "unknown for this GPU (no matching profile)"
+            sources["peak_flops.fp32"] = "derived: SMs x FP32 lanes per SM x 2 FLOP x max SM clock"
+        bandwidth = device.get("memory_bandwidth") or 0.0
+        sources["memory_bandwidth"] = ("derived: 2 x memory clock x bus width (torch device properties)"
+                                       if bandwidth else "unknown for this GPU (no matching profile)")
         overhead = dict(_raw_data()["families"]["nvidia"]["overhead"])
         sources.update({f"overhead.{key}": "nvidia family default in profiles.yaml" for key in OVERHEAD_KEYS})
-        supports_bnb = major >= 7 or (major == 6 and minor >= 0)
+        supports_bnb = major >= 6
         sources["supports_bitsandbytes"] = "bitsandbytes installation docs (compute capability >= 6.0)"
         description = f"{device['name']} (this machine; no matching profile)"
     if driver_version:
