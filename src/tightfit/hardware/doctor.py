@@ -116,7 +116,8 @@ def run_doctor(
         stage(f"smoke test on {device_type}")
         report["smoke_test"] = run_smoke_test(device_type)
     else:
-        report["smoke_test"] = {"skipped": True, "reason": "torch is not importable" if not torch_ok else "--no-smoke-test"}
+        reason = "torch is not importable" if not torch_ok else "not requested (--no-smoke-test)"
+        report["smoke_test"] = {"skipped": True, "reason": reason}
     if data_dir is not None:
         stage("dataset")
         from tightfit.data.inspect import inspect_dataset
