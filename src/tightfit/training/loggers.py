@@ -6,6 +6,7 @@ for, on rank 0 only. ``stage`` says which part of the run the numbers come from:
 """
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -131,6 +132,10 @@ class MLflowLogger:
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str):
+        if tracking_uri.startswith("file:"):
+            # MLflow 3 keeps the file store only behind this documented opt-out; it is the one
+            # store that needs neither a server nor SQLAlchemy, which mlflow-skinny leaves out.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow = require("mlflow", extra="mlflow", purpose="logging to MLflow")
         self.client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)

@@ -1,0 +1,135 @@
+"""Callbacks: the order events fire in, early stopping, and last/best/every-N/top-k checkpoints."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from tightfit.training.callbacks import EarlyStopping, is_improvement
+from tightfit.training.trainer import Trainer
+
+
+def make_data(samples: int = 32) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(samples, 4, generator=generator)
+    return TensorDataset(inputs, (inputs[:, 0] > 0).long())
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def config(run_dir, **settings) -> dict:
+    base = {
+        "run_dir": str(run_dir),
+        "epochs": 2,
+        "batch": {"micro_batch_size": 8},
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "schedule": {"name": "constant"},
+        "logging": {"console": False, "tensorboard": False},
+        "monitor": {"enabled": False},
+    }
+    return {**base, **settings}
+
+
+class Recorder:
+    """Records every event it receives, by name."""
+
+    def __init__(self):
+        self.events: list[str] = []
+
+    def __getattr__(self, name):
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+        return lambda trainer, *args: self.events.append(name)
+
+
+def test_events_fire_in_the_documented_order(tmp_path):
+    recorder = Recorder()
+    data = make_data(16)  # two steps an epoch
+    Trainer(config(tmp_path), model=make_model(), datasets=(data, data, data), callbacks=[recorder]).fit()
+    epoch = ["on_epoch_start", "on_step_end", "on_step_end", "on_validation_end", "on_epoch_end"]
+    assert recorder.events == ["on_fit_start", *epoch, *epoch, "on_fit_end"]
+
+
+def test_exception_event_fires_when_a_step_raises(tmp_path):
+    recorder = Recorder()
+
+    class Broken(nn.Module):
+        def forward(self, inputs):
+            raise ValueError("broken model")
+
+    broken = Broken()
+    broken.weight = nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="broken model"):
+        Trainer(config(tmp_path), model=broken, datasets=(make_data(), None, None), callbacks=[recorder]).fit()
+    assert recorder.events == ["on_fit_start", "on_epoch_start", "on_exception"]
+
+
+@pytest.mark.parametrize(
+    "value, best, mode, min_delta, expected",
+    [(0.5, None, "min", 0.0, True), (0.5, 0.6, "min", 0.0, True), (0.59, 0.6, "min", 0.05, False), (0.7, 0.6, "max", 0.05, True), (float("nan"), 1.0, "min", 0.0, False)],
+)
+def test_is_improvement(value, best, mode, min_delta, expected):
+    assert is_improvement(value, best, mode, min_delta) is expected
+
+
+def test_early_stopping_counts_patience_with_min_delta():
+    class Stub:
+        should_stop = False
+        stop_reason = None
+
+    trainer, stopping = Stub(), EarlyStopping(monitor="val_loss", mode="min", patience=2, min_delta=0.01)
+    for loss in (1.0, 0.995, 0.9, 0.899, 0.898):
+        assert not trainer.should_stop
+        stopping.on_validation_end(trainer, {"val_loss": loss})
+    assert trainer.should_stop and stopping.best == 0.9 and "did not improve" in trainer.stop_reason
+
+
+def test_early_stopping_stops_the_run_and_restores_the_best_weights(tmp_path):
+    data = make_data()
+
+    class Diverge:
+        """After the first epoch, push the weights away so validation gets worse and worse."""
+
+        def on_epoch_end(self, trainer, metrics):
+            if trainer.epoch >= 1:
+                with torch.no_grad():
+                    for parameter in trainer.model.parameters():
+                        parameter.add_(0.5 * trainer.epoch)
+
+    settings = {"early_stopping": {"enabled": True, "monitor": "val_loss", "patience": 2}, "epochs": 20}
+    trainer = Trainer(config(tmp_path, **settings), model=make_model(), datasets=(data, data, None), callbacks=[Diverge()])
+    summary = trainer.fit()
+    assert summary["epochs"] < 20 and "early stopping" in summary["stop_reason"]
+    best_loss = summary["best_metric"]["value"]
+    assert trainer.evaluate("val")["val_loss"] == pytest.approx(best_loss, rel=1e-5)  # restored
+    last = json.loads((tmp_path / "checkpoints" / "last" / "meta.json").read_text())
+    assert last["step"] == summary["steps"]
+
+
+def test_top_k_keeps_the_k_best_and_every_n_steps_writes_last_mid_epoch(tmp_path):
+    data = make_data(64)
+    seen_last_steps = []
+
+    class WatchLast:
+        def on_step_end(self, trainer, metrics):
+            meta = tmp_path / "checkpoints" / "last" / "meta.json"
+            if meta.exists():
+                seen_last_steps.append(json.loads(meta.read_text())["step"])
+
+    settings = {"checkpoint": {"every_n_steps": 3, "keep_top_k": 2, "monitor": "val_accuracy", "mode": "max"}, "epochs": 4, "eval_every_n_steps": 2}
+    trainer = Trainer(config(tmp_path, **settings), model=make_model(), datasets=(data, data, None), callbacks=[WatchLast()])
+    trainer.fit()
+    assert 3 in seen_last_steps and 6 in seen_last_steps  # mid-epoch (8 steps an epoch)
+    kept = sorted((tmp_path / "checkpoints" / "top-k").iterdir())
+    assert len(kept) == 2
+    values = sorted(float(path.name.rsplit("-", 1)[1]) for path in kept)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    all_values = sorted(round(line["val_accuracy"], 4) for line in history if line["stage"] == "val")
+    assert values[-1] == all_values[-1] and values[0] >= all_values[-2] - 1e-9
+    for path in kept:
+        assert (path / "model.safetensors").is_file()
