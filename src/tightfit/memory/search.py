@@ -135,10 +135,10 @@ def find_batch_size(
         trial = _Trials(model, batch_factory, settings, device, budget_bytes, target_bytes, snapshot)
         predicted = estimate.largest_fitting(target_bytes, max_batch_size)
         if predicted is None:
-            notes.append(f"estimates unavailable ({estimate.failure}); doubling from 1")
+            notes.append(f"estimates unavailable ({estimate.failure}); doubling from 2")
             fits_at, fails_at = _double(trial, max_batch_size)
         else:
-            notes.append(f"estimator predicted {predicted} ({len(estimate.cache)} estimates)")
+            notes.append(f"estimator predicted {predicted} ({sum(v is not None for v in estimate.cache.values())} estimates)")
             fits_at, fails_at = _confirm(trial, estimate, max(predicted, 1), target_bytes, max_batch_size)
     finally:
         snapshot.restore()
@@ -185,8 +185,11 @@ def _confirm(trial, estimate, predicted: int, target_bytes: int, max_batch_size:
 
 
 def _double(trial, max_batch_size: int) -> tuple[int, int]:
-    """Without estimates: double from 1 until a trial fails, then bisect (Lightning's power+binsearch)."""
-    fits_at, fails_at, candidate = 0, max_batch_size + 1, 1
+    """Without estimates: double until a trial fails, then bisect (Lightning's power+binsearch).
+
+    Doubling starts at 2 (batch norm refuses one sample in training); 1 is tried only when 2 fails.
+    """
+    fits_at, fails_at, candidate = 0, max_batch_size + 1, min(2, max_batch_size)
     while candidate < fails_at:
         fits, _ = trial(candidate)
         if not fits:
@@ -207,11 +210,10 @@ class _Estimates:
     def __init__(self, model, batch_factory, settings: dict, profile):
         self.model, self.batch_factory, self.settings, self.profile = model, batch_factory, settings, profile
         self.cache: dict[int, int | None] = {}
-        self.failure: str | None = None
+        self.failure: str | None = None  # why the last estimate that failed did
 
     def peak(self, batch_size: int) -> int | None:
-        if self.failure is not None:
-            return None
+        """The estimated peak at ``batch_size``; None when the step cannot be traced there."""
         if batch_size not in self.cache:
             try:
                 memory = estimate_model_step(
@@ -221,7 +223,7 @@ class _Estimates:
                 self.cache[batch_size] = memory.peak_bytes
             except EstimationError as error:
                 self.failure = str(error)
-                return None
+                self.cache[batch_size] = None
         return self.cache[batch_size]
 
     def largest_fitting(self, target_bytes: float, highest: int, lowest: int = 1) -> int | None:
@@ -232,7 +234,10 @@ class _Estimates:
         needs a handful of estimates even for a range of thousands.
         """
         if self.peak(lowest) is None:
-            return None
+            # Batch norm refuses a batch of one sample in training; two is the real minimum there.
+            if lowest != 1 or highest < 2 or self.peak(2) is None:
+                return None
+            lowest = 2
         if self.peak(lowest) > target_bytes:
             return lowest - 1
         fits_at, fails_at = lowest, highest + 1
