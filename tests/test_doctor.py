@@ -235,6 +235,8 @@ def test_unified_memory_advice_on_mps(base_report):
     assert "PYTORCH_ENABLE_MPS_FALLBACK" in advice
     memory_check = next(check for check in build_checks(report) if check["name"] == "memory")
     assert "unified memory" in memory_check["summary"]
+    report["mps"]["fallback_enabled"] = True
+    assert "PYTORCH_ENABLE_MPS_FALLBACK" not in " ".join(recommend(report))
 
 
 def test_low_memory_and_swapping_are_flagged(base_report):

@@ -289,12 +289,19 @@ def _own_process_bytes(pynvml, handle) -> int:
 
 
 def mps_info() -> dict[str, Any]:
-    """Apple MPS: built, available, and Metal's recommended working-set size."""
+    """Apple MPS: built, available, Metal's recommended working-set size, the MPS settings in use."""
     import torch
 
     built = bool(torch.backends.mps.is_built())
     available = bool(torch.backends.mps.is_available())
-    report: dict[str, Any] = {"built": built, "available": available, "recommended_max_bytes": None}
+    report: dict[str, Any] = {
+        "built": built,
+        "available": available,
+        "recommended_max_bytes": None,
+        # Settings that change MPS behaviour, reported so the advice can take them into account.
+        "fallback_enabled": os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") == "1",
+        "high_watermark_ratio": os.environ.get("PYTORCH_MPS_HIGH_WATERMARK_RATIO"),
+    }
     if available:
         try:
             report["recommended_max_bytes"] = int(torch.mps.recommended_max_memory())

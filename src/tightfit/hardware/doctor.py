@@ -536,7 +536,9 @@ def recommend(report: dict[str, Any]) -> list[str]:
             "app" + (f"; Metal recommends at most {format_bytes(recommended)} for it" if recommended else "")
             + ". Close memory-hungry apps before long runs; `precision: fp16` halves activation memory."
         )
-        advice.append("Set PYTORCH_ENABLE_MPS_FALLBACK=1 so an operation MPS lacks runs on the CPU instead of failing.")
+        if not mps.get("fallback_enabled"):
+            advice.append("Set PYTORCH_ENABLE_MPS_FALLBACK=1 so an operation MPS lacks runs on the CPU instead of "
+                          "failing.")
     if "error" not in torch_info and not gpus and not mps.get("available"):
         cores = report["cpu"].get("physical_cores") if "error" not in report["cpu"] else None
         advice.append("No GPU: training runs on the CPU. Start with small models (builtin:digits-cnn, builtin:mlp); "
