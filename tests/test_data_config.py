@@ -87,6 +87,9 @@ def test_zero_fractions_give_no_split():
         ({"val_fraction": 0.6, "test_fraction": 0.5}, ["leaves no training data"]),
         ({"limit": 0}, ["data.limit"]),
         ({"num_workers": -1}, ["data.num_workers"]),
+        ({"num_workers": "many"}, ["data.num_workers: should be a valid integer or 'auto' (got 'many')"]),
+        ({"cache": 3}, ["data.cache: should be a valid boolean or a valid string (got 3)"]),
+        ({"normalize": "z"}, ["data.normalize: should be 'auto', 'unit', 'standard' or 'none'"]),
     ],
 )
 def test_bad_settings_are_config_errors_naming_the_key(settings, expected):
@@ -100,3 +103,17 @@ def test_bad_settings_are_config_errors_naming_the_key(settings, expected):
 
 def test_a_single_augmentation_may_be_given_as_a_string():
     assert DataConfig(augment="hflip").augment == ["hflip"]
+
+
+def test_a_non_mapping_data_section_is_a_config_error():
+    with pytest.raises(ConfigError, match="data: expected a mapping"):
+        parse_data_config(["digits"])
+
+
+def test_reading_the_data_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, tightfit.data.config, tightfit.data; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -177,15 +177,25 @@ def _closest(name: str, valid: list[str] | tuple[str, ...]) -> str:
     return f"; did you mean '{matches[0]}'?" if matches else ""
 
 
-def _fields_at(location: tuple) -> list[str]:
-    """The valid keys of the (nested) model that holds ``location``'s last key."""
-    model: type[BaseModel] = DataConfig
-    for key in location[:-1]:
-        field = model.model_fields.get(str(key))
-        annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-    return list(model.model_fields)
+def _field_path(location: tuple) -> tuple[list[str], list[str]]:
+    """The field names along a pydantic error location, and the keys valid where it ends.
+
+    Pydantic adds list indexes and, for a union such as ``bool | str``, one location per
+    branch (``cache.bool``, ``cache.str``); only real field names are kept, so the branches of
+    one field collapse into one problem.
+    """
+    model: type[BaseModel] | None = DataConfig
+    names: list[str] = []
+    valid = list(DataConfig.model_fields)
+    for part in location:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            continue
+        names.append(part)
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if model is not None:
+            valid = list(model.model_fields)
+    return names, valid
 
 
 def describe_validation_error(error: ValidationError, where: str = "data") -> str:
@@ -198,24 +208,36 @@ def describe_validation_error(error: ValidationError, where: str = "data") -> st
     Returns:
         The problems joined by "; ", e.g. ``data.sorce: unknown key; did you mean 'source'?``.
     """
-    problems = []
+    problems: dict[str, list[str]] = {}
     for item in error.errors():
-        location = tuple(part for part in item["loc"] if not isinstance(part, int))
-        key = ".".join([where, *map(str, location)]) if location else where
+        names, valid = _field_path(item["loc"])
+        key = ".".join([where, *names])
         if item["type"] == "extra_forbidden":
-            valid = _fields_at(location)
-            problems.append(
-                f"{key}: unknown key{_closest(location[-1], valid)} (valid: {', '.join(valid)})"
+            unknown = str(item["loc"][-1])
+            key = ".".join([where, *names, unknown])
+            problems.setdefault(key, []).append(
+                f"unknown key{_closest(unknown, valid)} (valid: {', '.join(valid)})"
             )
-        elif location and location[0] == "source":
-            problems.append(
-                f"{key}: unknown source {item.get('input')!r}{_closest(item.get('input'), SOURCES)} "
+        elif names == ["source"]:
+            problems.setdefault(key, []).append(
+                f"unknown source {item.get('input')!r}{_closest(item.get('input'), SOURCES)} "
                 f"(valid: {', '.join(SOURCES)})"
             )
+        elif item["type"] == "value_error":
+            # Our own validators say what is wrong and quote the bad value.
+            problems.setdefault(key, []).append(item["msg"].removeprefix("Value error, "))
         else:
-            message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {message} (got {item.get('input')!r})")
-    return "; ".join(problems)
+            expected = item["msg"].removeprefix("Input should be ").split(", unable")[0]
+            problems.setdefault(key, []).append(f"should be {expected} (got {item.get('input')!r})")
+    lines = []
+    for key, messages in problems.items():
+        if len(messages) > 1 and all(message.startswith("should be ") for message in messages):
+            # The branches of a union: "should be a valid integer or 'auto' (got 'many')".
+            got = messages[0][messages[0].rindex(" (got ") :]
+            branches = [message.removeprefix("should be ").removesuffix(got) for message in messages]
+            messages = ["should be " + " or ".join(branches) + got]
+        lines.append(f"{key}: {'; '.join(messages)}")
+    return "; ".join(lines)
 
 
 def parse_data_config(value: DataConfig | Mapping[str, Any] | None, where: str = "data") -> DataConfig:
