@@ -320,3 +320,32 @@ def test_max_steps_stops_mid_epoch_and_still_tests(tmp_path):
     assert summary["steps"] == 3 and "test_accuracy" in summary and summary["best_checkpoint"]
     meta = json.loads((tmp_path / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["epoch_finished"] is False
+
+
+def test_micro_batch_size_auto_uses_the_memory_engine_and_fits_the_budget(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 32, generator=generator), torch.randint(0, 4, (64,), generator=generator))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 4096), nn.ReLU(), nn.Linear(4096, 4))
+    config = quiet(
+        tmp_path, budget="3.5MiB", batch={"micro_batch_size": "auto", "effective_batch_size": 64}, optimizer={"name": "sgd-momentum"}, epochs=1
+    )
+    summary = Trainer(config, model=model, datasets=(data, None, None)).fit()
+    # 64 samples take 4.2 MiB of the tracker's count (see the test above): auto must stay below
+    assert 1 <= summary["micro_batch_size"] < 64 and summary["oom_recoveries"] == 0
+    assert summary["effective_batch_size"] == 64 and summary["accumulation_steps"] == math.ceil(64 / summary["micro_batch_size"])
+    assert summary["steps"] == 1
+
+
+def test_lora_section_trains_only_adapters_and_saves_them(tmp_path):
+    data = make_data(32)
+    model = make_mlp()
+    frozen_before = model[0].weight.detach().clone()
+    config = quiet(tmp_path, lora={"rank": 2, "alpha": 4}, optimizer={"name": "adamw", "lr": 0.05}, epochs=2)
+    trainer = Trainer(config, model=model, datasets=(data, None, None))
+    trainer.fit()
+    trainable = [name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad]
+    assert trainable and all("lora_" in name or "modules_to_save" in name for name in trainable)
+    base_weight = next(parameter for name, parameter in trainer.model.named_parameters() if name.endswith("0.base_layer.weight"))
+    assert torch.equal(base_weight, frozen_before)  # the base stays frozen
+    assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()

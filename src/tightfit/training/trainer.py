@@ -256,15 +256,19 @@ class Trainer:
             samples = [train[index % len(train)] for index in range(batch_size)]
             return move_to_device(collate(samples), device)
 
-        activation = self.config.checkpointing.activation
+        budget_bytes = self.budget_bytes
+        if budget_bytes is None and self.device.type == "cpu":
+            import psutil
+
+            budget_bytes = psutil.virtual_memory().available  # no budget given: what the machine has free
         result = find_batch_size(
             self.model,
             batch_factory,
-            budget_bytes=self.budget_bytes,
+            budget_bytes=budget_bytes,
             device=self.device,
             precision=self.precision,
             optimizer=self.config.optimizer.name,
-            checkpointing=False if not activation else activation,
+            checkpointing=False,  # already applied to the model by _build_model
             max_batch_size=max(1, len(train)),
         )
         self.console.print(f"micro_batch_size auto: {result.batch_size} (peak {result.peak_bytes / 2**20:.1f} MiB, {len(result.trials)} trials)")
