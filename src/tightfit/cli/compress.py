@@ -71,6 +71,8 @@ def run(args) -> int:
 
     recipe = build_recipe(_recipe_tree(args), source=args.recipe or "(command line)")
     source_path = Path(args.source)
+    if not source_path.is_dir() and ":" not in args.source:
+        raise ConfigError(f"compress: {args.source} is neither a run directory nor a model spec (builtin:NAME, hf:DIR, ...)")
     if source_path.is_dir():
         output = Path(args.output) if args.output else source_path / "compressed"
     elif args.output:

@@ -63,8 +63,9 @@ class DistillationOutput:
 class DistillationModel(nn.Module):
     """Student + frozen teacher; ``forward(inputs, labels)`` returns :class:`DistillationOutput`.
 
-    Only the student is trainable; the teacher stays in eval mode (no dropout, fixed BatchNorm
-    statistics) even when the wrapper is put in train mode.
+    Only the student is trainable (the teacher's parameters are set to ``requires_grad=False``;
+    :func:`distill` restores them afterwards); the teacher stays in eval mode (no dropout, fixed
+    BatchNorm statistics) even when the wrapper is put in train mode.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, temperature: float = 4.0, alpha: float = 0.7):
@@ -142,6 +143,8 @@ def distill(
     Raises:
         ConfigError: on a bad temperature or alpha.
     """
+    teacher_trainable = [parameter.requires_grad for parameter in teacher.parameters()]
+    teacher_was_training = teacher.training
     wrapper = DistillationModel(student, teacher, temperature=temperature, alpha=alpha)
     train_only = train_split_only(data)
     if hasattr(train_only, "train") and not isinstance(train_only, tuple):
@@ -150,5 +153,10 @@ def distill(
         train_only = dataclasses.replace(train_only, train=LabelledInputs(train_only.train))
     else:
         train_only = (LabelledInputs(train_only[0]), None, None)
-    finetune(wrapper, train_only, settings, run_dir=run_dir, progress=progress)
+    try:
+        finetune(wrapper, train_only, settings, run_dir=run_dir, progress=progress)
+    finally:  # the teacher is the caller's model: give it back as it was
+        for parameter, trainable in zip(teacher.parameters(), teacher_trainable):
+            parameter.requires_grad_(trainable)
+        teacher.train(teacher_was_training)
     return student
