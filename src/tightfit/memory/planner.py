@@ -87,6 +87,7 @@ class Option:
         epoch_time_s: estimated seconds per epoch, when the number of samples is known.
         capped: the micro-batch stopped at the effective batch or the search limit, not memory.
         note: what this option costs or why it was not evaluated.
+        skipped: not estimated because it could not be the answer (``fits`` is then unknown).
     """
 
     settings: Settings
@@ -98,6 +99,7 @@ class Option:
     epoch_time_s: float | None = None
     capped: bool = False
     note: str = ""
+    skipped: bool = False  # not estimated because it could not be the answer (fits is then unknown)
 
     @property
     def fits(self) -> bool:
@@ -118,7 +120,7 @@ class Option:
             "accumulation_steps": self.accumulation_steps,
             "effective_batch_size": self.effective_batch_size,
             "peak_bytes": self.memory.peak_bytes if self.memory else None,
-            "fits": self.fits if self.memory is not None else None,  # None: not estimated
+            "fits": None if self.skipped else self.fits,
             "step_time_s": self.step_time_s,
             "epoch_time_s": self.epoch_time_s,
             "note": self.note,
@@ -375,8 +377,16 @@ class _Planner:
                 key=lambda option: preference[option.settings],
             )
         else:
-            best = min((option for option in options if option.memory is not None),
-                       key=lambda option: option.memory.peak_bytes)
+            estimated = [option for option in options if option.memory is not None]
+            if not estimated:
+                # Every configuration was ruled out by its weights alone: estimate the most frugal
+                # one at batch 1 so the answer still shows where the memory goes.
+                frugal = min(options, key=lambda option: (option.settings.precision != "bf16-pure",
+                                                          not option.settings.checkpointing,
+                                                          option.settings.optimizer != "sgd"))
+                frugal.memory = self.estimate(frugal.settings, 1)
+                estimated = [frugal]
+            best = min(estimated, key=lambda option: option.memory.peak_bytes)
         for option in options:
             if option is not best and not option.note:
                 option.note = _cost(option, best)
@@ -403,7 +413,7 @@ class _Planner:
                 f"even batch 1 with {best.settings.label()} needs {format_bytes(memory.peak_bytes)} "
                 f"(with {margin:.0%} headroom: {format_bytes(threshold)} available): "
                 f"{_largest_category(memory)}"
-                + ("" if self.lora_rank else "; try --lora-rank or a smaller input")
+                + ("; a 4-bit base (QLoRA) or a larger device is needed" if self.lora_rank else "; try --lora-rank or a smaller input")
             )
             recommendation = None
         alternatives = [option.to_dict() for option in options if option is not best]
@@ -431,7 +441,9 @@ class _Planner:
                 raise ConfigError(f"checkpointing: {self.model_spec} has no repeated blocks to checkpoint")
             checkpointing_choices = [checkpointing]
         optimizers = [optimizer or "adamw"]
-        fallback_optimizers = [] if optimizer else ["sgd"]  # no optimizer state at all
+        # SGD keeps no optimizer state: a fallback when AdamW's two fp32 slots per trainable
+        # parameter are what does not fit; pointless for LoRA, whose adapters are tiny.
+        fallback_optimizers = [] if optimizer or self.lora_rank else ["sgd"]
         primary = [Settings(p, c, o) for p in precisions for c in checkpointing_choices for o in optimizers]
         fallback = [Settings(p, c, o) for p in fallback_precisions for c in checkpointing_choices for o in optimizers]
         fallback += [Settings(p, c, o) for p in precisions + fallback_precisions
@@ -446,7 +458,10 @@ class _Planner:
             plain = next((o for o in earlier if o.settings == dataclasses.replace(settings, checkpointing=False)), None)
             if plain is not None and plain.fits and (not effective_batch_size or plain.capped):
                 reason = "reaches the effective batch" if effective_batch_size else "fits"
-                return Option(settings, 0, note=f"not needed: the batch {reason} without it")
+                return Option(settings, 0, note=f"not needed: the batch {reason} without it", skipped=True)
+        weight_bytes = self.parameters * (2 if settings.precision == "bf16-pure" else 4)
+        if weight_bytes > threshold:
+            return Option(settings, 0, note=f"weights alone ({format_bytes(weight_bytes)}) exceed the budget")
         micro_batch_size = self.largest_fitting(settings, threshold, limit)
         if micro_batch_size == 0:
             return Option(settings, 0, memory=self.estimate(settings, 1), note="batch 1 does not fit")

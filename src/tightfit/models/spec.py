@@ -133,8 +133,8 @@ def _build_callable(module_name: str, attribute: str, *, num_classes: int | None
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise SpecError(
-            f"model spec {spec!r}: cannot import module {module_name!r} ({error}); "
-            f"valid prefixes: {', '.join(PREFIXES)}, or module.path:callable"
+            f"model spec {spec!r}: cannot import module {module_name!r} ({error}){_closest(module_name, list(PREFIXES))} "
+            f"(valid prefixes: {', '.join(PREFIXES)}, or module.path:callable)"
         ) from None
     factory: Any = module
     for part in attribute.split("."):
