@@ -196,9 +196,27 @@ def test_every_named_augmentation_keeps_the_image_shape():
     from tightfit.data.transforms import AUGMENTATIONS, build_augmentation
 
     torch.manual_seed(0)
-    image = torch.rand(3, 16, 16)
-    for name in AUGMENTATIONS:
-        assert build_augmentation([name], (16, 16))(image).shape == (3, 16, 16), name
+    for channels in (1, 3):
+        image = torch.rand(channels, 16, 12)
+        for name in AUGMENTATIONS:
+            assert build_augmentation([name], (16, 12))(image).shape == (channels, 16, 12), name
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    root = tmp_path / "images" / "a"
+    root.mkdir(parents=True)
+    pixels = np.zeros((10, 20, 3), dtype=np.uint8)  # stored landscape, 20 wide:
+    pixels[:, :10] = 255  # white left half, black right half
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # tagged "rotate 90° clockwise to display": a portrait photo, white on top
+    image.save(root / "photo.jpg", exif=exif, quality=95)
+    bundle = build_datasets({"source": "image-folder", "path": str(tmp_path / "images"), "val_fraction": 0,
+                             "test_fraction": 0})
+    assert bundle.input_shape == (3, 20, 10)  # the displayed size, not the stored one
+    decoded = bundle.train[0][0]
+    assert decoded.shape == (3, 20, 10)
+    assert float(decoded[:, :8].mean()) > 0.9 and float(decoded[:, 12:].mean()) < 0.1
 
 
 def test_image_folder_standardisation_and_limit(tmp_path):

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from tightfit.data.cache import TensorCache, describe, hash_bytes, resolve_cache_dir
 from tightfit.data.config import DataConfig, DataError
-from tightfit.data.image_folder import ImageDecoder, check_image_header, list_images
+from tightfit.data.image_folder import ImageDecoder, check_image_header, display_size, list_images
 from tightfit.data.splits import limit_indices, split_indices
 from tightfit.data.text import load_tokenizer, resolve_tokenizer_dir, tokenizer_fingerprint
 from tightfit.errors import ConfigError
@@ -188,10 +188,7 @@ def build_captioned_images(config: DataConfig, seed: int):
     if config.image_size is not None:
         size = (config.image_size, config.image_size) if isinstance(config.image_size, int) else tuple(config.image_size)
     else:
-        from PIL import Image
-
-        with Image.open(pairs["train"][0][0]) as first:
-            size = (first.height, first.width)
+        size = display_size(pairs["train"][0][0])
     limit = tokenizer.model_max_length if tokenizer.model_max_length and tokenizer.model_max_length < 10_000 else CLIP_CONTEXT_LENGTH
     max_length = config.max_length or limit
     cache_dir = resolve_cache_dir(config.cache)

@@ -35,6 +35,7 @@ from tightfit.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+EXIF_ORIENTATION = 0x0112
 STANDARDISE_SAMPLE_COUNT = 256  # images used to estimate per-channel mean/std: plenty for 3 numbers
 
 
@@ -61,6 +62,21 @@ def check_image_header(path: Path) -> str | None:
     return None
 
 
+def display_size(path: Path) -> tuple[int, int]:
+    """``(height, width)`` of an image as shown, its EXIF orientation applied, from the header only."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        height, width = image.height, image.width
+        try:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        except (OSError, SyntaxError, ValueError):
+            # Reading EXIF may touch the pixel data; a damaged file is reported when it is decoded.
+            orientation = 1
+    # Orientations 5-8 are the quarter turns: the stored width is the displayed height.
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
 class ImageDecoder:
     """Decode an image file into a uint8 tensor ``(C, H, W)`` of a fixed size, through the cache.
 
@@ -73,16 +89,17 @@ class ImageDecoder:
     def __init__(self, color_mode: str, size: tuple[int, int], cache_dir: Path | None):
         self.color_mode = color_mode
         self.size = size
-        self.description = describe(kind="image", mode=color_mode, size=list(size), resize="cover-bicubic-center-crop")
+        self.description = describe(kind="image", mode=color_mode, size=list(size), resize="exif-cover-bicubic-center-crop")
         self.cache = TensorCache(cache_dir, "images") if cache_dir is not None else None
 
     def decode_bytes(self, data: bytes, path: Path) -> torch.Tensor:
         """Decode, convert and resize; raises :class:`DataError` naming ``path`` on bad data."""
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         try:
             with Image.open(io.BytesIO(data)) as image:
-                image = image.convert(self.color_mode)
+                # Phone photos store "rotate me" in EXIF instead of rotating the pixels.
+                image = ImageOps.exif_transpose(image).convert(self.color_mode)
                 height, width = self.size
                 scale = max(height / image.height, width / image.width)
                 resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -270,13 +287,7 @@ def build_image_folder(config: DataConfig, seed: int):
     if not items["train"]:
         raise DataError(f"{train_root}: no images left for training after the val/test split")
 
-    if config.image_size is not None:
-        size = _as_hw(config.image_size)
-    else:
-        from PIL import Image
-
-        with Image.open(items["train"][0][0]) as first:
-            size = (first.height, first.width)
+    size = _as_hw(config.image_size) if config.image_size is not None else display_size(items["train"][0][0])
     cache_dir = resolve_cache_dir(config.cache)
     decoder = ImageDecoder(config.color_mode, size, cache_dir)
     channels = 3 if config.color_mode == "RGB" else 1
