@@ -401,3 +401,185 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """
     _require_peft_model(model, "merge adapters")
     return model.merge_and_unload()
+
+
+# ---------------------------------------------------------------------------------- run directories
+ADAPTERS_DIR = "adapters"
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """The adapter folder of a run directory (``RUN_DIR/adapters``) or the folder itself.
+
+    Raises:
+        TightfitError: when neither holds ``adapter_config.json``.
+    """
+    path = Path(path).expanduser()
+    for candidate in (path / ADAPTERS_DIR, path):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    if not path.exists():
+        raise TightfitError(f"{path}: no such run directory")
+    raise TightfitError(
+        f"{path}: no LoRA adapters (expected {ADAPTERS_DIR}/adapter_config.json; was the run trained with a lora: section?)"
+    )
+
+
+def describe_adapters(path: str | Path) -> dict:
+    """What a run's adapters are: settings, counts, files, and the base model they belong to."""
+    directory = adapter_dir(path)
+    peft_config = json.loads((directory / "adapter_config.json").read_text())
+    saved = json.loads((directory / SUMMARY_FILE).read_text()) if (directory / SUMMARY_FILE).is_file() else {}
+    summary = saved.get("summary") or {}
+    files = {item.name: item.stat().st_size for item in sorted(directory.iterdir()) if item.is_file()}
+    run_config = _run_config(directory.parent) if directory.name == ADAPTERS_DIR else None
+    targets = summary.get("target_modules") or sorted(peft_config.get("target_modules") or [])
+    return {
+        "adapters": str(directory),
+        "base_model": run_config.model if run_config is not None else None,
+        "rank": peft_config.get("r"),
+        "alpha": peft_config.get("lora_alpha"),
+        "dropout": peft_config.get("lora_dropout"),
+        "bias": peft_config.get("bias"),
+        "target_modules": len(targets),
+        "target_kinds": sorted({_module_kind(name) for name in targets}),
+        "modules_to_save": list(peft_config.get("modules_to_save") or []),
+        "quantize_base": summary.get("quantize_base"),
+        "trainable_parameters": summary.get("trainable_parameters"),
+        "total_parameters": summary.get("total_parameters"),
+        "adapter_bytes": files.get("adapter_model.safetensors"),
+        "files": files,
+    }
+
+
+def _run_config(run_dir: Path):
+    """The resolved training config a run saved (``RUN_DIR/config.yaml``), or None."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        return None
+    from tightfit.config import load_config
+
+    return load_config(str(config_file), [])
+
+
+def _head_classes(directory: Path) -> int | None:
+    """Classes of the trained head saved with the adapters (the base is rebuilt with that many)."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as handle:
+        shapes = [handle.get_slice(key).get_shape() for key in handle.keys() if "lora_" not in key and key.endswith("weight")]
+    two_dimensional = [shape for shape in shapes if len(shape) == 2]
+    return int(two_dimensional[-1][0]) if two_dimensional else None
+
+
+def load_lora_run(run_dir: str | Path, *, merged: bool = False) -> nn.Module:
+    """The trained model of a LoRA run, for inference: the base rebuilt from the run's config
+    (``model`` and ``model_options``, its own pretrained or initial weights), the adapters loaded
+    on top, and, with ``merged``, folded in.
+
+    Raises:
+        TightfitError: no adapters or no ``config.yaml`` in ``run_dir``.
+    """
+    from tightfit.models.spec import build_model
+
+    directory = adapter_dir(run_dir)
+    config = _run_config(directory.parent)
+    if config is None:
+        raise TightfitError(f"{directory.parent}: no config.yaml, so the base model cannot be rebuilt")
+    base = build_model(config.model, num_classes=_head_classes(directory), **config.model_options)
+    model = load_adapters(base, directory)
+    _load_frozen_base_from_checkpoint(model, directory.parent)
+    return merge_adapters(model).eval() if merged else model
+
+
+def _load_frozen_base_from_checkpoint(model: nn.Module, run_dir: Path) -> None:
+    """Copy the frozen base weights from the run's checkpoint, when it has one.
+
+    A pretrained base is rebuilt with the same weights anyway, but a randomly initialised one is
+    not: the checkpoint holds the base exactly as it was trained (frozen, so every checkpoint has
+    the same), while the adapters come from ``adapters/`` (the best weights).
+    """
+    from safetensors.torch import load_file
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("*/model.safetensors"))
+    if not checkpoints:
+        return
+    state = load_file(str(checkpoints[0]))
+    base_state = {key: value for key, value in state.items() if "lora_" not in key and "modules_to_save" not in key}
+    result = model.load_state_dict(base_state, strict=False)
+    unexpected = [key for key in result.unexpected_keys]
+    if unexpected:
+        raise TightfitError(
+            f"{checkpoints[0]}: weights do not match the model rebuilt from config.yaml (e.g. {unexpected[0]})"
+        )
+
+
+def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: bool = False) -> dict:
+    """Merge a LoRA run's adapters into its base and write the result (``tightfit lora merge``).
+
+    Writes into ``output`` (default ``RUN_DIR/merged``):
+
+    * a diffusion run: a complete Stable Diffusion directory (the source pipeline's VAE, text
+      encoder, tokenizer and scheduler, and the merged ``unet/``), loadable by diffusers alone;
+    * a transformers model: ``save_pretrained`` (``config.json`` + ``model.safetensors``);
+    * any other model: ``model.safetensors`` (its ``state_dict``);
+
+    and ``config.yaml``: the run's config without its ``lora:`` section, which rebuilds the merged
+    architecture (``build_model`` + ``load_weights``).
+
+    Args:
+        run_dir: the run directory (or an adapter folder inside one).
+        output: where to write; must be empty or absent unless ``force``.
+        force: replace files already in ``output``.
+
+    Returns:
+        ``{"output", "files", "parameters", "kind"}``.
+
+    Raises:
+        TightfitError: no adapters, no run config, or a non-empty ``output`` without ``force``.
+    """
+    import shutil
+
+    import yaml
+
+    directory = adapter_dir(run_dir)
+    run_dir = directory.parent
+    output = Path(output).expanduser() if output is not None else run_dir / "merged"
+    if output.exists() and any(output.iterdir()) and not force:
+        raise TightfitError(f"--output {output}: the folder is not empty (use --force to replace its files)")
+    model = load_lora_run(run_dir, merged=True)
+    output.mkdir(parents=True, exist_ok=True)
+    config = _run_config(run_dir)
+    source = getattr(model, "source", None)
+    if hasattr(model, "unet") and source and (Path(source) / "model_index.json").is_file():
+        kind = "diffusers pipeline"
+        for item in Path(source).iterdir():
+            if item.name == "unet":
+                continue
+            target = output / item.name
+            if item.is_dir():
+                shutil.copytree(item, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(item, target)
+        model.unet.save_pretrained(str(output / "unet"))
+    elif _is_transformers_model(model):
+        kind = "transformers"
+        model.save_pretrained(str(output))
+    else:
+        from tightfit.training.checkpoint import save_weights
+
+        kind = "state_dict"
+        save_weights(model, output / "model.safetensors")
+    tree = config.model_dump(mode="json")
+    tree["lora"] = None
+    tree["run_dir"] = None
+    (output / "config.yaml").write_text(
+        "# the merged model of " + str(run_dir) + " (LoRA folded into the base weights)\n"
+        + yaml.safe_dump(tree, sort_keys=False)
+    )
+    files = sorted(str(path.relative_to(output)) for path in output.rglob("*") if path.is_file())
+    return {
+        "output": str(output),
+        "kind": kind,
+        "files": files,
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+    }

@@ -102,16 +102,21 @@ def quantized_weight_bytes(numel: int, out_features: int, quantize_base: str, dt
 def quantizable_linears(model: nn.Module, skip: Iterable[str] = ()) -> list[str]:
     """Names of the ``nn.Linear`` layers a quantized base quantizes.
 
-    Everything Linear except the modules in ``skip`` (trainable heads) and output layers whose
-    weight is tied to an embedding (quantizing a tied weight would quantize the embedding too).
+    Everything Linear except the modules in ``skip`` (trainable heads), a language model's
+    output layer (kept in 16 bits, as transformers' bitsandbytes integration does, because its
+    errors land directly on the logits), layers whose weight is tied to an embedding, and LoRA's
+    own adapter layers.
     """
     skip = tuple(skip)
     embedding_weights = {
         id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)
     }
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or id(module.weight) in embedding_weights:
+        if not isinstance(module, nn.Linear) or id(module.weight) in embedding_weights or module is output_layer:
+            continue
+        if any(part.startswith("lora_") or part == "modules_to_save" for part in name.split(".")):
             continue
         if any(name == prefix or name.startswith(prefix + ".") for prefix in skip):
             continue
@@ -133,6 +138,58 @@ def quantized_base_bytes(model: nn.Module, quantize_base: str, skip: Iterable[st
         dtype_bytes = weight.element_size() if weight.element_size() < 4 else 2
         quantized += quantized_weight_bytes(weight.numel(), weight.shape[0], quantize_base, dtype_bytes)
     return original, quantized
+
+
+def with_quantized_base(
+    breakdown: dict[str, int],
+    model: nn.Module,
+    quantize_base: str,
+    *,
+    profile=None,
+    skip: Iterable[str] = (),
+    base_weight_bytes: int = 2,
+) -> tuple[dict[str, int], list[str]]:
+    """Turn the memory breakdown of a LoRA step on a 16-bit base into the same step on a quantized base.
+
+    The planner estimates LoRA on a bf16 base with fake tensors (nothing can be quantized on the
+    meta device); this swaps the base Linear weights' bytes for their quantized size
+    (:func:`quantized_weight_bytes`), adds the 16-bit copy of the largest weight that
+    bitsandbytes dequantizes on the fly during forward and backward, and recomputes the device
+    overhead for the new tensor peak.
+
+    Args:
+        breakdown: ``parameters, gradients, optimizer, activations, overhead`` in bytes.
+        model: the model the breakdown was estimated for (meta is fine).
+        quantize_base: ``"nf4"`` or ``"int8"``.
+        profile: the target ``DeviceProfile`` (its overhead is recomputed); None: no overhead.
+        skip: modules kept in 16 bits (trainable heads).
+        base_weight_bytes: bytes per base weight in the estimate (2 for a bf16 base).
+
+    Returns:
+        ``(breakdown, notes)``: the new breakdown (same keys) and what was changed, in words.
+    """
+    from tightfit.memory.overhead import device_overhead
+    from tightfit.units import format_bytes
+
+    modules = dict(model.named_modules())
+    names = quantizable_linears(model, skip)
+    sixteen_bit = quantized = largest = 0
+    for name in names:
+        weight = modules[name].weight
+        sixteen_bit += weight.numel() * base_weight_bytes
+        quantized += quantized_weight_bytes(weight.numel(), weight.shape[0], quantize_base, base_weight_bytes)
+        largest = max(largest, weight.numel() * base_weight_bytes)
+    adjusted = dict(breakdown)
+    adjusted["parameters"] = breakdown["parameters"] - sixteen_bit + quantized
+    adjusted["activations"] = breakdown["activations"] + largest
+    tensor_peak = sum(value for key, value in adjusted.items() if key != "overhead")
+    adjusted["overhead"] = device_overhead(profile, tensor_peak_bytes=tensor_peak).total_bytes if profile else 0
+    notes = [
+        f"{quantize_base} base: {len(names)} Linear weights {format_bytes(sixteen_bit)} -> "
+        f"{format_bytes(quantized)} (constants included); +{format_bytes(largest)} for the largest "
+        "weight dequantized on the fly"
+    ]
+    return adjusted, notes
 
 
 def quantize_base_model(
