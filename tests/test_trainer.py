@@ -349,3 +349,16 @@ def test_lora_section_trains_only_adapters_and_saves_them(tmp_path):
     base_weight = next(parameter for name, parameter in trainer.model.named_parameters() if name.endswith("0.base_layer.weight"))
     assert torch.equal(base_weight, frozen_before)  # the base stays frozen
     assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
+
+
+def test_grad_scaler_path_skips_a_nan_step_and_keeps_training(tmp_path):
+    # fp16 GradScaler runs on CUDA/MPS; torch's CPU GradScaler exercises the same code path here.
+    data = make_data(32)
+    model = PoisonAtCall(poison_call=2)
+    trainer = Trainer(quiet(tmp_path, batch={"micro_batch_size": 8}), model=model, datasets=(data, None, None))
+    trainer.setup()
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    summary = trainer.fit()
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 1
+    assert trainer.scaler.get_scale() < 2.0**4  # the NaN step lowered the scale
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())

@@ -445,18 +445,18 @@ class Trainer:
         grad_norm = self._gradient_norm()
         loss = float(loss_sum) / window_samples
         lr = self.optimizer.param_groups[0]["lr"]
-        problem = None
-        if self.scaler is None or math.isfinite(loss):
-            # with fp16 a few overflowing steps are the scaler's business: it skips them and rescales
-            gradients_checked = grad_norm if self.scaler is None or math.isfinite(grad_norm) else 0.0
-            problem = self.guard.check(self.model, loss, gradients_checked, lr=lr, clip_grad_norm=self.config.clip_grad_norm)
+        if self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
+            problem = None  # an fp16 gradient overflow is the scaler's business: it skips the step and rescales
+        else:
+            problem = self.guard.check(self.model, loss, grad_norm, lr=lr, clip_grad_norm=self.config.clip_grad_norm)
         if problem is not None:
             self.console.print(f"[yellow]step {self.global_step + 1} skipped:[/] {problem}")
         elif self.scaler is not None:
             self.scaler.step(self.optimizer)
-            self.scaler.update()
         else:
             self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()  # also after a skipped step: unscale_ must be followed by update
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         self.global_step += 1
