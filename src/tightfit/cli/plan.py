@@ -187,23 +187,24 @@ def _run_pipeline(args) -> int:
         f"(usable {format_bytes(result.budget_bytes)}, margin {result.margin:.0%})"
     )
     table = Table(box=box.SIMPLE_HEAD)
-    for column in ("stage", "model", "input", "verdict", "batch", "precision", "ckpt", "peak", "est. step", "est. epoch", "note"):
-        table.add_column(column)
+    for column in ("stage", "verdict", "batch", "precision", "ckpt", "peak", "est. step", "est. epoch"):
+        table.add_column(column, justify="right" if column in ("peak", "est. step", "est. epoch") else "left")
     colours = {"fits": "green", "tight": "yellow", "does not fit": "red"}
     for stage in result.stages:
         batch = "-"
         if stage.micro_batch_size:
             batch = f"{stage.micro_batch_size} x {stage.accumulation_steps}"
+        peak = format_bytes(stage.peak_bytes) + (" RAM" if stage.kind == "cpu" else "")
         table.add_row(
-            escape(stage.name), escape(stage.model or "(cpu)"), escape(stage.input or "-"),
-            f"[{colours[stage.verdict]}]{stage.verdict}[/]", batch, stage.precision or "-",
+            escape(stage.name), f"[{colours[stage.verdict]}]{stage.verdict}[/]", batch, stage.precision or "-",
             "-" if stage.checkpointing is None else ("on" if stage.checkpointing else "off"),
-            f"{format_bytes(stage.peak_bytes)} / {format_bytes(stage.budget_bytes)}",
-            _seconds(stage.step_time_s), _seconds(stage.epoch_time_s), escape(stage.note),
+            peak, _seconds(stage.step_time_s), _seconds(stage.epoch_time_s),
         )
     out.print(table)
     for stage in result.stages:
-        out.print(f"[dim]- {escape(stage.name)}: {escape(stage.why)}[/]")
+        what = f"{stage.model} on {stage.input}" if stage.kind == "train" else "CPU stage"
+        note = f" ({stage.note})" if stage.note else ""
+        out.print(f"- [bold]{escape(stage.name)}[/]: {escape(what)}{escape(note)}: {escape(stage.why)}")
     out.print("[dim]batch = micro-batch x accumulation steps; times are estimates (FLOPs / peak FLOP/s at the "
               "stated utilisation); peaks include the device overhead.[/]")
     out.print(f"[dim]planned in {result.seconds:.1f} s[/]")

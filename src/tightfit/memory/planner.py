@@ -458,10 +458,10 @@ class _Planner:
             plain = next((o for o in earlier if o.settings == dataclasses.replace(settings, checkpointing=False)), None)
             if plain is not None and plain.fits and (not effective_batch_size or plain.capped):
                 reason = "reaches the effective batch" if effective_batch_size else "fits"
-                return Option(settings, 0, note=f"not needed: the batch {reason} without it", skipped=True)
+                return Option(settings, 0, note=f"not needed ({reason} without)", skipped=True)
         weight_bytes = self.parameters * (2 if settings.precision == "bf16-pure" else 4)
         if weight_bytes > threshold:
-            return Option(settings, 0, note=f"weights alone ({format_bytes(weight_bytes)}) exceed the budget")
+            return Option(settings, 0, note=f"weights alone {format_bytes(weight_bytes)} > budget")
         micro_batch_size = self.largest_fitting(settings, threshold, limit)
         if micro_batch_size == 0:
             return Option(settings, 0, memory=self.estimate(settings, 1), note="batch 1 does not fit")

@@ -15,6 +15,7 @@ input_ids`` for language models that take ``labels``, a float target for image-t
 """
 
 import inspect
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,6 +147,10 @@ def _probe_output(model: nn.Module, inputs: list[InputSpec], vocab_size: int | N
     device = parameter.device if parameter is not None else torch.device("cpu")
     was_training = model.training
     model.eval()  # the shape does not depend on it, and eval keeps BatchNorm buffers untouched
+    # FakeTensorMode logs a traceback of a failing kernel before raising; the SpecError says it in one line.
+    fake_logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_logger.level
+    fake_logger.setLevel(logging.CRITICAL)
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
             batch = _make_inputs(inputs, 2, device, vocab_size)
@@ -159,6 +164,7 @@ def _probe_output(model: nn.Module, inputs: list[InputSpec], vocab_size: int | N
             f"input spec {','.join(map(str, inputs))!r} does not fit model {type(model).__name__}: {first_line}"
         ) from None
     finally:
+        fake_logger.setLevel(level)
         model.train(was_training)
 
 
