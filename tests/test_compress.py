@@ -393,3 +393,18 @@ def test_compress_command_on_a_run_directory(tmp_path, capsys):
     code, stderr = run_in_process(capsys, "compress", str(run_dir), "--steps", "export")
     assert code == 2 and "already holds a report" in stderr
     assert json.loads((run_dir / "compressed" / "report.json").read_text())["artifacts"][1]["step"] == "01-prune"
+
+
+def test_structured_pruning_removes_attention_heads_of_a_transformer():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).eval()
+    batch = {"input_ids": torch.randint(0, 100, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    result = structured_prune(model, batch, ratio=0.5, num_classes=3)
+    attention = model.bert.encoder.layer[0].attention.self
+    assert result.pruned_heads == {"bert.encoder.layer.0.attention.self": 2, "bert.encoder.layer.1.attention.self": 2}
+    assert attention.num_attention_heads == 2 and attention.query.out_features == 2 * attention.attention_head_size
+    assert result.parameters_after < 0.5 * result.parameters_before
+    assert model(**batch).logits.shape == (2, 3)
