@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tightfit
 from tightfit.cli import main
 from tightfit.config import TrainConfig, default_recipe, load_config, parse_override
 from tightfit.errors import ConfigError
@@ -16,8 +17,11 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"
 def test_the_digits_recipe_is_the_default_and_starts_with_its_command():
     assert default_recipe() == RECIPE
     assert RECIPE.read_text().splitlines()[0].startswith("# tightfit train recipes/digits.yaml")
-    # an installed package (no recipes/ folder) falls back to TrainConfig(): they must agree
-    assert load_config(RECIPE).model_dump() == TrainConfig().model_dump()
+    # an installed package has no recipes/ folder and runs the copy shipped inside it
+    packaged = Path(tightfit.__file__).parent / "recipes" / "digits.yaml"
+    assert packaged.read_text() == RECIPE.read_text()
+    # the recipe is the defaults plus a thread count
+    assert load_config(RECIPE).model_dump() == TrainConfig(threads=1).model_dump()
 
 
 def test_overrides_are_typed_and_dotted():

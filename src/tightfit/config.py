@@ -162,6 +162,9 @@ class TrainConfig(BaseModel, extra="forbid"):
     numerics: NumericsConfig = Field(default_factory=NumericsConfig)
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
     budget: str | int | None = Field(default=None, description="memory budget, e.g. 6GiB (simulated on CPU)")
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for torch's intra-op parallelism; default: torch's (one per core)"
+    )
     seed: int = 0
     run_dir: str | None = Field(default=None, description="default: a new folder under runs/")
     epochs: int = Field(default=12, ge=1)
@@ -329,11 +332,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     return build_config(read_yaml(path), source=str(path), overrides=overrides)
 
 
-def default_recipe() -> Path | None:
-    """``recipes/digits.yaml`` of a source checkout, or None for an installed package (whose
-    ``TrainConfig()`` defaults are the same recipe; tests check they agree)."""
-    candidate = Path(__file__).resolve().parents[2] / "recipes" / "digits.yaml"
-    return candidate if candidate.is_file() else None
+def default_recipe() -> Path:
+    """The digits recipe: ``recipes/digits.yaml`` of a source checkout, else the copy shipped
+    inside the package (``tightfit/recipes/digits.yaml``; tests check the two are identical)."""
+    checkout = Path(__file__).resolve().parents[2] / "recipes" / "digits.yaml"
+    return checkout if checkout.is_file() else Path(__file__).resolve().parent / "recipes" / "digits.yaml"
 
 
 def config_to_yaml(config: TrainConfig) -> str:

@@ -150,6 +150,9 @@ class Trainer:
         config = self.config
         self.process = setup_process("cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.device = resolve_device(config.device, self.process)
+        self.threads_before = torch.get_num_threads()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)  # restored when fit() ends: a notebook keeps its setting
         self.console = _console(config.logging.console and self.process.is_main)
         seed_everything(config.seed)
 
@@ -387,6 +390,7 @@ class Trainer:
         finally:
             for logger in self.loggers:
                 logger.close()
+            torch.set_num_threads(self.threads_before)
             teardown_process(self.process)
 
     def _train_epochs(self, start_time: float) -> None:
