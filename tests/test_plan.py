@@ -230,3 +230,12 @@ def test_shipped_seed002_pipeline_runs():
         assert stage["micro_batch_size"] * stage["accumulation_steps"] == {"baseline-cnn": 32, "vit-pure": 16,
                                                                             "vit-mim-3d": 4}[name]
     assert stages["svm-classifier"]["kind"] == "cpu"
+
+
+def test_measure_matches_the_estimate_on_cpu():
+    """--measure runs real steps here; on the CPU the engine's estimate equals the measured peak."""
+    result = plan("builtin:digits-cnn", "1x8x8", batch_size=32, profile=get_profile("cpu"), measure=True)
+    measured = result.measured
+    assert measured["device"] == "cpu" and measured["batch_size"] == 32
+    assert measured["peak_bytes"] == result.peak_bytes
+    assert measured["step_time_s"] > 0 and measured["steps_timed"] == 3

@@ -123,7 +123,7 @@ def _render(result) -> None:
     if result.epoch_time_s is not None:
         timing += f", epoch {_seconds(result.epoch_time_s)}"
     if result.flops_per_step:
-        timing += f" ({result.flops_per_step / 1e12:.2f} TFLOP per optimizer step)"
+        timing += f" ({_flops(result.flops_per_step)} per optimizer step)"
     out.print(timing)
     if result.alternatives:
         table = Table(box=box.SIMPLE_HEAD, title="alternatives")
@@ -146,6 +146,13 @@ def _render(result) -> None:
     for note in result.notes:
         out.print(f"[dim]- {escape(note)}[/]")
     out.print(f"[dim]planned in {result.seconds:.1f} s[/]")
+
+
+def _flops(value: int) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value} FLOP"
 
 
 def _seconds(value) -> str:
