@@ -146,7 +146,28 @@ def _prepare(
     from tightfit.models.checkpointing import apply_activation_checkpointing
 
     targets = "auto" if checkpointing is True else checkpointing
-    return apply_activation_checkpointing(model, targets)
+    blocks = apply_activation_checkpointing(model, targets)
+    if blocks:
+        disable_kv_cache(model)
+    return blocks
+
+
+def disable_kv_cache(model: nn.Module) -> bool:
+    """Turn off the key/value cache of transformers models, as ``gradient_checkpointing_enable`` does.
+
+    A checkpointed block's recomputed forward would append its keys and values to the cache a
+    second time: the attention then sees twice the keys, and tracing fails on the shapes.
+
+    Returns:
+        Whether some module's ``config.use_cache`` was on.
+    """
+    changed = False
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False) is True:
+            config.use_cache = False
+            changed = True
+    return changed
 
 
 def _cast_batch(batch: Any, dtype: torch.dtype) -> Any:

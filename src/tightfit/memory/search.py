@@ -30,6 +30,7 @@ from torch import nn
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.memory.estimator import (
     EstimationError,
+    disable_kv_cache,
     estimate_model_step,
     measure_model_step,
     resolve_device,
@@ -125,6 +126,8 @@ def find_batch_size(
         from tightfit.models.checkpointing import apply_activation_checkpointing
 
         blocks = apply_activation_checkpointing(model, "auto" if checkpointing is True else checkpointing)
+        if blocks and disable_kv_cache(model):
+            notes.append("the key/value cache of the model is turned off, as checkpointed training needs")
         notes.append(f"activation checkpointing applied to {len(blocks)} blocks of the model, in place")
 
     snapshot = _ModelSnapshot(model)
