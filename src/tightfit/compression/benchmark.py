@@ -196,11 +196,15 @@ def _batch_size_of(args: tuple, kwargs: dict) -> int:
     return 1
 
 
-def cpu_int8_support() -> dict[str, Any]:
+def cpu_int8_support(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
     """Whether this CPU has fast int8 dot products, read from ``/proc/cpuinfo`` flags.
 
     Int8 kernels only beat fp32 clearly with VNNI (x86: ``avx512_vnni`` or ``avx_vnni``) or the
     ARM dot-product extension (``asimddp``); without them quantized models may well be slower.
+
+    Args:
+        cpuinfo: the file to read (``/proc/cpuinfo`` on Linux; absent on macOS, where Apple
+            silicon always has the dot-product extension).
 
     Returns:
         ``{"machine", "flags" (the relevant ones found), "fast_int8" (bool or None when unknown),
@@ -210,8 +214,8 @@ def cpu_int8_support() -> dict[str, Any]:
     wanted = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "avx2", "avx512f"}
     found: set[str] = set()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
                 if line.lower().startswith(("flags", "features")):
                     found |= wanted & set(line.split(":", 1)[-1].split())
     except OSError:
@@ -226,3 +230,23 @@ def cpu_int8_support() -> dict[str, Any]:
             "int8 models may not run faster than fp32 here"
         )
     return {"machine": machine, "flags": sorted(found), "fast_int8": fast, "warning": warning}
+
+
+def machine_load() -> dict[str, Any]:
+    """The 1-minute load average against the core count: timings on a busy machine are noisy.
+
+    Returns:
+        ``{"load_1min", "cores", "busy", "warning"}``; ``busy`` when other work keeps more
+        processes runnable than there are cores, so a timed run is often descheduled.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available on every platform
+        return {"load_1min": None, "cores": cores, "busy": False, "warning": None}
+    busy = load > cores
+    warning = (
+        f"the machine is busy (load {load:.1f} on {cores} cores): latency figures will be noisy; "
+        "measure on a quiet machine before trusting small differences"
+    ) if busy else None
+    return {"load_1min": round(load, 2), "cores": cores, "busy": busy, "warning": warning}

@@ -338,6 +338,9 @@ class Pipeline:
         int8 = benchmark.cpu_int8_support()
         if int8["warning"]:
             self.say(f"[yellow]warning:[/] {int8['warning']}")
+        load_before = benchmark.machine_load()
+        if load_before["busy"]:
+            self.say(f"[yellow]warning:[/] {load_before['warning']}")
         started = time.perf_counter()
         self.output.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(source.model).cpu().eval()
@@ -364,6 +367,7 @@ class Pipeline:
             "recipe": recipe.model_dump(mode="json"),
             "threads": threads,
             "cpu": int8,
+            "machine_load": {"before": load_before, "after": benchmark.machine_load()},
             "torch": torch.__version__,
             "metric": {"name": self.records[0].metric["name"], "split": self.evaluator.split,
                        "samples": self.evaluator.samples, "tolerance": recipe.tolerance},

@@ -174,6 +174,7 @@ def plot_tradeoffs(directory: Path, records: list[ArtifactRecord]) -> dict[str, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     metric_name = records[0].metric["name"]
     plots = {}
@@ -182,11 +183,17 @@ def plot_tradeoffs(directory: Path, records: list[ArtifactRecord]) -> dict[str, 
         ("latency_vs_metric", "latency at batch 1, median (ms)", lambda r: r.latency["batch_1"]["median_ms"]),
     ):
         figure, axes = plt.subplots(figsize=(6.4, 4.4))
-        for record in records:
+        for index, record in enumerate(records):
             colour = "tab:red" if record.flags else ("tab:gray" if record is records[0] else "tab:blue")
             axes.scatter(value_of(record), record.metric["value"], color=colour)
-            axes.annotate(record.name, (value_of(record), record.metric["value"]), fontsize=8,
-                          xytext=(4, 4), textcoords="offset points")
+            # Staggered labels: compressed models often share the original's metric exactly.
+            axes.annotate(record.name, (value_of(record), record.metric["value"]), fontsize=7,
+                          xytext=(4, 4 - 11 * (index % 4)), textcoords="offset points")
+        values = [value_of(record) for record in records]
+        if min(values) > 0 and max(values) / min(values) > 8:
+            axes.set_xscale("log")  # latencies of eager PyTorch and ONNX Runtime differ tenfold
+            axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes.set_xlabel(label)
         axes.set_ylabel(f"{metric_name} ({records[0].metric['split']})")
         threads = records[0].latency["batch_1"]["threads"]
