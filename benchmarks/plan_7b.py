@@ -15,6 +15,7 @@ Every row: micro-batch 1, activation checkpointing on every decoder layer, seque
 10 % headroom; "tight" fits only without it.
 
     python benchmarks/plan_7b.py --output benchmarks/results/plan_7b.json --markdown
+    python benchmarks/plan_7b.py --reuse benchmarks/results/plan_7b.json --markdown   # re-derive, no estimates
 """
 
 import argparse
@@ -40,16 +41,21 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.1f}"
 
 
-def plan_rows(sequence_length: int, device: str, base_model) -> list[dict]:
+def plan_rows(sequence_length: int, device: str, base_model, reuse: dict) -> list[dict]:
     from tightfit.errors import TightfitError
     from tightfit.hardware.profiles import get_profile
     from tightfit.memory.planner import plan
-    from tightfit.models.qlora import resolve_quantize_base, with_quantized_base
+    from tightfit.models.qlora import with_quantized_base
 
     profile = get_profile(device)
     rows = []
     lora_result = None
     for method, lora_rank in (("full fine-tuning", None), (f"LoRA r={LORA_RANK}, bf16 base", LORA_RANK)):
+        earlier = reuse.get((method, sequence_length, device))
+        if earlier is not None and "breakdown" in earlier:  # --reuse: a planner row already computed
+            rows.append(earlier)
+            lora_result = earlier if lora_rank is not None else lora_result
+            continue
         started = time.perf_counter()
         try:
             result = plan(
@@ -73,7 +79,8 @@ def plan_rows(sequence_length: int, device: str, base_model) -> list[dict]:
     for quantize_base, label in (("nf4", "QLoRA r=16, NF4 base"), ("int8", "LoRA r=16, int8 base")):
         breakdown, notes = with_quantized_base(lora_result["breakdown"], base_model, quantize_base, profile=profile)
         peak = sum(breakdown.values())
-        runs_here, reason = resolve_quantize_base(quantize_base, profile.device_type)
+        # on the target device, not on this machine: NF4 needs bitsandbytes' CUDA kernels
+        available = quantize_base != "nf4" or (profile.device_type == "cuda" and profile.supports_bitsandbytes)
         row = {
             "method": label, "sequence_length": sequence_length, "device": device,
             "peak_bytes": peak, "breakdown": breakdown, "budget_bytes": lora_result["budget_bytes"],
@@ -85,9 +92,10 @@ def plan_rows(sequence_length: int, device: str, base_model) -> list[dict]:
             f"peak {gib(peak)} GiB vs {gib(row['budget_bytes'])} GiB usable; largest part {largest} "
             f"({gib(breakdown[largest])} GiB)"
         )
-        if runs_here != quantize_base:
-            row["verdict"] += " (not available here)"
-            row["why"] = reason
+        if not available:
+            row["verdict"] = f"n/a ({row['verdict']} if it ran)"
+            row["why"] = (f"bitsandbytes' NF4 kernels need a CUDA GPU; on {profile.device_type} tightfit uses the "
+                          "int8 base (next row)")
         rows.append(row)
     return rows
 
@@ -115,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default=",".join(DEVICES))
     parser.add_argument("--output", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for docs/lora.md)")
+    parser.add_argument("--reuse", type=Path, help="a JSON of an earlier run: its planner rows are not estimated again")
     args = parser.parse_args(argv)
+    reuse = {}
+    if args.reuse and args.reuse.is_file():
+        reuse = {(row["method"], row["sequence_length"], row["device"]): row for row in json.loads(args.reuse.read_text())}
 
     from tightfit.models.spec import build_model
 
@@ -124,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for sequence_length in [int(value) for value in args.sequence_lengths.split(",")]:
         for device in args.devices.split(","):
-            new_rows = plan_rows(sequence_length, device, base_model)
+            new_rows = plan_rows(sequence_length, device, base_model, reuse)
             rows.extend(new_rows)
             for row in new_rows:
                 status = row.get("verdict", "error")
