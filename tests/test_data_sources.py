@@ -1,7 +1,6 @@
 """Every data source builds the right samples, splits, caches and errors (small files in tmp_path)."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest
