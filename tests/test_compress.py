@@ -309,6 +309,25 @@ def test_pipeline_report_has_every_field_and_flags_correctly(trained, digits, tm
     assert not fastest["flags"]
 
 
+def test_pipeline_structured_distill_qat_branches(trained, digits, tmp_path):
+    source = Source(trained, digits, "digits-test")
+    recipe = {
+        "steps": [{"step": "prune", "method": "structured", "sparsity": 0.5},
+                  {"step": "distill", "temperature": 2.0, "alpha": 0.5},
+                  {"step": "qat", "finetune": {"epochs": 1, "max_steps": 5, "lr": 1e-4}},
+                  {"step": "quantize"}],
+        "finetune": {"epochs": 1, "lr": 3e-3}, "repeats": 5, "warmup": 2, "threads": 1, "latency_batch_size": 8,
+    }
+    report = compress(source, recipe, tmp_path / "out")
+    original, structured, distilled, quantized = report["artifacts"]  # quantize: already int8, no new row
+    assert structured["parameters"] < 0.4 * original["parameters"]
+    assert structured["details"]["batchnorm_batches"] > 0
+    assert distilled["parameters"] == structured["parameters"]  # the student is the pruned model
+    assert quantized["step"] == "03-qat" and quantized["size_bytes"] < 0.5 * structured["size_bytes"]
+    assert all(a["seconds"] > 0 for a in report["artifacts"][1:])
+    assert report["machine_load"]["before"]["cores"] >= 1
+
+
 def test_an_existing_report_is_not_overwritten(trained, digits, tmp_path):
     (tmp_path / "report.json").write_text('{"keep": true}')
     with pytest.raises(ConfigError, match="already holds a report"):

@@ -400,10 +400,14 @@ class Pipeline:
                     step.initial_sparsity, step.sparsity, step.begin_step, end,
                     frequency=step.frequency or max(1, (end - step.begin_step) // 10),
                 )
-            args, _, _ = split_batch(self.evaluator.example)
+            # Tracing inputs for Torch-Pruning: several samples (BatchNorm in train mode cannot
+            # normalise one), keyword inputs for HF-style models.
+            args, kwargs, _ = split_batch(self.evaluator.large)
+            kwargs = {key: value for key, value in kwargs.items() if key != "labels"}
+            example_inputs = kwargs or (args[0] if len(args) == 1 else args)
             result = prune(
                 model, data, method=step.method, sparsity=step.sparsity, scope=step.scope, schedule=schedule,
-                exclude=step.exclude, example_inputs=args[0] if len(args) == 1 else args,
+                exclude=step.exclude, example_inputs=example_inputs,
                 num_classes=getattr(data, "num_classes", None), importance=step.importance,
                 finetune=settings, run_dir=directory / "train", progress=self.progress,
             )
