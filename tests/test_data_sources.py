@@ -352,14 +352,17 @@ def test_csv_bad_inputs(tmp_path):
 # ---------------------------------------------------------------- loaders
 
 
-def test_workers_and_pinned_memory_are_chosen_where_they_help(tmp_path):
+def test_workers_and_pinned_memory_are_chosen_where_they_help(tmp_path, monkeypatch):
     digits = build_datasets({"source": "digits", "limit": 10})
     config = DataConfig()
     assert resolve_num_workers(digits.train, config) == 0
     root = write_image_folder(tmp_path / "images", per_class=2)
     images = build_datasets({"source": "image-folder", "path": str(root)})
-    expected = min(4, max(0, len(__import__("os").sched_getaffinity(0)) - 1))
-    assert resolve_num_workers(images.train, config) == expected
+    import tightfit.data.build as build_module
+
+    for cores, expected in ((16, 4), (2, 1), (1, 0)):
+        monkeypatch.setattr(build_module.os, "sched_getaffinity", lambda _, n=cores: set(range(n)), raising=False)
+        assert resolve_num_workers(images.train, config) == expected
     assert resolve_num_workers(images.train, DataConfig(num_workers=0)) == 0
     assert resolve_pin_memory(config, "cuda") is True
     assert resolve_pin_memory(config, "cpu") is False
