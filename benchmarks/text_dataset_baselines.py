@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune MiniLM fully for N epochs")
     args = parser.parse_args()
     bundle = build_datasets({"source": "text-csv", "path": "packaged:support-messages", "seed": 0})
-    header, rows = read_csv(Path(bundle.metadata["path"]))
+    header, rows, _ = read_csv(Path(bundle.metadata["path"]))
     texts = np.array([row[header.index("text")] for row in rows])
     names = [row[header.index("label")] for row in rows]
     labels = np.array([bundle.class_names.index(name) for name in names])

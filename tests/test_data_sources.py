@@ -485,3 +485,24 @@ def test_captioned_images_list_format_and_integrity_errors(tmp_path, tokenizer_d
         build_datasets(settings)
     with pytest.raises(ConfigError, match="data.tokenizer"):
         build_datasets({**settings, "tokenizer": None})
+
+
+def test_csv_reading_edge_cases(tmp_path):
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncafé crème,a\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv: not UTF-8 text.*save it as UTF-8"):
+        build_datasets({"source": "text-csv", "path": str(latin)})
+    # Semicolons inside sentences do not confuse the delimiter; a quoted cell may span lines,
+    # and an error after it names the line an editor shows.
+    quoted = write_csv(tmp_path / "q.csv", ["text,label", '"one; two; three",a', '"first line', 'second line",b',
+                                            '"fine; really",a', ",b"])
+    with pytest.raises(DataError, match=r"q.csv, line 6: empty text"):
+        build_datasets({"source": "text-csv", "path": str(quoted)})
+
+
+def test_text_csv_reads_multiline_cells_and_numeric_labels_in_order(tmp_path):
+    rows = ['"a sentence; with a semicolon",10', '"a cell over\ntwo lines",2'] * 5
+    path = write_csv(tmp_path / "t.csv", ["text,label", *rows])
+    bundle = build_datasets({"source": "text-csv", "path": str(path), "val_fraction": 0, "test_fraction": 0})
+    assert len(bundle.train) == 10
+    assert bundle.class_names == ["2", "10"]  # numeric order, not "10" < "2"

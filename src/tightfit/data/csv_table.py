@@ -23,36 +23,56 @@ MAX_AUTO_CLASSES = 20
 MISSING = {"", "na", "n/a", "nan", "null", "none", "?"}
 
 
-def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a CSV (or TSV) file; the delimiter is detected from the first lines.
-
-    Raises:
-        DataError: an empty file, or a row whose number of cells differs from the header's.
-    """
+def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         sample = handle.read(16384)
         handle.seek(0)
-        try:
-            dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
-        except csv.Error:
-            dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
-        reader = csv.reader(handle, dialect)
+        # The header names the columns and rarely holds punctuation, so the delimiters it
+        # contains are the candidates; sniffing the whole sample could pick a ';' from a sentence.
+        candidates = "".join(d for d in ",;\t|" if d in sample.partition("\n")[0])
+        if len(candidates) == 1:
+            dialect = csv.excel
+            delimiter = candidates
+        else:
+            try:
+                dialect = csv.Sniffer().sniff(sample, delimiters=candidates or ",;\t|")
+                delimiter = dialect.delimiter
+            except csv.Error:
+                dialect, delimiter = csv.excel, "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = csv.reader(handle, dialect, delimiter=delimiter)
         header = next(reader, None)
         if not header:
             raise DataError(f"{path}: empty file, expected a header row")
         header = [name.strip() for name in header]
-        rows = []
-        for line_number, row in enumerate(reader, start=2):
+        rows, lines = [], []
+        for row in reader:
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
                 raise DataError(
-                    f"{path}, line {line_number}: {len(row)} cells but the header has {len(header)}"
+                    f"{path}, line {reader.line_num}: {len(row)} cells but the header has {len(header)}"
                 )
             rows.append([cell.strip() for cell in row])
+            lines.append(reader.line_num)
+    return header, rows, lines
+
+
+def read_csv(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, rows and the line number of each row of a CSV (or TSV) file.
+
+    Blank lines are skipped; a quoted cell may span lines (the line numbers say where each row
+    ends, which is where an editor shows it). The delimiter is detected from the header.
+
+    Raises:
+        DataError: an empty file, or a row whose number of cells differs from the header's.
+    """
+    try:
+        header, rows, lines = _read_rows(path)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason}); save it as UTF-8") from None
     if not rows:
         raise DataError(f"{path}: a header but no rows")
-    return header, rows
+    return header, rows, lines
 
 
 def _parse_number(cell: str) -> float | None:
@@ -79,21 +99,21 @@ def check_columns(header: list[str], wanted: list[str], key: str, path: Path) ->
             )
 
 
-def _encode_target(values: list[str], task: str, path: Path, column: str):
+def _encode_target(values: list[str], lines: list[int], task: str, path: Path, column: str):
     """Targets as class indices (with their names) or floats, and the task they imply."""
     numbers = [_parse_number(value) for value in values]
-    for row, (value, number) in enumerate(zip(values, numbers), start=2):
+    for line, number in zip(lines, numbers):
         if number is not None and math.isnan(number):
-            raise DataError(f"{path}, line {row}: the target column {column!r} is empty")
+            raise DataError(f"{path}, line {line}: the target column {column!r} is empty")
     numeric = all(number is not None for number in numbers)
     if task == "auto":
         whole = numeric and all(float(number).is_integer() for number in numbers)
         task = "classification" if not numeric or (whole and len(set(numbers)) <= MAX_AUTO_CLASSES) else "regression"
     if task == "regression":
         if not numeric:
-            row = next(i for i, number in enumerate(numbers, start=2) if number is None)
+            row = next(i for i, number in enumerate(numbers) if number is None)
             raise DataError(
-                f"{path}, line {row}: target {values[row - 2]!r} in column {column!r} is not a number "
+                f"{path}, line {lines[row]}: target {values[row]!r} in column {column!r} is not a number "
                 "(a regression needs numbers; set data.task: classification for labels)"
             )
         return np.array(numbers, dtype=np.float32), None, task
@@ -147,7 +167,7 @@ def build_csv(config: DataConfig, seed: int):
     path = Path(config.path).expanduser()
     if not path.is_file():
         raise ConfigError(f"data.path: no such file {path}")
-    header, rows = read_csv(path)
+    header, rows, lines = read_csv(path)
     target = config.columns.target or header[-1]
     check_columns(header, [target], "data.columns.target", path)
     features = config.columns.features or [name for name in header if name != target]
@@ -158,7 +178,9 @@ def build_csv(config: DataConfig, seed: int):
         raise ConfigError(f"data.columns.features: {path} has no column besides the target {target!r}")
 
     position = {name: i for i, name in enumerate(header)}
-    targets, class_names, task = _encode_target([row[position[target]] for row in rows], config.task, path, target)
+    targets, class_names, task = _encode_target(
+        [row[position[target]] for row in rows], lines, config.task, path, target
+    )
     split_seed = config.seed if config.seed is not None else seed
     splits = split_indices(
         len(rows),

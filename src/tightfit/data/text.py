@@ -197,14 +197,14 @@ def build_text_csv(config: DataConfig, seed: int):
     if config.augment:
         raise ConfigError(f"data.augment: {config.augment} are image augmentations; the text-csv source takes none")
     path = resolve_data_path(config.path, "text-csv")
-    header, rows = read_csv(path)
+    header, rows, lines = read_csv(path)
     text_column = config.columns.text or "text"
     label_column = config.columns.target or "label"
     check_columns(header, [text_column], "data.columns.text", path)
     check_columns(header, [label_column], "data.columns.target", path)
     texts = [row[header.index(text_column)] for row in rows]
     label_values = [row[header.index(label_column)] for row in rows]
-    for line, (text, label) in enumerate(zip(texts, label_values), start=2):
+    for line, text, label in zip(lines, texts, label_values):
         if not text or not label:
             raise DataError(f"{path}, line {line}: empty {'text' if not text else 'label'}")
     class_names = _sorted_labels(label_values)
