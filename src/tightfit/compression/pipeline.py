@@ -325,6 +325,7 @@ class Pipeline:
         self.progress = progress
         self.records: list[ArtifactRecord] = []
         self.float_model: nn.Module | None = None  # the last model that is not int8 (for ONNX export)
+        self.decisions: list[dict[str, Any]] = []  # steps that chose to change nothing, and why
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -371,6 +372,7 @@ class Pipeline:
             "torch": torch.__version__,
             "metric": {"name": self.records[0].metric["name"], "split": self.evaluator.split,
                        "samples": self.evaluator.samples, "tolerance": recipe.tolerance},
+            "decisions": self.decisions,
             "seconds": round(time.perf_counter() - started, 2),
         }
         path = write_report(self.output, self.records, best=best, context=context)
@@ -455,6 +457,10 @@ class Pipeline:
                 threads=self.measure.threads,
             )
             self.say(f"  quantize: {result.reason}")
+            if result.method == "none":  # the model is unchanged: no new artifact to measure
+                self.decisions.append({"step": tag, "method": "none", "reason": result.reason,
+                                       "candidates": result.candidates, "warnings": result.warnings})
+                return model
             record = self._measure_torch(f"{tag} {result.method}", tag, result.model, directory)
             record.details.update(method=result.method, reason=result.reason, candidates=result.candidates,
                                   warnings=result.warnings)
