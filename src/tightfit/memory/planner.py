@@ -269,7 +269,7 @@ class _Planner:
         self.blocks = _repeated_blocks(model)
         self.parameters = sum(parameter.numel() for parameter in model.parameters())
         self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self._cache: dict[tuple[Settings, int], StepMemory] = {}
+        self._cache: dict[tuple[Settings, int, int], StepMemory] = {}  # (settings, batch, accumulation)
 
     def _with_lora(self, model: nn.Module) -> nn.Module:
         from tightfit.models.lora import LoRAConfig, apply_lora
