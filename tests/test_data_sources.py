@@ -506,3 +506,23 @@ def test_text_csv_reads_multiline_cells_and_numeric_labels_in_order(tmp_path):
     bundle = build_datasets({"source": "text-csv", "path": str(path), "val_fraction": 0, "test_fraction": 0})
     assert len(bundle.train) == 10
     assert bundle.class_names == ["2", "10"]  # numeric order, not "10" < "2"
+
+
+def test_without_torchvision_augmentation_is_skipped_with_a_warning(monkeypatch):
+    import tightfit.data.transforms as transforms
+
+    monkeypatch.setattr(transforms, "is_available", lambda name: name != "torchvision")
+    with pytest.warns(UserWarning, match=r"augmentation \['hflip:1'\] skipped.*tightfit\[vision\]"):
+        bundle = build_datasets({"source": "digits", "augment": ["hflip:1"], "limit": 20})
+    plain = build_datasets({"source": "digits", "limit": 20})
+    assert bundle.train.transform is None
+    assert torch.equal(bundle.train[0][0], plain.train[0][0])
+
+
+def test_cache_true_uses_the_cache_directory_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIGHTFIT_CACHE_DIR", str(tmp_path / "shared-cache"))
+    root = write_image_folder(tmp_path / "images", classes=("a",), per_class=2)
+    bundle = build_datasets({"source": "image-folder", "path": str(root), "cache": True,
+                             "val_fraction": 0, "test_fraction": 0})
+    bundle.train[0]
+    assert len(list((tmp_path / "shared-cache" / "images").rglob("*.safetensors"))) == 1
