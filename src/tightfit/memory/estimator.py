@@ -146,21 +146,21 @@ def _prepare(
     from tightfit.models.checkpointing import apply_activation_checkpointing
 
     targets = "auto" if checkpointing is True else checkpointing
-    blocks = apply_activation_checkpointing(model, targets)
-    if blocks:
-        disable_kv_cache(model)
-    return blocks
+    return apply_activation_checkpointing(model, targets)
 
 
 def disable_kv_cache(model: nn.Module) -> bool:
     """Turn off the key/value cache of transformers models, as ``gradient_checkpointing_enable`` does.
 
     A checkpointed block's recomputed forward would append its keys and values to the cache a
-    second time: the attention then sees twice the keys, and tracing fails on the shapes.
+    second time: the attention then sees twice the keys, and tracing fails on the shapes. The
+    memory engine calls this whenever the model has checkpointed blocks.
 
     Returns:
         Whether some module's ``config.use_cache`` was on.
     """
+    if not any(getattr(module, "_tightfit_checkpointed", False) for module in model.modules()):
+        return False
     changed = False
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -301,6 +301,7 @@ def _estimate_prepared(
     count_flops: bool = True,
 ) -> StepMemory:
     blocks = _prepare(model, precision=precision, optimizer_name=optimizer_name, checkpointing=checkpointing)
+    disable_kv_cache(model)
     device_type = getattr(profile, "device_type", "cpu")
     model.train()
     try:
@@ -491,6 +492,7 @@ def measure_model_step(
     _check_settings(batch_size, accumulation_steps)
     device = resolve_device(device)
     model.train()
+    disable_kv_cache(model)
     step_optimizer = build_optimizer(optimizer, model.parameters())
     scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(precision, device.type) else None
     make_batch = _batch_maker(batch_factory, batch_size, device, precision)

@@ -315,11 +315,6 @@ class MemoryTracker(TorchDispatchMode):
         self._take_pending_snapshot()
         return dict(self._by_module)
 
-    def reset_peak(self) -> None:
-        """Start a new peak from the bytes live now (e.g. after a warm-up step in the same block)."""
-        self.peak_allocated_bytes = self.live_allocated_bytes
-        self._update_peak(force=True)
-
 
 def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:
     """The untyped storage behind ``tensor``; None for tensors without one (sparse, nested)."""
