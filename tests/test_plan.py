@@ -239,3 +239,14 @@ def test_measure_matches_the_estimate_on_cpu():
     assert measured["device"] == "cpu" and measured["batch_size"] == 32
     assert measured["peak_bytes"] == result.peak_bytes
     assert measured["step_time_s"] > 0 and measured["steps_timed"] == 3
+
+
+def test_diffusion_directory_is_planned(tmp_path):
+    """diffusion:DIR goes through the LoRA engineer's builder; frozen VAE/text encoder are counted, not trained."""
+    diffusion = pytest.importorskip("tightfit.models.diffusion")
+    pytest.importorskip("diffusers")
+    directory = diffusion.write_tiny_pipeline(tmp_path / "sd")
+    result = plan(f"diffusion:{directory}", "pixel_values=3x16x16,input_ids=tokens:77", batch_size=2,
+                  profile=_budget(2**30))
+    assert result.fits and 0 < result.trainable_parameters < result.parameters
+    assert result.breakdown["gradients"] <= 4 * result.trainable_parameters < result.breakdown["parameters"]

@@ -174,6 +174,7 @@ def plan(
     optimizer: str | None = None,
     checkpointing: bool | None = None,
     lora_rank: int | None = None,
+    quantize_base: str | None = None,
     profile: Any = None,
     effective_batch_size: int | None = None,
     margin: float = 0.1,
@@ -193,6 +194,8 @@ def plan(
         checkpointing: fix activation checkpointing on or off; ``None`` lets the planner choose
             (check mode: off).
         lora_rank: train LoRA adapters of this rank on a frozen base (``tightfit.models.lora``).
+        quantize_base: with ``lora_rank``, count the frozen base Linear weights quantized:
+            ``nf4`` (QLoRA) or ``int8`` (``tightfit.models.qlora.with_quantized_base``).
         profile: a ``DeviceProfile``; ``None`` for this machine (``resolve_target()``).
         effective_batch_size: the batch one optimizer step should see, reached by accumulation.
         margin: headroom kept free (0.1 = plan to use at most 90 % of the usable memory).
@@ -212,8 +215,11 @@ def plan(
 
     started = time.perf_counter()
     _check_arguments(batch_size, precision, optimizer, effective_batch_size, margin, samples, lora_rank)
+    if quantize_base is not None and (lora_rank is None or quantize_base not in ("nf4", "int8")):
+        raise ConfigError(f"quantize base: {quantize_base!r} needs a LoRA rank and one of nf4, int8")
     profile = profile if profile is not None else resolve_target()
-    planner = _Planner(model_spec, input_spec, profile, lora_rank=lora_rank, model_kwargs=model_kwargs or {})
+    planner = _Planner(model_spec, input_spec, profile, lora_rank=lora_rank, model_kwargs=model_kwargs or {},
+                       quantize_base=quantize_base)
     if batch_size is not None:
         result = planner.check(
             Settings(precision or "fp32", bool(checkpointing), optimizer or "adamw"),
@@ -249,13 +255,15 @@ def _check_arguments(batch_size, precision, optimizer, effective_batch_size, mar
 class _Planner:
     """One model, one input, one device; caches every estimate it makes."""
 
-    def __init__(self, model_spec: str, input_spec: str, profile: Any, *, lora_rank: int | None, model_kwargs: dict):
+    def __init__(self, model_spec: str, input_spec: str, profile: Any, *, lora_rank: int | None, model_kwargs: dict,
+                 quantize_base: str | None = None):
         from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
         self.model_spec = model_spec
         self.input_spec = input_spec
         self.profile = profile
         self.lora_rank = lora_rank
+        self.quantize_base = quantize_base
         self.inputs = parse_input_spec(input_spec)
         self.notes: list[str] = []
         model = build_model(model_spec, meta=True, **model_kwargs)
@@ -265,6 +273,8 @@ class _Planner:
         if lora_rank is not None:
             model = self._with_lora(model)
             self.notes.append(f"LoRA rank {lora_rank}: base frozen, only adapters (and task heads) train")
+        if quantize_base is not None:
+            self.notes.append(f"{quantize_base} base: frozen Linear weights counted at their quantized size")
         self.models = {False: model}
         self.blocks = _repeated_blocks(model)
         self.parameters = sum(parameter.numel() for parameter in model.parameters())
@@ -292,14 +302,28 @@ class _Planner:
         key = (settings, batch_size, accumulation_steps)
         if key not in self._cache:
             try:
-                self._cache[key] = estimate_model_step(
+                memory = estimate_model_step(
                     self.model_for(settings.checkpointing), self.batch_factory, batch_size=batch_size,
                     precision=settings.precision, optimizer=settings.optimizer,
                     accumulation_steps=accumulation_steps, profile=self.profile,
                 )
             except EstimationError as error:
-                self._cache[key] = self._measure_instead(settings, batch_size, accumulation_steps, error)
+                memory = self._measure_instead(settings, batch_size, accumulation_steps, error)
+            if self.quantize_base is not None:
+                memory = self._on_quantized_base(memory, settings.precision)
+            self._cache[key] = memory
         return self._cache[key]
+
+    def _on_quantized_base(self, memory: StepMemory, precision: str) -> StepMemory:
+        """The same step with the frozen Linear weights stored quantized: nothing can be quantized
+        on the meta device, so the 16/32-bit estimate's base bytes are swapped for quantized ones."""
+        from tightfit.models.qlora import with_quantized_base
+
+        breakdown, notes = with_quantized_base(
+            memory.breakdown, self.models[False], self.quantize_base, profile=self.profile,
+            base_weight_bytes=2 if precision == "bf16-pure" else 4,
+        )
+        return dataclasses.replace(memory, peak_bytes=sum(breakdown.values()), breakdown=breakdown, notes=memory.notes + notes)
 
     def _measure_instead(self, settings: Settings, batch_size: int, accumulation_steps: int,
                          error: Exception) -> StepMemory:
@@ -682,7 +706,7 @@ def _verdict(peak_bytes: int, budget_bytes: int, margin: float) -> str:
 
 def _largest_category(memory: StepMemory) -> str:
     name, size = max(((name, memory.breakdown[name]) for name in CATEGORIES), key=lambda item: item[1])
-    return f"{name} are the largest part ({format_bytes(size)})"
+    return f"the largest part is {name} ({format_bytes(size)})"
 
 
 def _why(memory: StepMemory, budget: int, verdict: str, batch_size: int) -> str:

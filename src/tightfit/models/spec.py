@@ -117,14 +117,14 @@ def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **
         raise SpecError(f"model spec 'hf:{directory}': {error}") from None
 
 
-def _build_diffusion(directory: str, *, num_classes: int | None, **kwargs) -> nn.Module:
+def _build_diffusion(directory: str, *, num_classes: int | None, meta: bool = False, **kwargs) -> nn.Module:
     try:
         diffusion = importlib.import_module("tightfit.models.diffusion")
     except ModuleNotFoundError as error:
         if error.name != "tightfit.models.diffusion":
             raise
         raise SpecError(f"model spec 'diffusion:{directory}': diffusion models are not available in this build") from None
-    return diffusion.build_diffusion_model(directory, **kwargs)
+    return diffusion.build_diffusion_model(directory, meta=meta, **kwargs)
 
 
 def _build_callable(module_name: str, attribute: str, *, num_classes: int | None, **kwargs) -> nn.Module:
@@ -149,8 +149,8 @@ def _build_callable(module_name: str, attribute: str, *, num_classes: int | None
     return model
 
 
-# prefix -> builder(rest_of_spec, num_classes=..., **kwargs). hf handles ``meta`` itself (it must
-# not load weights first); the others are built under the meta device by build_model.
+# prefix -> builder(rest_of_spec, num_classes=..., **kwargs). hf and diffusion handle ``meta``
+# themselves (they must not read weight files first); the others are built under the meta device.
 PREFIXES: dict[str, Callable[..., nn.Module]] = {
     "builtin": _build_builtin,
     "torchvision": _build_torchvision,
@@ -193,8 +193,8 @@ def build_model(spec: str, *, num_classes: int | None = None, meta: bool = False
     prefix, rest = spec.split(":", 1)
     if not rest:
         raise SpecError(f"model spec {spec!r}: nothing after {prefix + ':'!r}")
-    if prefix == "hf":
-        model = _build_hf(rest, num_classes=num_classes, meta=meta, **kwargs)
+    if prefix in ("hf", "diffusion"):
+        model = PREFIXES[prefix](rest, num_classes=num_classes, meta=meta, **kwargs)
     elif prefix in PREFIXES:
         with torch.device("meta") if meta else contextlib.nullcontext():
             model = PREFIXES[prefix](rest, num_classes=num_classes, **kwargs)
