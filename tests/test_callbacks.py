@@ -31,6 +31,7 @@ def config(run_dir, **settings) -> dict:
         "schedule": {"name": "constant"},
         "logging": {"console": False, "tensorboard": False},
         "monitor": {"enabled": False},
+        "threads": 1,
     }
     return {**base, **settings}
 

@@ -27,6 +27,7 @@ def finished_run(tmp_path_factory):
         "optimizer": {"name": "adam", "lr": 0.01},
         "logging": {"console": False, "tensorboard": True, "mlflow": True, "every_n_steps": 2, "experiment": "unit"},
         "monitor": {"interval_s": 0.05},
+        "threads": 1,
     }
     summary = Trainer(config, model=model, datasets=(data, data, data)).fit()
     return run_dir, summary

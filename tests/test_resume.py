@@ -40,7 +40,7 @@ RUN_SCRIPT = textwrap.dedent(
         "schedule": {"name": "cosine", "warmup_steps": 3},
         "checkpoint": {"every_n_steps": 3},
         "logging": {"console": False, "tensorboard": False},
-        "monitor": {"enabled": False},
+        "monitor": {"enabled": False}, "threads": 1,
     }
 
     class SlowDown:

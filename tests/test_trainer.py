@@ -38,6 +38,7 @@ def quiet(run_dir, **settings) -> dict:
         "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 0.0},
         "schedule": {"name": "constant"},
         "epochs": 2,
+        "threads": 1,  # tiny models: one thread is faster, and robust on a busy machine
     }
     for key, value in settings.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -63,6 +64,7 @@ def test_default_recipe_trains_digits_to_97_percent_and_writes_the_run(tmp_path,
     assert (run_dir / "checkpoints" / "best" / "model.safetensors").is_file()
     assert summary["best_checkpoint"] == str(run_dir / "checkpoints" / "best")
     assert (run_dir / "config.yaml").read_text().startswith("model: builtin:digits-cnn")
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "test_accuracy" in printed and str(run_dir) in printed
 
@@ -305,7 +307,7 @@ def test_resource_monitor_samples_and_warns_before_memory_runs_out():
 
 def test_python_api_train_with_overrides(tmp_path):
     summary = tightfit.train(
-        None, run_dir=str(tmp_path), epochs=2, data__limit=200, logging__console=False, logging__tensorboard=False
+        None, run_dir=str(tmp_path), epochs=2, data__limit=200, logging__console=False, logging__tensorboard=False, threads=1
     )
     assert summary["steps"] == 2 * math.ceil(200 / 64) and summary["run_dir"] == str(tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == summary["steps"]

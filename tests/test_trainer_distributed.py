@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
         "run_dir": run_dir, "epochs": 2, "device": "cpu",
         "batch": {"micro_batch_size": micro_batch_size},
         "optimizer": {"name": "sgd", "lr": 0.5}, "schedule": {"name": "constant"},
-        "logging": {"console": False, "tensorboard": False}, "monitor": {"enabled": False},
+        "logging": {"console": False, "tensorboard": False}, "monitor": {"enabled": False}, "threads": 1,
     }
     Trainer(config, model=model, datasets=(data, val, None)).fit()
     """
