@@ -364,3 +364,9 @@ def test_grad_scaler_path_skips_a_nan_step_and_keeps_training(tmp_path):
     assert summary["steps"] == 8 and summary["skipped_steps"] == 1
     assert trainer.scaler.get_scale() < 2.0**4  # the NaN step lowered the scale
     assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+
+
+def test_cli_json_prints_only_the_summary(tmp_path, capsys):
+    assert main(["train", "--json", "--run-dir", str(tmp_path), "--limit", "60", "epochs=1", "threads=1", "logging.tensorboard=false"]) == 0
+    summary = json.loads(capsys.readouterr().out)  # nothing but the JSON document on stdout
+    assert summary["steps"] == 1 and summary["run_dir"] == str(tmp_path) and 0 <= summary["test_accuracy"] <= 1
