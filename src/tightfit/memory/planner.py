@@ -437,7 +437,7 @@ class _Planner:
                 f"even batch 1 with {best.settings.label()} needs {format_bytes(memory.peak_bytes)} "
                 f"(with {margin:.0%} headroom: {format_bytes(threshold)} available): "
                 f"{_largest_category(memory)}"
-                + ("; a 4-bit base (QLoRA) or a larger device is needed" if self.lora_rank else "; try --lora-rank or a smaller input")
+                + _suggestion(self.lora_rank, self.quantize_base)
             )
             recommendation = None
         alternatives = [option.to_dict() for option in options if option is not best]
@@ -485,7 +485,9 @@ class _Planner:
             if plain is not None and plain.fits and (not effective_batch_size or plain.capped):
                 reason = "reaches the effective batch" if effective_batch_size else "fits"
                 return Option(settings, 0, note=f"not needed ({reason} without)", skipped=True)
-        weight_bytes = self.parameters * (2 if settings.precision == "bf16-pure" else 4)
+        # A lower bound of the weights alone (a quantized base stores most weights in 4 or 8 bits).
+        bytes_per_weight = {"nf4": 0.5, "int8": 1}.get(self.quantize_base) or (2 if settings.precision == "bf16-pure" else 4)
+        weight_bytes = int(self.parameters * bytes_per_weight)
         if weight_bytes > threshold:
             return Option(settings, 0, note=f"weights alone {format_bytes(weight_bytes)} > budget")
         micro_batch_size = self.largest_fitting(settings, threshold, limit)
@@ -687,6 +689,15 @@ def _accumulation(max_micro_batch: int, effective_batch_size: int | None) -> tup
         if effective_batch_size % steps == 0:
             return steps, effective_batch_size // steps
     return fewest, math.ceil(effective_batch_size / fewest)
+
+
+def _suggestion(lora_rank: int | None, quantize_base: str | None) -> str:
+    """What to try next when even batch 1 does not fit."""
+    if lora_rank is None:
+        return "; try --lora-rank or a smaller input"
+    if quantize_base is None:
+        return "; a 4-bit base (QLoRA, --quantize-base nf4) or a larger device is needed"
+    return "; shorter inputs or a larger device are needed"
 
 
 def _synchronize(device: torch.device) -> None:
