@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from tightfit.config import config_to_yaml, default_recipe, load_config
@@ -67,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         config = config.model_copy(update={"logging": config.logging.model_copy(update={"console": False})})
     summary = Trainer(config).fit(resume_from=args.resume)
+    metrics_file = Path(summary["run_dir"]) / "metrics.jsonl"
+    # drawn here rather than in fit(), which a notebook or benchmark calls: matplotlib costs a second
+    if metrics_file.is_file() and os.environ.get("RANK", "0") == "0":
+        from tightfit.training.plots import plot_curves
+
+        plot_curves(metrics_file, Path(summary["run_dir"]) / "curves.png")
     if args.json:
         from tightfit.cli._output import print_json
 

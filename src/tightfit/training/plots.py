@@ -1,4 +1,8 @@
-"""The run's curves as one picture: ``RUN_DIR/curves.png`` drawn from ``metrics.jsonl``."""
+"""The run's curves as one picture: ``RUN_DIR/curves.png`` drawn from ``metrics.jsonl``.
+
+``tightfit train`` draws it when a run ends; from Python, call :func:`plot_curves` on a run
+directory's ``metrics.jsonl`` (``Trainer.fit`` leaves it out: matplotlib costs about a second).
+"""
 
 import json
 from pathlib import Path

@@ -603,10 +603,6 @@ class Trainer:
         }
         if self.process.is_main:
             _write_json_atomically(self.run_dir / SUMMARY_FILE, summary)
-            if self.config.logging.jsonl:
-                from tightfit.training.plots import plot_curves
-
-                plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
             for logger in self.loggers:
                 if best_path is not None:
                     logger.log_artifact(Path(best_path))
