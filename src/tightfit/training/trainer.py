@@ -380,7 +380,7 @@ class Trainer:
         try:
             with self.monitor or contextlib.nullcontext():
                 self._fire("on_fit_start")
-                self._train_epochs(start_time)
+                self._train_epochs()
                 summary = self._finish(start_time)
             self._fire("on_fit_end", summary)
             return summary
@@ -393,7 +393,7 @@ class Trainer:
             torch.set_num_threads(self.threads_before)
             teardown_process(self.process)
 
-    def _train_epochs(self, start_time: float) -> None:
+    def _train_epochs(self) -> None:
         while self.epoch < self.config.epochs and not self._done():
             self.epoch_finished = False
             sampler = self.loaders["train"].sampler
