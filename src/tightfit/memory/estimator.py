@@ -136,7 +136,7 @@ def _training_step(model, optimizer, make_batch, *, precision, device_type, accu
 
 
 def _prepare(
-    model: nn.Module, *, precision: str, optimizer_name: str, checkpointing: bool | str | list[str]
+    model: nn.Module, *, precision: str, checkpointing: bool | str | list[str]
 ) -> list[str]:
     """Check the settings and apply checkpointing in place; returns the checkpointed block names."""
     if precision not in PRECISIONS:
@@ -300,7 +300,7 @@ def _estimate_prepared(
     profile: Any,
     count_flops: bool = True,
 ) -> StepMemory:
-    blocks = _prepare(model, precision=precision, optimizer_name=optimizer_name, checkpointing=checkpointing)
+    blocks = _prepare(model, precision=precision, checkpointing=checkpointing)
     disable_kv_cache(model)
     device_type = getattr(profile, "device_type", "cpu")
     model.train()
@@ -463,7 +463,7 @@ def measure_step(
     if precision == "bf16-pure":
         model = model.to(torch.bfloat16)
     model = model.to(device)
-    blocks = _prepare(model, precision=precision, optimizer_name=optimizer, checkpointing=checkpointing)
+    blocks = _prepare(model, precision=precision, checkpointing=checkpointing)
     memory = measure_model_step(
         model, batch_factory, batch_size=batch_size, precision=precision, optimizer=optimizer,
         accumulation_steps=accumulation_steps, device=device, budget_bytes=budget_bytes,
