@@ -282,7 +282,7 @@ def quantize(
 
 
 def _interleaved_medians(
-    models: dict[str, nn.Module], example_batch: Any, *, threads: int | None, rounds: int = 3
+    models: dict[str, nn.Module], example_batch: Any, *, threads: int | None, rounds: int = 5
 ) -> dict[str, float]:
     """Median latency per model, taken as the best of ``rounds`` interleaved rounds.
 
@@ -295,7 +295,7 @@ def _interleaved_medians(
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, candidate in models.items():
-            median = measure_torch_latency(candidate, example_batch, threads=threads, repeats=30).median_ms
+            median = measure_torch_latency(candidate, example_batch, threads=threads, repeats=50, min_seconds=0.05).median_ms
             best[name] = min(median, best.get(name, float("inf")))
     return best
 
