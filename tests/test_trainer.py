@@ -370,3 +370,15 @@ def test_cli_json_prints_only_the_summary(tmp_path, capsys):
     assert main(["train", "--json", "--run-dir", str(tmp_path), "--limit", "60", "epochs=1", "threads=1", "logging.tensorboard=false"]) == 0
     summary = json.loads(capsys.readouterr().out)  # nothing but the JSON document on stdout
     assert summary["steps"] == 1 and summary["run_dir"] == str(tmp_path) and 0 <= summary["test_accuracy"] <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_uses_a_grad_scaler_and_auto_picks_a_half_precision(tmp_path):
+    data = make_data(64)
+    fp16 = Trainer(quiet(tmp_path / "fp16", precision="fp16", device="cuda"), model=make_mlp(), datasets=(data, data, None))
+    summary = fp16.fit()
+    assert fp16.scaler is not None and summary["precision"] == "fp16" and math.isfinite(summary["best_metric"]["value"])
+    assert summary["peak_memory_bytes"]["cuda_allocated"] > 0
+    auto = Trainer(quiet(tmp_path / "auto", device="cuda"), model=make_mlp(), datasets=(data, None, None))
+    assert auto.fit()["precision"] in ("bf16", "fp16")
