@@ -69,3 +69,21 @@ def test_planner_plans_a_lora_decoder_on_fake_tensors():
     assert result["breakdown"]["optimizer"] <= 2 * 2 * result["trainable_parameters"] * 1.01
     assert result["verdict"] == "fits"
     torch.testing.assert_close(float(sum(result["breakdown"].values())), float(result["peak_bytes"]))
+
+
+def test_planner_quantized_base_option():
+    from tightfit.errors import ConfigError
+    from tightfit.hardware.profiles import get_profile
+    from tightfit.memory.planner import plan
+
+    settings = dict(batch_size=1, precision="bf16-pure", checkpointing=False, lora_rank=8,
+                    profile=get_profile("rtx3050-laptop-6gb"), model_kwargs={"num_hidden_layers": 2})
+    bf16 = plan(LLAMA_7B, "tokens:64", **settings).to_dict()
+    nf4 = plan(LLAMA_7B, "tokens:64", quantize_base="nf4", **settings).to_dict()
+    linear_weights = 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    saved = bf16["breakdown"]["parameters"] - nf4["breakdown"]["parameters"]
+    assert 0.73 * 2 * linear_weights < saved < 0.75 * 2 * linear_weights
+    assert nf4["peak_bytes"] == sum(nf4["breakdown"].values()) < bf16["peak_bytes"]
+    assert any("nf4 base" in note for note in nf4["notes"])
+    with pytest.raises(ConfigError, match="needs a LoRA rank"):
+        plan(LLAMA_7B, "tokens:64", quantize_base="nf4", batch_size=1, model_kwargs={"num_hidden_layers": 1})

@@ -39,6 +39,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="force activation checkpointing of the repeated blocks on (or off with --no-checkpointing)")
     parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on a frozen base")
+    parser.add_argument("--quantize-base", choices=("nf4", "int8"),
+                        help="with --lora-rank: a quantized frozen base, nf4 (QLoRA, bitsandbytes on CUDA) or int8 (torchao)")
     parser.add_argument("--device", metavar="PROFILE", help="a device profile (tightfit devices), or auto/cpu/cuda/mps (default: this machine)")
     parser.add_argument("--memory", metavar="SIZE", help="a memory budget replacing the device's usable memory, e.g. 6GiB")
     parser.add_argument("--effective-batch", type=int, metavar="N", help="samples per optimizer step, reached by gradient accumulation")
@@ -64,7 +66,7 @@ def run(args) -> int:
     with _status(args.json, f"planning {args.model} on {profile.name}"):
         result = plan(
             args.model, args.input, batch_size=args.batch_size, precision=args.precision, optimizer=args.optimizer,
-            checkpointing=args.checkpointing, lora_rank=args.lora_rank, profile=profile,
+            checkpointing=args.checkpointing, lora_rank=args.lora_rank, quantize_base=args.quantize_base, profile=profile,
             effective_batch_size=args.effective_batch, margin=args.margin, samples=args.samples, measure=args.measure,
         )
     if args.json:
