@@ -134,6 +134,23 @@ def test_recipe_trains_end_to_end_with_validation_images(pipeline_dir, captioned
             assert torch.equal(parameter, unet_before[name]), f"frozen {name} changed"
     assert any(not torch.equal(p, lora_before[n]) for n, p in module.unet.named_parameters() if n in lora_before)
 
+    # merged: a plain diffusers pipeline folder whose UNet predicts what the trained LoRA UNet does
+    from diffusers import UNet2DConditionModel
+
+    from tightfit.models.lora import merge_run
+
+    result = merge_run(run_dir)
+    merged_dir = Path(result["output"])
+    assert result["kind"] == "diffusers pipeline"
+    assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= {p.name for p in merged_dir.iterdir()}
+    merged_unet = UNet2DConditionModel.from_pretrained(str(merged_dir / "unet")).eval()
+    torch.manual_seed(3)
+    sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    module.eval()
+    with torch.no_grad():
+        expected = module.unet(sample, 10, context).sample
+        torch.testing.assert_close(merged_unet(sample, 10, context).sample, expected, atol=1e-4, rtol=1e-4)
+
 
 def test_sd15_unet_config_builds_on_meta_with_the_published_size():
     module = build_diffusion_model(SD15_UNET, meta=True)
