@@ -13,6 +13,15 @@ from tightfit.models.spec import build_model, make_batch_factory, parse_input_sp
 from tightfit.training.loss import forward_and_loss
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core CI machine: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_finds_resnet_stage_blocks():
     blocks = find_repeated_blocks(build_model("torchvision:resnet18", meta=True))
     assert blocks == [f"layer{stage}.{index}" for stage in range(1, 5) for index in range(2)]

@@ -12,6 +12,15 @@ from tightfit.models.builtin import BUILTINS
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 from tightfit.training.loss import forward_and_loss, split_batch
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core CI machine: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # name -> (input spec, kwargs that keep it small)
 BUILTIN_CASES = {
     "digits-cnn": ("1x8x8", {}),
@@ -90,6 +99,8 @@ def test_module_callable_spec_gets_kwargs():
     model = build_model("torchvision.models:resnet18", num_classes=4)
     assert model.fc.out_features == 4
     assert isinstance(build_model("torch.nn:Linear", in_features=3, out_features=2), torch.nn.Linear)
+    with pytest.raises(SpecError, match="unexpected keyword argument 'bogus'"):
+        build_model("torch.nn:Linear", in_features=3, out_features=2, bogus=1)
 
 
 def _write_config(directory, **config):
@@ -209,8 +220,6 @@ def test_digits_cnn_reaches_97_percent():
     from sklearn.model_selection import train_test_split
 
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread avoids oversubscribing a shared CI machine
     features, labels = load_digits(return_X_y=True)
     images = torch.tensor(features, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     labels = torch.tensor(labels)
@@ -229,7 +238,6 @@ def test_digits_cnn_reaches_97_percent():
     model.eval()
     with torch.no_grad():
         accuracy = (model(test_x).argmax(1) == test_y).float().mean().item()
-    torch.set_num_threads(threads)
     assert accuracy >= 0.97
 
 

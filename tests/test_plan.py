@@ -1,12 +1,14 @@
 """`tightfit plan`: check a batch size, recommend settings, plan pipelines, without allocating weights."""
 
 import json
+import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tightfit.hardware.profiles import get_profile, with_budget
 from tightfit.memory.estimator import estimate_step
@@ -20,10 +22,20 @@ LLAMA_7B = REPOSITORY / "src" / "tightfit" / "configs" / "llama-7b"
 MiB = 2**20
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core CI machine: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cli(*arguments, timeout=600):
+    environment = dict(os.environ, OMP_NUM_THREADS="1")  # see _one_thread
     return subprocess.run(
         [sys.executable, "-m", "tightfit", "plan", *arguments], capture_output=True, text=True, timeout=timeout,
-        cwd=REPOSITORY,
+        cwd=REPOSITORY, env=environment,
     )
 
 

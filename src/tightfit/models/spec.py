@@ -143,7 +143,10 @@ def _build_callable(module_name: str, attribute: str, *, num_classes: int | None
         raise SpecError(f"model spec {spec!r}: module {module_name!r} has no callable {attribute!r}")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except TypeError as error:  # wrong or missing keyword arguments
+        raise SpecError(f"model spec {spec!r}: {error}") from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"model spec {spec!r}: {attribute}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
