@@ -41,6 +41,18 @@ def split_batch(batch: Any) -> tuple[tuple, dict, torch.Tensor | None]:
     return (batch,), {}, None
 
 
+def batch_target(batch: Any) -> torch.Tensor | None:
+    """The target that metrics compare predictions with: a pair's target or a mapping's ``labels``.
+
+    HF-style batches carry their targets as ``labels`` (the model computes its own loss from them),
+    so accuracy on a text-classification run is measured against those.
+    """
+    _, kwargs, target = split_batch(batch)
+    if target is None:
+        target = kwargs.get("labels")
+    return target if isinstance(target, torch.Tensor) else None
+
+
 def model_output_tensor(output: Any) -> torch.Tensor:
     """The main tensor of a model's output: logits, ``sample`` (diffusers) or the first item."""
     if isinstance(output, torch.Tensor):

@@ -32,7 +32,7 @@ from tightfit.training import checkpoint as checkpoint_files
 from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
-from tightfit.training.loss import forward_and_loss, split_batch
+from tightfit.training.loss import batch_target, forward_and_loss
 from tightfit.training.metrics import MetricAccumulator
 from tightfit.training.monitor import ResourceMonitor
 from tightfit.training.numerics import NumericsGuard
@@ -551,7 +551,7 @@ class Trainer:
                 batch = move_to_device(batch, self.device, non_blocking=True)
                 with autocast(self.precision, self.device.type):
                     output, loss = forward_and_loss(model, batch)
-                metrics.update(output, split_batch(batch)[2], loss, count_samples(batch))
+                metrics.update(output, batch_target(batch), loss, count_samples(batch))
         model.train(was_training)
         return metrics.compute(prefix=f"{split}_", device=self.device, process=self.process)
 
