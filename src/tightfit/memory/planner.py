@@ -31,14 +31,13 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from tightfit.errors import ConfigError, SpecError
+from tightfit.errors import ConfigError
 from tightfit.memory.report import CATEGORIES, StepMemory
 from tightfit.training.optim import OPTIMIZERS
 from tightfit.training.precision import PRECISIONS
