@@ -208,6 +208,8 @@ stages:
         ("stages:\n  - name: a\n    model: builtin:mlp\n    input: [1, 8\n", "not valid YAML"),
         ("stages:\n  - name: a\n    precision: fp8\n    model: builtin:mlp\n    input: 1x8x8\n", "stages[0].precision"),
         ("stages:\n  - name: a\n    input: 1x8x8\n", "needs 'model' and 'input'"),
+        ("stages:\n  - name: q\n    model: builtin:mlp\n    input: 1x8x8\n    quantize_base: nf4\n",
+         "needs a LoRA rank"),
         ("stages:\n  - name: broken\n    model: builtin:nope\n    input: 1x8x8\n", "stage 'broken'"),
     ],
 )

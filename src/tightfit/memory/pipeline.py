@@ -25,7 +25,8 @@ document people otherwise write by hand (``reference/seed-002-rtx3050-feasibilit
 
 A training stage takes ``model``, ``input`` and optionally ``batch_size`` (check exactly that),
 ``effective_batch_size``, ``precision``, ``optimizer``, ``checkpointing``, ``lora_rank``,
-``samples``, ``model_kwargs`` and ``note``. A ``cpu`` stage is estimated as its feature matrix in
+``quantize_base`` (with ``lora_rank``: ``nf4`` or ``int8``), ``samples``, ``model_kwargs`` and
+``note``. A ``cpu`` stage is estimated as its feature matrix in
 float64 plus libsvm's kernel cache (scikit-learn's default ``cache_size=200`` MB) against the
 host's memory.
 """
@@ -59,6 +60,7 @@ class StageConfig(BaseModel, extra="forbid"):
     optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw", "adam8bit"] | None = None
     checkpointing: bool | None = None
     lora_rank: int | None = Field(None, ge=1)
+    quantize_base: Literal["nf4", "int8"] | None = None
     samples: int | None = Field(None, ge=1)
     features: int | None = Field(None, ge=1)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -198,6 +200,7 @@ def plan_pipeline(
             planned = plan(
                 stage.model, stage.input, batch_size=stage.batch_size, precision=stage.precision,
                 optimizer=stage.optimizer, checkpointing=stage.checkpointing, lora_rank=stage.lora_rank,
+                quantize_base=stage.quantize_base,
                 profile=profile, effective_batch_size=stage.effective_batch_size, margin=config.margin,
                 samples=stage.samples, model_kwargs=stage.model_kwargs,
             )
