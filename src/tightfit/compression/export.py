@@ -11,9 +11,11 @@ tokenizer directory for text models.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -238,14 +240,17 @@ def quantize_onnx(
         ConfigError: on an unknown method or no calibration data for ``static``.
     """
     quantization = require("onnxruntime.quantization", extra="onnx", purpose="ONNX int8 quantization")
-    source, target = Path(source), Path(target)
+    source, target = Path(source).resolve(), Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     prepared = target.with_name(target.stem + ".pre.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            # Shape inference and graph cleanup first, as ONNX Runtime recommends.
-            quantization.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
+            # Shape inference and graph cleanup first, as ONNX Runtime recommends. Its symbolic
+            # shape inference writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data) into
+            # the working directory, so it runs in a scratch folder of its own.
+            with tempfile.TemporaryDirectory(prefix="tightfit-ort-") as scratch, _working_directory(scratch):
+                quantization.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
         except Exception:  # pre-processing is an optimisation; quantize the raw graph if it fails
             prepared = source
         try:
@@ -274,6 +279,16 @@ def quantize_onnx(
                 prepared.unlink()
     _copy_metadata(source, target)
     return target
+
+
+@contextlib.contextmanager
+def _working_directory(path: str):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _copy_metadata(source: Path, target: Path) -> None:
