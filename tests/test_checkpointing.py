@@ -113,3 +113,17 @@ def test_lower_measured_peak():
     assert checkpointed.breakdown["activations"] < 0.8 * plain.breakdown["activations"]
     assert checkpointed.peak_bytes < plain.peak_bytes
     assert checkpointed.breakdown["parameters"] == plain.breakdown["parameters"]
+
+
+def test_checkpointing_turns_off_the_kv_cache_of_transformers_models():
+    # A recomputed attention block would append its keys and values to the cache a second time.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, use_cache=True,
+    )
+    model = LlamaForCausalLM(config)
+    assert model.config.use_cache is True
+    assert apply_activation_checkpointing(model) == ["model.layers.0", "model.layers.1"]
+    assert model.config.use_cache is False

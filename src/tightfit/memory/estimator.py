@@ -34,6 +34,7 @@ from tightfit.errors import ConfigError, TightfitError
 from tightfit.memory.overhead import allocation_size, device_overhead
 from tightfit.memory.report import StepMemory
 from tightfit.memory.tracker import MemoryTracker
+from tightfit.models.checkpointing import disable_kv_cache
 from tightfit.training.loss import forward_and_loss
 from tightfit.training.optim import build_optimizer
 from tightfit.training.precision import PRECISIONS, autocast, needs_grad_scaler
@@ -147,27 +148,6 @@ def _prepare(
 
     targets = "auto" if checkpointing is True else checkpointing
     return apply_activation_checkpointing(model, targets)
-
-
-def disable_kv_cache(model: nn.Module) -> bool:
-    """Turn off the key/value cache of transformers models, as ``gradient_checkpointing_enable`` does.
-
-    A checkpointed block's recomputed forward would append its keys and values to the cache a
-    second time: the attention then sees twice the keys, and tracing fails on the shapes. The
-    memory engine calls this whenever the model has checkpointed blocks.
-
-    Returns:
-        Whether some module's ``config.use_cache`` was on.
-    """
-    if not any(getattr(module, "_tightfit_checkpointed", False) for module in model.modules()):
-        return False
-    changed = False
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if getattr(config, "use_cache", False) is True:
-            config.use_cache = False
-            changed = True
-    return changed
 
 
 def _cast_batch(batch: Any, dtype: torch.dtype) -> Any:

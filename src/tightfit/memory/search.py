@@ -30,7 +30,6 @@ from torch import nn
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.memory.estimator import (
     EstimationError,
-    disable_kv_cache,
     estimate_model_step,
     measure_model_step,
     resolve_device,
@@ -125,9 +124,8 @@ def find_batch_size(
     if checkpointing:
         from tightfit.models.checkpointing import apply_activation_checkpointing
 
+        # This also turns off a transformers model's key/value cache, as checkpointed training needs.
         blocks = apply_activation_checkpointing(model, "auto" if checkpointing is True else checkpointing)
-        if blocks and disable_kv_cache(model):
-            notes.append("the key/value cache of the model is turned off, as checkpointed training needs")
         notes.append(f"activation checkpointing applied to {len(blocks)} blocks of the model, in place")
 
     snapshot = _ModelSnapshot(model)

@@ -124,4 +124,28 @@ def apply_activation_checkpointing(model: nn.Module, targets: str | list[str] = 
         module = modules[name]
         if not getattr(module, "_tightfit_checkpointed", False):
             module.__class__ = _checkpointed_class(type(module))
+    disable_kv_cache(model)
     return names
+
+
+def disable_kv_cache(model: nn.Module) -> bool:
+    """Turn off the key/value cache of transformers models, as ``gradient_checkpointing_enable`` does.
+
+    A checkpointed block's recomputed forward would append its keys and values to the cache a
+    second time: the attention then sees twice the keys, and tracing fails on the shapes. 
+    :func:`apply_activation_checkpointing` calls it, and the memory engine calls it again for models
+    checkpointed before they reach it.
+
+    Returns:
+        Whether some module's ``config.use_cache`` was on.
+    """
+    if not any(getattr(module, "_tightfit_checkpointed", False) for module in model.modules()):
+        return False
+    changed = False
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False) is True:
+            config.use_cache = False
+            changed = True
+    return changed
+
