@@ -114,9 +114,7 @@ def _training_step(model, optimizer, make_batch, *, precision, device_type, accu
         batch = make_batch()
         counter = None
         if count_flops and micro_step == 0:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            counter = FlopCounterMode(display=False)
+            counter = _flop_counter()
         with counter if counter is not None else contextlib.nullcontext():
             with autocast(precision, device_type):
                 output, loss = forward_and_loss(model, batch)
@@ -134,6 +132,37 @@ def _training_step(model, optimizer, make_batch, *, precision, device_type, accu
         optimizer.step()
     del batch  # like a loop variable, the last micro-batch lives until the step is done
     return flops
+
+
+class _NoModuleTracker:
+    """Stands in for ``FlopCounterMode``'s ``ModuleTracker``: every FLOP goes to "Global" only."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+def _flop_counter():
+    """A ``FlopCounterMode`` that counts the total only, without tracking modules.
+
+    Its ``ModuleTracker`` would change the lifetimes being measured: it registers a multi-grad
+    hook on the inputs and outputs of every module call, whose closure keeps a list of those
+    tensors' ``grad_fn`` nodes, which hold the hook: a reference cycle. For the graph built
+    while a checkpointed block is recomputed in backward, whose nodes never run and so never
+    release their saved tensors, the cycle keeps every recomputed activation alive until the
+    cycle collector runs (paused during the step), so checkpointing appeared not to lower the peak.
+    The total is the same: ``"Global"`` is always among the tracked parents.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    if hasattr(counter, "mod_tracker"):
+        counter.mod_tracker = _NoModuleTracker()
+    return counter
 
 
 def _prepare(
