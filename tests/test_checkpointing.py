@@ -127,3 +127,18 @@ def test_checkpointing_turns_off_the_kv_cache_of_transformers_models():
     assert model.config.use_cache is True
     assert apply_activation_checkpointing(model) == ["model.layers.0", "model.layers.1"]
     assert model.config.use_cache is False
+
+
+def test_a_unet_checkpoints_its_resnet_and_attention_blocks_but_not_their_containers():
+    # The SD 1.5 UNet shipped for planning, built on meta: its ResNet blocks hold the most weights,
+    # its attention transformers half as many; the CrossAttn down/up blocks enclose both.
+    pytest.importorskip("diffusers")
+    from pathlib import Path
+
+    import tightfit
+
+    unet = build_model(f"diffusion:{Path(tightfit.__file__).parent / 'configs' / 'sd15-unet'}", meta=True)
+    blocks = find_repeated_blocks(unet)
+    kinds = {type(unet.get_submodule(name)).__name__ for name in blocks}
+    assert kinds == {"ResnetBlock2D", "Transformer2DModel"}
+    assert not any(inner.startswith(outer + ".") for inner in blocks for outer in blocks)

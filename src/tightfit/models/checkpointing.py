@@ -35,6 +35,15 @@ class _CheckpointedForward:
 
 _CHECKPOINTED_CLASSES: dict[type, type] = {}
 
+# A second class of repeated blocks beside the heaviest one is checkpointed too when its runs hold
+# at least this share of the heaviest class's parameters.
+_MIN_SHARE_OF_BEST = 0.25
+
+
+def _nested(inner: str, outer: str) -> bool:
+    """Whether module ``inner`` lies inside module ``outer`` (names as in ``named_modules``)."""
+    return inner.startswith(outer + ".")
+
 
 def _checkpointed_class(cls: type) -> type:
     if cls not in _CHECKPOINTED_CLASSES:
@@ -55,7 +64,10 @@ def find_repeated_blocks(model: nn.Module) -> list[str]:
     Inside every ``nn.ModuleList`` / ``nn.Sequential``, runs of two or more consecutive children
     of the same composite class are candidates. Of the candidate classes, the one whose runs hold
     the most parameters wins, and all of its blocks are returned (e.g. the 16 ``Bottleneck``
-    blocks of ResNet-50's four stages, the 12 ``BertLayer`` of BERT-base). Works on meta models.
+    blocks of ResNet-50's four stages, the 12 ``BertLayer`` of BERT-base). Classes beside it (not
+    nested in or around its blocks) holding at least a quarter of its parameters join it: a
+    diffusers UNet gets both its ``ResnetBlock2D`` and its ``Transformer2DModel`` blocks. Works on
+    meta models.
 
     Returns:
         Module names (as in ``model.named_modules()``), in model order; empty when the model
@@ -81,8 +93,19 @@ def find_repeated_blocks(model: nn.Module) -> list[str]:
             start = end + 1
     if not blocks_by_class:
         return []
-    best = max(blocks_by_class, key=lambda cls: (parameters_by_class[cls], len(blocks_by_class[cls])))
+    by_weight = sorted(blocks_by_class, key=lambda cls: (parameters_by_class[cls], len(blocks_by_class[cls])), reverse=True)
+    best = by_weight[0]
     chosen = set(blocks_by_class[best])
+    # Other classes of blocks that sit beside the winner, neither inside nor around its blocks, join
+    # it when they carry a real share of the weights: a diffusers UNet repeats both its ResNet
+    # blocks and its attention transformers. Blocks nested in the winner's (experts inside a
+    # transformer layer) or enclosing them (a whole UNet down-block) stay out.
+    for cls in by_weight[1:]:
+        if parameters_by_class[cls] < _MIN_SHARE_OF_BEST * parameters_by_class[best]:
+            break
+        names = blocks_by_class[cls]
+        if not any(_nested(name, other) or _nested(other, name) for name in names for other in chosen):
+            chosen.update(names)
     # A winning class nested inside another winning block (Sequential of Sequentials) would be
     # checkpointed twice; keep the outermost.
     outermost = {name for name in chosen if not any(name.startswith(other + ".") for other in chosen)}
