@@ -7,7 +7,9 @@ never import torch.
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
 
 from tightfit import __version__
 from tightfit.errors import TightfitError
@@ -23,6 +25,17 @@ COMMANDS = {
     "predict": "tightfit.cli.predict",
     "lora": "tightfit.cli.lora",
 }
+
+
+# Third-party loggers that warn at import about things a tightfit user cannot act on: the
+# bitsandbytes CPU 4-bit kernel from the `kernels` hub package (it would download), diffusers'
+# torchao checkpoint types, and torchao's deprecated pytree registrations. The command line is the
+# application, so it quiets them; library users keep their own logging configuration.
+_NOISY_IMPORT_LOGGERS = (
+    "bitsandbytes.backends.cpu.ops",
+    "diffusers.quantizers.torchao.torchao_quantizer",
+    "torch.utils._pytree",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in _NOISY_IMPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # peft reads transformers' deprecated `is_gradient_checkpointing` on every LoRA model.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     if args.command is None:
         parser.print_help()
         return 2
