@@ -258,7 +258,29 @@ class TransformerBlock(nn.Module):
         return hidden + self.residual_dropout(self.mlp(self.norm2(hidden)))
 
 
-class TinyGPT(nn.Module):
+class _TokenTransformer(nn.Module):
+    """Token and position embeddings, ``depth`` transformer blocks and a final norm.
+
+    The shared trunk of :class:`TinyGPT` and :class:`TinyBERT`; they add their heads.
+    """
+
+    def __init__(self, vocab_size: int, max_length: int, dim: int, depth: int, heads: int, dropout: float, causal: bool):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.position_embedding = nn.Embedding(max_length, dim)
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout=dropout, causal=causal) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if length > self.position_embedding.num_embeddings:
+            raise ValueError(f"sequence length {length} exceeds max_length {self.position_embedding.num_embeddings}")
+        positions = torch.arange(length, device=input_ids.device)
+        return self.embedding_dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
+
+
+class TinyGPT(_TokenTransformer):
     """A decoder-only causal language model (GPT-2 style, tied embeddings).
 
     ``forward(input_ids, attention_mask=None, labels=None)`` returns :class:`ModelOutput`; with
@@ -281,13 +303,8 @@ class TinyGPT(nn.Module):
         heads: int = 4,
         dropout: float = 0.0,
     ):
-        super().__init__()
+        super().__init__(vocab_size, max_length, dim, depth, heads, dropout, causal=True)
         self.config = SimpleNamespace(vocab_size=vocab_size, max_position_embeddings=max_length, is_causal_lm=True)
-        self.token_embedding = nn.Embedding(vocab_size, dim)
-        self.position_embedding = nn.Embedding(max_length, dim)
-        self.embedding_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout=dropout, causal=True) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied, as in GPT-2
         self.apply(_init_transformer_weights)
@@ -298,11 +315,7 @@ class TinyGPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ModelOutput:
-        length = input_ids.shape[1]
-        if length > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {length} exceeds max_length {self.config.max_position_embeddings}")
-        positions = torch.arange(length, device=input_ids.device)
-        hidden = self.embedding_dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
+        hidden = self.embed(input_ids)
         for block in self.blocks:
             # Causal masking already hides the future; padding only matters for the loss (labels -100).
             hidden = block(hidden)
@@ -315,7 +328,7 @@ class TinyGPT(nn.Module):
         return ModelOutput(logits=logits, loss=loss)
 
 
-class TinyBERT(nn.Module):
+class TinyBERT(_TokenTransformer):
     """A bidirectional transformer encoder with a classifier on the first ([CLS]) position.
 
     ``forward(input_ids, attention_mask=None, labels=None)`` returns :class:`ModelOutput` with
@@ -336,13 +349,8 @@ class TinyBERT(nn.Module):
         heads: int = 4,
         dropout: float = 0.1,
     ):
-        super().__init__()
+        super().__init__(vocab_size, max_length, dim, depth, heads, dropout, causal=False)
         self.config = SimpleNamespace(vocab_size=vocab_size, max_position_embeddings=max_length, num_labels=num_classes)
-        self.token_embedding = nn.Embedding(vocab_size, dim)
-        self.position_embedding = nn.Embedding(max_length, dim)
-        self.embedding_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout=dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
         self.classifier = nn.Linear(dim, num_classes)
         self.apply(_init_transformer_weights)
 
@@ -352,8 +360,7 @@ class TinyBERT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ModelOutput:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        hidden = self.embedding_dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
+        hidden = self.embed(input_ids)
         for block in self.blocks:
             hidden = block(hidden, attention_mask)
         logits = self.classifier(self.norm(hidden[:, 0]))
