@@ -31,7 +31,7 @@ RECIPE = REPO / "recipes" / "lora-text-classification.yaml"
 
 def accuracy(trainer, split: str) -> float:
     """Share of ``split`` whose argmax logit is the label."""
-    from tightfit.training.trainer import move_to_device
+    from tightfit.step.batch import move_to_device
 
     model = trainer.model
     model.eval()

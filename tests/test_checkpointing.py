@@ -10,7 +10,7 @@ from torch import nn
 from tightfit.errors import ConfigError
 from tightfit.models.checkpointing import apply_activation_checkpointing, find_repeated_blocks
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
-from tightfit.training.loss import forward_and_loss
+from tightfit.step.loss import forward_and_loss
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from tightfit.models.lora import (  # noqa: E402
     merge_adapters,
     save_adapters,
 )
-from tightfit.training.loss import forward_and_loss  # noqa: E402
+from tightfit.step.loss import forward_and_loss  # noqa: E402
 
 
 class TinyAttentionClassifier(nn.Module):

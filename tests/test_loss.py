@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from tightfit.training.loss import batch_target, forward_and_loss, task_loss
+from tightfit.step.loss import batch_target, forward_and_loss, task_loss
 from tightfit.training.metrics import MetricAccumulator
 
 

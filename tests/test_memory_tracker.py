@@ -7,7 +7,7 @@ from torch import nn
 from tightfit.memory.oom import is_out_of_memory
 from tightfit.memory.report import StepMemory
 from tightfit.memory.tracker import MemoryTracker
-from tightfit.training.loss import forward_and_loss
+from tightfit.step.loss import forward_and_loss
 
 LINEAR_PARAM_BYTES = (1000 * 1000 + 1000) * 4  # weight + bias, fp32
 

@@ -10,7 +10,7 @@ import torch
 from tightfit.errors import SpecError
 from tightfit.models.builtin import BUILTINS
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
-from tightfit.training.loss import forward_and_loss, split_batch
+from tightfit.step.loss import forward_and_loss, split_batch
 
 
 @pytest.fixture(autouse=True)

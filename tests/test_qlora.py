@@ -13,7 +13,7 @@ from tightfit.models.qlora import (  # noqa: E402
     quantized_weight_bytes,
     resolve_quantize_base,
 )
-from tightfit.training.loss import forward_and_loss  # noqa: E402
+from tightfit.step.loss import forward_and_loss  # noqa: E402
 
 
 def _model():

@@ -14,7 +14,8 @@ from tightfit.cli import main
 from tightfit.errors import ConfigError
 from tightfit.training.numerics import NumericsError, NumericsGuard, likely_cause
 from tightfit.training.schedules import lr_factor_function
-from tightfit.training.trainer import Trainer, count_samples, slice_batch
+from tightfit.step.batch import count_samples, slice_batch
+from tightfit.training.trainer import Trainer
 
 
 def make_data(samples: int = 48, features: int = 6, classes: int = 3, seed: int = 0) -> TensorDataset:

@@ -28,7 +28,7 @@ Mode = Literal["min", "max"]
 
 
 class OptimizerConfig(BaseModel, extra="forbid"):
-    """``optimizer:`` which optimizer and its hyper-parameters (see ``training/optim.py``)."""
+    """``optimizer:`` which optimizer and its hyper-parameters (see ``step/optim.py``)."""
 
     name: Literal["sgd", "sgd-momentum", "adam", "adamw", "adam8bit"] = "adamw"
     lr: float = Field(default=3e-3, gt=0)

@@ -124,7 +124,7 @@ def measure_torch_latency(
 
     Args:
         model: a callable module; it is put in eval mode.
-        example_batch: the inputs, in a form :func:`tightfit.training.loss.split_batch` accepts;
+        example_batch: the inputs, in a form :func:`tightfit.step.loss.split_batch` accepts;
             its batch size is read from the first tensor.
         threads: intra-op threads (default: :func:`default_threads`).
         warmup, repeats, min_seconds: see :func:`time_calls`.
@@ -134,7 +134,7 @@ def measure_torch_latency(
     """
     import torch
 
-    from tightfit.training.loss import split_batch
+    from tightfit.step.loss import split_batch
 
     threads = threads or default_threads()
     args, kwargs, _ = split_batch(example_batch)

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from tightfit.compression.training import FinetuneSettings, finetune, train_split_only
 from tightfit.errors import ConfigError
-from tightfit.training.loss import model_output_tensor
+from tightfit.step.loss import model_output_tensor
 
 
 def distillation_loss(

@@ -61,7 +61,7 @@ class Verification:
 
 
 def _inputs_of(batch: Any) -> tuple[tuple, dict]:
-    from tightfit.training.loss import split_batch
+    from tightfit.step.loss import split_batch
 
     args, kwargs, _ = split_batch(batch)
     kwargs = {key: value for key, value in kwargs.items() if key != "labels"}
@@ -334,7 +334,7 @@ def verify_onnx(
         VerificationError: when a threshold is not met (after deleting the file if asked).
     """
     from tightfit.compression.benchmark import ort_session
-    from tightfit.training.loss import model_output_tensor
+    from tightfit.step.loss import model_output_tensor
 
     session = ort_session(path, threads=threads)
     reference = reference.cpu().eval()

@@ -41,7 +41,7 @@ from tightfit.compression.report import (
 )
 from tightfit.compression.training import FinetuneSettings
 from tightfit.errors import ConfigError
-from tightfit.training.loss import model_output_tensor, split_batch, task_loss
+from tightfit.step.loss import model_output_tensor, split_batch, task_loss
 
 
 @dataclass

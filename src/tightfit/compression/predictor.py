@@ -104,7 +104,7 @@ def load_artifact(path: str | os.PathLike, *, threads: int | None = None) -> Art
     types = ["float32" if not metadata.get("text") else "int64" for _ in names]
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-        from tightfit.training.loss import model_output_tensor
+        from tightfit.step.loss import model_output_tensor
 
         with torch.inference_mode():
             tensors = [torch.from_numpy(feeds[name]) for name in names]

@@ -433,13 +433,13 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], *, max_batch
 
     Args:
         model: the model; its BatchNorm layers are reset and re-estimated.
-        batches: batches in a form :func:`tightfit.training.loss.split_batch` accepts.
+        batches: batches in a form :func:`tightfit.step.loss.split_batch` accepts.
         max_batches: how many batches to use at most.
 
     Returns:
         The number of batches used (0 when the model has no BatchNorm).
     """
-    from tightfit.training.loss import split_batch
+    from tightfit.step.loss import split_batch
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:

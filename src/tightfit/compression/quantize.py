@@ -127,7 +127,7 @@ def quantize_static(
         model: the fp32 model (copied; the original is untouched).
         example_inputs: positional inputs of one forward call, for FX tracing.
         calibration_batches: batches drawn from the training data (any form
-            :func:`tightfit.training.loss.split_batch` accepts); ranges come from these, so they
+            :func:`tightfit.step.loss.split_batch` accepts); ranges come from these, so they
             should look like what the model will see.
         max_batches: calibration batches used at most.
 
@@ -140,7 +140,7 @@ def quantize_static(
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from tightfit.training.loss import split_batch
+    from tightfit.step.loss import split_batch
 
     engine = quantized_engine()
     torch.backends.quantized.engine = engine
@@ -214,7 +214,7 @@ def quantize(
         >>> result.method, result.reason
     """
     from tightfit.compression.benchmark import cpu_int8_support
-    from tightfit.training.loss import split_batch
+    from tightfit.step.loss import split_batch
 
     if method not in METHODS:
         raise ConfigError(f"quantize: method must be one of {list(METHODS)}; got {method!r}")

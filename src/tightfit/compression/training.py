@@ -28,7 +28,7 @@ class FinetuneSettings:
         epochs: passes over the training split.
         max_steps: stop after this many optimizer steps (``None``: run all epochs).
         lr: peak learning rate (cosine schedule, short warm-up).
-        optimizer: an optimizer name of :func:`tightfit.training.optim.build_optimizer`.
+        optimizer: an optimizer name of :func:`tightfit.step.optim.build_optimizer`.
         batch_size: micro-batch size.
         weight_decay: decoupled weight decay (AdamW) or L2.
         device: ``cpu``, ``cuda``, ``mps`` or ``auto``.

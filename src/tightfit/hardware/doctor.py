@@ -247,7 +247,7 @@ def run_smoke_test(device_type: str) -> dict[str, Any]:
     try:
         import torch
 
-        from tightfit.training.loss import forward_and_loss
+        from tightfit.step.loss import forward_and_loss
 
         start = time.perf_counter()  # time the device, not the (first) import
 

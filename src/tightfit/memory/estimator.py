@@ -35,9 +35,10 @@ from tightfit.memory.overhead import allocation_size, device_overhead
 from tightfit.memory.report import StepMemory
 from tightfit.memory.tracker import MemoryTracker
 from tightfit.models.checkpointing import disable_kv_cache
-from tightfit.training.loss import forward_and_loss
-from tightfit.training.optim import build_optimizer
-from tightfit.training.precision import PRECISIONS, autocast, needs_grad_scaler
+from tightfit.step.batch import cast_floats
+from tightfit.step.loss import forward_and_loss
+from tightfit.step.optim import build_optimizer
+from tightfit.step.precision import PRECISIONS, autocast, needs_grad_scaler
 from tightfit.units import format_bytes
 
 ModelFactory = Callable[[], nn.Module]
@@ -179,21 +180,10 @@ def _prepare(
     return apply_activation_checkpointing(model, targets)
 
 
-def _cast_batch(batch: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors of a batch in ``dtype`` (bf16-pure feeds bf16 inputs to bf16 weights)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, Mapping):
-        return {key: _cast_batch(value, dtype) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_cast_batch(value, dtype) for value in batch)
-    return batch
-
-
 def _batch_maker(batch_factory: BatchFactory, batch_size: int, device: Any, precision: str) -> Callable[[], Any]:
     def make_batch() -> Any:
         batch = batch_factory(batch_size, device)
-        return _cast_batch(batch, torch.bfloat16) if precision == "bf16-pure" else batch
+        return cast_floats(batch, torch.bfloat16) if precision == "bf16-pure" else batch
 
     return make_batch
 
@@ -227,11 +217,11 @@ def estimate_step(
 
     Args:
         model_factory: ``() -> nn.Module``; called under ``torch.device("meta")``.
-        batch_factory: ``(batch_size, device) -> batch`` in a form ``tightfit.training.loss`` takes;
+        batch_factory: ``(batch_size, device) -> batch`` in a form ``tightfit.step.loss`` takes;
             called under fake mode, so its tensors are fake too.
         batch_size: the micro-batch size.
         precision: ``fp32``, ``fp16``, ``bf16`` (autocast) or ``bf16-pure``.
-        optimizer: a name from ``tightfit.training.optim.OPTIMIZERS``.
+        optimizer: a name from ``tightfit.step.optim.OPTIMIZERS``.
         checkpointing: False, True (= "auto": the repeated blocks), or a list of module names.
         accumulation_steps: micro-batches per optimizer step.
         profile: the target ``DeviceProfile``; adds its overhead (CUDA, MPS). None: CPU, no overhead.

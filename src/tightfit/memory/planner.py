@@ -39,8 +39,8 @@ from torch import nn
 
 from tightfit.errors import ConfigError
 from tightfit.memory.report import CATEGORIES, StepMemory
-from tightfit.training.optim import OPTIMIZERS
-from tightfit.training.precision import PRECISIONS
+from tightfit.step.optim import OPTIMIZERS
+from tightfit.step.precision import PRECISIONS
 from tightfit.units import format_bytes
 
 # Model FLOPs utilisation of eager PyTorch training: the share of the datasheet peak a training
@@ -454,7 +454,7 @@ class _Planner:
             elif device_type in ("cuda", "mps") and self.profile.supports_fp16_autocast:
                 mixed = ["fp16"]
             # On GPUs mixed precision comes first: half the activations, twice the matmul rate. On
-            # the CPU fp32 does (see training.precision.resolve_precision): without AMX/AVX512-BF16
+            # the CPU fp32 does (see step.precision.resolve_precision): without AMX/AVX512-BF16
             # bf16 autocast is slower, so it is preferred only when fp32 does not fit.
             precisions = ["fp32"] + mixed if device_type == "cpu" else mixed + ["fp32"]
             # bf16 weights lose small updates (no fp32 master copy): a fallback, not a default.
@@ -588,8 +588,8 @@ class _Planner:
 
         from tightfit.memory.estimator import measure_model_step, resolve_device, training_step
         from tightfit.models.checkpointing import apply_activation_checkpointing
-        from tightfit.training.optim import build_optimizer
-        from tightfit.training.precision import needs_grad_scaler
+        from tightfit.step.optim import build_optimizer
+        from tightfit.step.precision import needs_grad_scaler
 
         if result.batch_size is None:
             raise ConfigError("--measure: no configuration fits, so there is nothing to measure")
@@ -615,9 +615,9 @@ class _Planner:
         def make_batch():
             batch = self.batch_factory(result.batch_size, device)
             if settings.precision == "bf16-pure":
-                from tightfit.memory.estimator import _cast_batch
+                from tightfit.step.batch import cast_floats
 
-                batch = _cast_batch(batch, torch.bfloat16)
+                batch = cast_floats(batch, torch.bfloat16)
             return batch
 
         training_step(model, optimizer, make_batch, **step_settings)  # warm-up: kernels, optimizer state

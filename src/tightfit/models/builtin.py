@@ -36,7 +36,7 @@ from torch import nn
 class ModelOutput:
     """What the builtin language/encoder models return: ``logits`` and, given labels, ``loss``.
 
-    ``tightfit.training.loss.task_loss`` uses ``loss`` when it is set, as for HF models.
+    ``tightfit.step.loss.task_loss`` uses ``loss`` when it is set, as for HF models.
     """
 
     logits: torch.Tensor

@@ -11,7 +11,7 @@ objective (Rombach et al. 2022), the same as diffusers' ``train_text_to_image_lo
 4. predict with the UNet and return the MSE against the noise (or against the velocity when the
    scheduler is configured for ``v_prediction``).
 
-So the trainer's single training step (``tightfit.training.loss``: the model's own ``.loss``)
+So the trainer's single training step (``tightfit.step.loss``: the model's own ``.loss``)
 trains it, LoRA adapts only the UNet's attention (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), and
 the memory engine plans it like any model.
 

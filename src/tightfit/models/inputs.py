@@ -9,7 +9,7 @@ Examples: ``1x8x8`` (sklearn digits), ``3x224x224`` (ImageNet), ``1x96x96x96`` (
 ``tokens:512`` (a language model), ``pixel_values=3x224x224,input_ids=tokens:77``.
 
 :func:`make_batch_factory` turns the specs into ``factory(batch_size, device) -> batch``, in one
-of the batch forms :mod:`tightfit.training.loss` accepts, with a target that gives the model the
+of the batch forms :mod:`tightfit.step.loss` accepts, with a target that gives the model the
 same loss it trains with: class indices when the model outputs ``(batch, classes)``, ``labels =
 input_ids`` for language models that take ``labels``, a float target for image-to-image models.
 """
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tightfit.errors import SpecError
-from tightfit.training.loss import model_output_tensor
+from tightfit.step.loss import model_output_tensor
 
 _NAME = re.compile(r"[A-Za-z_]\w*")
 _SHAPE = re.compile(r"\d+(x\d+)*")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tightfit.training.distributed import ProcessInfo, sum_across_processes
-from tightfit.training.loss import model_output_tensor
+from tightfit.step.loss import model_output_tensor
 
 TOP_K = 5
 

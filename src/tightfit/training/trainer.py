@@ -28,53 +28,22 @@ from torch.utils.data import DataLoader, Dataset
 from tightfit.config import TrainConfig, build_config, config_to_yaml
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.memory.oom import is_out_of_memory
+from tightfit.step.batch import count_samples, move_to_device, slice_batch
 from tightfit.training import checkpoint as checkpoint_files
 from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
-from tightfit.training.loss import batch_target, forward_and_loss
+from tightfit.step.loss import batch_target, forward_and_loss
 from tightfit.training.metrics import MetricAccumulator
 from tightfit.training.monitor import ResourceMonitor
 from tightfit.training.numerics import NumericsGuard
-from tightfit.training.optim import build_optimizer
-from tightfit.training.precision import autocast, needs_grad_scaler, parameter_dtype, resolve_precision
+from tightfit.step.optim import build_optimizer
+from tightfit.step.precision import autocast, needs_grad_scaler, parameter_dtype, resolve_precision
 from tightfit.training.sampler import ResumableSampler
 from tightfit.training.schedules import LRSchedule
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
-
-
-# ------------------------------------------------------------------------------ batch helpers
-def count_samples(batch: Any) -> int:
-    """The number of samples in a batch: the first dimension of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, Mapping):
-        return count_samples(next(iter(batch.values())))
-    return count_samples(batch[0])
-
-
-def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """Samples ``start:stop`` of a batch, keeping its form (tensor, pair, tuple or mapping)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, Mapping):
-        return {key: slice_batch(value, start, stop) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(slice_batch(item, start, stop) for item in batch)
-    return batch  # a non-tensor field (None target) belongs to every slice
-
-
-def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """A copy of the batch with every tensor on ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device, non_blocking) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to_device(item, device, non_blocking) for item in batch)
-    return batch
 
 
 def resolve_device(name: str, process: ProcessInfo) -> torch.device:
