@@ -1,13 +1,14 @@
 """Callbacks: the order events fire in, early stopping, and last/best/every-N/top-k checkpoints."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tightfit.training.callbacks import EarlyStopping, is_improvement
+from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, is_improvement
 from tightfit.training.trainer import Trainer
 
 
@@ -60,8 +61,10 @@ def test_exception_event_fires_when_a_step_raises(tmp_path):
     recorder = Recorder()
 
     class Broken(nn.Module):
-        def forward(self, inputs):
-            raise ValueError("broken model")
+        def forward(self, inputs):  # passes the one-sample check before the run (eval mode), fails in the step
+            if self.training:
+                raise ValueError("broken model")
+            return self.weight.expand(len(inputs), 2)
 
     broken = Broken()
     broken.weight = nn.Parameter(torch.zeros(1))
@@ -112,7 +115,7 @@ def test_early_stopping_stops_the_run_and_restores_the_best_weights(tmp_path):
     assert last["step"] == summary["steps"]
 
 
-def test_top_k_keeps_the_k_best_and_every_n_steps_writes_last_mid_epoch(tmp_path):
+def test_top_k_keeps_the_k_best_and_every_n_steps_keeps_step_checkpoints_beside_last(tmp_path):
     data = make_data(64)
     seen_last_steps = []
 
@@ -125,7 +128,11 @@ def test_top_k_keeps_the_k_best_and_every_n_steps_writes_last_mid_epoch(tmp_path
     settings = {"checkpoint": {"every_n_steps": 3, "keep_top_k": 2, "monitor": "val_accuracy", "mode": "max"}, "epochs": 4, "eval_every_n_steps": 2}
     trainer = Trainer(config(tmp_path, **settings), model=make_model(), datasets=(data, data, None), callbacks=[WatchLast()])
     trainer.fit()
-    assert 3 in seen_last_steps and 6 in seen_last_steps  # mid-epoch (8 steps an epoch)
+    # every_n_steps keeps step-N checkpoints (mid-epoch: 8 steps an epoch) and leaves "last" to the epoch ends
+    assert seen_last_steps and all(step % 8 == 0 for step in seen_last_steps)
+    periodic = ModelCheckpoint.periodic_directories(tmp_path / "checkpoints")
+    assert [path.name for path in periodic] == [f"step-{step}" for step in range(3, 33, 3)]
+    assert json.loads((tmp_path / "checkpoints" / "step-6" / "meta.json").read_text())["step"] == 6
     kept = sorted((tmp_path / "checkpoints" / "top-k").iterdir())
     assert len(kept) == 2
     values = sorted(float(path.name.rsplit("-", 1)[1]) for path in kept)
@@ -134,3 +141,28 @@ def test_top_k_keeps_the_k_best_and_every_n_steps_writes_last_mid_epoch(tmp_path
     assert values[-1] == all_values[-1] and values[0] >= all_values[-2] - 1e-9
     for path in kept:
         assert (path / "model.safetensors").is_file()
+
+
+def test_every_n_epochs_keeps_epoch_checkpoints_and_keep_periodic_drops_the_oldest(tmp_path):
+    data = make_data(64)
+    settings = {"checkpoint": {"every_n_epochs": 2, "every_n_steps": 5, "keep_periodic": 3}, "epochs": 4}
+    Trainer(config(tmp_path, **settings), model=make_model(), datasets=(data, data, None)).fit()
+    names = [path.name for path in ModelCheckpoint.periodic_directories(tmp_path / "checkpoints")]
+    # 32 steps: step-5 ... step-30 and epoch-2 (step 16), epoch-4 (step 32); the newest three stay
+    assert names == ["step-25", "step-30", "epoch-4"]
+    meta = json.loads((tmp_path / "checkpoints" / "epoch-4" / "meta.json").read_text())
+    assert meta["step"] == 32 and meta["epoch_finished"]
+    assert (tmp_path / "checkpoints" / "epoch-4" / "state.pt").is_file()  # resumable, not weights only
+    assert ModelCheckpoint.resume_directory(tmp_path).name == "last"  # same step: last wins
+
+
+def test_resume_continues_from_a_step_checkpoint_newer_than_last(tmp_path):
+    data = make_data(64)
+    settings = {"checkpoint": {"every_n_steps": 3}, "epochs": 2, "max_steps": 12}
+    Trainer(config(tmp_path, **settings), model=make_model(), datasets=(data, data, None)).fit()
+    shutil.rmtree(tmp_path / "checkpoints" / "last")  # as if killed after step-12, before the run's end
+    (tmp_path / "summary.json").unlink()
+    assert ModelCheckpoint.resume_directory(tmp_path).name == "step-12"
+    resumed = Trainer(config(tmp_path, **{**settings, "max_steps": 16}), model=make_model(), datasets=(data, data, None))
+    summary = resumed.fit(resume_from=tmp_path)
+    assert summary["steps"] == 16

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tightfit.training import checkpoint as checkpoint_files
+from tightfit.training.callbacks import ModelCheckpoint
 
 # The run: dropout (RNG), AdamW (optimizer state), cosine with warm-up (schedule), shuffled data
 # (sampler position), 3 epochs of 8 steps, a resumable checkpoint every 3 steps. A callback slows
@@ -68,12 +69,10 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     interrupted = tmp_path / "interrupted"
     reference = run_script(tmp_path, uninterrupted, "fresh")
     victim = run_script(tmp_path, interrupted, "fresh", delay=0.25)
-    meta_file = interrupted / "checkpoints" / "last" / "meta.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
-        # step 12 is the checkpoint half-way through the second epoch (8 steps an epoch)
-        if meta and meta["step"] >= 12 and not meta["epoch_finished"]:
+        # step-12 is the periodic checkpoint half-way through the second epoch (8 steps an epoch)
+        if checkpoint_files.read_meta(interrupted / "checkpoints" / "step-12") is not None:
             break
         time.sleep(0.05)
     else:
@@ -83,8 +82,9 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     assert not (interrupted / "summary.json").exists()
-    killed_at = json.loads(meta_file.read_text())["step"]
-    assert killed_at < 24
+    resume_point = ModelCheckpoint.resume_directory(interrupted)
+    killed_at = checkpoint_files.read_meta(resume_point)["step"]
+    assert resume_point.name.startswith("step-") and 12 <= killed_at < 24  # mid-epoch, not "last"
 
     resumed = run_script(tmp_path, interrupted, "resume")
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read()

@@ -383,3 +383,17 @@ def test_cuda_fp16_uses_a_grad_scaler_and_auto_picks_a_half_precision(tmp_path):
     assert summary["peak_memory_bytes"]["cuda_allocated"] > 0
     auto = Trainer(quiet(tmp_path / "auto", device="cuda"), model=make_mlp(), datasets=(data, None, None))
     assert auto.fit()["precision"] in ("bf16", "fp16")
+
+
+def test_reduce_on_plateau_stops_at_min_lr_ratio_of_the_base_rate():
+    from tightfit.config import ScheduleConfig
+    from tightfit.training.schedules import LRSchedule
+
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.5)
+    settings = ScheduleConfig(name="reduce-on-plateau", factor=0.1, patience=0, min_lr_ratio=0.02)
+    schedule = LRSchedule(optimizer, settings, total_steps=10, steps_per_epoch=1)
+    rates = []
+    for _ in range(4):
+        schedule.validated({"val_loss": 1.0})  # never improves
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.5, 0.05, 0.01, 0.01])  # 0.005 would be below 0.02 x 0.5

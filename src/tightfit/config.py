@@ -45,7 +45,7 @@ class ScheduleConfig(BaseModel, extra="forbid"):
     name: Literal["constant", "constant-warmup", "linear", "cosine", "exponential", "step", "reduce-on-plateau"] = "cosine"
     warmup_steps: int | None = Field(default=None, ge=0, description="default: warmup_fraction of all steps")
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
-    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="final lr / base lr for linear and cosine")
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="final lr / base lr for linear and cosine; the floor of reduce-on-plateau")
     gamma: float = Field(default=0.5, gt=0, le=1, description="decay per step_size for exponential and step")
     step_size: int | None = Field(default=None, ge=1, description="optimizer steps per decay; default one epoch")
     monitor: str = Field(default="val_loss", description="reduce-on-plateau: the validation metric to watch")
@@ -98,7 +98,9 @@ class ActivationCheckpointingConfig(BaseModel, extra="forbid"):
 class CheckpointConfig(BaseModel, extra="forbid"):
     """``checkpoint:`` which checkpoint files the run writes (``last`` always, ``best`` with validation)."""
 
-    every_n_steps: int | None = Field(default=None, ge=1, description="also write 'last' every N optimizer steps")
+    every_n_steps: int | None = Field(default=None, ge=1, description="also write a kept, resumable step-N every N optimizer steps")
+    every_n_epochs: int | None = Field(default=None, ge=1, description="also write a kept, resumable epoch-N every N epochs")
+    keep_periodic: int | None = Field(default=None, ge=1, description="how many step-N/epoch-N checkpoints to keep (default: all)")
     keep_top_k: int = Field(default=0, ge=0, description="keep the k best checkpoints by monitor under top-k/")
     monitor: str = "val_loss"
     mode: Mode = "min"

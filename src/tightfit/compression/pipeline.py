@@ -85,7 +85,7 @@ def load_source(
         ConfigError: a missing run directory, checkpoint or data config.
     """
     from tightfit.data.build import build_datasets
-    from tightfit.models.spec import build_model
+    from tightfit.models.spec import build_model_for_data
     from tightfit.training import checkpoint as checkpoint_files
 
     path = Path(source)
@@ -100,7 +100,7 @@ def load_source(
             raise ConfigError(f"compress: {path} is a LoRA run; merge the adapters first (tightfit lora merge)")
         weights = checkpoint or _best_weights(path)
         bundle = build_datasets(config.data, seed=config.seed)
-        model = build_model(config.model, num_classes=bundle.num_classes, **config.model_options)
+        model, _ = build_model_for_data(config.model, config.model_options, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
         spec, name = config.model, path.name
     else:
         if ":" not in str(source):
@@ -108,7 +108,7 @@ def load_source(
         if data is None:
             raise ConfigError("compress: with a model spec, give the data too (--data digits or --data data.yaml)")
         bundle = build_datasets(_data_config(data), seed=0)
-        model = build_model(str(source), num_classes=bundle.num_classes)
+        model, _ = build_model_for_data(str(source), {}, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
         weights, spec, name = checkpoint, str(source), str(source).split(":", 1)[1].replace("/", "-")
     if weights is not None:
         weights = Path(weights)

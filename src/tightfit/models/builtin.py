@@ -448,3 +448,12 @@ BUILTINS: dict[str, Callable[..., nn.Module]] = {
 
 # Builtins without a class count: ``num_classes`` is not passed to them.
 WITHOUT_CLASSES = frozenset({"tiny-gpt", "unet-small"})
+
+# What a builtin can take from the data instead of its defaults: option -> value from the shape of
+# one input sample. Applied by ``models.spec.build_model_for_data`` unless the recipe sets the option.
+FROM_INPUT_SHAPE: dict[str, dict[str, Callable[[tuple[int, ...]], int]]] = {
+    "mlp": {"in_features": math.prod},
+    "digits-cnn": {"in_channels": lambda shape: shape[0]},
+    "small-cnn": {"in_channels": lambda shape: shape[0]},
+    "unet-small": {"in_channels": lambda shape: shape[0]},
+}

@@ -33,10 +33,10 @@ from torch import nn
 
 from tightfit._optional import require
 from tightfit.errors import SpecError
-from tightfit.models.builtin import BUILTINS, WITHOUT_CLASSES
+from tightfit.models.builtin import BUILTINS, FROM_INPUT_SHAPE, WITHOUT_CLASSES
 from tightfit.models.inputs import InputSpec, make_batch_factory, parse_input_spec
 
-__all__ = ["InputSpec", "PREFIXES", "build_model", "make_batch_factory", "parse_input_spec"]
+__all__ = ["InputSpec", "PREFIXES", "build_model", "build_model_for_data", "make_batch_factory", "parse_input_spec"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _MODULE_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
@@ -210,3 +210,42 @@ def build_model(spec: str, *, num_classes: int | None = None, meta: bool = False
             f"(use builtin:NAME, torchvision:NAME, hf:DIR, diffusion:DIR or module.path:callable)"
         )
     return model.train()
+
+
+def build_model_for_data(
+    spec: str, options: dict[str, Any], *, num_classes: int | None, input_shape: tuple[int, ...] | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model a run's recipe names for the data it trains on.
+
+    The class count comes from the data (``model_options.num_classes`` may repeat it, not
+    contradict it); a builtin also takes its input width or channels from the data unless the
+    recipe sets them (``builtin:mlp`` on a 13-column CSV gets ``in_features=13``).
+
+    Args:
+        spec: the model spec.
+        options: the recipe's ``model_options``.
+        num_classes: the data's class count, or None.
+        input_shape: the shape of one input sample, or None (text).
+
+    Returns:
+        ``(model, inferred)``: the model, and the options taken from the data (to tell the user).
+
+    Raises:
+        SpecError: ``model_options.num_classes`` disagrees with the data, or the model cannot be built.
+    """
+    options = dict(options)
+    if "num_classes" in options:
+        asked = options.pop("num_classes")
+        if num_classes is not None and asked != num_classes:
+            raise SpecError(
+                f"model_options.num_classes: {asked!r}, but the data has {num_classes} classes; "
+                "remove model_options.num_classes (it is taken from the data)"
+            )
+        num_classes = asked
+    inferred: dict[str, Any] = {}
+    name = spec.removeprefix("builtin:") if isinstance(spec, str) and spec.startswith("builtin:") else None
+    if name in FROM_INPUT_SHAPE and input_shape:
+        for option, from_shape in FROM_INPUT_SHAPE[name].items():
+            if option not in options:
+                inferred[option] = options[option] = int(from_shape(tuple(input_shape)))
+    return build_model(spec, num_classes=num_classes, **options), inferred

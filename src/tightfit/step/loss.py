@@ -68,15 +68,30 @@ def model_output_tensor(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find a tensor in the model output of type {type(output).__name__}")
 
 
-def task_loss(output: Any, target: torch.Tensor | None) -> torch.Tensor:
-    """The loss for one model output and its target, following the rules in the module doc."""
-    own_loss = getattr(output, "loss", None)
-    if isinstance(own_loss, torch.Tensor):
-        return own_loss
+def loss_rule(output: Any, target: torch.Tensor | None) -> str:
+    """Which rule of the module doc gives the loss: ``model``, ``cross-entropy``, ``mse`` or ``stand-in``.
+
+    The trainer's model/data contract (``training/contract.py``) refuses to train on ``stand-in``.
+    """
+    if isinstance(getattr(output, "loss", None), torch.Tensor):
+        return "model"
     prediction = model_output_tensor(output)
     if target is not None and prediction.ndim == 2 and not target.is_floating_point():
-        return F.cross_entropy(prediction.float(), target)
+        return "cross-entropy"
     if target is not None and target.is_floating_point() and target.shape == prediction.shape:
+        return "mse"
+    return "stand-in"
+
+
+def task_loss(output: Any, target: torch.Tensor | None) -> torch.Tensor:
+    """The loss for one model output and its target, following the rules in the module doc."""
+    rule = loss_rule(output, target)
+    if rule == "model":
+        return output.loss
+    prediction = model_output_tensor(output)
+    if rule == "cross-entropy":
+        return F.cross_entropy(prediction.float(), target)
+    if rule == "mse":
         return F.mse_loss(prediction.float(), target.float())
     return prediction.float().pow(2).mean()
 

@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
+from tightfit.training import checkpoint as checkpoint_files
+
 
 class Callback(Protocol):
     """What the trainer may call on a callback; every method is optional (checked with ``hasattr``)."""
@@ -80,21 +82,39 @@ class EarlyStopping:
 
 
 class ModelCheckpoint:
-    """Write ``last`` (resumable), ``best`` by a validation metric, and the top ``k`` by it.
+    """Write ``last`` (resumable), periodic checkpoints, ``best`` by a validation metric, and the top ``k``.
 
-    ``last`` is written at the end of every epoch and, with ``every_n_steps``, every that many
-    optimizer steps (mid-epoch, so a killed run loses at most that many steps). ``best`` holds the
-    weights with the best monitored value so far; ``top-k/`` keeps the ``keep_top_k`` best.
+    ``last`` is written at the end of every epoch. Periodic checkpoints are kept beside it, full
+    (resumable) and named after when they were taken: ``step-N`` every ``every_n_steps``
+    optimizer steps (mid-epoch, so a killed run loses at most that many steps) and ``epoch-N``
+    every ``every_n_epochs`` epochs; ``keep_periodic`` bounds how many stay on disk (the oldest
+    go first). A resumed run continues from the newest of ``last`` and the periodic ones (see
+    :meth:`resume_directory`). ``best`` holds the weights with the best monitored value so far;
+    ``top-k/`` keeps the ``keep_top_k`` best.
 
     Args:
-        every_n_steps: also write ``last`` every this many optimizer steps (None: epoch ends only).
+        every_n_steps: also write ``step-N`` every this many optimizer steps (None: never).
         monitor: the validation metric that ranks checkpoints.
         mode: ``min`` or ``max``.
         keep_top_k: how many ranked checkpoints to keep under ``top-k/`` (0: none).
+        every_n_epochs: also write ``epoch-N`` every this many epochs (None: never).
+        keep_periodic: how many ``step-N``/``epoch-N`` checkpoints to keep (None: all).
     """
 
-    def __init__(self, every_n_steps: int | None = None, monitor: str = "val_loss", mode: str = "min", keep_top_k: int = 0):
+    PERIODIC_PREFIXES = ("step-", "epoch-")
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        monitor: str = "val_loss",
+        mode: str = "min",
+        keep_top_k: int = 0,
+        every_n_epochs: int | None = None,
+        keep_periodic: int | None = None,
+    ):
         self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.keep_periodic = keep_periodic
         self.monitor = monitor
         self.mode = mode
         self.keep_top_k = keep_top_k
@@ -103,8 +123,49 @@ class ModelCheckpoint:
         self.top_k: list[tuple[float, str]] = []  # (value, path), best first
 
     def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.epoch_finished:
-            trainer.save_checkpoint("last")
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._save_periodic(trainer, f"step-{trainer.global_step}")
+
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        trainer.save_checkpoint("last")
+        if self.every_n_epochs and (trainer.epoch + 1) % self.every_n_epochs == 0:
+            self._save_periodic(trainer, f"epoch-{trainer.epoch + 1}")
+
+    def _save_periodic(self, trainer: Any, name: str) -> None:
+        trainer.save_checkpoint(name)
+        if self.keep_periodic is None or not trainer.process.is_main:
+            return
+        # the kept set is read from disk, so a resumed run keeps counting the earlier part's
+        periodic = self.periodic_directories(trainer.run_dir / "checkpoints")
+        for stale in periodic[: max(0, len(periodic) - self.keep_periodic)]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    @classmethod
+    def periodic_directories(cls, checkpoints: Path) -> list[Path]:
+        """The ``step-N`` and ``epoch-N`` checkpoints under ``checkpoints``, oldest first (by step)."""
+        found = []
+        for child in Path(checkpoints).glob("*-*"):
+            prefix, _, number = child.name.partition("-")
+            if prefix + "-" in cls.PERIODIC_PREFIXES and number.isdigit():
+                meta = checkpoint_files.read_meta(child)
+                if meta is not None:
+                    found.append((meta["step"], child.name.startswith("epoch-"), child))
+        return [path for *_, path in sorted(found)]
+
+    @classmethod
+    def resume_directory(cls, run_dir: Path) -> Path:
+        """The checkpoint a resumed run continues from: the newest (by step) of ``last`` and the
+        periodic ones; ``last`` wins a tie (it is written after a periodic one of the same step)."""
+        checkpoints = Path(run_dir) / "checkpoints"
+        newest, newest_step = checkpoints / "last", -1
+        last_meta = checkpoint_files.read_meta(newest)
+        if last_meta is not None:
+            newest_step = last_meta["step"]
+        for directory in cls.periodic_directories(checkpoints):
+            step = checkpoint_files.read_meta(directory)["step"]
+            if step > newest_step:
+                newest, newest_step = directory, step
+        return newest
 
     def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         value = metrics.get(self.monitor)
@@ -128,9 +189,6 @@ class ModelCheckpoint:
             if trainer.process.is_main:
                 shutil.rmtree(dropped, ignore_errors=True)
         self.top_k = self.top_k[: self.keep_top_k]
-
-    def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None:
-        trainer.save_checkpoint("last")
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_path": self.best_path, "top_k": [list(item) for item in self.top_k]}

@@ -4,7 +4,8 @@ Names (seed-001's list): ``constant``, ``constant-warmup``, ``linear`` and ``cos
 an optional linear warm-up, decaying to ``min_lr_ratio`` of the base rate at the last step),
 ``exponential`` (multiplied by ``gamma`` every ``step_size`` steps, smoothly), ``step``
 (multiplied by ``gamma`` at every ``step_size`` steps), ``reduce-on-plateau`` (multiplied by
-``factor`` when the monitored validation metric stalls for ``patience`` validations).
+``factor`` when the monitored validation metric stalls for ``patience`` validations, never below
+``min_lr_ratio`` of the base rate).
 """
 
 import math
@@ -72,8 +73,10 @@ class LRSchedule:
         self.name = config.name
         self.monitor = config.monitor
         if self.name == "reduce-on-plateau":
+            # min_lr_ratio is the floor here too: never below that share of each group's base rate
+            floors = [group["lr"] * config.min_lr_ratio for group in optimizer.param_groups]
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode=config.mode, factor=config.factor, patience=config.patience
+                optimizer, mode=config.mode, factor=config.factor, patience=config.patience, min_lr=floors
             )
             return
         warmup_steps = config.warmup_steps

@@ -134,6 +134,7 @@ class Trainer:
         if self.precision == "bf16-pure":
             self.model.to(dtype=parameter_dtype(self.precision))
         self.model.to(self.device)
+        self._check_contract()
         self._apply_budget()
         self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **config.optimizer.model_dump(exclude={"name"}))
         self.micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
@@ -166,10 +167,11 @@ class Trainer:
             datasets = build_datasets(self.config.data, seed=self.config.seed)
         if hasattr(datasets, "train"):  # a DataBundle
             self.num_classes, self.collate_fn = datasets.num_classes, datasets.collate_fn
+            self.input_shape = datasets.input_shape
             splits = {"train": datasets.train, "val": datasets.val, "test": datasets.test}
         else:
             train, val, test = (list(datasets) + [None, None])[:3]
-            self.num_classes, self.collate_fn = None, None
+            self.num_classes, self.collate_fn, self.input_shape = None, None, None
             splits = {"train": train, "val": val, "test": test}
         if splits["train"] is None or len(splits["train"]) == 0:
             raise ConfigError("data: the training split is empty")
@@ -180,9 +182,12 @@ class Trainer:
         if self.user_model is not None:
             model = self.user_model
         else:
-            from tightfit.models.spec import build_model
+            from tightfit.models.spec import build_model_for_data
 
-            model = build_model(config.model, num_classes=self.num_classes, **config.model_options)
+            model, inferred = build_model_for_data(config.model, config.model_options, num_classes=self.num_classes, input_shape=self.input_shape)
+            if inferred:
+                taken = ", ".join(f"{option}={value}" for option, value in inferred.items())
+                self.console.print(f"model: {config.model} takes {taken} from the data")
         activation = config.checkpointing.activation
         self.checkpointed_blocks: list[str] = []
         if activation:
@@ -196,6 +201,22 @@ class Trainer:
 
             model = apply_lora(model, config.lora, verbose=self.process.is_main)
         return model
+
+    def _check_contract(self) -> None:
+        """The model/data contract (``training/contract.py``): fail before the first step, not silently after it."""
+        from tightfit.training.contract import check_model_data_contract, one_sample_batch
+
+        name = self.config.model if self.user_model is None else type(self.user_model).__name__
+        notes = check_model_data_contract(
+            self.model,
+            one_sample_batch(self.data["train"], self.collate_fn),
+            model_name=name,
+            num_classes=self.num_classes,
+            precision=self.precision,
+            device=self.device,
+        )
+        for note in notes:
+            self.console.print(f"[yellow]model:[/] {note}")
 
     def _apply_budget(self) -> None:
         """A memory budget caps the CUDA allocator; on CPU the memory tracker enforces it per step."""
@@ -287,7 +308,12 @@ class Trainer:
             stopping = config.early_stopping
             callbacks.append(EarlyStopping(stopping.monitor, stopping.mode, stopping.patience, stopping.min_delta))
         saving = config.checkpoint
-        callbacks.append(ModelCheckpoint(saving.every_n_steps, saving.monitor, saving.mode, saving.keep_top_k))
+        callbacks.append(
+            ModelCheckpoint(
+                saving.every_n_steps, saving.monitor, saving.mode, saving.keep_top_k,
+                every_n_epochs=saving.every_n_epochs, keep_periodic=saving.keep_periodic,
+            )
+        )
         if config.logging.progress and config.logging.console and self.process.is_main:
             from tightfit.training.progress import ProgressBar
 
@@ -625,9 +651,11 @@ class Trainer:
         }
 
     def _restore(self, run_dir: Path) -> None:
-        """Continue exactly from ``run_dir/checkpoints/last``: weights, optimizer, schedule,
-        scaler, RNG, counters, callback state and the position in the epoch's data order."""
-        state, meta = checkpoint_files.load_checkpoint(run_dir / "checkpoints" / "last", self.model)
+        """Continue exactly from the run's newest checkpoint (``last`` or a periodic ``step-N``):
+        weights, optimizer, schedule, scaler, RNG, counters, callback state and the position in
+        the epoch's data order."""
+        source = ModelCheckpoint.resume_directory(run_dir)
+        state, meta = checkpoint_files.load_checkpoint(source, self.model)
         counters = state["counters"]
         self.global_step = counters["global_step"]
         self.epoch = counters["epoch"]
@@ -647,7 +675,7 @@ class Trainer:
             if callback_state is not None and hasattr(callback, "load_state_dict"):
                 callback.load_state_dict(callback_state)
         checkpoint_files.set_rng_state(state["rng"])
-        self.console.print(f"resumed from {run_dir} at step {self.global_step} (epoch {self.epoch + 1}, {self.samples_in_epoch} samples in)")
+        self.console.print(f"resumed from {source} at step {self.global_step} (epoch {self.epoch + 1}, {self.samples_in_epoch} samples in)")
 
     # ------------------------------------------------------------------------------ plumbing
     def _fire(self, event: str, *args: Any) -> None:
