@@ -287,12 +287,11 @@ def test_numerics_guard_diagnoses_the_likely_cause(capsys):
     model = make_mlp()
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
-    guard = NumericsGuard(flat_loss_steps=20)
+    guard = NumericsGuard()
     for _ in range(20):
         assert guard.check(model, 1.0, 0.0, lr=1e-3, clip_grad_norm=None) is None
     printed = capsys.readouterr().out
-    assert "no gradient reached the parameters" in printed
-    assert "did not move" in printed and "labels" in printed
+    assert printed.count("no gradient reached the parameters") == 1
 
 
 def test_resource_monitor_samples_and_warns_before_memory_runs_out():

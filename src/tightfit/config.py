@@ -139,11 +139,13 @@ class MonitorConfig(BaseModel, extra="forbid"):
 
 
 class NumericsConfig(BaseModel, extra="forbid"):
-    """``numerics:`` what to do when the loss or the gradients stop being finite."""
+    """``numerics:`` what to do when the loss or the gradients stop being finite, and when the loss does not move."""
 
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_consecutive_skips: int = Field(default=10, ge=1)
-    flat_loss_steps: int = Field(default=200, ge=20, description="warn when the loss has not moved after N steps")
+    flat_loss_steps: int | None = Field(
+        default=100, ge=20, description="warn when the loss has not moved, against its noise, in the first N steps after warm-up (null: off)"
+    )
 
 
 class TrainConfig(BaseModel, extra="forbid"):

@@ -131,5 +131,7 @@ def _print_summary(summary: dict) -> None:
     output = console()
     output.print(table)
     # paths on their own lines: a narrow terminal would ellipsise them inside the table
+    for finding in summary.get("diagnosis") or []:
+        output.print(f"diagnosis: {finding['finding']}: {finding['evidence']}; {finding['advice']}", soft_wrap=True, markup=False)
     output.print(f"best checkpoint: {summary.get('best_checkpoint')}", soft_wrap=True)
     output.print(f"run written to: {summary['run_dir']}", soft_wrap=True)

@@ -22,6 +22,7 @@ Input specs (``3x224x224``, ``tokens:512``) and random batches live in
 import contextlib
 import difflib
 import importlib
+import inspect
 import json
 import re
 from collections.abc import Callable
@@ -228,7 +229,8 @@ def build_model_for_data(
         input_shape: the shape of one input sample, or None (text).
 
     Returns:
-        ``(model, inferred)``: the model, and the options taken from the data (to tell the user).
+        ``(model, inferred)``: the model, and the options taken from the data that differ from
+        the model's defaults (to tell the user).
 
     Raises:
         SpecError: ``model_options.num_classes`` disagrees with the data, or the model cannot be built.
@@ -245,7 +247,10 @@ def build_model_for_data(
     inferred: dict[str, Any] = {}
     name = spec.removeprefix("builtin:") if isinstance(spec, str) and spec.startswith("builtin:") else None
     if name in FROM_INPUT_SHAPE and input_shape:
+        defaults = inspect.signature(BUILTINS[name]).parameters
         for option, from_shape in FROM_INPUT_SHAPE[name].items():
             if option not in options:
-                inferred[option] = options[option] = int(from_shape(tuple(input_shape)))
+                options[option] = int(from_shape(tuple(input_shape)))
+                if options[option] != defaults[option].default:
+                    inferred[option] = options[option]
     return build_model(spec, num_classes=num_classes, **options), inferred

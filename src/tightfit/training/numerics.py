@@ -3,8 +3,9 @@
 After the backward pass of a step the guard looks at the loss and the total gradient norm. A
 NaN or infinite value skips the step (or stops the run, ``on_nonfinite: stop``) with a message
 that names the first parameter whose gradient is not finite, the recent gradient-norm history and
-the likely cause. Two slower troubles are reported as warnings: no gradient reaching any
-parameter (frozen model or a forward pass under ``no_grad``), and a loss that does not move.
+the likely cause. A slower trouble is reported as a warning: no gradient reaching any parameter
+(frozen model or a forward pass under ``no_grad``). A loss that does not move is read from the
+curves by :mod:`tightfit.training.diagnosis`.
 """
 
 import math
@@ -46,23 +47,20 @@ def likely_cause(loss: float, grad_norms: list[float], clip_grad_norm: float | N
 
 
 class NumericsGuard:
-    """Checks every step for NaN/Inf, missing gradients and a flat loss.
+    """Checks every step for NaN/Inf and missing gradients.
 
     Args:
         on_nonfinite: ``skip`` the step (the default) or ``stop`` the run.
         max_consecutive_skips: stop anyway after this many skipped steps in a row.
         history: how many recent gradient norms to keep for the diagnosis.
-        flat_loss_steps: steps after which an unchanged training loss is reported.
     """
 
-    def __init__(self, on_nonfinite: str = "skip", max_consecutive_skips: int = 10, history: int = 8, flat_loss_steps: int = 100):
+    def __init__(self, on_nonfinite: str = "skip", max_consecutive_skips: int = 10, history: int = 8):
         self.on_nonfinite = on_nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.grad_norms: deque[float] = deque(maxlen=history)
-        self.flat_loss_steps = flat_loss_steps
         self.consecutive_skips = 0
         self.skipped_steps = 0
-        self.first_losses: list[float] = []
         self.warnings: list[str] = []
         self.reported_no_gradient = False
 
@@ -77,7 +75,7 @@ class NumericsGuard:
         self.grad_norms.append(grad_norm)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.consecutive_skips = 0
-            self._watch_slow_troubles(model, loss, grad_norm)
+            self._watch_gradient_flow(model, grad_norm)
             return None
         self.skipped_steps += 1
         self.consecutive_skips += 1
@@ -94,7 +92,7 @@ class NumericsGuard:
             raise NumericsError(f"numerics: {self.consecutive_skips} steps in a row skipped; last: {message}")
         return message
 
-    def _watch_slow_troubles(self, model: torch.nn.Module, loss: float, grad_norm: float) -> None:
+    def _watch_gradient_flow(self, model: torch.nn.Module, grad_norm: float) -> None:
         if grad_norm == 0.0 and not self.reported_no_gradient:
             self.reported_no_gradient = True
             trainable = sum(parameter.requires_grad for parameter in model.parameters())
@@ -102,24 +100,14 @@ class NumericsGuard:
                 "no gradient reached the parameters (total norm 0): "
                 + ("every parameter is frozen" if not trainable else "is the forward pass under torch.no_grad(), or the output detached?")
             )
-        if len(self.first_losses) < self.flat_loss_steps:
-            self.first_losses.append(loss)
-            if len(self.first_losses) == self.flat_loss_steps:
-                start, end = sum(self.first_losses[:10]) / 10, sum(self.first_losses[-10:]) / 10
-                if abs(start - end) <= 1e-3 * max(abs(start), 1e-8):
-                    self._warn(
-                        f"the training loss did not move in {self.flat_loss_steps} steps ({start:.4g} → {end:.4g}): "
-                        "learning rate too low, or the labels do not match the inputs"
-                    )
 
     def _warn(self, message: str) -> None:
         self.warnings.append(message)
         print(f"tightfit train: warning: {message}")
 
     def state_dict(self) -> dict:
-        return {"grad_norms": list(self.grad_norms), "skipped_steps": self.skipped_steps, "first_losses": list(self.first_losses)}
+        return {"grad_norms": list(self.grad_norms), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.grad_norms.extend(state["grad_norms"])
         self.skipped_steps = state["skipped_steps"]
-        self.first_losses = list(state["first_losses"])

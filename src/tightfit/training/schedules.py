@@ -72,6 +72,7 @@ class LRSchedule:
     def __init__(self, optimizer: torch.optim.Optimizer, config: Any, *, total_steps: int, steps_per_epoch: int):
         self.name = config.name
         self.monitor = config.monitor
+        self.warmup_steps = 0
         if self.name == "reduce-on-plateau":
             # min_lr_ratio is the floor here too: never below that share of each group's base rate
             floors = [group["lr"] * config.min_lr_ratio for group in optimizer.param_groups]
@@ -82,6 +83,7 @@ class LRSchedule:
         warmup_steps = config.warmup_steps
         if warmup_steps is None:
             warmup_steps = round(config.warmup_fraction * total_steps)
+        self.warmup_steps = warmup_steps
         factor = lr_factor_function(
             self.name,
             total_steps=total_steps,

@@ -31,6 +31,7 @@ from tightfit.memory.oom import is_out_of_memory
 from tightfit.step.batch import count_samples, move_to_device, slice_batch
 from tightfit.training import checkpoint as checkpoint_files
 from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint
+from tightfit.training.diagnosis import TrainingDiagnosis
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
@@ -145,7 +146,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.schedule = LRSchedule(self.optimizer, config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
-        self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips, flat_loss_steps=config.numerics.flat_loss_steps)
+        self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips)
         self.train_model = self._wrap_for_processes(self.model)
         self.callbacks = self._build_callbacks()
         if resume_from is not None:
@@ -314,6 +315,11 @@ class Trainer:
                 every_n_epochs=saving.every_n_epochs, keep_periodic=saving.keep_periodic,
             )
         )
+        self.diagnosis = TrainingDiagnosis(
+            config.numerics.flat_loss_steps, self.schedule.warmup_steps, self.num_classes,
+            warn=lambda line: self.console.print(line, soft_wrap=True, markup=False),
+        )
+        callbacks.append(self.diagnosis)
         if config.logging.progress and config.logging.console and self.process.is_main:
             from tightfit.training.progress import ProgressBar
 
@@ -593,6 +599,8 @@ class Trainer:
             "effective_batch_size": self.effective_batch_size,
             "oom_recoveries": self.oom_recoveries,
             "skipped_steps": self.guard.skipped_steps,
+            "warnings": self.guard.warnings,
+            "diagnosis": self.diagnosis.conclude(base_lr=self.optimizer.param_groups[0].get("initial_lr", self.config.optimizer.lr)),
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
         }
