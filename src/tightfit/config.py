@@ -14,7 +14,7 @@ Example:
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -31,12 +31,29 @@ class OptimizerConfig(BaseModel, extra="forbid"):
     """``optimizer:`` which optimizer and its hyper-parameters (see ``step/optim.py``)."""
 
     name: Literal["sgd", "sgd-momentum", "adam", "adamw", "adam8bit"] = "adamw"
-    lr: float = Field(default=3e-3, gt=0)
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        default=3e-3, description="a rate, or auto: the learning-rate range test picks it at setup (lr_find:)"
+    )
     weight_decay: float = Field(default=1e-4, ge=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
+
+
+class LRFindConfig(BaseModel, extra="forbid"):
+    """``lr_find:`` the learning-rate range test of ``tightfit lr-find`` and ``optimizer.lr: auto``."""
+
+    min_lr: float = Field(default=1e-7, gt=0, description="the sweep's first rate")
+    max_lr: float = Field(default=1.0, gt=0, description="the sweep's last rate")
+    num_steps: int = Field(default=100, ge=10, description="optimizer steps of the sweep")
+    divergence: float = Field(default=4.0, gt=1, description="stop when the smoothed loss passes this multiple of its minimum")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LRFindConfig":
+        if self.min_lr >= self.max_lr:
+            raise ValueError(f"min_lr {self.min_lr} must be below max_lr {self.max_lr}")
+        return self
 
 
 class ScheduleConfig(BaseModel, extra="forbid"):
@@ -155,6 +172,7 @@ class TrainConfig(BaseModel, extra="forbid"):
     model_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model's constructor")
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_find: LRFindConfig = Field(default_factory=LRFindConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     precision: Literal["auto", "fp32", "fp16", "bf16", "bf16-pure"] = "auto"
     batch: BatchConfig = Field(default_factory=BatchConfig)
@@ -238,7 +256,7 @@ def describe_errors(error: ValidationError, source: str, overridden: set[str]) -
     for item in error.errors():
         location = tuple(str(part) for part in item["loc"] if not isinstance(part, int))
         # pydantic names the union member that failed ("int", "literal['auto']"); drop it.
-        location = tuple(part for part in location if not part.startswith(("literal[", "function-")) and part not in ("int", "str", "bool", "float", "list[str]", "LoRAConfig", "tuple[float, float]"))
+        location = tuple(part for part in location if not part.startswith(("literal[", "function-", "constrained-")) and part not in ("int", "str", "bool", "float", "list[str]", "LoRAConfig", "tuple[float, float]"))
         key = ".".join(location)
         from_command_line = any(
             key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".") for set_key in overridden
@@ -249,10 +267,15 @@ def describe_errors(error: ValidationError, source: str, overridden: set[str]) -
             problems.append(f"{key} ({where}): unknown key{_closest(location[-1], valid)} (valid: {', '.join(valid)})")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key} ({where}): {message} (got {item.get('input')!r})")
-    # A value failing every member of a union is reported once per member; keep one line per key.
-    unique = list(dict.fromkeys(problems))
-    return "; ".join(unique)
+            prefix = f"{key} ({where}): "
+            got = f" (got {item.get('input')!r})"
+            # a value failing every member of a union (a number or 'auto') gets one clause per key
+            earlier = next((index for index, problem in enumerate(problems) if problem.startswith(prefix) and problem.endswith(got)), None)
+            if earlier is None:
+                problems.append(prefix + message + got)
+            elif message not in problems[earlier]:
+                problems[earlier] = problems[earlier].removesuffix(got) + f", or {message[:1].lower()}{message[1:]}" + got
+    return "; ".join(dict.fromkeys(problems))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -45,6 +45,7 @@ from tightfit.training.schedules import LRSchedule
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+LR_FIND_FILE = "lr_find.json"
 
 
 def resolve_device(name: str, process: ProcessInfo) -> torch.device:
@@ -137,7 +138,10 @@ class Trainer:
         self.model.to(self.device)
         self._check_contract()
         self._apply_budget()
-        self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **config.optimizer.model_dump(exclude={"name"}))
+        settings = config.optimizer.model_dump(exclude={"name"})
+        if settings["lr"] == "auto":
+            settings["lr"] = config.lr_find.min_lr  # a placeholder until _find_learning_rate sets it
+        self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **settings)
         self.micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
         self.loaders = self._build_loaders()
         self.steps_per_epoch = len(self.loaders["train"])
@@ -148,6 +152,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
         self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips)
         self.train_model = self._wrap_for_processes(self.model)
+        self.lr_find_result = None
+        if config.optimizer.lr == "auto" and resume_from is None:  # a resumed run has its rate in the checkpoint
+            self._find_learning_rate()
         self.callbacks = self._build_callbacks()
         if resume_from is not None:
             self._restore(Path(resume_from))
@@ -155,6 +162,8 @@ class Trainer:
         self.loggers = self._build_loggers() if self.process.is_main else []
         if self.process.is_main:
             (self.run_dir / CONFIG_FILE).write_text(config_to_yaml(config))
+            if self.lr_find_result is not None:
+                _write_json_atomically(self.run_dir / LR_FIND_FILE, self.lr_find_result.to_dict())
             for logger in self.loggers:
                 logger.log_params(flatten(config.model_dump(mode="json")))
         self.monitor = ResourceMonitor(self.device, config.monitor.interval_s, config.monitor.warn_fraction, warn=self.console.print) if config.monitor.enabled else None
@@ -202,6 +211,25 @@ class Trainer:
 
             model = apply_lora(model, config.lora, verbose=self.process.is_main)
         return model
+
+    def _find_learning_rate(self) -> None:
+        """``optimizer.lr: auto``: the range test (``training/lr_finder.py``) on this run's own
+        steps, everything put back afterwards; then the schedule is rebuilt at the chosen rate."""
+        from tightfit.training.lr_finder import find_learning_rate
+
+        result = find_learning_rate(self, **self.config.lr_find.model_dump())
+        if result.suggestion is None:
+            raise ConfigError(f"optimizer.lr: auto found no rate: {result.reason}; set optimizer.lr to a number (see tightfit lr-find)")
+        for group in self.optimizer.param_groups:
+            group["lr"] = result.suggestion
+            group.pop("initial_lr", None)  # or the rebuilt schedule would keep the placeholder as its base
+        self.schedule = LRSchedule(self.optimizer, self.config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        self.lr_find_result = result
+        self.console.print(
+            f"optimizer.lr auto: {result.suggestion:.3g} ({result.reason}; range test of {len(result.lrs)} steps "
+            f"from {result.min_lr:.2g} to {result.lrs[-1]:.2g})",
+            soft_wrap=True, markup=False,
+        )
 
     def _check_contract(self) -> None:
         """The model/data contract (``training/contract.py``): fail before the first step, not silently after it."""
@@ -347,6 +375,12 @@ class Trainer:
             uri = settings.mlflow_tracking_uri or (self.run_dir / "mlruns").resolve().as_uri()
             loggers.append(MLflowLogger(uri, settings.experiment, self.run_dir.name))
         return loggers
+
+    @property
+    def base_lr(self) -> float:
+        """The schedule's base learning rate (the chosen one under ``optimizer.lr: auto``)."""
+        group = self.optimizer.param_groups[0]
+        return group.get("initial_lr", group["lr"])
 
     @property
     def steps_in_epoch(self) -> int:
@@ -600,7 +634,10 @@ class Trainer:
             "oom_recoveries": self.oom_recoveries,
             "skipped_steps": self.guard.skipped_steps,
             "warnings": self.guard.warnings,
-            "diagnosis": self.diagnosis.conclude(base_lr=self.optimizer.param_groups[0].get("initial_lr", self.config.optimizer.lr)),
+            "lr": self.base_lr,
+            "lr_find": {"suggestion": self.lr_find_result.suggestion, "reason": self.lr_find_result.reason, "steps": len(self.lr_find_result.lrs)}
+            if self.lr_find_result is not None else None,
+            "diagnosis": self.diagnosis.conclude(base_lr=self.base_lr),
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
         }

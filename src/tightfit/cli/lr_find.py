@@ -1,0 +1,93 @@
+"""``tightfit lr-find``: the learning-rate range test on a recipe, without training it."""
+
+import argparse
+
+HELP = "find a learning rate for a recipe: the range test (Smith 2015) on its own steps"
+DESCRIPTION = """\
+Sweep the learning rate exponentially over real optimizer steps of the recipe's own training
+step, record the loss, and suggest the rate at the steepest descent of the smoothed loss (the
+rule is in docs/train.md). Nothing is trained: the weights are put back and no run folder is
+left. Use the rate with optimizer.lr=..., or let a run find it itself with optimizer.lr=auto.
+
+examples:
+  tightfit lr-find                                   # the digits recipe
+  tightfit lr-find recipes/digits.yaml --plot lr.png
+  tightfit lr-find my.yaml lr_find.min_lr=1e-6 lr_find.num_steps=200 --json
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "items", nargs="*", metavar="CONFIG.yaml | key=value",
+        help="a recipe file (first), then overrides such as lr_find.max_lr=0.1",
+    )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="an override (repeatable)")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw the loss against the rate, with the suggestion, to this PNG")
+    parser.add_argument("--json", action="store_true", help="print the sweep and the suggestion as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tightfit.cli.train import _split_items
+    from tightfit.config import default_recipe, load_config
+
+    config_path, overrides = _split_items(args.items)
+    config = load_config(config_path or default_recipe(), overrides + args.overrides)
+    plot_path = Path(args.plot) if args.plot else None
+    if plot_path is not None and plot_path.suffix.lower() != ".png":
+        from tightfit.errors import ConfigError
+
+        raise ConfigError(f"--plot {args.plot}: expected a .png file name")
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from tightfit.cli._output import console
+    from tightfit.training.lr_finder import find_learning_rate, plot_lr_find
+    from tightfit.training.trainer import Trainer
+
+    # The trainer's setup writes its resolved config into a run folder: give it a scratch one.
+    scratch = Path(tempfile.mkdtemp(prefix="tightfit-lr-find-"))
+    quiet = {"console": args.json is False, "progress": False, "jsonl": False, "tensorboard": False, "mlflow": False}
+    config = config.model_copy(
+        update={
+            "run_dir": str(scratch / "run"),
+            "logging": config.logging.model_copy(update=quiet),
+            "monitor": config.monitor.model_copy(update={"enabled": False}),
+            "optimizer": config.optimizer.model_copy(update={"lr": config.lr_find.min_lr}),
+        }
+    )
+    try:
+        trainer = Trainer(config)
+        trainer.setup()
+        settings = config.lr_find
+        output = console()
+        with Progress(TextColumn("[bold]lr-find"), BarColumn(), MofNCompleteColumn(), TextColumn("lr {task.fields[lr]}  loss {task.fields[loss]}"),
+                      console=output, disable=args.json, transient=True) as progress:
+            task = progress.add_task("sweep", total=settings.num_steps, lr="-", loss="-")
+            result = find_learning_rate(
+                trainer, **settings.model_dump(),
+                on_step=lambda step, lr, loss: progress.update(task, completed=step + 1, lr=f"{lr:.2e}", loss=f"{loss:.4f}"),
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if plot_path is not None:
+        plot_lr_find(result, plot_path)
+    if args.json:
+        from tightfit.cli._output import print_json
+
+        print_json({**result.to_dict(), "plot": str(plot_path) if plot_path else None})
+        return 0 if result.suggestion is not None else 1
+    ran = f"{len(result.lrs)} steps from {result.min_lr:.2g} to {result.lrs[-1]:.2g}" if result.lrs else "no step"
+    ending = "; stopped when the loss diverged" if result.stopped_early else ""
+    output.print(f"range test: {ran}{ending}", soft_wrap=True)
+    if result.suggestion is None:
+        output.print(f"no suggestion: {result.reason}", soft_wrap=True, markup=False)
+    else:
+        output.print(f"suggested learning rate: {result.suggestion:.3g} ({result.reason})", soft_wrap=True, markup=False)
+        output.print(f"use it: tightfit train {config_path or ''} optimizer.lr={result.suggestion:.3g}".replace("  ", " "), soft_wrap=True, markup=False)
+    if plot_path is not None:
+        output.print(f"plot: {plot_path}", soft_wrap=True)
+    return 0 if result.suggestion is not None else 1
