@@ -166,3 +166,21 @@ def test_resume_continues_from_a_step_checkpoint_newer_than_last(tmp_path):
     resumed = Trainer(config(tmp_path, **{**settings, "max_steps": 16}), model=make_model(), datasets=(data, data, None))
     summary = resumed.fit(resume_from=tmp_path)
     assert summary["steps"] == 16
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint.every_n_epochs=0", "checkpoint.every_n_epochs (on the command line): Input should be greater than or equal to 1"),
+        ("checkpoint.keep_periodic=0", "checkpoint.keep_periodic (on the command line): Input should be greater than or equal to 1"),
+        ("checkpoint.every_n_epoch=2", "checkpoint.every_n_epoch (on the command line): unknown key; did you mean 'every_n_epochs'?"),
+        ("numerics.flat_loss_steps=5", "numerics.flat_loss_steps (on the command line): Input should be greater than or equal to 20"),
+        ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio (on the command line): Input should be less than or equal to 1"),
+    ],
+)
+def test_bad_periodic_and_diagnosis_settings_are_one_line(tmp_path, capsys, override, message):
+    from tightfit.cli import main
+
+    assert main(["train", override, "--run-dir", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error and not (tmp_path / "run").exists()

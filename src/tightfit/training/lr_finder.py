@@ -6,7 +6,8 @@ numerics guard), and the training loss is recorded at each. The sweep stops earl
 smoothed loss passes ``divergence`` times its minimum or stops being finite. Afterwards the
 weights, the optimizer, the schedule, the gradient scaler, the numerics guard, the counters and
 every random state are put back exactly: a run that finds its rate and then trains is the run
-that would have trained at that rate from the start.
+that would have trained at that rate from the start. Under torchrun the loss of each step is
+averaged over the ranks, so every rank sees the same curve and picks the same rate.
 
 The suggestion (``suggest_learning_rate``), a documented rule:
 
@@ -157,6 +158,8 @@ def find_learning_rate(
                 loss = trainer.train_step(next(windows))["train_loss"]
             except NumericsError:
                 loss = math.nan
+            if trainer.process.distributed:  # every rank must see the same curve, or they stop at different steps
+                loss = _mean_over_ranks(loss, trainer.device)
             if not math.isfinite(loss):
                 stopped_early = True
                 break
@@ -173,14 +176,16 @@ def find_learning_rate(
     finally:
         _restore(trainer, saved)
     suggestion, index, reason, smoothed = suggest_learning_rate(lrs, losses) if losses else (None, None, "no step ran", np.array([]))
-    if trainer.process.distributed:  # every rank trains at rank 0's choice
-        chosen = [suggestion]
-        torch.distributed.broadcast_object_list(chosen, src=0)
-        suggestion = chosen[0]
     return LRFindResult(
         lrs=lrs, losses=losses, smoothed=[float(value) for value in smoothed], suggestion=suggestion, reason=reason,
         stopped_early=stopped_early, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, suggestion_index=index,
     )
+
+
+def _mean_over_ranks(loss: float, device: torch.device) -> float:
+    total = torch.tensor([loss], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return float(total) / torch.distributed.get_world_size()
 
 
 def _endless(loader: Any):
