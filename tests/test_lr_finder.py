@@ -20,7 +20,7 @@ def make_trainer(tmp_path, **settings) -> Trainer:
     inputs = torch.randn(128, 6, generator=generator)
     data = TensorDataset(inputs, (inputs[:, 0] + inputs[:, 1] > 0).long())
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))  # buffers, RNG
     config = {
         "run_dir": str(tmp_path), "epochs": 2, "seed": 3, "threads": 1, "batch": {"micro_batch_size": 16},
         "schedule": {"name": "cosine", "warmup_steps": 2}, "lr_find": {"num_steps": 30, "max_lr": 10.0},

@@ -195,7 +195,10 @@ def _endless(loader: Any):
 
 def _snapshot(trainer: Any) -> dict[str, Any]:
     return {
-        "weights": {name: tensor.detach().clone() for name, tensor in trainer.model.state_dict().items()},
+        # what a step can change: the trainable parameters and the buffers (BatchNorm statistics);
+        # a frozen base (LoRA, QLoRA) is left alone, so the copy costs the adapters, not the model
+        "parameters": {name: parameter.detach().to("cpu", copy=True) for name, parameter in trainer.model.named_parameters() if parameter.requires_grad},
+        "buffers": {name: buffer.detach().to("cpu", copy=True) for name, buffer in trainer.model.named_buffers()},
         "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
         "schedule": copy.deepcopy(trainer.schedule.state_dict()),
         "scaler": copy.deepcopy(trainer.scaler.state_dict()) if trainer.scaler is not None else None,
@@ -208,7 +211,12 @@ def _snapshot(trainer: Any) -> dict[str, Any]:
 
 
 def _restore(trainer: Any, saved: dict[str, Any]) -> None:
-    trainer.model.load_state_dict(saved["weights"])
+    with torch.no_grad():
+        for name, parameter in trainer.model.named_parameters():
+            if name in saved["parameters"]:
+                parameter.copy_(saved["parameters"][name])
+        for name, buffer in trainer.model.named_buffers():
+            buffer.copy_(saved["buffers"][name])
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.optimizer.load_state_dict(saved["optimizer"])
     trainer.schedule.load_state_dict(saved["schedule"])
