@@ -32,6 +32,9 @@ def test_what_a_start_versus_end_tolerance_got_wrong_and_slow_learning_is_not_fl
     assert flat_loss_finding(slow, first_step=1, lr=1e-5) is None
     assert flat_loss_finding(noisy(np.full(100, 0.01), noise=0.002), first_step=13, lr=1e-3, start_loss=2.3) is None  # solved in warm-up
     assert flat_loss_finding([2.3] * 19, first_step=1, lr=1.0) is None  # too short to say
+    converged = noisy(np.full(100, 0.05), noise=0.01)  # fine-tuning a trained classifier: flat because done
+    assert flat_loss_finding(converged, first_step=1, lr=1e-3, start_loss=0.06, num_classes=10) is None
+    assert flat_loss_finding(converged, first_step=1, lr=1e-3, start_loss=0.06) is not None
 
 
 def test_overfitting_needs_a_sustained_rise_of_val_loss_while_train_loss_falls():

@@ -7,8 +7,9 @@ Three findings, each with its evidence and what to try:
     the training loss. The loss is *flat* when the change that line makes over the window is
     smaller than the batch-to-batch noise of the loss (the standard deviation of successive
     differences over the square root of 2, which a trend barely moves) **and** is not a
-    significant decrease (t < 3 for the slope), and the loss is not already below half of the
-    first steps' (a problem solved during the warm-up stays flat at its minimum). A comparison of two 10-step means (what a
+    significant decrease (t < 3 for the slope), and the loss is not already low: below half of
+    the first steps' (a problem solved during the warm-up stays flat at its minimum) or, for a
+    classifier, below half the chance level ln(classes) (a fine-tuned model starts converged). A comparison of two 10-step means (what a
     tolerance on "start vs end" does) cannot work: on digits the mean of 10 batches moves by
     ~0.013 from noise alone, ten times a 0.1 % tolerance, so a loss stuck at 2.34 for 200
     steps at lr 1e-12 never looked flat. Measured on the digits recipe, first 100 steps after
@@ -42,7 +43,13 @@ FLAT_T = 3.0  # a decrease with t >= 3 is real, however small
 
 
 def flat_loss_finding(
-    losses: list[float], *, first_step: int, lr: float, base_lr: float | None = None, start_loss: float | None = None
+    losses: list[float],
+    *,
+    first_step: int,
+    lr: float,
+    base_lr: float | None = None,
+    start_loss: float | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, str] | None:
     """The flat-loss finding for consecutive training losses, or None when the loss moves.
 
@@ -53,6 +60,8 @@ def flat_loss_finding(
         base_lr: the schedule's base rate, named beside ``lr`` when they differ.
         start_loss: the run's first losses (mean); a window already below half of it has
             learnt already (during the warm-up) and is not called flat.
+        num_classes: a classifier's class count; a loss flat below half the chance level
+            ``ln(classes)`` has converged (a fine-tuned model) and is not called flat.
     """
     values = np.array([loss for loss in losses if math.isfinite(loss)], dtype=np.float64)
     if len(values) < 20:
@@ -67,6 +76,8 @@ def flat_loss_finding(
     if abs(change) >= noise or t_decrease >= FLAT_T:
         return None
     if start_loss is not None and values.mean() < 0.5 * start_loss:
+        return None
+    if num_classes and num_classes >= 2 and values.mean() < UNDERFIT_FRACTION * math.log(num_classes):
         return None
     last_step = first_step + len(values) - 1
     rate = f"{lr:.2g}" if base_lr is None or math.isclose(base_lr, lr, rel_tol=0.05) else f"{base_lr:.2g} ({lr:.2g} at step {last_step})"
@@ -193,7 +204,9 @@ class TrainingDiagnosis:
     def _check_flat(self) -> None:
         self.flat_checked = True
         start_loss = float(np.mean(self.start_losses)) if self.start_losses else None
-        finding = flat_loss_finding(self.window, first_step=self.window_start or 1, lr=self.last_lr, base_lr=self.base_lr, start_loss=start_loss)
+        finding = flat_loss_finding(
+            self.window, first_step=self.window_start or 1, lr=self.last_lr, base_lr=self.base_lr, start_loss=start_loss, num_classes=self.num_classes
+        )
         self.window = []
         if finding is not None:  # news in the middle of a run: said at once, not only in the summary
             self.findings.append(finding)
