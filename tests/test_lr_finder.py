@@ -95,6 +95,7 @@ def test_cli_lr_find_json_and_plot_leave_no_run_folder(tmp_path, monkeypatch, ca
     "arguments, message",
     [
         (["--plot", "lr.txt"], "--plot lr.txt: expected a .png file name"),
+        (["--plot", "no/such/lr.png"], "--plot no/such/lr.png: the folder no/such does not exist"),
         (["lr_find.min_lr=2"], "lr_find (on the command line): min_lr 2.0 must be below max_lr 1.0"),
         (["lr_find.num_steps=3"], "lr_find.num_steps (on the command line)"),
         (["optimizer.lr=fast"], "optimizer.lr (on the command line): Input should be a valid number"),

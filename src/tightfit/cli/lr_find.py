@@ -37,15 +37,16 @@ def run(args: argparse.Namespace) -> int:
     config_path, overrides = _split_items(args.items)
     config = load_config(config_path or default_recipe(), overrides + args.overrides)
     plot_path = Path(args.plot) if args.plot else None
-    if plot_path is not None and plot_path.suffix.lower() != ".png":
+    if plot_path is not None:
         from tightfit.errors import ConfigError
 
-        raise ConfigError(f"--plot {args.plot}: expected a .png file name")
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        if plot_path.suffix.lower() != ".png":
+            raise ConfigError(f"--plot {args.plot}: expected a .png file name")
+        if not plot_path.parent.is_dir():
+            raise ConfigError(f"--plot {args.plot}: the folder {plot_path.parent} does not exist")
 
     from tightfit.cli._output import console
-    from tightfit.training.lr_finder import find_learning_rate, plot_lr_find
+    from tightfit.training.lr_finder import find_learning_rate, plot_lr_find, sweep_progress
     from tightfit.training.trainer import Trainer
 
     # The trainer's setup writes its resolved config into a run folder: give it a scratch one.
@@ -62,15 +63,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(config)
         trainer.setup()
-        settings = config.lr_find
-        output = console()
-        with Progress(TextColumn("[bold]lr-find"), BarColumn(), MofNCompleteColumn(), TextColumn("lr {task.fields[lr]}  loss {task.fields[loss]}"),
-                      console=output, disable=args.json, transient=True) as progress:
-            task = progress.add_task("sweep", total=settings.num_steps, lr="-", loss="-")
-            result = find_learning_rate(
-                trainer, **settings.model_dump(),
-                on_step=lambda step, lr, loss: progress.update(task, completed=step + 1, lr=f"{lr:.2e}", loss=f"{loss:.4f}"),
-            )
+        with sweep_progress(config.lr_find.num_steps, enabled=not args.json) as on_step:
+            result = find_learning_rate(trainer, **config.lr_find.model_dump(), on_step=on_step)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if plot_path is not None:
@@ -80,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
         print_json({**result.to_dict(), "plot": str(plot_path) if plot_path else None})
         return 0 if result.suggestion is not None else 1
+    output = console()
     ran = f"{len(result.lrs)} steps from {result.min_lr:.2g} to {result.lrs[-1]:.2g}" if result.lrs else "no step"
     ending = "; stopped when the loss diverged" if result.stopped_early else ""
     output.print(f"range test: {ran}{ending}", soft_wrap=True)

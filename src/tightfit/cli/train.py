@@ -9,6 +9,7 @@ Train a model as a YAML recipe describes, with key=value overrides.
 examples:
   tightfit train                                   # the digits recipe: 23 s on 2 CPU cores, 99.6 % test accuracy
   tightfit train recipes/digits.yaml optimizer.lr=0.01 epochs=5
+  tightfit train optimizer.lr=auto                 # the learning-rate range test picks the rate first
   tightfit train my.yaml --set batch.micro_batch_size=auto --set budget=4GiB
   tightfit train --resume runs/20260101-120000     # continue a stopped run exactly
   tightfit train my.yaml --print-config            # show every setting, defaults filled in

@@ -28,6 +28,7 @@ Example:
     >>> result.suggestion
 """
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -180,6 +181,21 @@ def find_learning_rate(
         lrs=lrs, losses=losses, smoothed=[float(value) for value in smoothed], suggestion=suggestion, reason=reason,
         stopped_early=stopped_early, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, suggestion_index=index,
     )
+
+
+@contextlib.contextmanager
+def sweep_progress(total: int, enabled: bool = True):
+    """A transient rich progress bar for a sweep; yields the ``on_step`` callable to pass on.
+
+    It draws on a console of its own: the trainer's console is silenced during the sweep.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("[bold]lr-find"), BarColumn(), MofNCompleteColumn(), TextColumn("lr {task.fields[lr]}  loss {task.fields[loss]}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(highlight=False), disable=not enabled, transient=True) as progress:
+        task = progress.add_task("sweep", total=total, lr="-", loss="-")
+        yield lambda step, lr, loss: progress.update(task, completed=step + 1, lr=f"{lr:.2e}", loss=f"{loss:.4f}")
 
 
 def _mean_over_ranks(loss: float, device: torch.device) -> float:

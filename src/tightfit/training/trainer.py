@@ -215,9 +215,12 @@ class Trainer:
     def _find_learning_rate(self) -> None:
         """``optimizer.lr: auto``: the range test (``training/lr_finder.py``) on this run's own
         steps, everything put back afterwards; then the schedule is rebuilt at the chosen rate."""
-        from tightfit.training.lr_finder import find_learning_rate
+        from tightfit.training.lr_finder import find_learning_rate, sweep_progress
 
-        result = find_learning_rate(self, **self.config.lr_find.model_dump())
+        settings = self.config.lr_find
+        show = self.config.logging.progress and not self.console.quiet
+        with sweep_progress(settings.num_steps, enabled=show) as on_step:
+            result = find_learning_rate(self, **settings.model_dump(), on_step=on_step)
         if result.suggestion is None:
             raise ConfigError(f"optimizer.lr: auto found no rate: {result.reason}; set optimizer.lr to a number (see tightfit lr-find)")
         for group in self.optimizer.param_groups:
