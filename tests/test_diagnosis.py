@@ -38,16 +38,18 @@ def test_what_a_start_versus_end_tolerance_got_wrong_and_slow_learning_is_not_fl
 
 
 def test_overfitting_needs_a_sustained_rise_of_val_loss_while_train_loss_falls():
-    val = [2.2, 0.83, 0.75, 0.70, 0.80, 0.79, 0.77, 0.81, 0.83]
-    train = [2.3, 0.64, 0.10, 0.013, 0.003, 0.001, 0.001, 0.0005, 0.0003]
+    val = [2.2, 0.83, 0.75, 0.70, 0.72, 0.80, 0.79, 0.81, 0.83]
+    train = [2.3, 0.64, 0.10, 0.013, 0.005, 0.003, 0.001, 0.0005, 0.0003]
     history = [{"step": 10 * (index + 1), "train_loss": t, "val_loss": v} for index, (t, v) in enumerate(zip(train, val))]
     (finding,) = curve_findings(history, start_loss=2.3, num_classes=10, lr=3e-3)
-    assert finding["finding"] == "overfitting" and "from 0.7 at step 40 to 0.83 at step 90" in finding["evidence"]
-    assert "step 40" in finding["advice"]
+    assert finding["finding"] == "overfitting" and "from 0.7233 around step 40 to 0.81 at step 90 (+12 %)" in finding["evidence"]
+    assert "would stop near step 40" in finding["advice"]
     healthy = [{"step": index, "train_loss": 1 / (index + 1), "val_loss": 1.2 / (index + 1) + 0.03} for index in range(12)]
     assert curve_findings(healthy, start_loss=2.3, num_classes=10, lr=3e-3) == []
-    one_bump = history[:5] + [{**history[3], "step": 60}, {**history[3], "step": 70}]  # back at its best: noise
-    assert all(item["finding"] != "overfitting" for item in curve_findings(one_bump, start_loss=2.3, num_classes=10, lr=3e-3))
+    # the LoRA text recipe: one lucky low validation, then a plateau (+29 % on the point, +8 % on means of three)
+    lucky = [1.34, 0.6168, 0.2566, 0.2015, 0.105, 0.1428, 0.1283, 0.1276, 0.1329, 0.1248, 0.1296, 0.1342, 0.1361, 0.135, 0.1349]
+    plateau = [{"step": 15 * (index + 1), "train_loss": 1.0 / (index + 1) ** 2, "val_loss": value} for index, value in enumerate(lucky)]
+    assert curve_findings(plateau, start_loss=1.4, num_classes=4, lr=1e-3) == []
 
 
 def test_underfitting_is_high_and_close_train_and_val_losses():
