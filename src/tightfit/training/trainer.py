@@ -30,7 +30,7 @@ from tightfit.step.batch import count_samples, move_to_device
 from tightfit.step.rng import rng_state, seed_everything, set_rng_state
 from tightfit.step.step import TrainingStep
 from tightfit.training import checkpoint as checkpoint_files
-from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint
+from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, callback_states, load_callback_states
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
@@ -624,7 +624,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_state(),
             "guard": self.guard.state_dict(),
-            "callbacks": [callback.state_dict() if hasattr(callback, "state_dict") else None for callback in self.callbacks],
+            "callbacks": callback_states(self.callbacks),
         }
 
     def _restore(self, run_dir: Path) -> None:
@@ -646,9 +646,9 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.guard.load_state_dict(state["guard"])
-        for callback, callback_state in zip(self.callbacks, state["callbacks"]):
-            if callback_state is not None and hasattr(callback, "load_state_dict"):
-                callback.load_state_dict(callback_state)
+        unclaimed = load_callback_states(self.callbacks, state["callbacks"])
+        if unclaimed:
+            self.console.print(f"resume: saved state of callbacks no longer in the run ignored: {', '.join(unclaimed)}")
         set_rng_state(state["rng"])
         self.console.print(f"resumed from {run_dir} at step {self.global_step} (epoch {self.epoch + 1}, {self.samples_in_epoch} samples in)")
 
