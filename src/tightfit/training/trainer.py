@@ -30,6 +30,7 @@ from tightfit.step.batch import count_samples, move_to_device
 from tightfit.step.rng import rng_state, seed_everything, set_rng_state
 from tightfit.step.step import TrainingStep
 from tightfit.training import checkpoint as checkpoint_files
+from tightfit.training.checkpoint_writer import CheckpointWriter
 from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, callback_states, load_callback_states
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
@@ -152,6 +153,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.schedule = LRSchedule(self.optimizer, config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.callbacks = self._build_callbacks()
+        self.checkpoint_writer = CheckpointWriter()
         if resume_from is not None:
             self._restore(Path(resume_from))
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad config has written nothing
@@ -373,6 +375,7 @@ class Trainer:
                 logger.close()
             torch.set_num_threads(self.threads_before)
             teardown_process(self.process)
+            self.checkpoint_writer.wait()  # a write in flight when an error struck completes
 
     def _train_epochs(self) -> None:
         while self.epoch < self.config.epochs and not self._done():
@@ -533,6 +536,7 @@ class Trainer:
         best_path = saver.best_path
         if not self.epoch_finished:  # stopped by max_steps or a callback mid-epoch
             self.save_checkpoint("last")
+        self.checkpoint_writer.wait()  # the best and last checkpoints are read back below
         test_metrics: dict[str, float] = {}
         restore_best = not self.config.early_stopping.enabled or self.config.early_stopping.restore_best
         if best_path is not None:
@@ -601,7 +605,7 @@ class Trainer:
             "time": datetime.now().isoformat(timespec="seconds"),
         }
         state = {"counters": self._counters()} if weights_only else self._training_state()
-        return checkpoint_files.save_checkpoint(directory, self.model, state, meta)
+        return self.checkpoint_writer.save(directory, checkpoint_files.model_weights(self.model), state, meta)
 
     def _counters(self) -> dict[str, Any]:
         return {
