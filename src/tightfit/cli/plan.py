@@ -48,11 +48,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, metavar="N", help="samples per epoch, for the epoch-time estimate")
     parser.add_argument("--measure", action="store_true", help="also run real steps on this machine: measured time and peak")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--html", metavar="FILE", help="also write the plan as a self-contained HTML page")
 
 
 def run(args) -> int:
     from tightfit.errors import ConfigError
 
+    if args.html:
+        from tightfit.report.build import check_output
+
+        check_output(args.html, "--html")  # before planning, which can take a while
     if args.pipeline:
         if args.model or args.input or args.batch_size or args.lora_rank:
             raise ConfigError("give either a PIPELINE.yaml or --model/--input, not both")
@@ -75,7 +80,20 @@ def run(args) -> int:
         print_json(result.to_dict())
     else:
         _render(result)
+    _write_html(args, result.to_dict())
     return 0
+
+
+def _write_html(args, plan: dict) -> None:
+    """With --html: the plan's page; its path on stderr, so that --json output stays one document."""
+    import sys
+
+    if not args.html:
+        return
+    from tightfit.report.build import render_data, write_html
+
+    path = write_html(render_data("plan", plan, source="tightfit plan"), args.html)
+    print(f"plan report written to {path}", file=sys.stderr if args.json else sys.stdout)
 
 
 def _status(quiet: bool, text: str):
@@ -182,6 +200,7 @@ def _run_pipeline(args) -> int:
     if args.json:
         result = plan_pipeline(config, device=args.device, memory=args.memory)
         print_json(result.to_dict())
+        _write_html(args, result.to_dict())
         return 0
     from rich.console import Console
 
@@ -217,4 +236,5 @@ def _run_pipeline(args) -> int:
     out.print("[dim]batch = micro-batch x accumulation steps; times are estimates (FLOPs / peak FLOP/s at the "
               "stated utilisation); peaks include the device overhead.[/]")
     out.print(f"[dim]planned in {result.seconds:.1f} s[/]")
+    _write_html(args, result.to_dict())
     return 0

@@ -376,10 +376,14 @@ class Pipeline:
             "seconds": round(time.perf_counter() - started, 2),
         }
         path = write_report(self.output, self.records, best=best, context=context)
+        from tightfit.report import write_report as write_page
+
+        page = write_page(path)
         if self.console is not None:
             self.console.print(render_table(self.records, best))
             self.console.print(f"best: {best['why']}")
             self.console.print(f"report: {path}")
+            self.console.print(f"page: {page}")
         import json
 
         return json.loads(path.read_text())

@@ -104,13 +104,23 @@ def default_output(path: str | os.PathLike) -> Path:
     return path.with_suffix(".html")
 
 
-def write_html(text: str, output: str | os.PathLike) -> Path:
-    """Write a page atomically (a half-written page never replaces a good one); returns its path."""
+def check_output(output: str | os.PathLike, where: str = "output") -> Path:
+    """``output`` as a Path, after checking a page can be written there (before any slow work).
+
+    Raises:
+        ConfigError: ``output`` is a folder, or its folder does not exist.
+    """
     output = Path(output)
     if output.is_dir():
-        raise ConfigError(f"{output}: is a folder; give a file name such as {output / REPORT_FILE}")
+        raise ConfigError(f"{where}: {output} is a folder; give a file name such as {output / REPORT_FILE}")
     if not output.parent.is_dir():
-        raise ConfigError(f"{output}: the folder {output.parent} does not exist")
+        raise ConfigError(f"{where}: {output}: the folder {output.parent} does not exist")
+    return output
+
+
+def write_html(text: str, output: str | os.PathLike) -> Path:
+    """Write a page atomically (a half-written page never replaces a good one); returns its path."""
+    output = check_output(output)
     temporary = output.with_name(output.name + ".tmp")
     temporary.write_text(text, encoding="utf-8")
     temporary.replace(output)

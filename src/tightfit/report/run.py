@@ -155,9 +155,9 @@ def _accuracy_chart(val: list[dict], final: dict) -> str:
 def _memory_chart(train: list[dict], summary: dict | None, config: dict) -> str:
     series = [charts.Series(name, _points(train, key), f"s{index}") for index, (key, name) in enumerate(MEMORY_SERIES)]
     limits = []
-    planned = (summary or {}).get("planned_peak_bytes")
+    planned = (summary or {}).get("batch_search_peak_bytes")
     if planned:
-        limits.append(charts.Limit("plan: predicted peak", planned, "warn"))
+        limits.append(charts.Limit("batch search: step peak", planned, "warn"))
     budget = config.get("budget")
     if budget is not None:
         from tightfit.units import parse_memory
@@ -167,10 +167,10 @@ def _memory_chart(train: list[dict], summary: dict | None, config: dict) -> str:
     if any(key == "memory/rss_bytes" and _points(train, key) for key, _ in MEMORY_SERIES) and not any(
             _points(train, key) for key, _ in MEMORY_SERIES[:4]):
         notes.append("On CPU the process RSS is what the monitor sees: it includes the Python and torch runtime, "
-                     "the data and the model, so it sits above the tensor peak a plan predicts.")
+                     "the data and the model, so it sits above the tensor peak of a step.")
     if not planned:
-        notes.append("No plan recorded for this run (the micro-batch was fixed): batch.micro_batch_size=auto records the "
-                     "predicted peak; `tightfit plan --model ... --batch-size N --html plan.html` makes a plan page.")
+        notes.append("No planned peak in this run (the micro-batch was fixed): batch.micro_batch_size=auto records the "
+                     "peak the batch-size search found; `tightfit plan --model ... --batch-size N --html plan.html` makes a plan page.")
     largest = max([y for line in series for _, y in line.points] + [limit.value for limit in limits] + [1])
     return charts.line_chart(series, x_axis=charts.Axis("optimizer step"), y_axis=charts.bytes_axis("memory", largest),
                              limits=limits, label="memory over the run", caption=" ".join(notes), width=charts.WIDE)

@@ -30,7 +30,7 @@ from tightfit.errors import ConfigError, TightfitError
 from tightfit.memory.oom import is_out_of_memory
 from tightfit.step.batch import count_samples, move_to_device, slice_batch
 from tightfit.training import checkpoint as checkpoint_files
-from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint
+from tightfit.training.callbacks import EarlyStopping, HtmlReport, ModelCheckpoint
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
@@ -103,6 +103,7 @@ class Trainer:
         self.samples_seen = 0
         self.wall_time_before_s = 0.0  # wall time of the earlier parts of a resumed run
         self.oom_recoveries = 0
+        self.batch_search_peak_bytes: int | None = None  # the step peak micro_batch_size=auto found, for the report
         self.should_stop = False
         self.stop_reason: str | None = None
         self.is_set_up = False
@@ -244,6 +245,7 @@ class Trainer:
             max_batch_size=max(1, len(train)),
         )
         self.console.print(f"micro_batch_size auto: {result.batch_size} (peak {result.peak_bytes / 2**20:.1f} MiB, {len(result.trials)} trials)")
+        self.batch_search_peak_bytes = result.peak_bytes
         return result.batch_size
 
     def _build_loaders(self) -> dict[str, DataLoader | None]:
@@ -298,7 +300,9 @@ class Trainer:
             callback for module in self.model.modules() if hasattr(type(module), "training_callbacks")
             for callback in module.training_callbacks()
         ]
-        return callbacks + model_callbacks + self.extra_callbacks
+        # the report comes last: it reads what the others wrote (and callback state is restored by position)
+        report = [HtmlReport()] if config.logging.report and self.process.is_main else []
+        return callbacks + model_callbacks + self.extra_callbacks + report
 
     def _build_loggers(self) -> list[Logger]:
         if self.user_loggers is not None:
@@ -566,6 +570,7 @@ class Trainer:
             "accumulation_steps": self.accumulation_steps,
             "effective_batch_size": self.effective_batch_size,
             "oom_recoveries": self.oom_recoveries,
+            "batch_search_peak_bytes": self.batch_search_peak_bytes,
             "skipped_steps": self.guard.skipped_steps,
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
