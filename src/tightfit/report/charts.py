@@ -307,7 +307,7 @@ def heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequence[str],
     picks cells drawn in the ``good`` colour instead (significant p-values)."""
     values = [value for row in matrix for value in row if value is not None]
     top = max(values, default=1) or 1
-    cell = 34 if len(column_labels) > 6 else 48
+    cell = max(34 if len(column_labels) > 6 else 48, 8 + 7 * max((len(text) for text in column_labels), default=1))
     label_width = min(180, 20 + 7 * max((len(text) for text in row_labels), default=2))
     head = 22 + (14 if column_title else 0)
     width = label_width + cell * len(column_labels) + 8
