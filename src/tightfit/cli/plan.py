@@ -114,7 +114,7 @@ def _render(result) -> None:
 
     from tightfit.cli._output import console
     from tightfit.memory.report import CATEGORIES
-    from tightfit.units import format_bytes
+    from tightfit.units import format_bytes, format_seconds
 
     out = console()
     colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}[result.verdict]
@@ -139,9 +139,9 @@ def _render(result) -> None:
         share = result.breakdown[name] / result.peak_bytes if result.peak_bytes else 0
         breakdown.add_row(name, format_bytes(result.breakdown[name]), f"{share:.0%}")
     out.print(breakdown)
-    timing = f"estimated step time {_seconds(result.step_time_s)}"
+    timing = f"estimated step time {format_seconds(result.step_time_s)}"
     if result.epoch_time_s is not None:
-        timing += f", epoch {_seconds(result.epoch_time_s)}"
+        timing += f", epoch {format_seconds(result.epoch_time_s)}"
     if result.flops_per_step:
         timing += f" ({_flops(result.flops_per_step)} per optimizer step)"
     out.print(timing)
@@ -153,14 +153,14 @@ def _render(result) -> None:
             batch = f"{option['micro_batch_size']} x {option['accumulation_steps']}" if option["fits"] else "-"
             table.add_row(
                 option["precision"], "on" if option["checkpointing"] else "off", option["optimizer"], batch,
-                format_bytes(option["peak_bytes"]), _seconds(option["step_time_s"]), escape(option["note"]),
+                format_bytes(option["peak_bytes"]), format_seconds(option["step_time_s"]), escape(option["note"]),
             )
         out.print(table)
     if result.measured:
         measured = result.measured
         out.print(
             f"[bold]measured[/] on {measured['device']} at batch {measured['batch_size']}: step "
-            f"{_seconds(measured['step_time_s'])} (estimate for {escape(result.device)}: {_seconds(result.step_time_s)}), "
+            f"{format_seconds(measured['step_time_s'])} (estimate for {escape(result.device)}: {format_seconds(result.step_time_s)}), "
             f"peak {format_bytes(measured['peak_bytes'])} (estimate: {format_bytes(result.peak_bytes)})"
         )
     for note in result.notes:
@@ -175,17 +175,6 @@ def _flops(value: int) -> str:
     return f"{value} FLOP"
 
 
-def _seconds(value) -> str:
-    if value is None:
-        return "-"
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 120:
-        return f"{value:.1f} s"
-    if value < 7200:
-        return f"{value / 60:.1f} min"
-    return f"{value / 3600:.1f} h"
-
 
 def _run_pipeline(args) -> int:
     from rich import box
@@ -194,7 +183,7 @@ def _run_pipeline(args) -> int:
 
     from tightfit.cli._output import console, print_json
     from tightfit.memory.pipeline import load_pipeline, plan_pipeline
-    from tightfit.units import format_bytes
+    from tightfit.units import format_bytes, format_seconds
 
     config = load_pipeline(args.pipeline)
     if args.json:
@@ -226,7 +215,7 @@ def _run_pipeline(args) -> int:
         table.add_row(
             escape(stage.name), f"[{colours[stage.verdict]}]{stage.verdict}[/]", batch, stage.precision or "-",
             "-" if stage.checkpointing is None else ("on" if stage.checkpointing else "off"),
-            peak, _seconds(stage.step_time_s), _seconds(stage.epoch_time_s),
+            peak, format_seconds(stage.step_time_s), format_seconds(stage.epoch_time_s),
         )
     out.print(table)
     for stage in result.stages:

@@ -8,7 +8,7 @@ slower than the original or lost more than the tolerance.
 from __future__ import annotations
 
 from tightfit.report import charts, page
-from tightfit.units import format_bytes
+from tightfit.units import format_bytes, format_seconds
 
 
 def render(data: dict, source: str = "") -> str:
@@ -140,6 +140,6 @@ def _setup(data: dict) -> str:
              ("metric", f"{metric.get('name')} on {metric.get('samples')} {metric.get('split')} samples, tolerance {metric.get('tolerance')}"),
              ("threads", data.get("threads")), ("torch", data.get("torch")),
              ("machine load before", f"{load.get('load_1min')} on {load.get('cores')} cores" if load else "-"),
-             ("took", page.seconds(data.get("seconds")))]
+             ("took", format_seconds(data.get("seconds")))]
     warnings = [text for text in ((data.get("cpu") or {}).get("warning"), load.get("warning")) if text]
     return page.facts(pairs) + (page.lines(warnings) if warnings else "")

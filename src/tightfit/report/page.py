@@ -257,16 +257,3 @@ def lines(items: Iterable[str], *, raw: bool = False) -> str:
 def percent(value: float | None, digits: int = 1) -> str:
     """A fraction as a percentage: ``percent(0.9888) == "98.9 %"``."""
     return "-" if value is None else f"{value * 100:.{digits}f} %"
-
-
-def seconds(value: float | None) -> str:
-    """A duration the way a person reads it: ms, s, min or h."""
-    if value is None:
-        return "-"
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 120:
-        return f"{value:.1f} s"
-    if value < 7200:
-        return f"{value / 60:.1f} min"
-    return f"{value / 3600:.1f} h"

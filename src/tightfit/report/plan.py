@@ -7,7 +7,7 @@ pipeline's (``PipelineResult.to_dict()``: the same for every stage, and one feas
 from __future__ import annotations
 
 from tightfit.report import charts, page
-from tightfit.units import format_bytes
+from tightfit.units import format_bytes, format_seconds
 
 # The breakdown's categories in the planner's order (tightfit.memory.report.CATEGORIES, which is
 # not imported: that module's package imports torch, and a page is made without it).
@@ -55,8 +55,8 @@ def _verdict(data: dict) -> str:
     if recommendation:
         tiles.append(page.tile("recommended", f"{recommendation['micro_batch_size']} x {recommendation['accumulation_steps']}", key="recommended",
                                sub=f"{recommendation['precision']}, ckpt {'on' if recommendation['checkpointing'] else 'off'}, {recommendation['optimizer']}"))
-    tiles.append(page.tile("est. step", page.seconds(data.get("step_time_s")), key="step_time",
-                           sub=f"epoch {page.seconds(data['epoch_time_s'])}" if data.get("epoch_time_s") else ""))
+    tiles.append(page.tile("est. step", format_seconds(data.get("step_time_s")), key="step_time",
+                           sub=f"epoch {format_seconds(data['epoch_time_s'])}" if data.get("epoch_time_s") else ""))
     tiles.append(page.tile("parameters", f"{data['parameters']:,}", key="parameters", sub=f"{data['trainable_parameters']:,} trainable"))
     headline = {"fits": "Fits", "tight": "Tight", "does not fit": "Does not fit"}[data["verdict"]]
     return page.verdict(VERDICT_TONES[data["verdict"]], f"{headline}: {format_bytes(data['peak_bytes'])} of {format_bytes(budget)} on {data['device']}",
@@ -98,7 +98,7 @@ def _alternatives(data: dict) -> str:
         rows.append([option["precision"], "on" if option["checkpointing"] else "off", option["optimizer"], page.Cell(state),
                      page.Cell(batch, sort=option["micro_batch_size"], numeric=True),
                      page.Cell(format_bytes(option.get("peak_bytes")), sort=option.get("peak_bytes") or 0, numeric=True),
-                     page.Cell(page.seconds(option.get("step_time_s")), sort=option.get("step_time_s") or 0, numeric=True),
+                     page.Cell(format_seconds(option.get("step_time_s")), sort=option.get("step_time_s") or 0, numeric=True),
                      option.get("note") or ""])
         classes.append("" if fits is not False else "flagged")
     return page.table(["precision", "ckpt", "optimizer", "verdict", "batch", "peak", "est. step", "note"], rows, row_classes=classes,
@@ -108,11 +108,11 @@ def _alternatives(data: dict) -> str:
 def _details(data: dict) -> str:
     pairs = [("model", data["model"]), ("input", data["input"]), ("device", data["device"]),
              ("method", data.get("method")), ("FLOPs per optimizer step", f"{data['flops_per_step']:,}" if data.get("flops_per_step") else "-"),
-             ("planned in", page.seconds(data.get("seconds")))]
+             ("planned in", format_seconds(data.get("seconds")))]
     measured = data.get("measured")
     if measured:
         pairs += [("measured on", f"{measured['device']} at batch {measured['batch_size']}"),
-                  ("measured step", page.seconds(measured["step_time_s"])), ("measured peak", format_bytes(measured["peak_bytes"]))]
+                  ("measured step", format_seconds(measured["step_time_s"])), ("measured peak", format_bytes(measured["peak_bytes"]))]
     notes = page.lines(data.get("notes") or [])
     return page.facts(pairs) + "<h3 style=\"font-size:.9rem\">How it was estimated</h3>" + notes
 
@@ -134,8 +134,8 @@ def _render_pipeline(data: dict, source: str) -> str:
              page.tile("usable", format_bytes(data["budget_bytes"]), key="budget_bytes", sub=f"{data['device']}, margin {data['margin']:.0%}")]
     epoch_total = sum(stage.get("epoch_time_s") or 0 for stage in stages)
     if epoch_total:
-        tiles.append(page.tile("est. epochs, all stages", page.seconds(epoch_total), key="epoch_time"))
-    verdict_html = page.verdict(tone, headline, f"planned in {page.seconds(data.get('seconds'))} on fake tensors", tiles)
+        tiles.append(page.tile("est. epochs, all stages", format_seconds(epoch_total), key="epoch_time"))
+    verdict_html = page.verdict(tone, headline, f"planned in {format_seconds(data.get('seconds'))} on fake tensors", tiles)
 
     train_stages = [stage for stage in stages if stage["kind"] == "train" and stage.get("plan")]
     rows = [(stage["name"], [(name, stage["plan"]["breakdown"][name]) for name in CATEGORIES]) for stage in train_stages]
@@ -150,8 +150,8 @@ def _render_pipeline(data: dict, source: str) -> str:
                            stage.get("model") or "CPU stage", page.Cell(batch, sort=stage.get("micro_batch_size") or 0, numeric=True),
                            stage.get("precision") or "-", checkpointing,
                            page.Cell(peak, sort=stage["peak_bytes"], numeric=True),
-                           page.Cell(page.seconds(stage.get("step_time_s")), sort=stage.get("step_time_s") or 0, numeric=True),
-                           page.Cell(page.seconds(stage.get("epoch_time_s")), sort=stage.get("epoch_time_s") or 0, numeric=True)])
+                           page.Cell(format_seconds(stage.get("step_time_s")), sort=stage.get("step_time_s") or 0, numeric=True),
+                           page.Cell(format_seconds(stage.get("epoch_time_s")), sort=stage.get("epoch_time_s") or 0, numeric=True)])
         classes.append("flagged" if stage["verdict"] == "does not fit" else "")
     why = page.lines([f"<b>{page.escape(stage['name'])}</b>: {page.escape(stage['why'])}"
                       + (f" <span class=\"note\">({page.escape(stage['note'])})</span>" if stage.get("note") else "")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tightfit.report import charts, page
-from tightfit.units import format_bytes
+from tightfit.units import format_bytes, format_seconds
 
 # The monitor's memory series, the device's own first: (metrics.jsonl key, legend name).
 MEMORY_SERIES = (
@@ -92,7 +92,7 @@ def _verdict(summary: dict | None, train: list[dict], test: dict) -> str:
     peak_name, peak_bytes = _headline_peak(summary)
     if peak_bytes:
         tiles.append(page.tile("peak memory", format_bytes(peak_bytes), key="peak_bytes", sub=peak_name))
-    tiles.append(page.tile("wall time", page.seconds(summary["wall_time_s"]), key="wall_time",
+    tiles.append(page.tile("wall time", format_seconds(summary["wall_time_s"]), key="wall_time",
                            sub=f"{summary['samples_per_s']:.0f} samples/s"))
     tiles.append(page.tile("steps / epochs", f"{summary['steps']} / {summary['epochs']}", key="steps",
                            sub=f"batch {summary['micro_batch_size']} x {summary['accumulation_steps']}, {summary['precision']} on {summary['device']}"))
@@ -107,7 +107,7 @@ def _verdict(summary: dict | None, train: list[dict], test: dict) -> str:
         headline = f"Trained: test loss {summary['test_loss']:.4g}"
     else:
         headline = "Trained (no test split)"
-    why = f"{summary['steps']} steps in {page.seconds(summary['wall_time_s'])}"
+    why = f"{summary['steps']} steps in {format_seconds(summary['wall_time_s'])}"
     if summary.get("stop_reason"):
         why += f"; stopped: {summary['stop_reason']}"
     if problems:

@@ -18,7 +18,7 @@ Metric values are fractions (0.91, not 91); confidence intervals are 95 %.
 from __future__ import annotations
 
 from tightfit.report import charts, page
-from tightfit.units import format_bytes
+from tightfit.units import format_bytes, format_seconds
 
 STATUS_TONES = {"done": "good", "skipped": "info", "failed": "bad"}
 VERDICT_TONES = {"fits": "good", "tight": "warn", "does not fit": "bad"}
@@ -169,7 +169,7 @@ def _stages(stages: list[dict]) -> str:
                      page.Cell(page.badge(VERDICT_TONES.get(verdict, "info"), verdict) if verdict else "-", sort=verdict or ""),
                      page.Cell(format_bytes(stage.get("peak_bytes")), sort=stage.get("peak_bytes") or 0, numeric=True),
                      page.Cell(format_bytes(stage.get("budget_bytes")), sort=stage.get("budget_bytes") or 0, numeric=True),
-                     page.Cell(page.seconds(stage.get("seconds")), sort=stage.get("seconds") or 0, numeric=True),
+                     page.Cell(format_seconds(stage.get("seconds")), sort=stage.get("seconds") or 0, numeric=True),
                      stage.get("note") or ""])
         classes.append("flagged" if stage.get("status") == "failed" or verdict == "does not fit" else "")
     return page.table(["stage", "kind", "status", "memory", "peak", "usable", "time", "note"], rows, row_classes=classes, table_id="stage-table")
