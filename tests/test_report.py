@@ -72,6 +72,19 @@ def test_an_unfinished_run_says_so(report_sources, tmp_path):
     assert "Unfinished run" in html and 'data-verdict="warn"' in html
 
 
+def test_a_run_whose_loss_did_not_move_is_a_warning_not_a_success(report_sources, tmp_path):
+    run_dir = tmp_path / "flat"
+    run_dir.mkdir()
+    for name in ("config.yaml", "summary.json"):
+        (run_dir / name).write_text((report_sources["run"] / name).read_text())
+    lines = [json.dumps({"stage": "val", "step": step, "val_loss": 2.30 - step * 1e-4}) for step in (10, 20, 30)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    _, html = render(run_dir)
+    assert 'data-verdict="warn"' in html and "the loss barely moved" in html
+    _, html = render(report_sources["run"])  # the real run learnt
+    assert 'data-verdict="good"' in html and "barely moved" not in html
+
+
 def test_plan_page_breaks_the_peak_down_against_the_usable_memory(report_sources):
     plan = json.loads(report_sources["plan"].read_text())
     _, html = render(report_sources["plan"])

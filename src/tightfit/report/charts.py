@@ -65,13 +65,19 @@ class Axis:
     log: bool = False
     scale: float = 1.0
     from_zero: bool = False
+    exact: Callable[[float], str] | None = None  # how one value prints (limits, hover text); default: format
+
+    def value(self, number: float) -> str:
+        return (self.exact or self.format)(number)
 
 
 def bytes_axis(title: str, largest: float, *, from_zero: bool = True) -> Axis:
     """An axis of byte counts with ticks on round KiB, MiB or GiB, whichever suits ``largest``."""
     scale, unit = next(((2.0**power, unit) for power, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"))
                         if largest >= 2.0**power), (1.0, "B"))
-    return Axis(title, lambda value: f"{value / scale:g} {unit}", scale=scale, from_zero=from_zero)
+    from tightfit.units import format_bytes
+
+    return Axis(title, lambda value: f"{value / scale:g} {unit}", scale=scale, from_zero=from_zero, exact=format_bytes)
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -189,9 +195,9 @@ def line_chart(series: Sequence[Series], *, x_axis: Axis, y_axis: Axis, limits: 
     for limit in limits:
         y = frame.y(limit.value)
         parts.append(f"<line class=\"limit {limit.style}\" x1=\"{LEFT}\" x2=\"{width - RIGHT}\" y1=\"{y:.1f}\" y2=\"{y:.1f}\">"
-                     f"<title>{escape(limit.name)}: {escape(y_axis.format(limit.value))}</title></line>")
+                     f"<title>{escape(limit.name)}: {escape(y_axis.value(limit.value))}</title></line>")
         parts.append(f"<text class=\"{limit.style}\" x=\"{width - RIGHT - 4}\" y=\"{y - 5:.1f}\" text-anchor=\"end\">"
-                     f"{escape(limit.name)} {escape(y_axis.format(limit.value))}</text>")
+                     f"{escape(limit.name)} {escape(y_axis.value(limit.value))}</text>")
     for line in series:
         finite = [(x, y) for x, y in line.points if math.isfinite(y) and (y > 0 or not y_axis.log)]
         path = " ".join(f"{'M' if index == 0 else 'L'}{frame.x(x):.1f},{frame.y(y):.1f}" for index, (x, y) in enumerate(finite))
@@ -200,7 +206,7 @@ def line_chart(series: Sequence[Series], *, x_axis: Axis, y_axis: Axis, limits: 
         if len(finite) <= 40:  # dots where they can be told apart
             parts.extend(
                 f"<circle class=\"{line.style}\" cx=\"{frame.x(x):.1f}\" cy=\"{frame.y(y):.1f}\" r=\"2.5\">"
-                f"<title>{escape(line.name)} at {escape(x_axis.format(x))}: {escape(y_axis.format(y))}</title></circle>"
+                f"<title>{escape(line.name)} at {escape(x_axis.value(x))}: {escape(y_axis.value(y))}</title></circle>"
                 for x, y in finite
             )
     legend = [(line.name, line.style, line.dashed) for line in series] + [(limit.name, limit.style, True) for limit in limits]
@@ -276,7 +282,7 @@ def scatter(points: Sequence[Point], *, x_axis: Axis, y_axis: Axis, caption: str
     placed: list[tuple[float, float, float]] = []  # (left, right, baseline) of the labels drawn so far
     for point in sorted(points, key=lambda point: point.x):
         x, y = frame.x(point.x), frame.y(point.y)
-        title = point.title or f"{point.label}: {x_axis.format(point.x)}, {y_axis.format(point.y)}"
+        title = point.title or f"{point.label}: {x_axis.value(point.x)}, {y_axis.value(point.y)}"
         if point.best:
             parts.append(f"<circle class=\"best\" cx=\"{x:.1f}\" cy=\"{y:.1f}\" r=\"10\"/>")
         parts.append(f"<circle class=\"{point.style}\" cx=\"{x:.1f}\" cy=\"{y:.1f}\" r=\"5\"><title>{escape(title)}</title></circle>")

@@ -71,10 +71,10 @@ def render(run_dir: Path) -> str:
                      f"<pre>{page.escape(config_text)}</pre></details>" if config_text else "<p class=\"note\">no config.yaml</p>"),
     ]
     return page.document(title=str(config.get("model") or run_dir.name), kind="training run",
-                         verdict_html=_verdict(summary, train, test), sections=sections, source=str(run_dir))
+                         verdict_html=_verdict(summary, train, val), sections=sections, source=str(run_dir))
 
 
-def _verdict(summary: dict | None, train: list[dict], test: dict) -> str:
+def _verdict(summary: dict | None, train: list[dict], val: list[dict]) -> str:
     if summary is None:
         last = train[-1]["step"] if train else 0
         return page.verdict("warn", "Unfinished run", f"no summary.json: the run is still going or stopped early (last logged step {last}). "
@@ -101,6 +101,8 @@ def _verdict(summary: dict | None, train: list[dict], test: dict) -> str:
         problems.append(f"{summary['skipped_steps']} steps skipped (non-finite loss or gradients)")
     if summary.get("oom_recoveries"):
         problems.append(f"{summary['oom_recoveries']} out-of-memory recoveries")
+    if _loss_barely_moved(train, val):
+        problems.insert(0, "the loss barely moved: the model has not learnt (too few steps, or a learning rate or data problem)")
     if accuracy is not None:
         headline = f"Trained: {page.percent(accuracy)} test accuracy"
     elif summary.get("test_loss") is not None:
@@ -113,6 +115,15 @@ def _verdict(summary: dict | None, train: list[dict], test: dict) -> str:
     if problems:
         return page.verdict("warn", headline + " — with warnings", why + "; " + "; ".join(problems), tiles)
     return page.verdict("good", headline, why + "; no skipped steps, no out-of-memory.", tiles)
+
+
+def _loss_barely_moved(train: list[dict], val: list[dict]) -> bool:
+    """Whether the loss ended within 5 % of where it started (validation loss if logged twice, else training loss)."""
+    for losses in (_points(val, "val_loss"), _points(train, "train_loss")):
+        finite = [loss for _, loss in losses if math.isfinite(loss)]
+        if len(finite) >= 2:
+            return finite[-1] >= 0.95 * finite[0]
+    return False
 
 
 def _headline_peak(summary: dict) -> tuple[str, int | None]:
@@ -147,7 +158,7 @@ def _accuracy_chart(val: list[dict], final: dict) -> str:
     limits = [charts.Limit("test", final["test_accuracy"], "good")] if final.get("test_accuracy") is not None else []
     if not any(line.points for line in series):
         return "<p class=\"note\">No accuracy logged (a task without classes, or no validation split).</p>"
-    return charts.line_chart(series, x_axis=charts.Axis("optimizer step"), y_axis=charts.Axis("accuracy", lambda v: f"{v * 100:.0f} %"),
+    return charts.line_chart(series, x_axis=charts.Axis("optimizer step"), y_axis=charts.Axis("accuracy", lambda v: f"{v * 100:.3g} %"),
                              limits=limits, label="accuracy curves",
                              caption="the test accuracy is measured once, at the end, on the best checkpoint")
 
@@ -219,8 +230,8 @@ def _diagnosis(summary: dict | None, train: list[dict], val: list[dict]) -> list
     non_finite = [step for step, loss in train_losses if not math.isfinite(loss)]
     if non_finite:
         found.append(f"non-finite training loss logged at steps {', '.join(str(int(step)) for step in non_finite[:5])}")
-    if len(train_losses) >= 4 and train_losses[-1][1] >= train_losses[0][1] * 0.98:
-        found.append("the training loss did not go down: check the learning rate and the data")
+    if _loss_barely_moved(train, val):
+        found.append("the loss ended within 5 % of where it started: train longer, or check the learning rate and the data")
     return found
 
 
