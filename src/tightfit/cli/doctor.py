@@ -13,6 +13,7 @@ examples:
   tightfit doctor
   tightfit doctor --data data/casual_shoes --run-dir runs
   tightfit doctor --json > doctor.json
+  tightfit doctor --html doctor.html               # one offline page (tightfit report)
 """
 
 STATUS_LABELS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]", "info": "[dim]info[/]"}

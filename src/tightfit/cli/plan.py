@@ -20,7 +20,7 @@ examples:
   tightfit plan --model torchvision:resnet50 --input 3x224x224 --device rtx3050-laptop-6gb
   tightfit plan --model builtin:digits-cnn --input 1x8x8 --batch-size 64 --measure
   tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:512 --lora-rank 8 --device a100-80gb --json
-  tightfit plan examples/pipelines/seed002-rtx3050.yaml
+  tightfit plan examples/pipelines/seed002-rtx3050.yaml --html pipeline.html
 """
 
 PRECISION_CHOICES = ("fp32", "fp16", "bf16", "bf16-pure")

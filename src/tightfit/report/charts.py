@@ -1,9 +1,9 @@
 """Charts as inline SVG strings: lines, horizontal stacked bars, a labelled scatter, a heat map.
 
-Why hand-written SVG and not a chart library inlined into the page: the pages need four simple
-chart kinds; the smallest libraries that draw them (uPlot ~50 KB, Chart.js ~200 KB minified)
-would be most of every file, and need JavaScript to show anything — an SVG is drawn by the
-browser (and by a printer, and by a mail client's preview) as it is. Colours are CSS classes
+Why hand-written SVG and not a chart library inlined into the page: the pages need five simple
+chart kinds (lines, stacked bars, a scatter, intervals, a heat map); a library that draws them
+would be most of the bytes of every file (a whole page is 15-45 KB) and would need JavaScript to
+show anything, where an SVG is drawn by the browser, a printer or a mail preview as it is. Colours are CSS classes
 (``s0`` ... ``s7``, ``good``, ``bad``) resolved by the page's stylesheet, so dark mode follows;
 every mark carries a ``<title>``, which the browser shows on hover.
 

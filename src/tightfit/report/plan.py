@@ -157,10 +157,10 @@ def _render_pipeline(data: dict, source: str) -> str:
                       + (f" <span class=\"note\">({page.escape(stage['note'])})</span>" if stage.get("note") else "")
                       for stage in stages], raw=True)
     sections = [
+        page.section("Memory per stage", chart),
         page.section("Feasibility", page.table(["stage", "verdict", "model", "batch", "precision", "ckpt", "peak", "est. step", "est. epoch"],
                                                table_rows, row_classes=classes, table_id="stages"),
                      note="batch = micro-batch x accumulation steps; times are estimates; peaks include the device overhead"),
-        page.section("Memory per stage", chart),
         page.section("Why", why),
     ]
     alternatives = [f"<details><summary>{page.escape(stage['name'])}</summary>{_alternatives(stage['plan'])}</details>"
