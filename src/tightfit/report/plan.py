@@ -25,7 +25,8 @@ def render(data: dict, source: str = "") -> str:
         return _render_pipeline(data, source)
     sections = [
         page.section("Memory at the peak of one training step", _breakdown_chart(data), _breakdown_table(data), section_id="breakdown"),
-        page.section("Alternatives", _alternatives(data), note="what each other setting would cost; batch = micro-batch x accumulation steps"),
+        page.section("Alternatives", _alternatives(data),
+                     note="what each other setting would cost; batch = micro-batch x accumulation steps" if data.get("alternatives") else ""),
         page.section("Details", _details(data)),
     ]
     return page.document(title=f"{data['model']} on {data['input']}", kind="plan", verdict_html=_verdict(data),
@@ -48,8 +49,9 @@ def _verdict(data: dict) -> str:
     tiles = [
         page.tile("peak", format_bytes(data["peak_bytes"]), key="peak_bytes", sub=f"at micro-batch {data.get('batch_size') or 1}"),
         page.tile("usable", format_bytes(budget), key="budget_bytes", sub=data["device"]),
-        page.tile("headroom", page.percent(headroom, 0) if headroom is not None else "-", key="headroom",
-                  sub=f"wanted {data['margin']:.0%}"),
+        page.tile("headroom", page.percent(headroom, 0) if headroom is not None and headroom >= 0 else "none", key="headroom",
+                  sub=f"wanted {data['margin']:.0%}" if headroom is None or headroom >= 0
+                  else f"over by {format_bytes(data['peak_bytes'] - budget)}"),
     ]
     recommendation = data.get("recommendation")
     if recommendation:
