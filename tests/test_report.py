@@ -85,6 +85,27 @@ def test_a_run_whose_loss_did_not_move_is_a_warning_not_a_success(report_sources
     assert 'data-verdict="good"' in html and "barely moved" not in html
 
 
+def test_memory_chart_draws_the_device_memory_against_the_planned_peak_and_the_budget(report_sources, tmp_path):
+    run_dir = tmp_path / "cuda"
+    run_dir.mkdir()
+    config = (report_sources["run"] / "config.yaml").read_text()
+    assert "\nbudget: null\n" in config
+    (run_dir / "config.yaml").write_text(config.replace("\nbudget: null\n", "\nbudget: 6GiB\n"))
+    summary = json.loads((report_sources["run"] / "summary.json").read_text())
+    summary.update(device="cuda:0", batch_search_peak_bytes=3 * 2**30,
+                   peak_memory_bytes={"process_rss": 2**30, "cuda_allocated": 3 * 2**30 + 5, "cuda_reserved": 4 * 2**30})
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    lines = [{"stage": "train", "step": step, "train_loss": 2.0 / step, "memory/rss_bytes": 2**30,
+              "memory/cuda_allocated_bytes": step * 2**28, "memory/cuda_reserved_bytes": 4 * 2**30} for step in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    _, html = render(run_dir)
+    assert _value(html, "peak_bytes") == format_bytes(3 * 2**30 + 5)
+    chart = html.split('aria-label="memory over the run"')[1].split("</figure>")[0]
+    assert "<title>CUDA allocated</title>" in chart and "<title>CUDA reserved</title>" in chart
+    assert "batch search: step peak 3.00 GiB" in chart and "budget 6.00 GiB" in chart
+    assert "process RSS is what the monitor sees" not in chart  # that caveat is for CPU runs
+
+
 def test_plan_page_breaks_the_peak_down_against_the_usable_memory(report_sources):
     plan = json.loads(report_sources["plan"].read_text())
     _, html = render(report_sources["plan"])
