@@ -32,9 +32,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from tightfit.cli._output import print_json
-    from tightfit.report.build import default_output, render, write_html
-
-    from tightfit.report.build import check_output
+    from tightfit.report.build import check_output, default_output, render, write_html
 
     output = check_output(args.output, "--output") if args.output else default_output(args.path)
     kind, text = render(args.path)
