@@ -140,6 +140,24 @@ def test_doctor_page_shows_the_verdict_and_every_check(report_sources):
     assert html.split('id="checks"')[1].split("<tbody>")[1].split("</table>")[0].count("<tr") == len(doctor["checks"])
 
 
+def test_doctor_page_with_a_broken_dataset_is_red_and_names_the_file(tmp_path):
+    from PIL import Image
+
+    from tightfit.hardware.doctor import run_doctor
+    from tightfit.report import render_data
+
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for index in range(2):
+                Image.new("RGB", (8, 8), (index * 90, 40 if label == "cat" else 200, 0)).save(tmp_path / split / label / f"{index}.png")
+    (tmp_path / "train" / "cat" / "broken.png").write_text("not an image")
+    html = render_data("doctor", run_doctor(data_dir=tmp_path, run_dir=tmp_path, smoke_test=False))
+    assert 'data-verdict="bad"' in html
+    dataset = html.split('id="dataset"')[1].split("</section>")[0]
+    assert "train/cat/broken.png" in dataset and '<span class="badge bad">error</span>' in dataset
+
+
 def test_study_page_ranks_results_with_intervals_and_the_paired_tests(report_sources):
     study = json.loads((report_sources["study"] / "results.json").read_text())
     _, html = render(report_sources["study"])

@@ -1,12 +1,14 @@
 """Every kind of report in a real browser: headless Chromium driven by selenium.
 
-Each page is opened from disk with the network off-limits to it (it needs none); a test fails on
-any message in the browser console, checks the key numbers are in the DOM where a reader looks,
-that a header click sorts a table, that dark mode changes the colours, and that a screenshot is
-not blank. CI installs Debian's ``chromium`` and ``chromium-driver`` (.ci/run); the module is
-skipped, saying why, only where they (or selenium) are missing.
+Each page is opened from disk with the browser's network switched off (a page that fetched
+anything would log an error); a test fails on any message in the browser console, checks the key
+numbers are in the DOM where a reader looks, that a header click sorts a table, that dark mode
+changes the colours, that a screenshot is not blank, and prints the run page to PDF. CI installs
+Debian's ``chromium`` and ``chromium-driver`` (.ci/run); the module is skipped, saying why, only
+where they (or selenium) are missing.
 """
 
+import base64
 import io
 import json
 import shutil
@@ -42,6 +44,9 @@ def browser():
     options.add_argument("--window-size=1200,900")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions",
+                           {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
@@ -87,6 +92,8 @@ def test_training_run_page(browser, report_sources):
     loss = next(chart for chart in charts if chart.get_attribute("aria-label") == "loss curves")
     assert loss.size["width"] > 300 and loss.size["height"] > 100  # drawn, not collapsed
     _assert_not_blank(browser)
+    pdf = base64.b64decode(browser.execute_cdp_cmd("Page.printToPDF", {})["data"])  # what printing the page gives
+    assert pdf.startswith(b"%PDF") and len(pdf) > 20_000
 
 
 def test_plan_page(browser, report_sources):

@@ -17,11 +17,11 @@ def render(data: dict, source: str = "") -> str:
     if data.get("recommendations"):
         sections.append(page.section("What to do", "<ol>" + "".join(f"<li>{page.escape(text)}</li>" for text in data["recommendations"]) + "</ol>"))
     sections.append(page.section("Checks", _checks(data), note="* critical: a failure makes the verdict 'not ready'"))
+    if data.get("dataset"):
+        sections.append(page.section("Dataset", _dataset(data["dataset"]), section_id="dataset"))
     sections.append(page.grid(page.section("Machine", _machine(data)), page.section("Best device", _device(data))))
     if isinstance(data.get("packages"), list):
         sections.append(page.section("Packages", _packages(data["packages"])))
-    if data.get("dataset"):
-        sections.append(page.section("Dataset", _dataset(data["dataset"])))
     return page.document(title="Is this machine ready to train?", kind="doctor report", verdict_html=_verdict(data),
                          sections=sections, source=source)
 
@@ -100,6 +100,7 @@ def _dataset(dataset: dict) -> str:
         classes = split.get("classes")
         per_class = ", ".join(f"{label} {count}" for label, count in classes.items()) if classes else "-"
         rows.append([name, split["images"], per_class, len(split["corrupt"])])
-    problems = [f"{problem['severity']}: {problem['message']}" for problem in dataset.get("problems", [])]
+    problems = [f"{page.badge('bad' if problem['severity'] == 'error' else 'warn', problem['severity'])} {page.escape(problem['message'])}"
+                for problem in dataset.get("problems", [])]
     return (f"<p><code>{page.escape(dataset['path'])}</code> ({page.escape(dataset['layout'])})</p>"
-            + page.table(["split", "images", "per class", "corrupt"], rows, numeric=(1, 3)) + (page.lines(problems) if problems else ""))
+            + page.table(["split", "images", "per class", "corrupt"], rows, numeric=(1, 3)) + (page.lines(problems, raw=True) if problems else ""))
