@@ -19,8 +19,9 @@ def report_sources(tmp_path_factory) -> dict[str, Path]:
     From tests/data/report, because making them takes too long for a test: ``pipeline`` the
     output of ``tightfit plan examples/pipelines/seed002-rtx3050.yaml --json``, ``compression``
     a real ``report.json`` of ``tightfit compress`` on a digits run with the pruned model's
-    accuracy lowered by 1.5 points so that one step is flagged, and ``study`` a hand-written
-    ``results.json`` in the schema of docs/report.md.
+    accuracy lowered by 1.5 points so that one step is flagged, and ``study`` the
+    ``results.json`` that ``tightfit run`` wrote for the tiny study of tests/test_study.py (three
+    arms, three classifiers, digits), its per-class metrics left out.
     """
     from tightfit.hardware.doctor import run_doctor
     from tightfit.hardware.profiles import resolve_target

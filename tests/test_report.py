@@ -158,17 +158,26 @@ def test_doctor_page_with_a_broken_dataset_is_red_and_names_the_file(tmp_path):
     assert "train/cat/broken.png" in dataset and '<span class="badge bad">error</span>' in dataset
 
 
-def test_study_page_ranks_results_with_intervals_and_the_paired_tests(report_sources):
+def test_study_page_ranks_results_with_intervals_and_the_paired_tests(report_sources, tmp_path):
     study = json.loads((report_sources["study"] / "results.json").read_text())
+    statistics = study["evaluations"]["statistics"]
     _, html = render(report_sources["study"])
-    best = max(study["results"], key=lambda result: result["metrics"]["accuracy"]["value"])
+    best = max(statistics["table"], key=lambda row: row["accuracy"])
     assert _value(html, "best_result") == f"{best['arm']} / {best['classifier']}"
-    entry = best["metrics"]["accuracy"]
-    assert f"{entry['value'] * 100:.1f} % [{entry['ci_low'] * 100:.1f}, {entry['ci_high'] * 100:.1f}]" in html
-    assert html.count("confusion matrix of") == len(study["results"])
-    significant = sum(comparison["p_value"] < 0.05 for comparison in study["paired_tests"]["comparisons"])
-    assert html.split('aria-label="paired-test p-values"')[1].split("</svg>")[0].count('<rect class="good"') == 2 * significant
-    assert "extract-vit3d-large" in html and 'data-verdict="warn"' in html  # a stage planned out shows in the verdict
+    low, high = best["accuracy_ci"]
+    assert f"{best['accuracy'] * 100:.1f} % [{low * 100:.1f}, {high * 100:.1f}]" in html
+    assert html.split('id="results"')[1].split("<tbody>")[1].split("</table>")[0].count("<tr") == len(statistics["table"])
+    assert html.count('aria-label="confusion matrix of') == len(statistics["confusion"])
+    assert html.count('aria-label="paired-test p-values') == len(statistics["comparisons"])
+    assert 'data-verdict="good"' in html and "7 / 7" in html
+    # a significant pair turns green in its matrix (twice: above and below the diagonal); a stage not run turns the verdict amber
+    statistics["comparisons"]["svm"]["pairs"][0]["corrected_t"]["p_value"] = 0.01
+    study["stages"][-1]["status"] = "running"
+    (tmp_path / "results.json").write_text(json.dumps(study))
+    _, html = render(tmp_path / "results.json")
+    svm = html.split('aria-label="paired-test p-values, svm"')[1].split("</svg>")[0]
+    assert svm.count('<rect class="good"') == 2
+    assert 'data-verdict="warn"' in html and "not complete: statistics" in html
 
 
 def test_text_from_the_sources_is_escaped(tmp_path, report_sources):

@@ -33,7 +33,7 @@ def kind_of_data(data: object, where: str) -> str:
     if isinstance(data, dict):
         if "artifacts" in data and "best" in data:
             return "compression"
-        if "results" in data and "stages" in data:
+        if "evaluations" in data and "stages" in data:
             return "study"
         if "checks" in data and "verdict" in data:
             return "doctor"

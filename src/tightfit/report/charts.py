@@ -332,7 +332,10 @@ def heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequence[str],
                 parts.append(f"<rect class=\"muted\" x=\"{x}\" y=\"{y}\" width=\"{cell - 2}\" height=\"{cell - 2}\" opacity=\"0.08\"/>")
                 continue
             style = "good" if highlight is not None and highlight(value) else "s0"
-            opacity = 0.12 + 0.78 * (value / top if highlight is None else 0.6)
+            if highlight is None:
+                opacity = 0.12 + 0.78 * value / top
+            else:  # a test: the cells that pass stand out, the others recede
+                opacity = 0.7 if style == "good" else 0.22
             parts.append(f"<rect class=\"{style}\" x=\"{x}\" y=\"{y}\" width=\"{cell - 2}\" height=\"{cell - 2}\" opacity=\"{opacity:.2f}\">"
                          f"<title>{escape(row_labels[row])} / {escape(column_labels[column])}: {escape(format_value(value))}</title></rect>")
             parts.append(f"<text class=\"label\" x=\"{x + (cell - 2) / 2:.1f}\" y=\"{y + cell / 2 + 3:.1f}\" text-anchor=\"middle\">{escape(format_value(value))}</text>")
@@ -373,8 +376,8 @@ def intervals(rows: Sequence[tuple[str, float, float | None, float | None]], *, 
         parts.append(f"<text class=\"label\" x=\"{label_width - 8}\" y=\"{y + 4:.1f}\" text-anchor=\"end\"{weight}>{escape(name)}</text>")
         if low is not None and high is not None:
             parts.append(f"<line class=\"{style}\" x1=\"{x_of(low):.1f}\" x2=\"{x_of(high):.1f}\" y1=\"{y:.1f}\" y2=\"{y:.1f}\" stroke-width=\"3\" opacity=\"0.55\"/>")
-        interval = f" [{axis.format(low)}, {axis.format(high)}]" if low is not None and high is not None else ""
+        interval = f" [{axis.value(low)}, {axis.value(high)}]" if low is not None and high is not None else ""
         parts.append(f"<circle class=\"{style}\" cx=\"{x_of(value):.1f}\" cy=\"{y:.1f}\" r=\"5\"><title>{escape(name)}: "
-                     f"{escape(axis.format(value))}{escape(interval)}</title></circle>")
-        parts.append(f"<text x=\"{width - RIGHT}\" y=\"{y + 4:.1f}\" text-anchor=\"end\">{escape(axis.format(value))}</text>")
+                     f"{escape(axis.value(value))}{escape(interval)}</title></circle>")
+        parts.append(f"<text x=\"{width - RIGHT}\" y=\"{y + 4:.1f}\" text-anchor=\"end\">{escape(axis.value(value))}</text>")
     return _figure(_svg("".join(parts), label, width, height), (), caption)

@@ -1,181 +1,225 @@
-"""The page of a study: which stages were feasible, which arm and classifier won, and whether the
-win is more than chance.
+"""The page of a study: did every stage run, which arm and classifier won, and is the win more
+than chance.
 
-Made from a study's ``results.json``. The fields read (the schema is in docs/report.md)::
+Made from the ``results.json`` that ``tightfit run STUDY.yaml`` writes in the study folder
+(version 1). The fields read::
 
-    study: name                       device: profile name (optional)
-    primary_metric: accuracy          (a key of every result's metrics)
-    stages: [{name, kind, status (done | skipped | failed), verdict (fits | tight | does not fit),
-              peak_bytes, budget_bytes, seconds, note}]
-    results: [{arm, classifier, metrics: {NAME: {value, ci_low, ci_high}}, labels: [...],
-               confusion_matrix: [[count, ...], ...]  (rows: true class, columns: predicted)}]
-    paired_tests: {metric, test, alpha, correction,
-                   comparisons: [{a, b, difference, p_value}]}   (a, b: "arm / classifier")
+    study, cv: {folds, repeats, seed}
+    stages: [{name, kind, status ("complete" when done), estimated_s, measured_s, notes: [...]}]
+    evaluations: {STAGE: {samples, confidence, folds, repeats, class_names,
+        table: [{arm, classifier, accuracy, accuracy_ci: [low, high], balanced_accuracy, macro_f1,
+                 roc_auc_ovr, fold_accuracy_mean, fold_accuracy_std}],
+        comparisons: {CLASSIFIER: {pairs: [{first, second, accuracy_difference,
+                                             corrected_t: {p_value}, wilcoxon: {p_value, p_holm},
+                                             mcnemar: {p_value}, cohens_d}],
+                                   friedman: {statistic, p_value, arms, average_ranks}}},
+        confusion: {"ARM/CLASSIFIER": [[count, ...], ...]}}}   (rows: true class)
 
-Metric values are fractions (0.91, not 91); confidence intervals are 95 %.
+Accuracies are fractions. Pairs compare two arms under the same classifier over the same folds;
+the page leads with the corrected resampled t-test (Nadeau and Bengio), the test made for
+cross-validated accuracies, and lists the others.
 """
 
 from __future__ import annotations
 
 from tightfit.report import charts, page
-from tightfit.units import format_bytes, format_seconds
+from tightfit.units import format_seconds
 
-STATUS_TONES = {"done": "good", "skipped": "info", "failed": "bad"}
-VERDICT_TONES = {"fits": "good", "tight": "warn", "does not fit": "bad"}
-
-
-def is_study(data: dict) -> bool:
-    return "results" in data and "stages" in data
+STATUS_TONES = {"complete": "good", "running": "warn", "not run": "info"}
 
 
-def result_name(result: dict) -> str:
-    """How a result is named everywhere on the page and in ``paired_tests``: ``arm / classifier``."""
-    return f"{result['arm']} / {result['classifier']}"
+def result_name(row: dict) -> str:
+    """How a result is named everywhere on the page: ``arm / classifier``."""
+    return f"{row['arm']} / {row['classifier']}"
 
 
 def render(data: dict, source: str = "") -> str:
-    """The HTML page of a study's results."""
-    metric = data.get("primary_metric") or _first_metric(data)
-    ranked = sorted(data["results"], key=lambda result: _value(result, metric), reverse=True)
-    best = ranked[0] if ranked else None
-    sections = [
-        page.section(f"{metric} with 95 % confidence intervals", _forest(ranked, metric, best), section_id="results-chart"),
-        page.section("Results", _results_table(ranked, best), note="value [95 % CI]; sort by a column with a click"),
-    ]
-    tests = data.get("paired_tests")
-    if tests and tests.get("comparisons"):
-        sections.append(page.section("Paired tests", _paired_matrix(tests, [result_name(result) for result in ranked]), section_id="paired"))
-    sections.append(page.section("Stages", _stages(data["stages"]), section_id="stages"))
-    with_matrix = [result for result in ranked if result.get("confusion_matrix")]
-    if with_matrix:
-        sections.append(page.section("Confusion matrices", "<div class=\"grid2\">" + "".join(
-            f"<div><b>{page.escape(result_name(result))}</b>{_confusion(result)}</div>" for result in with_matrix) + "</div>",
-            note="rows: true class, columns: predicted class; best result first"))
-    return page.document(title=str(data.get("study") or "study"), kind="study", verdict_html=_verdict(data, ranked, metric),
+    """The HTML page of a study's ``results.json``."""
+    evaluations = data.get("evaluations") or {}
+    sections = []
+    for name, statistics in evaluations.items():
+        sections += _evaluation(name, statistics, data.get("cv") or {}, titled=len(evaluations) > 1)
+    if not evaluations:
+        sections.append(page.section("Results", "<p class=\"note\">No evaluate stage has run yet.</p>"))
+    sections.append(page.section("Stages", _stages(data["stages"]), section_id="stages",
+                                 note="times estimated before each stage ran, and measured; "
+                                      "`tightfit plan STUDY.yaml --html plan.html` plans their memory"))
+    return page.document(title=str(data.get("study") or "study"), kind="study", verdict_html=_verdict(data),
                          sections=sections, source=source)
 
 
-def _first_metric(data: dict) -> str:
-    for result in data["results"]:
-        for name in result.get("metrics", {}):
-            return name
-    return "metric"
+def _ranked(statistics: dict) -> list[dict]:
+    return sorted(statistics["table"], key=lambda row: row["accuracy"], reverse=True)
 
 
-def _value(result: dict, metric: str) -> float:
-    entry = result.get("metrics", {}).get(metric)
-    return entry["value"] if entry else float("-inf")
+def _interval(row: dict) -> str:
+    low, high = row["accuracy_ci"]
+    return f"{row['accuracy'] * 100:.1f} % [{low * 100:.1f}, {high * 100:.1f}]"
 
 
-def _interval(entry: dict | None) -> str:
-    if not entry:
-        return "-"
-    text = page.percent(entry["value"])
-    if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
-        text += f" [{entry['ci_low'] * 100:.1f}, {entry['ci_high'] * 100:.1f}]"
-    return text
-
-
-def _verdict(data: dict, ranked: list[dict], metric: str) -> str:
-    stages = data["stages"]
-    failed = [stage["name"] for stage in stages if stage.get("status") == "failed" or stage.get("verdict") == "does not fit"]
-    tiles = [page.tile("stages", f"{sum(stage.get('status') == 'done' for stage in stages)} / {len(stages)} done", key="stages",
-                       sub=f"{len(failed)} failed or infeasible")]
-    if not ranked:
-        return page.verdict("bad", "No results", "no arm produced a result", tiles)
-    best = ranked[0]
-    entry = best["metrics"][metric]
-    tiles.insert(0, page.tile(f"best {metric}", page.percent(entry["value"]), key="best_metric",
-                              sub=f"95 % CI {_interval(entry).partition(' [')[2].rstrip(']') or '-'}"))
-    tiles.insert(1, page.tile("best", result_name(best), key="best_result"))
-    why = f"{len(ranked)} results ranked by {metric}"
-    if len(ranked) > 1:
-        runner_up = ranked[1]
-        comparison = _comparison(data.get("paired_tests") or {}, result_name(best), result_name(runner_up))
-        if comparison is not None:
-            alpha = data["paired_tests"].get("alpha", 0.05)
-            significant = comparison["p_value"] < alpha
-            why += (f"; vs the runner-up {result_name(runner_up)}: p = {comparison['p_value']:.3g} "
-                    f"({'significant' if significant else 'not significant'} at {alpha})")
-            tiles.append(page.tile("vs runner-up", f"p = {comparison['p_value']:.3g}", key="runner_up_p",
-                                   sub="significant" if significant else "not significant"))
-    if failed:
-        why += f"; failed or infeasible: {', '.join(failed)}"
-    tone = "warn" if failed else "good"
-    return page.verdict(tone, f"Best: {result_name(best)} — {metric} {page.percent(entry['value'])}", why, tiles)
-
-
-def _comparison(tests: dict, a: str, b: str) -> dict | None:
-    for comparison in tests.get("comparisons", []):
-        if {comparison["a"], comparison["b"]} == {a, b}:
-            return comparison
+def _pair(statistics: dict, classifier: str, first: str, second: str) -> dict | None:
+    for pair in (statistics.get("comparisons") or {}).get(classifier, {}).get("pairs", []):
+        if {pair["first"], pair["second"]} == {first, second}:
+            return pair
     return None
 
 
-def _forest(ranked: list[dict], metric: str, best: dict | None) -> str:
-    rows = [(result_name(result), result["metrics"][metric]["value"], result["metrics"][metric].get("ci_low"),
-             result["metrics"][metric].get("ci_high")) for result in ranked if metric in result.get("metrics", {})]
-    return charts.intervals(rows, axis=charts.Axis(metric, lambda value: f"{value * 100:.0f} %"),
-                            best=result_name(best) if best else None, label=f"{metric} per result",
-                            caption="dot: the value on the test set; bar: its 95 % confidence interval")
+def _verdict(data: dict) -> str:
+    stages = data["stages"]
+    unfinished = [stage["name"] for stage in stages if stage.get("status") != "complete"]
+    tiles = [page.tile("stages complete", f"{len(stages) - len(unfinished)} / {len(stages)}", key="stages",
+                       sub=f"not complete: {', '.join(unfinished)}" if unfinished else "every stage ran")]
+    evaluations = data.get("evaluations") or {}
+    if not evaluations:
+        return page.verdict("warn", "No results yet", "no evaluate stage has run", tiles)
+    statistics = next(iter(evaluations.values()))
+    ranked = _ranked(statistics)
+    best = ranked[0]
+    level = f"{statistics['confidence']:.0%}"
+    low, high = best["accuracy_ci"]
+    tiles.insert(0, page.tile("best accuracy", page.percent(best["accuracy"]), key="best_metric",
+                              sub=f"{level} CI {low * 100:.1f}-{high * 100:.1f} %"))
+    tiles.insert(1, page.tile("best", result_name(best), key="best_result"))
+    cv = data.get("cv") or {}
+    tiles.append(page.tile("evaluated on", f"{statistics['samples']} samples", key="samples",
+                           sub=f"{cv.get('folds', statistics.get('folds'))}-fold CV x {cv.get('repeats', statistics.get('repeats'))}"))
+    why = f"{len(ranked)} arm x classifier results ranked by accuracy"
+    rivals = [row for row in ranked[1:] if row["classifier"] == best["classifier"]]
+    if rivals:
+        pair = _pair(statistics, best["classifier"], best["arm"], rivals[0]["arm"])
+        if pair is not None:
+            p_value = pair["corrected_t"]["p_value"]
+            significant = p_value < 1 - statistics["confidence"]
+            why += (f"; against the next arm with {best['classifier']} ({rivals[0]['arm']}): corrected t-test p = {p_value:.3g}, "
+                    f"{'a real difference' if significant else 'not distinguishable from chance'} at {1 - statistics['confidence']:.2g}")
+            tiles.append(page.tile("vs next arm", f"p = {p_value:.3g}", key="runner_up_p",
+                                   sub="significant" if significant else "not significant"))
+    if unfinished:
+        why += f"; not complete: {', '.join(unfinished)}"
+    return page.verdict("warn" if unfinished else "good", f"Best: {result_name(best)} — accuracy {_interval(best)}", why, tiles)
 
 
-def _results_table(ranked: list[dict], best: dict | None) -> str:
-    names = []
-    for result in ranked:
-        for name in result.get("metrics", {}):
-            if name not in names:
-                names.append(name)
-    rows = [[result["arm"], result["classifier"]] + [page.Cell(page.escape(_interval(result["metrics"].get(name))),
-                                                               sort=(result["metrics"].get(name) or {}).get("value", -1), numeric=True)
-                                                     for name in names] for result in ranked]
-    classes = ["best" if result is best else "" for result in ranked]
-    return page.table(["arm", "classifier"] + names, rows, row_classes=classes, table_id="results")
+def _evaluation(name: str, statistics: dict, cv: dict, titled: bool) -> list[str]:
+    def title(text: str) -> str:  # "statistics: results" when a study has several evaluate stages
+        return f"{name}: {text}" if titled else text[:1].upper() + text[1:]
+
+    ranked = _ranked(statistics)
+    level = f"{statistics['confidence']:.0%}"
+    rows = [(result_name(row), row["accuracy"], *row["accuracy_ci"]) for row in ranked]
+    axis = charts.Axis("accuracy", lambda value: f"{value * 100:.0f} %", exact=lambda value: f"{value * 100:.1f} %")
+    forest = charts.intervals(rows, axis=axis, best=rows[0][0],
+                              label="accuracy per result",
+                              caption=f"dot: accuracy pooled over the out-of-fold predictions; bar: its {level} bootstrap interval")
+    sections = [
+        page.section(title(f"accuracy with {level} confidence intervals"), forest, section_id="results-chart",
+                     note=f"{statistics['samples']} evaluation samples, {cv.get('folds', statistics.get('folds'))}-fold stratified "
+                          f"cross-validation x {cv.get('repeats', statistics.get('repeats'))}, the same folds for every arm"),
+        page.section(title("results"), _table(ranked), note=f"accuracy [{level} CI]; fold accuracy: mean ± sd over every fold"),
+    ]
+    comparisons = statistics.get("comparisons") or {}
+    if comparisons:
+        alpha = 1 - statistics["confidence"]
+        matrices = "".join(f"<div>{_paired_matrix(classifier, comparison, alpha)}</div>" for classifier, comparison in comparisons.items())
+        sections.append(page.section(
+            title("paired tests between arms"), f"<div class=\"grid2\">{matrices}</div>",
+            f"<p class=\"note\">p-values of the corrected resampled t-test (Nadeau-Bengio) between arms under one classifier; "
+            f"green: below {alpha:.2g}. Columns are numbered as the rows.</p>",
+            f"<details><summary>every pair, every test</summary>{_pairs_table(comparisons, alpha)}</details>",
+            section_id="paired"))
+    confusion = statistics.get("confusion") or {}
+    if confusion:
+        sections.append(page.section(title("confusion matrices"), _confusions(ranked, confusion, statistics.get("class_names")),
+                                     note="rows: true class, columns: predicted class; best result first"))
+    return sections
 
 
-def _paired_matrix(tests: dict, names: list[str]) -> str:
-    alpha = tests.get("alpha", 0.05)
-    matrix: list[list[float | None]] = [[None] * len(names) for _ in names]
-    index = {name: position for position, name in enumerate(names)}
-    for comparison in tests["comparisons"]:
-        if comparison["a"] in index and comparison["b"] in index:
-            a, b = index[comparison["a"]], index[comparison["b"]]
-            matrix[a][b] = matrix[b][a] = comparison["p_value"]
-    short = [str(position + 1) for position in range(len(names))]
-    chart = charts.heatmap(matrix, [f"{number}. {name}" for number, name in zip(short, names)], short,
-                           format_value=lambda value: f"{value:.3f}" if value >= 0.001 else "<.001",
-                           highlight=lambda value: value < alpha, label="paired-test p-values")
-    rows = [[comparison["a"], comparison["b"],
-             page.Cell(f"{comparison['difference'] * 100:+.1f} pts" if comparison.get("difference") is not None else "-",
-                       sort=comparison.get("difference") or 0, numeric=True),
-             page.Cell(f"{comparison['p_value']:.3g}", sort=comparison["p_value"], numeric=True),
-             page.Cell(page.badge("good", "significant") if comparison["p_value"] < alpha else page.badge("info", "no"),
-                       sort=int(comparison["p_value"] < alpha))]
-            for comparison in tests["comparisons"]]
-    what = f"{tests.get('test', 'paired test')} on {tests.get('metric', 'the metric')}, alpha {alpha}"
-    if tests.get("correction"):
-        what += f", {tests['correction']} correction"
-    return (chart + f"<p class=\"note\">p-values of {page.escape(what)}; green: below alpha. Columns are numbered as the rows.</p>"
-            + "<details><summary>every comparison</summary>"
-            + page.table(["a", "b", "a − b", "p", "significant"], rows, table_id="comparisons") + "</details>")
+def _table(ranked: list[dict]) -> str:
+    rows = []
+    for row in ranked:
+        auc = row.get("roc_auc_ovr")
+        rows.append([
+            row["arm"], row["classifier"],
+            page.Cell(page.escape(_interval(row)), sort=row["accuracy"], numeric=True),
+            page.Cell(f"{row['balanced_accuracy']:.3f}", sort=row["balanced_accuracy"], numeric=True),
+            page.Cell(f"{row['macro_f1']:.3f}", sort=row["macro_f1"], numeric=True),
+            page.Cell(f"{auc:.3f}" if auc is not None else "-", sort=auc or 0, numeric=True),
+            page.Cell(f"{row['fold_accuracy_mean']:.3f} ± {row['fold_accuracy_std']:.3f}", sort=row["fold_accuracy_mean"], numeric=True),
+        ])
+    classes = ["best"] + [""] * (len(ranked) - 1)
+    return page.table(["arm", "classifier", "accuracy", "balanced acc.", "macro-F1", "ROC-AUC (OvR)", "fold accuracy"], rows,
+                      row_classes=classes, table_id="results")
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "<.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _paired_matrix(classifier: str, comparison: dict, alpha: float) -> str:
+    pairs = comparison["pairs"]
+    arms: list[str] = []
+    for pair in pairs:
+        for arm in (pair["first"], pair["second"]):
+            if arm not in arms:
+                arms.append(arm)
+    index = {arm: position for position, arm in enumerate(arms)}
+    matrix: list[list[float | None]] = [[None] * len(arms) for _ in arms]
+    for pair in pairs:
+        a, b = index[pair["first"]], index[pair["second"]]
+        matrix[a][b] = matrix[b][a] = pair["corrected_t"]["p_value"]
+    numbers = [str(position + 1) for position in range(len(arms))]
+    chart = charts.heatmap(matrix, [f"{number}. {arm}" for number, arm in zip(numbers, arms)], numbers,
+                           format_value=lambda value: _p(value), highlight=lambda value: value < alpha,
+                           label=f"paired-test p-values, {classifier}")
+    friedman = comparison.get("friedman")
+    friedman_html = ""
+    if friedman:
+        ranks = ", ".join(f"{arm} {rank:.2f}" for arm, rank in zip(friedman["arms"], friedman["average_ranks"]))
+        friedman_html = (f"<p class=\"note\">Friedman χ² = {friedman['statistic']:.2f}, p = {_p(friedman['p_value'])}; "
+                         f"average ranks (1 = best): {page.escape(ranks)}.</p>")
+    return f"<b>{page.escape(classifier)}</b>{chart}{friedman_html}"
+
+
+def _pairs_table(comparisons: dict, alpha: float) -> str:
+    rows = [[classifier, pair["first"], pair["second"],
+             page.Cell(f"{pair['accuracy_difference'] * 100:+.1f} pts", sort=pair["accuracy_difference"], numeric=True),
+             page.Cell(_p(pair["corrected_t"]["p_value"]), sort=pair["corrected_t"]["p_value"], numeric=True),
+             page.Cell(_p(pair["wilcoxon"].get("p_holm")), sort=pair["wilcoxon"].get("p_holm") or 1, numeric=True),
+             page.Cell(_p(pair["mcnemar"]["p_value"]), sort=pair["mcnemar"]["p_value"], numeric=True),
+             page.Cell(f"{pair['cohens_d']:.2f}", sort=pair["cohens_d"], numeric=True),
+             page.Cell(page.badge("good", "yes") if pair["corrected_t"]["p_value"] < alpha else page.badge("info", "no"),
+                       sort=int(pair["corrected_t"]["p_value"] < alpha))]
+            for classifier, comparison in comparisons.items() for pair in comparison["pairs"]]
+    return page.table(["classifier", "arm A", "arm B", "A − B (mean fold acc.)", "corrected t p", "Wilcoxon p (Holm)", "McNemar p",
+                       "Cohen's d", f"p < {alpha:.2g}"], rows, table_id="pairs")
+
+
+def _confusions(ranked: list[dict], confusion: dict, class_names: list[str] | None) -> str:
+    figures = []
+    for row in ranked:
+        matrix = confusion.get(f"{row['arm']}/{row['classifier']}")
+        if matrix is None:
+            continue
+        labels = [str(name) for name in class_names] if class_names else [str(number) for number in range(len(matrix))]
+        figures.append(f"<div><b>{page.escape(result_name(row))}</b>" + charts.heatmap(
+            matrix, labels, labels, format_value=lambda value: f"{value:g}", label=f"confusion matrix of {result_name(row)}",
+            row_title="true", column_title="predicted") + "</div>")
+    shown, folded = figures[:4], figures[4:]
+    html = f"<div class=\"grid2\">{''.join(shown)}</div>"
+    if folded:
+        html += f"<details><summary>{len(folded)} more</summary><div class=\"grid2\">{''.join(folded)}</div></details>"
+    return html
 
 
 def _stages(stages: list[dict]) -> str:
     rows, classes = [], []
     for stage in stages:
-        verdict = stage.get("verdict")
+        status = stage.get("status") or "not run"
         rows.append([stage["name"], stage.get("kind") or "-",
-                     page.Cell(page.badge(STATUS_TONES.get(stage.get("status"), "info"), stage.get("status") or "-"), sort=stage.get("status")),
-                     page.Cell(page.badge(VERDICT_TONES.get(verdict, "info"), verdict) if verdict else "-", sort=verdict or ""),
-                     page.Cell(format_bytes(stage.get("peak_bytes")), sort=stage.get("peak_bytes") or 0, numeric=True),
-                     page.Cell(format_bytes(stage.get("budget_bytes")), sort=stage.get("budget_bytes") or 0, numeric=True),
-                     page.Cell(format_seconds(stage.get("seconds")), sort=stage.get("seconds") or 0, numeric=True),
-                     stage.get("note") or ""])
-        classes.append("flagged" if stage.get("status") == "failed" or verdict == "does not fit" else "")
-    return page.table(["stage", "kind", "status", "memory", "peak", "usable", "time", "note"], rows, row_classes=classes, table_id="stage-table")
-
-
-def _confusion(result: dict) -> str:
-    labels = [str(label) for label in result.get("labels") or range(len(result["confusion_matrix"]))]
-    return charts.heatmap(result["confusion_matrix"], labels, labels, format_value=lambda value: f"{value:g}",
-                          label=f"confusion matrix of {result_name(result)}", row_title="true", column_title="predicted")
+                     page.Cell(page.badge(STATUS_TONES.get(status, "bad"), status), sort=status),
+                     page.Cell(format_seconds(stage.get("estimated_s")), sort=stage.get("estimated_s") or 0, numeric=True),
+                     page.Cell(format_seconds(stage.get("measured_s")), sort=stage.get("measured_s") or 0, numeric=True),
+                     "; ".join(stage.get("notes") or [])])
+        classes.append("" if status == "complete" else "flagged")
+    return page.table(["stage", "kind", "status", "estimated", "measured", "notes"], rows, row_classes=classes, table_id="stage-table")
