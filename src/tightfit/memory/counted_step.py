@@ -5,7 +5,8 @@ inside a :class:`~tightfit.memory.tracker.MemoryTracker`. The estimator calls it
 the measurement on real ones; only the tensors differ.
 
 The window (the samples of one optimizer step) is made *before* the tracker starts, as the
-trainer's data loader makes it before its step: host-side data is not part of the peak. What the
+trainer's data loader makes it before its step, and is the tracker's ``host_data``: host-side
+data is not part of the peak (not even when the step slices micro-batches out of it). What the
 step copies to the device (each micro-batch, on CUDA/MPS) is. With accumulation, micro-batches
 2..k all hold the gradients of the earlier ones, so a window of two micro-batches already reaches
 the peak of a window of k: only two are run.
@@ -90,12 +91,18 @@ def make_step(
     )
 
 
-def counted_step(step: TrainingStep, window: Any, tracker: MemoryTracker, *, count_flops: bool = False) -> int | None:
-    """Run ``step`` on ``window`` inside ``tracker``; the FLOPs of one micro-batch when asked."""
+def counted_step(
+    step: TrainingStep, window: Any, *, budget_bytes: int | None = None, allocation_size=None, count_flops: bool = False,
+) -> tuple[MemoryTracker, int | None]:
+    """Run ``step`` on ``window`` counted by a tracker (the window itself is host data: not
+    counted); the tracker and, when asked, the FLOPs of one micro-batch."""
+    tracker = MemoryTracker(
+        step.model, step.optimizer, budget_bytes=budget_bytes, allocation_size=allocation_size, host_data=window
+    )
     counter = _flop_counter() if count_flops else None
     with _cyclic_gc_paused(collect_first=step.device.type != "cpu"), tracker:
         step(window, flop_counter=counter)
-    return counter.get_total_flops() if counter is not None else None
+    return tracker, counter.get_total_flops() if counter is not None else None
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ from tightfit.errors import TightfitError
 from tightfit.memory.counted_step import BatchFactory, StepSettings, apply_checkpointing, counted_step, make_step
 from tightfit.memory.overhead import allocation_size, device_overhead
 from tightfit.memory.report import StepMemory
-from tightfit.memory.tracker import MemoryTracker
 from tightfit.models.checkpointing import disable_kv_cache
 from tightfit.step.batch import move_to_device
 from tightfit.step.optim import build_optimizer
@@ -117,14 +116,13 @@ def _estimate(model: nn.Module, batch_factory: BatchFactory, settings: StepSetti
     foreach = True if device_type == "cuda" else None
     optimizer = build_optimizer(settings.optimizer, model.parameters(), foreach=foreach)
     _create_optimizer_state(model, optimizer)
-    window = batch_factory(settings.window_size, "cpu")
+    window = batch_factory(settings.window_size, "cpu")  # host data, as the trainer's loader gives it
     # Autocast runs on the CPU here whatever the target: the fake tensors live on the CPU and the
     # CPU and CUDA autocast lists agree on which operators run in low precision. On a device the
     # trainer copies each micro-batch from the host; a copy stands in for it.
     transfer = None if device_type == "cpu" else (lambda batch: move_to_device(batch, "cpu", copy=True))
     step = make_step(model, optimizer, settings, torch.device("cpu"), transfer=transfer, foreach=foreach)
-    tracker = MemoryTracker(model, optimizer, allocation_size=allocation_size(device_type))
-    flops = counted_step(step, window, tracker, count_flops=count_flops)
+    tracker, flops = counted_step(step, window, allocation_size=allocation_size(device_type), count_flops=count_flops)
     memory = StepMemory(
         peak_bytes=tracker.peak_bytes, breakdown=tracker.breakdown, by_module=tracker.by_module,
         flops=flops, method="estimated", notes=[],

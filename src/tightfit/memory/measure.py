@@ -16,7 +16,6 @@ from torch import nn
 from tightfit.errors import ConfigError
 from tightfit.memory.counted_step import BatchFactory, StepSettings, apply_checkpointing, counted_step, make_step
 from tightfit.memory.report import StepMemory
-from tightfit.memory.tracker import MemoryTracker
 from tightfit.models.checkpointing import disable_kv_cache
 from tightfit.step.optim import build_optimizer
 from tightfit.units import format_bytes
@@ -81,12 +80,11 @@ def measure_step(
     disable_kv_cache(model)
     step = make_step(model, build_optimizer(optimizer, model.parameters()), settings, device)
     window = batch_factory(settings.window_size, "cpu")  # host data, as the trainer's loader gives it
-    counted_step(step, window, MemoryTracker(model, step.optimizer, budget_bytes=budget_bytes))  # warm-up
+    counted_step(step, window, budget_bytes=budget_bytes)  # warm-up: kernels, optimizer state
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    tracker = MemoryTracker(model, step.optimizer, budget_bytes=budget_bytes)
-    flops = counted_step(step, window, tracker, count_flops=True)
+    tracker, flops = counted_step(step, window, budget_bytes=budget_bytes, count_flops=True)
     breakdown = tracker.breakdown
     notes = settings.notes(blocks)
     notes.append(f"measured on {device} with real tensors after one warm-up step")

@@ -48,13 +48,13 @@ class StepResult:
     """What one step did; tensors, so reading them is the caller's choice (and sync point).
 
     Attributes:
-        loss_sum: the window's summed per-sample loss (divide by ``samples`` for the mean), fp32.
+        loss: the window's mean loss (over its samples), fp32.
         grad_norm: the total gradient norm before clipping (after unscaling), fp32.
         samples: the samples in the window.
         skipped: why the optimizer step was skipped (``skip_check``'s answer), else None.
     """
 
-    loss_sum: torch.Tensor
+    loss: torch.Tensor
     grad_norm: torch.Tensor
     samples: int
     skipped: str | None = None
@@ -117,7 +117,8 @@ class TrainingStep:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip and check the true gradients, not the scaled ones
         grad_norm = self._gradient_norm()
-        skipped = self.skip_check(loss_sum / samples, grad_norm) if self.skip_check is not None else None
+        loss = loss_sum / samples
+        skipped = self.skip_check(loss, grad_norm) if self.skip_check is not None else None
         if skipped is None:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -126,7 +127,7 @@ class TrainingStep:
         if self.scaler is not None:
             self.scaler.update()  # also after a skipped step: unscale_ must be followed by update
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_sum=loss_sum, grad_norm=grad_norm, samples=samples, skipped=skipped)
+        return StepResult(loss=loss, grad_norm=grad_norm, samples=samples, skipped=skipped)
 
     def accumulate_gradients(self, window: Any, samples: int, flop_counter: AbstractContextManager | None = None) -> torch.Tensor:
         """Forward and backward every micro-batch of the window; returns the summed loss."""
@@ -146,8 +147,11 @@ class TrainingStep:
                 weighted = loss * (micro_samples / samples)
                 (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
             contribution = loss.detach().float() * micro_samples
-            loss_sum = contribution if loss_sum is None else loss_sum + contribution
-            del loss, weighted
+            if loss_sum is None:
+                loss_sum = contribution
+            else:
+                loss_sum.add_(contribution)  # in place: micro-batch k holds what micro-batch 2 holds
+            del loss, weighted, contribution
         return loss_sum
 
     def _gradient_norm(self) -> torch.Tensor:

@@ -421,7 +421,7 @@ class Trainer:
         """
         while True:
             try:
-                with self._budget_context():
+                with self._budget_context(window):
                     result = self.step(window)
                 break
             except Exception as error:
@@ -433,8 +433,7 @@ class Trainer:
         self.global_step += 1
         self.samples_in_epoch += result.samples
         self.samples_seen += result.samples
-        loss = float(result.loss_sum) / result.samples
-        return {"train_loss": loss, "lr": lr, "grad_norm": float(result.grad_norm), "samples": result.samples,
+        return {"train_loss": float(result.loss), "lr": lr, "grad_norm": float(result.grad_norm), "samples": result.samples,
                 "skipped": float(result.skipped is not None)}
 
     def _check_numerics(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
@@ -471,13 +470,13 @@ class Trainer:
     def scaler(self, value: torch.amp.GradScaler | None) -> None:
         self.step.scaler = value
 
-    def _budget_context(self):
+    def _budget_context(self, window: Any):
         """On CPU a ``budget`` is enforced by the memory tracker, raising the same error a GPU would."""
         if self.budget_bytes is None or self.device.type != "cpu":
             return contextlib.nullcontext()
         from tightfit.memory.tracker import MemoryTracker
 
-        return MemoryTracker(self.model, self.optimizer, budget_bytes=self.budget_bytes)
+        return MemoryTracker(self.model, self.optimizer, budget_bytes=self.budget_bytes, host_data=window)
 
     def _recover_from_out_of_memory(self, error: BaseException) -> None:
         """Halve the micro-batch, double the accumulation, drop the partial gradients."""
