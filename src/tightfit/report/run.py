@@ -46,7 +46,7 @@ def render(run_dir: Path) -> str:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     config_path = run_dir / "config.yaml"
     config_text = config_path.read_text() if config_path.is_file() else ""
-    config = yaml.safe_load(config_text) or {} if config_text else {}
+    config = (yaml.safe_load(config_text) or {}) if config_text else {}
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [record for record in records if record.get("stage") == "train"]
     val = [record for record in records if record.get("stage") == "val"]
