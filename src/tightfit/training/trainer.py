@@ -30,8 +30,8 @@ from tightfit.step.batch import count_samples, move_to_device
 from tightfit.step.rng import rng_state, seed_everything, set_rng_state
 from tightfit.step.step import TrainingStep
 from tightfit.training import checkpoint as checkpoint_files
+from tightfit.training.callbacks import EarlyStopping, HtmlReport, ModelCheckpoint, callback_states, load_callback_states
 from tightfit.training.checkpoint_writer import CheckpointWriter
-from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, callback_states, load_callback_states
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
@@ -104,6 +104,7 @@ class Trainer:
         self.samples_seen = 0
         self.wall_time_before_s = 0.0  # wall time of the earlier parts of a resumed run
         self.oom_recoveries = 0
+        self.batch_search_peak_bytes: int | None = None  # the step peak micro_batch_size=auto found, for the report
         self.should_stop = False
         self.stop_reason: str | None = None
         self.is_set_up = False
@@ -258,6 +259,7 @@ class Trainer:
             clip_grad_norm=self.config.clip_grad_norm,
         )
         self.console.print(f"micro_batch_size auto: {result.batch_size} (peak {result.peak_bytes / 2**20:.1f} MiB, {len(result.trials)} trials)")
+        self.batch_search_peak_bytes = result.peak_bytes
         return result.batch_size
 
     def _build_loaders(self) -> dict[str, DataLoader | None]:
@@ -312,7 +314,9 @@ class Trainer:
             callback for module in self.model.modules() if hasattr(type(module), "training_callbacks")
             for callback in module.training_callbacks()
         ]
-        return callbacks + model_callbacks + self.extra_callbacks
+        # the report comes last: it reads what the others wrote
+        report = [HtmlReport()] if config.logging.report and self.process.is_main else []
+        return callbacks + model_callbacks + self.extra_callbacks + report
 
     def _build_loggers(self) -> list[Logger]:
         if self.user_loggers is not None:
@@ -572,6 +576,7 @@ class Trainer:
             "accumulation_steps": self.accumulation_steps,
             "effective_batch_size": self.effective_batch_size,
             "oom_recoveries": self.oom_recoveries,
+            "batch_search_peak_bytes": self.batch_search_peak_bytes,
             "skipped_steps": self.guard.skipped_steps,
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
