@@ -136,3 +136,5 @@ def _print_summary(summary: dict) -> None:
         output.print(f"diagnosis: {finding['finding']}: {finding['evidence']}; {finding['advice']}", soft_wrap=True, markup=False)
     output.print(f"best checkpoint: {summary.get('best_checkpoint')}", soft_wrap=True)
     output.print(f"run written to: {summary['run_dir']}", soft_wrap=True)
+    if summary.get("report"):
+        output.print(f"report: {summary['report']}", soft_wrap=True)

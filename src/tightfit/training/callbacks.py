@@ -9,9 +9,14 @@ object has it (no base class to inherit). The order in which they fire is docume
 ``on_validation_end(trainer, metrics)``, ``on_epoch_end(trainer, metrics)``,
 ``on_fit_end(trainer, summary)``; and for exact resume ``state_dict()`` / ``load_state_dict(state)``.
 
+Saved state is keyed by the callback's name: its ``state_key`` attribute if it has one, else its
+class name (``#2``, ``#3``... for further callbacks of one class). A resumed run with callbacks
+added or removed gives each one its own state back; a callback without saved state starts fresh.
+
 A callback stops the run by setting ``trainer.should_stop = True`` (and ``trainer.stop_reason``).
 """
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -29,6 +34,39 @@ class Callback(Protocol):
     def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None: ...
     def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None: ...
     def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None: ...
+
+
+def callback_names(callbacks: list[Any]) -> list[str]:
+    """A stable name for each callback (see the module docstring), in order."""
+    names: list[str] = []
+    for callback in callbacks:
+        base = getattr(callback, "state_key", None) or type(callback).__name__
+        name, count = base, 1
+        while name in names:
+            count += 1
+            name = f"{base}#{count}"
+        names.append(name)
+    return names
+
+
+def callback_states(callbacks: list[Any]) -> dict[str, Any]:
+    """``{name: state}`` of every callback that has state."""
+    return {
+        name: callback.state_dict()
+        for name, callback in zip(callback_names(callbacks), callbacks)
+        if hasattr(callback, "state_dict")
+    }
+
+
+def load_callback_states(callbacks: list[Any], states: dict[str, Any]) -> list[str]:
+    """Give each callback its saved state by name; returns the names of saved states no callback took."""
+    if not isinstance(states, dict):  # a list, by position: checkpoints of tightfit before 0.2
+        return ["(states saved by position by an older tightfit)"]
+    names = callback_names(callbacks)
+    for name, callback in zip(names, callbacks):
+        if name in states and hasattr(callback, "load_state_dict"):
+            callback.load_state_dict(states[name])
+    return sorted(set(states) - set(names))
 
 
 def is_improvement(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -121,6 +159,7 @@ class ModelCheckpoint:
         self.best: float | None = None
         self.best_path: str | None = None
         self.top_k: list[tuple[float, str]] = []  # (value, path), best first
+        self.periodic: list[str] = []  # step-N / epoch-N names kept, oldest first
 
     def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -132,24 +171,23 @@ class ModelCheckpoint:
             self._save_periodic(trainer, f"epoch-{trainer.epoch + 1}")
 
     def _save_periodic(self, trainer: Any, name: str) -> None:
+        self.periodic.append(name)  # before the save: its state lists itself among the kept
         trainer.save_checkpoint(name)
         if self.keep_periodic is None or not trainer.process.is_main:
             return
-        # the kept set is read from disk, so a resumed run keeps counting the earlier part's
-        periodic = self.periodic_directories(trainer.run_dir / "checkpoints")
-        for stale in periodic[: max(0, len(periodic) - self.keep_periodic)]:
-            shutil.rmtree(stale, ignore_errors=True)
+        # the dropped ones are older than the newest, so their background write has finished
+        while len(self.periodic) > self.keep_periodic:
+            shutil.rmtree(trainer.run_dir / "checkpoints" / self.periodic.pop(0), ignore_errors=True)
 
     @classmethod
     def periodic_directories(cls, checkpoints: Path) -> list[Path]:
-        """The ``step-N`` and ``epoch-N`` checkpoints under ``checkpoints``, oldest first (by step)."""
+        """The complete ``step-N`` and ``epoch-N`` checkpoints under ``checkpoints``, oldest first (by step)."""
         found = []
         for child in Path(checkpoints).glob("*-*"):
             prefix, _, number = child.name.partition("-")
-            if prefix + "-" in cls.PERIODIC_PREFIXES and number.isdigit():
-                meta = checkpoint_files.read_meta(child)
-                if meta is not None:
-                    found.append((meta["step"], child.name.startswith("epoch-"), child))
+            step = _checkpoint_step(child) if prefix + "-" in cls.PERIODIC_PREFIXES and number.isdigit() else None
+            if step is not None:
+                found.append((step, child.name.startswith("epoch-"), child))
         return [path for *_, path in sorted(found)]
 
     @classmethod
@@ -157,13 +195,11 @@ class ModelCheckpoint:
         """The checkpoint a resumed run continues from: the newest (by step) of ``last`` and the
         periodic ones; ``last`` wins a tie (it is written after a periodic one of the same step)."""
         checkpoints = Path(run_dir) / "checkpoints"
-        newest, newest_step = checkpoints / "last", -1
-        last_meta = checkpoint_files.read_meta(newest)
-        if last_meta is not None:
-            newest_step = last_meta["step"]
+        newest = checkpoints / "last"
+        newest_step = _checkpoint_step(newest)
         for directory in cls.periodic_directories(checkpoints):
-            step = checkpoint_files.read_meta(directory)["step"]
-            if step > newest_step:
+            step = _checkpoint_step(directory)
+            if newest_step is None or step > newest_step:
                 newest, newest_step = directory, step
         return newest
 
@@ -191,11 +227,12 @@ class ModelCheckpoint:
         self.top_k = self.top_k[: self.keep_top_k]
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_path": self.best_path, "top_k": [list(item) for item in self.top_k]}
+        return {"best": self.best, "best_path": self.best_path, "top_k": [list(item) for item in self.top_k], "periodic": list(self.periodic)}
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state["best"]
         self.best_path = state["best_path"]
+        self.periodic = list(state.get("periodic", []))
         self.top_k = [(value, path) for value, path in state["top_k"]]
         # A run killed between writing a top-k checkpoint and the next ``last`` left a directory no
         # state refers to; remove it so the kept set is exactly the recorded one.
@@ -205,3 +242,27 @@ class ModelCheckpoint:
             for child in top_dir.iterdir():
                 if child.name not in kept:
                     shutil.rmtree(child, ignore_errors=True)
+
+
+class HtmlReport:
+    """Write ``RUN_DIR/report.html`` when the run ends (``logging.report``), after ``summary.json``.
+
+    The page is made from the files the run wrote (see :mod:`tightfit.report.run`), in about
+    40 ms for the digits recipe, and its path is added to the summary that ``fit`` returns as
+    ``report``. A page that cannot be written is a warning, not a failed run: the model and the
+    summary are already on disk.
+    """
+
+    def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        from tightfit.report import write_report
+
+        try:
+            summary["report"] = str(write_report(trainer.run_dir))
+        except Exception as error:  # noqa: BLE001 - the run itself succeeded; say why the page is missing
+            trainer.console.print(f"[yellow]warning:[/] report.html not written: {error}")
+
+
+def _checkpoint_step(directory: Path) -> int | None:
+    """The optimizer step a complete checkpoint was taken at (its ``meta.json``), or None."""
+    found = checkpoint_files.complete_checkpoint(directory)
+    return json.loads((found / checkpoint_files.META_FILE).read_text())["step"] if found is not None else None

@@ -26,7 +26,7 @@ from tightfit.models.builtin import FROM_INPUT_SHAPE
 from tightfit.step.batch import move_to_device
 from tightfit.step.loss import batch_target, loss_rule, model_output_tensor, split_batch
 from tightfit.step.precision import autocast
-from tightfit.training import checkpoint as checkpoint_files
+from tightfit.step.rng import rng_state, set_rng_state
 
 
 def one_sample_batch(dataset: Any, collate_fn: Any = None) -> Any:
@@ -73,7 +73,7 @@ def check_model_data_contract(
     args, kwargs, _ = split_batch(batch)
     target = batch_target(batch)
     where = f"model {model_name} on one training sample ({describe_batch(batch)})"
-    random_state = checkpoint_files.rng_state()
+    random_state = rng_state()
     was_training = model.training
     model.eval()  # no dropout draw, no BatchNorm statistics update, and a batch of one is allowed
     try:
@@ -90,7 +90,7 @@ def check_model_data_contract(
         raise ConfigError(f"{where}: the forward pass fails: {first_line}; {fix}") from None
     finally:
         model.train(was_training)
-        checkpoint_files.set_rng_state(random_state)
+        set_rng_state(random_state)
     rule = loss_rule(output, target)
     if rule == "model":
         return []

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from tightfit.errors import ConfigError
-from tightfit.training import checkpoint as checkpoint_files
+from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.training.numerics import NumericsError
 
 _COUNTERS = ("global_step", "epoch", "samples_in_epoch", "samples_seen", "micro_batch_size", "accumulation_steps", "oom_recoveries")
@@ -220,7 +220,7 @@ def _snapshot(trainer: Any) -> dict[str, Any]:
         "scaler": copy.deepcopy(trainer.scaler.state_dict()) if trainer.scaler is not None else None,
         "guard": copy.deepcopy(trainer.guard),
         "counters": {name: getattr(trainer, name) for name in _COUNTERS},
-        "rng": checkpoint_files.rng_state(),
+        "rng": rng_state(),
         "training": trainer.model.training,
         "quiet": trainer.console.quiet,
     }
@@ -241,7 +241,7 @@ def _restore(trainer: Any, saved: dict[str, Any]) -> None:
     trainer.guard = saved["guard"]
     for name, value in saved["counters"].items():
         setattr(trainer, name, value)
-    checkpoint_files.set_rng_state(saved["rng"])
+    set_rng_state(saved["rng"])
     trainer.model.train(saved["training"])
     trainer.console.quiet = saved["quiet"]
 
