@@ -14,7 +14,7 @@ REPORT_DATA = Path(__file__).parent / "data" / "report"
 def report_sources(tmp_path_factory) -> dict[str, Path]:
     """One source of every kind of report, made by the real producers where that is fast:
 
-    ``run`` a digits training run folder (1 epoch on 400 samples), ``plan`` the JSON of
+    ``run`` a digits training run folder (4 epochs on 400 samples: long enough to learn), ``plan`` the JSON of
     ``tightfit plan --json``, ``doctor`` that of ``tightfit doctor --json`` (no smoke test).
     From tests/data/report, because making them takes too long for a test: ``pipeline`` the
     output of ``tightfit plan examples/pipelines/seed002-rtx3050.yaml --json``, ``compression``
@@ -30,7 +30,7 @@ def report_sources(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("report-sources")
     run_dir = root / "run"
-    Trainer({"epochs": 1, "run_dir": str(run_dir), "data": {"limit": 400}, "threads": 1,
+    Trainer({"epochs": 4, "run_dir": str(run_dir), "data": {"limit": 400}, "threads": 1,
              "logging": {"console": False, "tensorboard": False, "every_n_steps": 1}}).fit()
     sources = {"run": run_dir}
     result = plan("builtin:digits-cnn", "1x8x8", batch_size=32, precision="fp32", optimizer="adamw",

@@ -75,14 +75,22 @@ def test_an_unfinished_run_says_so(report_sources, tmp_path):
 def test_a_run_whose_loss_did_not_move_is_a_warning_not_a_success(report_sources, tmp_path):
     run_dir = tmp_path / "flat"
     run_dir.mkdir()
-    for name in ("config.yaml", "summary.json"):
-        (run_dir / name).write_text((report_sources["run"] / name).read_text())
+    (run_dir / "config.yaml").write_text((report_sources["run"] / "config.yaml").read_text())
+    summary = json.loads((report_sources["run"] / "summary.json").read_text())
     lines = [json.dumps({"stage": "val", "step": step, "val_loss": 2.30 - step * 1e-4}) for step in (10, 20, 30)]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    old_summary = {key: value for key, value in summary.items() if key != "diagnosis"}  # a run from before diagnosis
+    (run_dir / "summary.json").write_text(json.dumps(old_summary))
     _, html = render(run_dir)
     assert 'data-verdict="warn"' in html and "the loss barely moved" in html
+    flat = {"finding": "flat loss", "evidence": "the training loss did not move over steps 13-112", "advice": "the learning rate is likely too low"}
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "diagnosis": [flat]}))
+    _, html = render(run_dir)  # the run's own diagnosis is what the page says
+    assert 'data-verdict="warn"' in html and "flat loss: the training loss did not move over steps 13-112" in html
+    assert summary["diagnosis"] == []
     _, html = render(report_sources["run"])  # the real run learnt
-    assert 'data-verdict="good"' in html and "barely moved" not in html
+    assert 'data-verdict="good"' in html and "barely moved" not in html and "flat loss:" not in html
+    assert "no flat loss, no overfitting and no underfitting" in html
 
 
 def test_memory_chart_draws_the_device_memory_against_the_planned_peak_and_the_budget(report_sources, tmp_path):

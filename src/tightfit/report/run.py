@@ -101,7 +101,9 @@ def _verdict(summary: dict | None, train: list[dict], val: list[dict]) -> str:
         problems.append(f"{summary['skipped_steps']} steps skipped (non-finite loss or gradients)")
     if summary.get("oom_recoveries"):
         problems.append(f"{summary['oom_recoveries']} out-of-memory recoveries")
-    if _loss_barely_moved(train, val):
+    if "diagnosis" in summary:  # the run's own reading of its curves (training/diagnosis.py)
+        problems[:0] = [f"{finding['finding']}: {finding['evidence']}" for finding in summary["diagnosis"]]
+    elif _loss_barely_moved(train, val):  # a run from before the trainer diagnosed itself
         problems.insert(0, "the loss barely moved: the model has not learnt (too few steps, or a learning rate or data problem)")
     if accuracy is not None:
         headline = f"Trained: {page.percent(accuracy)} test accuracy"
@@ -201,7 +203,9 @@ def _short(value: float) -> str:
 
 
 def _diagnosis(summary: dict | None, train: list[dict], val: list[dict]) -> list[str]:
-    """What a careful reader would say looking at the numbers, one sentence each."""
+    """What a careful reader would say looking at the numbers, one sentence each: the run's own
+    ``diagnosis`` (``training/diagnosis.py``) when its summary has one; for older or unfinished
+    runs, a rougher reading of the logged points."""
     found = []
     if summary is None:
         found.append("The run has no summary: it is still going, was interrupted, or failed. Resume it with "
@@ -217,6 +221,15 @@ def _diagnosis(summary: dict | None, train: list[dict], val: list[dict]) -> list
             found.append(f"{summary['skipped_steps']} optimizer steps skipped: the loss or the gradients were not finite")
         if summary.get("stop_reason"):
             found.append(f"stopped before the last epoch: {summary['stop_reason']}")
+    train_losses = _points(train, "train_loss")
+    non_finite = [step for step, loss in train_losses if not math.isfinite(loss)]
+    if non_finite:
+        found.append(f"non-finite training loss logged at steps {', '.join(str(int(step)) for step in non_finite[:5])}")
+    if summary is not None and "diagnosis" in summary:
+        found += [f"{finding['finding']}: {finding['evidence']}; {finding['advice']}" for finding in summary["diagnosis"]]
+        if not summary["diagnosis"]:
+            found.append("the curves show no flat loss, no overfitting and no underfitting (the run's own diagnosis)")
+        return found
     val_losses = _points(val, "val_loss")
     if len(val_losses) >= 3:
         best_step, best = min(val_losses, key=lambda point: point[1])
@@ -226,10 +239,6 @@ def _diagnosis(summary: dict | None, train: list[dict], val: list[dict]) -> list
                          "the test ran on the best checkpoint")
         else:
             found.append(f"validation loss lowest at step {best_step} ({best:.4g}); no sign of overfitting")
-    train_losses = _points(train, "train_loss")
-    non_finite = [step for step, loss in train_losses if not math.isfinite(loss)]
-    if non_finite:
-        found.append(f"non-finite training loss logged at steps {', '.join(str(int(step)) for step in non_finite[:5])}")
     if _loss_barely_moved(train, val):
         found.append("the loss ended within 5 % of where it started: train longer, or check the learning rate and the data")
     return found
