@@ -106,3 +106,12 @@ def test_cli_lr_find_bad_input_is_one_line(tmp_path, monkeypatch, capsys, argume
     assert main(["lr-find", *QUIET, *arguments]) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error and list(tmp_path.iterdir()) == []
+
+
+def test_cli_train_with_lr_auto_draws_the_sweep_beside_the_curves(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    arguments = ["train", "optimizer.lr=auto", "epochs=1", *QUIET, "logging.tensorboard=false", "--run-dir", str(run_dir), "--json"]
+    assert main(arguments) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["lr"] == summary["lr_find"]["suggestion"] == json.loads((run_dir / "lr_find.json").read_text())["suggestion"]
+    assert (run_dir / "lr_find.png").read_bytes()[:4] == b"\x89PNG"

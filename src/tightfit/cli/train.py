@@ -75,6 +75,13 @@ def run(args: argparse.Namespace) -> int:
         from tightfit.training.plots import plot_curves
 
         plot_curves(metrics_file, Path(summary["run_dir"]) / "curves.png")
+        sweep_file = Path(summary["run_dir"]) / "lr_find.json"
+        if sweep_file.is_file():  # optimizer.lr: auto
+            import json
+
+            from tightfit.training.lr_finder import LRFindResult, plot_lr_find
+
+            plot_lr_find(LRFindResult(**json.loads(sweep_file.read_text())), sweep_file.with_suffix(".png"))
     if args.json:
         from tightfit.cli._output import print_json
 
