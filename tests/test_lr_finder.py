@@ -58,6 +58,20 @@ def test_lr_auto_trains_exactly_as_the_found_rate_given_by_hand(tmp_path):
     assert summary["best_metric"]["value"] == by_hand["best_metric"]["value"]  # the sweep left no trace
 
 
+def test_a_resumed_lr_auto_run_keeps_its_rate_without_searching_again(tmp_path, monkeypatch):
+    first = make_trainer(tmp_path, optimizer={"lr": "auto"}, max_steps=5).fit()
+
+    def no_second_sweep(*args, **kwargs):
+        raise AssertionError("a resumed run searched again")
+
+    monkeypatch.setattr("tightfit.training.lr_finder.find_learning_rate", no_second_sweep)
+    resumed = make_trainer(tmp_path, optimizer={"lr": "auto"}, max_steps=10)
+    resumed.setup(resume_from=tmp_path)
+    assert resumed.global_step == 5 and resumed.base_lr == first["lr"]  # from the checkpoint, not a new sweep
+    summary = resumed.fit()
+    assert summary["steps"] == 10 and summary["lr"] == first["lr"] and summary["lr_find"] == first["lr_find"]
+
+
 def test_the_suggestion_is_the_steepest_point_of_a_lag_free_smoothing():
     log_lrs = np.linspace(-6, 0, 100)
     clean = 2.3 - 2.0 / (1 + np.exp(-(log_lrs + 2.5) * 3))  # steepest at 10^-2.5

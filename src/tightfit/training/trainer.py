@@ -160,8 +160,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.schedule = LRSchedule(self.optimizer, config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.lr_find_result = None
-        if config.optimizer.lr == "auto" and resume_from is None:  # a resumed run has its rate in the checkpoint
-            self._find_learning_rate()
+        if config.optimizer.lr == "auto":
+            self._find_learning_rate(resuming=resume_from is not None)
         self.callbacks = self._build_callbacks()
         self.checkpoint_writer = CheckpointWriter()
         if resume_from is not None:
@@ -220,10 +220,16 @@ class Trainer:
             model = apply_lora(model, config.lora, verbose=self.process.is_main)
         return model
 
-    def _find_learning_rate(self) -> None:
+    def _find_learning_rate(self, resuming: bool) -> None:
         """``optimizer.lr: auto``: the range test (``training/lr_finder.py``) on this run's own
-        steps, everything put back afterwards; then the schedule is rebuilt at the chosen rate."""
-        from tightfit.training.lr_finder import find_learning_rate, sweep_progress
+        steps, everything put back afterwards; then the schedule is rebuilt at the chosen rate.
+        A resumed run has its rate in the checkpoint and reads what the test found from the run."""
+        from tightfit.training.lr_finder import LRFindResult, find_learning_rate, sweep_progress
+
+        if resuming:
+            sweep_file = self.run_dir / LR_FIND_FILE
+            self.lr_find_result = LRFindResult(**json.loads(sweep_file.read_text())) if sweep_file.is_file() else None
+            return
 
         settings = self.config.lr_find
         show = self.config.logging.progress and not self.console.quiet
