@@ -21,6 +21,15 @@ def classification_data(samples: int = 16, features: int = 4, classes: int = 3) 
     return TensorDataset(torch.randn(samples, features, generator=generator), torch.arange(samples) % classes)
 
 
+class Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+
+    def forward(self, inputs):
+        return self.layer(inputs).detach()
+
+
 def check(model: nn.Module, batch, num_classes=None) -> list[str]:
     return check_model_data_contract(model, batch, model_name="the model", num_classes=num_classes, precision="fp32", device=torch.device("cpu"))
 
@@ -45,6 +54,8 @@ def test_contract_passes_a_matching_classifier_and_leaves_the_model_and_rng_as_t
         (nn.Linear(4, 2), (torch.randn(1, 4), torch.randn(1, 3)), None, "the targets have shape (1, 3) but the model outputs (1, 2)"),
         (nn.Linear(64, 2), (torch.randn(1, 13), torch.tensor([1])), 2, "the forward pass fails: mat1 and mat2 shapes cannot be multiplied"),
         (nn.Linear(4, 2), torch.randn(1, 4), None, "the data has no targets and the model computes no loss of its own"),
+        (nn.Linear(4, 2).requires_grad_(False), (torch.randn(1, 4), torch.tensor([1])), 2, "no trainable parameter reaches the loss: every parameter is frozen"),
+        (Detached(), (torch.randn(1, 4), torch.tensor([1])), 2, "no trainable parameter reaches the loss: the forward pass detaches its output"),
     ],
 )
 def test_contract_refuses_what_would_train_on_the_wrong_loss_or_crash(model, batch, num_classes, message):

@@ -90,8 +90,9 @@ def test_the_suggestion_is_the_steepest_point_of_a_lag_free_smoothing():
 
 
 def test_no_suggestion_when_the_loss_never_falls():
-    rising = list(np.linspace(1, 3, 50))
-    assert suggest_learning_rate(list(np.logspace(-6, 0, 50)), rising)[0] is None
+    rates = list(np.logspace(-6, 0, 50))
+    assert suggest_learning_rate(rates, list(np.linspace(1, 3, 50)))[:3] == (None, None, "the loss rose from the first steps: lower min_lr (now 1e-06)")
+    assert "the loss never changed" in suggest_learning_rate(rates, [0.7] * 50)[2]
     assert "only 5 steps" in suggest_learning_rate([1e-6, 1e-5, 1e-4, 1e-3, 1e-2], [1, 1, 1, 1, 1])[2]
 
 
@@ -129,3 +130,22 @@ def test_cli_train_with_lr_auto_draws_the_sweep_beside_the_curves(tmp_path, caps
     summary = json.loads(capsys.readouterr().out)
     assert summary["lr"] == summary["lr_find"]["suggestion"] == json.loads((run_dir / "lr_find.json").read_text())["suggestion"]
     assert (run_dir / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lr_auto_without_a_suggestion_is_a_one_line_error_before_anything_is_written(tmp_path):
+    from tightfit.errors import ConfigError
+
+    class Stuck(nn.Module):  # its one trainable parameter is in the graph with a zero gradient
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Linear(6, 2).requires_grad_(False)
+            self.stuck = nn.Parameter(torch.zeros(1))
+
+        def forward(self, inputs):
+            return self.frozen(inputs) + 0 * self.stuck
+
+    trainer = make_trainer(tmp_path / "run", optimizer={"lr": "auto"}, batch={"micro_batch_size": 128})  # one window: no batch noise
+    trainer.user_model = Stuck()
+    with pytest.raises(ConfigError, match="optimizer.lr: auto found no rate: the loss never changed"):
+        trainer.setup()
+    assert not (tmp_path / "run").exists()

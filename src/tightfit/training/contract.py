@@ -6,7 +6,7 @@ test loss of 0.0006; a classifier with 5 outputs for 10 classes fails only on th
 holding label 7, on a GPU as an opaque device-side assert. Others crash deep in the model
 ("mat1 and mat2 shapes cannot be multiplied"). :func:`check_model_data_contract` runs the model
 on one training sample (eval mode, no gradient, random state untouched) and says in one line what
-does not match and how to fix it:
+does not match and how to fix it (and that some trainable parameter reaches the loss at all):
 
 ====================================  ==========================================================
 the targets are                        the model must output
@@ -24,7 +24,7 @@ import torch
 from tightfit.errors import ConfigError
 from tightfit.models.builtin import FROM_INPUT_SHAPE
 from tightfit.step.batch import move_to_device
-from tightfit.step.loss import batch_target, loss_rule, model_output_tensor, split_batch
+from tightfit.step.loss import batch_target, loss_rule, model_output_tensor, split_batch, task_loss
 from tightfit.step.precision import autocast
 from tightfit.step.rng import rng_state, set_rng_state
 
@@ -77,7 +77,8 @@ def check_model_data_contract(
     was_training = model.training
     model.eval()  # no dropout draw, no BatchNorm statistics update, and a batch of one is allowed
     try:
-        with torch.no_grad(), autocast(precision, device.type):
+        # with gradients on: whether any trainable parameter reaches the loss is part of the contract
+        with torch.enable_grad(), autocast(precision, device.type):
             output = model(*args, **kwargs)
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -91,14 +92,25 @@ def check_model_data_contract(
     finally:
         model.train(was_training)
         set_rng_state(random_state)
-    rule = loss_rule(output, target)
-    if rule == "model":
-        return []
     try:
-        prediction = model_output_tensor(output)
+        rule = loss_rule(output, target)
     except (TypeError, StopIteration):
         raise ConfigError(f"{where}: the model's output ({type(output).__name__}) holds no tensor to compute a loss from") from None
-    shape = tuple(prediction.shape)
+    notes = [] if rule == "model" else _check_output(output, target, rule, where=where, num_classes=num_classes)
+    try:
+        loss = task_loss(output, target)
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise ConfigError(f"{where}: the loss cannot be computed: {str(error).strip().splitlines()[0]}") from None
+    if not loss.requires_grad:
+        trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+        cause = "every parameter is frozen (requires_grad=False)" if not trainable else "the forward pass detaches its output or runs under torch.no_grad()"
+        raise ConfigError(f"{where}: no trainable parameter reaches the loss: {cause}; training would fail at the first backward pass")
+    return notes
+
+
+def _check_output(output: Any, target: torch.Tensor | None, rule: str, *, where: str, num_classes: int | None) -> list[str]:
+    """The output-against-target rules of the module doc, for a loss tightfit computes."""
+    shape = tuple(model_output_tensor(output).shape)
     if rule == "stand-in":
         if target is None:
             raise ConfigError(

@@ -101,6 +101,8 @@ def suggest_learning_rate(lrs: list[float], losses: list[float]) -> tuple[float 
     slopes = np.gradient(smoothed, log_lrs)
     skip = max(1, count // 20)
     lowest = int(np.argmin(smoothed))
+    if np.ptp(smoothed) <= 1e-6 * max(1.0, float(np.abs(smoothed).max())):  # float noise of summation order only
+        return None, None, "the loss never changed: do gradients reach the trainable parameters?", smoothed
     if lowest <= skip + 1:
         return None, None, f"the loss rose from the first steps: lower min_lr (now {lrs[0]:.2g})", smoothed
     index = skip + int(np.argmin(slopes[skip : lowest + 1]))
