@@ -77,7 +77,7 @@ def test_the_suggestion_is_the_steepest_point_of_a_lag_free_smoothing():
     clean = 2.3 - 2.0 / (1 + np.exp(-(log_lrs + 2.5) * 3))  # steepest at 10^-2.5
     clean[log_lrs > -0.8] += (log_lrs[log_lrs > -0.8] + 0.8) * 8  # divergence at the end
     noisy = clean + np.random.default_rng(0).normal(0, 0.05, 100)
-    suggestion, index, reason, smoothed = suggest_learning_rate(list(10**log_lrs), list(noisy))
+    suggestion, _, reason, smoothed = suggest_learning_rate(list(10**log_lrs), list(noisy))
     assert abs(np.log10(suggestion) + 2.5) < 0.2 and "steepest descent" in reason
     # a running average (beta 0.98, bias-corrected: Lightning's) lags: its curve is still high past the drop
     average, running = 0.0, []
