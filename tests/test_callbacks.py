@@ -145,14 +145,14 @@ def test_top_k_keeps_the_k_best_and_every_n_steps_keeps_step_checkpoints_beside_
 
 def test_every_n_epochs_keeps_epoch_checkpoints_and_keep_periodic_drops_the_oldest(tmp_path):
     data = make_data(64)
-    settings = {"checkpoint": {"every_n_epochs": 2, "every_n_steps": 5, "keep_periodic": 3}, "epochs": 4}
+    settings = {"checkpoint": {"every_n_epochs": 1, "every_n_steps": 3, "keep_periodic": 3}, "epochs": 2}
     Trainer(config(tmp_path, **settings), model=make_model(), datasets=(data, data, None)).fit()
     names = [path.name for path in ModelCheckpoint.periodic_directories(tmp_path / "checkpoints")]
-    # 32 steps: step-5 ... step-30 and epoch-2 (step 16), epoch-4 (step 32); the newest three stay
-    assert names == ["step-25", "step-30", "epoch-4"]
-    meta = json.loads((tmp_path / "checkpoints" / "epoch-4" / "meta.json").read_text())
-    assert meta["step"] == 32 and meta["epoch_finished"]
-    assert (tmp_path / "checkpoints" / "epoch-4" / "state.pt").is_file()  # resumable, not weights only
+    # 16 steps: step-3, step-6, epoch-1 (step 8), step-9, step-12, step-15, epoch-2 (step 16); the newest three stay
+    assert names == ["step-12", "step-15", "epoch-2"]
+    meta = json.loads((tmp_path / "checkpoints" / "epoch-2" / "meta.json").read_text())
+    assert meta["step"] == 16 and meta["epoch_finished"]
+    assert (tmp_path / "checkpoints" / "epoch-2" / "state.pt").is_file()  # resumable, not weights only
     assert ModelCheckpoint.resume_directory(tmp_path).name == "last"  # same step: last wins
 
 
