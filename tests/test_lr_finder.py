@@ -149,3 +149,11 @@ def test_lr_auto_without_a_suggestion_is_a_one_line_error_before_anything_is_wri
     with pytest.raises(ConfigError, match="optimizer.lr: auto found no rate: the loss never changed"):
         trainer.setup()
     assert not (tmp_path / "run").exists()
+
+
+def test_lr_find_from_python_leaves_nothing_behind(tmp_path, monkeypatch):
+    import tightfit
+
+    monkeypatch.chdir(tmp_path)
+    result = tightfit.lr_find({"data": {"limit": 150}, "threads": 1, "lr_find": {"num_steps": 20}})
+    assert result.suggestion is not None and len(result.lrs) <= 20 and list(tmp_path.iterdir()) == []

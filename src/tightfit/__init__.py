@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "train": ("tightfit.training.api", "train"),
     "Trainer": ("tightfit.training.trainer", "Trainer"),
+    "lr_find": ("tightfit.training.lr_finder", "lr_find"),
     "find_batch_size": ("tightfit.memory.search", "find_batch_size"),
     "plan": ("tightfit.memory.planner", "plan"),
 }

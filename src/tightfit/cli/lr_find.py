@@ -27,8 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
-    import tempfile
     from pathlib import Path
 
     from tightfit.cli.train import _split_items
@@ -46,27 +44,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--plot {args.plot}: the folder {plot_path.parent} does not exist")
 
     from tightfit.cli._output import console
-    from tightfit.training.lr_finder import find_learning_rate, plot_lr_find, sweep_progress
-    from tightfit.training.trainer import Trainer
+    from tightfit.training.lr_finder import lr_find, plot_lr_find
 
-    # The trainer's setup writes its resolved config into a run folder: give it a scratch one.
-    scratch = Path(tempfile.mkdtemp(prefix="tightfit-lr-find-"))
-    quiet = {"console": args.json is False, "progress": False, "jsonl": False, "tensorboard": False, "mlflow": False}
-    config = config.model_copy(
-        update={
-            "run_dir": str(scratch / "run"),
-            "logging": config.logging.model_copy(update=quiet),
-            "monitor": config.monitor.model_copy(update={"enabled": False}),
-            "optimizer": config.optimizer.model_copy(update={"lr": config.lr_find.min_lr}),
-        }
-    )
-    try:
-        trainer = Trainer(config)
-        trainer.setup()
-        with sweep_progress(config.lr_find.num_steps, enabled=not args.json) as on_step:
-            result = find_learning_rate(trainer, **config.lr_find.model_dump(), on_step=on_step)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        config = config.model_copy(update={"logging": config.logging.model_copy(update={"console": False})})
+    result = lr_find(config, progress=not args.json)
     if plot_path is not None:
         plot_lr_find(result, plot_path)
     if args.json:
