@@ -368,11 +368,12 @@ class Trainer:
                 every_n_epochs=saving.every_n_epochs, keep_periodic=saving.keep_periodic,
             )
         )
-        self.diagnosis = TrainingDiagnosis(
-            config.numerics.flat_loss_steps, self.schedule.warmup_steps, self.num_classes,
-            warn=lambda line: self.console.print(line, soft_wrap=True, markup=False),
+        callbacks.append(
+            TrainingDiagnosis(
+                config.numerics.flat_loss_steps, self.schedule.warmup_steps, self.num_classes,
+                warn=lambda line: self.console.print(line, soft_wrap=True, markup=False),
+            )
         )
-        callbacks.append(self.diagnosis)
         if config.logging.progress and config.logging.console and self.process.is_main:
             from tightfit.training.progress import ProgressBar
 
@@ -612,6 +613,7 @@ class Trainer:
     def _finish(self, start_time: float) -> dict[str, Any]:
         """Test on the best checkpoint, write the last checkpoint and the summary."""
         saver = next(callback for callback in self.callbacks if isinstance(callback, ModelCheckpoint))
+        diagnosis = next(callback for callback in self.callbacks if isinstance(callback, TrainingDiagnosis))
         best_path = saver.best_path
         if not self.epoch_finished:  # stopped by max_steps or a callback mid-epoch
             self.save_checkpoint("last")
@@ -657,7 +659,7 @@ class Trainer:
             "lr": self.base_lr,
             "lr_find": {"suggestion": self.lr_find_result.suggestion, "reason": self.lr_find_result.reason, "steps": len(self.lr_find_result.lrs)}
             if self.lr_find_result is not None else None,
-            "diagnosis": self.diagnosis.conclude(base_lr=self.base_lr),
+            "diagnosis": diagnosis.conclude(base_lr=self.base_lr),
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
         }
