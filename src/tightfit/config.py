@@ -21,7 +21,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from tightfit.data.config import DataConfig
 from tightfit.errors import ConfigError, SpecError
-from tightfit.models.lora import LoRAConfig
+from tightfit.models.lora_config import LoRAConfig
+from tightfit.names import DEVICE_KINDS, OPTIMIZERS, PRECISIONS, SCHEDULES
+from tightfit.trust import check_spec_from_file
 from tightfit.units import parse_memory
 
 Mode = Literal["min", "max"]
@@ -30,7 +32,7 @@ Mode = Literal["min", "max"]
 class OptimizerConfig(BaseModel, extra="forbid"):
     """``optimizer:`` which optimizer and its hyper-parameters (see ``step/optim.py``)."""
 
-    name: Literal["sgd", "sgd-momentum", "adam", "adamw", "adam8bit"] = "adamw"
+    name: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
@@ -42,7 +44,7 @@ class OptimizerConfig(BaseModel, extra="forbid"):
 class ScheduleConfig(BaseModel, extra="forbid"):
     """``schedule:`` the learning-rate schedule, stepped per optimizer step (``training/schedules.py``)."""
 
-    name: Literal["constant", "constant-warmup", "linear", "cosine", "exponential", "step", "reduce-on-plateau"] = "cosine"
+    name: Literal[SCHEDULES] = "cosine"
     warmup_steps: int | None = Field(default=None, ge=0, description="default: warmup_fraction of all steps")
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="final lr / base lr for linear and cosine")
@@ -152,7 +154,7 @@ class TrainConfig(BaseModel, extra="forbid"):
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    precision: Literal["auto", "fp32", "fp16", "bf16", "bf16-pure"] = "auto"
+    precision: Literal[("auto", *PRECISIONS)] = "auto"
     batch: BatchConfig = Field(default_factory=BatchConfig)
     checkpointing: ActivationCheckpointingConfig = Field(default_factory=ActivationCheckpointingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -193,7 +195,7 @@ class TrainConfig(BaseModel, extra="forbid"):
     @classmethod
     def _known_device(cls, value: str) -> str:
         kind = value.split(":")[0]
-        if kind not in ("auto", "cpu", "cuda", "mps") or (":" in value and not value.split(":")[1].isdigit()):
+        if kind not in DEVICE_KINDS or (":" in value and not value.split(":")[1].isdigit()):
             raise ValueError(f"unknown device {value!r} (auto, cpu, cuda, cuda:N or mps)")
         return value
 
@@ -314,22 +316,30 @@ def build_config(tree: Mapping[str, Any], *, source: str = "the defaults", overr
         raise ConfigError(describe_errors(error, source, overridden)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), *, trust_code: bool = False) -> TrainConfig:
     """Load a run configuration: a YAML file (or the digits defaults when None) plus overrides.
 
     Args:
         path: a YAML file, or None for the built-in digits recipe.
         overrides: ``key=value`` strings, dotted for nested keys (``optimizer.lr=0.01``).
+        trust_code: let the file's ``model`` be a ``module.path:callable`` spec, which imports
+            and runs Python code (``--trust-code``); a spec given as an override is the user's
+            own and needs no opt-in.
 
     Returns:
         The validated configuration.
 
     Raises:
-        ConfigError: for a missing or malformed file, an unknown key, a wrong type or a bad value.
+        ConfigError: for a missing or malformed file, an unknown key, a wrong type or a bad value,
+            or a Python-callable model spec in the file without ``trust_code``.
     """
     if path is None:
         return build_config({}, overrides=overrides)
-    return build_config(read_yaml(path), source=str(path), overrides=overrides)
+    tree = read_yaml(path)
+    config = build_config(tree, source=str(path), overrides=overrides)
+    if config.model == tree.get("model"):  # the file chose the model, not the command line
+        check_spec_from_file(config.model, where=f"{path}: model", trust_code=trust_code)
+    return config
 
 
 def default_recipe() -> Path:

@@ -23,8 +23,8 @@ examples:
   tightfit plan examples/pipelines/seed002-rtx3050.yaml
 """
 
-PRECISION_CHOICES = ("fp32", "fp16", "bf16", "bf16-pure")
-OPTIMIZER_CHOICES = ("sgd", "sgd-momentum", "adam", "adamw", "adam8bit")
+from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
+from tightfit.names import PRECISIONS as PRECISION_CHOICES
 
 
 def add_arguments(parser) -> None:
@@ -48,6 +48,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, metavar="N", help="samples per epoch, for the epoch-time estimate")
     parser.add_argument("--measure", action="store_true", help="also run real steps on this machine: measured time and peak")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let the pipeline file name module.path:callable models (runs their Python code)")
 
 
 def run(args) -> int:
@@ -178,7 +180,7 @@ def _run_pipeline(args) -> int:
     from tightfit.memory.pipeline import load_pipeline, plan_pipeline
     from tightfit.units import format_bytes
 
-    config = load_pipeline(args.pipeline)
+    config = load_pipeline(args.pipeline, trust_code=args.trust_code)
     if args.json:
         result = plan_pipeline(config, device=args.device, memory=args.memory)
         print_json(result.to_dict())

@@ -68,6 +68,7 @@ def load_source(
     *,
     checkpoint: str | Path | None = None,
     data: str | Path | None = None,
+    trust_code: bool = False,
 ) -> Source:
     """Load a trained model and its data from a run directory, or from a model spec.
 
@@ -77,6 +78,8 @@ def load_source(
         checkpoint: with a model spec: its weights (``model.safetensors`` or a checkpoint folder).
         data: with a model spec: a data YAML file (the ``data:`` section of a run config) or a
             source name (``digits``).
+        trust_code: let a run directory's ``config.yaml`` name a ``module.path:callable`` model
+            (``--trust-code``); a spec passed as ``source`` is the caller's own.
 
     Returns:
         The :class:`Source`.
@@ -95,7 +98,7 @@ def load_source(
             raise ConfigError(f"compress: {path} is not a tightfit run directory (no config.yaml)")
         from tightfit.config import load_config
 
-        config = load_config(config_file)
+        config = load_config(config_file, trust_code=trust_code)
         if config.lora is not None:
             raise ConfigError(f"compress: {path} is a LoRA run; merge the adapters first (tightfit lora merge)")
         weights = checkpoint or _best_weights(path)
@@ -317,8 +320,12 @@ def _calibration(data: Any, batches: int, batch_size: int = 32) -> list[Any]:
 class Pipeline:
     """Runs a recipe on a source; see the module doc for the order of things."""
 
-    def __init__(self, source: Source, recipe: Recipe, output: Path, *, console: Any = None, progress: bool = False) -> None:
+    def __init__(
+        self, source: Source, recipe: Recipe, output: Path, *, console: Any = None, progress: bool = False,
+        trust_code: bool = False,
+    ) -> None:
         self.source = source
+        self.trust_code = trust_code  # for a teacher run directory whose config.yaml names Python code
         self.recipe = recipe
         self.output = output
         self.console = console
@@ -476,7 +483,7 @@ class Pipeline:
         if step.teacher == "original":
             return copy.deepcopy(self.source.model).eval()
         if Path(step.teacher).is_dir():
-            return load_source(step.teacher).model
+            return load_source(step.teacher, trust_code=self.trust_code).model
         from tightfit.models.spec import build_model
         from tightfit.training import checkpoint as checkpoint_files
 
@@ -536,6 +543,7 @@ def compress(
     console: Any = None,
     progress: bool = False,
     overwrite: bool = False,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Run a compression recipe on a trained model and return the report.
 
@@ -546,6 +554,8 @@ def compress(
         console: a rich console for progress and the table (``None``: quiet).
         progress: show the trainer's progress bars during fine-tuning.
         overwrite: allow an output folder that already holds a report.
+        trust_code: let files (a run's ``config.yaml``, the recipe, a teacher run) name
+            ``module.path:callable`` models, which import and run Python code.
 
     Returns:
         The report (the content of ``report.json``).
@@ -554,12 +564,12 @@ def compress(
         ConfigError: a bad recipe or source, or an output folder that would be overwritten.
     """
     if isinstance(recipe, (str, Path)):
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(recipe, trust_code=trust_code)
     else:
         recipe = build_recipe(recipe)
     if not isinstance(source, Source):
         run_dir = Path(source)
-        source = load_source(source)
+        source = load_source(source, trust_code=trust_code)
         output = output or run_dir / "compressed"
     if output is None:
         raise ConfigError("compress: give an output folder")
@@ -567,4 +577,4 @@ def compress(
     if (output / "report.json").exists() and not overwrite:
         raise ConfigError(f"compress: {output} already holds a report; choose another --output or pass --overwrite")
     torch.manual_seed(recipe.seed)
-    return Pipeline(source, recipe, output, console=console, progress=progress).run()
+    return Pipeline(source, recipe, output, console=console, progress=progress, trust_code=trust_code).run()

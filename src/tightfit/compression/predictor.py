@@ -20,6 +20,7 @@ import numpy as np
 
 from tightfit._optional import require
 from tightfit.errors import ConfigError
+from tightfit.trust import check_program
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TENSOR_SUFFIXES = {".npy", ".pt", ".pth"}
@@ -57,10 +58,17 @@ def resolve_artifact(path: str | os.PathLike) -> Path:
         raise ConfigError(f"predict: artifact {path} does not exist")
     report = path / "report.json"
     if report.is_file():
-        payload = json.loads(report.read_text())
-        fastest = payload.get("best", {}).get("fastest")
-        for record in payload.get("artifacts", []):
-            if record["name"] == fastest and record["format"] == "onnx" and Path(record["artifact"]).is_file():
+        try:
+            payload = json.loads(report.read_text(encoding="utf-8"))
+            fastest = payload.get("best", {}).get("fastest")
+            records = [record for record in payload.get("artifacts", []) if isinstance(record, dict)]
+        except (ValueError, AttributeError) as error:  # not JSON, not UTF-8, or not the report's shape
+            raise ConfigError(
+                f"predict: {report} is damaged ({type(error).__name__}); give the model file itself "
+                f"(an .onnx under {path})"
+            ) from None
+        for record in records:
+            if record.get("name") == fastest and record.get("format") == "onnx" and Path(str(record.get("artifact"))).is_file():
                 return Path(record["artifact"])
     candidates = sorted(path.rglob("model.onnx")) or sorted(path.rglob("model.pt2"))
     if not candidates:
@@ -68,11 +76,17 @@ def resolve_artifact(path: str | os.PathLike) -> Path:
     return candidates[-1]
 
 
-def load_artifact(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
+def load_artifact(path: str | os.PathLike, *, threads: int | None = None, trust_pt2: bool = False) -> Artifact:
     """Load an ONNX file or a ``.pt2`` program for inference on CPU.
 
+    Args:
+        path: the file, or a compress output folder.
+        threads: inference threads.
+        trust_pt2: load a ``.pt2`` this machine's ``compress`` did not write (loading one can run
+            code inside it; see ``tightfit.trust``).
+
     Raises:
-        ConfigError: on a missing or unreadable file.
+        ConfigError: on a missing or unreadable file, or an untrusted ``.pt2``.
     """
     path = resolve_artifact(path)
     if path.suffix == ".onnx":
@@ -89,6 +103,7 @@ def load_artifact(path: str | os.PathLike, *, threads: int | None = None) -> Art
             path, "onnx", [item.name for item in inputs], types, read_metadata(path),
             lambda feeds: session.run(None, feeds)[0],
         )
+    check_program(path, trust_pt2=trust_pt2)
     import torch
 
     from tightfit.compression.export import PROGRAM_METADATA

@@ -24,6 +24,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from tightfit.errors import ConfigError
+from tightfit.names import OPTIMIZERS
+from tightfit.trust import check_spec_from_file
 
 STEP_NAMES = ("prune", "finetune", "distill", "qat", "quantize", "export")
 
@@ -34,7 +36,7 @@ class FinetuneConfig(BaseModel, extra="forbid"):
     epochs: int = Field(default=3, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     lr: float = Field(default=1e-3, gt=0)
-    optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw"] = "adamw"
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     batch_size: int = Field(default=64, ge=1)
     weight_decay: float = Field(default=0.0, ge=0)
 
@@ -200,11 +202,16 @@ def build_recipe(tree: Any, *, source: str = "(Python dict)") -> Recipe:
         raise ConfigError(describe_errors(error, source)) from None
 
 
-def load_recipe(path: str | Path | None) -> Recipe:
+def load_recipe(path: str | Path | None, *, trust_code: bool = False) -> Recipe:
     """Read a recipe YAML file (``None``: the default recipe).
 
+    Args:
+        path: the recipe file.
+        trust_code: let a distillation teacher be a ``module.path:callable`` spec (``--trust-code``).
+
     Raises:
-        ConfigError: the file is missing, is not YAML, or has bad keys.
+        ConfigError: the file is missing, is not YAML, or has bad keys, or a teacher spec would
+            run Python code without ``trust_code``.
     """
     if path is None:
         return Recipe()
@@ -217,7 +224,11 @@ def load_recipe(path: str | Path | None) -> Recipe:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"recipe {path}: not valid YAML{where}") from None
-    return build_recipe(tree, source=str(path))
+    recipe = build_recipe(tree, source=str(path))
+    for index, step in enumerate(recipe.steps):
+        if isinstance(step, DistillStep):
+            check_spec_from_file(step.teacher, where=f"recipe {path}: steps[{index}].teacher", trust_code=trust_code)
+    return recipe
 
 
 def steps_from_names(names: str) -> list[dict[str, Any]]:

@@ -42,6 +42,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from tightfit.errors import ConfigError, TightfitError
+from tightfit.names import OPTIMIZERS, PRECISIONS
+from tightfit.trust import check_spec_from_file
 from tightfit.units import format_bytes
 
 SVM_KERNEL_CACHE_BYTES = 200 * 10**6  # sklearn.svm.SVC(cache_size=200) MB, its default
@@ -56,8 +58,8 @@ class StageConfig(BaseModel, extra="forbid"):
     input: str | None = None
     batch_size: int | None = Field(None, ge=1)
     effective_batch_size: int | None = Field(None, ge=1)
-    precision: Literal["fp32", "fp16", "bf16", "bf16-pure"] | None = None
-    optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw", "adam8bit"] | None = None
+    precision: Literal[PRECISIONS] | None = None
+    optimizer: Literal[OPTIMIZERS] | None = None
     checkpointing: bool | None = None
     lora_rank: int | None = Field(None, ge=1)
     quantize_base: Literal["nf4", "int8"] | None = None
@@ -120,8 +122,12 @@ class PipelineResult:
         return {**asdict(self), "fits": self.fits}
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
+def load_pipeline(path: str | Path, *, trust_code: bool = False) -> PipelineConfig:
     """Read and validate a pipeline file.
+
+    Args:
+        path: the pipeline YAML file.
+        trust_code: let a stage's ``model`` be a ``module.path:callable`` spec (``--trust-code``).
 
     Raises:
         ConfigError: the file is missing or not YAML, or a key is unknown or has a bad value; the
@@ -139,9 +145,12 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with 'stages', got {type(raw).__name__}")
     try:
-        return PipelineConfig.model_validate(raw)
+        config = PipelineConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{path}: {_describe(error)}") from None
+    for index, stage in enumerate(config.stages):
+        check_spec_from_file(stage.model, where=f"{path}: stages[{index}].model", trust_code=trust_code)
+    return config
 
 
 def _describe(error: ValidationError) -> str:

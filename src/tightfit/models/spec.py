@@ -22,6 +22,7 @@ Input specs (``3x224x224``, ``tokens:512``) and random batches live in
 import contextlib
 import difflib
 import importlib
+import inspect
 import json
 import re
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from tightfit._optional import require
 from tightfit.errors import SpecError
 from tightfit.models.builtin import BUILTINS, WITHOUT_CLASSES
 from tightfit.models.inputs import InputSpec, make_batch_factory, parse_input_spec
+from tightfit.trust import function_module_allowed, refuse_non_model_module
 
 __all__ = ["InputSpec", "PREFIXES", "build_model", "make_batch_factory", "parse_input_spec"]
 
@@ -128,7 +130,11 @@ def _build_diffusion(directory: str, *, num_classes: int | None, meta: bool = Fa
 
 
 def _build_callable(module_name: str, attribute: str, *, num_classes: int | None, **kwargs) -> nn.Module:
+    """``module:callable``: only a subclass of ``nn.Module`` (checked before it is called) or a
+    plain Python function outside the standard library and torch, whose result must be a module.
+    Whether a spec read from a file may get here at all is decided by ``tightfit.trust``."""
     spec = f"{module_name}:{attribute}"
+    refuse_non_model_module(module_name, spec)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -141,6 +147,14 @@ def _build_callable(module_name: str, attribute: str, *, num_classes: int | None
         factory = getattr(factory, part, None)
     if not callable(factory):
         raise SpecError(f"model spec {spec!r}: module {module_name!r} has no callable {attribute!r}")
+    if inspect.isclass(factory):
+        if not issubclass(factory, nn.Module):
+            raise SpecError(f"model spec {spec!r}: {attribute} is the class {factory.__name__}, not a subclass of torch.nn.Module")
+    elif not inspect.isfunction(factory) or not function_module_allowed(factory.__module__):
+        raise SpecError(
+            f"model spec {spec!r}: {attribute} (from {getattr(factory, '__module__', None) or 'C code'}) is not a model "
+            "class or factory; name a subclass of torch.nn.Module or a Python function that returns one"
+        )
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
