@@ -38,8 +38,15 @@ _NOISY_IMPORT_LOGGERS = (
 )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="tightfit",
         description="Train, fine-tune and shrink PyTorch models on the hardware you actually have.",
     )
@@ -66,7 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    # key=value overrides may follow options (train CONFIG --run-dir R epochs=3), which argparse
+    # leaves over once a positional list has been consumed
+    if extras and hasattr(args, "items") and all("=" in item and not item.startswith("-") for item in extras):
+        args.items += extras
+    elif extras:
+        where = f"tightfit {args.command}" if args.command else "tightfit"
+        print(f"{where}: error: unrecognized arguments: {' '.join(extras)} (see {where} --help)", file=sys.stderr)
+        return 2
     for name in _NOISY_IMPORT_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     # peft reads transformers' deprecated `is_gradient_checkpointing` on every LoRA model.

@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(config_to_yaml(config), end="")
         return 0
-    if not args.resume and config.run_dir and (Path(config.run_dir) / "checkpoints").exists():
-        raise ConfigError(
-            f"run_dir: {config.run_dir} already holds a run; continue it with --resume {config.run_dir} or choose another --run-dir"
-        )
+    if not args.resume and config.run_dir:
+        from tightfit.training.run_folder import check_new_run_folder
+
+        check_new_run_folder(config.run_dir)
 
     from tightfit.training.trainer import Trainer
 

@@ -54,6 +54,7 @@ class Source:
         name: a short name for the report.
         model_spec: how the model was built (``builtin:digits-cnn``), when known.
         metadata: what ``tightfit predict`` needs: class names, input shape, normalisation, task.
+        notes: what the user should know about how it was loaded (a damaged checkpoint skipped).
     """
 
     model: nn.Module
@@ -61,6 +62,7 @@ class Source:
     name: str
     model_spec: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def load_source(
@@ -101,10 +103,14 @@ def load_source(
         config = load_config(config_file, trust_code=trust_code)
         if config.lora is not None:
             raise ConfigError(f"compress: {path} is a LoRA run; merge the adapters first (tightfit lora merge)")
-        weights = checkpoint or _best_weights(path)
         bundle = build_datasets(config.data, seed=config.seed)
         model = build_model(config.model, num_classes=bundle.num_classes, **config.model_options)
-        spec, name = config.model, path.name
+        spec, name, weights, notes = config.model, path.name, checkpoint, []
+        if checkpoint is None:  # the best weights, or the newest intact checkpoint when best is damaged
+            restored = checkpoint_files.load_newest_intact(path / "checkpoints", model, first="best")
+            notes = [f"skipped a damaged checkpoint: {problem}" for problem in restored.skipped]
+            if restored.skipped:
+                notes.append(f"compressing the weights of {restored.directory} instead")
     else:
         if ":" not in str(source):
             raise ConfigError(f"compress: {source} is neither a run directory nor a model spec (builtin:NAME, hf:DIR, ...)")
@@ -112,7 +118,7 @@ def load_source(
             raise ConfigError("compress: with a model spec, give the data too (--data digits or --data data.yaml)")
         bundle = build_datasets(_data_config(data), seed=0)
         model = build_model(str(source), num_classes=bundle.num_classes)
-        weights, spec, name = checkpoint, str(source), str(source).split(":", 1)[1].replace("/", "-")
+        weights, spec, name, notes = checkpoint, str(source), str(source).split(":", 1)[1].replace("/", "-"), []
     if weights is not None:
         weights = Path(weights)
         if weights.is_dir():
@@ -127,22 +133,7 @@ def load_source(
         "task": getattr(bundle, "task", None),
         "normalization": getattr(bundle, "metadata", {}).get("normalization"),
     }
-    return Source(model.cpu().eval(), bundle, name, spec, metadata)
-
-
-def _best_weights(run_dir: Path) -> Path:
-    import json
-
-    summary_file = run_dir / "summary.json"
-    if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
-        for key in ("best_checkpoint", "last_checkpoint"):
-            if summary.get(key):
-                return Path(summary[key])
-    last = run_dir / "checkpoints" / "last"
-    if last.is_dir():
-        return last
-    raise ConfigError(f"compress: {run_dir} has no summary.json and no checkpoints/last; did the run finish?")
+    return Source(model.cpu().eval(), bundle, name, spec, metadata, notes)
 
 
 def _data_config(data: str | Path):
@@ -349,6 +340,8 @@ class Pipeline:
         load_before = benchmark.machine_load()
         if load_before["busy"]:
             self.say(f"[yellow]warning:[/] {load_before['warning']}")
+        for note in source.notes:
+            self.say(f"[yellow]warning:[/] {note}")
         started = time.perf_counter()
         self.output.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(source.model).cpu().eval()

@@ -224,7 +224,11 @@ def _text_feeds(artifact: Artifact, sentences: list[str], tokenizer: str | None)
     directory = tokenizer or artifact.metadata.get("tokenizer")
     if not directory or not Path(directory).is_dir():
         raise ConfigError("predict: a text model needs its tokenizer: pass --tokenizer DIR (a local folder)")
-    encoded = transformers.AutoTokenizer.from_pretrained(directory).__call__(
+    try:  # the folder comes from the artifact's metadata: never run its Python files (auto_map)
+        tokenizer_object = transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"predict: tokenizer {directory} cannot be loaded: {str(error).strip().splitlines()[0]}") from None
+    encoded = tokenizer_object(
         sentences, padding=True, truncation=True, return_tensors="np"
     )
     feeds = {}

@@ -44,6 +44,12 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 _MODULE_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 
 
+def _first_sentence(error: Exception) -> str:
+    """The first line of a library's error message, for a one-line report."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].strip()
+
+
 def _closest(name: str, candidates: list[str]) -> str:
     matches = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
     return f"; did you mean {' or '.join(matches)}?" if matches else ""
@@ -107,16 +113,20 @@ def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **
     try:
         if has_weights and not meta:
             return model_class.from_pretrained(
-                path, local_files_only=True, ignore_mismatched_sizes=num_classes is not None, **config_kwargs
+                path, local_files_only=True, ignore_mismatched_sizes=num_classes is not None,
+                trust_remote_code=False, **config_kwargs,
             )
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **config_kwargs)
+        # trust_remote_code=False, not None: with None transformers asks on the terminal whether to
+        # run the folder's own Python files (auto_map); a model folder never runs code here.
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False, **config_kwargs)
         # Under the meta device, parameters get shapes but no storage: a 7B config costs nothing.
         with torch.device("meta") if meta else contextlib.nullcontext():
             if model_class is transformers.AutoModel:
                 return model_class.from_config(config)
             return model_class._from_config(config)  # what AutoModel.from_config calls for a known class
-    except (OSError, ValueError, TypeError) as error:
-        raise SpecError(f"model spec 'hf:{directory}': {error}") from None
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        # transformers' messages run over several lines (an unknown model_type lists every known one)
+        raise SpecError(f"model spec 'hf:{directory}': {_first_sentence(error)}") from None
 
 
 def _build_diffusion(directory: str, *, num_classes: int | None, meta: bool = False, **kwargs) -> nn.Module:
