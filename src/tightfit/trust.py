@@ -12,7 +12,7 @@ Two things tightfit reads can execute code, and each is behind a rule (see docs/
   (``os``, ``subprocess``, the whole standard library) before anything is imported, and
   ``models/spec.py`` calls only ``nn.Module`` subclasses (checked before the call) or plain
   Python functions whose result is an ``nn.Module``.
-* A ``.pt2`` archive: ``torch.export.load`` may unpickle parts of it with ``weights_only=False``.
+* A ``.pt2`` archive: ``torch.export.load`` may unpickle parts of it without ``weights_only``.
   ``tightfit compress`` records the SHA-256 of every ``.pt2`` it writes in a trust record under
   the user's data folder (``$TIGHTFIT_HOME``, else ``$XDG_DATA_HOME/tightfit``, else
   ``~/.local/share/tightfit``); ``tightfit predict`` loads only archives recorded there, or any

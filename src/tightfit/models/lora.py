@@ -31,6 +31,7 @@ weight is tied to an embedding (a language-model head is pretrained, not new).
 
 import difflib
 import json
+import pickle
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -349,7 +350,11 @@ def load_adapters(base_model: nn.Module, directory: str | Path, *, trainable: bo
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
         raise TightfitError(f"{directory}: no LoRA adapters here (adapter_config.json is missing)")
-    model = peft.PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+    try:  # PEFT reads adapter_model.safetensors, or a .bin with torch.load(weights_only=True)
+        model = peft.PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TightfitError(f"{directory}: the adapters cannot be loaded safely ({text})") from None
     summary_file = directory / SUMMARY_FILE
     if summary_file.is_file():
         saved = json.loads(summary_file.read_text()).get("summary")

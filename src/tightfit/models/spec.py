@@ -24,6 +24,7 @@ import difflib
 import importlib
 import inspect
 import json
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -124,8 +125,9 @@ def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **
             if model_class is transformers.AutoModel:
                 return model_class.from_config(config)
             return model_class._from_config(config)  # what AutoModel.from_config calls for a known class
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        # transformers' messages run over several lines (an unknown model_type lists every known one)
+    except (OSError, ValueError, TypeError, KeyError, pickle.UnpicklingError) as error:
+        # transformers' messages run over several lines (an unknown model_type lists every known one);
+        # UnpicklingError: a pytorch_model.bin holding objects, which weights_only refuses to build
         raise SpecError(f"model spec 'hf:{directory}': {_first_sentence(error)}") from None
 
 
