@@ -225,7 +225,7 @@ def test_bad_pipeline_files_exit_2(tmp_path, text, fragment):
 
 def test_missing_pipeline_file_exits_2(tmp_path):
     completed = _cli(str(tmp_path / "missing.yaml"))
-    assert completed.returncode == 2 and "not found" in completed.stderr
+    assert completed.returncode == 2 and "missing.yaml does not exist" in completed.stderr
 
 
 @pytest.mark.slow

@@ -278,23 +278,41 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a config file into a dict.
+def read_yaml(path: str | Path, *, what: str = "config file") -> dict:
+    """Read a YAML settings file into a dict: the one reader of run configs, compression recipes,
+    pipeline files and data files (``yaml.safe_load``: plain data only, no Python tags).
+
+    Args:
+        path: the file.
+        what: how messages name it ("config file", "recipe", "pipeline file").
 
     Raises:
-        ConfigError: the file is missing, is not YAML, or is not a mapping at the top.
+        ConfigError: the file is missing, a folder, not UTF-8 text, not YAML, empty, or not a
+            mapping at the top; one line naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a YAML file")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not a text file (not UTF-8); expected YAML settings") from None
+    except OSError as error:
+        raise ConfigError(f"{what} {path}: cannot be read ({error.strerror})") from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{what} {path}: not valid YAML{where}: {problem}") from None
+    if tree is None:
+        # an empty file is a mistake (a wrong path, an unsaved editor), not a request for defaults
+        raise ConfigError(f"{what} {path} is empty; expected YAML settings")
     if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of settings at the top, got {type(tree).__name__}")
+        raise ConfigError(f"{what} {path}: expected a mapping of settings at the top, got {type(tree).__name__}")
     return tree
 
 

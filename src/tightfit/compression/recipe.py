@@ -20,9 +20,9 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from tightfit.config import read_yaml
 from tightfit.errors import ConfigError
 from tightfit.names import OPTIMIZERS
 from tightfit.trust import check_spec_from_file
@@ -215,16 +215,7 @@ def load_recipe(path: str | Path | None, *, trust_code: bool = False) -> Recipe:
     """
     if path is None:
         return Recipe()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path}: no such file")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"recipe {path}: not valid YAML{where}") from None
-    recipe = build_recipe(tree, source=str(path))
+    recipe = build_recipe(read_yaml(path, what="recipe"), source=str(path))
     for index, step in enumerate(recipe.steps):
         if isinstance(step, DistillStep):
             check_spec_from_file(step.teacher, where=f"recipe {path}: steps[{index}].teacher", trust_code=trust_code)

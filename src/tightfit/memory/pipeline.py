@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from tightfit.config import read_yaml
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.names import OPTIMIZERS, PRECISIONS
 from tightfit.trust import check_spec_from_file
@@ -133,17 +133,7 @@ def load_pipeline(path: str | Path, *, trust_code: bool = False) -> PipelineConf
         ConfigError: the file is missing or not YAML, or a key is unknown or has a bad value; the
             message names the file, the key (``stages[1].batchsize``) and the closest valid key.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: pipeline file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'stages', got {type(raw).__name__}")
+    raw = read_yaml(path, what="pipeline file")
     try:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as error:

@@ -96,9 +96,14 @@ def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **
     if not config_path.is_file():
         raise SpecError(f"model spec 'hf:{directory}': no config.json in {path} (need a local model directory)")
     try:
-        architectures = json.loads(config_path.read_text()).get("architectures") or []
-    except json.JSONDecodeError as error:
+        config_json = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SpecError(f"model spec 'hf:{directory}': {config_path} is not valid JSON ({error})") from None
+    if not isinstance(config_json, dict):
+        raise SpecError(f"model spec 'hf:{directory}': {config_path} holds a JSON {type(config_json).__name__}, not an object of settings")
+    architectures = config_json.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise SpecError(f"model spec 'hf:{directory}': 'architectures' in {config_path} should be a list of class names")
     model_class = transformers.AutoModel
     if architectures:
         model_class = getattr(transformers, architectures[0], None)

@@ -24,10 +24,10 @@ def check_new_run_folder(run_dir: str | os.PathLike) -> None:
     """Refuse a ``--run-dir`` a fresh run must not write into.
 
     Raises:
-        ConfigError: ``run_dir`` is a file, cannot be written, already holds a complete
-            checkpoint (continue it with ``--resume``), or holds files that are not a run's.
+        ConfigError: ``run_dir`` is a file, cannot be written, already holds checkpoints
+            (continue it with ``--resume``), or holds files that are not a run's.
     """
-    from tightfit.training.checkpoint import checkpoint_folders, complete_checkpoint
+    from tightfit.training.checkpoint import checkpoint_folders
 
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
@@ -39,7 +39,7 @@ def check_new_run_folder(run_dir: str | os.PathLike) -> None:
         raise ConfigError(f"run_dir: {path} cannot be written here ({existing} is not a writable folder)")
     if not path.is_dir() or not any(path.iterdir()):
         return
-    if any(complete_checkpoint(folder) for folder in checkpoint_folders(path / "checkpoints")):
+    if checkpoint_folders(path / "checkpoints"):  # complete or damaged: --resume sorts them out
         raise ConfigError(
             f"run_dir: {path} already holds a run; continue it with --resume {path} or choose another --run-dir"
         )
