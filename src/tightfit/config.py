@@ -29,7 +29,7 @@ from tightfit.units import parse_memory
 Mode = Literal["min", "max"]
 
 
-class OptimizerConfig(BaseModel, extra="forbid"):
+class OptimizerConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``optimizer:`` which optimizer and its hyper-parameters (see ``step/optim.py``)."""
 
     name: Literal[OPTIMIZERS] = "adamw"
@@ -41,7 +41,7 @@ class OptimizerConfig(BaseModel, extra="forbid"):
     eps: float = Field(default=1e-8, gt=0)
 
 
-class ScheduleConfig(BaseModel, extra="forbid"):
+class ScheduleConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``schedule:`` the learning-rate schedule, stepped per optimizer step (``training/schedules.py``)."""
 
     name: Literal[SCHEDULES] = "cosine"
@@ -56,7 +56,7 @@ class ScheduleConfig(BaseModel, extra="forbid"):
     patience: int = Field(default=2, ge=0, description="reduce-on-plateau: validations without improvement")
 
 
-class BatchConfig(BaseModel, extra="forbid"):
+class BatchConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``batch:`` samples per forward pass (micro-batch), and per optimizer step (effective batch).
 
     ``effective_batch_size = micro_batch_size * accumulation_steps`` unless set; when it is set,
@@ -89,7 +89,7 @@ class BatchConfig(BaseModel, extra="forbid"):
         return self
 
 
-class ActivationCheckpointingConfig(BaseModel, extra="forbid"):
+class ActivationCheckpointingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``checkpointing:`` activation (gradient) checkpointing: recompute instead of storing."""
 
     activation: bool | Literal["auto"] | list[str] = Field(
@@ -97,7 +97,7 @@ class ActivationCheckpointingConfig(BaseModel, extra="forbid"):
     )
 
 
-class CheckpointConfig(BaseModel, extra="forbid"):
+class CheckpointConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``checkpoint:`` which checkpoint files the run writes (``last`` always, ``best`` with validation)."""
 
     every_n_steps: int | None = Field(default=None, ge=1, description="also write 'last' every N optimizer steps")
@@ -106,7 +106,7 @@ class CheckpointConfig(BaseModel, extra="forbid"):
     mode: Mode = "min"
 
 
-class EarlyStoppingConfig(BaseModel, extra="forbid"):
+class EarlyStoppingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``early_stopping:`` stop when the monitored metric stalls."""
 
     enabled: bool = False
@@ -117,7 +117,7 @@ class EarlyStoppingConfig(BaseModel, extra="forbid"):
     restore_best: bool = Field(default=True, description="end with the best weights instead of the last")
 
 
-class LoggingConfig(BaseModel, extra="forbid"):
+class LoggingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``logging:`` where metrics go (console, JSON lines, TensorBoard, MLflow)."""
 
     console: bool = True
@@ -130,7 +130,7 @@ class LoggingConfig(BaseModel, extra="forbid"):
     every_n_steps: int = Field(default=10, ge=1, description="log training metrics every N optimizer steps")
 
 
-class MonitorConfig(BaseModel, extra="forbid"):
+class MonitorConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``monitor:`` the background sampler of process and device memory."""
 
     enabled: bool = True
@@ -138,7 +138,7 @@ class MonitorConfig(BaseModel, extra="forbid"):
     warn_fraction: float = Field(default=0.9, gt=0, le=1, description="warn when memory in use passes this share")
 
 
-class NumericsConfig(BaseModel, extra="forbid"):
+class NumericsConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``numerics:`` what to do when the loss or the gradients stop being finite."""
 
     on_nonfinite: Literal["skip", "stop"] = "skip"
@@ -146,7 +146,7 @@ class NumericsConfig(BaseModel, extra="forbid"):
     flat_loss_steps: int = Field(default=200, ge=20, description="warn when the loss has not moved after N steps")
 
 
-class TrainConfig(BaseModel, extra="forbid"):
+class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """A whole training run. The defaults are the digits recipe."""
 
     model: str = Field(default="builtin:digits-cnn", description="builtin:NAME, torchvision:NAME, hf:DIR, module:callable")

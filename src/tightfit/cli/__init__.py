@@ -45,6 +45,17 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def one_line(error: Exception) -> str:
+    """An error's message on one line. A DataLoader worker re-raises a worker's error with the
+    worker's traceback inside the message ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ..."); the user's message is its last line, after the class name."""
+    text = str(error).strip()
+    if "\nOriginal Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="tightfit",
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except TightfitError as error:
-        print(f"tightfit {args.command}: error: {error}", file=sys.stderr)
+        print(f"tightfit {args.command}: error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print(f"tightfit {args.command}: interrupted", file=sys.stderr)

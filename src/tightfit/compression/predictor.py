@@ -11,6 +11,7 @@ Inputs are images (resized to the model's input size, scaled as in training), te
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,10 +110,16 @@ def load_artifact(path: str | os.PathLike, *, threads: int | None = None, trust_
     from tightfit.compression.export import PROGRAM_METADATA
 
     extra = {PROGRAM_METADATA: ""}
+    # torch.export logs the whole failure at WARNING before raising it; the one-line error says it
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as error:  # torch.export.load raises many types on bad archives
         raise ConfigError(f"predict: {path} is not a readable torch.export program: {str(error).splitlines()[0]}") from None
+    finally:
+        export_log.setLevel(level)
     module = program.module()
     names = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
     metadata = json.loads(extra[PROGRAM_METADATA] or "{}")

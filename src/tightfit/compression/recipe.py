@@ -30,7 +30,7 @@ from tightfit.trust import check_spec_from_file
 STEP_NAMES = ("prune", "finetune", "distill", "qat", "quantize", "export")
 
 
-class FinetuneConfig(BaseModel, extra="forbid"):
+class FinetuneConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """Fine-tuning inside a step (through the trainer)."""
 
     epochs: int = Field(default=3, ge=1)
@@ -41,7 +41,7 @@ class FinetuneConfig(BaseModel, extra="forbid"):
     weight_decay: float = Field(default=0.0, ge=0)
 
 
-class PruneStep(BaseModel, extra="forbid"):
+class PruneStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """Unstructured magnitude pruning on a polynomial schedule, or structured channel/head pruning."""
 
     step: Literal["prune"]
@@ -63,7 +63,7 @@ class FinetuneStep(FinetuneConfig):
     step: Literal["finetune"]
 
 
-class DistillStep(BaseModel, extra="forbid"):
+class DistillStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """Distillation of the current model (student) from a teacher."""
 
     step: Literal["distill"]
@@ -74,14 +74,14 @@ class DistillStep(BaseModel, extra="forbid"):
     finetune: FinetuneConfig | None = None
 
 
-class QatStep(BaseModel, extra="forbid"):
+class QatStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """Quantization-aware fine-tuning, then conversion to int8."""
 
     step: Literal["qat"]
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=1, lr=1e-4))
 
 
-class QuantizeStep(BaseModel, extra="forbid"):
+class QuantizeStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """Post-training int8 quantization."""
 
     step: Literal["quantize"]
@@ -89,7 +89,7 @@ class QuantizeStep(BaseModel, extra="forbid"):
     calibration_batches: int = Field(default=32, ge=1, description="static: training batches for activation ranges")
 
 
-class ExportStep(BaseModel, extra="forbid"):
+class ExportStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """ONNX export (dynamic batch) and ONNX Runtime int8, each verified before it is kept."""
 
     step: Literal["export"]
@@ -115,7 +115,7 @@ def _default_steps() -> list[Any]:
     return [PruneStep(step="prune"), QuantizeStep(step="quantize"), ExportStep(step="export")]
 
 
-class Recipe(BaseModel, extra="forbid"):
+class Recipe(BaseModel, extra="forbid", allow_inf_nan=False):
     """A compression recipe: the steps and how every artifact is measured."""
 
     steps: list[Step] = Field(default_factory=_default_steps)

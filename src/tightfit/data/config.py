@@ -25,14 +25,14 @@ from tightfit.errors import ConfigError, TightfitError
 SOURCES = ("digits", "image-folder", "csv", "tensors", "text-csv", "captioned-images")
 """Every valid value of ``data.source``."""
 
-Source = Literal["digits", "image-folder", "csv", "tensors", "text-csv", "captioned-images"]
+Source = Literal[SOURCES]
 
 
 class DataError(TightfitError):
     """The data itself is unusable: a corrupt image, a non-numeric cell, an empty split."""
 
 
-class Columns(BaseModel, extra="forbid"):
+class Columns(BaseModel, extra="forbid", allow_inf_nan=False):
     """Which columns (or arrays, in a tensors file) hold what.
 
     Every field defaults to ``None``, meaning the source's own default (given per field).
@@ -54,7 +54,7 @@ class Columns(BaseModel, extra="forbid"):
     )
 
 
-class DataConfig(BaseModel, extra="forbid"):
+class DataConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """Where the data comes from and how it is split, cached, augmented and loaded.
 
     Attributes mirror the YAML keys of the ``data:`` section; see ``docs/data.md`` for examples

@@ -49,7 +49,7 @@ from tightfit.units import format_bytes
 SVM_KERNEL_CACHE_BYTES = 200 * 10**6  # sklearn.svm.SVC(cache_size=200) MB, its default
 
 
-class StageConfig(BaseModel, extra="forbid"):
+class StageConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """One stage of a pipeline file."""
 
     name: str
@@ -69,7 +69,7 @@ class StageConfig(BaseModel, extra="forbid"):
     note: str = ""
 
 
-class PipelineConfig(BaseModel, extra="forbid"):
+class PipelineConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """A pipeline file: the device and the stages."""
 
     name: str = "pipeline"

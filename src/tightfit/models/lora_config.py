@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 
-class LoRAConfig(BaseModel, extra="forbid"):
+class LoRAConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """The ``lora:`` section of a training configuration.
 
     Attributes:

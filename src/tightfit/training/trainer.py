@@ -727,5 +727,16 @@ def _console(enabled: bool):
 
 def _write_json_atomically(path: Path, payload: dict) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2, default=str))
+    # strict JSON: a NaN test loss is written as null, not as a bare NaN no JSON parser accepts
+    temporary.write_text(json.dumps(_finite_or_none(payload), indent=2, default=str, allow_nan=False))
     temporary.replace(path)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
