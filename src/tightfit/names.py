@@ -20,3 +20,9 @@ DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
 # Model-spec prefixes tightfit builds itself (models/spec.py); anything else before the colon is a
 # Python module (``module.path:callable``), which runs code (see tightfit/trust.py).
 MODEL_PREFIXES = ("builtin", "torchvision", "hf", "diffusion")
+
+# Post-training quantization methods of `compress` (compression/quantize.py).
+QUANTIZE_METHODS = ("auto", "dynamic", "static", "weight-only")
+
+# How a LoRA run's frozen base may be quantized (models/qlora.py): QLoRA's nf4, or int8.
+QUANTIZE_BASES = ("nf4", "int8")

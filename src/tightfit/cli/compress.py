@@ -15,6 +15,8 @@ examples:
   tightfit compress builtin:digits-cnn --checkpoint runs/digits/checkpoints/best --data digits
 """
 
+from tightfit.names import QUANTIZE_METHODS
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("source", help="a tightfit run directory, or a model spec (with --checkpoint and --data)")
@@ -22,7 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", help="comma-separated steps instead of a recipe: prune,finetune,distill,qat,quantize,export")
     parser.add_argument("--sparsity", type=float, help="prune steps: final sparsity / channel ratio (default 0.5)")
     parser.add_argument("--structured", action="store_true", help="prune steps: remove channels/heads instead of zeroing weights")
-    parser.add_argument("--quantize-method", choices=["auto", "dynamic", "static", "weight-only"], help="quantize steps: the method")
+    parser.add_argument("--quantize-method", choices=QUANTIZE_METHODS, help="quantize steps: the method")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs inside steps (default 3)")
     parser.add_argument("--tolerance", type=float, help="metric points a step may lose before it is flagged (default 1)")
     parser.add_argument("--threads", type=int, help="threads for latency measurement (default: physical cores)")

@@ -25,6 +25,7 @@ examples:
 
 from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
 from tightfit.names import PRECISIONS as PRECISION_CHOICES
+from tightfit.names import QUANTIZE_BASES
 
 
 def add_arguments(parser) -> None:
@@ -39,7 +40,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="force activation checkpointing of the repeated blocks on (or off with --no-checkpointing)")
     parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on a frozen base")
-    parser.add_argument("--quantize-base", choices=("nf4", "int8"),
+    parser.add_argument("--quantize-base", choices=QUANTIZE_BASES,
                         help="with --lora-rank: a quantized frozen base, nf4 (QLoRA, bitsandbytes on CUDA) or int8 (torchao)")
     parser.add_argument("--device", metavar="PROFILE", help="a device profile (tightfit devices), or auto/cpu/cuda/mps (default: this machine)")
     parser.add_argument("--memory", metavar="SIZE", help="a memory budget replacing the device's usable memory, e.g. 6GiB")

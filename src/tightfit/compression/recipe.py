@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from tightfit.config import read_yaml
 from tightfit.errors import ConfigError
-from tightfit.names import OPTIMIZERS
+from tightfit.names import OPTIMIZERS, QUANTIZE_METHODS
 from tightfit.trust import check_spec_from_file
 
 STEP_NAMES = ("prune", "finetune", "distill", "qat", "quantize", "export")
@@ -85,7 +85,7 @@ class QuantizeStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """Post-training int8 quantization."""
 
     step: Literal["quantize"]
-    method: Literal["auto", "dynamic", "static", "weight-only"] = "auto"
+    method: Literal[QUANTIZE_METHODS] = "auto"
     calibration_batches: int = Field(default=32, ge=1, description="static: training batches for activation ranges")
 
 

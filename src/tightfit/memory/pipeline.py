@@ -42,7 +42,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from tightfit.config import read_yaml
 from tightfit.errors import ConfigError, TightfitError
-from tightfit.names import OPTIMIZERS, PRECISIONS
+from tightfit.names import OPTIMIZERS, PRECISIONS, QUANTIZE_BASES
 from tightfit.trust import check_spec_from_file
 from tightfit.units import format_bytes
 
@@ -62,7 +62,7 @@ class StageConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     optimizer: Literal[OPTIMIZERS] | None = None
     checkpointing: bool | None = None
     lora_rank: int | None = Field(None, ge=1)
-    quantize_base: Literal["nf4", "int8"] | None = None
+    quantize_base: Literal[QUANTIZE_BASES] | None = None
     samples: int | None = Field(None, ge=1)
     features: int | None = Field(None, ge=1)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)

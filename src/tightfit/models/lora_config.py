@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from tightfit.names import QUANTIZE_BASES
+
 
 class LoRAConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """The ``lora:`` section of a training configuration.
@@ -26,7 +28,7 @@ class LoRAConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: Literal["auto"] | list[str] = "auto"
     bias: Literal["none", "all", "lora_only"] = "none"
-    quantize_base: Literal[None, "nf4", "int8"] = None
+    quantize_base: Literal[QUANTIZE_BASES] | None = None
     modules_to_save: Literal["auto"] | list[str] = "auto"
 
     @field_validator("target_modules")
