@@ -150,7 +150,7 @@ CASES: dict[str, Case] = {
     "plan hf without config": Case(["plan", "--model", "hf:{w}/hf-empty", "--input", "tokens:8"], "no config.json"),
     "plan missing pipeline": Case(["plan", "{w}/nowhere.yaml"], "nowhere.yaml does not exist"),
     "plan binary pipeline": Case(["plan", "{w}/binary.yaml"], "not a text file"),
-    "plan pipeline unknown key": Case(["plan", "{w}/pipeline-unknown.yaml"], "did you mean 'batch_size'"),
+    "plan pipeline unknown key": Case(["plan", "{w}/pipeline-unknown.yaml"], "stages[0].batchsize: unknown key; did you mean 'batch_size'?"),
     "plan pipeline without stages": Case(["plan", "{w}/pipeline-no-stages.yaml"], "stages"),
     "plan pipeline code model": Case(["plan", "{w}/pipeline-code.yaml"], "--trust-code"),
     "plan pipeline python tag": Case(["plan", "{w}/python-tag.yaml"], "not valid YAML"),

@@ -202,8 +202,8 @@ stages:
     "text, fragment",
     [
         ("stages:\n  - name: a\n    model: builtin:mlp\n    input: 1x8x8\n    batchsize: 4\n",
-         "stages[0].batchsize: unknown key (did you mean 'batch_size'?)"),
-        ("devise: cpu\nstages:\n  - name: a\n    kind: cpu\n", "devise: unknown key (did you mean 'device'?)"),
+         "stages[0].batchsize: unknown key; did you mean 'batch_size'?"),
+        ("devise: cpu\nstages:\n  - name: a\n    kind: cpu\n", "devise: unknown key; did you mean 'device'?"),
         ("stages: []\n", "stages"),
         ("stages:\n  - name: a\n    model: builtin:mlp\n    input: [1, 8\n", "not valid YAML"),
         ("stages:\n  - name: a\n    precision: fp8\n    model: builtin:mlp\n    input: 1x8x8\n", "stages[0].precision"),

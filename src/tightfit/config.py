@@ -11,7 +11,6 @@ Example:
     0.01
 """
 
-import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from tightfit.data.config import DataConfig
 from tightfit.errors import ConfigError, SpecError
 from tightfit.models.lora_config import LoRAConfig
 from tightfit.names import DEVICE_KINDS, OPTIMIZERS, PRECISIONS, SCHEDULES
+from tightfit.settings import describe_validation_error, read_yaml
 from tightfit.trust import check_spec_from_file
 from tightfit.units import parse_memory
 
@@ -205,54 +205,6 @@ class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
         return None if self.budget is None else parse_memory(self.budget, where="budget")
 
 
-def _section_fields(location: tuple) -> list[str]:
-    """The valid keys of the (nested) section that holds ``location``'s last key."""
-    model: type[BaseModel] = TrainConfig
-    for key in location[:-1]:
-        field = model.model_fields.get(str(key))
-        annotation = getattr(field, "annotation", None)
-        candidates = getattr(annotation, "__args__", (annotation,))  # unwrap "LoRAConfig | None"
-        nested = [item for item in candidates if isinstance(item, type) and issubclass(item, BaseModel)]
-        if not nested:
-            break
-        model = nested[0]
-    return list(model.model_fields)
-
-
-def _closest(name: str, valid: list[str]) -> str:
-    matches = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{matches[0]}'?" if matches else ""
-
-
-def describe_errors(error: ValidationError, source: str, overridden: set[str]) -> str:
-    """One line naming every bad key, where it was set, what is wrong and the closest valid key.
-
-    Args:
-        error: pydantic's error for a ``TrainConfig``.
-        source: the config file's name ("the defaults" when there is none).
-        overridden: dotted keys set on the command line.
-    """
-    problems = []
-    for item in error.errors():
-        location = tuple(str(part) for part in item["loc"] if not isinstance(part, int))
-        # pydantic names the union member that failed ("int", "literal['auto']"); drop it.
-        location = tuple(part for part in location if not part.startswith(("literal[", "function-")) and part not in ("int", "str", "bool", "float", "list[str]", "LoRAConfig", "tuple[float, float]"))
-        key = ".".join(location)
-        from_command_line = any(
-            key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".") for set_key in overridden
-        )
-        where = "on the command line" if from_command_line else f"in {source}"
-        if item["type"] == "extra_forbidden":
-            valid = _section_fields(location)
-            problems.append(f"{key} ({where}): unknown key{_closest(location[-1], valid)} (valid: {', '.join(valid)})")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key} ({where}): {message} (got {item.get('input')!r})")
-    # A value failing every member of a union is reported once per member; keep one line per key.
-    unique = list(dict.fromkeys(problems))
-    return "; ".join(unique)
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``key.sub=value`` into the dotted key and the value read as YAML (``0.1``, ``true``, ``[a, b]``)."""
     if "=" not in text or text.startswith("="):
@@ -278,44 +230,6 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def read_yaml(path: str | Path, *, what: str = "config file") -> dict:
-    """Read a YAML settings file into a dict: the one reader of run configs, compression recipes,
-    pipeline files and data files (``yaml.safe_load``: plain data only, no Python tags).
-
-    Args:
-        path: the file.
-        what: how messages name it ("config file", "recipe", "pipeline file").
-
-    Raises:
-        ConfigError: the file is missing, a folder, not UTF-8 text, not YAML, empty, or not a
-            mapping at the top; one line naming the file.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{what} {path} is a folder, not a YAML file")
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} {path}: not a text file (not UTF-8); expected YAML settings") from None
-    except OSError as error:
-        raise ConfigError(f"{what} {path}: cannot be read ({error.strerror})") from None
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{what} {path}: not valid YAML{where}: {problem}") from None
-    if tree is None:
-        # an empty file is a mistake (a wrong path, an unsaved editor), not a request for defaults
-        raise ConfigError(f"{what} {path} is empty; expected YAML settings")
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{what} {path}: expected a mapping of settings at the top, got {type(tree).__name__}")
-    return tree
-
-
 def build_config(tree: Mapping[str, Any], *, source: str = "the defaults", overrides: list[str] = ()) -> TrainConfig:
     """Validate a config mapping with ``key=value`` overrides applied.
 
@@ -331,7 +245,13 @@ def build_config(tree: Mapping[str, Any], *, source: str = "the defaults", overr
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(describe_errors(error, source, overridden)) from None
+        def where(key: str) -> str:
+            from_command_line = any(
+                key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".") for set_key in overridden
+            )
+            return " (on the command line)" if from_command_line else f" (in {source})"
+
+        raise ConfigError(describe_validation_error(error, TrainConfig, where=where)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), *, trust_code: bool = False) -> TrainConfig:

@@ -137,8 +137,8 @@ def load_source(
 
 
 def _data_config(data: str | Path):
-    from tightfit.config import read_yaml
     from tightfit.data.config import DataConfig
+    from tightfit.settings import read_yaml
 
     path = Path(data)
     if path.suffix in (".yaml", ".yml"):

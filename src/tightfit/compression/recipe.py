@@ -16,15 +16,14 @@ Unknown keys are errors that name the key, the file and the closest valid key.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationError
 
-from tightfit.config import read_yaml
 from tightfit.errors import ConfigError
 from tightfit.names import OPTIMIZERS, QUANTIZE_METHODS
+from tightfit.settings import closest, describe_validation_error, read_yaml
 from tightfit.trust import check_spec_from_file
 
 STEP_NAMES = ("prune", "finetune", "distill", "qat", "quantize", "export")
@@ -129,61 +128,6 @@ class Recipe(BaseModel, extra="forbid", allow_inf_nan=False):
     seed: int = 0
 
 
-def _closest(name: str, valid: list[str]) -> str:
-    matches = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{matches[0]}'?" if matches else ""
-
-
-def _model_at(location: tuple, step_kind: str | None) -> type[BaseModel]:
-    """The pydantic model holding the last key of an error's location."""
-    model: type[BaseModel] = Recipe
-    steps = {"prune": PruneStep, "finetune": FinetuneStep, "distill": DistillStep, "qat": QatStep,
-             "quantize": QuantizeStep, "export": ExportStep}
-    for part in location[:-1]:
-        if part == "steps":
-            model = steps.get(step_kind or "", Recipe)
-        elif part == "finetune":
-            model = FinetuneConfig
-    return model
-
-
-def describe_errors(error: ValidationError, source: str) -> str:
-    """One line naming every bad key, where, what is wrong and the closest valid key."""
-    problems = []
-    for item in error.errors():
-        raw = item["loc"]
-        step_kind = next(
-            (str(part) for index, part in enumerate(raw) if index > 0 and isinstance(raw[index - 1], int)), None
-        )
-        parts = []
-        for index, part in enumerate(raw):
-            if isinstance(part, int):
-                parts[-1] = f"{parts[-1]}[{part}]"
-            elif part in STEP_NAMES and index > 0 and isinstance(raw[index - 1], int):
-                continue  # pydantic's name of the union member
-            elif str(part).startswith(("literal[", "function-")) or part in ("int", "float", "str", "bool"):
-                continue
-            else:
-                parts.append(str(part))
-        key = ".".join(parts) or "recipe"
-        if item["type"] == "extra_forbidden":
-            names = tuple(
-                part for index, part in enumerate(raw)
-                if not isinstance(part, int) and not (index > 0 and isinstance(raw[index - 1], int))
-            )
-            valid = list(_model_at(names, step_kind).model_fields)
-            last = str(raw[-1])
-            problems.append(f"{key}: unknown key{_closest(last, valid)} (valid: {', '.join(valid)})")
-        elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            tag = item.get("input", {}).get("step") if isinstance(item.get("input"), dict) else None
-            hint = _closest(str(tag), list(STEP_NAMES)) if tag else ""
-            got = f"got {tag!r}" if tag else "no 'step' key"
-            problems.append(f"{key}: 'step' must be one of {', '.join(STEP_NAMES)}{hint} ({got})")
-        else:
-            problems.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
-    return f"recipe {source}: " + "; ".join(dict.fromkeys(problems))
-
-
 def build_recipe(tree: Any, *, source: str = "(Python dict)") -> Recipe:
     """Validate a recipe tree (dict) into a :class:`Recipe`.
 
@@ -199,7 +143,7 @@ def build_recipe(tree: Any, *, source: str = "(Python dict)") -> Recipe:
     try:
         return Recipe.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(describe_errors(error, source)) from None
+        raise ConfigError(f"recipe {source}: {describe_validation_error(error, Recipe)}") from None
 
 
 def load_recipe(path: str | Path | None, *, trust_code: bool = False) -> Recipe:
@@ -231,6 +175,6 @@ def steps_from_names(names: str) -> list[dict[str, Any]]:
     steps = []
     for name in (part.strip() for part in names.split(",")):
         if name not in STEP_NAMES:
-            raise ConfigError(f"--steps: unknown step {name!r}{_closest(name, list(STEP_NAMES))} (valid: {', '.join(STEP_NAMES)})")
+            raise ConfigError(f"--steps: unknown step {name!r}{closest(name, STEP_NAMES)} (valid: {', '.join(STEP_NAMES)})")
         steps.append({"step": name})
     return steps

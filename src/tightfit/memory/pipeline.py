@@ -31,7 +31,6 @@ float64 plus libsvm's kernel cache (scikit-learn's default ``cache_size=200`` MB
 host's memory.
 """
 
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,9 +39,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from tightfit.config import read_yaml
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.names import OPTIMIZERS, PRECISIONS, QUANTIZE_BASES
+from tightfit.settings import describe_validation_error, read_yaml
 from tightfit.trust import check_spec_from_file
 from tightfit.units import format_bytes
 
@@ -137,25 +136,10 @@ def load_pipeline(path: str | Path, *, trust_code: bool = False) -> PipelineConf
     try:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"{path}: {_describe(error)}") from None
+        raise ConfigError(f"{path}: {describe_validation_error(error, PipelineConfig)}") from None
     for index, stage in enumerate(config.stages):
         check_spec_from_file(stage.model, where=f"{path}: stages[{index}].model", trust_code=trust_code)
     return config
-
-
-def _describe(error: ValidationError) -> str:
-    """The first validation problem as ``key: what is wrong`` with the closest valid key."""
-    problem = error.errors()[0]
-    location = problem["loc"]
-    key = ""
-    for part in location:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    if problem["type"] == "extra_forbidden":
-        model = StageConfig if "stages" in location and len(location) > 2 else PipelineConfig
-        close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(model.model_fields)})"
-        return f"{key}: unknown key{hint}"
-    return f"{key}: {problem['msg']}"
 
 
 def plan_pipeline(

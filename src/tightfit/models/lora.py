@@ -290,12 +290,12 @@ def _validated(config: LoRAConfig | dict) -> LoRAConfig:
         return config
     from pydantic import ValidationError
 
+    from tightfit.settings import describe_validation_error
+
     try:
         return LoRAConfig.model_validate(config)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"lora.{where}: {first['msg']}") from None
+        raise ConfigError(describe_validation_error(error, LoRAConfig, prefix="lora")) from None
 
 
 def _require_peft_model(model: nn.Module, action: str):
