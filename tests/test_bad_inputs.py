@@ -9,9 +9,6 @@ subprocess.
 """
 
 import json
-import os
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from tightfit.cli import main
 from tightfit.errors import TightfitError
@@ -178,7 +177,12 @@ def test_an_hf_pickle_weights_file_is_refused(tmp_path, marker, capsys):
 
 def test_a_peft_adapter_pickle_is_refused(tmp_path, marker):
     pytest.importorskip("peft")
-    from tightfit.models.lora import LoRAConfig, apply_lora, load_adapters, save_adapters
+    from tightfit.models.lora import (
+        LoRAConfig,
+        apply_lora,
+        load_adapters,
+        save_adapters,
+    )
 
     model = apply_lora(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), LoRAConfig(target_modules=["0"]))
     directory = tmp_path / "adapters"

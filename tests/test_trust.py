@@ -104,7 +104,7 @@ def test_plan_model_os_abort_is_one_line_not_a_crash(tmp_path):
     # in a subprocess: if os.abort were called it would take pytest down with it
     result = subprocess.run(
         [sys.executable, "-m", "tightfit", "plan", "--model", "os:abort", "--input", "4"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and "holds no model" in result.stderr
@@ -258,7 +258,7 @@ def test_the_payload_really_runs_without_the_guard(exported, tmp_path):
     marker = tmp_path / "PWNED"
     planted = tmp_path / "evil.pt2"
     _plant(exported, planted, marker)
-    with pytest.raises(Exception):  # the payload's return value is not what the loader expects
+    with pytest.raises((AssertionError, RuntimeError, TypeError)):  # os.system returned an int, not a program part
         torch.export.load(str(planted))
     assert marker.exists()
 

@@ -92,5 +92,9 @@ def run(args) -> int:
     report = compress(source, recipe, output, console=screen, progress=screen is not None and screen.is_terminal,
                       overwrite=args.overwrite, trust_code=args.trust_code)
     if args.json:
+        import sys
+
+        for note in source.notes:  # the table's warnings, kept off stdout, which holds the JSON
+            print(f"tightfit compress: warning: {note}", file=sys.stderr)
         print_json(report)
     return 0

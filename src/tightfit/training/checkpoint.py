@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tightfit.errors import ConfigError, TightfitError
@@ -78,7 +79,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     """
     try:
         weights = load_file(str(path))
-    except Exception as error:  # safetensors raises its own errors on a truncated or foreign file
+    except (SafetensorError, OSError, ValueError) as error:  # truncated, foreign or unreadable
         raise DamagedCheckpointError(f"{path} is damaged or not a safetensors file ({_first_line(error)})") from None
     _apply_weights(model, weights, Path(path))
 
@@ -209,7 +210,7 @@ def _read(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
             raise DamagedCheckpointError(f"{directory / name} is missing")
     try:
         weights = load_file(str(directory / WEIGHTS_FILE))
-    except Exception as error:  # safetensors raises its own errors on a truncated or foreign file
+    except (SafetensorError, OSError, ValueError) as error:  # truncated, foreign or unreadable
         raise DamagedCheckpointError(f"{directory / WEIGHTS_FILE} is damaged ({_first_line(error)})") from None
     try:  # weights_only: a pickle that would build objects or call functions is refused, not run
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
@@ -218,7 +219,7 @@ def _read(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
             f"{directory / STATE_FILE} holds Python objects a safe load refuses (not written by tightfit; "
             "possibly tampered with)"
         ) from None
-    except Exception as error:  # a truncated zip archive raises RuntimeError, EOFError...
+    except Exception as error:  # noqa: BLE001  (a damaged zip raises RuntimeError, EOFError, KeyError...)
         raise DamagedCheckpointError(f"{directory / STATE_FILE} is damaged ({_first_line(error)})") from None
     try:
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
