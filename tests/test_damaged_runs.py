@@ -186,7 +186,7 @@ def test_a_plain_file_or_unwritable_run_dir_is_one_line(tmp_path, capsys, monkey
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
     directory = tmp_path / "checkpoints" / "last"
     model = torch.nn.Linear(8, 4)
-    checkpoint_files.save_checkpoint(directory, model, {"counters": {"global_step": 1}}, {"step": 1})
+    checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 1}}, {"step": 1})
     before = snapshot(directory)
 
     def full_disk(state, path):  # what torch's zip writer raises when the disk fills mid-file
@@ -194,7 +194,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, mon
 
     monkeypatch.setattr(checkpoint_files.torch, "save", full_disk)
     with pytest.raises(checkpoint_files.DiskFullError, match=r"disk full at .*checkpoint last needs about .* MiB, .* free; the previous checkpoint is intact") as error:
-        checkpoint_files.save_checkpoint(directory, model, {"counters": {"global_step": 2}}, {"step": 2})
+        checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 2}}, {"step": 2})
     assert "\n" not in str(error.value)
     assert snapshot(directory) == before
     assert [path.name for path in directory.parent.iterdir()] == ["last"]  # no temporary left
@@ -208,11 +208,11 @@ def test_a_real_full_tmpfs(tmp_path):
     try:
         directory = mount_point / "last"
         small = torch.nn.Linear(16, 16)
-        checkpoint_files.save_checkpoint(directory, small, {"counters": {"global_step": 1}}, {"step": 1})
+        checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(small), {"counters": {"global_step": 1}}, {"step": 1})
         before = snapshot(directory)
         big = torch.nn.Linear(1024, 512)  # 2 MiB of weights on a 1 MiB disk
         with pytest.raises(checkpoint_files.DiskFullError, match="disk full at"):
-            checkpoint_files.save_checkpoint(directory, big, {"counters": {"global_step": 2}}, {"step": 2})
+            checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(big), {"counters": {"global_step": 2}}, {"step": 2})
         assert snapshot(directory) == before
         assert [path.name for path in mount_point.iterdir()] == ["last"]
     finally:
@@ -221,12 +221,12 @@ def test_a_real_full_tmpfs(tmp_path):
 
 def test_load_checkpoint_names_a_tampered_state_file(tmp_path):
     directory = tmp_path / "last"
-    checkpoint_files.save_checkpoint(directory, torch.nn.Linear(2, 2), {"counters": {}}, {"step": 1})
+    checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(torch.nn.Linear(2, 2)), {"counters": {}}, {"step": 1})
     buffer = io.BytesIO()
     torch.save({"counters": {}, "extra": Path("x")}, buffer)  # an object a weights-only load refuses
     (directory / "state.pt").write_bytes(buffer.getvalue())
     with pytest.raises(checkpoint_files.DamagedCheckpointError, match="state.pt holds Python objects"):
         checkpoint_files.load_checkpoint(directory, torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="do not fit the model"):
-        checkpoint_files.save_checkpoint(directory, torch.nn.Linear(2, 2), {"counters": {}}, {"step": 1})
+        checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(torch.nn.Linear(2, 2)), {"counters": {}}, {"step": 1})
         checkpoint_files.load_checkpoint(directory, torch.nn.Linear(3, 2))

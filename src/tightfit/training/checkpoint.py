@@ -25,14 +25,12 @@ import errno
 import json
 import os
 import pickle
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -57,17 +55,25 @@ class DamagedCheckpointError(TightfitError):
     """A checkpoint file is truncated, unreadable, or holds more than plain data."""
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Write a model's weights to a safetensors file (tied weights are stored once by name)."""
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    # safetensors refuses tensors that share storage (tied embeddings); clone keeps each readable.
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of a model: its state dict, detached and contiguous.
+
+    Tied weights (one storage under two names) are cloned apart, as safetensors refuses shared
+    storage; loading ties them again through the model's own structure.
+    """
+    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     seen_pointers: set[int] = set()
-    for name, tensor in state.items():
+    for name, tensor in weights.items():
         pointer = tensor.untyped_storage().data_ptr()
         if pointer in seen_pointers:
-            state[name] = tensor.clone()
+            weights[name] = tensor.clone()
         seen_pointers.add(pointer)
-    save_file(state, str(path))
+    return weights
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Write a model's weights to a safetensors file."""
+    save_file({name: tensor.cpu() for name, tensor in model_weights(model).items()}, str(path))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -84,37 +90,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     _apply_weights(model, weights, Path(path))
 
 
-def rng_state() -> dict:
-    """The Python, NumPy and torch (CPU and CUDA) random states, as loadable-without-pickle data."""
-    version, python_state, gaussian = random.getstate()
-    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "python": [version, list(python_state), gaussian],
-        "numpy": [bit_generator, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore the random states saved by :func:`rng_state`."""
-    version, python_state, gaussian = state["python"]
-    random.setstate((version, tuple(python_state), gaussian))
-    bit_generator, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((bit_generator, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
+def save_checkpoint(directory: Path, weights: dict[str, torch.Tensor], state: dict, meta: dict) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
     Args:
         directory: where the checkpoint lives (e.g. ``RUN/checkpoints/last``); replaced if present.
-        model: the (unwrapped) model whose weights to save.
+        weights: the model's weights (:func:`model_weights`), on any device.
         state: the training state (see the module doc for what it may contain).
         meta: JSON-serialisable facts shown to people (step, epoch, metrics).
 
@@ -127,12 +108,12 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict, meta: 
     temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}{_TEMPORARY_MARK}", dir=directory.parent))
     try:
         try:
-            save_weights(model, temporary / WEIGHTS_FILE)
+            save_file({name: tensor.cpu() for name, tensor in weights.items()}, str(temporary / WEIGHTS_FILE))
             torch.save(state, temporary / STATE_FILE)
             (temporary / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         except Exception as error:
             if _is_disk_full(error, directory.parent):
-                needed = _tensor_bytes(model.state_dict()) + _tensor_bytes(state)
+                needed = _tensor_bytes(weights) + _tensor_bytes(state)
                 shutil.rmtree(temporary, ignore_errors=True)
                 free = shutil.disk_usage(directory.parent).free
                 previous = "the previous checkpoint is intact" if complete_checkpoint(directory) else "no checkpoint was written"
