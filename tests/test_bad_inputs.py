@@ -82,6 +82,11 @@ def populate(workspace: Path) -> None:
     write(workspace / "input.txt", "hello")
     write(workspace / "input.npy", BINARY)
     write(workspace / "truncated.png", PNG_HEADER)
+    # report sources
+    write(workspace / "damaged-run" / "summary.json", "{not json")
+    write(workspace / "damaged-run" / "config.yaml", "epochs: 1\n")
+    write(workspace / "list.json", "[1, 2]")
+    write(workspace / "binary.json", BINARY)
     # data
     write(workspace / "data.csv", "a,b,label\n1,2,x\n")
     write(workspace / "images" / "cat" / "1.png", PNG_HEADER)
@@ -186,6 +191,12 @@ CASES: dict[str, Case] = {
     "predict corrupt report": Case(["predict", "{w}/report-folder", "{w}/input.npy"], "report.json is damaged"),
     "predict empty folder": Case(["predict", "{w}/empty-folder", "{w}/input.npy"], "no model.onnx or model.pt2"),
     "predict top-k zero": Case(["predict", "{w}/model.onnx", "{w}/input.npy", "--top-k", "nope"], "invalid int value"),
+    # --- report ---------------------------------------------------------------------------
+    "report missing path": Case(["report", "{w}/nowhere"], "no such file or folder"),
+    "report damaged run summary": Case(["report", "{w}/damaged-run", "-o", "{w}/out.html"], "summary.json is damaged"),
+    "report json list": Case(["report", "{w}/list.json", "-o", "{w}/out.html"], "not a tightfit report source"),
+    "report binary json": Case(["report", "{w}/binary.json", "-o", "{w}/out.html"], "not valid JSON"),
+    "report folder of something else": Case(["report", "{w}/empty-folder", "-o", "{w}/out.html"], "not a training run"),
     # --- lora, doctor, devices, the shell ---------------------------------------------------
     "lora info without adapters": Case(["lora", "info", "{w}/empty-folder"], "adapter"),
     "lora merge without adapters": Case(["lora", "merge", "{w}/empty-folder"], "adapter"),
