@@ -16,6 +16,7 @@ import difflib
 import re
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,9 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 def _tag_of(model: type[BaseModel]) -> set[str]:
     """The discriminator values (``Literal`` fields) a member of a tagged union answers to."""
     tags = set()
-    for field in model.model_fields.values():
-        if typing.get_origin(field.annotation) is typing.Literal:
-            tags |= {str(value) for value in typing.get_args(field.annotation)}
+    for model_field in model.model_fields.values():
+        if typing.get_origin(model_field.annotation) is typing.Literal:
+            tags |= {str(value) for value in typing.get_args(model_field.annotation)}
     return tags
 
 
@@ -116,6 +117,16 @@ def _walk(root: type[BaseModel], location: tuple) -> tuple[list[str], type[BaseM
     return names, model, candidates
 
 
+@dataclass
+class _KeyProblems:
+    """What is wrong with one key."""
+
+    messages: list[str] = field(default_factory=list)  # complete sentences
+    expected: list[str] = field(default_factory=list)  # "a valid integer", "'auto'": one per union branch
+    hint: str = ""  # "; did you mean 'cosine'?"
+    given: Any = None
+
+
 def describe_validation_error(
     error: ValidationError,
     root: type[BaseModel],
@@ -136,8 +147,7 @@ def describe_validation_error(
         (valid: name, lr, ...)`` or ``data.num_workers: should be a valid integer or 'auto'
         (got 'many')``.
     """
-    problems: dict[str, list[str]] = {}
-    inputs: dict[str, Any] = {}
+    problems: dict[str, _KeyProblems] = {}
     for item in error.errors():
         names, model, members = _walk(root, tuple(item["loc"]))
         kind, message = item["type"], item["msg"]
@@ -145,44 +155,36 @@ def describe_validation_error(
             unknown = str(item["loc"][-1])
             valid = list(model.model_fields) if model is not None else []
             key = ".".join([prefix, *names, unknown] if prefix else [*names, unknown])
-            problems.setdefault(key, []).append(f"unknown key{closest(unknown, valid)} (valid: {', '.join(valid)})")
-            continue
-        key = ".".join([prefix, *names] if prefix else names) or (prefix or "settings")
-        if kind in ("union_tag_invalid", "union_tag_not_found"):
-            context = item.get("ctx", {})
-            tag_name = context.get("discriminator", "'kind'")
-            field = tag_name.strip("'")
-            tags = [
-                str(value) for member in members if field in member.model_fields
-                for value in typing.get_args(member.model_fields[field].annotation)
-            ]
-            given = item["input"].get(tag_name.strip("'")) if isinstance(item.get("input"), dict) else None
-            got = f"got {given!r}" if given is not None else f"no {tag_name} key"
-            problems.setdefault(key, []).append(
-                f"{tag_name} must be one of {', '.join(tags)}{closest(given, tags) if given else ''} ({got})"
+            problems.setdefault(key, _KeyProblems()).messages.append(
+                f"unknown key{closest(unknown, valid)} (valid: {', '.join(valid)})"
             )
             continue
-        if kind == "value_error":  # our own validators say what is wrong and quote the value
-            problems.setdefault(key, []).append(message.removeprefix("Value error, "))
-            continue
-        inputs[key] = item.get("input")
-        hint = ""
-        if kind == "literal_error":
-            hint = closest(item.get("input"), re.findall(r"'([^']*)'", message))
-        expected = message.removeprefix("Input should be ").split(", unable")[0]  # drop pydantic's parse detail
-        problems.setdefault(key, []).append(f"should be {expected}{hint}")
+        key = ".".join([prefix, *names] if prefix else names) or (prefix or "settings")
+        problem = problems.setdefault(key, _KeyProblems())
+        if kind in ("union_tag_invalid", "union_tag_not_found"):  # a tagged union: name the tags
+            tag_name = item.get("ctx", {}).get("discriminator", "'kind'")
+            field_name = tag_name.strip("'")
+            tags = [
+                str(value) for member in members if field_name in member.model_fields
+                for value in typing.get_args(member.model_fields[field_name].annotation)
+            ]
+            given = item["input"].get(field_name) if isinstance(item.get("input"), dict) else None
+            got = f"got {given!r}" if given is not None else f"no {tag_name} key"
+            problem.messages.append(f"{tag_name} must be one of {', '.join(tags)}{closest(given, tags) if given else ''} ({got})")
+        elif kind == "value_error":  # our own validators say what is wrong and quote the value
+            problem.messages.append(message.removeprefix("Value error, "))
+        else:
+            problem.given = item.get("input")
+            problem.expected.append(message.removeprefix("Input should be ").split(", unable")[0])  # drop parse detail
+            if kind == "literal_error" and not problem.hint:
+                problem.hint = closest(problem.given, re.findall(r"'([^']*)'", message))
     lines = []
-    for key, messages in problems.items():
-        messages = list(dict.fromkeys(messages))
-        if key in inputs:
-            shoulds = [message for message in messages if message.startswith("should be ")]
-            others = [message for message in messages if not message.startswith("should be ")]
-            if shoulds:
-                # the branches of a union: "should be a valid integer or 'auto' (got 'many')"
-                branches = [message.removeprefix("should be ").split("; did you mean")[0] for message in shoulds]
-                hints = [message[message.index("; did you mean"):] for message in shoulds if "; did you mean" in message]
-                others.append("should be " + " or ".join(branches) + f" (got {inputs[key]!r})" + (hints[0] if hints else ""))
-            messages = others
+    for key, problem in problems.items():
+        messages = list(dict.fromkeys(problem.messages))
+        if problem.expected:
+            # every branch of a union at once: "should be a valid integer or 'auto' (got 'many')"
+            expected = " or ".join(dict.fromkeys(problem.expected))
+            messages.append(f"should be {expected} (got {problem.given!r}){problem.hint}")
         suffix = where(key) if where is not None else ""
         lines.append(f"{key}{suffix}: {'; '.join(messages)}")
     return "; ".join(lines)

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from tightfit.config import TrainConfig, build_config, load_config
+from tightfit.training.run_folder import check_new_run_folder
 from tightfit.training.trainer import Trainer
 
 
@@ -25,7 +26,8 @@ def train(
         ``wall_time_s``, ``steps``, ``peak_memory_bytes``, ``run_dir`` and more.
 
     Raises:
-        ConfigError: an unknown key, a wrong type or a bad value, naming the key.
+        ConfigError: an unknown key, a wrong type or a bad value, naming the key; or a
+            ``run_dir`` that holds a run (pass ``resume``) or files of the user's.
 
     Example:
         >>> summary = tightfit.train(epochs=3, run_dir="runs/quick")
@@ -38,6 +40,8 @@ def train(
         config = build_config(config.model_dump(mode="json"), source="the Python config", overrides=override_strings)
     else:
         config = build_config(config or {}, source="the Python config", overrides=override_strings)
+    if resume is None and config.run_dir:
+        check_new_run_folder(config.run_dir)  # never write over a run or a folder of the user's
     return Trainer(config).fit(resume_from=resume)
 
 
