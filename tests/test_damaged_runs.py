@@ -230,3 +230,17 @@ def test_load_checkpoint_names_a_tampered_state_file(tmp_path):
     with pytest.raises(ConfigError, match="do not fit the model"):
         checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(torch.nn.Linear(2, 2)), {"counters": {}}, {"step": 1})
         checkpoint_files.load_checkpoint(directory, torch.nn.Linear(3, 2))
+
+
+def test_resuming_a_copied_run_never_touches_the_original(finished_run, tmp_path, capsys):
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    shutil.copytree(finished_run, original)
+    shutil.copytree(original, copy)
+    for run in (original, copy):  # what a kill between a top-k write and the next 'last' leaves
+        (run / "checkpoints" / "top-k" / "step-9999999-stray").mkdir()
+    before, first = snapshot(original), snapshot(finished_run)  # the saved state names finished_run's folder
+    assert main(["train", "--resume", str(copy), "epochs=3", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert snapshot(original) == before and snapshot(finished_run) == first
+    assert not (copy / "checkpoints" / "top-k" / "step-9999999-stray").exists()  # pruned where it belongs
+    assert summary["best_checkpoint"] == str(copy / "checkpoints" / "best")
