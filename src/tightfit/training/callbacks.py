@@ -164,7 +164,7 @@ class ModelCheckpoint:
         self.top_k.sort(key=lambda item: item[0], reverse=self.mode == "max")
         for _, dropped in self.top_k[self.keep_top_k :]:
             if trainer.process.is_main:
-                shutil.rmtree(dropped, ignore_errors=True)
+                trainer.checkpoint_writer.remove(dropped)
         self.top_k = self.top_k[: self.keep_top_k]
 
     def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None:

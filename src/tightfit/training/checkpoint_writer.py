@@ -1,16 +1,19 @@
 """Checkpoint writing off the training step's critical path.
 
-``save(directory, weights, state, meta)`` copies the tensors (weights, optimizer state) to the
-host — a memory copy, the only part the step waits for — and hands the copy to a background
+``save(directory, weights, state, meta)`` copies the tensors (weights, optimizer state) to host
+memory — a memory copy, the only part the step waits for — and queues the copy for a background
 thread, which serialises and writes it with :func:`tightfit.training.checkpoint.save_checkpoint`
 (temporary folder, then an atomic rename: never a half-written checkpoint, also when the process is
-killed mid-write). Writes happen one at a time, in the order they were asked for: a new one waits
-for the previous one, so a checkpoint removed after a newer one was submitted (top-k) is always
-already on disk. :meth:`wait` is called before anything reads a checkpoint back and when training
-ends; it re-raises what a write raised (a full disk, say).
+killed mid-write). The thread works through its queue in order, removals (``remove``, for top-k)
+included, so a checkpoint is never removed before it is written. :meth:`wait` is called before
+anything reads a checkpoint back and when training ends; it re-raises what a write raised (a full
+disk, say).
 """
 
+import queue
+import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,33 +28,45 @@ def _host_copy(value: Any) -> Any:
 
 
 class CheckpointWriter:
-    """Writes checkpoints on one background thread, in order (see the module docstring)."""
+    """Writes and removes checkpoints on one background thread, in order (see the module docstring)."""
 
     def __init__(self) -> None:
+        self._tasks: queue.Queue[Callable[[], Any]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def save(self, directory: Path, weights: dict[str, torch.Tensor], state: dict, meta: dict) -> Path:
         """Snapshot the tensors now, write them in the background; returns the final path."""
-        self.wait()
         weights, state = tree_map(_host_copy, weights), tree_map(_host_copy, state)
-        self._thread = threading.Thread(
-            target=self._write, args=(directory, weights, state, meta), name="tightfit-checkpoint-writer"
-        )
-        self._thread.start()
+        self._submit(lambda: checkpoint_files.save_checkpoint(directory, weights, state, meta))
         return Path(directory)
 
-    def _write(self, directory: Path, weights: dict, state: dict, meta: dict) -> None:
-        try:
-            checkpoint_files.save_checkpoint(directory, weights, state, meta)
-        except BaseException as error:  # noqa: BLE001 - handed to the training thread by wait()
-            self._error = error
+    def remove(self, directory: Path | str) -> None:
+        """Remove a checkpoint once everything queued before is written."""
+        self._submit(lambda: shutil.rmtree(directory, ignore_errors=True))
 
     def wait(self) -> None:
-        """Block until the write in flight (if any) is on disk; re-raise its error."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Block until everything queued is done; re-raise the first error a task raised."""
+        self._tasks.join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def _submit(self, task: Callable[[], Any]) -> None:
+        if self._thread is None:
+            # A daemon: the trainer waits for the queue before it returns or raises, so nothing
+            # queued is dropped; an interpreter shutting down for another reason is not held up.
+            self._thread = threading.Thread(target=self._work, name="tightfit-checkpoint-writer", daemon=True)
+            self._thread.start()
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            try:
+                if self._error is None:  # after a failure, later writes would only fail the same way
+                    task()
+            except BaseException as error:  # noqa: BLE001 - handed to the training thread by wait()
+                self._error = error
+            finally:
+                self._tasks.task_done()
