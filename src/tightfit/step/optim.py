@@ -10,7 +10,7 @@ import torch
 
 from tightfit._optional import require
 from tightfit.errors import ConfigError
-from tightfit.names import OPTIMIZERS  # noqa: F401  (re-exported; the list lives in names.py)
+from tightfit.names import OPTIMIZERS
 
 
 def build_optimizer(

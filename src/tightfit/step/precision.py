@@ -9,7 +9,7 @@ import contextlib
 import torch
 
 from tightfit.errors import ConfigError
-from tightfit.names import PRECISIONS  # noqa: F401  (re-exported; the list lives in names.py)
+from tightfit.names import PRECISIONS
 
 
 def resolve_precision(requested: str, device_type: str) -> tuple[str, str]:
