@@ -272,3 +272,15 @@ def test_shipped_recipes_need_no_opt_in_but_the_rest_of_tightfit_does(tmp_path):
     recipe.write_text(yaml.safe_dump({"model": "tightfit.models.spec:build_model", "model_options": {"spec": "evil:run"}}))
     with pytest.raises(ConfigError, match="--trust-code"):
         load_config(recipe)
+
+
+def test_an_unwritable_trust_record_warns_but_does_not_fail_the_export(tmp_path, monkeypatch):
+    from tightfit.trust import is_recorded_program, record_program
+
+    archive = tmp_path / "model.pt2"
+    archive.write_bytes(b"archive")
+    (tmp_path / "home").write_text("a file where the record's folder should be")
+    monkeypatch.setenv("TIGHTFIT_HOME", str(tmp_path / "home" / "tightfit"))
+    with pytest.warns(UserWarning, match="--trust-pt2"):
+        record_program(archive)
+    assert not is_recorded_program(archive)

@@ -24,6 +24,7 @@ This module imports neither torch nor anything heavy: ``tightfit.config`` uses i
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from tightfit.errors import ConfigError, SpecError
@@ -135,9 +136,15 @@ def record_program(path: str | os.PathLike) -> str:
     """
     digest = file_sha256(path)
     record = _program_record()
-    record.parent.mkdir(parents=True, exist_ok=True)
-    with open(record, "a", encoding="utf-8") as handle:
-        handle.write(f"{digest}  {Path(path).resolve()}\n")
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with open(record, "a", encoding="utf-8") as handle:
+            handle.write(f"{digest}  {Path(path).resolve()}\n")
+    except OSError as error:  # a read-only home must not fail the export itself
+        warnings.warn(
+            f"{path}: not recorded as trusted in {record} ({error.strerror}); predict will need --trust-pt2 for it",
+            stacklevel=2,
+        )
     return digest
 
 
