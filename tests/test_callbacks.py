@@ -8,8 +8,15 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, is_improvement
+from tightfit.training import checkpoint as checkpoint_files
+from tightfit.training.callbacks import EarlyStopping, is_improvement
 from tightfit.training.trainer import Trainer
+
+
+def periodic_names(run_dir) -> list[str]:
+    """The step-N / epoch-N checkpoints of a run, oldest first."""
+    found = [path for path in (run_dir / "checkpoints").iterdir() if path.name.split("-")[0] in ("step", "epoch")]
+    return [path.name for path in sorted(found, key=lambda path: json.loads((path / "meta.json").read_text())["step"])]
 
 
 def make_data(samples: int = 32) -> TensorDataset:
@@ -130,8 +137,7 @@ def test_top_k_keeps_the_k_best_and_every_n_steps_keeps_step_checkpoints_beside_
     trainer.fit()
     # every_n_steps keeps step-N checkpoints (mid-epoch: 8 steps an epoch) and leaves "last" to the epoch ends
     assert seen_last_steps and all(step % 8 == 0 for step in seen_last_steps)
-    periodic = ModelCheckpoint.periodic_directories(tmp_path / "checkpoints")
-    assert [path.name for path in periodic] == [f"step-{step}" for step in range(3, 33, 3)]
+    assert periodic_names(tmp_path) == [f"step-{step}" for step in range(3, 33, 3)]
     assert json.loads((tmp_path / "checkpoints" / "step-6" / "meta.json").read_text())["step"] == 6
     kept = sorted((tmp_path / "checkpoints" / "top-k").iterdir())
     assert len(kept) == 2
@@ -147,13 +153,13 @@ def test_every_n_epochs_keeps_epoch_checkpoints_and_keep_periodic_drops_the_olde
     data = make_data(64)
     settings = {"checkpoint": {"every_n_epochs": 1, "every_n_steps": 3, "keep_periodic": 3}, "epochs": 2}
     Trainer(config(tmp_path, **settings), model=make_model(), datasets=(data, data, None)).fit()
-    names = [path.name for path in ModelCheckpoint.periodic_directories(tmp_path / "checkpoints")]
+    names = periodic_names(tmp_path)
     # 16 steps: step-3, step-6, epoch-1 (step 8), step-9, step-12, step-15, epoch-2 (step 16); the newest three stay
     assert names == ["step-12", "step-15", "epoch-2"]
     meta = json.loads((tmp_path / "checkpoints" / "epoch-2" / "meta.json").read_text())
     assert meta["step"] == 16 and meta["epoch_finished"]
     assert (tmp_path / "checkpoints" / "epoch-2" / "state.pt").is_file()  # resumable, not weights only
-    assert ModelCheckpoint.resume_directory(tmp_path).name == "last"  # same step: last wins
+    assert checkpoint_files.checkpoint_folders(tmp_path / "checkpoints")[0].name == "last"  # same step: last first
 
 
 def test_resume_continues_from_a_step_checkpoint_newer_than_last(tmp_path):
@@ -162,7 +168,7 @@ def test_resume_continues_from_a_step_checkpoint_newer_than_last(tmp_path):
     Trainer(config(tmp_path, **settings), model=make_model(), datasets=(data, data, None)).fit()
     shutil.rmtree(tmp_path / "checkpoints" / "last")  # as if killed after step-12, before the run's end
     (tmp_path / "summary.json").unlink()
-    assert ModelCheckpoint.resume_directory(tmp_path).name == "step-12"
+    assert checkpoint_files.checkpoint_folders(tmp_path / "checkpoints")[0].name == "step-12"
     resumed = Trainer(config(tmp_path, **{**settings, "max_steps": 16}), model=make_model(), datasets=(data, data, None))
     summary = resumed.fit(resume_from=tmp_path)
     assert summary["steps"] == 16
@@ -171,11 +177,11 @@ def test_resume_continues_from_a_step_checkpoint_newer_than_last(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("checkpoint.every_n_epochs=0", "checkpoint.every_n_epochs (on the command line): Input should be greater than or equal to 1"),
-        ("checkpoint.keep_periodic=0", "checkpoint.keep_periodic (on the command line): Input should be greater than or equal to 1"),
+        ("checkpoint.every_n_epochs=0", "checkpoint.every_n_epochs (on the command line): should be greater than or equal to 1 (got 0)"),
+        ("checkpoint.keep_periodic=0", "checkpoint.keep_periodic (on the command line): should be greater than or equal to 1 (got 0)"),
         ("checkpoint.every_n_epoch=2", "checkpoint.every_n_epoch (on the command line): unknown key; did you mean 'every_n_epochs'?"),
-        ("numerics.flat_loss_steps=5", "numerics.flat_loss_steps (on the command line): Input should be greater than or equal to 20"),
-        ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio (on the command line): Input should be less than or equal to 1"),
+        ("numerics.flat_loss_steps=5", "numerics.flat_loss_steps (on the command line): should be greater than or equal to 20 (got 5)"),
+        ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio (on the command line): should be less than or equal to 1 (got 2)"),
     ],
 )
 def test_bad_periodic_and_diagnosis_settings_are_one_line(tmp_path, capsys, override, message):

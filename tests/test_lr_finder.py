@@ -113,7 +113,7 @@ def test_cli_lr_find_json_and_plot_leave_no_run_folder(tmp_path, monkeypatch, ca
         (["--plot", "no/such/lr.png"], "--plot no/such/lr.png: the folder no/such does not exist"),
         (["lr_find.min_lr=2"], "lr_find (on the command line): min_lr 2.0 must be below max_lr 1.0"),
         (["lr_find.num_steps=3"], "lr_find.num_steps (on the command line)"),
-        (["optimizer.lr=fast"], "optimizer.lr (on the command line): Input should be a valid number"),
+        (["optimizer.lr=fast"], "optimizer.lr (on the command line): should be a valid number or 'auto' (got 'fast')"),
     ],
 )
 def test_cli_lr_find_bad_input_is_one_line(tmp_path, monkeypatch, capsys, arguments, message):

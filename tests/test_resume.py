@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.training import checkpoint as checkpoint_files
-from tightfit.training.callbacks import ModelCheckpoint
 
 # The run: dropout (RNG), AdamW (optimizer state), cosine with warm-up (schedule), shuffled data
 # (sampler position), 3 epochs of 8 steps, a resumable checkpoint every 3 steps. A callback slows
@@ -83,7 +82,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     assert not (interrupted / "summary.json").exists()
-    resume_point = ModelCheckpoint.resume_directory(interrupted)
+    resume_point = checkpoint_files.checkpoint_folders(interrupted / "checkpoints")[0]  # what --resume takes
     killed_at = json.loads((resume_point / checkpoint_files.META_FILE).read_text())["step"]
     assert resume_point.name.startswith("step-") and 12 <= killed_at < 24  # mid-epoch, not "last"
 

@@ -16,13 +16,10 @@ added or removed gives each one its own state back; a callback without saved sta
 A callback stops the run by setting ``trainer.should_stop = True`` (and ``trainer.stop_reason``).
 """
 
-import json
 import math
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
-
-from tightfit.training import checkpoint as checkpoint_files
 
 
 class Callback(Protocol):
@@ -126,8 +123,8 @@ class ModelCheckpoint:
     (resumable) and named after when they were taken: ``step-N`` every ``every_n_steps``
     optimizer steps (mid-epoch, so a killed run loses at most that many steps) and ``epoch-N``
     every ``every_n_epochs`` epochs; ``keep_periodic`` bounds how many stay on disk (the oldest
-    go first). A resumed run continues from the newest of ``last`` and the periodic ones (see
-    :meth:`resume_directory`). ``best`` holds the weights with the best monitored value so far;
+    go first). A resumed run continues from the newest intact checkpoint, a periodic one included
+    (``checkpoint.load_newest_intact``). ``best`` holds the weights with the best monitored value so far;
     ``top-k/`` keeps the ``keep_top_k`` best.
 
     Args:
@@ -138,8 +135,6 @@ class ModelCheckpoint:
         every_n_epochs: also write ``epoch-N`` every this many epochs (None: never).
         keep_periodic: how many ``step-N``/``epoch-N`` checkpoints to keep (None: all).
     """
-
-    PERIODIC_PREFIXES = ("step-", "epoch-")
 
     def __init__(
         self,
@@ -160,6 +155,7 @@ class ModelCheckpoint:
         self.best_path: str | None = None
         self.top_k: list[tuple[float, str]] = []  # (value, path), best first
         self.periodic: list[str] = []  # step-N / epoch-N names kept, oldest first
+        self._resumed = False  # state loaded from a checkpoint: its paths are re-rooted at fit start
 
     def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -178,30 +174,6 @@ class ModelCheckpoint:
         # the dropped ones are older than the newest, so their background write has finished
         while len(self.periodic) > self.keep_periodic:
             shutil.rmtree(trainer.run_dir / "checkpoints" / self.periodic.pop(0), ignore_errors=True)
-
-    @classmethod
-    def periodic_directories(cls, checkpoints: Path) -> list[Path]:
-        """The complete ``step-N`` and ``epoch-N`` checkpoints under ``checkpoints``, oldest first (by step)."""
-        found = []
-        for child in Path(checkpoints).glob("*-*"):
-            prefix, _, number = child.name.partition("-")
-            step = _checkpoint_step(child) if prefix + "-" in cls.PERIODIC_PREFIXES and number.isdigit() else None
-            if step is not None:
-                found.append((step, child.name.startswith("epoch-"), child))
-        return [path for *_, path in sorted(found)]
-
-    @classmethod
-    def resume_directory(cls, run_dir: Path) -> Path:
-        """The checkpoint a resumed run continues from: the newest (by step) of ``last`` and the
-        periodic ones; ``last`` wins a tie (it is written after a periodic one of the same step)."""
-        checkpoints = Path(run_dir) / "checkpoints"
-        newest = checkpoints / "last"
-        newest_step = _checkpoint_step(newest)
-        for directory in cls.periodic_directories(checkpoints):
-            step = _checkpoint_step(directory)
-            if newest_step is None or step > newest_step:
-                newest, newest_step = directory, step
-        return newest
 
     def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         value = metrics.get(self.monitor)
@@ -234,13 +206,25 @@ class ModelCheckpoint:
         self.best_path = state["best_path"]
         self.periodic = list(state.get("periodic", []))
         self.top_k = [(value, path) for value, path in state["top_k"]]
+        self._resumed = True
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if not self._resumed:
+            return
+        # The saved paths name the folder the run was in when it saved them; a resumed run may
+        # have been moved or copied since (its original must never be pruned), so they are
+        # re-rooted in this run's own checkpoints folder.
+        checkpoints = Path(trainer.run_dir) / "checkpoints"
+        if self.best_path is not None:
+            self.best_path = str(checkpoints / "best")
+        self.top_k = [(value, str(checkpoints / "top-k" / Path(path).name)) for value, path in self.top_k]
         # A run killed between writing a top-k checkpoint and the next ``last`` left a directory no
         # state refers to; remove it so the kept set is exactly the recorded one.
         kept = {Path(path).name for _, path in self.top_k}
-        top_dir = Path(self.best_path or ".").parent / "top-k" if self.best_path else None
-        if top_dir is not None and top_dir.is_dir():
+        top_dir = checkpoints / "top-k"
+        if top_dir.is_dir() and trainer.process.is_main:
             for child in top_dir.iterdir():
-                if child.name not in kept:
+                if child.name not in kept and child.is_dir():
                     shutil.rmtree(child, ignore_errors=True)
 
 
@@ -261,8 +245,3 @@ class HtmlReport:
         except Exception as error:  # noqa: BLE001 - the run itself succeeded; say why the page is missing
             trainer.console.print(f"[yellow]warning:[/] report.html not written: {error}")
 
-
-def _checkpoint_step(directory: Path) -> int | None:
-    """The optimizer step a complete checkpoint was taken at (its ``meta.json``), or None."""
-    found = checkpoint_files.complete_checkpoint(directory)
-    return json.loads((found / checkpoint_files.META_FILE).read_text())["step"] if found is not None else None
