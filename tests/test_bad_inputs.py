@@ -127,6 +127,19 @@ CASES: dict[str, Case] = {
     "train missing csv": Case(["train", "data.source=csv", "data.path={w}/nowhere.csv"], "nowhere.csv"),
     "train unknown flag": Case(["train", "--epochs", "3"], "unrecognized arguments"),
     "train limit not a number": Case(["train", "--limit", "many"], "invalid int value"),
+    # --- train: model against data, checked before the first step (training/contract.py) -----
+    "train unet on class labels": Case(["train", "model=builtin:unet-small", "--limit", "20"], "not (batch, classes)"),
+    "train num_classes against data": Case(["train", "model_options.num_classes=5", "--limit", "20"], "but the data has 10 classes"),
+    "train mlp input width": Case(["train", "model=builtin:mlp", "model_options.in_features=13", "--limit", "20"], "leave out model_options.in_features"),
+    "train every_n_epochs zero": Case(["train", "checkpoint.every_n_epochs=0"], "checkpoint.every_n_epochs"),
+    "train lr auto empty sweep": Case(["train", "optimizer.lr=auto", "lr_find.max_lr=0"], "lr_find.max_lr"),
+    # --- lr-find ----------------------------------------------------------------------------
+    "lr-find missing config": Case(["lr-find", "{w}/nowhere.yaml"], "nowhere.yaml does not exist"),
+    "lr-find min above max": Case(["lr-find", "lr_find.min_lr=2"], "min_lr 2.0 must be below max_lr 1.0"),
+    "lr-find too few steps": Case(["lr-find", "lr_find.num_steps=3"], "lr_find.num_steps"),
+    "lr-find plot not png": Case(["lr-find", "--plot", "{w}/lr.txt"], "expected a .png file name"),
+    "lr-find plot in missing folder": Case(["lr-find", "--plot", "{w}/nowhere/lr.png"], "does not exist"),
+    "lr-find unet on class labels": Case(["lr-find", "model=builtin:unet-small", "data.limit=20"], "not (batch, classes)"),
     # --- train: run folders ---------------------------------------------------------------
     "train resume missing folder": Case(["train", "--resume", "{w}/nowhere"], "not a tightfit run directory"),
     "train resume without config": Case(["train", "--resume", "{w}/no-config-run"], "no config.yaml"),
