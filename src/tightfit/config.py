@@ -144,6 +144,24 @@ class NumericsConfig(BaseModel, extra="forbid"):
     flat_loss_steps: int = Field(default=200, ge=20, description="warn when the loss has not moved after N steps")
 
 
+class DistributedConfig(BaseModel, extra="forbid"):
+    """``distributed:`` how several processes (``torchrun``) share the work (docs/distributed.md).
+
+    In one process ``fsdp`` has nothing to shard and trains the whole model, but still writes
+    sharded (DCP) checkpoints, so the run resumes on any number of processes.
+    """
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto", description="auto: DDP when launched with several processes; fsdp: shard parameters, gradients, optimizer state"
+    )
+    param_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="fsdp: dtype of the gathered parameters in forward/backward; auto follows precision"
+    )
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="fsdp: dtype gradients are reduced in")
+    cpu_offload: bool = Field(default=False, description="fsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
+    timeout_s: float = Field(default=600, gt=0, description="a collective waiting longer than this ends every rank with an error")
+
+
 class TrainConfig(BaseModel, extra="forbid"):
     """A whole training run. The defaults are the digits recipe."""
 
@@ -172,6 +190,7 @@ class TrainConfig(BaseModel, extra="forbid"):
     eval_every_n_steps: int | None = Field(default=None, ge=1, description="validate mid-epoch too")
     clip_grad_norm: float | None = Field(default=None, gt=0)
     lora: LoRAConfig | None = None
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("checkpointing", mode="before")
     @classmethod

@@ -12,6 +12,10 @@ examples:
   tightfit train my.yaml --set batch.micro_batch_size=auto --set budget=4GiB
   tightfit train --resume runs/20260101-120000     # continue a stopped run exactly
   tightfit train my.yaml --print-config            # show every setting, defaults filled in
+  tightfit train my.yaml --nproc-per-node 4 distributed.strategy=fsdp   # 4 processes on this machine
+  torchrun --nproc-per-node 4 -m tightfit train my.yaml                 # the same, through torchrun
+
+several machines: torchrun on each (--nnodes, --rdzv-endpoint); see docs/distributed.md.
 """
 
 
@@ -26,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="use at most N samples per split (a quick trial; data.limit)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--nproc-per-node", type=int, metavar="N",
+        help="train with N processes on this machine (one per GPU), through torchrun's launcher",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             f"run_dir: {config.run_dir} already holds a run; continue it with --resume {config.run_dir} or choose another --run-dir"
         )
 
+    if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
+        return _launch(args)  # the configuration is valid: now start the processes
     from tightfit.training.trainer import Trainer
 
     if args.json:
@@ -80,6 +90,41 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         _print_summary(summary)
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run this same command in ``--nproc-per-node`` processes with torchrun's launcher.
+
+    The launcher (``torch.distributed.run``) starts the processes with their rank environment,
+    watches them, and when one dies stops the others, so a failure never leaves a hang behind.
+    """
+    from tightfit.errors import ConfigError, TightfitError
+
+    if args.nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node: must be a positive integer, got {args.nproc_per_node}")
+    command = ["train", *args.items]
+    for override in args.overrides:
+        command += ["--set", override]
+    for flag, value in (("--run-dir", args.run_dir), ("--resume", args.resume), ("--limit", args.limit)):
+        if value is not None:
+            command += [flag, str(value)]
+    if args.json:
+        command.append("--json")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launcher_args = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(args.nproc_per_node), "--module", "tightfit", *command]
+    )
+    try:
+        run(launcher_args)
+    except ChildFailedError as error:
+        failures = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in sorted(error.failures.items()))
+        raise TightfitError(
+            f"{failures} failed; the other processes were stopped (their messages are above). "
+            "Continue from the last checkpoint with --resume RUN_DIR"
+        ) from None
     return 0
 
 

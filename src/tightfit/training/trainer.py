@@ -31,6 +31,7 @@ from tightfit.memory.oom import is_out_of_memory
 from tightfit.step.batch import count_samples, move_to_device, slice_batch
 from tightfit.training import checkpoint as checkpoint_files
 from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint
+from tightfit.training import distributed
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
@@ -117,15 +118,19 @@ class Trainer:
             ConfigError: a setting that cannot be honoured here (device missing, no data...).
         """
         config = self.config
-        self.process = setup_process("cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.process = setup_process(
+            "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu",
+            timeout_s=config.distributed.timeout_s,
+        )
         self.device = resolve_device(config.device, self.process)
+        self.strategy = distributed.resolve_strategy(config.distributed.strategy, self.process)
         self.threads_before = torch.get_num_threads()
         if config.threads is not None:
             torch.set_num_threads(config.threads)  # restored when fit() ends: a notebook keeps its setting
         self.console = _console(config.logging.console and self.process.is_main)
         seed_everything(config.seed)
 
-        self.run_dir = Path(resume_from or config.run_dir or new_run_dir())
+        self.run_dir = Path(resume_from or config.run_dir or distributed.broadcast_object(new_run_dir(), self.process))
         self.data = self._build_data()
         self.model = self._build_model()
         self.precision, precision_reason = resolve_precision(config.precision, self.device.type)
@@ -135,8 +140,9 @@ class Trainer:
             self.model.to(dtype=parameter_dtype(self.precision))
         self.model.to(self.device)
         self._apply_budget()
-        self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **config.optimizer.model_dump(exclude={"name"}))
         self.micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
+        self.train_model = self._wrap_for_processes(self.model)  # before the optimizer: FSDP replaces the parameters
+        self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **config.optimizer.model_dump(exclude={"name"}))
         self.loaders = self._build_loaders()
         self.steps_per_epoch = len(self.loaders["train"])
         self.total_steps = self.config.epochs * self.steps_per_epoch
@@ -145,7 +151,6 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
         self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips, flat_loss_steps=config.numerics.flat_loss_steps)
-        self.train_model = self._wrap_for_processes(self.model)
         self.callbacks = self._build_callbacks()
         if resume_from is not None:
             self._restore(Path(resume_from))
@@ -209,7 +214,8 @@ class Trainer:
         batch = self.config.batch
         micro = batch.micro_batch_size
         if micro == "auto":
-            micro = self._find_micro_batch_size()
+            # each rank searches on its own; all take the smallest, so they step together
+            micro = distributed.min_across_processes(self._find_micro_batch_size(), self.device, self.process)
         train_size = len(self.data["train"])
         micro = min(micro, train_size)
         if batch.effective_batch_size is not None:
@@ -273,12 +279,26 @@ class Trainer:
         return loaders
 
     def _wrap_for_processes(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Share the model across ranks as ``distributed.strategy`` says (in place; returns it)."""
+        settings = self.config.distributed
+        distributed.check_strategy(self.strategy, device_type=self.device.type, cpu_offload=settings.cpu_offload, precision=self.precision)
         if not self.process.distributed:
             return model
-        from torch.nn.parallel import DistributedDataParallel
+        if self.strategy == "ddp":
+            distributed.replicate_model(model)
+            self.console.print(f"distributed: ddp over {self.process.world_size} processes")
+        elif self.strategy == "fsdp":
+            from tightfit.models.checkpointing import find_repeated_blocks
 
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+            blocks = self.checkpointed_blocks or find_repeated_blocks(model)
+            param_dtype = distributed.fsdp_param_dtype(settings.param_dtype, self.precision)
+            distributed.shard_model(model, blocks, param_dtype=param_dtype, reduce_dtype=settings.reduce_dtype, cpu_offload=settings.cpu_offload)
+            self.console.print(
+                f"distributed: fsdp over {self.process.world_size} processes, {len(blocks)} blocks sharded as units "
+                f"(parameters gathered in {param_dtype}, gradients reduced in {settings.reduce_dtype}"
+                f"{', CPU offload' if settings.cpu_offload else ''})"
+            )
+        return model
 
     def _build_callbacks(self) -> list[Any]:
         config = self.config
@@ -406,17 +426,22 @@ class Trainer:
         """
         window_samples = count_samples(window)
         while True:
+            error = None
             try:
                 loss_sum = self._accumulate_gradients(window, window_samples)
-                break
-            except Exception as error:
-                if not is_out_of_memory(error):
+            except Exception as caught:
+                if not is_out_of_memory(caught):
                     raise
-                self._recover_from_out_of_memory(error)
+                error, loss_sum = caught, torch.zeros(())
+            any_out_of_memory, loss = self._agree_on_window(error is not None, loss_sum, window_samples)
+            if not any_out_of_memory:
+                break
+            self._recover_from_out_of_memory(error)
+        if self.strategy == "ddp":
+            distributed.average_gradients(self.model, self.device, self.process)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip and check the true gradients, not the scaled ones
         grad_norm = self._gradient_norm()
-        loss = float(loss_sum) / window_samples
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
             problem = None  # an fp16 gradient overflow is the scaler's business: it skips the step and rescales
@@ -455,7 +480,7 @@ class Trainer:
                 micro_samples = count_samples(micro_batch)
                 last = index == len(starts) - 1
                 # in DDP only the last micro-batch of the window needs to synchronise gradients
-                sync = contextlib.nullcontext() if last or not self.process.distributed else self.train_model.no_sync()
+                sync = distributed.gradient_sync_context(self.train_model, last)
                 with sync:
                     with autocast(self.precision, self.device.type):
                         _, loss = forward_and_loss(self.train_model, micro_batch)
@@ -472,12 +497,25 @@ class Trainer:
 
         return MemoryTracker(self.model, self.optimizer, budget_bytes=self.budget_bytes)
 
-    def _recover_from_out_of_memory(self, error: BaseException) -> None:
-        """Halve the micro-batch, double the accumulation, drop the partial gradients."""
+    def _agree_on_window(self, out_of_memory: bool, loss_sum: torch.Tensor, window_samples: int) -> tuple[bool, float]:
+        """After a window's micro-batches, one all-reduce tells every rank whether any rank ran out
+        of memory (then all shrink the micro-batch together) and gives the window's loss over all
+        ranks (so every rank's numerics guard takes the same decision). Returns ``(any_oom, loss)``."""
+        failed, loss_total, samples = distributed.sum_across_processes(
+            [float(out_of_memory), float(loss_sum), float(window_samples)], self.device, self.process
+        )
+        return failed > 0, loss_total / max(samples, 1.0)
+
+    def _recover_from_out_of_memory(self, error: BaseException | None) -> None:
+        """Halve the micro-batch, double the accumulation, drop the partial gradients.
+
+        ``error`` is None on a rank that did not run out of memory itself but follows one that did."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.micro_batch_size == 1:
+            if error is None:
+                raise TightfitError("out of memory with a micro-batch of 1 on another rank: the model itself does not fit there")
             raise TightfitError(
                 "out of memory with a micro-batch of 1: the model itself does not fit "
                 "(try checkpointing: auto, precision: bf16, optimizer.name: sgd, or lora)"
@@ -485,8 +523,9 @@ class Trainer:
         self.micro_batch_size = max(1, self.micro_batch_size // 2)
         self.accumulation_steps = math.ceil(self.effective_batch_size / self.micro_batch_size)
         self.oom_recoveries += 1
+        where = "" if not self.process.distributed else f" on {'this' if error is not None else 'another'} rank"
         self.console.print(
-            f"[yellow]out of memory at step {self.global_step + 1}:[/] micro_batch_size -> {self.micro_batch_size}, "
+            f"[yellow]out of memory{where} at step {self.global_step + 1}:[/] micro_batch_size -> {self.micro_batch_size}, "
             f"accumulation_steps -> {self.accumulation_steps} (effective batch {self.effective_batch_size} unchanged)"
         )
 
@@ -515,14 +554,25 @@ class Trainer:
         was_training = model.training
         model.eval()
         metrics = MetricAccumulator()
+        # under FSDP every forward is a collective: a rank with one batch fewer (ranks hold
+        # len // world_size or one more samples) repeats its last batch without counting it
+        extra_passes = self._batches_behind(len(loader)) if self.strategy == "fsdp" else 0
         with torch.inference_mode():
             for batch in loader:
                 batch = move_to_device(batch, self.device, non_blocking=True)
                 with autocast(self.precision, self.device.type):
                     output, loss = forward_and_loss(model, batch)
                 metrics.update(output, batch_target(batch), loss, count_samples(batch))
+            for _ in range(extra_passes):
+                with autocast(self.precision, self.device.type):
+                    forward_and_loss(model, batch)
         model.train(was_training)
         return metrics.compute(prefix=f"{split}_", device=self.device, process=self.process)
+
+    def _batches_behind(self, batches: int) -> int:
+        """How many batches this rank has fewer than the rank with the most."""
+        most = -distributed.min_across_processes(-batches, self.device, self.process)
+        return most - batches
 
     # ------------------------------------------------------------------------------ the end
     def _finish(self, start_time: float) -> dict[str, Any]:
@@ -535,17 +585,16 @@ class Trainer:
         restore_best = not self.config.early_stopping.enabled or self.config.early_stopping.restore_best
         if best_path is not None:
             self._barrier()
-            checkpoint_files.load_weights(self.model, Path(best_path) / checkpoint_files.WEIGHTS_FILE)
+            self._load_weights(Path(best_path))
         if self.loaders.get("test") is not None:
             test_metrics = self.evaluate("test")
             self._log(test_metrics, "test")
         if best_path is not None and not restore_best:
-            checkpoint_files.load_weights(self.model, self.run_dir / "checkpoints" / "last" / checkpoint_files.WEIGHTS_FILE)
-        if self.config.lora is not None and self.process.is_main:
-            from tightfit.models.lora import save_adapters
-
-            save_adapters(self.model, self.run_dir / "adapters")
+            self._load_weights(self.run_dir / "checkpoints" / "last")
+        if self.config.lora is not None:
+            self._save_adapters()
         wall_time_s = self.wall_time_before_s + time.perf_counter() - start_time
+        peaks = self._peak_memory_bytes_per_rank()
         summary = {
             "run_dir": str(self.run_dir),
             "model": self.config.model if self.user_model is None else type(self.user_model).__name__,
@@ -558,7 +607,8 @@ class Trainer:
             "epochs": self.epoch,
             "samples_seen": self.samples_seen,
             "samples_per_s": round(self.samples_seen * self.process.world_size / max(wall_time_s, 1e-9), 1),
-            "peak_memory_bytes": self._peak_memory_bytes(),
+            "peak_memory_bytes": peaks[0],
+            "peak_memory_bytes_per_rank": peaks,
             "device": str(self.device),
             "precision": self.precision,
             "precision_reason": self.precision_reason,
@@ -569,6 +619,7 @@ class Trainer:
             "skipped_steps": self.guard.skipped_steps,
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
+            "strategy": self.strategy,
         }
         if self.process.is_main:
             _write_json_atomically(self.run_dir / SUMMARY_FILE, summary)
@@ -584,12 +635,18 @@ class Trainer:
             peaks["cuda_reserved"] = int(torch.cuda.max_memory_reserved(self.device))
         return peaks
 
+    def _peak_memory_bytes_per_rank(self) -> list[dict[str, int]]:
+        """Every rank's peaks, by rank (one entry in a one-process run)."""
+        mine = self._peak_memory_bytes()
+        gathered = {name: distributed.gather_across_processes(value, self.device, self.process) for name, value in mine.items()}
+        return [{name: None if values[rank] is None else int(values[rank]) for name, values in gathered.items()} for rank in range(self.process.world_size)]
+
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, name: str, *, weights_only: bool = False, metrics: dict[str, float] | None = None) -> Path:
         """Write ``RUN_DIR/checkpoints/NAME`` (rank 0 only); ``weights_only`` leaves out the
         optimizer and RNG state (best and top-k checkpoints, which are not resumed from)."""
         directory = self.run_dir / "checkpoints" / name
-        if not self.process.is_main:
+        if not self.process.is_main and not self.sharded_checkpoints:
             return directory
         meta = {
             "step": self.global_step,
@@ -599,7 +656,43 @@ class Trainer:
             "time": datetime.now().isoformat(timespec="seconds"),
         }
         state = {"counters": self._counters()} if weights_only else self._training_state()
+        if self.sharded_checkpoints:
+            from tightfit.training.distributed_checkpoint import save_sharded_checkpoint
+
+            state.pop("optimizer", None)  # in the shards
+            optimizer = None if weights_only else self.optimizer
+            return save_sharded_checkpoint(
+                directory, self.model, optimizer, state, meta, self.process, trainable_only=self.config.lora is not None
+            )
         return checkpoint_files.save_checkpoint(directory, self.model, state, meta)
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """FSDP runs write DCP checkpoints (every rank its shards), loadable on any world size."""
+        return self.strategy == "fsdp"
+
+    def _load_weights(self, directory: Path) -> None:
+        """Load a checkpoint's weights (not the training state) into the model."""
+        if self.sharded_checkpoints:
+            from tightfit.training.distributed_checkpoint import load_sharded_checkpoint
+
+            load_sharded_checkpoint(directory, self.model, trainable_only=self.config.lora is not None)
+        else:
+            checkpoint_files.load_weights(self.model, directory / checkpoint_files.WEIGHTS_FILE)
+
+    def _save_adapters(self) -> None:
+        """Write the LoRA adapters (rank 0); under FSDP they are gathered whole first (every rank)."""
+        from tightfit.models.lora import save_adapters
+
+        if self.strategy == "fsdp" and self.process.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            state = get_model_state_dict(self.model, options=options)
+            if self.process.is_main:
+                save_adapters(self.model, self.run_dir / "adapters", state_dict=state)
+        elif self.process.is_main:
+            save_adapters(self.model, self.run_dir / "adapters")
 
     def _counters(self) -> dict[str, Any]:
         return {
@@ -611,6 +704,7 @@ class Trainer:
             "wall_time_s": self.wall_time_before_s + (time.perf_counter() - self.fit_start_time if self.fit_start_time else 0.0),
             "micro_batch_size": self.micro_batch_size,
             "oom_recoveries": self.oom_recoveries,
+            "world_size": self.process.world_size,
         }
 
     def _training_state(self) -> dict[str, Any]:
@@ -627,18 +721,27 @@ class Trainer:
     def _restore(self, run_dir: Path) -> None:
         """Continue exactly from ``run_dir/checkpoints/last``: weights, optimizer, schedule,
         scaler, RNG, counters, callback state and the position in the epoch's data order."""
-        state, meta = checkpoint_files.load_checkpoint(run_dir / "checkpoints" / "last", self.model)
+        last = run_dir / "checkpoints" / "last"
+        if self.sharded_checkpoints:
+            from tightfit.training.distributed_checkpoint import load_sharded_checkpoint
+
+            state, meta = load_sharded_checkpoint(last, self.model, self.optimizer, trainable_only=self.config.lora is not None)
+        else:
+            state, meta = checkpoint_files.load_checkpoint(last, self.model)
         counters = state["counters"]
         self.global_step = counters["global_step"]
         self.epoch = counters["epoch"]
-        self.samples_in_epoch = counters["samples_in_epoch"]
+        # a rank's position in the epoch's order: rank r reads order[r::world], so after k samples
+        # each, the first k x world of the order are read, whatever the world size resumes on
+        self.samples_in_epoch = counters["samples_in_epoch"] * counters.get("world_size", 1) // self.process.world_size
         self.samples_seen = counters["samples_seen"]
         self.wall_time_before_s = counters["wall_time_s"]
         self.oom_recoveries = counters["oom_recoveries"]
         if counters["micro_batch_size"] < self.micro_batch_size:  # keep what out-of-memory recovery learnt
             self.micro_batch_size = counters["micro_batch_size"]
             self.accumulation_steps = math.ceil(self.effective_batch_size / self.micro_batch_size)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # a sharded checkpoint restored it with the weights
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
