@@ -78,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         config = config.model_copy(update={"logging": config.logging.model_copy(update={"console": False})})
     summary = Trainer(config).fit(resume_from=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 reports for every rank (the summary holds each rank's peak)
     metrics_file = Path(summary["run_dir"]) / "metrics.jsonl"
     # drawn here rather than in fit(), which a notebook or benchmark calls: matplotlib costs a second
-    if metrics_file.is_file() and os.environ.get("RANK", "0") == "0":
+    if metrics_file.is_file():
         from tightfit.training.plots import plot_curves
 
         plot_curves(metrics_file, Path(summary["run_dir"]) / "curves.png")
@@ -161,9 +163,12 @@ def _print_summary(summary: dict) -> None:
         table.add_row(f"best {best['name']}", f"{best['value']:.4f}")
     table.add_row("steps / epochs", f"{summary['steps']} / {summary['epochs']}")
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s ({summary['samples_per_s']:.0f} samples/s)")
-    peaks = summary["peak_memory_bytes"]
-    table.add_row("peak memory", ", ".join(f"{name} {format_bytes(value)}" for name, value in peaks.items() if value))
+    for rank, peaks in enumerate(summary["peak_memory_bytes_per_rank"]):
+        label = "peak memory" if summary["world_size"] == 1 else f"peak memory, rank {rank}"
+        table.add_row(label, ", ".join(f"{name} {format_bytes(value)}" for name, value in peaks.items() if value))
     table.add_row("precision", f"{summary['precision']} on {summary['device']}")
+    if summary["world_size"] > 1:
+        table.add_row("processes", f"{summary['world_size']} ({summary['strategy']})")
     table.add_row(
         "batch",
         f"micro {summary['micro_batch_size']} x {summary['accumulation_steps']} = {summary['effective_batch_size']}"
