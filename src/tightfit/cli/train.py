@@ -101,7 +101,7 @@ def _launch(args: argparse.Namespace) -> int:
     The launcher (``torch.distributed.run``) starts the processes with their rank environment,
     watches them, and when one dies stops the others, so a failure never leaves a hang behind.
     """
-    from tightfit.errors import ConfigError, TightfitError
+    from tightfit.errors import ConfigError, DistributedRunError
 
     if args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node: must be a positive integer, got {args.nproc_per_node}")
@@ -122,12 +122,26 @@ def _launch(args: argparse.Namespace) -> int:
     try:
         run(launcher_args)
     except ChildFailedError as error:
-        failures = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in sorted(error.failures.items()))
-        raise TightfitError(
-            f"{failures} failed; the other processes were stopped (their messages are above). "
+        rank, failure = error.get_first_failure()
+        others = sorted(set(error.failures) - {rank})
+        stopped = f"; rank(s) {', '.join(map(str, others))} stopped with it" if others else ""
+        raise DistributedRunError(
+            f"rank {rank} failed first ({_exit_reason(failure.exitcode)}){stopped}; its messages are above. "
             "Continue from the last checkpoint with --resume RUN_DIR"
         ) from None
     return 0
+
+
+def _exit_reason(exit_code: int) -> str:
+    """``exit code 1``, or ``killed by SIGKILL`` for a negative (signal) exit code."""
+    if exit_code >= 0:
+        return f"exit code {exit_code}"
+    import signal
+
+    try:
+        return f"killed by {signal.Signals(-exit_code).name}"
+    except ValueError:
+        return f"signal {-exit_code}"
 
 
 def _split_items(items: list[str]) -> tuple[str | None, list[str]]:

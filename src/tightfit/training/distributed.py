@@ -20,6 +20,7 @@ Metrics are summed across ranks, and only rank 0 writes files and prints.
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -71,6 +72,7 @@ def setup_process(device_type: str, timeout_s: float = 600.0) -> ProcessInfo:
     info = ProcessInfo(
         rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world_size
     )
+    _exit_with_launcher()
     if device_type == "cuda":
         # NCCL only honours the timeout when errors are handled asynchronously (the default in
         # recent torch; set here so an older environment variable cannot turn it off).
@@ -79,6 +81,24 @@ def setup_process(device_type: str, timeout_s: float = 600.0) -> ProcessInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return info
+
+
+def _exit_with_launcher() -> None:
+    """End this worker when its torchrun launcher dies (Linux).
+
+    torchrun starts its workers in their own sessions, so a SIGKILL of the launcher (of the job's
+    main process, as a scheduler does) would leave them training on alone, still writing
+    checkpoints that a restarted job then races with. The parent-death signal ends them instead.
+    """
+    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the signal was armed
+        os._exit(1)
 
 
 def teardown_process(info: ProcessInfo) -> None:
@@ -258,6 +278,21 @@ def gather_across_processes(value: float | None, device: torch.device, info: Pro
     gathered = [torch.zeros_like(tensor) for _ in range(info.world_size)]
     dist.all_gather(gathered, tensor)
     return [None if item.item() < 0 else item.item() for item in gathered]
+
+
+def lost_peer_message(error: BaseException, info: ProcessInfo) -> str | None:
+    """One line for a collective that failed because another rank is gone, else None.
+
+    A rank that dies leaves the others' pending collective to fail (gloo: the connection is reset;
+    NCCL, or a rank that hangs: the process group's timeout); that is not this rank's bug, and a
+    traceback through FSDP's internals would hide what happened.
+    """
+    if not info.distributed:
+        return None
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and ("gloo" in text or "NCCL" in text)):
+        return f"rank {info.rank}: another rank stopped answering during a collective ({text[:200]})"
+    return None
 
 
 def check_strategy(strategy: str, *, device_type: str, cpu_offload: bool, precision: str) -> None:

@@ -122,8 +122,9 @@ def load_sharded_checkpoint(
     return state, meta
 
 
-def read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The whole model's weights from a sharded checkpoint, in this one process (CPU tensors).
+def read_sharded_weights(directory: Path, part: str = "model") -> dict[str, torch.Tensor]:
+    """The whole model's weights (or, with ``part="optimizer"``, the optimizer state, flattened to
+    ``state.NAME.KEY`` keys) from a sharded checkpoint, in this one process (CPU tensors).
 
     Raises:
         ConfigError: when ``directory`` holds no complete sharded checkpoint.
@@ -139,9 +140,19 @@ def read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
     state: dict = {}
     _load_state_dict(
         state, storage_reader=FileSystemReader(found / checkpoint_files.SHARDS_DIR),
-        planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True,
+        planner=_EmptyStateDictLoadPlanner(keys={part}), no_dist=True,
     )
-    return {name: tensor.contiguous() for name, tensor in state["model"].items() if isinstance(tensor, torch.Tensor)}
+    return {name: tensor.contiguous() for name, tensor in _flatten(state[part]).items() if isinstance(tensor, torch.Tensor)}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def export_weights(run_dir: Path, checkpoint: str = "best", output: Path | None = None) -> Path:

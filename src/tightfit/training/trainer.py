@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tightfit.config import TrainConfig, build_config, config_to_yaml
-from tightfit.errors import ConfigError, TightfitError
+from tightfit.errors import ConfigError, DistributedRunError, TightfitError
 from tightfit.memory.oom import is_out_of_memory
 from tightfit.step.batch import count_samples, move_to_device, slice_batch
 from tightfit.training import checkpoint as checkpoint_files
@@ -375,6 +375,9 @@ class Trainer:
             return summary
         except BaseException as error:
             self._fire("on_exception", error)
+            lost = distributed.lost_peer_message(error, self.process)
+            if lost is not None:
+                raise DistributedRunError(f"{lost}; continue from the last checkpoint with --resume {self.run_dir}") from error
             raise
         finally:
             for logger in self.loggers:
