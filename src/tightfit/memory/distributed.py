@@ -11,7 +11,8 @@ strategy shares the model (``training/distributed.py`` does exactly this):
 * ``fsdp``: parameters, gradients and optimizer state are sharded, ``(P + G + O) / N``; the
   activations of the rank's micro-batch are its own, ``A``; on top come the **units in flight**:
   FSDP2 keeps the root unit (everything outside the repeated blocks: embeddings, head) gathered
-  from forward to backward, and gathers a block while prefetching the next (two blocks, in the
+  from forward to backward, and gathers a block while prefetching the next, each into a flat
+  all-gather output that is then copied out into the block's parameters (three blocks, in the
   gather dtype); and the **reduce-scatter buffers**: a block's unsharded gradients plus the flat
   copy reduce-scatter reads (two blocks' gradients, in the reduce dtype).
 
@@ -159,7 +160,8 @@ def per_rank_memory(
     else:
         gather = DTYPE_BYTES[param_dtype]
         reduce = DTYPE_BYTES[reduce_dtype]
-        in_flight = (shape.root_parameters + 2 * shape.largest_block_parameters) * gather if devices > 1 else 0
+        # root + the block computing + the block prefetched + the all-gather output being copied out
+        in_flight = (shape.root_parameters + 3 * shape.largest_block_parameters) * gather if devices > 1 else 0
         buffers = 2 * shape.largest_block_parameters * reduce if devices > 1 else 0
         breakdown = {
             "parameters": math.ceil(parts["parameters"] / devices),
@@ -171,7 +173,7 @@ def per_rank_memory(
         }
         notes = [
             f"fsdp over {devices}: parameters, gradients and optimizer state / {devices}; gathered: the root unit "
-            f"({shape.root_parameters:,} parameters) and two blocks ({shape.largest_block_parameters:,} each) in {param_dtype}; "
+            f"({shape.root_parameters:,} parameters) and three blocks ({shape.largest_block_parameters:,} each) in {param_dtype}; "
             f"reduce-scatter: two blocks' gradients in {reduce_dtype} (an upper bound: not all live at the peak)"
         ]
     tensor_bytes = sum(breakdown.values())
