@@ -174,3 +174,14 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
 
     assert main(["export-checkpoint", str(straight), "--checkpoint", "last", "--output", str(tmp_path / "model.safetensors")]) == 0
     _assert_same(load_file(str(tmp_path / "model.safetensors")), _weights(straight))
+
+
+def test_distributed_settings_are_checked_by_name():
+    from tightfit.config import build_config
+
+    with pytest.raises(Exception, match=r"distributed\.strategy"):
+        build_config({"distributed": {"strategy": "zero3"}})
+    from tightfit.training.distributed import check_strategy
+
+    with pytest.raises(Exception, match=r"distributed\.cpu_offload"):
+        check_strategy("fsdp", device_type="cpu", cpu_offload=True, precision="fp32")
