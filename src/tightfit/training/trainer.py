@@ -290,7 +290,7 @@ class Trainer:
         elif self.strategy == "fsdp":
             from tightfit.models.checkpointing import find_repeated_blocks
 
-            blocks = self.checkpointed_blocks or find_repeated_blocks(model)
+            blocks = find_repeated_blocks(model)  # found again: LoRA's wrapper renames the modules
             param_dtype = distributed.fsdp_param_dtype(settings.param_dtype, self.precision)
             distributed.shard_model(model, blocks, param_dtype=param_dtype, reduce_dtype=settings.reduce_dtype, cpu_offload=settings.cpu_offload)
             self.console.print(
