@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.training import checkpoint as checkpoint_files
 
 # The run: dropout (RNG), AdamW (optimizer state), cosine with warm-up (schedule), shuffled data
@@ -133,11 +134,11 @@ def test_checkpoint_state_loads_with_weights_only_and_rng_round_trips(tmp_path):
     model(torch.randn(3, 4)).sum().backward()
     optimizer.step()
     torch.manual_seed(123)
-    state = {"optimizer": optimizer.state_dict(), "rng": checkpoint_files.rng_state()}
+    state = {"optimizer": optimizer.state_dict(), "rng": rng_state()}
     expected_draw = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
     checkpoint_files.save_checkpoint(tmp_path / "ckpt", model, state, {"step": 1})
     loaded = torch.load(tmp_path / "ckpt" / checkpoint_files.STATE_FILE, weights_only=True)  # no pickled code
-    checkpoint_files.set_rng_state(loaded["rng"])
+    set_rng_state(loaded["rng"])
     actual_draw = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
     assert torch.equal(actual_draw[0], expected_draw[0]) and actual_draw[1:] == expected_draw[1:]
     fresh = torch.optim.AdamW(torch.nn.Linear(4, 2).parameters())

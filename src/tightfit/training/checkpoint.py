@@ -18,13 +18,11 @@ the old or the new checkpoint complete (``load_checkpoint`` falls back to the mo
 
 import json
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -54,31 +52,6 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load weights written by :func:`save_weights` into ``model`` (strict: every key must match)."""
     device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
     model.load_state_dict(load_file(str(path), device=str(device)))
-
-
-def rng_state() -> dict:
-    """The Python, NumPy and torch (CPU and CUDA) random states, as loadable-without-pickle data."""
-    version, python_state, gaussian = random.getstate()
-    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "python": [version, list(python_state), gaussian],
-        "numpy": [bit_generator, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore the random states saved by :func:`rng_state`."""
-    version, python_state, gaussian = state["python"]
-    random.setstate((version, tuple(python_state), gaussian))
-    bit_generator, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((bit_generator, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:

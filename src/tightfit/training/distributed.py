@@ -236,6 +236,14 @@ def broadcast_buffers(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------ agreeing
+class OutOfMemoryOnAnotherRank(RuntimeError):
+    """Raised on a rank with memory to spare when another rank ran out of memory in the same
+    window: every rank then shrinks its micro-batch together and redoes the window."""
+
+    def __init__(self):
+        super().__init__("out of memory on another rank")
+
+
 def sum_across_processes(values: list[float], device: torch.device, info: ProcessInfo) -> list[float]:
     """Sum a few numbers over all ranks (metric numerators and sample counts), in float64."""
     if not info.distributed:
@@ -250,6 +258,11 @@ def any_across_processes(flag: bool, device: torch.device, info: ProcessInfo) ->
     if not info.distributed:
         return flag
     return sum_across_processes([float(flag)], device, info)[0] > 0
+
+
+def mean_across_processes(value: float, device: torch.device, info: ProcessInfo) -> float:
+    """The mean of every rank's ``value`` (a window's loss: windows have as many samples on every rank)."""
+    return sum_across_processes([value], device, info)[0] / info.world_size
 
 
 def min_across_processes(value: int, device: torch.device, info: ProcessInfo) -> int:

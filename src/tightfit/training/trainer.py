@@ -14,24 +14,24 @@ Example (a notebook, with your own model and data sets):
 import contextlib
 import json
 import math
-import random
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tightfit.config import TrainConfig, build_config, config_to_yaml
 from tightfit.errors import ConfigError, DistributedRunError, TightfitError
 from tightfit.memory.oom import is_out_of_memory
-from tightfit.step.batch import count_samples, move_to_device, slice_batch
+from tightfit.step.batch import count_samples, move_to_device
+from tightfit.step.rng import rng_state, seed_everything, set_rng_state
+from tightfit.step.step import TrainingStep
 from tightfit.training import checkpoint as checkpoint_files
-from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint
 from tightfit.training import distributed
+from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, callback_states, load_callback_states
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
@@ -104,6 +104,7 @@ class Trainer:
         self.samples_seen = 0
         self.wall_time_before_s = 0.0  # wall time of the earlier parts of a resumed run
         self.oom_recoveries = 0
+        self._agreed = False  # this window's ranks agreed on out-of-memory (see _agreeing_after)
         self.should_stop = False
         self.stop_reason: str | None = None
         self.is_set_up = False
@@ -140,17 +141,22 @@ class Trainer:
             self.model.to(dtype=parameter_dtype(self.precision))
         self.model.to(self.device)
         self._apply_budget()
-        self.micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
+        micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
         self.train_model = self._wrap_for_processes(self.model)  # before the optimizer: FSDP replaces the parameters
         self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **config.optimizer.model_dump(exclude={"name"}))
+        scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
+        self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips, flat_loss_steps=config.numerics.flat_loss_steps)
+        self.step = TrainingStep(
+            self.train_model, self.optimizer, device=self.device, precision=self.precision,
+            micro_batch_size=micro_batch_size, scaler=scaler, clip_grad_norm=config.clip_grad_norm,
+            sync_context=self._sync_context if self.strategy != "single" else None, skip_check=self._check_numerics,
+        )
         self.loaders = self._build_loaders()
         self.steps_per_epoch = len(self.loaders["train"])
         self.total_steps = self.config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.schedule = LRSchedule(self.optimizer, config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
-        self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips, flat_loss_steps=config.numerics.flat_loss_steps)
         self.callbacks = self._build_callbacks()
         if resume_from is not None:
             self._restore(Path(resume_from))
@@ -225,9 +231,14 @@ class Trainer:
         return micro, math.ceil(effective / micro), effective
 
     def _find_micro_batch_size(self) -> int:
+        """The largest micro-batch whose step, as this run takes it, fits: the run's precision,
+        optimizer, clipping and accumulation (two micro-batches already reach the peak of k)."""
         from tightfit.memory.search import find_batch_size
 
+        batch = self.config.batch
         train = self.data["train"]
+        largest = min(len(train), batch.effective_batch_size or len(train))
+        accumulates = batch.accumulation_steps > 1 or (batch.effective_batch_size or 1) > 1
         collate = self.collate_fn or torch.utils.data.default_collate
 
         def batch_factory(batch_size: int, device: torch.device) -> Any:
@@ -247,7 +258,9 @@ class Trainer:
             precision=self.precision,
             optimizer=self.config.optimizer.name,
             checkpointing=False,  # already applied to the model by _build_model
-            max_batch_size=max(1, len(train)),
+            max_batch_size=max(1, largest),
+            accumulation_steps=2 if accumulates else 1,
+            clip_grad_norm=self.config.clip_grad_norm,
         )
         self.console.print(f"micro_batch_size auto: {result.batch_size} (peak {result.peak_bytes / 2**20:.1f} MiB, {len(result.trials)} trials)")
         return result.batch_size
@@ -420,94 +433,104 @@ class Trainer:
             self.samples_in_epoch = 0
 
     def train_step(self, window: Any) -> dict[str, float]:
-        """One optimizer step over a window of samples (the effective batch), in micro-batches.
+        """One optimizer step over a window of samples (the effective batch): :class:`TrainingStep`.
 
-        Each micro-batch's mean loss is weighted by its share of the window, so the summed
-        gradient equals the gradient of the window's mean loss: exactly one large batch, also for
-        a smaller last window. An out-of-memory error halves the micro-batch (doubling the
-        accumulation) and retries the same window; the effective batch does not change.
+        An out-of-memory error halves the micro-batch (doubling the accumulation) and retries the
+        same window; the effective batch does not change. Under a ``budget`` on CPU the memory
+        tracker counts the whole step, ``optimizer.step`` included, as the estimate does.
         """
-        window_samples = count_samples(window)
         while True:
-            error = None
+            self._agreed = False
             try:
-                loss_sum = self._accumulate_gradients(window, window_samples)
-            except Exception as caught:
-                if not is_out_of_memory(caught):
-                    raise
-                error, loss_sum = caught, torch.zeros(())
-            any_out_of_memory, loss = self._agree_on_window(error is not None, loss_sum, window_samples)
-            if not any_out_of_memory:
+                with self._budget_context(window):
+                    result = self.step(window)
                 break
-            self._recover_from_out_of_memory(error)
-        if self.strategy == "ddp":
-            distributed.average_gradients(self.model, self.device, self.process)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip and check the true gradients, not the scaled ones
-        grad_norm = self._gradient_norm()
+            except Exception as error:
+                if isinstance(error, distributed.OutOfMemoryOnAnotherRank):
+                    self._recover_from_out_of_memory(None)
+                    continue
+                if not is_out_of_memory(error):
+                    raise
+                self._tell_other_ranks_out_of_memory(error)
+                self._recover_from_out_of_memory(error)
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
-            problem = None  # an fp16 gradient overflow is the scaler's business: it skips the step and rescales
-        else:
-            problem = self.guard.check(self.model, loss, grad_norm, lr=lr, clip_grad_norm=self.config.clip_grad_norm)
-        if problem is not None:
-            self.console.print(f"[yellow]step {self.global_step + 1} skipped:[/] {problem}")
-        elif self.scaler is not None:
-            self.scaler.step(self.optimizer)
-        else:
-            self.optimizer.step()
-        if self.scaler is not None:
-            self.scaler.update()  # also after a skipped step: unscale_ must be followed by update
-        self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         self.global_step += 1
-        self.samples_in_epoch += window_samples
-        self.samples_seen += window_samples
-        return {"train_loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": window_samples, "skipped": float(problem is not None)}
+        self.samples_in_epoch += result.samples
+        self.samples_seen += result.samples
+        loss = distributed.mean_across_processes(float(result.loss), self.device, self.process)  # over all ranks' samples
+        return {"train_loss": loss, "lr": lr, "grad_norm": float(result.grad_norm), "samples": result.samples,
+                "skipped": float(result.skipped is not None)}
 
-    def _gradient_norm(self) -> float:
-        """The total gradient norm (what the numerics guard watches), after clipping to it if set."""
-        if self.config.clip_grad_norm is not None:
-            return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm))
-        gradients = [parameter.grad for parameter in self.model.parameters() if parameter.grad is not None]
-        return float(torch.nn.utils.get_total_norm(gradients)) if gradients else 0.0
+    def _check_numerics(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
+        """The step's ``skip_check``: the numerics guard's verdict on the window's loss and gradients.
 
-    def _accumulate_gradients(self, window: Any, window_samples: int) -> torch.Tensor:
-        """Forward and backward every micro-batch of the window; returns the window's summed loss."""
-        loss_sum = torch.zeros((), device=self.device)
-        starts = range(0, window_samples, self.micro_batch_size)
-        budget = self._budget_context()
-        with budget:
-            for index, start in enumerate(starts):
-                micro_batch = move_to_device(slice_batch(window, start, start + self.micro_batch_size), self.device, non_blocking=True)
-                micro_samples = count_samples(micro_batch)
-                last = index == len(starts) - 1
-                # in DDP only the last micro-batch of the window needs to synchronise gradients
-                sync = distributed.gradient_sync_context(self.train_model, last)
-                with sync:
-                    with autocast(self.precision, self.device.type):
-                        _, loss = forward_and_loss(self.train_model, micro_batch)
-                    weighted = loss * (micro_samples / window_samples)
-                    (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
-                loss_sum += loss.detach().float() * micro_samples
-        return loss_sum
+        The loss is averaged over ranks (the gradients already are), so every rank skips or steps alike."""
+        loss, grad_norm = distributed.mean_across_processes(float(loss), self.device, self.process), float(grad_norm)
+        if self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
+            return None  # an fp16 gradient overflow is the scaler's business: it skips the step and rescales
+        lr = self.optimizer.param_groups[0]["lr"]
+        problem = self.guard.check(self.model, loss, grad_norm, lr=lr, clip_grad_norm=self.config.clip_grad_norm)
+        if problem is not None:
+            self.console.print(f"[yellow]step {self.global_step + 1} skipped:[/] {problem}")
+        return problem
 
-    def _budget_context(self):
+    def _sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """The step's ``sync_context`` under several processes: FSDP reduce-scatters on the last
+        micro-batch only; after the last micro-batch's backward the ranks agree (out of memory
+        anywhere?) and ``ddp`` averages the gradients, before the step clips and checks them."""
+        syncing = distributed.gradient_sync_context(self.train_model, last_micro_batch)
+        return self._agreeing_after(syncing) if last_micro_batch and self.process.distributed else syncing
+
+    @contextlib.contextmanager
+    def _agreeing_after(self, syncing: contextlib.AbstractContextManager):
+        with syncing:
+            yield
+        # reached only when this rank's last backward succeeded; a rank that ran out of memory
+        # before this point sends its True from train_step's handler into the same all-reduce
+        self._agreed = True
+        if distributed.any_across_processes(False, self.device, self.process):
+            raise distributed.OutOfMemoryOnAnotherRank()
+        if self.strategy == "ddp":
+            distributed.average_gradients(self.model, self.device, self.process)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per forward/backward; out-of-memory recovery lowers it (the step's setting)."""
+        return self.step.micro_batch_size
+
+    @micro_batch_size.setter
+    def micro_batch_size(self, value: int) -> None:
+        self.step.micro_batch_size = value
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 loss scaler of the step (None unless fp16 on CUDA/MPS)."""
+        return self.step.scaler
+
+    @scaler.setter
+    def scaler(self, value: torch.amp.GradScaler | None) -> None:
+        self.step.scaler = value
+
+    def _budget_context(self, window: Any):
         """On CPU a ``budget`` is enforced by the memory tracker, raising the same error a GPU would."""
         if self.budget_bytes is None or self.device.type != "cpu":
             return contextlib.nullcontext()
         from tightfit.memory.tracker import MemoryTracker
 
-        return MemoryTracker(self.model, self.optimizer, budget_bytes=self.budget_bytes)
+        return MemoryTracker(self.model, self.optimizer, budget_bytes=self.budget_bytes, host_data=window)
 
-    def _agree_on_window(self, out_of_memory: bool, loss_sum: torch.Tensor, window_samples: int) -> tuple[bool, float]:
-        """After a window's micro-batches, one all-reduce tells every rank whether any rank ran out
-        of memory (then all shrink the micro-batch together) and gives the window's loss over all
-        ranks (so every rank's numerics guard takes the same decision). Returns ``(any_oom, loss)``."""
-        failed, loss_total, samples = distributed.sum_across_processes(
-            [float(out_of_memory), float(loss_sum), float(window_samples)], self.device, self.process
-        )
-        return failed > 0, loss_total / max(samples, 1.0)
+    def _tell_other_ranks_out_of_memory(self, error: BaseException) -> None:
+        """This rank ran out of memory: join the all-reduce the other ranks wait in after their
+        last micro-batch (:meth:`_agreeing_after`), so all of them shrink the micro-batch."""
+        if not self.process.distributed:
+            return
+        if self._agreed:  # past the agreement (in the optimizer step): the others have moved on
+            raise DistributedRunError(
+                f"rank {self.process.rank}: out of memory in the optimizer step, after the ranks agreed on the "
+                f"window; lower batch.micro_batch_size and continue with --resume {self.run_dir}"
+            ) from error
+        distributed.any_across_processes(True, self.device, self.process)
 
     def _recover_from_out_of_memory(self, error: BaseException | None) -> None:
         """Halve the micro-batch, double the accumulation, drop the partial gradients.
@@ -716,9 +739,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": checkpoint_files.rng_state(),
+            "rng": rng_state(),
             "guard": self.guard.state_dict(),
-            "callbacks": [callback.state_dict() if hasattr(callback, "state_dict") else None for callback in self.callbacks],
+            "callbacks": callback_states(self.callbacks),
         }
 
     def _restore(self, run_dir: Path) -> None:
@@ -749,10 +772,10 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.guard.load_state_dict(state["guard"])
-        for callback, callback_state in zip(self.callbacks, state["callbacks"]):
-            if callback_state is not None and hasattr(callback, "load_state_dict"):
-                callback.load_state_dict(callback_state)
-        checkpoint_files.set_rng_state(state["rng"])
+        unclaimed = load_callback_states(self.callbacks, state["callbacks"])
+        if unclaimed:
+            self.console.print(f"resume: saved state of callbacks no longer in the run ignored: {', '.join(unclaimed)}")
+        set_rng_state(state["rng"])
         self.console.print(f"resumed from {run_dir} at step {self.global_step} (epoch {self.epoch + 1}, {self.samples_in_epoch} samples in)")
 
     # ------------------------------------------------------------------------------ plumbing
@@ -774,13 +797,6 @@ class Trainer:
     def _barrier(self) -> None:
         if self.process.distributed:
             torch.distributed.barrier()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) so a run is repeatable."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _console(enabled: bool):
