@@ -280,7 +280,6 @@ def distributed_worker(output: str, strategy: str) -> None:
     from torch.utils.data import TensorDataset
 
     from tightfit.memory.distributed import model_shape, per_rank_memory
-    from tightfit.memory.estimator import estimate_model_step
     from tightfit.models.checkpointing import find_repeated_blocks
     from tightfit.training.trainer import Trainer
 
@@ -297,7 +296,7 @@ def distributed_worker(output: str, strategy: str) -> None:
         }
         Trainer(config, model=distributed_model(), datasets=(TensorDataset(inputs, targets), None, None), callbacks=[tracking]).fit()
         model = distributed_model()
-        single = estimate_model_step(model, distributed_batch, batch_size=DISTRIBUTED_BATCH, optimizer="adamw")
+        single = estimate_step(model, distributed_batch, batch_size=DISTRIBUTED_BATCH, optimizer="adamw")
         shape = model_shape(model, find_repeated_blocks(model))
         estimate, breakdown, _ = per_rank_memory(single, shape, strategy=strategy, devices=int(os.environ["WORLD_SIZE"]),
                                                  profile=None, param_dtype="fp32", reduce_dtype="fp32")

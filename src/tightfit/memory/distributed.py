@@ -1,6 +1,6 @@
 """Per-rank memory and time of a training step shared by N devices (DDP or FSDP2).
 
-One estimate of the whole step on one device (:func:`tightfit.memory.estimator.estimate_model_step`,
+One estimate of the whole step on one device (:func:`tightfit.memory.estimator.estimate_step`,
 fake tensors, at the per-rank micro-batch) gives the four categories at the peak: parameters P,
 gradients G, optimizer state O and activations A. What each rank then holds follows from how the
 strategy shares the model (``training/distributed.py`` does exactly this):
@@ -290,7 +290,7 @@ def plan_distributed(
     import torch
 
     from tightfit.hardware.profiles import get_profile
-    from tightfit.memory.estimator import estimate_model_step
+    from tightfit.memory.estimator import estimate_step
     from tightfit.memory.planner import COMPUTE_DTYPE
     from tightfit.models.checkpointing import apply_activation_checkpointing, find_repeated_blocks
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
@@ -316,7 +316,7 @@ def plan_distributed(
     if precision == "bf16-pure":
         model = model.to(dtype=torch.bfloat16)  # meta: only the sizes change
     shape = model_shape(model, blocks)
-    single = estimate_model_step(
+    single = estimate_step(
         model, batch_factory, batch_size=batch_size, precision=precision, optimizer=optimizer,
         accumulation_steps=accumulation_steps, profile=profile,
     )
