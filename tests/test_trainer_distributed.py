@@ -185,3 +185,41 @@ def test_distributed_settings_are_checked_by_name():
 
     with pytest.raises(Exception, match=r"distributed\.cpu_offload"):
         check_strategy("fsdp", device_type="cpu", cpu_offload=True, precision="fp32")
+
+
+LORA_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+    from tightfit.training.trainer import Trainer
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(64, 16, generator=generator)
+    data = TensorDataset(inputs, (inputs[:, 0] > 0).long())
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(32, 32), nn.GELU()) for _ in range(3)]
+    model = nn.Sequential(nn.Linear(16, 32), *blocks, nn.Linear(32, 2))
+    config = {
+        "run_dir": sys.argv[1], "max_steps": 2, "device": "cpu", "batch": {"micro_batch_size": 8}, "threads": 1,
+        "distributed": {"strategy": "fsdp"}, "checkpointing": "auto",
+        "lora": {"rank": 4, "target_modules": ["1.0", "2.0", "3.0"], "modules_to_save": ["4"]},
+        "logging": {"console": False, "tensorboard": False}, "monitor": {"enabled": False},
+    }
+    Trainer(config, model=model, datasets=(data, data, None)).fit()
+    """
+)
+
+
+def test_lora_under_fsdp_trains_and_checkpoints_only_the_adapters(tmp_path):
+    script = tmp_path / "lora.py"
+    script.write_text(LORA_SCRIPT)
+    done = _run([*TORCHRUN, str(script), str(tmp_path / "run")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = _weights(tmp_path / "run")
+    assert shards and all(".lora_" in name or ".modules_to_save." in name for name in shards)
+    adapters = load_file(str(tmp_path / "run" / "adapters" / "adapter_model.safetensors"))
+    lora_b = shards["base_model.model.1.0.lora_B.default.weight"]
+    assert lora_b.abs().sum() > 0  # B starts at zero: it trained
+    assert torch.equal(adapters["base_model.model.1.0.lora_B.weight"], lora_b)  # gathered whole from both ranks

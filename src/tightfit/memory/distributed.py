@@ -14,7 +14,11 @@ strategy shares the model (``training/distributed.py`` does exactly this):
   from forward to backward, and gathers a block while prefetching the next, each into a flat
   all-gather output that is then copied out into the block's parameters (three blocks, in the
   gather dtype); and the **reduce-scatter buffers**: a block's unsharded gradients plus the flat
-  copy reduce-scatter reads (two blocks' gradients, in the reduce dtype).
+  copy reduce-scatter reads (two blocks' gradients, in the reduce dtype). That is the peak during
+  forward and backward, with ``A`` taken from a second estimate of the step with plain SGD (whose
+  update allocates nothing, so its peak is in backward). During the optimizer's update the rank
+  holds its shards and the update's temporaries for them (foreach kernels on CUDA): the one-device
+  peak / N. The per-rank peak is the larger of the two.
 
 The FSDP figure adds these terms to categories taken at the one-device peak, so it is an upper
 bound: the gathered units and the reduce-scatter buffers are not all live at the peak moment
@@ -125,7 +129,7 @@ def model_shape(model: Any, blocks: list[str]) -> ModelShape:
 
 def per_rank_memory(
     single: StepMemory, shape: ModelShape, *, strategy: str, devices: int, profile: Any,
-    param_dtype: str = "bf16", reduce_dtype: str = "fp32",
+    param_dtype: str = "bf16", reduce_dtype: str = "fp32", backward_activations: int | None = None,
 ) -> tuple[int, dict[str, int], list[str]]:
     """The per-rank peak and breakdown from the one-device estimate (see the module doc).
 
@@ -136,6 +140,9 @@ def per_rank_memory(
         devices: N.
         profile: the target ``DeviceProfile`` (its overhead is recomputed for the per-rank peak).
         param_dtype: FSDP's gather dtype; ``reduce_dtype``: its reduce-scatter dtype.
+        backward_activations: FSDP: the activations at the peak of forward and backward alone
+            (an estimate of the same step with plain SGD, whose update allocates nothing);
+            default: ``single``'s activations, when its peak is not in the optimizer step.
 
     Returns:
         ``(peak_bytes, breakdown, notes)``.
@@ -163,18 +170,26 @@ def per_rank_memory(
         # root + the block computing + the block prefetched + the all-gather output being copied out
         in_flight = (shape.root_parameters + 3 * shape.largest_block_parameters) * gather if devices > 1 else 0
         buffers = 2 * shape.largest_block_parameters * reduce if devices > 1 else 0
-        breakdown = {
-            "parameters": math.ceil(parts["parameters"] / devices),
-            "gradients": math.ceil(parts["gradients"] / devices),
-            "optimizer": math.ceil(parts["optimizer"] / devices),
-            "activations": parts["activations"],
+        sharded = {name: math.ceil(parts[name] / devices) for name in ("parameters", "gradients", "optimizer")}
+        during_backward = {
+            **sharded,
+            "activations": parts["activations"] if backward_activations is None else backward_activations,
             "units_in_flight": in_flight,
             "communication": buffers,
         }
+        # the optimizer updates this rank's shards only: its temporaries (foreach kernels) shrink too
+        during_update = {**sharded, "activations": math.ceil(parts["activations"] / devices), "units_in_flight": 0, "communication": 0}
+        in_update = sum(during_update.values()) > sum(during_backward.values())
+        breakdown = during_update if in_update else during_backward
         notes = [
-            f"fsdp over {devices}: parameters, gradients and optimizer state / {devices}; gathered: the root unit "
-            f"({shape.root_parameters:,} parameters) and three blocks ({shape.largest_block_parameters:,} each) in {param_dtype}; "
-            f"reduce-scatter: two blocks' gradients in {reduce_dtype} (an upper bound: not all live at the peak)"
+            f"fsdp over {devices}: parameters, gradients and optimizer state / {devices}; "
+            + (
+                "the peak is in the optimizer step, whose temporaries are sharded too"
+                if in_update else
+                f"gathered: the root unit ({shape.root_parameters:,} parameters) and three blocks "
+                f"({shape.largest_block_parameters:,} each) in {param_dtype}; reduce-scatter: two blocks' gradients "
+                f"in {reduce_dtype} (an upper bound: not all live at the peak)"
+            )
         ]
     tensor_bytes = sum(breakdown.values())
     overhead = device_overhead(profile, tensor_peak_bytes=tensor_bytes)
@@ -320,12 +335,22 @@ def plan_distributed(
         model, batch_factory, batch_size=batch_size, precision=precision, optimizer=optimizer,
         accumulation_steps=accumulation_steps, profile=profile,
     )
+    backward_activations = None
+    if strategy == "fsdp" and optimizer != "sgd":
+        # The same step with plain SGD (no state, an update without temporaries): its peak is in
+        # forward/backward, so its activations are those a sharded rank holds there; the first
+        # estimate's peak may be the optimizer's update, whose temporaries FSDP shards.
+        backward_activations = estimate_step(
+            model, batch_factory, batch_size=batch_size, precision=precision, optimizer="sgd",
+            accumulation_steps=accumulation_steps, profile=profile, count_flops=False,
+        ).breakdown["activations"]
     tokens = _tokens_per_sample(input_spec)
     budget = profile.usable_bytes * (1 - margin)
 
     def row(n: int) -> RankPlan:
         peak, breakdown, notes = per_rank_memory(
-            single, shape, strategy=strategy, devices=n, profile=profile, param_dtype=gather_dtype, reduce_dtype=reduce_dtype
+            single, shape, strategy=strategy, devices=n, profile=profile, param_dtype=gather_dtype, reduce_dtype=reduce_dtype,
+            backward_activations=backward_activations,
         )
         step_s, compute_s, communication_s, time_notes = step_time(
             single, shape, strategy=strategy, devices=n, profile=profile, compute_dtype=COMPUTE_DTYPE[precision],
