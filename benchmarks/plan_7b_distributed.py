@@ -45,8 +45,8 @@ def rows() -> list[dict]:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| device | strategy | devices needed | per-rank peak GiB (usable) | states / gathered / buffers GiB | est. step | tokens/s |",
-        "|---|---|---|---|---|---|---|",
+        "| device | strategy | devices needed | per-rank peak GiB (usable) | peak during | states / gathered / buffers GiB | est. step | tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         parts = row["breakdown"]
@@ -54,9 +54,12 @@ def markdown(table: list[dict]) -> str:
         needed = row["devices_needed"] if row["devices_needed"] is not None else f"none (at {row['devices']}: replicated)"
         step = f"{row['step_time_s']:.2f} s" if row["step_time_s"] else "-"
         tokens = f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] else "-"
+        # a sharded rank without units in flight is at its peak in the optimizer's update
+        sharded = row["strategy"] == "fsdp" and row["devices"] > 1
+        phase = ("backward" if parts["units_in_flight"] else "update") if sharded else "one device's peak"
         lines.append(
             f"| {row['device']} | {row['strategy']} | {needed} | {row['peak_bytes'] / 2**30:.1f} ({row['usable_bytes'] / 2**30:.1f}) "
-            f"| {states:.1f} / {parts['units_in_flight'] / 2**30:.2f} / {parts['communication'] / 2**30:.2f} | {step} | {tokens} |"
+            f"| {phase} | {states:.1f} / {parts['units_in_flight'] / 2**30:.2f} / {parts['communication'] / 2**30:.2f} | {step} | {tokens} |"
         )
     return "\n".join(lines) + "\n"
 
