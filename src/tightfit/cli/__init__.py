@@ -25,6 +25,7 @@ COMMANDS = {
     "compress": "tightfit.cli.compress",
     "predict": "tightfit.cli.predict",
     "lora": "tightfit.cli.lora",
+    "report": "tightfit.cli.report",
 }
 
 

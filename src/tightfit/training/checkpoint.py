@@ -21,7 +21,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,17 +34,25 @@ SHARDS_DIR = "shards"  # a sharded checkpoint's weights and optimizer state, in 
 _ASIDE_SUFFIX = ".old"
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Write a model's weights to a safetensors file (tied weights are stored once by name)."""
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    # safetensors refuses tensors that share storage (tied embeddings); clone keeps each readable.
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of a model: its state dict, detached and contiguous.
+
+    Tied weights (one storage under two names) are cloned apart, as safetensors refuses shared
+    storage; loading ties them again through the model's own structure.
+    """
+    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     seen_pointers: set[int] = set()
-    for name, tensor in state.items():
+    for name, tensor in weights.items():
         pointer = tensor.untyped_storage().data_ptr()
         if pointer in seen_pointers:
-            state[name] = tensor.clone()
+            weights[name] = tensor.clone()
         seen_pointers.add(pointer)
-    save_file(state, str(path))
+    return weights
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Write a model's weights to a safetensors file."""
+    save_file({name: tensor.cpu() for name, tensor in model_weights(model).items()}, str(path))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -54,12 +61,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(load_file(str(path), device=str(device)))
 
 
-def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
+def save_checkpoint(directory: Path, weights: dict[str, torch.Tensor], state: dict, meta: dict) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
     Args:
         directory: where the checkpoint lives (e.g. ``RUN/checkpoints/last``); replaced if present.
-        model: the (unwrapped) model whose weights to save.
+        weights: the model's weights (:func:`model_weights`), on any device.
         state: the training state (see the module doc for what it may contain).
         meta: JSON-serialisable facts shown to people (step, epoch, metrics).
     """
@@ -67,7 +74,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict, meta: 
     directory.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        save_weights(model, temporary / WEIGHTS_FILE)
+        save_file({name: tensor.cpu() for name, tensor in weights.items()}, str(temporary / WEIGHTS_FILE))
         write_state_and_meta(temporary, state, meta)
         move_into_place(temporary, directory)
     except BaseException:
@@ -121,9 +128,3 @@ def load_checkpoint(directory: Path, model: torch.nn.Module) -> tuple[dict, dict
     state = torch.load(found / STATE_FILE, map_location="cpu", weights_only=True)
     meta = json.loads((found / META_FILE).read_text())
     return state, meta
-
-
-def read_meta(directory: Path) -> dict[str, Any] | None:
-    """The ``meta.json`` of a complete checkpoint, or None."""
-    found = complete_checkpoint(directory)
-    return json.loads((found / META_FILE).read_text()) if found else None

@@ -31,7 +31,8 @@ from tightfit.step.rng import rng_state, seed_everything, set_rng_state
 from tightfit.step.step import TrainingStep
 from tightfit.training import checkpoint as checkpoint_files
 from tightfit.training import distributed
-from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, callback_states, load_callback_states
+from tightfit.training.callbacks import EarlyStopping, HtmlReport, ModelCheckpoint, callback_states, load_callback_states
+from tightfit.training.checkpoint_writer import CheckpointWriter
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
@@ -105,6 +106,7 @@ class Trainer:
         self.wall_time_before_s = 0.0  # wall time of the earlier parts of a resumed run
         self.oom_recoveries = 0
         self._agreed = False  # this window's ranks agreed on out-of-memory (see _agreeing_after)
+        self.batch_search_peak_bytes: int | None = None  # the step peak micro_batch_size=auto found, for the report
         self.should_stop = False
         self.stop_reason: str | None = None
         self.is_set_up = False
@@ -158,6 +160,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.schedule = LRSchedule(self.optimizer, config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
         self.callbacks = self._build_callbacks()
+        self.checkpoint_writer = CheckpointWriter()
         if resume_from is not None:
             self._restore(Path(resume_from))
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad config has written nothing
@@ -263,6 +266,7 @@ class Trainer:
             clip_grad_norm=self.config.clip_grad_norm,
         )
         self.console.print(f"micro_batch_size auto: {result.batch_size} (peak {result.peak_bytes / 2**20:.1f} MiB, {len(result.trials)} trials)")
+        self.batch_search_peak_bytes = result.peak_bytes
         return result.batch_size
 
     def _build_loaders(self) -> dict[str, DataLoader | None]:
@@ -331,7 +335,9 @@ class Trainer:
             callback for module in self.model.modules() if hasattr(type(module), "training_callbacks")
             for callback in module.training_callbacks()
         ]
-        return callbacks + model_callbacks + self.extra_callbacks
+        # the report comes last: it reads what the others wrote
+        report = [HtmlReport()] if config.logging.report and self.process.is_main else []
+        return callbacks + model_callbacks + self.extra_callbacks + report
 
     def _build_loggers(self) -> list[Logger]:
         if self.user_loggers is not None:
@@ -397,6 +403,7 @@ class Trainer:
                 logger.close()
             torch.set_num_threads(self.threads_before)
             teardown_process(self.process)
+            self.checkpoint_writer.wait()  # a write in flight when an error struck completes
 
     def _train_epochs(self) -> None:
         while self.epoch < self.config.epochs and not self._done():
@@ -607,6 +614,7 @@ class Trainer:
         best_path = saver.best_path
         if not self.epoch_finished:  # stopped by max_steps or a callback mid-epoch
             self.save_checkpoint("last")
+        self.checkpoint_writer.wait()  # the best and last checkpoints are read back below
         test_metrics: dict[str, float] = {}
         restore_best = not self.config.early_stopping.enabled or self.config.early_stopping.restore_best
         if best_path is not None:
@@ -642,6 +650,7 @@ class Trainer:
             "accumulation_steps": self.accumulation_steps,
             "effective_batch_size": self.effective_batch_size,
             "oom_recoveries": self.oom_recoveries,
+            "batch_search_peak_bytes": self.batch_search_peak_bytes,
             "skipped_steps": self.guard.skipped_steps,
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
@@ -690,7 +699,7 @@ class Trainer:
             return save_sharded_checkpoint(
                 directory, self.model, optimizer, state, meta, self.process, trainable_only=self.config.lora is not None
             )
-        return checkpoint_files.save_checkpoint(directory, self.model, state, meta)
+        return self.checkpoint_writer.save(directory, checkpoint_files.model_weights(self.model), state, meta)
 
     @property
     def sharded_checkpoints(self) -> bool:
