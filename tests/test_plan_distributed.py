@@ -59,4 +59,7 @@ def test_plan_cli_answers_per_rank_as_json(capsys):
     assert result["devices_asked"] == 2 and result["devices_needed"] == 2
     row = result["rows"][0]
     assert row["peak_bytes"] == sum(row["breakdown"].values()) and row["tokens_per_s"] > 0
+    assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--batch-size", "8",
+                 "--devices", "2xa100-40gb", "--precision", "fp32"]) == 0
+    assert "devices needed: 2" in capsys.readouterr().out
     assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--devices", "2xa100-40gb", "--device", "cpu"]) == 2

@@ -248,6 +248,7 @@ def _run_distributed(args) -> int:
     from tightfit.cli._output import console, print_json
     from tightfit.errors import ConfigError
     from tightfit.memory.distributed import plan_distributed
+    from tightfit.units import format_seconds
 
     if args.device or args.memory or args.measure or args.html:
         raise ConfigError("--devices: names the device itself; drop --device/--memory/--measure (and --html, not drawn for per-rank plans yet)")
@@ -280,7 +281,7 @@ def _run_distributed(args) -> int:
         table.add_row(
             str(row.devices), f"{row.peak_bytes / 2**30:.2f}", f"{states / 2**30:.2f}",
             *(f"{parts[name] / 2**30:.2f}" for name in ("activations", "units_in_flight", "communication", "overhead")),
-            "[green]yes[/]" if row.fits else "[red]no[/]", _seconds(row.step_time_s),
+            "[green]yes[/]" if row.fits else "[red]no[/]", format_seconds(row.step_time_s),
             f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
         )
     out.print(table)
