@@ -223,3 +223,14 @@ def test_lora_under_fsdp_trains_and_checkpoints_only_the_adapters(tmp_path):
     lora_b = shards["base_model.model.1.0.lora_B.default.weight"]
     assert lora_b.abs().sum() > 0  # B starts at zero: it trained
     assert torch.equal(adapters["base_model.model.1.0.lora_B.weight"], lora_b)  # gathered whole from both ranks
+
+
+def test_fsdp_gathers_in_the_run_precision_except_beside_batch_norm_under_autocast():
+    from torch import nn
+
+    from tightfit.training.distributed import fsdp_param_dtype
+
+    plain, normed = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    assert fsdp_param_dtype("auto", "bf16", plain) == "bf16" and fsdp_param_dtype("auto", "fp32", plain) == "fp32"
+    assert fsdp_param_dtype("auto", "bf16", normed) == "fp32"  # its fp32 running statistics refuse bf16 weights
+    assert fsdp_param_dtype("auto", "bf16-pure", normed) == "bf16" and fsdp_param_dtype("fp16", "bf16", normed) == "fp16"

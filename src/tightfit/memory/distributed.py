@@ -317,7 +317,7 @@ def plan_distributed(
         raise ConfigError(f"margin: must be in [0, 1), got {margin!r}")
     count, profile_name = parse_devices(devices)
     profile = get_profile(profile_name)
-    gather_dtype = fsdp_param_dtype(param_dtype, precision)
+
     model = build_model(model_spec, meta=True, **(model_kwargs or {}))
     batch_factory = make_batch_factory(parse_input_spec(input_spec), model)
     blocks = find_repeated_blocks(model)
@@ -331,6 +331,7 @@ def plan_distributed(
     if precision == "bf16-pure":
         model = model.to(dtype=torch.bfloat16)  # meta: only the sizes change
     shape = model_shape(model, blocks)
+    gather_dtype = fsdp_param_dtype(param_dtype, precision, model)
     single = estimate_step(
         model, batch_factory, batch_size=batch_size, precision=precision, optimizer=optimizer,
         accumulation_steps=accumulation_steps, profile=profile,

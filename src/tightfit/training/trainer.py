@@ -308,7 +308,7 @@ class Trainer:
             from tightfit.models.checkpointing import find_repeated_blocks
 
             blocks = find_repeated_blocks(model)  # found again: LoRA's wrapper renames the modules
-            param_dtype = distributed.fsdp_param_dtype(settings.param_dtype, self.precision)
+            param_dtype = distributed.fsdp_param_dtype(settings.param_dtype, self.precision, model)
             distributed.shard_model(model, blocks, param_dtype=param_dtype, reduce_dtype=settings.reduce_dtype, cpu_offload=settings.cpu_offload)
             self.console.print(
                 f"distributed: fsdp over {self.process.world_size} processes, {len(blocks)} blocks sharded as units "
