@@ -63,3 +63,20 @@ def test_plan_cli_answers_per_rank_as_json(capsys):
                  "--devices", "2xa100-40gb", "--precision", "fp32"]) == 0
     assert "devices needed: 2" in capsys.readouterr().out
     assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--devices", "2xa100-40gb", "--device", "cpu"]) == 2
+
+
+def test_a_pipeline_stage_plans_per_rank_with_devices(tmp_path):
+    from tightfit.memory.pipeline import load_pipeline, plan_pipeline
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        "device: rtx3050-laptop-6gb\n"
+        "stages:\n"
+        "  - {name: big-mlp, model: 'builtin:mlp', input: '64', precision: fp32, checkpointing: false,\n"
+        "     model_kwargs: {hidden_sizes: [16384, 16384, 16384]}, devices: auto, strategy: fsdp, samples: 1000}\n"
+    )
+    stage = plan_pipeline(load_pipeline(path)).stages[0]
+    needed = stage.plan["devices_needed"]
+    assert stage.fits and needed > 1 and f"{needed} x rtx3050-laptop-6gb with fsdp" in stage.why
+    assert stage.peak_bytes == stage.plan["rows"][-1]["peak_bytes"]
+    assert stage.step_time_s is None  # a laptop GPU's profile has no interconnect figure: no time, not a guess

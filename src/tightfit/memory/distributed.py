@@ -267,7 +267,7 @@ def plan_distributed(
     model_spec: str,
     input_spec: str,
     *,
-    devices: str,
+    devices: str | int | None,
     strategy: str = "fsdp",
     batch_size: int = 1,
     precision: str = "bf16-pure",
@@ -280,18 +280,21 @@ def plan_distributed(
     margin: float = 0.1,
     max_devices: int = 64,
     model_kwargs: dict | None = None,
+    profile: Any = None,
 ) -> DistributedPlan:
     """Plan a step shared by several devices of one kind: each rank's peak, and how many are needed.
 
     Args:
         model_spec, input_spec: as for :func:`tightfit.memory.planner.plan`.
-        devices: ``NxPROFILE`` (plan exactly N ranks) or ``PROFILE`` (find the smallest N that fits).
+        devices: ``NxPROFILE`` (plan exactly N ranks) or ``PROFILE`` (find the smallest N that fits);
+            with ``profile`` given, the count N alone, or None (find it).
         strategy: ``fsdp`` or ``ddp``.
         batch_size: the micro-batch of each rank.
         precision, optimizer, checkpointing, lora_rank, accumulation_steps: the run's settings.
         param_dtype: FSDP's gather dtype (``auto`` follows ``precision``); ``reduce_dtype`` its reduce dtype.
         margin: headroom kept free, as in ``plan``.
         max_devices: the largest N the search tries.
+        profile: a ``DeviceProfile`` to plan for instead of a named one (a pipeline's device).
 
     Returns:
         A :class:`DistributedPlan`.
@@ -315,8 +318,11 @@ def plan_distributed(
         raise ConfigError(f"--strategy: unknown value {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if not 0 <= margin < 1:
         raise ConfigError(f"margin: must be in [0, 1), got {margin!r}")
-    count, profile_name = parse_devices(devices)
-    profile = get_profile(profile_name)
+    if profile is None:
+        count, profile_name = parse_devices(str(devices))
+        profile = get_profile(profile_name)
+    else:
+        count = None if devices is None else int(devices)
 
     model = build_model(model_spec, meta=True, **(model_kwargs or {}))
     batch_factory = make_batch_factory(parse_input_spec(input_spec), model)
