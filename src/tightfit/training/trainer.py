@@ -484,10 +484,10 @@ class Trainer:
 
     def _sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
         """The step's ``sync_context`` under several processes: FSDP reduce-scatters on the last
-        micro-batch only; after the last micro-batch's backward the ranks agree (out of memory
-        anywhere?) and ``ddp`` averages the gradients, before the step clips and checks them."""
+        micro-batch only; under ``ddp``, after the last micro-batch's backward, the ranks agree (out
+        of memory anywhere?) and average the gradients, before the step clips and checks them."""
         syncing = distributed.gradient_sync_context(self.train_model, last_micro_batch)
-        return self._agreeing_after(syncing) if last_micro_batch and self.process.distributed else syncing
+        return self._agreeing_after(syncing) if last_micro_batch and self.strategy == "ddp" and self.process.distributed else syncing
 
     @contextlib.contextmanager
     def _agreeing_after(self, syncing: contextlib.AbstractContextManager):
@@ -532,6 +532,14 @@ class Trainer:
         last micro-batch (:meth:`_agreeing_after`), so all of them shrink the micro-batch."""
         if not self.process.distributed:
             return
+        if self.strategy == "fsdp":
+            # every FSDP forward and backward is a collective: the other ranks wait in one this rank
+            # will not join, so there is no agreeing; the launcher stops them when this rank exits
+            raise DistributedRunError(
+                f"rank {self.process.rank}: out of memory under fsdp, where ranks cannot agree mid-step; continue with "
+                f"--resume {self.run_dir} batch.micro_batch_size={max(1, self.micro_batch_size // 2)} "
+                f"batch.effective_batch_size={self.effective_batch_size}"
+            ) from error
         if self._agreed:  # past the agreement (in the optimizer step): the others have moved on
             raise DistributedRunError(
                 f"rank {self.process.rank}: out of memory in the optimizer step, after the ranks agreed on the "
