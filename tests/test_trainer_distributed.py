@@ -135,7 +135,7 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
     # rank 1 dies (SIGKILL) in step 4's forward: the launcher stops rank 0 and says what happened
     monkeypatch.setenv("KILL_RANK", "1")
     monkeypatch.setenv("KILL_AT_FORWARD", "4")
-    launch = [sys.executable, "-m", "tightfit", "train", *FSDP_RUN, "model=killer:build", "max_steps=6", "--run-dir", str(killed)]
+    launch = [sys.executable, "-m", "tightfit", "train", *FSDP_RUN, "model=killer:build", "max_steps=6", "--run-dir", str(killed), "--trust-code"]
     failed = _run([*launch, "--nproc-per-node", "2"])
     assert failed.returncode == 1
     assert "tightfit train: error: rank 1 failed first (killed by SIGKILL)" in failed.stderr and "--resume" in failed.stderr
@@ -144,7 +144,7 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
     one_process = tmp_path / "one-process"
     shutil.copytree(killed, one_process)
 
-    resumed = _run([*TORCHRUN, "-m", "tightfit", "train", "--resume", str(killed)])
+    resumed = _run([*TORCHRUN, "-m", "tightfit", "train", "--resume", str(killed), "--trust-code"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same(_weights(killed), _weights(straight))  # exact: bit for bit
 
@@ -154,7 +154,7 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
     from tightfit.training.trainer import Trainer
 
     saved_optimizer = read_sharded_weights(one_process / "checkpoints" / "last", part="optimizer")
-    trainer = Trainer(load_config(one_process / "config.yaml"))
+    trainer = Trainer(load_config(one_process / "config.yaml", trust_code=True))
     trainer.setup(resume_from=one_process)
     assert trainer.global_step == 3 and trainer.process.world_size == 1
     _assert_same({name: tensor.detach() for name, tensor in trainer.model.state_dict().items()}, _weights(one_process))
@@ -166,7 +166,7 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
 
     # 1 -> 2: two ranks load the one-process checkpoint and write it back sharded, unchanged
     before = _weights(one_process)
-    back = _run([*TORCHRUN, "-m", "tightfit", "train", "--resume", str(one_process)])
+    back = _run([*TORCHRUN, "-m", "tightfit", "train", "--resume", str(one_process), "--trust-code"])
     assert back.returncode == 0, back.stderr[-3000:]
     _assert_same(_weights(one_process), before)
 

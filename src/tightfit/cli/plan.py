@@ -27,9 +27,10 @@ several devices (per-rank peak, devices needed, tokens/s with communication; doc
   tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices 4xrtx4090-24gb --strategy ddp
 """
 
-PRECISION_CHOICES = ("fp32", "fp16", "bf16", "bf16-pure")
-STRATEGY_CHOICES = ("fsdp", "ddp")  # tightfit.memory.distributed.STRATEGIES, without importing torch
-OPTIMIZER_CHOICES = ("sgd", "sgd-momentum", "adam", "adamw", "adam8bit")
+from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
+from tightfit.names import PRECISIONS as PRECISION_CHOICES
+from tightfit.names import QUANTIZE_BASES
+from tightfit.names import STRATEGIES as STRATEGY_CHOICES
 
 
 def add_arguments(parser) -> None:
@@ -44,7 +45,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="force activation checkpointing of the repeated blocks on (or off with --no-checkpointing)")
     parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on a frozen base")
-    parser.add_argument("--quantize-base", choices=("nf4", "int8"),
+    parser.add_argument("--quantize-base", choices=QUANTIZE_BASES,
                         help="with --lora-rank: a quantized frozen base, nf4 (QLoRA, bitsandbytes on CUDA) or int8 (torchao)")
     parser.add_argument("--device", metavar="PROFILE", help="a device profile (tightfit devices), or auto/cpu/cuda/mps (default: this machine)")
     parser.add_argument("--memory", metavar="SIZE", help="a memory budget replacing the device's usable memory, e.g. 6GiB")
@@ -57,6 +58,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fsdp", help="with --devices: how ranks share the model (default fsdp)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--html", metavar="FILE", help="also write the plan as a self-contained HTML page")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let the pipeline file name module.path:callable models (runs their Python code)")
 
 
 def run(args) -> int:
@@ -195,7 +198,7 @@ def _run_pipeline(args) -> int:
     from tightfit.memory.pipeline import load_pipeline, plan_pipeline
     from tightfit.units import format_bytes, format_seconds
 
-    config = load_pipeline(args.pipeline)
+    config = load_pipeline(args.pipeline, trust_code=args.trust_code)
     if args.json:
         result = plan_pipeline(config, device=args.device, memory=args.memory)
         print_json(result.to_dict())

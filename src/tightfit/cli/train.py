@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nproc-per-node", type=int, metavar="N",
         help="train with N processes on this machine (one per GPU), through torchrun's launcher",
     )
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let the recipe or the run's config.yaml name a module.path:callable model (runs its Python code)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
         resume_config = Path(args.resume) / "config.yaml"
         if not resume_config.is_file():
             raise ConfigError(f"--resume: {args.resume} is not a tightfit run directory (no config.yaml)")
-        config = load_config(resume_config, overrides)
+        config = load_config(resume_config, overrides, trust_code=args.trust_code)
     else:
-        config = load_config(config_path or default_recipe(), overrides)
+        config = load_config(config_path or default_recipe(), overrides, trust_code=args.trust_code)
     if args.print_config:
         if args.json:
             from tightfit.cli._output import print_json
@@ -66,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(config_to_yaml(config), end="")
         return 0
-    if not args.resume and config.run_dir and (Path(config.run_dir) / "checkpoints").exists():
-        raise ConfigError(
-            f"run_dir: {config.run_dir} already holds a run; continue it with --resume {config.run_dir} or choose another --run-dir"
-        )
+    if not args.resume and config.run_dir:
+        from tightfit.training.run_folder import check_new_run_folder
+
+        check_new_run_folder(config.run_dir)
 
     if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
         return _launch(args)  # the configuration is valid: now start the processes
@@ -111,8 +113,9 @@ def _launch(args: argparse.Namespace) -> int:
     for flag, value in (("--run-dir", args.run_dir), ("--resume", args.resume), ("--limit", args.limit)):
         if value is not None:
             command += [flag, str(value)]
-    if args.json:
-        command.append("--json")
+    for flag in ("json", "trust_code"):
+        if getattr(args, flag):
+            command.append("--" + flag.replace("_", "-"))
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 

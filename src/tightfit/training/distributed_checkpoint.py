@@ -89,11 +89,11 @@ def save_sharded_checkpoint(
 
 def load_sharded_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, trainable_only: bool = False
-) -> tuple[dict, dict]:
+) -> checkpoint_files.Restored:
     """Load a sharded checkpoint into ``model`` (and ``optimizer``), resharding to this world size.
 
     Returns:
-        ``(state, meta)`` as :func:`tightfit.training.checkpoint.load_checkpoint` does.
+        The checkpoint's folder, state (without the optimizer's, loaded already) and meta.
 
     Raises:
         ConfigError: when ``directory`` holds no complete sharded checkpoint.
@@ -119,7 +119,7 @@ def load_sharded_checkpoint(
         set_optimizer_state_dict(model, optimizer, wanted["optimizer"], options=options)
     state = torch.load(found / checkpoint_files.STATE_FILE, map_location="cpu", weights_only=True)
     meta = json.loads((found / checkpoint_files.META_FILE).read_text())
-    return state, meta
+    return checkpoint_files.Restored(found, state, meta)
 
 
 def read_sharded_weights(directory: Path, part: str = "model") -> dict[str, torch.Tensor]:
