@@ -22,6 +22,7 @@ COMMANDS = {
     "batch-size": "tightfit.cli.batch_size",
     "train": "tightfit.cli.train",
     "lr-find": "tightfit.cli.lr_find",
+    "export-checkpoint": "tightfit.cli.export_checkpoint",
     "compress": "tightfit.cli.compress",
     "predict": "tightfit.cli.predict",
     "lora": "tightfit.cli.lora",
