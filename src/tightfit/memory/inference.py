@@ -275,3 +275,63 @@ def forward_time_per_sample(model: nn.Module, batch_factory: Callable[[int, Any]
         model.train(was_training)
     timings.sort()
     return timings[len(timings) // 2] / batch_size if timings else math.nan
+
+
+@dataclass
+class InferenceBatchSearch:
+    """The largest forward-only batch under a budget: predicted on fake tensors, confirmed on real ones."""
+
+    batch_size: int
+    predicted_batch_size: int
+    peak_bytes: int | None
+    budget_bytes: int
+    trials: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mode": "inference"}
+
+
+def find_inference_batch_size(
+    model: nn.Module, batch_factory: Callable[[int, Any], Any], *, budget_bytes: int, device: Any = None,
+    precision: str = "fp32", margin: float = 0.1, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> InferenceBatchSearch:
+    """``tightfit batch-size --inference``: predict the largest batch, then confirm it with real passes.
+
+    Each real pass runs under the budget less the margin (simulated by the tracker on CPU); a pass
+    that does not fit halves the interval, as the training search does.
+    """
+    device = resolve_device(device)
+    limit = int(budget_bytes * (1 - margin))
+    predicted, _ = largest_batch(model, batch_factory, budget_bytes=budget_bytes, precision=precision,
+                                 margin=margin, max_batch_size=max_batch_size)
+    trials: list[dict] = []
+
+    def fits(batch: int) -> int | None:
+        started = time.perf_counter()
+        try:
+            memory = measure_forward(model, batch_factory, batch_size=batch, precision=precision, device=device,
+                                     budget_bytes=limit)
+        except torch.OutOfMemoryError:
+            trials.append({"batch_size": batch, "fits": False, "peak_bytes": None, "seconds": time.perf_counter() - started})
+            return None
+        trials.append({"batch_size": batch, "fits": True, "peak_bytes": memory.peak_bytes,
+                       "seconds": time.perf_counter() - started})
+        return memory.peak_bytes
+
+    low, high = 0, predicted + 1
+    if predicted and fits(predicted) is not None:
+        low = predicted
+        if predicted < max_batch_size and fits(predicted + 1) is not None:  # the estimate was low: search upwards
+            low, high = predicted + 1, max_batch_size + 1
+            step = max(1, predicted)
+            while low + step < high and fits(low + step) is not None:
+                low, step = low + step, step * 2
+            high = min(high, low + step)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle) is not None:
+            low = middle
+        else:
+            high = middle
+    peak = next((trial["peak_bytes"] for trial in reversed(trials) if trial["batch_size"] == low and trial["fits"]), None)
+    return InferenceBatchSearch(low, predicted, peak, budget_bytes, trials)

@@ -23,6 +23,9 @@ document people otherwise write by hand (``reference/seed-002-rtx3050-feasibilit
         samples: 20000
         note: SVM on the extracted features
 
+An ``extract`` stage (a frozen backbone computing features) is planned forward-only
+(:mod:`tightfit.memory.inference`): no gradients, no optimizer state, activations freed layer by
+layer; without ``batch_size`` it gets the largest batch that fits, and ``samples`` gives its time.
 A training stage takes ``model``, ``input`` and optionally ``batch_size`` (check exactly that),
 ``effective_batch_size``, ``precision``, ``optimizer``, ``checkpointing``, ``lora_rank``,
 ``quantize_base`` (with ``lora_rank``: ``nf4`` or ``int8``), ``samples``, ``model_kwargs`` and
@@ -51,7 +54,7 @@ class StageConfig(BaseModel, extra="forbid"):
     """One stage of a pipeline file."""
 
     name: str
-    kind: Literal["train", "cpu"] = "train"
+    kind: Literal["train", "extract", "cpu"] = "train"
     model: str | None = None
     input: str | None = None
     batch_size: int | None = Field(None, ge=1)
@@ -195,7 +198,10 @@ def plan_pipeline(
             result.stages.append(_cpu_stage(stage))
             continue
         if not stage.model or not stage.input:
-            raise ConfigError(f"stage {stage.name!r}: a training stage needs 'model' and 'input' (or kind: cpu)")
+            raise ConfigError(f"stage {stage.name!r}: a {stage.kind} stage needs 'model' and 'input' (or kind: cpu)")
+        if stage.kind == "extract":
+            result.stages.append(_extract_stage(stage, profile, config.margin))
+            continue
         try:
             planned = plan(
                 stage.model, stage.input, batch_size=stage.batch_size, precision=stage.precision,
@@ -233,6 +239,30 @@ def plan_pipeline(
         )
     result.seconds = round(time.perf_counter() - started, 2)
     return result
+
+
+def _extract_stage(stage: StageConfig, profile, margin: float) -> StageResult:
+    """A forward-only stage: the peak at its batch size, or the largest batch that fits."""
+    from tightfit.memory.inference import INFERENCE_PRECISIONS, plan_inference
+
+    precision = stage.precision or "fp32"
+    if precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"stage {stage.name!r}: precision: {precision} is not an inference precision")
+    try:
+        planned = plan_inference(
+            stage.model, stage.input, batch_size=stage.batch_size, precision=precision, profile=profile,
+            margin=margin, samples=stage.samples, model_kwargs=stage.model_kwargs,
+        )
+    except TightfitError as error:
+        raise type(error)(f"stage {stage.name!r}: {error}") from None
+    step_time = planned.time_per_sample_s * planned.batch_size if planned.time_per_sample_s else None
+    return StageResult(
+        name=stage.name, kind="extract", model=stage.model, input=stage.input, verdict=planned.verdict,
+        fits=planned.fits, micro_batch_size=planned.batch_size if planned.fits else None, accumulation_steps=None,
+        precision=precision, checkpointing=None, optimizer=None, peak_bytes=planned.peak_bytes,
+        budget_bytes=planned.budget_bytes, step_time_s=step_time, epoch_time_s=planned.total_time_s,
+        why=f"forward only: {planned.why}", note=stage.note, plan=planned.to_dict(),
+    )
 
 
 def _cpu_stage(stage: StageConfig) -> StageResult:
