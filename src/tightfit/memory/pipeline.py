@@ -261,7 +261,7 @@ def _extract_stage(stage: StageConfig, profile, margin: float) -> StageResult:
         fits=planned.fits, micro_batch_size=planned.batch_size if planned.fits else None, accumulation_steps=None,
         precision=precision, checkpointing=None, optimizer=None, peak_bytes=planned.peak_bytes,
         budget_bytes=planned.budget_bytes, step_time_s=step_time, epoch_time_s=planned.total_time_s,
-        why=f"forward only: {planned.why}", note=stage.note, plan=planned.to_dict(),
+        why=planned.why, note=stage.note, plan=planned.to_dict(),
     )
 
 

@@ -39,12 +39,13 @@ def study_pipeline(config: StudyConfig, *, samples_count: tuple[int, int] | None
             if stage.kind == "extract" and stage.slices is not None:
                 sides = shape.split("x")
                 shape = "x".join(side for axis, side in enumerate(sides) if axis != stage.slices.axis + 1)
+                note = (note + "; " if note else "") + f"batch counted in slices, {sides[stage.slices.axis + 1]} per volume"
             precision = None if stage.precision == "auto" else stage.precision
             if stage.kind == "extract":
                 batch = None if stage.batch_size == "auto" else stage.batch_size
                 stages.append(StageConfig(name=name, kind="extract", model=spec, input=shape, batch_size=batch,
                                           precision=precision, samples=evaluation, model_kwargs=kwargs,
-                                          note=note or "frozen backbone, forward only"))
+                                          note=note or "frozen backbone"))
                 continue
             batch = stage.batch_size * (2 if getattr(stage, "objective", None) == "contrastive" else 1)
             if getattr(stage, "objective", None):

@@ -70,6 +70,8 @@ class _Stage(BaseModel, extra="forbid"):
     @field_validator("source", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
+        if value is None:
+            return []
         return [value] if isinstance(value, str) else value
 
 

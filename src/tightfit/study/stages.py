@@ -84,6 +84,7 @@ def build_backbone(context: StageContext, stage) -> torch.nn.Module:
     spec, kwargs = model_of(context.config, stage)
     user_weights = getattr(stage, "weights", None)
     num_classes = None if user_weights else context.samples.num_classes
+    torch.manual_seed(context.config.seed)  # the same initial weights on every run (and on --resume)
     model = build_model(spec, num_classes=num_classes, **kwargs)
     try:
         if stage.source and stage.kind != "classify":
@@ -99,11 +100,15 @@ def build_backbone(context: StageContext, stage) -> torch.nn.Module:
     return model
 
 
-def _split_development(samples: StudySamples, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split_development(samples: StudySamples, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """A stratified validation share of the development part (for the best checkpoint), when it is big enough."""
     from sklearn.model_selection import train_test_split
 
     development = samples.development
-    train, val = train_test_split(development, test_size=VALIDATION_SHARE, stratify=samples.labels[development],
+    validation = max(round(VALIDATION_SHARE * len(development)), samples.num_classes)
+    if len(development) - validation < samples.num_classes:
+        return development, None  # too few samples to hold some out: train on all, keep the last checkpoint
+    train, val = train_test_split(development, test_size=validation, stratify=samples.labels[development],
                                   random_state=seed)
     return np.sort(train), np.sort(val)
 
@@ -173,11 +178,13 @@ def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
     train, val = _split_development(context.samples, config.seed)
     dataset = _Images if stage.kind == "pretrain" else _Labelled
     precision, _ = resolve_precision(stage.precision, context.device.type)
-    train_set, val_set = dataset(context.samples, train), dataset(context.samples, val)
+    train_set = dataset(context.samples, train)
+    val_set = dataset(context.samples, val) if val is not None else None
     step_s = _training_step_seconds(model, train_set, stage.batch_size, precision, context.device,
                                     stage.trainer.get("optimizer", {}).get("name", "adamw"))
     # validation: forward only, about a third of a step per batch
-    estimated = step_s * stage.epochs * (math.ceil(len(train) / stage.batch_size) + math.ceil(len(val) / stage.batch_size) / 3)
+    val_batches = math.ceil(len(val) / stage.batch_size) if val is not None else 0
+    estimated = step_s * stage.epochs * (math.ceil(len(train) / stage.batch_size) + val_batches / 3)
     run_dir = stage_dir / RUN_FOLDER
     tree = {
         "epochs": stage.epochs, "seed": config.seed, "run_dir": str(run_dir), "device": context.device.type,
@@ -199,7 +206,7 @@ def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
     )
     summary = trainer.fit(resume_from=resume_from)
     metrics = {key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
-    notes = [f"trained on {len(train)} development samples, validated on {len(val)}"]
+    notes = [f"trained on {len(train)} development samples, validated on {len(val) if val is not None else 0}"]
     if resume_from is not None:
         notes.append("resumed from the last checkpoint")
     return Outcome(metrics, estimated, notes)
