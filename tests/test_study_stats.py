@@ -41,8 +41,12 @@ def test_bootstrap_interval_agrees_with_scipy_percentile_bootstrap():
 
 def test_wilcoxon_is_scipys_and_rank_biserial_is_signed():
     result = stats.wilcoxon_signed_rank(FOLD_A, FOLD_B)
-    reference = scipy_stats.wilcoxon(FOLD_A, FOLD_B)
+    reference = scipy_stats.wilcoxon(FOLD_A, FOLD_B, method=result["method"])
+    assert result["method"] == "approx"  # FOLD_A - FOLD_B has tied differences
     assert result["p_value"] == pytest.approx(reference.pvalue)
+    untied = stats.wilcoxon_signed_rank(FOLD_A, FOLD_A - np.linspace(0.01, 0.001, 10) * [1, -1, 1, 1, 1, 1, -1, 1, 1, 1])
+    assert untied["method"] == "exact"
+    assert untied["p_value"] == pytest.approx(scipy_stats.wilcoxon(FOLD_A, FOLD_A - np.linspace(0.01, 0.001, 10) * [1, -1, 1, 1, 1, 1, -1, 1, 1, 1]).pvalue)
     assert result["statistic"] == pytest.approx(reference.statistic)
     differences = FOLD_A - FOLD_B
     ranks = scipy_stats.rankdata(np.abs(differences))
