@@ -284,3 +284,20 @@ def test_seed002_example_is_a_valid_study_planned_forward_only():
     assert kinds["vit-mim"] == "train" and pipeline.device == "rtx3050-laptop-6gb"
     assert next(stage for stage in pipeline.stages if stage.name == "slice-features").input == "1x96x96"
     load_study(REPO / "examples/pipelines/digits-study.yaml")
+
+
+def test_resume_continues_a_pretrain_stage_from_its_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "study"
+    study = tiny_study(folder)
+    study["stages"] = study["stages"][:1]  # the MIM pre-training only
+    path = write(tmp_path / "study.yaml", study)
+    assert main(["run", str(path)]) == 0
+    run_dir = folder / "stages/mim/run"
+    steps_before = json.loads((run_dir / "summary.json").read_text())["steps"]
+    manifest = json.loads((folder / "stages/mim/manifest.json").read_text())
+    manifest["status"] = "running"  # as a crash after the last checkpoint leaves it
+    (folder / "stages/mim/manifest.json").write_text(json.dumps(manifest))
+    assert main(["run", str(path), "--resume"]) == 0
+    resumed = json.loads((folder / "stages/mim/manifest.json").read_text())
+    assert resumed["status"] == "complete" and "resumed from the last checkpoint" in resumed["notes"]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps_before  # nothing trained twice

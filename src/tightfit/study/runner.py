@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tightfit._optional import require
 from tightfit.errors import ConfigError
 from tightfit.study.manifest import cache_key, fingerprint_path, package_versions, read_manifest, write_manifest
 from tightfit.study.spec import StudyConfig, stage_settings, topological_order
@@ -84,6 +85,8 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
             manifest = read_manifest(stage_dirs[source])
             if not manifest or manifest.get("status") != "complete" or manifest.get("key") != keys[source]:
                 raise ConfigError(f"--only {only}: stage {only!r} reads {source!r}, which has not run with these settings")
+    if config.tracking.mlflow:  # a missing extra is reported before anything is written
+        require("mlflow", extra="mlflow", purpose="tracking a study in MLflow (tracking.mlflow: true)")
     samples = load_samples(config.data, config.seed)
     device = resolve_device(config.device, ProcessInfo())
     if config.threads:
