@@ -123,6 +123,18 @@ def load_samples(config: StudyData, seed: int) -> StudySamples:
     return StudySamples(dataset, labels, ids, class_names, development, evaluation)
 
 
+def count_samples(config: StudyData) -> int | None:
+    """How many samples the study will use, without reading them (None when the folder is not there)."""
+    if config.source == "digits":
+        total = 1797  # sklearn's bundled digits
+    else:
+        root = Path(config.path)
+        if not root.is_dir():
+            return None
+        total = sum(1 for path in root.glob("*/*") if path.name.endswith(VOLUME_SUFFIXES))
+    return min(total, config.limit) if config.limit else total
+
+
 def _volume_folder(root: Path):
     if not root.is_dir():
         raise ConfigError(f"data.path: {root} is not a folder")

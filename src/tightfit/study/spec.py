@@ -60,6 +60,8 @@ ALLOWED_FROM: dict[str, tuple[str, ...]] = {
     "evaluate": ("classify",),
 }
 FEATURE_KINDS = ("extract", "sparse-code")
+VALIDATION_SHARE = 0.15
+"""Share of the development part that pretrain/train stages hold out for the trainer's validation."""
 
 
 class _Stage(BaseModel, extra="forbid"):

@@ -22,12 +22,11 @@ from torch.utils.data import Dataset
 
 from tightfit.errors import ConfigError
 from tightfit.study.data import StudySamples
-from tightfit.study.spec import StudyConfig, model_of
+from tightfit.study.spec import VALIDATION_SHARE, StudyConfig, model_of
 from tightfit.study.tracking import StudyTracker, TrainerMetrics
 
 RUN_FOLDER = "run"
 FEATURES_FOLDER = "features"
-VALIDATION_SHARE = 0.15  # of the development part, for the trainer's validation (best checkpoint)
 CPU_AUTO_BATCH_CAP = 256  # on the CPU a bigger batch is not faster, and a shard per batch bounds loss
 
 
