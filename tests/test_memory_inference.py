@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tightfit.cli import main
-from tightfit.memory.estimator import estimate_model_step
+from tightfit.memory.estimator import estimate_step
 from tightfit.memory.inference import estimate_forward, find_inference_batch_size, largest_batch, measure_forward
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
@@ -34,10 +34,10 @@ def test_forward_estimate_equals_measurement_on_cpu(spec, shape, kwargs, precisi
 
 
 def test_forward_peak_is_far_below_the_training_step():
-    model = build_model("torchvision:resnet18", num_classes=10, meta=True)
-    factory = make_batch_factory(parse_input_spec("3x64x64"), model)
+    model = build_model("builtin:small-cnn", num_classes=10, meta=True)
+    factory = make_batch_factory(parse_input_spec("3x32x32"), model)
     forward = estimate_forward(model, factory, batch_size=16)
-    training = estimate_model_step(model, factory, batch_size=16)
+    training = estimate_step(model, factory, batch_size=16)
     assert forward.peak_bytes < 0.4 * training.peak_bytes
 
 

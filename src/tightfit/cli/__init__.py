@@ -25,6 +25,7 @@ COMMANDS = {
     "predict": "tightfit.cli.predict",
     "lora": "tightfit.cli.lora",
     "run": "tightfit.cli.run",
+    "report": "tightfit.cli.report",
 }
 
 

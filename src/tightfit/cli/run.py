@@ -5,8 +5,9 @@ DESCRIPTION = """\
 Run the stages of a STUDY.yaml in graph order: self-supervised pre-training (MIM, contrastive) and
 supervised training through the trainer, feature extraction (forward-only, a shard per batch),
 sparse coding, classifiers on the CPU (SVM with nested CV, SRC, logistic regression, kNN) over
-folds every arm shares, and the statistics between arms. Ends with STUDY_FOLDER/results.md and
-results.json; MLflow records a parent run and a nested run per stage (STUDY_FOLDER/mlruns).
+folds every arm shares, and the statistics between arms. Ends with STUDY_FOLDER/results.md,
+results.json and report.html (tightfit report); MLflow records a parent run and a nested run per
+stage (STUDY_FOLDER/mlruns).
 
 The file is checked before anything runs (unknown stages, a 'from' of the wrong kind, cycles,
 missing data): one line naming the stage and key, exit 2, nothing written. Stages whose settings
@@ -34,18 +35,23 @@ def run(args) -> int:
     from tightfit.study.spec import load_study
 
     if args.dry_run:
+        import argparse
+
         from tightfit.cli import plan as plan_command
 
-        load_study(args.study, check_files=True)
-        args.pipeline, args.model, args.input, args.batch_size, args.lora_rank = args.study, None, None, None, None
-        args.device, args.memory, args.inference = None, None, False
-        return plan_command.run(args)
+        load_study(args.study)  # the run's checks too (data and weights present), before the plan
+        parser = argparse.ArgumentParser()
+        plan_command.add_arguments(parser)
+        return plan_command.run(parser.parse_args([args.study] + (["--json"] if args.json else [])))
     config = load_study(args.study)
     if args.folder:
         config.folder = args.folder
     from tightfit.study.runner import run_study
 
     results = run_study(config, resume=args.resume, only=args.only)
+    from tightfit.report.build import write_report
+
+    page = write_report(config.folder)
     if args.json:
         from tightfit.cli._output import print_json
 
@@ -53,5 +59,5 @@ def run(args) -> int:
     else:
         from tightfit.cli._output import console
 
-        console().print(f"results: {config.folder}/results.md and results.json")
+        console().print(f"results: {config.folder}/results.md, results.json and {page.name}")
     return 0

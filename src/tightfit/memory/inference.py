@@ -1,7 +1,7 @@
 """Peak memory of a forward-only pass (feature extraction, prediction): estimated or measured.
 
 The same tracker and the same fake-tensor machinery as the training estimate
-(:mod:`tightfit.memory.estimator`), on a different step::
+(:mod:`tightfit.memory.estimator`, :mod:`tightfit.memory.counted_step`), on a different step::
 
     model.eval()
     with torch.inference_mode(), autocast(precision):
@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from tightfit.errors import ConfigError, TightfitError
-from tightfit.memory.estimator import EstimationError, _fake_weights, _flop_counter, _tracing_failure, resolve_device
+from tightfit.memory.counted_step import _flop_counter
+from tightfit.memory.estimator import EstimationError, _fake_weights, _tracing_failure
+from tightfit.memory.measure import resolve_device
 from tightfit.memory.overhead import allocation_size, device_overhead
 from tightfit.memory.report import StepMemory
 from tightfit.memory.tracker import MemoryTracker

@@ -138,25 +138,24 @@ def _training_step_seconds(model: torch.nn.Module, dataset: Dataset, batch_size:
                            device: torch.device, optimizer: str, steps: int = 3) -> float:
     """Seconds of one training step of ``model`` on a real batch of ``dataset``, timed on this machine.
 
-    The memory engine's step (``tightfit.memory.estimator.training_step``, the one the planner's
-    ``--measure`` times) runs on a copy of the model, so the stage's weights are untouched.
+    The trainer's own step (:class:`~tightfit.step.step.TrainingStep`) runs on a copy of the model,
+    so the stage's weights are untouched.
     """
     import copy
 
     from torch.utils.data import default_collate
 
-    from tightfit.memory.estimator import training_step
+    from tightfit.memory.counted_step import StepSettings, make_step
     from tightfit.step.optim import build_optimizer
 
     probe = copy.deepcopy(model).to(device).train()
-    step_optimizer = build_optimizer(optimizer, probe.parameters())
-    batch = default_collate([dataset[index] for index in range(min(batch_size, len(dataset)))])
-    batch = batch.to(device) if isinstance(batch, torch.Tensor) else [part.to(device) for part in batch]
-    settings = dict(precision=precision, device_type=device.type)
-    training_step(probe, step_optimizer, lambda: batch, **settings)  # warm-up: kernels, optimizer state
+    window = default_collate([dataset[index] for index in range(min(batch_size, len(dataset)))])
+    step = make_step(probe, build_optimizer(optimizer, probe.parameters()), StepSettings(batch_size, precision, optimizer),
+                     device)
+    step(window)  # warm-up: kernels, optimizer state
     started = time.perf_counter()
     for _ in range(steps):
-        training_step(probe, step_optimizer, lambda: batch, **settings)
+        step(window)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - started) / steps

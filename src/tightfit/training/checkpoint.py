@@ -15,13 +15,10 @@ the old or the new checkpoint complete (``load_checkpoint`` falls back to the mo
 
 import json
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -33,17 +30,25 @@ META_FILE = "meta.json"
 _ASIDE_SUFFIX = ".old"
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Write a model's weights to a safetensors file (tied weights are stored once by name)."""
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    # safetensors refuses tensors that share storage (tied embeddings); clone keeps each readable.
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of a model: its state dict, detached and contiguous.
+
+    Tied weights (one storage under two names) are cloned apart, as safetensors refuses shared
+    storage; loading ties them again through the model's own structure.
+    """
+    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     seen_pointers: set[int] = set()
-    for name, tensor in state.items():
+    for name, tensor in weights.items():
         pointer = tensor.untyped_storage().data_ptr()
         if pointer in seen_pointers:
-            state[name] = tensor.clone()
+            weights[name] = tensor.clone()
         seen_pointers.add(pointer)
-    save_file(state, str(path))
+    return weights
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Write a model's weights to a safetensors file."""
+    save_file({name: tensor.cpu() for name, tensor in model_weights(model).items()}, str(path))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -52,37 +57,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(load_file(str(path), device=str(device)))
 
 
-def rng_state() -> dict:
-    """The Python, NumPy and torch (CPU and CUDA) random states, as loadable-without-pickle data."""
-    version, python_state, gaussian = random.getstate()
-    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "python": [version, list(python_state), gaussian],
-        "numpy": [bit_generator, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore the random states saved by :func:`rng_state`."""
-    version, python_state, gaussian = state["python"]
-    random.setstate((version, tuple(python_state), gaussian))
-    bit_generator, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((bit_generator, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
+def save_checkpoint(directory: Path, weights: dict[str, torch.Tensor], state: dict, meta: dict) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
     Args:
         directory: where the checkpoint lives (e.g. ``RUN/checkpoints/last``); replaced if present.
-        model: the (unwrapped) model whose weights to save.
+        weights: the model's weights (:func:`model_weights`), on any device.
         state: the training state (see the module doc for what it may contain).
         meta: JSON-serialisable facts shown to people (step, epoch, metrics).
     """
@@ -90,7 +70,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict, meta: 
     directory.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        save_weights(model, temporary / WEIGHTS_FILE)
+        save_file({name: tensor.cpu() for name, tensor in weights.items()}, str(temporary / WEIGHTS_FILE))
         torch.save(state, temporary / STATE_FILE)
         (temporary / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         aside = directory.with_name(directory.name + _ASIDE_SUFFIX)
@@ -127,9 +107,3 @@ def load_checkpoint(directory: Path, model: torch.nn.Module) -> tuple[dict, dict
     state = torch.load(found / STATE_FILE, map_location="cpu", weights_only=True)
     meta = json.loads((found / META_FILE).read_text())
     return state, meta
-
-
-def read_meta(directory: Path) -> dict[str, Any] | None:
-    """The ``meta.json`` of a complete checkpoint, or None."""
-    found = complete_checkpoint(directory)
-    return json.loads((found / META_FILE).read_text()) if found else None
