@@ -191,6 +191,7 @@ def plan_pipeline(
     started = time.perf_counter()
     profile = resolve_target(device or config.device, memory if memory is not None else config.memory)
     result = PipelineResult(config.name, profile.name, profile.usable_bytes, config.margin)
+    forward_plans: dict = {}
     for stage in config.stages:
         if on_stage is not None:
             on_stage(stage.name)
@@ -200,7 +201,7 @@ def plan_pipeline(
         if not stage.model or not stage.input:
             raise ConfigError(f"stage {stage.name!r}: a {stage.kind} stage needs 'model' and 'input' (or kind: cpu)")
         if stage.kind == "extract":
-            result.stages.append(_extract_stage(stage, profile, config.margin))
+            result.stages.append(_extract_stage(stage, profile, config.margin, forward_plans))
             continue
         try:
             planned = plan(
@@ -241,20 +242,30 @@ def plan_pipeline(
     return result
 
 
-def _extract_stage(stage: StageConfig, profile, margin: float) -> StageResult:
-    """A forward-only stage: the peak at its batch size, or the largest batch that fits."""
+def _extract_stage(stage: StageConfig, profile, margin: float, planned_before: dict) -> StageResult:
+    """A forward-only stage: the peak at its batch size, or the largest batch that fits.
+
+    ``planned_before`` caches the plans of this pipeline: a study's arms often extract with the
+    same backbone (pre-trained differently), which plans the same.
+    """
+    import json
+
     from tightfit.memory.inference import INFERENCE_PRECISIONS, plan_inference
 
     precision = stage.precision or "fp32"
     if precision not in INFERENCE_PRECISIONS:
         raise ConfigError(f"stage {stage.name!r}: precision: {precision} is not an inference precision")
+    key = json.dumps([stage.model, stage.input, stage.batch_size, precision, stage.samples, stage.model_kwargs],
+                     sort_keys=True, default=str)
     try:
-        planned = plan_inference(
-            stage.model, stage.input, batch_size=stage.batch_size, precision=precision, profile=profile,
-            margin=margin, samples=stage.samples, model_kwargs=stage.model_kwargs,
-        )
+        if key not in planned_before:
+            planned_before[key] = plan_inference(
+                stage.model, stage.input, batch_size=stage.batch_size, precision=precision, profile=profile,
+                margin=margin, samples=stage.samples, model_kwargs=stage.model_kwargs,
+            )
     except TightfitError as error:
         raise type(error)(f"stage {stage.name!r}: {error}") from None
+    planned = planned_before[key]
     step_time = planned.time_per_sample_s * planned.batch_size if planned.time_per_sample_s else None
     return StageResult(
         name=stage.name, kind="extract", model=stage.model, input=stage.input, verdict=planned.verdict,
