@@ -104,6 +104,6 @@ def render_markdown(results: dict) -> str:
     for stage in results["stages"]:
         lines.append(f"| {stage['name']} | {stage['kind']} | {_seconds(stage['estimated_s'])} | "
                      f"{_seconds(stage['measured_s'])} | {'; '.join(stage['notes'])} |")
-    lines += ["", "Estimates, made before each stage ran: pretrain/train from three training steps timed on this machine "
+    lines += ["", "Estimates, made before each stage ran: pretrain/train from three training steps (the trainer's step) timed on this machine "
               "x the steps of all epochs; extract from three forward batches; classify from its first fold per classifier.", ""]
     return "\n".join(lines)
