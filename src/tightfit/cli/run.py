@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("study", metavar="STUDY.yaml", help="the study file (see docs/study.md)")
     parser.add_argument("--resume", action="store_true",
                         help="continue interrupted stages (trainer checkpoints, extracted shards) instead of restarting them")
-    parser.add_argument("--only", metavar="STAGE", help="run only this stage (the stages it reads must be complete)")
+    parser.add_argument("--only", metavar="STAGE", help="run only this stage, if its inputs changed (the stages it reads must be complete)")
     parser.add_argument("--dry-run", action="store_true", help="check the file and print the plan (tightfit plan STUDY.yaml); run nothing")
     parser.add_argument("--folder", metavar="DIR", help="the study folder (default: the file's folder: key, else studies/NAME)")
     parser.add_argument("--json", action="store_true", help="print results.json (or the plan, with --dry-run) as JSON")
