@@ -62,6 +62,13 @@ def test_cli_plan_and_batch_size_inference(capsys):
     searched = json.loads(capsys.readouterr().out)
     assert searched["mode"] == "inference" and searched["batch_size"] > 0
     assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--inference", "--optimizer", "sgd"]) == 2
+    capsys.readouterr()
+    assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--inference", "--samples", "1000",
+                 "--device", "rtx3050-laptop-6gb"]) == 0
+    text = capsys.readouterr().out
+    assert "FITS" in text and "forward only" in text and "for 1000 samples" in text
+    assert main(["batch-size", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--memory", "8MiB", "--inference"]) == 0
+    assert "largest forward batch" in capsys.readouterr().out
 
 
 def test_pipeline_extract_stage_is_planned_forward_only(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from tightfit.hardware.profiles import get_profile, with_budget
 from tightfit.memory.estimator import estimate_step
-from tightfit.memory.pipeline import SVM_KERNEL_CACHE_BYTES, load_pipeline
+from tightfit.memory.pipeline import SVM_KERNEL_CACHE_BYTES
 from tightfit.memory.planner import plan
 from tightfit.memory.report import CATEGORIES
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec

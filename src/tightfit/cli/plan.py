@@ -101,7 +101,7 @@ def _run_inference(args, profile) -> int:
     from tightfit.cli._output import console, print_json
     from tightfit.errors import ConfigError
     from tightfit.memory.inference import INFERENCE_PRECISIONS, plan_inference
-    from tightfit.units import format_bytes
+    from tightfit.units import format_bytes, format_seconds
 
     if args.lora_rank or args.effective_batch or args.measure or args.optimizer or args.checkpointing is not None:
         raise ConfigError("--inference plans a forward pass: --lora-rank, --effective-batch, --optimizer, "
@@ -123,9 +123,9 @@ def _run_inference(args, profile) -> int:
     parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in result.breakdown.items() if value)
     out.print(f"peak {format_bytes(result.peak_bytes)} at batch {result.batch_size}: {parts}")
     if result.time_per_sample_s:
-        timing = f"estimated {_seconds(result.time_per_sample_s * result.batch_size)} per batch"
+        timing = f"estimated {format_seconds(result.time_per_sample_s * result.batch_size)} per batch"
         if result.total_time_s:
-            timing += f", {_seconds(result.total_time_s)} for {result.samples} samples"
+            timing += f", {format_seconds(result.total_time_s)} for {result.samples} samples"
         out.print(timing)
     for note in result.notes:
         out.print(f"[dim]- {escape(note)}[/]")

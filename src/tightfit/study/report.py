@@ -13,6 +13,7 @@ from pathlib import Path
 from tightfit.study.evaluate import STATISTICS_FILE
 from tightfit.study.manifest import read_manifest
 from tightfit.study.spec import StudyConfig
+from tightfit.units import format_seconds
 
 RESULTS_VERSION = 1
 
@@ -45,12 +46,6 @@ def _p(value: float | None) -> str:
     if value is None:
         return "-"
     return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
 
 
 def render_markdown(results: dict) -> str:
@@ -102,8 +97,8 @@ def render_markdown(results: dict) -> str:
         lines += [f"Plots: {', '.join(statistics['plots'])}", ""]
     lines += ["## Stage times", "", "| stage | kind | estimated | measured | notes |", "|---|---|---|---|---|"]
     for stage in results["stages"]:
-        lines.append(f"| {stage['name']} | {stage['kind']} | {_seconds(stage['estimated_s'])} | "
-                     f"{_seconds(stage['measured_s'])} | {'; '.join(stage['notes'])} |")
+        lines.append(f"| {stage['name']} | {stage['kind']} | {format_seconds(stage['estimated_s'])} | "
+                     f"{format_seconds(stage['measured_s'])} | {'; '.join(stage['notes'])} |")
     lines += ["", "Estimates, made before each stage ran: pretrain/train from three training steps (the trainer's step) timed on this machine "
               "x the steps of all epochs; extract from three forward batches; classify from its first fold per classifier.", ""]
     return "\n".join(lines)
