@@ -146,6 +146,7 @@ def test_tiny_study_end_to_end_then_skipped(tmp_path, capsys):
     assert "Paired tests between arms, src" in markdown and "Friedman" in markdown
     assert all(stage["status"] == "complete" and stage["measured_s"] > 0 for stage in results["stages"])
     assert (folder / "stages/statistics/accuracy_ci.png").stat().st_size > 0
+    assert "mim-features" in (folder / "report.html").read_text()  # tightfit report's study page
     # every sample of the evaluation part has features, once, with its label
     features = read_features(folder / "stages/mim-features/features")
     assert len(features) == 90 and len(set(features.ids)) == 90 and features.features.shape[1] == 16
