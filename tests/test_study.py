@@ -23,7 +23,7 @@ TINY_VIT = {"image_size": 8, "patch_size": 4, "in_channels": 1, "dim": 16, "dept
 
 
 def fast_trainer() -> dict:
-    return {"monitor": {"enabled": False}, "logging": {"progress": False}}
+    return {"monitor": {"enabled": False}, "logging": {"progress": False}, "data": {"num_workers": 0}}
 
 
 def tiny_study(folder: Path, **changes) -> dict:
@@ -222,23 +222,27 @@ def test_sigkill_during_extraction_then_resume_gives_identical_features(tmp_path
     assert any("resumed after" in note for note in manifest["notes"])
 
 
-def test_volumes_study_with_3d_mim_and_slices(tmp_path):
+def make_volumes(root: Path, per_class: int, side: int = 8) -> None:
+    """Two classes of random volumes, the second with a bright cube; every other file NIfTI when nibabel is there."""
     generator = np.random.default_rng(0)
-    root = tmp_path / "volumes"
-    nibabel = None
     try:
         import nibabel
     except ImportError:
-        pass
+        nibabel = None
     for label, name in enumerate(("healthy", "lesion")):
         (root / name).mkdir(parents=True)
-        for case in range(8):
-            volume = generator.normal(size=(8, 8, 8)).astype(np.float32)
-            volume[2:6, 2:6, 2:6] += 3.0 * label  # a bright blob marks the class
+        for case in range(per_class):
+            volume = generator.normal(size=(side, side, side)).astype(np.float32)
+            volume[2:6, 2:6, 2:6] += 3.0 * label
             if nibabel is not None and case % 2:
                 nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(root / name / f"case-{case}.nii.gz"))
             else:
                 np.save(root / name / f"case-{case}.npy", volume)
+
+
+def test_volumes_study_with_3d_mim_and_slices(tmp_path):
+    root = tmp_path / "volumes"
+    make_volumes(root, 8)
     study = {
         "name": "volumes", "folder": str(tmp_path / "study"), "device": "cpu", "threads": 1,
         "data": {"source": "volumes", "path": str(root), "development_fraction": 0.5},
@@ -301,3 +305,34 @@ def test_resume_continues_a_pretrain_stage_from_its_checkpoint(tmp_path, capsys)
     resumed = json.loads((folder / "stages/mim/manifest.json").read_text())
     assert resumed["status"] == "complete" and "resumed from the last checkpoint" in resumed["notes"]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps_before  # nothing trained twice
+
+
+@pytest.mark.slow
+def test_seed002_study_runs_end_to_end_on_generated_volumes(tmp_path):
+    """The shipped seed-002 file's stage graph, with tiny models and 1 epoch, on volumes made here."""
+    make_volumes(tmp_path / "volumes", 12)
+    study = yaml.safe_load((REPO / "examples/pipelines/seed002-rtx3050.yaml").read_text())
+    tiny3d = {"image_size": 8, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2}
+    study.update(folder=str(tmp_path / "study"), device="cpu", threads=1, input="1x8x8x8",
+                 cv={"folds": 2, "repeats": 1, "seed": 0}, tracking={"mlflow": False})
+    study["data"]["path"] = str(tmp_path / "volumes")
+    for stage in study["stages"]:
+        if stage["kind"] == "pretrain":
+            stage.update(epochs=1, model_kwargs=tiny3d, decoder_dim=16, batch_size=4)
+            stage["trainer"] = {**stage.get("trainer", {}), **fast_trainer()}
+        if stage.get("model") == "builtin:vit3d" and stage["kind"] == "extract":
+            stage["model_kwargs"] = tiny3d
+        if stage.get("model") == "builtin:vit":
+            stage["model_kwargs"] = dict(TINY_VIT)
+        if stage["kind"] == "sparse-code":
+            stage["n_components"] = 4
+        if stage["kind"] == "classify":
+            stage.update(n_jobs=1, classifiers=[{"name": "svm", "C": [1.0], "gamma": ["scale"], "inner_folds": 2}, "src"])
+        if stage["kind"] == "evaluate":
+            stage["bootstrap"] = 100
+    assert main(["run", str(write(tmp_path / "seed002.yaml", study))]) == 0
+    results = json.loads((tmp_path / "study/results.json").read_text())
+    rows = {(row["arm"], row["classifier"]) for row in results["evaluations"]["statistics"]["table"]}
+    arms = ("mim-features", "contrastive-features", "vit-pure-features", "slice-features", "sparse-codes")
+    assert rows == {(arm, classifier) for arm in arms for classifier in ("svm", "src")}
+    assert "friedman" in results["evaluations"]["statistics"]["comparisons"]["svm"]

@@ -159,6 +159,8 @@ def largest_batch(
                                             profile=profile, count_flops=False)
         return cache[batch]
 
+    if peak(max_batch_size).peak_bytes <= threshold:  # the common case off the GPU: one estimate settles it
+        return max_batch_size, peak(max_batch_size)
     if peak(1).peak_bytes > threshold:
         return 0, None
     low, high = 1, 2

@@ -53,6 +53,8 @@ class StudySamples:
 
 
 class _TensorSamples(Dataset):
+    in_memory = True  # the trainer's loaders use no worker processes for it
+
     def __init__(self, images: torch.Tensor):
         self.images = images
 
@@ -65,6 +67,8 @@ class _TensorSamples(Dataset):
 
 class VolumeFolder(Dataset):
     """Volumes read from files on each access (a study's volumes need not fit in memory)."""
+
+    in_memory = False  # decoded per item: loader workers help
 
     def __init__(self, files: list[Path]):
         self.files = files

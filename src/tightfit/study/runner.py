@@ -93,6 +93,11 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
         torch.set_num_threads(config.threads)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "study.yaml").write_text(_resolved_yaml(config))
+    profile = None
+    if device.type != "cpu" and any(getattr(config.stage(name), "batch_size", None) == "auto" for name in order):
+        from tightfit.hardware.profiles import resolve_target
+
+        profile = resolve_target(device.type, config.memory)  # detected once: it takes seconds
     tracker = StudyTracker(folder, config.name, enabled=config.tracking.mlflow, uri=config.tracking.uri,
                            experiment=config.tracking.experiment)
     status = "FAILED"
@@ -109,7 +114,7 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
             stage_dir.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]{name}[/] ({stage.kind})")
             run_id = tracker.start_stage(name, stage.kind, stage_settings(stage))
-            context = StageContext(config, samples, folder, device, tracker, run_id, resume, console, stage_dirs)
+            context = StageContext(config, samples, folder, device, tracker, run_id, resume, console, stage_dirs, profile)
             started_at = time.time()
             started = time.perf_counter()
             write_manifest(stage_dir, {"name": name, "kind": stage.kind, "key": keys[name], "status": "running",

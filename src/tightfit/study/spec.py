@@ -89,7 +89,8 @@ class _TrainingStage(_ModelStage):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     trainer: dict[str, Any] = Field(
-        default_factory=dict, description="any other tightfit train setting (schedule, checkpointing, ...)"
+        default_factory=dict,
+        description="any other tightfit train setting (schedule, checkpointing, ...); of data: only num_workers, pin_memory",
     )
 
 
@@ -406,9 +407,14 @@ def check_stage_settings(config: StudyConfig) -> None:
             if stage.kind == "extract" and stage.weights and stage.source:
                 raise ConfigError(f"stage {stage.name!r}: weights: give either weights or from, not both")
         if stage.kind in ("pretrain", "train"):
-            reserved = {"model", "model_options", "data", "epochs", "run_dir", "device", "seed"} & set(stage.trainer)
+            reserved = {"model", "model_options", "epochs", "run_dir", "device", "seed"} & set(stage.trainer)
             if reserved:
                 raise ConfigError(f"stage {stage.name!r}: trainer.{sorted(reserved)[0]}: set by the study, not here")
+            loader_keys = {"num_workers", "pin_memory"}
+            data_keys = set(stage.trainer.get("data") or {}) - loader_keys
+            if data_keys:
+                raise ConfigError(f"stage {stage.name!r}: trainer.data.{sorted(data_keys)[0]}: the study gives the data; "
+                                  f"only {', '.join(sorted(loader_keys))} can be set here")
             unknown = set(stage.trainer) - set(TrainConfig.model_fields)
             if unknown:
                 key = sorted(unknown)[0]

@@ -43,6 +43,7 @@ class StageContext:
     resume: bool
     console: Any
     stage_dirs: dict[str, Path] = field(default_factory=dict)
+    profile: Any = None  # the GPU's DeviceProfile, when an extract stage sizes its batch there
 
     def stage_dir(self, name: str) -> Path:
         return self.stage_dirs[name]
@@ -60,6 +61,8 @@ class _Images(Dataset):
 
     def __init__(self, samples: StudySamples, indices: np.ndarray):
         self.samples, self.indices = samples, indices
+        # the trainer gives loader workers only to data read from disk (tightfit.data.build)
+        self.in_memory = getattr(samples.dataset, "in_memory", False)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -277,23 +280,30 @@ def _features(extractor, images: torch.Tensor, slices) -> torch.Tensor:
 
 
 def _extract_batch_size(context: StageContext, stage, backbone: torch.nn.Module, shape: tuple[int, ...], precision: str) -> int:
-    """``batch_size: auto``: the memory engine's largest forward-only batch on this device."""
+    """``batch_size: auto``: the memory engine's largest forward-only batch on this device.
+
+    On a GPU the budget is the device profile's usable memory (with its overhead); on the CPU it
+    is the memory available now, capped at ``CPU_AUTO_BATCH_CAP`` samples.
+    """
     if stage.batch_size != "auto":
         return stage.batch_size
-    from tightfit.hardware.profiles import resolve_target
     from tightfit.memory.inference import largest_batch
 
-    profile = resolve_target(context.device.type, context.config.memory)
     slices = context.samples.input_shape[stage.slices.axis + 1] if stage.slices else 1
 
     def factory(batch_size: int, where: Any) -> torch.Tensor:
         return torch.rand(batch_size * slices, *shape, device=where)
 
-    cap = CPU_AUTO_BATCH_CAP if context.device.type == "cpu" else 4096
-    batch, _ = largest_batch(backbone, factory, budget_bytes=profile.usable_bytes, precision=precision,
-                             profile=profile, margin=context.config.margin, max_batch_size=cap)
+    if context.device.type == "cpu":
+        import psutil
+
+        profile, budget, cap, where = None, psutil.virtual_memory().available, CPU_AUTO_BATCH_CAP, "this machine's free RAM"
+    else:
+        profile, budget, cap, where = context.profile, context.profile.usable_bytes, 4096, f"{context.profile.name}'s memory"
+    batch, _ = largest_batch(backbone, factory, budget_bytes=budget, precision=precision, profile=profile,
+                             margin=context.config.margin, max_batch_size=cap)
     if batch == 0:
-        raise ConfigError(f"stage {stage.name!r}: batch_size: not even one sample fits in {profile.name}'s memory")
+        raise ConfigError(f"stage {stage.name!r}: batch_size: not even one sample fits in {where}")
     return batch
 
 
