@@ -199,8 +199,9 @@ def test_sigkill_during_extraction_then_resume_gives_identical_features(tmp_path
         content["stages"] = [{"name": "features", "kind": "extract", "model": "slow_extractor:slow", "batch_size": 8}]
         return write(tmp_path / f"{folder.name}.yaml", content)
 
-    command = [sys.executable, "-m", "tightfit", "run"]
+    command = [sys.executable, "-m", "tightfit", "run", "--trust-code"]  # the model is Python code from a file
     killed = tmp_path / "killed"
+    assert main(["run", str(study(killed)), "--dry-run"]) == 2  # refused without --trust-code
     process = subprocess.Popen(command + [str(study(killed))], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard_folder = killed / "stages/features/features"
     deadline = time.time() + 120
@@ -211,9 +212,9 @@ def test_sigkill_during_extraction_then_resume_gives_identical_features(tmp_path
     written = len(list(shard_folder.glob("shard-*.safetensors")))
     assert 3 <= written < 12, "the kill must land mid-extraction"
     monkeypatch.syspath_prepend(str(tmp_path))  # the resumed and the clean run go in-process: faster
-    assert main(["run", str(study(killed)), "--resume"]) == 0
+    assert main(["run", str(study(killed)), "--resume", "--trust-code"]) == 0
     clean = tmp_path / "clean"
-    assert main(["run", str(study(clean))]) == 0
+    assert main(["run", str(study(clean)), "--trust-code"]) == 0
     resumed, reference = read_features(shard_folder), read_features(clean / "stages/features/features")
     assert resumed.ids == reference.ids and len(resumed) == 96
     assert np.array_equal(resumed.labels, reference.labels)

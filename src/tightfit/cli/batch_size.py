@@ -18,8 +18,8 @@ examples:
   tightfit batch-size --model torchvision:resnet18 --input 3x64x64 --memory 1GiB --inference
 """
 
-PRECISION_CHOICES = ("fp32", "fp16", "bf16", "bf16-pure")
-OPTIMIZER_CHOICES = ("sgd", "sgd-momentum", "adam", "adamw", "adam8bit")
+from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
+from tightfit.names import PRECISIONS as PRECISION_CHOICES
 
 
 def add_arguments(parser) -> None:

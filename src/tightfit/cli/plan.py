@@ -27,10 +27,16 @@ examples:
 With --inference: the forward-only peak (parameters + the activations alive at once under
 inference mode) at --batch-size, or the largest batch that fits, and the time per sample.
 A study file (tightfit run's) is planned stage by stage, extract stages forward-only.
+
+several devices (per-rank peak, devices needed, tokens/s with communication; docs/distributed.md):
+  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices a100-40gb --strategy fsdp
+  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices 4xrtx4090-24gb --strategy ddp
 """
 
-PRECISION_CHOICES = ("fp32", "fp16", "bf16", "bf16-pure")
-OPTIMIZER_CHOICES = ("sgd", "sgd-momentum", "adam", "adamw", "adam8bit")
+from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
+from tightfit.names import PRECISIONS as PRECISION_CHOICES
+from tightfit.names import QUANTIZE_BASES
+from tightfit.names import STRATEGIES as STRATEGY_CHOICES
 
 
 def add_arguments(parser) -> None:
@@ -45,7 +51,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="force activation checkpointing of the repeated blocks on (or off with --no-checkpointing)")
     parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on a frozen base")
-    parser.add_argument("--quantize-base", choices=("nf4", "int8"),
+    parser.add_argument("--quantize-base", choices=QUANTIZE_BASES,
                         help="with --lora-rank: a quantized frozen base, nf4 (QLoRA, bitsandbytes on CUDA) or int8 (torchao)")
     parser.add_argument("--device", metavar="PROFILE", help="a device profile (tightfit devices), or auto/cpu/cuda/mps (default: this machine)")
     parser.add_argument("--memory", metavar="SIZE", help="a memory budget replacing the device's usable memory, e.g. 6GiB")
@@ -55,8 +61,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--measure", action="store_true", help="also run real steps on this machine: measured time and peak")
     parser.add_argument("--inference", action="store_true",
                         help="plan a forward-only pass (feature extraction, prediction): no gradients, no optimizer state")
+    parser.add_argument("--devices", metavar="[N x]PROFILE",
+                        help="plan per rank on N devices (4xa100-40gb), or find how many are needed (a100-40gb)")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fsdp", help="with --devices: how ranks share the model (default fsdp)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--html", metavar="FILE", help="also write the plan as a self-contained HTML page")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let the pipeline file name module.path:callable models (runs their Python code)")
 
 
 def run(args) -> int:
@@ -72,6 +83,8 @@ def run(args) -> int:
         return _run_pipeline(args)
     if not args.model or not args.input:
         raise ConfigError("--model and --input are required (or give a PIPELINE.yaml)")
+    if args.devices:
+        return _run_distributed(args)
     from tightfit.hardware.profiles import resolve_target
 
     profile = resolve_target(args.device, args.memory)
@@ -233,7 +246,7 @@ def _run_pipeline(args) -> int:
     from tightfit.memory.pipeline import plan_pipeline
     from tightfit.units import format_bytes, format_seconds
 
-    config = _pipeline_config(args.pipeline)
+    config = _pipeline_config(args.pipeline, trust_code=args.trust_code)
     if args.json:
         result = plan_pipeline(config, device=args.device, memory=args.memory)
         print_json(result.to_dict())
@@ -278,14 +291,67 @@ def _run_pipeline(args) -> int:
     return 0
 
 
-def _pipeline_config(path):
+def _pipeline_config(path, *, trust_code: bool = False):
     """A pipeline file, or a study file (``tightfit run``'s) turned into the pipeline that plans it."""
     from tightfit.memory.pipeline import load_pipeline
     from tightfit.study.spec import is_study_file, read_study_yaml
 
     if not is_study_file(read_study_yaml(path)):
-        return load_pipeline(path)
+        return load_pipeline(path, trust_code=trust_code)
     from tightfit.study.plan import study_pipeline
     from tightfit.study.spec import load_study
 
-    return study_pipeline(load_study(path, check_files=False))
+    return study_pipeline(load_study(path, check_files=False, trust_code=trust_code))
+
+
+def _run_distributed(args) -> int:
+    """``--devices``: each rank's peak for N devices, or the smallest N that fits."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tightfit.cli._output import console, print_json
+    from tightfit.errors import ConfigError
+    from tightfit.memory.distributed import plan_distributed
+    from tightfit.units import format_seconds
+
+    if args.device or args.memory or args.measure or args.html:
+        raise ConfigError("--devices: names the device itself; drop --device/--memory/--measure (and --html, not drawn for per-rank plans yet)")
+    with _status(args.json, f"planning {args.model} on {args.devices} ({args.strategy})"):
+        result = plan_distributed(
+            args.model, args.input, devices=args.devices, strategy=args.strategy, batch_size=args.batch_size or 1,
+            precision=args.precision or "bf16-pure", optimizer=args.optimizer or "adamw",
+            checkpointing=True if args.checkpointing is None else args.checkpointing, lora_rank=args.lora_rank, margin=args.margin,
+        )
+    if args.json:
+        print_json(result.to_dict())
+        return 0
+    out = console()
+    out.print(
+        f"[bold]{escape(result.model)}[/] on [bold]{escape(result.input)}[/], {result.strategy} on {escape(result.device)}: "
+        f"micro-batch {result.micro_batch_size} per rank, {result.precision}, checkpointing {'on' if result.checkpointing else 'off'}, "
+        f"{result.optimizer} ({result.parameters:,} parameters, {result.trainable_parameters:,} trainable)"
+    )
+    if result.devices_needed is not None:
+        out.print(f"[bold green]devices needed: {result.devices_needed}[/]")
+    else:
+        out.print(f"[bold red]does not fit on {escape(args.devices)}[/]")
+    table = Table(box=box.SIMPLE_HEAD, title="per rank, GiB", padding=(0, 1))
+    columns = ("N", "peak", "states", "activ", "gathered", "buffers", "overhead", "fits", "step", "tokens/s")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "fits" else "right")
+    for row in result.rows:
+        parts = row.breakdown
+        states = parts["parameters"] + parts["gradients"] + parts["optimizer"]
+        table.add_row(
+            str(row.devices), f"{row.peak_bytes / 2**30:.2f}", f"{states / 2**30:.2f}",
+            *(f"{parts[name] / 2**30:.2f}" for name in ("activations", "units_in_flight", "communication", "overhead")),
+            "[green]yes[/]" if row.fits else "[red]no[/]", format_seconds(row.step_time_s),
+            f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
+        )
+    out.print(table)
+    out.print("[dim]states: parameters + gradients + optimizer state held by one rank; gathered: FSDP units "
+              "in flight; buffers: reduce-scatter or DDP bucket copies; step and tokens/s are estimates[/]")
+    for note in result.notes + result.rows[-1].notes:
+        out.print(f"[dim]- {escape(note)}[/]")
+    return 0

@@ -29,28 +29,30 @@ layer; without ``batch_size`` it gets the largest batch that fits, and ``samples
 A training stage takes ``model``, ``input`` and optionally ``batch_size`` (check exactly that),
 ``effective_batch_size``, ``precision``, ``optimizer``, ``checkpointing``, ``lora_rank``,
 ``quantize_base`` (with ``lora_rank``: ``nf4`` or ``int8``), ``samples``, ``model_kwargs`` and
-``note``. A ``cpu`` stage is estimated as its feature matrix in
+``note``; ``devices: N`` and ``strategy: fsdp | ddp`` plan it per rank on N of the pipeline's
+devices (``tightfit.memory.distributed``; ``devices: auto`` finds how many are needed). A ``cpu`` stage is estimated as its feature matrix in
 float64 plus libsvm's kernel cache (scikit-learn's default ``cache_size=200`` MB) against the
 host's memory.
 """
 
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from tightfit.errors import ConfigError, TightfitError
+from tightfit.names import OPTIMIZERS, PRECISIONS, QUANTIZE_BASES
+from tightfit.settings import describe_validation_error, read_yaml
+from tightfit.trust import check_spec_from_file
 from tightfit.units import format_bytes
 
 SVM_KERNEL_CACHE_BYTES = 200 * 10**6  # sklearn.svm.SVC(cache_size=200) MB, its default
 
 
-class StageConfig(BaseModel, extra="forbid"):
+class StageConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """One stage of a pipeline file."""
 
     name: str
@@ -59,18 +61,20 @@ class StageConfig(BaseModel, extra="forbid"):
     input: str | None = None
     batch_size: int | None = Field(None, ge=1)
     effective_batch_size: int | None = Field(None, ge=1)
-    precision: Literal["fp32", "fp16", "bf16", "bf16-pure"] | None = None
-    optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw", "adam8bit"] | None = None
+    precision: Literal[PRECISIONS] | None = None
+    optimizer: Literal[OPTIMIZERS] | None = None
     checkpointing: bool | None = None
     lora_rank: int | None = Field(None, ge=1)
-    quantize_base: Literal["nf4", "int8"] | None = None
+    quantize_base: Literal[QUANTIZE_BASES] | None = None
     samples: int | None = Field(None, ge=1)
     features: int | None = Field(None, ge=1)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    devices: int | Literal["auto"] | None = Field(None, description="plan per rank on N devices (auto: find N)")
+    strategy: Literal["fsdp", "ddp"] = "fsdp"
     note: str = ""
 
 
-class PipelineConfig(BaseModel, extra="forbid"):
+class PipelineConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """A pipeline file: the device and the stages."""
 
     name: str = "pipeline"
@@ -123,43 +127,25 @@ class PipelineResult:
         return {**asdict(self), "fits": self.fits}
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
+def load_pipeline(path: str | Path, *, trust_code: bool = False) -> PipelineConfig:
     """Read and validate a pipeline file.
+
+    Args:
+        path: the pipeline YAML file.
+        trust_code: let a stage's ``model`` be a ``module.path:callable`` spec (``--trust-code``).
 
     Raises:
         ConfigError: the file is missing or not YAML, or a key is unknown or has a bad value; the
             message names the file, the key (``stages[1].batchsize``) and the closest valid key.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: pipeline file not found")
+    raw = read_yaml(path, what="pipeline file")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'stages', got {type(raw).__name__}")
-    try:
-        return PipelineConfig.model_validate(raw)
+        config = PipelineConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"{path}: {_describe(error)}") from None
-
-
-def _describe(error: ValidationError) -> str:
-    """The first validation problem as ``key: what is wrong`` with the closest valid key."""
-    problem = error.errors()[0]
-    location = problem["loc"]
-    key = ""
-    for part in location:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    if problem["type"] == "extra_forbidden":
-        model = StageConfig if "stages" in location and len(location) > 2 else PipelineConfig
-        close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(model.model_fields)})"
-        return f"{key}: unknown key{hint}"
-    return f"{key}: {problem['msg']}"
+        raise ConfigError(f"{path}: {describe_validation_error(error, PipelineConfig)}") from None
+    for index, stage in enumerate(config.stages):
+        check_spec_from_file(stage.model, where=f"{path}: stages[{index}].model", trust_code=trust_code)
+    return config
 
 
 def plan_pipeline(
@@ -202,6 +188,9 @@ def plan_pipeline(
             raise ConfigError(f"stage {stage.name!r}: a {stage.kind} stage needs 'model' and 'input' (or kind: cpu)")
         if stage.kind == "extract":
             result.stages.append(_extract_stage(stage, profile, config.margin, forward_plans))
+            continue
+        if stage.devices is not None:
+            result.stages.append(_distributed_stage(stage, profile, config.margin))
             continue
         try:
             planned = plan(
@@ -273,6 +262,39 @@ def _extract_stage(stage: StageConfig, profile, margin: float, planned_before: d
         precision=precision, checkpointing=None, optimizer=None, peak_bytes=planned.peak_bytes,
         budget_bytes=planned.budget_bytes, step_time_s=step_time, epoch_time_s=planned.total_time_s,
         why=planned.why, note=stage.note, plan=planned.to_dict(),
+    )
+
+
+def _distributed_stage(stage: StageConfig, profile: Any, margin: float) -> StageResult:
+    """A stage shared by several devices: each rank's peak (``tightfit.memory.distributed``)."""
+    from tightfit.memory.distributed import plan_distributed
+
+    if stage.effective_batch_size or stage.quantize_base:
+        raise ConfigError(f"stage {stage.name!r}: with devices, give batch_size per rank (no effective_batch_size, no quantize_base)")
+    try:
+        planned = plan_distributed(
+            stage.model, stage.input, devices=None if stage.devices == "auto" else stage.devices, strategy=stage.strategy,
+            batch_size=stage.batch_size or 1, precision=stage.precision or "bf16-pure", optimizer=stage.optimizer or "adamw",
+            checkpointing=True if stage.checkpointing is None else stage.checkpointing, lora_rank=stage.lora_rank,
+            margin=margin, model_kwargs=stage.model_kwargs, profile=profile,
+        )
+    except TightfitError as error:
+        raise type(error)(f"stage {stage.name!r}: {error}") from None
+    row = planned.rows[-1]
+    fits = row.fits
+    steps = math.ceil(stage.samples / (planned.micro_batch_size * row.devices)) if stage.samples and row.step_time_s else None
+    why = (
+        f"{row.devices} x {profile.name} with {stage.strategy}: {format_bytes(row.peak_bytes)} per rank of "
+        f"{format_bytes(row.usable_bytes)}" + ("" if fits else f"; none up to {row.devices} fits")
+    )
+    return StageResult(
+        name=stage.name, kind="train", model=stage.model, input=stage.input,
+        verdict="fits" if fits else "does not fit", fits=fits,
+        micro_batch_size=planned.micro_batch_size if fits else None, accumulation_steps=1 if fits else None,
+        precision=planned.precision if fits else None, checkpointing=planned.checkpointing if fits else None,
+        optimizer=planned.optimizer if fits else None, peak_bytes=row.peak_bytes, budget_bytes=row.usable_bytes,
+        step_time_s=row.step_time_s, epoch_time_s=steps * row.step_time_s if steps else None,
+        why=why, note=stage.note or f"{row.devices} devices, {stage.strategy}", plan=planned.to_dict(),
     )
 
 

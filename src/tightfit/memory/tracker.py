@@ -326,7 +326,14 @@ class MemoryTracker(TorchDispatchMode):
 
 
 def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:
-    """The untyped storage behind ``tensor``; None for tensors without one (sparse, nested)."""
+    """The untyped storage behind ``tensor``; None for tensors without one (sparse, nested).
+
+    A DTensor (FSDP2's sharded parameters, gradients and optimizer state) counts its local shard:
+    what this rank holds.
+    """
+    local = getattr(tensor, "_local_tensor", None)
+    if isinstance(local, torch.Tensor):
+        tensor = local
     try:
         return tensor.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):

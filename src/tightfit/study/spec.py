@@ -263,12 +263,14 @@ def read_study_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load_study(path: str | Path, *, check_files: bool = True) -> StudyConfig:
+def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool = False) -> StudyConfig:
     """Read, validate and check the graph of a study file.
 
     Args:
         path: the YAML file.
         check_files: also check that data folders and weight files exist (off for planning).
+        trust_code: let a stage's ``model`` be a ``module.path:callable`` spec (``--trust-code``);
+            without it such a spec is refused, as in every file tightfit reads.
 
     Returns:
         The :class:`StudyConfig`, its stages in file order.
@@ -282,6 +284,11 @@ def load_study(path: str | Path, *, check_files: bool = True) -> StudyConfig:
         config = StudyConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{path}: {_describe(error, raw)}") from None
+    from tightfit.trust import check_spec_from_file
+
+    for stage in config.stages:
+        if getattr(stage, "model", None) is not None:
+            check_spec_from_file(stage.model, where=f"{path}: stage {stage.name!r}: model", trust_code=trust_code)
     try:
         check_graph(config)
         check_stage_settings(config)
