@@ -251,7 +251,7 @@ def read_study_yaml(path: str | Path) -> dict:
     """Read a study file into a dict, or raise a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: study file not found")
+        raise ConfigError(f"study file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
