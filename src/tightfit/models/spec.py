@@ -36,7 +36,7 @@ from tightfit.errors import SpecError
 from tightfit.models.builtin import BUILTINS, WITHOUT_CLASSES
 from tightfit.models.inputs import InputSpec, make_batch_factory, parse_input_spec
 
-__all__ = ["InputSpec", "PREFIXES", "build_model", "make_batch_factory", "parse_input_spec"]
+__all__ = ["InputSpec", "PREFIXES", "build_model", "build_run_model", "make_batch_factory", "parse_input_spec"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _MODULE_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
@@ -210,3 +210,24 @@ def build_model(spec: str, *, num_classes: int | None = None, meta: bool = False
             f"(use builtin:NAME, torchvision:NAME, hf:DIR, diffusion:DIR or module.path:callable)"
         )
     return model.train()
+
+
+def build_run_model(config, *, num_classes: int | None = None) -> nn.Module:
+    """The model a training config names, built exactly as the trainer builds it: torch seeded with
+    ``config.seed`` first (a randomly initialised base comes out the same every time, which is
+    what lets a LoRA run store its adapters only), then ``init_weights`` loaded when set.
+
+    Args:
+        config: a ``TrainConfig`` (``model``, ``model_options``, ``seed``, ``init_weights``).
+        num_classes: classes of the data's task, for models with a classifier.
+
+    Raises:
+        SpecError: the spec cannot be built. ConfigError: ``init_weights`` is not a checkpoint.
+    """
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, num_classes=num_classes, **config.model_options)
+    if config.init_weights:
+        from tightfit.training.checkpoint import load_weights, resolve_weights_file
+
+        load_weights(model, resolve_weights_file(config.init_weights, where="init_weights"))
+    return model

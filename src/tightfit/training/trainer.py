@@ -180,9 +180,9 @@ class Trainer:
         if self.user_model is not None:
             model = self.user_model
         else:
-            from tightfit.models.spec import build_model
+            from tightfit.models.spec import build_run_model
 
-            model = build_model(config.model, num_classes=self.num_classes, **config.model_options)
+            model = build_run_model(config, num_classes=self.num_classes)
         activation = config.checkpointing.activation
         self.checkpointed_blocks: list[str] = []
         if activation:
@@ -194,7 +194,7 @@ class Trainer:
         if config.lora is not None:
             from tightfit.models.lora import apply_lora
 
-            model = apply_lora(model, config.lora, verbose=self.process.is_main)
+            model = apply_lora(model, config.lora, verbose=self.process.is_main, base_model=config.model)
         return model
 
     def _apply_budget(self) -> None:
