@@ -24,6 +24,7 @@ COMMANDS = {
     "compress": "tightfit.cli.compress",
     "predict": "tightfit.cli.predict",
     "lora": "tightfit.cli.lora",
+    "generate": "tightfit.cli.generate",
 }
 
 

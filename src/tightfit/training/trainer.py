@@ -164,9 +164,12 @@ class Trainer:
             from tightfit.data.build import build_datasets
 
             datasets = build_datasets(self.config.data, seed=self.config.seed)
+        self.data_task = getattr(datasets, "task", None)
         if hasattr(datasets, "train"):  # a DataBundle
             self.num_classes, self.collate_fn = datasets.num_classes, datasets.collate_fn
             splits = {"train": datasets.train, "val": datasets.val, "test": datasets.test}
+            if datasets.metadata.get("summary"):
+                self.console.print(datasets.metadata["summary"])
         else:
             train, val, test = (list(datasets) + [None, None])[:3]
             self.num_classes, self.collate_fn = None, None
@@ -183,6 +186,10 @@ class Trainer:
             from tightfit.models.spec import build_run_model
 
             model = build_run_model(config, num_classes=self.num_classes)
+        if self.data_task == "causal-lm":
+            from tightfit.models.generate import require_causal_lm
+
+            require_causal_lm(model, f"model {config.model if self.user_model is None else type(model).__name__}")
         activation = config.checkpointing.activation
         self.checkpointed_blocks: list[str] = []
         if activation:
