@@ -652,8 +652,10 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: b
     source = getattr(model, "source", None)
     if hasattr(model, "unet") and source and (Path(source) / "model_index.json").is_file():
         kind = "diffusers pipeline"
+        # the trained UNet and the frozen encoders are written as plain weights (a variant-only
+        # source folder, *.fp16.safetensors, would otherwise need variant="fp16" to load)
         for item in Path(source).iterdir():
-            if item.name == "unet":
+            if item.name in ("unet", "vae", "text_encoder"):
                 continue
             target = output / item.name
             if item.is_dir():
@@ -661,6 +663,8 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: b
             else:
                 shutil.copy2(item, target)
         model.unet.save_pretrained(str(output / "unet"))
+        model.vae.save_pretrained(str(output / "vae"))
+        model.text_encoder.save_pretrained(str(output / "text_encoder"))
     elif _is_transformers_model(model):
         kind = "transformers"
         model.save_pretrained(str(output))
