@@ -40,10 +40,20 @@ def pirate_run(tmp_path_factory) -> Path:
     pytest.importorskip("torchao")
     from tightfit.training.trainer import Trainer
 
-    run_dir = tmp_path_factory.mktemp("generate") / "pirate"
+    import shutil
+
+    from tightfit.models.spec import build_model
+
+    root = tmp_path_factory.mktemp("generate")
+    base = root / "tiny-llama"  # a model folder with weights, as a user's would be
+    torch.manual_seed(0)
+    build_model(f"hf:{TINY_LLAMA}").save_pretrained(str(base))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(TINY_LLAMA) / name, base / name)
+    run_dir = root / "pirate"
     config = {
-        "model": f"hf:{TINY_LLAMA}",
-        "data": {"source": "text-corpus", "path": "packaged:pirate-replies", "tokenizer": TINY_LLAMA, "max_length": 64,
+        "model": f"hf:{base}",
+        "data": {"source": "text-corpus", "path": "packaged:pirate-replies", "tokenizer": str(base), "max_length": 64,
                  "val_fraction": 0.0, "test_fraction": 0.0, "limit": 16},
         "lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"], "quantize_base": "int8"},
         "optimizer": {"lr": 0.01}, "batch": {"micro_batch_size": 8}, "epochs": 1, "max_steps": 2,
@@ -99,6 +109,13 @@ def test_generate_refuses_what_is_not_a_language_model(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "BertForSequenceClassification is not a causal language model" in error and len(error.strip().splitlines()) == 1
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
+
+
+def test_lora_on_a_weightless_config_folder_says_what_is_missing(tmp_path, capsys):
+    code = main(["train", "recipes/qlora-7b.yaml", "data.tokenizer=src/tightfit/configs/tiny-llama", "--run-dir", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert code == 2 and "no weights" in error and "llama-7b" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_generate_text_rejects_bad_settings():

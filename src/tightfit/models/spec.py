@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tightfit._optional import require
-from tightfit.errors import SpecError
+from tightfit.errors import ConfigError, SpecError
 from tightfit.models.builtin import BUILTINS, WITHOUT_CLASSES
 from tightfit.models.inputs import InputSpec, make_batch_factory, parse_input_spec
 
@@ -224,6 +224,12 @@ def build_run_model(config, *, num_classes: int | None = None) -> nn.Module:
     Raises:
         SpecError: the spec cannot be built. ConfigError: ``init_weights`` is not a checkpoint.
     """
+    prefix, _, folder = config.model.partition(":")
+    if config.lora is not None and not config.init_weights and prefix == "hf" and not any((Path(folder).expanduser() / name).is_file() for name in _WEIGHT_FILES):
+        raise ConfigError(
+            f"model {config.model}: the folder has the architecture (config.json) but no weights; LoRA on random weights "
+            "learns nothing useful: point model= at a local folder with the *.safetensors (or set init_weights)"
+        )
     torch.manual_seed(config.seed)
     model = build_model(config.model, num_classes=num_classes, **config.model_options)
     if config.init_weights:
