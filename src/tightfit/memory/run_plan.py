@@ -12,12 +12,15 @@ without CUDA, as in training).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from tightfit.errors import ConfigError
 
 DIGITS_INPUT = "1x8x8"
 CLIP_CONTEXT = 77
+VAE_DOWNSAMPLING = 8  # SD's VAE: 512 px images -> 64 x 64 latents
 DEFAULT_TEXT_LENGTHS = {"text-corpus": 256, "text-csv": 128}
 
 
@@ -35,6 +38,12 @@ def input_spec_for(config) -> tuple[str, int | None]:
     if data.source == "captioned-images":
         resolution = config.model_options.get("resolution") or data.image_size or 512
         side = resolution if isinstance(resolution, int) else resolution[0]
+        folder = Path(config.model.partition(":")[2]).expanduser()
+        if config.model.startswith("diffusion:") and not (folder / "unet").is_dir() and (folder / "config.json").is_file():
+            # a UNet-only config (src/tightfit/configs/sd15-unet): what its VAE and text encoder would hand it
+            unet = json.loads((folder / "config.json").read_text())
+            latent = side // VAE_DOWNSAMPLING
+            return f"latents={unet.get('in_channels', 4)}x{latent}x{latent},encoder_hidden_states={CLIP_CONTEXT}x{unet['cross_attention_dim']}", None
         return f"pixel_values=3x{side}x{side},input_ids=tokens:{data.max_length or CLIP_CONTEXT}", None
     from tightfit.data.build import build_datasets
 
