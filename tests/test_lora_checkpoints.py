@@ -138,3 +138,28 @@ def test_adapters_only_checkpoint_refuses_another_base_and_merges_into_a_full_pr
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(merged(inputs), trainer.model.eval()(inputs), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bitsandbytes NF4)")
+def test_nf4_lora_run_checkpoints_adapters_only_and_resumes_exactly(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    lora = CONFIG["lora"] | {"quantize_base": "nf4"}
+    settings = CONFIG | {"device": "cuda", "lora": lora, "checkpoint": {"every_n_steps": 3}, "threads": None}
+    class Crash(Exception):
+        pass
+
+    class CrashAtStep9:  # after ModelCheckpoint (an earlier callback) wrote "last" at step 9
+        def on_step_end(self, trainer, metrics):
+            if trainer.global_step == 9:
+                raise Crash
+
+    Trainer(settings | {"run_dir": str(tmp_path / "whole")}).fit()
+    with pytest.raises(Crash):
+        Trainer(settings | {"run_dir": str(tmp_path / "parts")}, callbacks=[CrashAtStep9()]).fit()
+    Trainer(settings | {"run_dir": str(tmp_path / "parts")}).fit(resume_from=tmp_path / "parts")
+    whole = load_file(str(tmp_path / "whole" / "checkpoints" / "last" / "model.safetensors"))
+    parts = load_file(str(tmp_path / "parts" / "checkpoints" / "last" / "model.safetensors"))
+    assert whole.keys() == parts.keys() and all("lora_" in key or "modules_to_save" in key for key in whole)
+    for name in whole:
+        torch.testing.assert_close(parts[name], whole[name], rtol=1e-4, atol=1e-5)
