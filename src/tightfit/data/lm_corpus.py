@@ -23,9 +23,12 @@ ignores. A ``.txt`` document is trained on in full.
 Documents are tokenised once (through the data cache when ``cache`` is on), split into
 train/val/test by document, then packed: whole documents are laid end to end into rows of at most
 ``max_length`` tokens, never split across two rows, and the first token of each document is
-labelled -100 so no position learns to predict across a boundary. (Attention inside a row still
-sees the earlier documents of the row, as in transformers' ``packing=True`` recipes; each
-document starts with its own ``<bos>``.) ``packing: false`` keeps one document per row. A document
+labelled -100 so no position learns to predict across a boundary. Attention inside a row still
+sees the earlier documents of the row, as in transformers' ``packing=True`` recipes (each
+document starts with its own ``<bos>``), and the rows are the same every epoch: on a small corpus
+of short, similar conversations a model learns to lean on its row's earlier documents, and then
+answers worse alone. ``packing: false`` keeps one document per row (what the shipped recipes use);
+packing pays off on long ``.txt`` documents. A document
 longer than ``max_length`` is cut (``overlong: truncate``, the default) or left out
 (``overlong: drop``), and the summary says how many.
 
@@ -42,7 +45,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -164,13 +166,16 @@ def _segments(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool
 
 
 def render_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids that ask the model for a reply to ``prompt``, as the corpus rendered prompts."""
+    """Token ids that ask the model for a reply to ``prompt``, tokenised piece by piece exactly as
+    :func:`tokenize_document` tokenised the conversations it trained on (a BPE merges across piece
+    boundaries differently, and the model has only seen the pieces)."""
     if _has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    text = PLAIN_ROLE_HEADER.format(role="User") + prompt + "\n" + PLAIN_ROLE_HEADER.format(role="Assistant")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [text for text, _ in _segments(tokenizer, [{"role": "user", "content": prompt}])]
+    pieces.append(PLAIN_ROLE_HEADER.format(role="Assistant"))
+    return bos + [token for piece in pieces for token in tokenizer(piece, add_special_tokens=False)["input_ids"]]
 
 
 def tokenize_document(tokenizer, document: list[dict[str, str]] | str) -> tuple[list[int], list[bool]]:
@@ -338,7 +343,8 @@ def build_text_corpus(config: DataConfig, seed: int):
     split_rows = {}
     for name, indices in zip(("train", "val", "test"), splits):
         indices = limit_indices(indices, config.limit, split_seed) if len(indices) else indices
-        rows = pack_documents([documents[i] for i in np.sort(indices)], max_length, config.packing) if len(indices) else []
+        # in the split's shuffled order: neighbours in a packed row are not the file's neighbours
+        rows = pack_documents([documents[i] for i in indices], max_length, config.packing) if len(indices) else []
         split_rows[name] = {"documents": len(indices), "rows": len(rows)}
         datasets.append(CausalLMDataset(rows) if rows else None)
     tokens = sum(len(ids) for ids, _ in documents)
