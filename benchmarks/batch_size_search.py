@@ -28,7 +28,7 @@ import time
 import torch
 from torch import nn
 
-from tightfit.memory.estimator import measure_model_step
+from tightfit.memory.measure import measure_step
 from tightfit.memory.search import find_batch_size
 from tightfit.units import format_bytes
 
@@ -95,7 +95,7 @@ class Trial:
     def __call__(self, batch_size: int) -> bool:
         self.count += 1
         try:
-            peak = measure_model_step(
+            peak = measure_step(
                 copy.deepcopy(self.model), self.batch_factory, batch_size=batch_size, device="cpu",
                 optimizer=self.optimizer, budget_bytes=self.budget_bytes,
             ).peak_bytes

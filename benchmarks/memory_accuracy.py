@@ -31,7 +31,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from tightfit.memory.estimator import EstimationError, estimate_step, measure_step
+from tightfit.memory.estimator import EstimationError, estimate_step
+from tightfit.memory.measure import measure_step
 from tightfit.units import format_bytes
 
 

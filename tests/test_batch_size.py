@@ -11,7 +11,7 @@ from torch import nn
 
 from tightfit.cli import main
 from tightfit.errors import ConfigError
-from tightfit.memory.estimator import measure_model_step
+from tightfit.memory.measure import measure_step
 from tightfit.memory.search import find_batch_size
 
 
@@ -29,7 +29,7 @@ def brute_force_max(model, factory, budget_bytes, target_bytes, start, optimizer
     batch_size = start
     while True:
         try:
-            peak = measure_model_step(copy.deepcopy(model), factory, batch_size=batch_size, device="cpu",
+            peak = measure_step(copy.deepcopy(model), factory, batch_size=batch_size, device="cpu",
                                       budget_bytes=budget_bytes, optimizer=optimizer).peak_bytes
         except torch.OutOfMemoryError:
             peak = None

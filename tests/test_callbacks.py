@@ -134,3 +134,41 @@ def test_top_k_keeps_the_k_best_and_every_n_steps_writes_last_mid_epoch(tmp_path
     assert values[-1] == all_values[-1] and values[0] >= all_values[-2] - 1e-9
     for path in kept:
         assert (path / "model.safetensors").is_file()
+
+
+class Counter:
+    """A callback with state: how many steps it has seen (saved and restored by name)."""
+
+    state_key = "step-counter"
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, trainer, metrics):
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+
+
+def test_callback_state_is_restored_by_name_when_the_callback_set_changes(tmp_path):
+    data = make_data(32)  # four steps an epoch
+    first = Trainer(
+        config(tmp_path, epochs=1, early_stopping={"enabled": True, "patience": 5}, logging={"console": True, "progress": True, "tensorboard": False}),
+        model=make_model(), datasets=(data, data, None), callbacks=[Counter()],
+    )
+    first.fit()
+    saver = next(callback for callback in first.callbacks if type(callback).__name__ == "ModelCheckpoint")
+    # resume with early stopping off and no progress bar (--json): the positions of the callbacks
+    # change, each must still get its own state back
+    counter = Counter()
+    second = Trainer(config(tmp_path, epochs=2), model=make_model(), datasets=(data, data, None), callbacks=[counter])
+    second.setup(resume_from=tmp_path)
+    resumed_saver = next(callback for callback in second.callbacks if type(callback).__name__ == "ModelCheckpoint")
+    assert counter.steps == 4
+    assert resumed_saver.best == saver.best and resumed_saver.best_path == saver.best_path
+    second.fit()
+    assert counter.steps == 8

@@ -101,7 +101,7 @@ def test_unknown_name_suggests_the_closest():
 
 def test_lower_measured_peak():
     """Real tensors, the memory engine's tracker: checkpointing must lower the step's peak."""
-    from tightfit.memory.estimator import measure_step
+    from tightfit.memory.measure import measure_step
 
     def factory():
         torch.manual_seed(0)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from tightfit.errors import ConfigError
-from tightfit.memory.estimator import EstimationError, estimate_model_step, estimate_step, measure_step
+from tightfit.memory.estimator import EstimationError, estimate_step
+from tightfit.memory.measure import measure_step
 from tightfit.memory.overhead import CUDA_BLOCK_BYTES, allocation_size, device_overhead
 
 
@@ -190,7 +191,7 @@ def test_existing_models_are_estimated_in_place_and_left_untouched():
     torch.manual_seed(0)
     model = small_cnn()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    memory = estimate_model_step(model, image_batch, batch_size=4)
+    memory = estimate_step(model, image_batch, batch_size=4)
     assert memory.peak_bytes == estimate_step(small_cnn, image_batch, batch_size=4).peak_bytes
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
     assert all(type(p) is nn.Parameter and p.grad is None for p in model.parameters())
@@ -203,9 +204,11 @@ def test_cuda_profile_adds_the_overhead_model():
     )
     cpu = estimate_step(Blocks, vector_batch, batch_size=3)
     cuda = estimate_step(Blocks, vector_batch, batch_size=3, profile=profile)
-    assert cuda.breakdown["overhead"] == cuda.peak_bytes - cpu.peak_bytes
+    # On a CUDA target the tensors themselves differ too: each micro-batch is copied to the device
+    # and the optimizer and gradient norm run torch's foreach kernels, whose temporaries count.
+    assert cuda.tensor_bytes > cpu.peak_bytes
     overhead = cuda.breakdown["overhead"]
-    assert overhead >= 308_000_000 + int(0.1 * cpu.peak_bytes)
+    assert overhead >= 308_000_000 + int(0.1 * cuda.tensor_bytes)
     assert sum(cuda.breakdown.values()) == cuda.peak_bytes
     assert any("context" in note for note in cuda.notes)
     # rounding: 10 bytes take a 512-byte block, 513 take two

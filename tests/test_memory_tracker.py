@@ -195,7 +195,8 @@ def test_checkpointing_lowers_the_peak_with_flops_counted():
     # a reference cycle (grad_fn -> hook -> list of grad_fns); for the graphs built while blocks
     # are recomputed in backward, which never run, that kept every recomputed block alive until
     # the step ended: checkpointing lowered nothing (12 hidden activations instead of ~5 here).
-    from tightfit.memory.estimator import estimate_step, measure_step
+    from tightfit.memory.estimator import estimate_step
+    from tightfit.memory.measure import measure_step
 
     rows, dim, depth = 1024, 32, 8
     boundary = rows * dim * 4  # one block input/output, fp32

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.training import checkpoint as checkpoint_files
 
 # The run: dropout (RNG), AdamW (optimizer state), cosine with warm-up (schedule), shuffled data
@@ -102,7 +103,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
 def test_checkpoint_survives_a_crash_between_the_two_renames(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     directory = tmp_path / "last"
-    checkpoint_files.save_checkpoint(directory, model, {"counters": {"global_step": 1}}, {"step": 1})
+    checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 1}}, {"step": 1})
     first_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -117,7 +118,7 @@ def test_checkpoint_survives_a_crash_between_the_two_renames(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoint_files.os, "replace", crash_on_second_replace)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint_files.save_checkpoint(directory, model, {"counters": {"global_step": 2}}, {"step": 2})
+        checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 2}}, {"step": 2})
     monkeypatch.undo()
     assert not directory.exists()  # the crash left only the moved-aside copy ...
     restored = torch.nn.Linear(3, 2)
@@ -133,11 +134,11 @@ def test_checkpoint_state_loads_with_weights_only_and_rng_round_trips(tmp_path):
     model(torch.randn(3, 4)).sum().backward()
     optimizer.step()
     torch.manual_seed(123)
-    state = {"optimizer": optimizer.state_dict(), "rng": checkpoint_files.rng_state()}
+    state = {"optimizer": optimizer.state_dict(), "rng": rng_state()}
     expected_draw = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
-    checkpoint_files.save_checkpoint(tmp_path / "ckpt", model, state, {"step": 1})
+    checkpoint_files.save_checkpoint(tmp_path / "ckpt", checkpoint_files.model_weights(model), state, {"step": 1})
     loaded = torch.load(tmp_path / "ckpt" / checkpoint_files.STATE_FILE, weights_only=True)  # no pickled code
-    checkpoint_files.set_rng_state(loaded["rng"])
+    set_rng_state(loaded["rng"])
     actual_draw = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
     assert torch.equal(actual_draw[0], expected_draw[0]) and actual_draw[1:] == expected_draw[1:]
     fresh = torch.optim.AdamW(torch.nn.Linear(4, 2).parameters())

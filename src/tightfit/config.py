@@ -126,6 +126,7 @@ class LoggingConfig(BaseModel, extra="forbid"):
     mlflow_tracking_uri: str | None = Field(default=None, description="default: a file store in RUN_DIR/mlruns")
     experiment: str = "tightfit"
     every_n_steps: int = Field(default=10, ge=1, description="log training metrics every N optimizer steps")
+    report: bool = Field(default=True, description="write RUN_DIR/report.html when the run ends (tightfit report)")
 
 
 class MonitorConfig(BaseModel, extra="forbid"):

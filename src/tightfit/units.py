@@ -72,3 +72,16 @@ def format_bytes(size: int | float | None) -> str:
             return f"{sign}{size:.0f} {unit}" if unit == "B" else f"{sign}{size:.2f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def format_seconds(value: float | None) -> str:
+    """A duration the way a person reads it: ``format_seconds(0.25) == "250 ms"``, then s, min, h."""
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 120:
+        return f"{value:.1f} s"
+    if value < 7200:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"

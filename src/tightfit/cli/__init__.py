@@ -25,6 +25,7 @@ COMMANDS = {
     "predict": "tightfit.cli.predict",
     "lora": "tightfit.cli.lora",
     "generate": "tightfit.cli.generate",
+    "report": "tightfit.cli.report",
 }
 
 

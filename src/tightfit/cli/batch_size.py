@@ -56,7 +56,7 @@ def run(args) -> int:
 
     import torch
 
-    from tightfit.memory.estimator import resolve_device
+    from tightfit.memory.measure import resolve_device
     from tightfit.memory.search import find_batch_size
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 

@@ -13,6 +13,7 @@ examples:
   tightfit doctor
   tightfit doctor --data data/casual_shoes --run-dir runs
   tightfit doctor --json > doctor.json
+  tightfit doctor --html doctor.html               # one offline page (tightfit report)
 """
 
 STATUS_LABELS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]", "info": "[dim]info[/]"}
@@ -20,6 +21,7 @@ STATUS_LABELS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold
 
 def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON (same facts as the table)")
+    parser.add_argument("--html", metavar="FILE", help="also write the report as a self-contained HTML page")
     parser.add_argument("--data", metavar="DIR", help="also check this dataset folder")
     parser.add_argument("--run-dir", metavar="DIR", default="runs",
                         help="where runs will be written; its free disk space is checked (default: runs)")
@@ -36,6 +38,10 @@ def run(args) -> int:
     from tightfit.errors import TightfitError
     from tightfit.hardware.doctor import run_doctor
 
+    if args.html:
+        from tightfit.report.build import check_output
+
+        check_output(args.html, "--html")
     run_dir = Path(args.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise TightfitError(f"--run-dir: {str(run_dir)!r} is a file, not a folder")
@@ -53,6 +59,13 @@ def run(args) -> int:
         print_json(report)
     else:
         render(report, console())
+    if args.html:
+        import sys
+
+        from tightfit.report.build import render_data, write_html
+
+        path = write_html(render_data("doctor", report, source="tightfit doctor"), args.html)
+        print(f"doctor report written to {path}", file=sys.stderr if args.json else sys.stdout)
     return 0 if report["verdict"]["ready"] else 1
 
 

@@ -26,7 +26,7 @@ examples:
   tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:512 --lora-rank 8 --device a100-80gb --json
   tightfit plan recipes/lora-causal-lm.yaml --measure                   # the run train would do, then measured
   tightfit plan recipes/qlora-7b.yaml --device m1-16gb
-  tightfit plan examples/pipelines/seed002-rtx3050.yaml
+  tightfit plan examples/pipelines/seed002-rtx3050.yaml --html pipeline.html
 """
 
 PRECISION_CHOICES = ("fp32", "fp16", "bf16", "bf16-pure")
@@ -55,11 +55,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, metavar="N", help="samples per epoch, for the epoch-time estimate")
     parser.add_argument("--measure", action="store_true", help="also run real steps on this machine: measured time and peak")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--html", metavar="FILE", help="also write the plan as a self-contained HTML page")
 
 
 def run(args) -> int:
     from tightfit.errors import ConfigError
 
+    if args.html:
+        from tightfit.report.build import check_output
+
+        check_output(args.html, "--html")  # before planning, which can take a while
     if args.items:
         if args.model or args.input or args.batch_size or args.lora_rank:
             raise ConfigError("give either a CONFIG.yaml / PIPELINE.yaml or --model/--input, not both")
@@ -93,6 +98,7 @@ def run(args) -> int:
         print_json(result.to_dict())
     else:
         _render(result)
+    _write_html(args, result.to_dict())
     return 0
 
 
@@ -109,7 +115,20 @@ def _run_config(args, path: str, overrides: list[str]) -> int:
         print_json(result.to_dict())
     else:
         _render(result)
+    _write_html(args, result.to_dict())
     return 0
+
+
+def _write_html(args, plan: dict) -> None:
+    """With --html: the plan's page; its path on stderr, so that --json output stays one document."""
+    import sys
+
+    if not args.html:
+        return
+    from tightfit.report.build import render_data, write_html
+
+    path = write_html(render_data("plan", plan, source="tightfit plan"), args.html)
+    print(f"plan report written to {path}", file=sys.stderr if args.json else sys.stdout)
 
 
 def _status(quiet: bool, text: str):
@@ -130,7 +149,7 @@ def _render(result) -> None:
 
     from tightfit.cli._output import console
     from tightfit.memory.report import CATEGORIES
-    from tightfit.units import format_bytes
+    from tightfit.units import format_bytes, format_seconds
 
     out = console()
     colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}[result.verdict]
@@ -155,9 +174,9 @@ def _render(result) -> None:
         share = result.breakdown[name] / result.peak_bytes if result.peak_bytes else 0
         breakdown.add_row(name, format_bytes(result.breakdown[name]), f"{share:.0%}")
     out.print(breakdown)
-    timing = f"estimated step time {_seconds(result.step_time_s)}"
+    timing = f"estimated step time {format_seconds(result.step_time_s)}"
     if result.epoch_time_s is not None:
-        timing += f", epoch {_seconds(result.epoch_time_s)}"
+        timing += f", epoch {format_seconds(result.epoch_time_s)}"
     if result.flops_per_step:
         timing += f" ({_flops(result.flops_per_step)} per optimizer step)"
     out.print(timing)
@@ -169,14 +188,14 @@ def _render(result) -> None:
             batch = f"{option['micro_batch_size']} x {option['accumulation_steps']}" if option["fits"] else "-"
             table.add_row(
                 option["precision"], "on" if option["checkpointing"] else "off", option["optimizer"], batch,
-                format_bytes(option["peak_bytes"]), _seconds(option["step_time_s"]), escape(option["note"]),
+                format_bytes(option["peak_bytes"]), format_seconds(option["step_time_s"]), escape(option["note"]),
             )
         out.print(table)
     if result.measured:
         measured = result.measured
         out.print(
             f"[bold]measured[/] on {measured['device']} at batch {measured['batch_size']}: step "
-            f"{_seconds(measured['step_time_s'])} (estimate for {escape(result.device)}: {_seconds(result.step_time_s)}), "
+            f"{format_seconds(measured['step_time_s'])} (estimate for {escape(result.device)}: {format_seconds(result.step_time_s)}), "
             f"peak {format_bytes(measured['peak_bytes'])} (estimate: {format_bytes(result.peak_bytes)})"
         )
     for note in result.notes:
@@ -191,17 +210,6 @@ def _flops(value: int) -> str:
     return f"{value} FLOP"
 
 
-def _seconds(value) -> str:
-    if value is None:
-        return "-"
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 120:
-        return f"{value:.1f} s"
-    if value < 7200:
-        return f"{value / 60:.1f} min"
-    return f"{value / 3600:.1f} h"
-
 
 def _run_pipeline(args) -> int:
     from rich import box
@@ -210,12 +218,13 @@ def _run_pipeline(args) -> int:
 
     from tightfit.cli._output import console, print_json
     from tightfit.memory.pipeline import load_pipeline, plan_pipeline
-    from tightfit.units import format_bytes
+    from tightfit.units import format_bytes, format_seconds
 
     config = load_pipeline(args.pipeline)
     if args.json:
         result = plan_pipeline(config, device=args.device, memory=args.memory)
         print_json(result.to_dict())
+        _write_html(args, result.to_dict())
         return 0
     from rich.console import Console
 
@@ -241,7 +250,7 @@ def _run_pipeline(args) -> int:
         table.add_row(
             escape(stage.name), f"[{colours[stage.verdict]}]{stage.verdict}[/]", batch, stage.precision or "-",
             "-" if stage.checkpointing is None else ("on" if stage.checkpointing else "off"),
-            peak, _seconds(stage.step_time_s), _seconds(stage.epoch_time_s),
+            peak, format_seconds(stage.step_time_s), format_seconds(stage.epoch_time_s),
         )
     out.print(table)
     for stage in result.stages:
@@ -251,4 +260,5 @@ def _run_pipeline(args) -> int:
     out.print("[dim]batch = micro-batch x accumulation steps; times are estimates (FLOPs / peak FLOP/s at the "
               "stated utilisation); peaks include the device overhead.[/]")
     out.print(f"[dim]planned in {result.seconds:.1f} s[/]")
+    _write_html(args, result.to_dict())
     return 0

@@ -133,3 +133,5 @@ def _print_summary(summary: dict) -> None:
     # paths on their own lines: a narrow terminal would ellipsise them inside the table
     output.print(f"best checkpoint: {summary.get('best_checkpoint')}", soft_wrap=True)
     output.print(f"run written to: {summary['run_dir']}", soft_wrap=True)
+    if summary.get("report"):
+        output.print(f"report: {summary['report']}", soft_wrap=True)

@@ -376,10 +376,18 @@ class Pipeline:
             "seconds": round(time.perf_counter() - started, 2),
         }
         path = write_report(self.output, self.records, best=best, context=context)
+        from tightfit.report import write_report as write_page
+
         if self.console is not None:
             self.console.print(render_table(self.records, best))
             self.console.print(f"best: {best['why']}")
             self.console.print(f"report: {path}")
+        try:
+            page = write_page(path)
+        except Exception as error:  # noqa: BLE001 - every artifact and report.json are written; say why the page is not
+            page = f"not written ({error})"
+        if self.console is not None:
+            self.console.print(f"page: {page}")
         import json
 
         return json.loads(path.read_text())

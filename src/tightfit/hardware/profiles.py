@@ -88,11 +88,6 @@ def list_profiles() -> list[DeviceProfile]:
     return list(_load_profiles().values())
 
 
-def profile_names() -> list[str]:
-    """The names of the named profiles."""
-    return list(_load_profiles())
-
-
 def get_profile(name: str) -> DeviceProfile:
     """The named profile ``name``.
 

@@ -1,6 +1,6 @@
 """The planner: will this model train on that device, and with which settings?
 
-Two questions, one engine (:func:`tightfit.memory.estimator.estimate_model_step`, fake tensors):
+Two questions, one engine (:func:`tightfit.memory.estimator.estimate_step`, fake tensors):
 
 * **check** (a batch size is given): the peak and its breakdown for exactly the settings asked
   for, and a verdict against the device's usable memory: ``fits`` (at least ``margin`` headroom),
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from tightfit.errors import ConfigError
+from tightfit.memory.bisect import largest_fitting
 from tightfit.memory.report import CATEGORIES, StepMemory
 from tightfit.step.optim import OPTIMIZERS
 from tightfit.step.precision import PRECISIONS
@@ -223,17 +224,17 @@ def plan(
     planner = _Planner(model_spec, input_spec, profile, lora_rank=lora_rank, model_kwargs=model_kwargs or {},
                        quantize_base=quantize_base, lora=lora)
     if batch_size is not None:
-        result = planner.check(
+        result, chosen = planner.check(
             Settings(precision or "fp32", bool(checkpointing), optimizer or "adamw"),
             batch_size=batch_size, effective_batch_size=effective_batch_size, margin=margin, samples=samples,
         )
     else:
-        result = planner.recommend(
+        result, chosen = planner.recommend(
             precision=precision, optimizer=optimizer, checkpointing=checkpointing,
             effective_batch_size=effective_batch_size, margin=margin, samples=samples, max_batch_size=max_batch_size,
         )
     if measure:
-        result.measured = planner.measure(result)
+        result.measured = planner.measure(chosen)
     result.seconds = round(time.perf_counter() - started, 2)
     return result
 
@@ -303,12 +304,12 @@ class _Planner:
         return self.models[checkpointing]
 
     def estimate(self, settings: Settings, batch_size: int, accumulation_steps: int = 1) -> StepMemory:
-        from tightfit.memory.estimator import EstimationError, estimate_model_step
+        from tightfit.memory.estimator import EstimationError, estimate_step
 
         key = (settings, batch_size, accumulation_steps)
         if key not in self._cache:
             try:
-                memory = estimate_model_step(
+                memory = estimate_step(
                     self.model_for(settings.checkpointing), self.batch_factory, batch_size=batch_size,
                     precision=settings.precision, optimizer=settings.optimizer,
                     accumulation_steps=accumulation_steps, profile=self.profile,
@@ -340,7 +341,8 @@ class _Planner:
         """
         import psutil
 
-        from tightfit.memory.estimator import EstimationError, measure_step
+        from tightfit.memory.estimator import EstimationError
+        from tightfit.memory.measure import measure_step
         from tightfit.memory.overhead import device_overhead
 
         if 4 * self.parameters * 4 > psutil.virtual_memory().available:
@@ -385,7 +387,7 @@ class _Planner:
         why = _why(memory, budget, verdict, batch_size)
         if verdict == "does not fit":
             why += "; run without --batch-size for a configuration that fits"
-        return self._result(option, batch_size, verdict, why, recommendation=None, alternatives=[], margin=margin)
+        return self._result(option, batch_size, verdict, why, recommendation=None, alternatives=[], margin=margin), option
 
     # -------------------------------------------------------------------- recommend a configuration
 
@@ -451,7 +453,7 @@ class _Planner:
             )
             recommendation = None
         alternatives = [option.to_dict() for option in options if option is not best]
-        return self._result(best, best.micro_batch_size or None, verdict, why, recommendation, alternatives, margin)
+        return self._result(best, best.micro_batch_size or None, verdict, why, recommendation, alternatives, margin), best
 
     def _candidates(self, precision, optimizer, checkpointing) -> tuple[list[Settings], list[Settings]]:
         """Configurations to search: the usual ones first, then fallbacks used only when none fits."""
@@ -517,53 +519,11 @@ class _Planner:
         return option
 
     def largest_fitting(self, settings: Settings, threshold: int, limit: int, hint: int | None = None) -> int:
-        """The largest batch in ``[1, limit]`` whose estimated peak is at most ``threshold`` (0: none).
-
-        The peak never decreases with the batch size, so this is a search over a monotone
-        predicate, kept as a bracket ``low`` (fits) .. ``high`` (does not). Each probe is a
-        prediction from the last estimate: its activations grow linearly with the batch (plus the
-        device's fragmentation share), while parameters, gradients and optimizer state do not, so
-        ``batch + (threshold - peak) / (activations per sample)``. In the common case that is four
-        estimates: batch 1, the prediction from it, the refined prediction and its neighbour;
-        bisection takes over if predictions stop narrowing the bracket. A ``hint`` (half the
-        answer of a configuration estimated before, which uses at most twice the memory per
-        sample) replaces batch 1 as the first probe and usually saves one estimate.
-        """
-        def fits(batch: int) -> bool:
-            return self.estimate(settings, batch).peak_bytes <= threshold
-
-        low, high = 1, limit + 1  # low fits; high does not (limit + 1 stands for "beyond the search")
-        if hint is not None and 1 < hint <= limit and fits(hint):
-            low = hint  # the peak is monotone: batch 1 fits too, no need to estimate it
-        elif not fits(1):
-            return 0
-        elif hint is not None and 1 < hint <= limit:
-            high = hint
-        probe, probes = self._predict(settings, low, threshold), 0
-        while high - low > 1:
-            probe = max(low + 1, min(probe, high - 1))
-            if fits(probe):
-                low = probe
-            else:
-                high = probe
-            probes += 1
-            predicted = self._predict(settings, probe, threshold)
-            if probes >= 4:
-                probe = (low + high) // 2
-            elif predicted == probe:  # the prediction confirms the probe: check its neighbour
-                probe = probe + 1 if probe == low else probe - 1
-            else:
-                probe = predicted
-        return low
-
-    def _predict(self, settings: Settings, batch: int, threshold: int) -> int:
-        """The batch at which the peak would reach ``threshold``, from the estimate at ``batch``."""
-        memory = self.estimate(settings, batch)
+        """The largest batch in ``[1, limit]`` whose estimated peak is at most ``threshold`` (0: none)."""
         fragmentation = float(getattr(self.profile, "overhead", {}).get("fragmentation", 0.0))
-        per_sample = memory.breakdown["activations"] / batch * (1 + fragmentation)
-        if per_sample <= 0:
-            return 2 * batch
-        return batch + math.floor((threshold - memory.peak_bytes) / per_sample)
+        return largest_fitting(
+            lambda batch: self.estimate(settings, batch), threshold, highest=limit, hint=hint, growth=1 + fragmentation
+        )
 
     # ------------------------------------------------------------------------------------ timing
 
@@ -586,25 +546,25 @@ class _Planner:
 
     # ---------------------------------------------------------------------------------- measuring
 
-    def measure(self, result: PlanResult, steps: int = 3) -> dict:
-        """Run real training steps of the chosen configuration on this machine.
+    def measure(self, option: Option, steps: int = 3) -> dict:
+        """Run real training steps of a planned configuration on this machine.
 
-        Times ``steps`` steps of the memory engine's training step after one warm-up step, then
-        measures the peak with real tensors (:func:`~tightfit.memory.estimator.measure_model_step`).
+        Times ``steps`` micro-steps of the trainer's step (:class:`~tightfit.step.step.TrainingStep`)
+        after one warm-up step, then measures the peak with real tensors
+        (:func:`~tightfit.memory.measure.measure_step`).
 
         Raises:
             ConfigError: nothing fits, or the model's weights alone exceed this machine's memory.
         """
         import psutil
 
-        from tightfit.memory.estimator import measure_model_step, resolve_device, training_step
-        from tightfit.models.checkpointing import apply_activation_checkpointing
+        from tightfit.memory.counted_step import StepSettings, make_step
+        from tightfit.memory.measure import measure_step, resolve_device
         from tightfit.step.optim import build_optimizer
-        from tightfit.step.precision import needs_grad_scaler
 
-        if result.batch_size is None:
+        if not option.micro_batch_size:
             raise ConfigError("--measure: no configuration fits, so there is nothing to measure")
-        settings = self._chosen
+        settings, batch_size = option.settings, option.micro_batch_size
         device = resolve_device(None)
         weight_bytes = 4 * self.parameters
         if device.type == "cpu" and weight_bytes > psutil.virtual_memory().available // 2:
@@ -612,42 +572,35 @@ class _Planner:
                 f"--measure: the model's weights alone ({format_bytes(weight_bytes)}) would take more than half of "
                 f"this machine's free memory; measure it on the target device"
             )
+        step_settings = StepSettings(batch_size, settings.precision, settings.optimizer)
         model = self._real_model()
         if settings.precision == "bf16-pure":
             model = model.to(torch.bfloat16)
         model = model.to(device)
-        if settings.checkpointing:
-            apply_activation_checkpointing(model, self.blocks)
+        checkpointing = self.blocks if settings.checkpointing else False
+        if checkpointing:
+            from tightfit.models.checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, checkpointing)
         model.train()
-        optimizer = build_optimizer(settings.optimizer, model.parameters())
-        scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(settings.precision, device.type) else None
-        step_settings = dict(precision=settings.precision, device_type=device.type, scaler=scaler)
-
-        def make_batch():
-            batch = self.batch_factory(result.batch_size, device)
-            if settings.precision == "bf16-pure":
-                from tightfit.step.batch import cast_floats
-
-                batch = cast_floats(batch, torch.bfloat16)
-            return batch
-
-        training_step(model, optimizer, make_batch, **step_settings)  # warm-up: kernels, optimizer state
+        step = make_step(model, build_optimizer(settings.optimizer, model.parameters()), step_settings, device)
+        window = self.batch_factory(batch_size, "cpu")
+        step(window)  # warm-up: kernels, optimizer state
         _synchronize(device)
         started = time.perf_counter()
         for _ in range(steps):
-            training_step(model, optimizer, make_batch, **step_settings)
+            step(window)
         _synchronize(device)
         micro_step_s = (time.perf_counter() - started) / steps
-        memory = measure_model_step(
-            model, self.batch_factory, batch_size=result.batch_size, precision=settings.precision,
+        memory = measure_step(
+            model, self.batch_factory, batch_size=batch_size, precision=settings.precision,
             optimizer=settings.optimizer, device=device,
         )
-        accumulation = (result.recommendation or {}).get("accumulation_steps", 1)
         return {
             "device": str(device),
-            "batch_size": result.batch_size,
+            "batch_size": batch_size,
             "micro_step_time_s": micro_step_s,
-            "step_time_s": micro_step_s * accumulation,
+            "step_time_s": micro_step_s * option.accumulation_steps,
             "peak_bytes": memory.peak_bytes,
             "breakdown": memory.breakdown,
             "steps_timed": steps,
@@ -658,7 +611,6 @@ class _Planner:
     def _result(self, option: Option, batch_size: int | None, verdict: str, why: str, recommendation: dict | None,
                 alternatives: list[dict], margin: float) -> PlanResult:
         memory = option.memory
-        self._chosen = option.settings
         notes = list(self.notes)
         notes.append(f"{self.estimates_made} estimates on fake tensors (no weights allocated)")
         notes.append(f"times are estimates: {UTILISATION_SOURCE}")

@@ -28,15 +28,12 @@ import torch
 from torch import nn
 
 from tightfit.errors import ConfigError, TightfitError
-from tightfit.memory.estimator import (
-    EstimationError,
-    estimate_model_step,
-    measure_model_step,
-    resolve_device,
-    rng_state,
-    set_rng_state,
-)
+from tightfit.memory.bisect import largest_fitting
+from tightfit.memory.estimator import EstimationError, estimate_step
+from tightfit.memory.measure import measure_step, resolve_device
 from tightfit.memory.oom import is_out_of_memory
+from tightfit.step.rng import rng_state, set_rng_state
+from tightfit.memory.report import StepMemory
 from tightfit.units import format_bytes
 
 CONFIRMED_TOLERANCE = 0.005  # a measurement within 0.5 % of the estimate confirms it
@@ -83,8 +80,8 @@ def find_batch_size(
     checkpointing: bool | str | list[str] = False,
     margin: float = 0.1,
     max_batch_size: int = 4096,
-    model_factory: Callable[[], nn.Module] | None = None,
     accumulation_steps: int = 1,
+    clip_grad_norm: float | None = None,
 ) -> BatchSizeResult:
     """Find the largest batch size whose training step runs within a memory budget.
 
@@ -96,13 +93,12 @@ def find_batch_size(
             (``torch.OutOfMemoryError`` above it); on CUDA/MPS it defaults to the device's memory
             and the device enforces it.
         device: where the trials run (``None``: CUDA, else MPS, else CPU).
-        precision, optimizer, accumulation_steps: the training settings of the step.
+        precision, optimizer, accumulation_steps, clip_grad_norm: the training settings of the
+            step, as the run will use them (the trainer's ``micro_batch_size: auto`` passes its own).
         checkpointing: False, True/"auto" or module names; applied to ``model`` in place, as
             training will use it.
         margin: the fraction of the budget kept free (default 10 %).
         max_batch_size: the largest batch size considered.
-        model_factory: unused for trials (they run on ``model``); accepted so callers that have one
-            can pass it, and reserved for estimating models that cannot be traced in place.
 
     Returns:
         A :class:`BatchSizeResult`.
@@ -111,7 +107,6 @@ def find_batch_size(
         ConfigError: a missing budget on CPU, a margin outside [0, 1), a non-positive maximum.
         torch.OutOfMemoryError and other errors of the step itself that are not out-of-memory.
     """
-    del model_factory  # the trials and the estimates both run on ``model`` itself
     started = time.perf_counter()
     device = resolve_device(device)
     if not 0 <= margin < 1:
@@ -130,7 +125,7 @@ def find_batch_size(
 
     snapshot = _ModelSnapshot(model)
     random_state = rng_state()
-    settings = dict(precision=precision, optimizer=optimizer, accumulation_steps=accumulation_steps)
+    settings = dict(precision=precision, optimizer=optimizer, accumulation_steps=accumulation_steps, clip_grad_norm=clip_grad_norm)
     try:
         estimate = _Estimates(model, batch_factory, settings, profile=_profile_for(device))
         trial = _Trials(model, batch_factory, settings, device, budget_bytes, target_bytes, snapshot)
@@ -210,62 +205,37 @@ class _Estimates:
 
     def __init__(self, model, batch_factory, settings: dict, profile):
         self.model, self.batch_factory, self.settings, self.profile = model, batch_factory, settings, profile
-        self.cache: dict[int, int | None] = {}
+        self.cache: dict[int, StepMemory | None] = {}
         self.failure: str | None = None  # why the last estimate that failed did
 
-    def peak(self, batch_size: int) -> int | None:
-        """The estimated peak at ``batch_size``; None when the step cannot be traced there."""
+    def memory(self, batch_size: int) -> StepMemory | None:
+        """The estimate at ``batch_size``; None when the step cannot be traced there."""
         if batch_size not in self.cache:
             try:
-                memory = estimate_model_step(
+                self.cache[batch_size] = estimate_step(
                     self.model, self.batch_factory, batch_size=batch_size, profile=self.profile, count_flops=False,
                     **self.settings,
                 )
-                self.cache[batch_size] = memory.peak_bytes
             except EstimationError as error:
                 self.failure = str(error)
                 self.cache[batch_size] = None
         return self.cache[batch_size]
 
+    def peak(self, batch_size: int) -> int | None:
+        """The estimated peak at ``batch_size``; None when the step cannot be traced there."""
+        memory = self.memory(batch_size)
+        return memory.peak_bytes if memory is not None else None
+
     def largest_fitting(self, target_bytes: float, highest: int, lowest: int = 1) -> int | None:
         """The largest batch in [lowest, highest] whose estimate fits; lowest - 1 if none; None if no estimates.
 
-        Peaks grow with the batch almost linearly; extrapolating from the last two points and then
-        interpolating between the bracketing ones (regula falsi with a bisection every third step)
-        needs a handful of estimates even for a range of thousands.
+        Batch norm refuses a batch of one sample in training: when batch 1 cannot be estimated,
+        the search starts at two.
         """
-        if self.peak(lowest) is None:
-            # Batch norm refuses a batch of one sample in training; two is the real minimum there.
-            if lowest != 1 or highest < 2 or self.peak(2) is None:
-                return None
-            lowest = 2
-        if self.peak(lowest) > target_bytes:
-            return lowest - 1
-        fits_at, fails_at = lowest, highest + 1
-        previous = None
-        step = 0
-        while fails_at - fits_at > 1:
-            step += 1
-            if fails_at > highest:  # no failing point yet: extrapolate from the last two fitting ones
-                if previous is None:
-                    guess = fits_at + 1
-                else:
-                    slope = max((self.peak(fits_at) - self.peak(previous)) / (fits_at - previous), 1.0)
-                    guess = fits_at + int((target_bytes - self.peak(fits_at)) / slope) + 1
-            elif step % 3 == 0:
-                guess = (fits_at + fails_at) // 2
-            else:
-                low, high = self.peak(fits_at), self.peak(fails_at)
-                guess = fits_at + int((target_bytes - low) / max(high - low, 1) * (fails_at - fits_at))
-            guess = min(max(guess, fits_at + 1), fails_at - 1 if fails_at <= highest else highest)
-            peak = self.peak(guess)
-            if peak is None:
-                return None
-            if peak <= target_bytes:
-                previous, fits_at = fits_at, guess
-            else:
-                fails_at = guess
-        return fits_at
+        answer = largest_fitting(self.memory, target_bytes, highest=highest, lowest=lowest)
+        if answer is None and lowest == 1 and highest >= 2 and self.memory(2) is not None:
+            answer = largest_fitting(self.memory, target_bytes, highest=highest, lowest=2)
+        return answer
 
 
 class _Trials:
@@ -283,7 +253,7 @@ class _Trials:
         started = time.perf_counter()
         simulated = self.device.type == "cpu"
         try:
-            memory = measure_model_step(
+            memory = measure_step(
                 self.model, self.batch_factory, batch_size=batch_size, device=self.device,
                 budget_bytes=self.budget_bytes if simulated else None, **self.settings,
             )

@@ -22,6 +22,7 @@ repeated iterations, so tightfit has its own.
 """
 
 from collections.abc import Callable
+from typing import Any
 from functools import partial
 import weakref
 
@@ -75,6 +76,10 @@ class MemoryTracker(TorchDispatchMode):
             budget raises ``torch.OutOfMemoryError`` (the real class), as a GPU would.
         allocation_size: maps a storage's bytes to what the device allocator would reserve for
             it (CUDA rounds to 512 bytes); ``peak_allocated_bytes`` follows it. Identity if None.
+        host_data: tensors (any nesting) made before the step by the data loader, such as the
+            window of samples a training step slices its micro-batches from. Their storages are
+            never counted, also when the step takes views of them: host data is not part of a
+            step's peak, what the step copies to its device is.
 
     Attributes (valid during and after the block):
         peak_bytes: the largest total of live storage bytes seen.
@@ -97,8 +102,12 @@ class MemoryTracker(TorchDispatchMode):
         optimizer: torch.optim.Optimizer | None = None,
         budget_bytes: int | None = None,
         allocation_size: Callable[[int], int] | None = None,
+        host_data: Any = None,
     ):
         super().__init__()
+        self._host_storages = [storage for value in tree_flatten(host_data)[0] if isinstance(value, torch.Tensor)
+                               for storage in [_storage_of(value)] if storage is not None]
+        self._host_keys = {id(storage) for storage in self._host_storages}
         self.model = model
         self.optimizer = optimizer
         self.budget_bytes = budget_bytes
@@ -232,7 +241,7 @@ class MemoryTracker(TorchDispatchMode):
             if not isinstance(value, torch.Tensor):
                 continue
             storage = _storage_of(value)
-            if storage is None or id(storage) in seen:
+            if storage is None or id(storage) in seen or id(storage) in self._host_keys:
                 continue
             seen.add(id(storage))
             nbytes = storage.nbytes()

@@ -27,14 +27,14 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     return batch  # a non-tensor field (None target) belongs to every slice
 
 
-def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """A copy of the batch with every tensor on ``device``."""
+def move_to_device(batch: Any, device: torch.device | str, non_blocking: bool = False, copy: bool = False) -> Any:
+    """The batch with every tensor on ``device`` (tensors already there are kept, unless ``copy``)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
+        return batch.to(device, non_blocking=non_blocking, copy=copy)
     if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device, non_blocking) for key, value in batch.items()}
+        return {key: move_to_device(value, device, non_blocking, copy) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to_device(item, device, non_blocking) for item in batch)
+        return type(batch)(move_to_device(item, device, non_blocking, copy) for item in batch)
     return batch
 
 

@@ -9,6 +9,10 @@ object has it (no base class to inherit). The order in which they fire is docume
 ``on_validation_end(trainer, metrics)``, ``on_epoch_end(trainer, metrics)``,
 ``on_fit_end(trainer, summary)``; and for exact resume ``state_dict()`` / ``load_state_dict(state)``.
 
+Saved state is keyed by the callback's name: its ``state_key`` attribute if it has one, else its
+class name (``#2``, ``#3``... for further callbacks of one class). A resumed run with callbacks
+added or removed gives each one its own state back; a callback without saved state starts fresh.
+
 A callback stops the run by setting ``trainer.should_stop = True`` (and ``trainer.stop_reason``).
 """
 
@@ -27,6 +31,39 @@ class Callback(Protocol):
     def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None: ...
     def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None: ...
     def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None: ...
+
+
+def callback_names(callbacks: list[Any]) -> list[str]:
+    """A stable name for each callback (see the module docstring), in order."""
+    names: list[str] = []
+    for callback in callbacks:
+        base = getattr(callback, "state_key", None) or type(callback).__name__
+        name, count = base, 1
+        while name in names:
+            count += 1
+            name = f"{base}#{count}"
+        names.append(name)
+    return names
+
+
+def callback_states(callbacks: list[Any]) -> dict[str, Any]:
+    """``{name: state}`` of every callback that has state."""
+    return {
+        name: callback.state_dict()
+        for name, callback in zip(callback_names(callbacks), callbacks)
+        if hasattr(callback, "state_dict")
+    }
+
+
+def load_callback_states(callbacks: list[Any], states: dict[str, Any]) -> list[str]:
+    """Give each callback its saved state by name; returns the names of saved states no callback took."""
+    if not isinstance(states, dict):  # a list, by position: checkpoints of tightfit before 0.2
+        return ["(states saved by position by an older tightfit)"]
+    names = callback_names(callbacks)
+    for name, callback in zip(names, callbacks):
+        if name in states and hasattr(callback, "load_state_dict"):
+            callback.load_state_dict(states[name])
+    return sorted(set(states) - set(names))
 
 
 def is_improvement(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -126,7 +163,7 @@ class ModelCheckpoint:
         self.top_k.sort(key=lambda item: item[0], reverse=self.mode == "max")
         for _, dropped in self.top_k[self.keep_top_k :]:
             if trainer.process.is_main:
-                shutil.rmtree(dropped, ignore_errors=True)
+                trainer.checkpoint_writer.remove(dropped)
         self.top_k = self.top_k[: self.keep_top_k]
 
     def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None:
@@ -147,3 +184,21 @@ class ModelCheckpoint:
             for child in top_dir.iterdir():
                 if child.name not in kept:
                     shutil.rmtree(child, ignore_errors=True)
+
+
+class HtmlReport:
+    """Write ``RUN_DIR/report.html`` when the run ends (``logging.report``), after ``summary.json``.
+
+    The page is made from the files the run wrote (see :mod:`tightfit.report.run`), in about
+    40 ms for the digits recipe, and its path is added to the summary that ``fit`` returns as
+    ``report``. A page that cannot be written is a warning, not a failed run: the model and the
+    summary are already on disk.
+    """
+
+    def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        from tightfit.report import write_report
+
+        try:
+            summary["report"] = str(write_report(trainer.run_dir))
+        except Exception as error:  # noqa: BLE001 - the run itself succeeded; say why the page is missing
+            trainer.console.print(f"[yellow]warning:[/] report.html not written: {error}")

@@ -18,13 +18,10 @@ the old or the new checkpoint complete (``load_checkpoint`` falls back to the mo
 
 import json
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -38,36 +35,47 @@ ADAPTERS_ONLY = "adapters-only"
 _ASIDE_SUFFIX = ".old"
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Write a model's weights to a safetensors file (tied weights are stored once by name).
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of a model: its state dict, detached and contiguous; for a LoRA
+    model (:func:`tightfit.models.lora.apply_lora`) only the adapters, trained heads and buffers
+    (:func:`~tightfit.models.lora.adapter_state_dict`), never the frozen base, quantized or not.
 
-    A LoRA model (:func:`tightfit.models.lora.apply_lora`) writes its adapters only
-    (:func:`~tightfit.models.lora.adapter_state_dict`), marked ``weights: adapters-only`` in the
-    file's metadata with the base's spec and fingerprint.
+    Tied weights (one storage under two names) are cloned apart, as safetensors refuses shared
+    storage; loading ties them again through the model's own structure.
+
+    Raises:
+        TightfitError: a quantized tensor outside a LoRA run (it has no plain safetensors form).
     """
-    from tightfit.models.lora import adapter_checkpoint_metadata, adapter_state_dict, is_lora_model
+    from tightfit.models.lora import adapter_state_dict, is_lora_model
 
-    metadata = None
-    if is_lora_model(model):
-        state = adapter_state_dict(model)
-        metadata = {WEIGHTS_KIND_KEY: ADAPTERS_ONLY, **adapter_checkpoint_metadata(model)}
-    else:
-        state = model.state_dict()
+    state = adapter_state_dict(model) if is_lora_model(model) else model.state_dict()
     for name, tensor in state.items():
         if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
             raise TightfitError(
-                f"cannot write {name} ({type(tensor).__name__}, a quantized tensor) to {path.name}; "
+                f"cannot write {name} ({type(tensor).__name__}, a quantized tensor) as a checkpoint; "
                 "quantized bases are saved through LoRA runs (adapters only) or tightfit compress"
             )
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
-    # safetensors refuses tensors that share storage (tied embeddings); clone keeps each readable.
+    weights = {name: tensor.detach().contiguous() for name, tensor in state.items()}
     seen_pointers: set[int] = set()
-    for name, tensor in state.items():
+    for name, tensor in weights.items():
         pointer = tensor.untyped_storage().data_ptr()
         if pointer in seen_pointers:
-            state[name] = tensor.clone()
+            weights[name] = tensor.clone()
         seen_pointers.add(pointer)
-    save_file(state, str(path), metadata=metadata)
+    return weights
+
+
+def weights_metadata(model: torch.nn.Module) -> dict[str, str] | None:
+    """The safetensors metadata written beside :func:`model_weights`: for a LoRA model
+    ``weights: adapters-only`` with the base's spec and fingerprint; None otherwise."""
+    from tightfit.models.lora import adapter_checkpoint_metadata, is_lora_model
+
+    return {WEIGHTS_KIND_KEY: ADAPTERS_ONLY, **adapter_checkpoint_metadata(model)} if is_lora_model(model) else None
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Write a model's weights (:func:`model_weights`) to a safetensors file."""
+    save_file({name: tensor.cpu() for name, tensor in model_weights(model).items()}, str(path), metadata=weights_metadata(model))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -106,45 +114,23 @@ def resolve_weights_file(path: str | Path, where: str) -> Path:
     return found
 
 
-def rng_state() -> dict:
-    """The Python, NumPy and torch (CPU and CUDA) random states, as loadable-without-pickle data."""
-    version, python_state, gaussian = random.getstate()
-    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "python": [version, list(python_state), gaussian],
-        "numpy": [bit_generator, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore the random states saved by :func:`rng_state`."""
-    version, python_state, gaussian = state["python"]
-    random.setstate((version, tuple(python_state), gaussian))
-    bit_generator, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((bit_generator, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(directory: Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
+def save_checkpoint(
+    directory: Path, weights: dict[str, torch.Tensor], state: dict, meta: dict, weights_metadata: dict[str, str] | None = None
+) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
     Args:
         directory: where the checkpoint lives (e.g. ``RUN/checkpoints/last``); replaced if present.
-        model: the (unwrapped) model whose weights to save.
+        weights: the model's weights (:func:`model_weights`), on any device.
         state: the training state (see the module doc for what it may contain).
         meta: JSON-serialisable facts shown to people (step, epoch, metrics).
+        weights_metadata: strings stored in the weights file's header (:func:`weights_metadata`).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        save_weights(model, temporary / WEIGHTS_FILE)
+        save_file({name: tensor.cpu() for name, tensor in weights.items()}, str(temporary / WEIGHTS_FILE), metadata=weights_metadata)
         torch.save(state, temporary / STATE_FILE)
         (temporary / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         aside = directory.with_name(directory.name + _ASIDE_SUFFIX)
@@ -181,9 +167,3 @@ def load_checkpoint(directory: Path, model: torch.nn.Module) -> tuple[dict, dict
     state = torch.load(found / STATE_FILE, map_location="cpu", weights_only=True)
     meta = json.loads((found / META_FILE).read_text())
     return state, meta
-
-
-def read_meta(directory: Path) -> dict[str, Any] | None:
-    """The ``meta.json`` of a complete checkpoint, or None."""
-    found = complete_checkpoint(directory)
-    return json.loads((found / META_FILE).read_text()) if found else None

@@ -14,23 +14,24 @@ Example (a notebook, with your own model and data sets):
 import contextlib
 import json
 import math
-import random
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tightfit.config import TrainConfig, build_config, config_to_yaml
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.memory.oom import is_out_of_memory
-from tightfit.step.batch import count_samples, move_to_device, slice_batch
+from tightfit.step.batch import count_samples, move_to_device
+from tightfit.step.rng import rng_state, seed_everything, set_rng_state
+from tightfit.step.step import TrainingStep
 from tightfit.training import checkpoint as checkpoint_files
-from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint
+from tightfit.training.callbacks import EarlyStopping, HtmlReport, ModelCheckpoint, callback_states, load_callback_states
+from tightfit.training.checkpoint_writer import CheckpointWriter
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
@@ -103,6 +104,7 @@ class Trainer:
         self.samples_seen = 0
         self.wall_time_before_s = 0.0  # wall time of the earlier parts of a resumed run
         self.oom_recoveries = 0
+        self.batch_search_peak_bytes: int | None = None  # the step peak micro_batch_size=auto found, for the report
         self.should_stop = False
         self.stop_reason: str | None = None
         self.is_set_up = False
@@ -136,17 +138,23 @@ class Trainer:
         self.model.to(self.device)
         self._apply_budget()
         self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **config.optimizer.model_dump(exclude={"name"}))
-        self.micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
+        scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
+        self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips, flat_loss_steps=config.numerics.flat_loss_steps)
+        self.train_model = self._wrap_for_processes(self.model)
+        micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
+        self.step = TrainingStep(
+            self.train_model, self.optimizer, device=self.device, precision=self.precision,
+            micro_batch_size=micro_batch_size, scaler=scaler, clip_grad_norm=config.clip_grad_norm,
+            sync_context=self._sync_context() if self.process.distributed else None, skip_check=self._check_numerics,
+        )
         self.loaders = self._build_loaders()
         self.steps_per_epoch = len(self.loaders["train"])
         self.total_steps = self.config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.schedule = LRSchedule(self.optimizer, config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
-        self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips, flat_loss_steps=config.numerics.flat_loss_steps)
-        self.train_model = self._wrap_for_processes(self.model)
         self.callbacks = self._build_callbacks()
+        self.checkpoint_writer = CheckpointWriter()
         if resume_from is not None:
             self._restore(Path(resume_from))
         self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad config has written nothing
@@ -226,9 +234,14 @@ class Trainer:
         return micro, math.ceil(effective / micro), effective
 
     def _find_micro_batch_size(self) -> int:
+        """The largest micro-batch whose step, as this run takes it, fits: the run's precision,
+        optimizer, clipping and accumulation (two micro-batches already reach the peak of k)."""
         from tightfit.memory.search import find_batch_size
 
+        batch = self.config.batch
         train = self.data["train"]
+        largest = min(len(train), batch.effective_batch_size or len(train))
+        accumulates = batch.accumulation_steps > 1 or (batch.effective_batch_size or 1) > 1
         collate = self.collate_fn or torch.utils.data.default_collate
 
         def batch_factory(batch_size: int, device: torch.device) -> Any:
@@ -248,9 +261,12 @@ class Trainer:
             precision=self.precision,
             optimizer=self.config.optimizer.name,
             checkpointing=False,  # already applied to the model by _build_model
-            max_batch_size=max(1, len(train)),
+            max_batch_size=max(1, largest),
+            accumulation_steps=2 if accumulates else 1,
+            clip_grad_norm=self.config.clip_grad_norm,
         )
         self.console.print(f"micro_batch_size auto: {result.batch_size} (peak {result.peak_bytes / 2**20:.1f} MiB, {len(result.trials)} trials)")
+        self.batch_search_peak_bytes = result.peak_bytes
         return result.batch_size
 
     def _build_loaders(self) -> dict[str, DataLoader | None]:
@@ -305,7 +321,9 @@ class Trainer:
             callback for module in self.model.modules() if hasattr(type(module), "training_callbacks")
             for callback in module.training_callbacks()
         ]
-        return callbacks + model_callbacks + self.extra_callbacks
+        # the report comes last: it reads what the others wrote
+        report = [HtmlReport()] if config.logging.report and self.process.is_main else []
+        return callbacks + model_callbacks + self.extra_callbacks + report
 
     def _build_loggers(self) -> list[Logger]:
         if self.user_loggers is not None:
@@ -368,6 +386,7 @@ class Trainer:
                 logger.close()
             torch.set_num_threads(self.threads_before)
             teardown_process(self.process)
+            self.checkpoint_writer.wait()  # a write in flight when an error struck completes
 
     def _train_epochs(self) -> None:
         while self.epoch < self.config.epochs and not self._done():
@@ -404,80 +423,70 @@ class Trainer:
             self.samples_in_epoch = 0
 
     def train_step(self, window: Any) -> dict[str, float]:
-        """One optimizer step over a window of samples (the effective batch), in micro-batches.
+        """One optimizer step over a window of samples (the effective batch): :class:`TrainingStep`.
 
-        Each micro-batch's mean loss is weighted by its share of the window, so the summed
-        gradient equals the gradient of the window's mean loss: exactly one large batch, also for
-        a smaller last window. An out-of-memory error halves the micro-batch (doubling the
-        accumulation) and retries the same window; the effective batch does not change.
+        An out-of-memory error halves the micro-batch (doubling the accumulation) and retries the
+        same window; the effective batch does not change. Under a ``budget`` on CPU the memory
+        tracker counts the whole step, ``optimizer.step`` included, as the estimate does.
         """
-        window_samples = count_samples(window)
         while True:
             try:
-                loss_sum = self._accumulate_gradients(window, window_samples)
+                with self._budget_context(window):
+                    result = self.step(window)
                 break
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise
                 self._recover_from_out_of_memory(error)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip and check the true gradients, not the scaled ones
-        grad_norm = self._gradient_norm()
-        loss = float(loss_sum) / window_samples
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
-            problem = None  # an fp16 gradient overflow is the scaler's business: it skips the step and rescales
-        else:
-            problem = self.guard.check(self.model, loss, grad_norm, lr=lr, clip_grad_norm=self.config.clip_grad_norm)
-        if problem is not None:
-            self.console.print(f"[yellow]step {self.global_step + 1} skipped:[/] {problem}")
-        elif self.scaler is not None:
-            self.scaler.step(self.optimizer)
-        else:
-            self.optimizer.step()
-        if self.scaler is not None:
-            self.scaler.update()  # also after a skipped step: unscale_ must be followed by update
-        self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         self.global_step += 1
-        self.samples_in_epoch += window_samples
-        self.samples_seen += window_samples
-        return {"train_loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": window_samples, "skipped": float(problem is not None)}
+        self.samples_in_epoch += result.samples
+        self.samples_seen += result.samples
+        return {"train_loss": float(result.loss), "lr": lr, "grad_norm": float(result.grad_norm), "samples": result.samples,
+                "skipped": float(result.skipped is not None)}
 
-    def _gradient_norm(self) -> float:
-        """The total gradient norm (what the numerics guard watches), after clipping to it if set."""
-        if self.config.clip_grad_norm is not None:
-            return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm))
-        gradients = [parameter.grad for parameter in self.model.parameters() if parameter.grad is not None]
-        return float(torch.nn.utils.get_total_norm(gradients)) if gradients else 0.0
+    def _check_numerics(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
+        """The step's ``skip_check``: the numerics guard's verdict on the window's loss and gradients."""
+        loss, grad_norm = float(loss), float(grad_norm)
+        if self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
+            return None  # an fp16 gradient overflow is the scaler's business: it skips the step and rescales
+        lr = self.optimizer.param_groups[0]["lr"]
+        problem = self.guard.check(self.model, loss, grad_norm, lr=lr, clip_grad_norm=self.config.clip_grad_norm)
+        if problem is not None:
+            self.console.print(f"[yellow]step {self.global_step + 1} skipped:[/] {problem}")
+        return problem
 
-    def _accumulate_gradients(self, window: Any, window_samples: int) -> torch.Tensor:
-        """Forward and backward every micro-batch of the window; returns the window's summed loss."""
-        loss_sum = torch.zeros((), device=self.device)
-        starts = range(0, window_samples, self.micro_batch_size)
-        budget = self._budget_context()
-        with budget:
-            for index, start in enumerate(starts):
-                micro_batch = move_to_device(slice_batch(window, start, start + self.micro_batch_size), self.device, non_blocking=True)
-                micro_samples = count_samples(micro_batch)
-                last = index == len(starts) - 1
-                # in DDP only the last micro-batch of the window needs to synchronise gradients
-                sync = contextlib.nullcontext() if last or not self.process.distributed else self.train_model.no_sync()
-                with sync:
-                    with autocast(self.precision, self.device.type):
-                        _, loss = forward_and_loss(self.train_model, micro_batch)
-                    weighted = loss * (micro_samples / window_samples)
-                    (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
-                loss_sum += loss.detach().float() * micro_samples
-        return loss_sum
+    def _sync_context(self):
+        """DDP: gradients are all-reduced on the window's last micro-batch only."""
+        model = self.train_model
+        return lambda last: contextlib.nullcontext() if last else model.no_sync()
 
-    def _budget_context(self):
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per forward/backward; out-of-memory recovery lowers it (the step's setting)."""
+        return self.step.micro_batch_size
+
+    @micro_batch_size.setter
+    def micro_batch_size(self, value: int) -> None:
+        self.step.micro_batch_size = value
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 loss scaler of the step (None unless fp16 on CUDA/MPS)."""
+        return self.step.scaler
+
+    @scaler.setter
+    def scaler(self, value: torch.amp.GradScaler | None) -> None:
+        self.step.scaler = value
+
+    def _budget_context(self, window: Any):
         """On CPU a ``budget`` is enforced by the memory tracker, raising the same error a GPU would."""
         if self.budget_bytes is None or self.device.type != "cpu":
             return contextlib.nullcontext()
         from tightfit.memory.tracker import MemoryTracker
 
-        return MemoryTracker(self.model, self.optimizer, budget_bytes=self.budget_bytes)
+        return MemoryTracker(self.model, self.optimizer, budget_bytes=self.budget_bytes, host_data=window)
 
     def _recover_from_out_of_memory(self, error: BaseException) -> None:
         """Halve the micro-batch, double the accumulation, drop the partial gradients."""
@@ -538,6 +547,7 @@ class Trainer:
         best_path = saver.best_path
         if not self.epoch_finished:  # stopped by max_steps or a callback mid-epoch
             self.save_checkpoint("last")
+        self.checkpoint_writer.wait()  # the best and last checkpoints are read back below
         test_metrics: dict[str, float] = {}
         restore_best = not self.config.early_stopping.enabled or self.config.early_stopping.restore_best
         if best_path is not None:
@@ -573,6 +583,7 @@ class Trainer:
             "accumulation_steps": self.accumulation_steps,
             "effective_batch_size": self.effective_batch_size,
             "oom_recoveries": self.oom_recoveries,
+            "batch_search_peak_bytes": self.batch_search_peak_bytes,
             "skipped_steps": self.guard.skipped_steps,
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
@@ -606,7 +617,8 @@ class Trainer:
             "time": datetime.now().isoformat(timespec="seconds"),
         }
         state = {"counters": self._counters()} if weights_only else self._training_state()
-        return checkpoint_files.save_checkpoint(directory, self.model, state, meta)
+        weights = checkpoint_files.model_weights(self.model)  # adapters only for a LoRA run
+        return self.checkpoint_writer.save(directory, weights, state, meta, checkpoint_files.weights_metadata(self.model))
 
     def _counters(self) -> dict[str, Any]:
         return {
@@ -626,9 +638,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": checkpoint_files.rng_state(),
+            "rng": rng_state(),
             "guard": self.guard.state_dict(),
-            "callbacks": [callback.state_dict() if hasattr(callback, "state_dict") else None for callback in self.callbacks],
+            "callbacks": callback_states(self.callbacks),
         }
 
     def _restore(self, run_dir: Path) -> None:
@@ -650,10 +662,10 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.guard.load_state_dict(state["guard"])
-        for callback, callback_state in zip(self.callbacks, state["callbacks"]):
-            if callback_state is not None and hasattr(callback, "load_state_dict"):
-                callback.load_state_dict(callback_state)
-        checkpoint_files.set_rng_state(state["rng"])
+        unclaimed = load_callback_states(self.callbacks, state["callbacks"])
+        if unclaimed:
+            self.console.print(f"resume: saved state of callbacks no longer in the run ignored: {', '.join(unclaimed)}")
+        set_rng_state(state["rng"])
         self.console.print(f"resumed from {run_dir} at step {self.global_step} (epoch {self.epoch + 1}, {self.samples_in_epoch} samples in)")
 
     # ------------------------------------------------------------------------------ plumbing
@@ -675,13 +687,6 @@ class Trainer:
     def _barrier(self) -> None:
         if self.process.distributed:
             torch.distributed.barrier()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) so a run is repeatable."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _console(enabled: bool):

@@ -1,1 +1,0 @@
-"""Reports: plots and pages shared by the commands."""

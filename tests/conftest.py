@@ -1,0 +1,50 @@
+"""Fixtures shared by more than one test module."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPORT_DATA = Path(__file__).parent / "data" / "report"
+
+
+
+@pytest.fixture(scope="session")
+def report_sources(tmp_path_factory) -> dict[str, Path]:
+    """One source of every kind of report, made by the real producers where that is fast:
+
+    ``run`` a digits training run folder (1 epoch on 400 samples), ``plan`` the JSON of
+    ``tightfit plan --json``, ``doctor`` that of ``tightfit doctor --json`` (no smoke test).
+    From tests/data/report, because making them takes too long for a test: ``pipeline`` the
+    output of ``tightfit plan examples/pipelines/seed002-rtx3050.yaml --json``, ``compression``
+    a real ``report.json`` of ``tightfit compress`` on a digits run with the pruned model's
+    accuracy lowered by 1.5 points so that one step is flagged, and ``study`` the
+    ``results.json`` that ``tightfit run`` wrote for the tiny study of tests/test_study.py (three
+    arms, three classifiers, digits), its per-class metrics left out.
+    """
+    from tightfit.hardware.doctor import run_doctor
+    from tightfit.hardware.profiles import resolve_target
+    from tightfit.memory.planner import plan
+    from tightfit.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("report-sources")
+    run_dir = root / "run"
+    Trainer({"epochs": 1, "run_dir": str(run_dir), "data": {"limit": 400}, "threads": 1,
+             "logging": {"console": False, "tensorboard": False, "every_n_steps": 1}}).fit()
+    sources = {"run": run_dir}
+    result = plan("builtin:digits-cnn", "1x8x8", batch_size=32, precision="fp32", optimizer="adamw",
+                  profile=resolve_target("rtx3050-laptop-6gb", None))
+    sources["plan"] = root / "plan.json"
+    sources["plan"].write_text(json.dumps(result.to_dict()))
+    sources["pipeline"] = root / "pipeline.json"
+    shutil.copy(REPORT_DATA / "pipeline_plan.json", sources["pipeline"])
+    sources["doctor"] = root / "doctor.json"
+    sources["doctor"].write_text(json.dumps(run_doctor(run_dir=root, smoke_test=False), default=str))
+    (root / "compressed").mkdir()
+    shutil.copy(REPORT_DATA / "compression_report.json", root / "compressed" / "report.json")
+    sources["compression"] = root / "compressed"
+    (root / "study").mkdir()
+    shutil.copy(REPORT_DATA / "study_results.json", root / "study" / "results.json")
+    sources["study"] = root / "study"
+    return sources
