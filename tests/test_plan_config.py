@@ -45,3 +45,23 @@ def test_tracker_counts_an_int8_weight_at_its_int8_size():
         pass
     parameter_bytes = tracker.breakdown["parameters"]
     assert 256 * 128 <= parameter_bytes <= 256 * 128 + 128 * 4 * 3  # one byte a weight + per-row scales
+
+
+def test_every_recipe_header_names_itself_and_its_plan_commands_parse():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from tightfit.cli import build_parser
+
+    parser = build_parser()
+    for recipe in sorted(Path("recipes").glob("*.yaml")):
+        lines = recipe.read_text().splitlines()
+        assert re.match(rf"# tightfit (train|compress) .*{re.escape(str(recipe))}", lines[0]), recipe
+        if lines[0].startswith("# tightfit train"):
+            load_config(recipe)  # every key valid
+        for line in lines:
+            if "tightfit plan " in line:
+                command = shlex.split(line.split("tightfit ", 1)[1].split("(")[0])
+                args = parser.parse_args(command)
+                assert args.items and args.items[0] == str(recipe), line  # plans this recipe, not a stand-in
