@@ -391,10 +391,16 @@ def load_adapters(base_model: nn.Module, directory: str | Path, *, trainable: bo
         raise TightfitError(f"{directory}: no LoRA adapters here (adapter_config.json is missing)")
     model = peft.PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
     saved = _saved_summary(directory)
-    fields = set(LoRASummary.__dataclass_fields__)
-    model.lora_summary = LoRASummary(**{key: value for key, value in saved.items() if key in fields}) if saved else LoRASummary(
-        *count_parameters(model), target_modules=[], modules_to_save=[], rank=model.peft_config["default"].r, alpha=model.peft_config["default"].lora_alpha
-    )
+    if saved:
+        fields = set(LoRASummary.__dataclass_fields__)
+        model.lora_summary = LoRASummary(**{key: value for key, value in saved.items() if key in fields})
+    else:  # adapters saved by PEFT alone: what its config says
+        peft_config = model.peft_config["default"]
+        trainable, total = count_parameters(model)
+        model.lora_summary = LoRASummary(
+            trainable, total, sorted(peft_config.target_modules or []), list(peft_config.modules_to_save or []),
+            peft_config.r, peft_config.lora_alpha,
+        )
     return model
 
 
