@@ -19,7 +19,7 @@ from tightfit.models.lora import (  # noqa: E402
     merge_adapters,
     save_adapters,
 )
-from tightfit.step.loss import forward_and_loss  # noqa: E402
+from tightfit.step.step import TrainingStep  # noqa: E402
 
 
 class TinyAttentionClassifier(nn.Module):
@@ -81,13 +81,8 @@ def test_only_adapters_and_head_train_and_loss_goes_down():
     tokens = torch.randint(0, 50, (32, 6))
     target = tokens[:, 0] % 3  # learnable from the first token
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    losses = []
-    for _ in range(40):
-        _, loss = forward_and_loss(model, (tokens, target))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    step = TrainingStep(model, optimizer, micro_batch_size=32)
+    losses = [float(step((tokens, target)).loss) for _ in range(40)]
     assert losses[-1] < 0.5 * losses[0]
     for name, parameter in model.get_base_model().named_parameters():
         clean = name.replace(".base_layer", "")

@@ -11,6 +11,7 @@ from tightfit.errors import SpecError
 from tightfit.models.builtin import BUILTINS
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 from tightfit.step.loss import forward_and_loss, split_batch
+from tightfit.step.step import TrainingStep
 
 
 @pytest.fixture(autouse=True)
@@ -225,16 +226,13 @@ def test_digits_cnn_reaches_97_percent():
     labels = torch.tensor(labels)
     train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.2, random_state=0, stratify=labels)
     model = build_model("builtin:digits-cnn")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    step = TrainingStep(model, torch.optim.AdamW(model.parameters(), lr=3e-3), micro_batch_size=64)
     for _ in range(3):
         model.train()
         order = torch.randperm(len(train_x))
         for start in range(0, len(order), 64):
             index = order[start : start + 64]
-            loss = torch.nn.functional.cross_entropy(model(train_x[index]), train_y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            step((train_x[index], train_y[index]))
     model.eval()
     with torch.no_grad():
         accuracy = (model(test_x).argmax(1) == test_y).float().mean().item()

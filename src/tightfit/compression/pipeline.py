@@ -41,6 +41,7 @@ from tightfit.compression.report import (
 )
 from tightfit.compression.training import FinetuneSettings
 from tightfit.errors import ConfigError
+from tightfit.step.batch import count_samples, slice_batch
 from tightfit.step.loss import model_output_tensor, split_batch, task_loss
 
 
@@ -178,8 +179,8 @@ class Evaluator:
         self.batches = list(loader)
         self.samples = len(split)
         first = self.batches[0]
-        self.example = _slice(first, 1)
-        self.large = _slice(first, min(latency_batch_size, _count(first)))
+        self.example = slice_batch(first, 0, 1)
+        self.large = slice_batch(first, 0, min(latency_batch_size, count_samples(first)))
         target = split_batch(first)[2]
         self.classification = target is not None and not target.is_floating_point()
 
@@ -192,7 +193,7 @@ class Evaluator:
             if self.classification and logits.ndim == 2:
                 correct += int((logits.argmax(1) == target).sum())
             else:
-                loss_sum += float(task_loss(output, target)) * _count(batch)
+                loss_sum += float(task_loss(output, target)) * count_samples(batch)
         if self.classification:
             return Metric("accuracy", 100.0 * correct / self.samples, True, self.split, self.samples)
         return Metric("loss", loss_sum / self.samples, False, self.split, self.samples)
@@ -211,22 +212,6 @@ class Evaluator:
         session = benchmark.ort_session(path, threads=threads)
         outputs = [torch.from_numpy(session.run(None, onnx_feeds(batch))[0]) for batch in self.batches]
         return self.metric_of(outputs)
-
-
-def _count(batch: Any) -> int:
-    args, kwargs, _ = split_batch(batch)
-    first = args[0] if args else next(iter(kwargs.values()))
-    return int(first.shape[0])
-
-
-def _slice(batch: Any, size: int) -> Any:
-    if isinstance(batch, dict):
-        return {key: value[:size] for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        inputs, target = batch
-        inputs = tuple(i[:size] for i in inputs) if isinstance(inputs, (tuple, list)) else inputs[:size]
-        return (inputs, target[:size] if target is not None else None)
-    return batch[:size]
 
 
 @dataclass

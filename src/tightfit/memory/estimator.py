@@ -50,6 +50,7 @@ def estimate_step(
     clip_grad_norm: float | None = None,
     profile: Any = None,
     count_flops: bool = True,
+    foreach: bool | None = None,
 ) -> StepMemory:
     """Estimate the peak memory of one steady-state training step without allocating weights.
 
@@ -68,6 +69,8 @@ def estimate_step(
         clip_grad_norm: the run's gradient clipping, if any.
         profile: the target ``DeviceProfile``; adds its overhead (CUDA, MPS). None: CPU, no overhead.
         count_flops: also count the FLOPs of one micro-batch (about half the time).
+        foreach: the optimizer's and gradient norm's multi-tensor kernels; None: what the target
+            runs by default (on for CUDA, off elsewhere).
 
     Returns:
         A :class:`StepMemory` with ``method="estimated"``.
@@ -94,7 +97,7 @@ def estimate_step(
     with _fake_weights(model, fake_mode, precision):
         try:
             with fake_mode:
-                memory, tracker = _estimate(model, batch_factory, settings, device_type, count_flops)
+                memory, tracker = _estimate(model, batch_factory, settings, device_type, count_flops, foreach)
         except TightfitError:
             raise
         except Exception as error:  # noqa: BLE001 - tracing arbitrary models fails in many ways
@@ -110,10 +113,12 @@ def estimate_step(
     return memory
 
 
-def _estimate(model: nn.Module, batch_factory: BatchFactory, settings: StepSettings, device_type: str, count_flops: bool):
+def _estimate(model: nn.Module, batch_factory: BatchFactory, settings: StepSettings, device_type: str,
+              count_flops: bool, foreach: bool | None):
     # Foreach kernels where the target runs them: the fake tensors live on the CPU, where torch
     # would pick the one-tensor-at-a-time loops.
-    foreach = True if device_type == "cuda" else None
+    if foreach is None:
+        foreach = device_type == "cuda"
     optimizer = build_optimizer(settings.optimizer, model.parameters(), foreach=foreach)
     _create_optimizer_state(model, optimizer)
     window = batch_factory(settings.window_size, "cpu")  # host data, as the trainer's loader gives it
