@@ -47,7 +47,9 @@ def pirate_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("generate")
     base = root / "tiny-llama"  # a model folder with weights, as a user's would be
     torch.manual_seed(0)
-    build_model(f"hf:{TINY_LLAMA}").save_pretrained(str(base))
+    model = build_model(f"hf:{TINY_LLAMA}")
+    model.config.use_cache = True  # as downloaded model folders have it
+    model.save_pretrained(str(base))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(TINY_LLAMA) / name, base / name)
     run_dir = root / "pirate"
@@ -122,3 +124,15 @@ def test_generate_text_rejects_bad_settings():
     loaded = load_for_generation(TINY_LLAMA)
     with pytest.raises(Exception, match="top_p"):
         generate_text(loaded, "hi", top_p=0.0)
+
+
+def test_training_turns_the_kv_cache_off_and_the_merged_model_has_it_on(pirate_run, tmp_path):
+    from tightfit.config import load_config
+    from tightfit.training.trainer import Trainer
+
+    config = load_config(pirate_run / "config.yaml", [f"run_dir={tmp_path / 'again'}"])
+    trainer = Trainer(config)
+    trainer.setup()
+    assert trainer.model.get_base_model().config.use_cache is False
+    main(["lora", "merge", str(pirate_run), "--output", str(tmp_path / "merged"), "--json"])
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["use_cache"] is True

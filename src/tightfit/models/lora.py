@@ -673,6 +673,8 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: b
         model.text_encoder.save_pretrained(str(output / "text_encoder"))
     elif _is_transformers_model(model):
         kind = "transformers"
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = True  # off while training; the merged model is for inference
         model.save_pretrained(str(output))
     else:
         from tightfit.training.checkpoint import save_weights

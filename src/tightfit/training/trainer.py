@@ -198,6 +198,8 @@ class Trainer:
             from tightfit.models.generate import require_causal_lm
 
             require_causal_lm(model, f"model {config.model if self.user_model is None else type(model).__name__}")
+            if getattr(getattr(model, "config", None), "use_cache", False):
+                model.config.use_cache = False  # training keeps keys and values for backward anyway; a cache only adds copies
         activation = config.checkpointing.activation
         self.checkpointed_blocks: list[str] = []
         if activation:
