@@ -140,3 +140,12 @@ def test_missing_tokenizer_and_non_causal_model_are_one_line_errors(tmp_path, ca
     error = capsys.readouterr().err
     assert code == 2 and "TinyBERT is not a causal language model" in error
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_a_generation_prompt_is_tokenised_exactly_as_the_training_conversations_were():
+    from tightfit.data.lm_corpus import render_prompt, tokenize_document
+
+    tokenizer = load_tokenizer(Path(TOKENIZER))
+    prompt = render_prompt(tokenizer, "What colour is grass?")
+    ids, trained = tokenize_document(tokenizer, [{"role": "user", "content": "What colour is grass?"}, {"role": "assistant", "content": "Grass is green."}])
+    assert ids[: len(prompt)] == prompt and not any(trained[: len(prompt)]) and trained[len(prompt)]
