@@ -382,7 +382,7 @@ def test_bad_recipes_get_one_line_errors_and_exit_2(tmp_path, recipe_text, messa
     "args, message",
     [
         (["runs-that-do-not-exist"], "neither a run directory nor a model spec"),
-        (["builtin:digits-cnn", "--data", "digits", "--output", "o", "--recipe", "missing.yaml"], "missing.yaml: no such file"),
+        (["builtin:digits-cnn", "--data", "digits", "--output", "o", "--recipe", "missing.yaml"], "missing.yaml does not exist"),
         (["builtin:digits-cnn", "--data", "digits", "--output", "o", "--checkpoint", "missing.safetensors"], "missing.safetensors does not exist"),
         (["builtin:digits-cnn", "--data", "digits", "--output", "o", "--steps", "prune,quantise"], "unknown step 'quantise'; did you mean 'quantize'?"),
         (["builtin:digits-cnn", "--output", "o"], "give the data too"),

@@ -202,8 +202,8 @@ stages:
     "text, fragment",
     [
         ("stages:\n  - name: a\n    model: builtin:mlp\n    input: 1x8x8\n    batchsize: 4\n",
-         "stages[0].batchsize: unknown key (did you mean 'batch_size'?)"),
-        ("devise: cpu\nstages:\n  - name: a\n    kind: cpu\n", "devise: unknown key (did you mean 'device'?)"),
+         "stages[0].batchsize: unknown key; did you mean 'batch_size'?"),
+        ("devise: cpu\nstages:\n  - name: a\n    kind: cpu\n", "devise: unknown key; did you mean 'device'?"),
         ("stages: []\n", "stages"),
         ("stages:\n  - name: a\n    model: builtin:mlp\n    input: [1, 8\n", "not valid YAML"),
         ("stages:\n  - name: a\n    precision: fp8\n    model: builtin:mlp\n    input: 1x8x8\n", "stages[0].precision"),
@@ -225,7 +225,7 @@ def test_bad_pipeline_files_exit_2(tmp_path, text, fragment):
 
 def test_missing_pipeline_file_exits_2(tmp_path):
     completed = _cli(str(tmp_path / "missing.yaml"))
-    assert completed.returncode == 2 and "not found" in completed.stderr
+    assert completed.returncode == 2 and "missing.yaml does not exist" in completed.stderr
 
 
 @pytest.mark.slow

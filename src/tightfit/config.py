@@ -11,7 +11,6 @@ Example:
     0.01
 """
 
-import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -21,16 +20,19 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from tightfit.data.config import DataConfig
 from tightfit.errors import ConfigError, SpecError
-from tightfit.models.lora import LoRAConfig
+from tightfit.models.lora_config import LoRAConfig
+from tightfit.names import DEVICE_KINDS, OPTIMIZERS, PRECISIONS, SCHEDULES
+from tightfit.settings import describe_validation_error, read_yaml
+from tightfit.trust import check_spec_from_file
 from tightfit.units import parse_memory
 
 Mode = Literal["min", "max"]
 
 
-class OptimizerConfig(BaseModel, extra="forbid"):
+class OptimizerConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``optimizer:`` which optimizer and its hyper-parameters (see ``step/optim.py``)."""
 
-    name: Literal["sgd", "sgd-momentum", "adam", "adamw", "adam8bit"] = "adamw"
+    name: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
@@ -39,10 +41,10 @@ class OptimizerConfig(BaseModel, extra="forbid"):
     eps: float = Field(default=1e-8, gt=0)
 
 
-class ScheduleConfig(BaseModel, extra="forbid"):
+class ScheduleConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``schedule:`` the learning-rate schedule, stepped per optimizer step (``training/schedules.py``)."""
 
-    name: Literal["constant", "constant-warmup", "linear", "cosine", "exponential", "step", "reduce-on-plateau"] = "cosine"
+    name: Literal[SCHEDULES] = "cosine"
     warmup_steps: int | None = Field(default=None, ge=0, description="default: warmup_fraction of all steps")
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="final lr / base lr for linear and cosine")
@@ -54,7 +56,7 @@ class ScheduleConfig(BaseModel, extra="forbid"):
     patience: int = Field(default=2, ge=0, description="reduce-on-plateau: validations without improvement")
 
 
-class BatchConfig(BaseModel, extra="forbid"):
+class BatchConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``batch:`` samples per forward pass (micro-batch), and per optimizer step (effective batch).
 
     ``effective_batch_size = micro_batch_size * accumulation_steps`` unless set; when it is set,
@@ -87,7 +89,7 @@ class BatchConfig(BaseModel, extra="forbid"):
         return self
 
 
-class ActivationCheckpointingConfig(BaseModel, extra="forbid"):
+class ActivationCheckpointingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``checkpointing:`` activation (gradient) checkpointing: recompute instead of storing."""
 
     activation: bool | Literal["auto"] | list[str] = Field(
@@ -95,7 +97,7 @@ class ActivationCheckpointingConfig(BaseModel, extra="forbid"):
     )
 
 
-class CheckpointConfig(BaseModel, extra="forbid"):
+class CheckpointConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``checkpoint:`` which checkpoint files the run writes (``last`` always, ``best`` with validation)."""
 
     every_n_steps: int | None = Field(default=None, ge=1, description="also write 'last' every N optimizer steps")
@@ -104,7 +106,7 @@ class CheckpointConfig(BaseModel, extra="forbid"):
     mode: Mode = "min"
 
 
-class EarlyStoppingConfig(BaseModel, extra="forbid"):
+class EarlyStoppingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``early_stopping:`` stop when the monitored metric stalls."""
 
     enabled: bool = False
@@ -115,7 +117,7 @@ class EarlyStoppingConfig(BaseModel, extra="forbid"):
     restore_best: bool = Field(default=True, description="end with the best weights instead of the last")
 
 
-class LoggingConfig(BaseModel, extra="forbid"):
+class LoggingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``logging:`` where metrics go (console, JSON lines, TensorBoard, MLflow)."""
 
     console: bool = True
@@ -129,7 +131,7 @@ class LoggingConfig(BaseModel, extra="forbid"):
     report: bool = Field(default=True, description="write RUN_DIR/report.html when the run ends (tightfit report)")
 
 
-class MonitorConfig(BaseModel, extra="forbid"):
+class MonitorConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``monitor:`` the background sampler of process and device memory."""
 
     enabled: bool = True
@@ -137,7 +139,7 @@ class MonitorConfig(BaseModel, extra="forbid"):
     warn_fraction: float = Field(default=0.9, gt=0, le=1, description="warn when memory in use passes this share")
 
 
-class NumericsConfig(BaseModel, extra="forbid"):
+class NumericsConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``numerics:`` what to do when the loss or the gradients stop being finite."""
 
     on_nonfinite: Literal["skip", "stop"] = "skip"
@@ -145,7 +147,7 @@ class NumericsConfig(BaseModel, extra="forbid"):
     flat_loss_steps: int = Field(default=200, ge=20, description="warn when the loss has not moved after N steps")
 
 
-class TrainConfig(BaseModel, extra="forbid"):
+class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """A whole training run. The defaults are the digits recipe."""
 
     model: str = Field(default="builtin:digits-cnn", description="builtin:NAME, torchvision:NAME, hf:DIR, module:callable")
@@ -157,7 +159,7 @@ class TrainConfig(BaseModel, extra="forbid"):
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    precision: Literal["auto", "fp32", "fp16", "bf16", "bf16-pure"] = "auto"
+    precision: Literal[("auto", *PRECISIONS)] = "auto"
     batch: BatchConfig = Field(default_factory=BatchConfig)
     checkpointing: ActivationCheckpointingConfig = Field(default_factory=ActivationCheckpointingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -198,7 +200,7 @@ class TrainConfig(BaseModel, extra="forbid"):
     @classmethod
     def _known_device(cls, value: str) -> str:
         kind = value.split(":")[0]
-        if kind not in ("auto", "cpu", "cuda", "mps") or (":" in value and not value.split(":")[1].isdigit()):
+        if kind not in DEVICE_KINDS or (":" in value and not value.split(":")[1].isdigit()):
             raise ValueError(f"unknown device {value!r} (auto, cpu, cuda, cuda:N or mps)")
         return value
 
@@ -206,54 +208,6 @@ class TrainConfig(BaseModel, extra="forbid"):
     def budget_bytes(self) -> int | None:
         """The memory budget in bytes, or None."""
         return None if self.budget is None else parse_memory(self.budget, where="budget")
-
-
-def _section_fields(location: tuple) -> list[str]:
-    """The valid keys of the (nested) section that holds ``location``'s last key."""
-    model: type[BaseModel] = TrainConfig
-    for key in location[:-1]:
-        field = model.model_fields.get(str(key))
-        annotation = getattr(field, "annotation", None)
-        candidates = getattr(annotation, "__args__", (annotation,))  # unwrap "LoRAConfig | None"
-        nested = [item for item in candidates if isinstance(item, type) and issubclass(item, BaseModel)]
-        if not nested:
-            break
-        model = nested[0]
-    return list(model.model_fields)
-
-
-def _closest(name: str, valid: list[str]) -> str:
-    matches = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{matches[0]}'?" if matches else ""
-
-
-def describe_errors(error: ValidationError, source: str, overridden: set[str]) -> str:
-    """One line naming every bad key, where it was set, what is wrong and the closest valid key.
-
-    Args:
-        error: pydantic's error for a ``TrainConfig``.
-        source: the config file's name ("the defaults" when there is none).
-        overridden: dotted keys set on the command line.
-    """
-    problems = []
-    for item in error.errors():
-        location = tuple(str(part) for part in item["loc"] if not isinstance(part, int))
-        # pydantic names the union member that failed ("int", "literal['auto']"); drop it.
-        location = tuple(part for part in location if not part.startswith(("literal[", "function-")) and part not in ("int", "str", "bool", "float", "list[str]", "LoRAConfig", "tuple[float, float]"))
-        key = ".".join(location)
-        from_command_line = any(
-            key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".") for set_key in overridden
-        )
-        where = "on the command line" if from_command_line else f"in {source}"
-        if item["type"] == "extra_forbidden":
-            valid = _section_fields(location)
-            problems.append(f"{key} ({where}): unknown key{_closest(location[-1], valid)} (valid: {', '.join(valid)})")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key} ({where}): {message} (got {item.get('input')!r})")
-    # A value failing every member of a union is reported once per member; keep one line per key.
-    unique = list(dict.fromkeys(problems))
-    return "; ".join(unique)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -281,26 +235,6 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a config file into a dict.
-
-    Raises:
-        ConfigError: the file is missing, is not YAML, or is not a mapping at the top.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of settings at the top, got {type(tree).__name__}")
-    return tree
-
-
 def build_config(tree: Mapping[str, Any], *, source: str = "the defaults", overrides: list[str] = ()) -> TrainConfig:
     """Validate a config mapping with ``key=value`` overrides applied.
 
@@ -316,25 +250,39 @@ def build_config(tree: Mapping[str, Any], *, source: str = "the defaults", overr
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(describe_errors(error, source, overridden)) from None
+        def where(key: str) -> str:
+            from_command_line = any(
+                key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".") for set_key in overridden
+            )
+            return " (on the command line)" if from_command_line else f" (in {source})"
+
+        raise ConfigError(describe_validation_error(error, TrainConfig, where=where)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), *, trust_code: bool = False) -> TrainConfig:
     """Load a run configuration: a YAML file (or the digits defaults when None) plus overrides.
 
     Args:
         path: a YAML file, or None for the built-in digits recipe.
         overrides: ``key=value`` strings, dotted for nested keys (``optimizer.lr=0.01``).
+        trust_code: let the file's ``model`` be a ``module.path:callable`` spec, which imports
+            and runs Python code (``--trust-code``); a spec given as an override is the user's
+            own and needs no opt-in.
 
     Returns:
         The validated configuration.
 
     Raises:
-        ConfigError: for a missing or malformed file, an unknown key, a wrong type or a bad value.
+        ConfigError: for a missing or malformed file, an unknown key, a wrong type or a bad value,
+            or a Python-callable model spec in the file without ``trust_code``.
     """
     if path is None:
         return build_config({}, overrides=overrides)
-    return build_config(read_yaml(path), source=str(path), overrides=overrides)
+    tree = read_yaml(path)
+    config = build_config(tree, source=str(path), overrides=overrides)
+    if config.model == tree.get("model"):  # the file chose the model, not the command line
+        check_spec_from_file(config.model, where=f"{path}: model", trust_code=trust_code)
+    return config
 
 
 def default_recipe() -> Path:

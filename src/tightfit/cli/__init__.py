@@ -40,8 +40,26 @@ _NOISY_IMPORT_LOGGERS = (
 )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line. A DataLoader worker re-raises a worker's error with the
+    worker's traceback inside the message ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ..."); the user's message is its last line, after the class name."""
+    text = str(error).strip()
+    if "\nOriginal Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="tightfit",
         description="Train, fine-tune and shrink PyTorch models on the hardware you actually have.",
     )
@@ -68,7 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    # key=value overrides may follow options (train CONFIG --run-dir R epochs=3), which argparse
+    # leaves over once a positional list has been consumed
+    if extras and hasattr(args, "items") and all("=" in item and not item.startswith("-") for item in extras):
+        args.items += extras
+    elif extras:
+        where = f"tightfit {args.command}" if args.command else "tightfit"
+        print(f"{where}: error: unrecognized arguments: {' '.join(extras)} (see {where} --help)", file=sys.stderr)
+        return 2
     for name in _NOISY_IMPORT_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     # peft reads transformers' deprecated `is_gradient_checkpointing` on every LoRA model.
@@ -79,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except TightfitError as error:
-        print(f"tightfit {args.command}: error: {error}", file=sys.stderr)
+        print(f"tightfit {args.command}: error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print(f"tightfit {args.command}: interrupted", file=sys.stderr)

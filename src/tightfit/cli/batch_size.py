@@ -17,8 +17,8 @@ examples:
   tightfit batch-size --model builtin:tiny-gpt --input tokens:128 --device cuda --precision bf16
 """
 
-PRECISION_CHOICES = ("fp32", "fp16", "bf16", "bf16-pure")
-OPTIMIZER_CHOICES = ("sgd", "sgd-momentum", "adam", "adamw", "adam8bit")
+from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
+from tightfit.names import PRECISIONS as PRECISION_CHOICES
 
 
 def add_arguments(parser) -> None:

@@ -15,6 +15,8 @@ examples:
   tightfit compress builtin:digits-cnn --checkpoint runs/digits/checkpoints/best --data digits
 """
 
+from tightfit.names import QUANTIZE_METHODS
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("source", help="a tightfit run directory, or a model spec (with --checkpoint and --data)")
@@ -22,7 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", help="comma-separated steps instead of a recipe: prune,finetune,distill,qat,quantize,export")
     parser.add_argument("--sparsity", type=float, help="prune steps: final sparsity / channel ratio (default 0.5)")
     parser.add_argument("--structured", action="store_true", help="prune steps: remove channels/heads instead of zeroing weights")
-    parser.add_argument("--quantize-method", choices=["auto", "dynamic", "static", "weight-only"], help="quantize steps: the method")
+    parser.add_argument("--quantize-method", choices=QUANTIZE_METHODS, help="quantize steps: the method")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs inside steps (default 3)")
     parser.add_argument("--tolerance", type=float, help="metric points a step may lose before it is flagged (default 1)")
     parser.add_argument("--threads", type=int, help="threads for latency measurement (default: physical cores)")
@@ -32,6 +34,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", "-o", help="output folder (default: SOURCE/compressed for a run directory)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in the output folder")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let the run's config.yaml or the recipe name a module.path:callable model (runs its Python code)")
 
 
 def _recipe_tree(args) -> dict:
@@ -42,7 +46,7 @@ def _recipe_tree(args) -> dict:
 
     if args.recipe and args.steps:
         raise ConfigError("compress: give either --recipe or --steps, not both")
-    tree = load_recipe(args.recipe).model_dump(mode="json", exclude_unset=False) if args.recipe else Recipe().model_dump(mode="json")
+    tree = load_recipe(args.recipe, trust_code=args.trust_code).model_dump(mode="json", exclude_unset=False) if args.recipe else Recipe().model_dump(mode="json")
     if args.steps:
         tree["steps"] = steps_from_names(args.steps)
     for step in tree["steps"]:
@@ -81,12 +85,16 @@ def run(args) -> int:
         raise ConfigError("compress: with a model spec, give --output")
     if (output / "report.json").exists() and not args.overwrite:
         raise ConfigError(f"compress: {output} already holds a report; choose another --output or pass --overwrite")
-    source = load_source(args.source, checkpoint=args.checkpoint, data=args.data)
+    source = load_source(args.source, checkpoint=args.checkpoint, data=args.data, trust_code=args.trust_code)
     screen = None if args.json else console()
     if screen is not None and not screen.is_terminal:
         screen.width = max(screen.width, 180)  # the table is wide; do not wrap it in logs
     report = compress(source, recipe, output, console=screen, progress=screen is not None and screen.is_terminal,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, trust_code=args.trust_code)
     if args.json:
+        import sys
+
+        for note in source.notes:  # the table's warnings, kept off stdout, which holds the JSON
+            print(f"tightfit compress: warning: {note}", file=sys.stderr)
         print_json(report)
     return 0

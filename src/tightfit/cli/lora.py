@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
     merge.add_argument("--output", metavar="DIR", help="where to write the merged model (default RUN_DIR/merged)")
     merge.add_argument("--force", action="store_true", help="replace files already in the output folder")
     merge.add_argument("--json", action="store_true", help="print JSON")
+    merge.add_argument("--trust-code", action="store_true",
+                       help="let the run's config.yaml name a module.path:callable model (runs its Python code)")
 
 
 def run(args) -> int:
@@ -48,7 +50,7 @@ def run(args) -> int:
             out.print(f"adapter file    {info['adapter_bytes'] / 2**20:.2f} MiB (adapter_model.safetensors)")
         return 0
 
-    result = merge_run(args.run_dir, args.output, force=args.force)
+    result = merge_run(args.run_dir, args.output, force=args.force, trust_code=args.trust_code)
     if args.json:
         print_json(result)
         return 0

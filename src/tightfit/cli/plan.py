@@ -29,8 +29,9 @@ examples:
   tightfit plan examples/pipelines/seed002-rtx3050.yaml --html pipeline.html
 """
 
-PRECISION_CHOICES = ("fp32", "fp16", "bf16", "bf16-pure")
-OPTIMIZER_CHOICES = ("sgd", "sgd-momentum", "adam", "adamw", "adam8bit")
+from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
+from tightfit.names import PRECISIONS as PRECISION_CHOICES
+from tightfit.names import QUANTIZE_BASES
 
 
 def add_arguments(parser) -> None:
@@ -46,7 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="force activation checkpointing of the repeated blocks on (or off with --no-checkpointing)")
     parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on a frozen base")
-    parser.add_argument("--quantize-base", choices=("nf4", "int8"),
+    parser.add_argument("--quantize-base", choices=QUANTIZE_BASES,
                         help="with --lora-rank: a quantized frozen base, nf4 (QLoRA, bitsandbytes on CUDA) or int8 (torchao)")
     parser.add_argument("--device", metavar="PROFILE", help="a device profile (tightfit devices), or auto/cpu/cuda/mps (default: this machine)")
     parser.add_argument("--memory", metavar="SIZE", help="a memory budget replacing the device's usable memory, e.g. 6GiB")
@@ -56,6 +57,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--measure", action="store_true", help="also run real steps on this machine: measured time and peak")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--html", metavar="FILE", help="also write the plan as a self-contained HTML page")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let the pipeline file name module.path:callable models (runs their Python code)")
 
 
 def run(args) -> int:
@@ -110,7 +113,7 @@ def _run_config(args, path: str, overrides: list[str]) -> int:
     from tightfit.config import load_config
     from tightfit.memory.run_plan import plan_run
 
-    config = load_config(path, overrides)
+    config = load_config(path, overrides, trust_code=args.trust_code)
     with _status(args.json, f"planning {path}"):
         result = plan_run(config, device=args.device, memory=args.memory, margin=args.margin, measure=args.measure)
     if args.json:
@@ -224,7 +227,7 @@ def _run_pipeline(args) -> int:
     from tightfit.memory.pipeline import load_pipeline, plan_pipeline
     from tightfit.units import format_bytes, format_seconds
 
-    config = load_pipeline(args.pipeline)
+    config = load_pipeline(args.pipeline, trust_code=args.trust_code)
     if args.json:
         result = plan_pipeline(config, device=args.device, memory=args.memory)
         print_json(result.to_dict())

@@ -20,13 +20,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, default=3, help="classes to show per input (default 3)")
     parser.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
     parser.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    parser.add_argument("--trust-pt2", action="store_true",
+                        help="load a .pt2 that this machine's compress did not write (loading one can run code inside it)")
 
 
 def run(args) -> int:
     from tightfit.cli._output import console, print_json
     from tightfit.compression.predictor import load_artifact, predict
 
-    artifact = load_artifact(args.artifact, threads=args.threads)
+    artifact = load_artifact(args.artifact, threads=args.threads, trust_pt2=args.trust_pt2)
     results = predict(artifact, args.inputs, top_k=args.top_k, text=args.text, tokenizer=args.tokenizer)
     if args.json:
         print_json({"artifact": str(artifact.path), "runtime": artifact.kind, "predictions": results})

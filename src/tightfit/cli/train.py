@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="use at most N samples per split (a quick trial; data.limit)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let the recipe or the run's config.yaml name a module.path:callable model (runs its Python code)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
         resume_config = Path(args.resume) / "config.yaml"
         if not resume_config.is_file():
             raise ConfigError(f"--resume: {args.resume} is not a tightfit run directory (no config.yaml)")
-        config = load_config(resume_config, overrides)
+        config = load_config(resume_config, overrides, trust_code=args.trust_code)
     else:
-        config = load_config(config_path or default_recipe(), overrides)
+        config = load_config(config_path or default_recipe(), overrides, trust_code=args.trust_code)
     if args.print_config:
         if args.json:
             from tightfit.cli._output import print_json
@@ -58,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(config_to_yaml(config), end="")
         return 0
-    if not args.resume and config.run_dir and (Path(config.run_dir) / "checkpoints").exists():
-        raise ConfigError(
-            f"run_dir: {config.run_dir} already holds a run; continue it with --resume {config.run_dir} or choose another --run-dir"
-        )
+    if not args.resume and config.run_dir:
+        from tightfit.training.run_folder import check_new_run_folder
+
+        check_new_run_folder(config.run_dir)
 
     from tightfit.training.trainer import Trainer
 

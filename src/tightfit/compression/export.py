@@ -28,6 +28,7 @@ from torch import nn
 
 from tightfit._optional import require
 from tightfit.errors import ConfigError, TightfitError
+from tightfit.trust import record_program
 
 METADATA_PREFIX = "tightfit."
 PROGRAM_METADATA = "tightfit.json"
@@ -393,7 +394,8 @@ def export_program(
     """Save a ``torch.export`` ExportedProgram (``.pt2``) with a dynamic batch axis.
 
     ``tightfit predict`` loads it with ``torch.export.load`` alone, without the model's code;
-    ``metadata`` travels inside the archive as ``tightfit.json``.
+    ``metadata`` travels inside the archive as ``tightfit.json``. The archive's SHA-256 goes into
+    this machine's trust record (``tightfit.trust``): ``predict`` loads no other ``.pt2`` unless told.
 
     Raises:
         ConfigError: when ``torch.export`` cannot capture the model.
@@ -409,6 +411,7 @@ def export_program(
     except Exception as error:  # torch.export raises many error types on uncapturable code
         raise ConfigError(f"export: torch.export could not capture the model: {str(error).splitlines()[0]}") from None
     torch.export.save(program, str(path), extra_files={PROGRAM_METADATA: json.dumps(dict(metadata or {}))})
+    record_program(path)
     return path
 
 

@@ -55,6 +55,7 @@ class Source:
         name: a short name for the report.
         model_spec: how the model was built (``builtin:digits-cnn``), when known.
         metadata: what ``tightfit predict`` needs: class names, input shape, normalisation, task.
+        notes: what the user should know about how it was loaded (a damaged checkpoint skipped).
     """
 
     model: nn.Module
@@ -62,6 +63,7 @@ class Source:
     name: str
     model_spec: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def load_source(
@@ -69,6 +71,7 @@ def load_source(
     *,
     checkpoint: str | Path | None = None,
     data: str | Path | None = None,
+    trust_code: bool = False,
 ) -> Source:
     """Load a trained model and its data from a run directory, or from a model spec.
 
@@ -78,6 +81,8 @@ def load_source(
         checkpoint: with a model spec: its weights (``model.safetensors`` or a checkpoint folder).
         data: with a model spec: a data YAML file (the ``data:`` section of a run config) or a
             source name (``digits``).
+        trust_code: let a run directory's ``config.yaml`` name a ``module.path:callable`` model
+            (``--trust-code``); a spec passed as ``source`` is the caller's own.
 
     Returns:
         The :class:`Source`.
@@ -96,13 +101,17 @@ def load_source(
             raise ConfigError(f"compress: {path} is not a tightfit run directory (no config.yaml)")
         from tightfit.config import load_config
 
-        config = load_config(config_file)
+        config = load_config(config_file, trust_code=trust_code)
         if config.lora is not None:
             raise ConfigError(f"compress: {path} is a LoRA run; merge the adapters first (tightfit lora merge)")
-        weights = checkpoint or _best_weights(path)
         bundle = build_datasets(config.data, seed=config.seed)
         model = build_model(config.model, num_classes=bundle.num_classes, **config.model_options)
-        spec, name = config.model, path.name
+        spec, name, weights, notes = config.model, path.name, checkpoint, []
+        if checkpoint is None:  # the best weights, or the newest intact checkpoint when best is damaged
+            restored = checkpoint_files.load_newest_intact(path / "checkpoints", model, first="best")
+            notes = [f"skipped a damaged checkpoint: {problem}" for problem in restored.skipped]
+            if restored.skipped:
+                notes.append(f"compressing the weights of {restored.directory} instead")
     else:
         if ":" not in str(source):
             raise ConfigError(f"compress: {source} is neither a run directory nor a model spec (builtin:NAME, hf:DIR, ...)")
@@ -110,7 +119,7 @@ def load_source(
             raise ConfigError("compress: with a model spec, give the data too (--data digits or --data data.yaml)")
         bundle = build_datasets(_data_config(data), seed=0)
         model = build_model(str(source), num_classes=bundle.num_classes)
-        weights, spec, name = checkpoint, str(source), str(source).split(":", 1)[1].replace("/", "-")
+        weights, spec, name, notes = checkpoint, str(source), str(source).split(":", 1)[1].replace("/", "-"), []
     if weights is not None:
         weights = Path(weights)
         if weights.is_dir():
@@ -125,27 +134,12 @@ def load_source(
         "task": getattr(bundle, "task", None),
         "normalization": getattr(bundle, "metadata", {}).get("normalization"),
     }
-    return Source(model.cpu().eval(), bundle, name, spec, metadata)
-
-
-def _best_weights(run_dir: Path) -> Path:
-    import json
-
-    summary_file = run_dir / "summary.json"
-    if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
-        for key in ("best_checkpoint", "last_checkpoint"):
-            if summary.get(key):
-                return Path(summary[key])
-    last = run_dir / "checkpoints" / "last"
-    if last.is_dir():
-        return last
-    raise ConfigError(f"compress: {run_dir} has no summary.json and no checkpoints/last; did the run finish?")
+    return Source(model.cpu().eval(), bundle, name, spec, metadata, notes)
 
 
 def _data_config(data: str | Path):
-    from tightfit.config import read_yaml
     from tightfit.data.config import DataConfig
+    from tightfit.settings import read_yaml
 
     path = Path(data)
     if path.suffix in (".yaml", ".yml"):
@@ -302,8 +296,12 @@ def _calibration(data: Any, batches: int, batch_size: int = 32) -> list[Any]:
 class Pipeline:
     """Runs a recipe on a source; see the module doc for the order of things."""
 
-    def __init__(self, source: Source, recipe: Recipe, output: Path, *, console: Any = None, progress: bool = False) -> None:
+    def __init__(
+        self, source: Source, recipe: Recipe, output: Path, *, console: Any = None, progress: bool = False,
+        trust_code: bool = False,
+    ) -> None:
         self.source = source
+        self.trust_code = trust_code  # for a teacher run directory whose config.yaml names Python code
         self.recipe = recipe
         self.output = output
         self.console = console
@@ -327,6 +325,8 @@ class Pipeline:
         load_before = benchmark.machine_load()
         if load_before["busy"]:
             self.say(f"[yellow]warning:[/] {load_before['warning']}")
+        for note in source.notes:
+            self.say(f"[yellow]warning:[/] {note}")
         started = time.perf_counter()
         self.output.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(source.model).cpu().eval()
@@ -469,7 +469,7 @@ class Pipeline:
         if step.teacher == "original":
             return copy.deepcopy(self.source.model).eval()
         if Path(step.teacher).is_dir():
-            return load_source(step.teacher).model
+            return load_source(step.teacher, trust_code=self.trust_code).model
         from tightfit.models.spec import build_model
         from tightfit.training import checkpoint as checkpoint_files
 
@@ -529,6 +529,7 @@ def compress(
     console: Any = None,
     progress: bool = False,
     overwrite: bool = False,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Run a compression recipe on a trained model and return the report.
 
@@ -539,6 +540,8 @@ def compress(
         console: a rich console for progress and the table (``None``: quiet).
         progress: show the trainer's progress bars during fine-tuning.
         overwrite: allow an output folder that already holds a report.
+        trust_code: let files (a run's ``config.yaml``, the recipe, a teacher run) name
+            ``module.path:callable`` models, which import and run Python code.
 
     Returns:
         The report (the content of ``report.json``).
@@ -547,12 +550,12 @@ def compress(
         ConfigError: a bad recipe or source, or an output folder that would be overwritten.
     """
     if isinstance(recipe, (str, Path)):
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(recipe, trust_code=trust_code)
     else:
         recipe = build_recipe(recipe)
     if not isinstance(source, Source):
         run_dir = Path(source)
-        source = load_source(source)
+        source = load_source(source, trust_code=trust_code)
         output = output or run_dir / "compressed"
     if output is None:
         raise ConfigError("compress: give an output folder")
@@ -560,4 +563,4 @@ def compress(
     if (output / "report.json").exists() and not overwrite:
         raise ConfigError(f"compress: {output} already holds a report; choose another --output or pass --overwrite")
     torch.manual_seed(recipe.seed)
-    return Pipeline(source, recipe, output, console=console, progress=progress).run()
+    return Pipeline(source, recipe, output, console=console, progress=progress, trust_code=trust_code).run()

@@ -11,6 +11,7 @@ Inputs are images (resized to the model's input size, scaled as in training), te
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 
 from tightfit._optional import require
 from tightfit.errors import ConfigError
+from tightfit.trust import check_program
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TENSOR_SUFFIXES = {".npy", ".pt", ".pth"}
@@ -57,10 +59,17 @@ def resolve_artifact(path: str | os.PathLike) -> Path:
         raise ConfigError(f"predict: artifact {path} does not exist")
     report = path / "report.json"
     if report.is_file():
-        payload = json.loads(report.read_text())
-        fastest = payload.get("best", {}).get("fastest")
-        for record in payload.get("artifacts", []):
-            if record["name"] == fastest and record["format"] == "onnx" and Path(record["artifact"]).is_file():
+        try:
+            payload = json.loads(report.read_text(encoding="utf-8"))
+            fastest = payload.get("best", {}).get("fastest")
+            records = [record for record in payload.get("artifacts", []) if isinstance(record, dict)]
+        except (ValueError, AttributeError) as error:  # not JSON, not UTF-8, or not the report's shape
+            raise ConfigError(
+                f"predict: {report} is damaged ({type(error).__name__}); give the model file itself "
+                f"(an .onnx under {path})"
+            ) from None
+        for record in records:
+            if record.get("name") == fastest and record.get("format") == "onnx" and Path(str(record.get("artifact"))).is_file():
                 return Path(record["artifact"])
     candidates = sorted(path.rglob("model.onnx")) or sorted(path.rglob("model.pt2"))
     if not candidates:
@@ -68,11 +77,17 @@ def resolve_artifact(path: str | os.PathLike) -> Path:
     return candidates[-1]
 
 
-def load_artifact(path: str | os.PathLike, *, threads: int | None = None) -> Artifact:
+def load_artifact(path: str | os.PathLike, *, threads: int | None = None, trust_pt2: bool = False) -> Artifact:
     """Load an ONNX file or a ``.pt2`` program for inference on CPU.
 
+    Args:
+        path: the file, or a compress output folder.
+        threads: inference threads.
+        trust_pt2: load a ``.pt2`` this machine's ``compress`` did not write (loading one can run
+            code inside it; see ``tightfit.trust``).
+
     Raises:
-        ConfigError: on a missing or unreadable file.
+        ConfigError: on a missing or unreadable file, or an untrusted ``.pt2``.
     """
     path = resolve_artifact(path)
     if path.suffix == ".onnx":
@@ -89,15 +104,22 @@ def load_artifact(path: str | os.PathLike, *, threads: int | None = None) -> Art
             path, "onnx", [item.name for item in inputs], types, read_metadata(path),
             lambda feeds: session.run(None, feeds)[0],
         )
+    check_program(path, trust_pt2=trust_pt2)
     import torch
 
     from tightfit.compression.export import PROGRAM_METADATA
 
     extra = {PROGRAM_METADATA: ""}
+    # torch.export logs the whole failure at WARNING before raising it; the one-line error says it
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as error:  # torch.export.load raises many types on bad archives
         raise ConfigError(f"predict: {path} is not a readable torch.export program: {str(error).splitlines()[0]}") from None
+    finally:
+        export_log.setLevel(level)
     module = program.module()
     names = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
     metadata = json.loads(extra[PROGRAM_METADATA] or "{}")
@@ -209,7 +231,11 @@ def _text_feeds(artifact: Artifact, sentences: list[str], tokenizer: str | None)
     directory = tokenizer or artifact.metadata.get("tokenizer")
     if not directory or not Path(directory).is_dir():
         raise ConfigError("predict: a text model needs its tokenizer: pass --tokenizer DIR (a local folder)")
-    encoded = transformers.AutoTokenizer.from_pretrained(directory).__call__(
+    try:  # the folder comes from the artifact's metadata: never run its Python files (auto_map)
+        tokenizer_object = transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"predict: tokenizer {directory} cannot be loaded: {str(error).strip().splitlines()[0]}") from None
+    encoded = tokenizer_object(
         sentences, padding=True, truncation=True, return_tensors="np"
     )
     feeds = {}

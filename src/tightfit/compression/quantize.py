@@ -36,8 +36,9 @@ from torch import nn
 
 from tightfit._optional import require
 from tightfit.errors import ConfigError
+from tightfit.names import QUANTIZE_METHODS
 
-QuantizeMethod = Literal["auto", "dynamic", "static", "weight-only"]
+QuantizeMethod = Literal[QUANTIZE_METHODS]
 METHODS = ("auto", "dynamic", "static", "weight-only")
 
 

@@ -16,30 +16,31 @@ Unknown keys are errors that name the key, the file and the closest valid key.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from tightfit.errors import ConfigError
+from tightfit.names import OPTIMIZERS, QUANTIZE_METHODS
+from tightfit.settings import closest, describe_validation_error, read_yaml
+from tightfit.trust import check_spec_from_file
 
 STEP_NAMES = ("prune", "finetune", "distill", "qat", "quantize", "export")
 
 
-class FinetuneConfig(BaseModel, extra="forbid"):
+class FinetuneConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """Fine-tuning inside a step (through the trainer)."""
 
     epochs: int = Field(default=3, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     lr: float = Field(default=1e-3, gt=0)
-    optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw"] = "adamw"
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     batch_size: int = Field(default=64, ge=1)
     weight_decay: float = Field(default=0.0, ge=0)
 
 
-class PruneStep(BaseModel, extra="forbid"):
+class PruneStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """Unstructured magnitude pruning on a polynomial schedule, or structured channel/head pruning."""
 
     step: Literal["prune"]
@@ -61,7 +62,7 @@ class FinetuneStep(FinetuneConfig):
     step: Literal["finetune"]
 
 
-class DistillStep(BaseModel, extra="forbid"):
+class DistillStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """Distillation of the current model (student) from a teacher."""
 
     step: Literal["distill"]
@@ -72,22 +73,22 @@ class DistillStep(BaseModel, extra="forbid"):
     finetune: FinetuneConfig | None = None
 
 
-class QatStep(BaseModel, extra="forbid"):
+class QatStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """Quantization-aware fine-tuning, then conversion to int8."""
 
     step: Literal["qat"]
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=1, lr=1e-4))
 
 
-class QuantizeStep(BaseModel, extra="forbid"):
+class QuantizeStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """Post-training int8 quantization."""
 
     step: Literal["quantize"]
-    method: Literal["auto", "dynamic", "static", "weight-only"] = "auto"
+    method: Literal[QUANTIZE_METHODS] = "auto"
     calibration_batches: int = Field(default=32, ge=1, description="static: training batches for activation ranges")
 
 
-class ExportStep(BaseModel, extra="forbid"):
+class ExportStep(BaseModel, extra="forbid", allow_inf_nan=False):
     """ONNX export (dynamic batch) and ONNX Runtime int8, each verified before it is kept."""
 
     step: Literal["export"]
@@ -113,7 +114,7 @@ def _default_steps() -> list[Any]:
     return [PruneStep(step="prune"), QuantizeStep(step="quantize"), ExportStep(step="export")]
 
 
-class Recipe(BaseModel, extra="forbid"):
+class Recipe(BaseModel, extra="forbid", allow_inf_nan=False):
     """A compression recipe: the steps and how every artifact is measured."""
 
     steps: list[Step] = Field(default_factory=_default_steps)
@@ -125,61 +126,6 @@ class Recipe(BaseModel, extra="forbid"):
     repeats: int = Field(default=50, ge=5)
     device: str = Field(default="cpu", description="where fine-tuning runs; measurement is always on CPU")
     seed: int = 0
-
-
-def _closest(name: str, valid: list[str]) -> str:
-    matches = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{matches[0]}'?" if matches else ""
-
-
-def _model_at(location: tuple, step_kind: str | None) -> type[BaseModel]:
-    """The pydantic model holding the last key of an error's location."""
-    model: type[BaseModel] = Recipe
-    steps = {"prune": PruneStep, "finetune": FinetuneStep, "distill": DistillStep, "qat": QatStep,
-             "quantize": QuantizeStep, "export": ExportStep}
-    for part in location[:-1]:
-        if part == "steps":
-            model = steps.get(step_kind or "", Recipe)
-        elif part == "finetune":
-            model = FinetuneConfig
-    return model
-
-
-def describe_errors(error: ValidationError, source: str) -> str:
-    """One line naming every bad key, where, what is wrong and the closest valid key."""
-    problems = []
-    for item in error.errors():
-        raw = item["loc"]
-        step_kind = next(
-            (str(part) for index, part in enumerate(raw) if index > 0 and isinstance(raw[index - 1], int)), None
-        )
-        parts = []
-        for index, part in enumerate(raw):
-            if isinstance(part, int):
-                parts[-1] = f"{parts[-1]}[{part}]"
-            elif part in STEP_NAMES and index > 0 and isinstance(raw[index - 1], int):
-                continue  # pydantic's name of the union member
-            elif str(part).startswith(("literal[", "function-")) or part in ("int", "float", "str", "bool"):
-                continue
-            else:
-                parts.append(str(part))
-        key = ".".join(parts) or "recipe"
-        if item["type"] == "extra_forbidden":
-            names = tuple(
-                part for index, part in enumerate(raw)
-                if not isinstance(part, int) and not (index > 0 and isinstance(raw[index - 1], int))
-            )
-            valid = list(_model_at(names, step_kind).model_fields)
-            last = str(raw[-1])
-            problems.append(f"{key}: unknown key{_closest(last, valid)} (valid: {', '.join(valid)})")
-        elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            tag = item.get("input", {}).get("step") if isinstance(item.get("input"), dict) else None
-            hint = _closest(str(tag), list(STEP_NAMES)) if tag else ""
-            got = f"got {tag!r}" if tag else "no 'step' key"
-            problems.append(f"{key}: 'step' must be one of {', '.join(STEP_NAMES)}{hint} ({got})")
-        else:
-            problems.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
-    return f"recipe {source}: " + "; ".join(dict.fromkeys(problems))
 
 
 def build_recipe(tree: Any, *, source: str = "(Python dict)") -> Recipe:
@@ -197,27 +143,27 @@ def build_recipe(tree: Any, *, source: str = "(Python dict)") -> Recipe:
     try:
         return Recipe.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(describe_errors(error, source)) from None
+        raise ConfigError(f"recipe {source}: {describe_validation_error(error, Recipe)}") from None
 
 
-def load_recipe(path: str | Path | None) -> Recipe:
+def load_recipe(path: str | Path | None, *, trust_code: bool = False) -> Recipe:
     """Read a recipe YAML file (``None``: the default recipe).
 
+    Args:
+        path: the recipe file.
+        trust_code: let a distillation teacher be a ``module.path:callable`` spec (``--trust-code``).
+
     Raises:
-        ConfigError: the file is missing, is not YAML, or has bad keys.
+        ConfigError: the file is missing, is not YAML, or has bad keys, or a teacher spec would
+            run Python code without ``trust_code``.
     """
     if path is None:
         return Recipe()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path}: no such file")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"recipe {path}: not valid YAML{where}") from None
-    return build_recipe(tree, source=str(path))
+    recipe = build_recipe(read_yaml(path, what="recipe"), source=str(path))
+    for index, step in enumerate(recipe.steps):
+        if isinstance(step, DistillStep):
+            check_spec_from_file(step.teacher, where=f"recipe {path}: steps[{index}].teacher", trust_code=trust_code)
+    return recipe
 
 
 def steps_from_names(names: str) -> list[dict[str, Any]]:
@@ -229,6 +175,6 @@ def steps_from_names(names: str) -> list[dict[str, Any]]:
     steps = []
     for name in (part.strip() for part in names.split(",")):
         if name not in STEP_NAMES:
-            raise ConfigError(f"--steps: unknown step {name!r}{_closest(name, list(STEP_NAMES))} (valid: {', '.join(STEP_NAMES)})")
+            raise ConfigError(f"--steps: unknown step {name!r}{closest(name, STEP_NAMES)} (valid: {', '.join(STEP_NAMES)})")
         steps.append({"step": name})
     return steps

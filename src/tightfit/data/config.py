@@ -14,25 +14,25 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tightfit.errors import ConfigError, TightfitError
+from tightfit.settings import describe_validation_error
 
 SOURCES = ("digits", "image-folder", "csv", "tensors", "text-csv", "captioned-images", "text-corpus")
 """Every valid value of ``data.source``."""
 
-Source = Literal["digits", "image-folder", "csv", "tensors", "text-csv", "captioned-images", "text-corpus"]
+Source = Literal[SOURCES]
 
 
 class DataError(TightfitError):
     """The data itself is unusable: a corrupt image, a non-numeric cell, an empty split."""
 
 
-class Columns(BaseModel, extra="forbid"):
+class Columns(BaseModel, extra="forbid", allow_inf_nan=False):
     """Which columns (or arrays, in a tensors file) hold what.
 
     Every field defaults to ``None``, meaning the source's own default (given per field).
@@ -54,7 +54,7 @@ class Columns(BaseModel, extra="forbid"):
     )
 
 
-class DataConfig(BaseModel, extra="forbid"):
+class DataConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """Where the data comes from and how it is split, cached, augmented and loaded.
 
     Attributes mirror the YAML keys of the ``data:`` section; see ``docs/data.md`` for examples
@@ -178,74 +178,6 @@ class DataConfig(BaseModel, extra="forbid"):
         return self
 
 
-def _closest(name: str, valid: list[str] | tuple[str, ...]) -> str:
-    matches = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
-    return f"; did you mean '{matches[0]}'?" if matches else ""
-
-
-def _field_path(location: tuple) -> tuple[list[str], list[str]]:
-    """The field names along a pydantic error location, and the keys valid where it ends.
-
-    Pydantic adds list indexes and, for a union such as ``bool | str``, one location per
-    branch (``cache.bool``, ``cache.str``); only real field names are kept, so the branches of
-    one field collapse into one problem.
-    """
-    model: type[BaseModel] | None = DataConfig
-    names: list[str] = []
-    valid = list(DataConfig.model_fields)
-    for part in location:
-        if model is None or not isinstance(part, str) or part not in model.model_fields:
-            continue
-        names.append(part)
-        annotation = model.model_fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-        if model is not None:
-            valid = list(model.model_fields)
-    return names, valid
-
-
-def describe_validation_error(error: ValidationError, where: str = "data") -> str:
-    """One line per problem of a pydantic error, naming the full key and what is valid.
-
-    Args:
-        error: the error pydantic raised while validating a :class:`DataConfig`.
-        where: the prefix of the keys ("data" inside a run config).
-
-    Returns:
-        The problems joined by "; ", e.g. ``data.sorce: unknown key; did you mean 'source'?``.
-    """
-    problems: dict[str, list[str]] = {}
-    for item in error.errors():
-        names, valid = _field_path(item["loc"])
-        key = ".".join([where, *names])
-        if item["type"] == "extra_forbidden":
-            unknown = str(item["loc"][-1])
-            key = ".".join([where, *names, unknown])
-            problems.setdefault(key, []).append(
-                f"unknown key{_closest(unknown, valid)} (valid: {', '.join(valid)})"
-            )
-        elif names == ["source"]:
-            problems.setdefault(key, []).append(
-                f"unknown source {item.get('input')!r}{_closest(item.get('input'), SOURCES)} "
-                f"(valid: {', '.join(SOURCES)})"
-            )
-        elif item["type"] == "value_error":
-            # Our own validators say what is wrong and quote the bad value.
-            problems.setdefault(key, []).append(item["msg"].removeprefix("Value error, "))
-        else:
-            expected = item["msg"].removeprefix("Input should be ").split(", unable")[0]
-            problems.setdefault(key, []).append(f"should be {expected} (got {item.get('input')!r})")
-    lines = []
-    for key, messages in problems.items():
-        if len(messages) > 1 and all(message.startswith("should be ") for message in messages):
-            # The branches of a union: "should be a valid integer or 'auto' (got 'many')".
-            got = messages[0][messages[0].rindex(" (got ") :]
-            branches = [message.removeprefix("should be ").removesuffix(got) for message in messages]
-            messages = ["should be " + " or ".join(branches) + got]
-        lines.append(f"{key}: {'; '.join(messages)}")
-    return "; ".join(lines)
-
-
 def parse_data_config(value: DataConfig | Mapping[str, Any] | None, where: str = "data") -> DataConfig:
     """Validate a ``data:`` mapping into a :class:`DataConfig`, with one-line errors.
 
@@ -268,4 +200,4 @@ def parse_data_config(value: DataConfig | Mapping[str, Any] | None, where: str =
     try:
         return DataConfig.model_validate(dict(value))
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, where)) from None
+        raise ConfigError(describe_validation_error(error, DataConfig, prefix=where)) from None

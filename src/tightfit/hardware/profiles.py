@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tightfit.errors import SpecError
+from tightfit.settings import read_yaml
 from tightfit.units import format_bytes, parse_memory
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
@@ -201,7 +200,7 @@ def with_budget(profile: DeviceProfile, budget_bytes: int) -> DeviceProfile:
 
 @functools.lru_cache(maxsize=None)
 def _raw_data(path: Path = PROFILES_FILE) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
+    return read_yaml(path, what="device profiles file")
 
 
 @functools.lru_cache(maxsize=None)

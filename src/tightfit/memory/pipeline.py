@@ -31,23 +31,24 @@ float64 plus libsvm's kernel cache (scikit-learn's default ``cache_size=200`` MB
 host's memory.
 """
 
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from tightfit.errors import ConfigError, TightfitError
+from tightfit.names import OPTIMIZERS, PRECISIONS, QUANTIZE_BASES
+from tightfit.settings import describe_validation_error, read_yaml
+from tightfit.trust import check_spec_from_file
 from tightfit.units import format_bytes
 
 SVM_KERNEL_CACHE_BYTES = 200 * 10**6  # sklearn.svm.SVC(cache_size=200) MB, its default
 
 
-class StageConfig(BaseModel, extra="forbid"):
+class StageConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """One stage of a pipeline file."""
 
     name: str
@@ -56,18 +57,18 @@ class StageConfig(BaseModel, extra="forbid"):
     input: str | None = None
     batch_size: int | None = Field(None, ge=1)
     effective_batch_size: int | None = Field(None, ge=1)
-    precision: Literal["fp32", "fp16", "bf16", "bf16-pure"] | None = None
-    optimizer: Literal["sgd", "sgd-momentum", "adam", "adamw", "adam8bit"] | None = None
+    precision: Literal[PRECISIONS] | None = None
+    optimizer: Literal[OPTIMIZERS] | None = None
     checkpointing: bool | None = None
     lora_rank: int | None = Field(None, ge=1)
-    quantize_base: Literal["nf4", "int8"] | None = None
+    quantize_base: Literal[QUANTIZE_BASES] | None = None
     samples: int | None = Field(None, ge=1)
     features: int | None = Field(None, ge=1)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     note: str = ""
 
 
-class PipelineConfig(BaseModel, extra="forbid"):
+class PipelineConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """A pipeline file: the device and the stages."""
 
     name: str = "pipeline"
@@ -120,43 +121,25 @@ class PipelineResult:
         return {**asdict(self), "fits": self.fits}
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
+def load_pipeline(path: str | Path, *, trust_code: bool = False) -> PipelineConfig:
     """Read and validate a pipeline file.
+
+    Args:
+        path: the pipeline YAML file.
+        trust_code: let a stage's ``model`` be a ``module.path:callable`` spec (``--trust-code``).
 
     Raises:
         ConfigError: the file is missing or not YAML, or a key is unknown or has a bad value; the
             message names the file, the key (``stages[1].batchsize``) and the closest valid key.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: pipeline file not found")
+    raw = read_yaml(path, what="pipeline file")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'stages', got {type(raw).__name__}")
-    try:
-        return PipelineConfig.model_validate(raw)
+        config = PipelineConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"{path}: {_describe(error)}") from None
-
-
-def _describe(error: ValidationError) -> str:
-    """The first validation problem as ``key: what is wrong`` with the closest valid key."""
-    problem = error.errors()[0]
-    location = problem["loc"]
-    key = ""
-    for part in location:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    if problem["type"] == "extra_forbidden":
-        model = StageConfig if "stages" in location and len(location) > 2 else PipelineConfig
-        close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(model.model_fields)})"
-        return f"{key}: unknown key{hint}"
-    return f"{key}: {problem['msg']}"
+        raise ConfigError(f"{path}: {describe_validation_error(error, PipelineConfig)}") from None
+    for index, stage in enumerate(config.stages):
+        check_spec_from_file(stage.model, where=f"{path}: stages[{index}].model", trust_code=trust_code)
+    return config
 
 
 def plan_pipeline(

@@ -26,6 +26,7 @@ encoder stay in CPU memory; only the UNet goes to the accelerator) and ``gradien
 """
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -372,7 +373,20 @@ def weights_variant(directory: Path, requested: str | None = None) -> str | None
 
 
 def _load(component_class, directory: Path, meta: bool, variant: str | None = None):
-    """A diffusers/transformers component: its weights when present, else random init from config."""
+    """A diffusers/transformers component: its weights when present, else random init from config.
+
+    Raises:
+        SpecError: a damaged or unsafe file (a ``.bin`` holding Python objects is refused by the
+            libraries' ``weights_only`` load, never run), in one line naming the folder.
+    """
+    try:
+        return _load_component(component_class, directory, meta, variant)
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpecError(f"diffusion component {directory}: cannot be loaded safely ({text})") from None
+
+
+def _load_component(component_class, directory: Path, meta: bool, variant: str | None = None):
     if _has_weights(directory) and not meta:
         found = weights_variant(directory, variant)
         return component_class.from_pretrained(str(directory), **({"variant": found} if found else {}))

@@ -142,8 +142,9 @@ class LoadedModel:
     source: str = ""
 
 
-def load_for_generation(path: str | Path, *, device: str = "cpu") -> LoadedModel:
-    """The model at ``path`` (a run directory, a transformers folder or a diffusers folder).
+def load_for_generation(path: str | Path, *, device: str = "cpu", trust_code: bool = False) -> LoadedModel:
+    """The model at ``path`` (a run directory, a transformers folder or a diffusers folder);
+    ``trust_code`` lets a run's ``config.yaml`` name a ``module.path:callable`` model.
 
     Raises:
         ConfigError: nothing there, a run or folder that is neither a causal LM nor a diffusion
@@ -151,7 +152,7 @@ def load_for_generation(path: str | Path, *, device: str = "cpu") -> LoadedModel
     """
     path = Path(path).expanduser()
     if (path / "config.yaml").is_file():
-        loaded = _load_run(path)
+        loaded = _load_run(path, trust_code)
     elif (path / "model_index.json").is_file():
         from tightfit.models.diffusion import build_diffusion_model
 
@@ -172,23 +173,23 @@ def load_for_generation(path: str | Path, *, device: str = "cpu") -> LoadedModel
     return loaded
 
 
-def _load_run(run_dir: Path) -> LoadedModel:
+def _load_run(run_dir: Path, trust_code: bool) -> LoadedModel:
     from tightfit.config import load_config
     from tightfit.models.spec import build_run_model
     from tightfit.training.checkpoint import load_weights, resolve_weights_file
 
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", trust_code=trust_code)
     if config.model.startswith("diffusion:"):
         from tightfit.models.lora import load_lora_run
 
-        model = load_lora_run(run_dir) if config.lora is not None else build_run_model(config)
+        model = load_lora_run(run_dir, trust_code=trust_code) if config.lora is not None else build_run_model(config)
         return LoadedModel(model, "diffusion", source=str(run_dir))
     if config.data.source != "text-corpus":
         raise ConfigError(f"{run_dir}: this run trained {config.model} on {config.data.source} data, not a language model on a text corpus")
     if config.lora is not None:
         from tightfit.models.lora import load_lora_run
 
-        model = load_lora_run(run_dir, merged=True)
+        model = load_lora_run(run_dir, merged=True, trust_code=trust_code)
     else:
         model = build_run_model(config)
         load_weights(model, resolve_weights_file(run_dir, where=str(run_dir)))

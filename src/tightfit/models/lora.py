@@ -31,18 +31,18 @@ weight is tied to an embedding (a language-model head is pretrained, not new).
 
 import difflib
 import json
+import pickle
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, field_validator
 from torch import nn
 
 from tightfit._optional import require
 from tightfit.errors import ConfigError, TightfitError
+from tightfit.models.lora_config import LoRAConfig
 from tightfit.models.qlora import quantize_base_model, resolve_quantize_base
 
 DIFFUSERS_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -50,37 +50,6 @@ HF_TASK_HEADS = ("classifier", "score", "pre_classifier", "qa_outputs")
 SUMMARY_FILE = "tightfit_lora.json"
 
 _ATTENTION_PART = re.compile(r"attn|attention", re.IGNORECASE)
-
-
-class LoRAConfig(BaseModel, extra="forbid"):
-    """The ``lora:`` section of a training configuration.
-
-    Attributes:
-        rank: rank ``r`` of the update ``B @ A``; 4-16 is typical, 8 for SD 1.5 in seed-003.
-        alpha: scale numerator; the update is multiplied by ``alpha / rank``.
-        dropout: dropout on the adapter input.
-        target_modules: ``"auto"`` (see the module doc) or module names; a name matches a module
-            whose qualified name is the name or ends with ``"." + name``.
-        bias: which biases train: ``none``, ``all``, or ``lora_only`` (those of adapted layers).
-        quantize_base: ``nf4`` (QLoRA, bitsandbytes + CUDA), ``int8`` (torchao weight-only) or
-            ``None``; without CUDA ``nf4`` falls back to ``int8`` with a one-line message.
-        modules_to_save: ``"auto"`` or module names trained in full next to the adapters.
-    """
-
-    rank: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Literal["auto"] | list[str] = "auto"
-    bias: Literal["none", "all", "lora_only"] = "none"
-    quantize_base: Literal[None, "nf4", "int8"] = None
-    modules_to_save: Literal["auto"] | list[str] = "auto"
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets_not_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("give at least one module name, or 'auto'")
-        return value
 
 
 @dataclass
@@ -329,12 +298,12 @@ def _validated(config: LoRAConfig | dict) -> LoRAConfig:
         return config
     from pydantic import ValidationError
 
+    from tightfit.settings import describe_validation_error
+
     try:
         return LoRAConfig.model_validate(config)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"lora.{where}: {first['msg']}") from None
+        raise ConfigError(describe_validation_error(error, LoRAConfig, prefix="lora")) from None
 
 
 def _require_peft_model(model: nn.Module, action: str):
@@ -389,7 +358,11 @@ def load_adapters(base_model: nn.Module, directory: str | Path, *, trainable: bo
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
         raise TightfitError(f"{directory}: no LoRA adapters here (adapter_config.json is missing)")
-    model = peft.PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+    try:  # PEFT reads adapter_model.safetensors, or a .bin with torch.load(weights_only=True)
+        model = peft.PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TightfitError(f"{directory}: the adapters cannot be loaded safely ({text})") from None
     saved = _saved_summary(directory)
     if saved:
         fields = set(LoRASummary.__dataclass_fields__)
@@ -530,7 +503,8 @@ def describe_adapters(path: str | Path) -> dict:
     saved = json.loads((directory / SUMMARY_FILE).read_text()) if (directory / SUMMARY_FILE).is_file() else {}
     summary = saved.get("summary") or {}
     files = {item.name: item.stat().st_size for item in sorted(directory.iterdir()) if item.is_file()}
-    run_config = _run_config(directory.parent) if directory.name == ADAPTERS_DIR else None
+    # only the model's name is read here, nothing is built: no code can run, whatever the spec
+    run_config = _run_config(directory.parent, trust_code=True) if directory.name == ADAPTERS_DIR else None
     targets = summary.get("target_modules") or sorted(peft_config.get("target_modules") or [])
     return {
         "adapters": str(directory),
@@ -550,14 +524,17 @@ def describe_adapters(path: str | Path) -> dict:
     }
 
 
-def _run_config(run_dir: Path):
-    """The resolved training config a run saved (``RUN_DIR/config.yaml``), or None."""
+def _run_config(run_dir: Path, *, trust_code: bool = False):
+    """The resolved training config a run saved (``RUN_DIR/config.yaml``), or None.
+
+    ``trust_code``: accept a ``module.path:callable`` model (see ``tightfit.trust``).
+    """
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         return None
     from tightfit.config import load_config
 
-    return load_config(str(config_file), [])
+    return load_config(str(config_file), [], trust_code=trust_code)
 
 
 def _head_classes(directory: Path) -> int | None:
@@ -570,21 +547,24 @@ def _head_classes(directory: Path) -> int | None:
     return int(two_dimensional[-1][0]) if two_dimensional else None
 
 
-def load_lora_run(run_dir: str | Path, *, merged: bool = False) -> nn.Module:
+def load_lora_run(run_dir: str | Path, *, merged: bool = False, trust_code: bool = False) -> nn.Module:
     """The trained model of a LoRA run, for inference: the base rebuilt from the run's config as
     the trainer built it (:func:`~tightfit.models.spec.build_run_model`: same spec, seed and
     ``init_weights``, in full precision even when it trained on a quantized base), checked
     against the fingerprint saved with the adapters, the adapters loaded on top (with the
     buffers of the checkpoint the run ended on) and, with ``merged``, folded in.
+    ``trust_code`` lets the run's ``config.yaml`` name a ``module.path:callable`` model, which
+    runs its Python code.
 
     Raises:
-        TightfitError: no adapters or no ``config.yaml`` in ``run_dir``, or a rebuilt base that
-            is not the one the adapters were trained on.
+        TightfitError: no adapters or no ``config.yaml`` in ``run_dir``, a rebuilt base that is
+            not the one the adapters were trained on, or a Python-callable model spec without
+            ``trust_code``.
     """
     from tightfit.models.spec import build_run_model
 
     directory = adapter_dir(run_dir)
-    config = _run_config(directory.parent)
+    config = _run_config(directory.parent, trust_code=trust_code)
     if config is None:
         raise TightfitError(f"{directory.parent}: no config.yaml, so the base model cannot be rebuilt")
     base = build_run_model(config, num_classes=_head_classes(directory))
@@ -619,7 +599,7 @@ def _load_final_checkpoint(model: nn.Module, run_dir: Path, config) -> None:
         load_weights(model, found)
 
 
-def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: bool = False) -> dict:
+def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: bool = False, trust_code: bool = False) -> dict:
     """Merge a LoRA run's adapters into its base and write the result (``tightfit lora merge``).
 
     Writes into ``output`` (default ``RUN_DIR/merged``):
@@ -636,6 +616,7 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: b
         run_dir: the run directory (or an adapter folder inside one).
         output: where to write; must be empty or absent unless ``force``.
         force: replace files already in ``output``.
+        trust_code: let the run's ``config.yaml`` name a ``module.path:callable`` model.
 
     Returns:
         ``{"output", "files", "parameters", "kind"}``.
@@ -652,9 +633,9 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: b
     output = Path(output).expanduser() if output is not None else run_dir / "merged"
     if output.exists() and any(output.iterdir()) and not force:
         raise TightfitError(f"--output {output}: the folder is not empty (use --force to replace its files)")
-    model = load_lora_run(run_dir, merged=True)
+    model = load_lora_run(run_dir, merged=True, trust_code=trust_code)
     output.mkdir(parents=True, exist_ok=True)
-    config = _run_config(run_dir)
+    config = _run_config(run_dir, trust_code=trust_code)
     source = getattr(model, "source", None)
     if hasattr(model, "unet") and source and (Path(source) / "model_index.json").is_file():
         kind = "diffusers pipeline"

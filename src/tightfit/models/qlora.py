@@ -21,8 +21,9 @@ from torch import nn
 
 from tightfit._optional import is_available, require
 from tightfit.errors import ConfigError
+from tightfit.names import QUANTIZE_BASES
 
-QUANTIZE_BASE_CHOICES = (None, "nf4", "int8")
+QUANTIZE_BASE_CHOICES = (None, *QUANTIZE_BASES)
 
 NF4_BLOCK_SIZE = 64  # weights per absmax constant (bitsandbytes' default for 4-bit)
 NF4_DOUBLE_QUANT_BLOCK_SIZE = 256  # absmax constants per fp32 second-level constant

@@ -22,7 +22,9 @@ Input specs (``3x224x224``, ``tokens:512``) and random batches live in
 import contextlib
 import difflib
 import importlib
+import inspect
 import json
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -35,11 +37,18 @@ from tightfit._optional import require
 from tightfit.errors import ConfigError, SpecError
 from tightfit.models.builtin import BUILTINS, WITHOUT_CLASSES
 from tightfit.models.inputs import InputSpec, make_batch_factory, parse_input_spec
+from tightfit.trust import function_module_allowed, refuse_non_model_module
 
 __all__ = ["InputSpec", "PREFIXES", "build_model", "build_run_model", "make_batch_factory", "parse_input_spec"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _MODULE_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+
+
+def _first_sentence(error: Exception) -> str:
+    """The first line of a library's error message, for a one-line report."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].strip()
 
 
 def _closest(name: str, candidates: list[str]) -> str:
@@ -87,9 +96,14 @@ def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **
     if not config_path.is_file():
         raise SpecError(f"model spec 'hf:{directory}': no config.json in {path} (need a local model directory)")
     try:
-        architectures = json.loads(config_path.read_text()).get("architectures") or []
-    except json.JSONDecodeError as error:
+        config_json = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SpecError(f"model spec 'hf:{directory}': {config_path} is not valid JSON ({error})") from None
+    if not isinstance(config_json, dict):
+        raise SpecError(f"model spec 'hf:{directory}': {config_path} holds a JSON {type(config_json).__name__}, not an object of settings")
+    architectures = config_json.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise SpecError(f"model spec 'hf:{directory}': 'architectures' in {config_path} should be a list of class names")
     model_class = transformers.AutoModel
     if architectures:
         model_class = getattr(transformers, architectures[0], None)
@@ -105,16 +119,21 @@ def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **
     try:
         if has_weights and not meta:
             return model_class.from_pretrained(
-                path, local_files_only=True, ignore_mismatched_sizes=num_classes is not None, **config_kwargs
+                path, local_files_only=True, ignore_mismatched_sizes=num_classes is not None,
+                trust_remote_code=False, **config_kwargs,
             )
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **config_kwargs)
+        # trust_remote_code=False, not None: with None transformers asks on the terminal whether to
+        # run the folder's own Python files (auto_map); a model folder never runs code here.
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False, **config_kwargs)
         # Under the meta device, parameters get shapes but no storage: a 7B config costs nothing.
         with torch.device("meta") if meta else contextlib.nullcontext():
             if model_class is transformers.AutoModel:
                 return model_class.from_config(config)
             return model_class._from_config(config)  # what AutoModel.from_config calls for a known class
-    except (OSError, ValueError, TypeError) as error:
-        raise SpecError(f"model spec 'hf:{directory}': {error}") from None
+    except (OSError, ValueError, TypeError, KeyError, pickle.UnpicklingError) as error:
+        # transformers' messages run over several lines (an unknown model_type lists every known one);
+        # UnpicklingError: a pytorch_model.bin holding objects, which weights_only refuses to build
+        raise SpecError(f"model spec 'hf:{directory}': {_first_sentence(error)}") from None
 
 
 def _build_diffusion(directory: str, *, num_classes: int | None, meta: bool = False, **kwargs) -> nn.Module:
@@ -128,7 +147,11 @@ def _build_diffusion(directory: str, *, num_classes: int | None, meta: bool = Fa
 
 
 def _build_callable(module_name: str, attribute: str, *, num_classes: int | None, **kwargs) -> nn.Module:
+    """``module:callable``: only a subclass of ``nn.Module`` (checked before it is called) or a
+    plain Python function outside the standard library and torch, whose result must be a module.
+    Whether a spec read from a file may get here at all is decided by ``tightfit.trust``."""
     spec = f"{module_name}:{attribute}"
+    refuse_non_model_module(module_name, spec)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -141,6 +164,14 @@ def _build_callable(module_name: str, attribute: str, *, num_classes: int | None
         factory = getattr(factory, part, None)
     if not callable(factory):
         raise SpecError(f"model spec {spec!r}: module {module_name!r} has no callable {attribute!r}")
+    if inspect.isclass(factory):
+        if not issubclass(factory, nn.Module):
+            raise SpecError(f"model spec {spec!r}: {attribute} is the class {factory.__name__}, not a subclass of torch.nn.Module")
+    elif not inspect.isfunction(factory) or not function_module_allowed(factory.__module__):
+        raise SpecError(
+            f"model spec {spec!r}: {attribute} (from {getattr(factory, '__module__', None) or 'C code'}) is not a model "
+            "class or factory; name a subclass of torch.nn.Module or a Python function that returns one"
+        )
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:

@@ -101,9 +101,11 @@ def sentence_classifier(
         raise SpecError(f"text encoder folder {directory}: no config.json there")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the network
     if torch.empty(0).is_meta:  # built under torch.device("meta") by the planner
-        encoder = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(str(directory)))
+        encoder = transformers.AutoModel.from_config(
+            transformers.AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        )
     else:
-        encoder = transformers.AutoModel.from_pretrained(str(directory), local_files_only=True)
+        encoder = transformers.AutoModel.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     model = SentenceClassifier(encoder, num_classes or 2, dropout=dropout)
     if freeze_encoder:
         model.encoder.requires_grad_(False)

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tightfit.errors import ConfigError
 from tightfit.report import charts, page
 from tightfit.units import format_bytes, format_seconds
 
@@ -38,15 +39,32 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _read_file(path: Path, parse) -> Any:
+    """``parse(text)`` of a run file, or a one-line error naming the damaged file."""
+    import yaml
+
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{path} is damaged ({first})") from None
+
+
 def render(run_dir: Path) -> str:
-    """The HTML page of the run in ``run_dir``."""
+    """The HTML page of the run in ``run_dir``.
+
+    Raises:
+        ConfigError: ``summary.json``, ``config.yaml`` or a checkpoint's ``meta.json`` is damaged.
+    """
     import yaml
 
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = _read_file(summary_path, json.loads) if summary_path.is_file() else None
     config_path = run_dir / "config.yaml"
-    config_text = config_path.read_text() if config_path.is_file() else ""
-    config = (yaml.safe_load(config_text) or {}) if config_text else {}
+    config = (_read_file(config_path, yaml.safe_load) or {}) if config_path.is_file() else {}
+    config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
+    if not isinstance(summary, (dict, type(None))) or not isinstance(config, dict):
+        raise ConfigError(f"{run_dir}: summary.json or config.yaml does not hold a mapping")
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [record for record in records if record.get("stage") == "train"]
     val = [record for record in records if record.get("stage") == "val"]
@@ -242,7 +260,7 @@ def _checkpoints(run_dir: Path, summary: dict | None) -> str:
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
             continue
-        meta = json.loads(meta_path.read_text())
+        meta = _read_file(meta_path, json.loads)
         size = sum(file.stat().st_size for file in directory.rglob("*") if file.is_file())
         metrics = ", ".join(f"{name} {value:.4g}" for name, value in meta.get("metrics", {}).items())
         rows.append([directory.name, page.Cell(str(meta.get("step")), sort=meta.get("step"), numeric=True), metrics or "-",

@@ -10,8 +10,7 @@ import torch
 
 from tightfit._optional import require
 from tightfit.errors import ConfigError
-
-OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw", "adam8bit")
+from tightfit.names import OPTIMIZERS
 
 
 def build_optimizer(

@@ -9,8 +9,7 @@ import contextlib
 import torch
 
 from tightfit.errors import ConfigError
-
-PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure")
+from tightfit.names import PRECISIONS
 
 
 def resolve_precision(requested: str, device_type: str) -> tuple[str, str]:

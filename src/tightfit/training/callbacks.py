@@ -138,6 +138,7 @@ class ModelCheckpoint:
         self.best: float | None = None
         self.best_path: str | None = None
         self.top_k: list[tuple[float, str]] = []  # (value, path), best first
+        self._resumed = False  # state loaded from a checkpoint: its paths are re-rooted at fit start
 
     def on_step_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.epoch_finished:
@@ -176,13 +177,25 @@ class ModelCheckpoint:
         self.best = state["best"]
         self.best_path = state["best_path"]
         self.top_k = [(value, path) for value, path in state["top_k"]]
+        self._resumed = True
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if not self._resumed:
+            return
+        # The saved paths name the folder the run was in when it saved them; a resumed run may
+        # have been moved or copied since (its original must never be pruned), so they are
+        # re-rooted in this run's own checkpoints folder.
+        checkpoints = Path(trainer.run_dir) / "checkpoints"
+        if self.best_path is not None:
+            self.best_path = str(checkpoints / "best")
+        self.top_k = [(value, str(checkpoints / "top-k" / Path(path).name)) for value, path in self.top_k]
         # A run killed between writing a top-k checkpoint and the next ``last`` left a directory no
         # state refers to; remove it so the kept set is exactly the recorded one.
         kept = {Path(path).name for _, path in self.top_k}
-        top_dir = Path(self.best_path or ".").parent / "top-k" if self.best_path else None
-        if top_dir is not None and top_dir.is_dir():
+        top_dir = checkpoints / "top-k"
+        if top_dir.is_dir() and trainer.process.is_main:
             for child in top_dir.iterdir():
-                if child.name not in kept:
+                if child.name not in kept and child.is_dir():
                     shutil.rmtree(child, ignore_errors=True)
 
 

@@ -14,15 +14,28 @@ A checkpoint is a directory holding
 The directory is written under a temporary name and moved into place with ``os.replace``; the
 previous version is moved aside first and removed last, so a crash at any moment leaves either
 the old or the new checkpoint complete (``load_checkpoint`` falls back to the moved-aside one).
+A full disk stops the write with a one-line :class:`DiskFullError` and leaves the previous
+version in place; temporaries a killed process left behind are removed by
+:func:`remove_stale_temporaries` when the next run starts.
+
+Reading back, :func:`load_newest_intact` tries a run's checkpoints newest first (``last``, its
+moved-aside ``last.old``, ``best``, the top-k) and skips any whose files are truncated or refuse to
+load safely, saying which file and why, so a damaged ``last`` costs at most the steps since the
+next newest checkpoint.
 """
 
+import errno
 import json
 import os
+import pickle
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tightfit.errors import ConfigError, TightfitError
@@ -33,6 +46,18 @@ META_FILE = "meta.json"
 WEIGHTS_KIND_KEY = "weights"
 ADAPTERS_ONLY = "adapters-only"
 _ASIDE_SUFFIX = ".old"
+_TEMPORARY_MARK = ".tmp-"
+# checkpoints that hold the whole training state (optimizer, schedule, RNG); the others hold
+# weights and counters only (best, top-k), so resuming from them is not exact
+_FULL_STATE_NAMES = ("last",)
+
+
+class DiskFullError(TightfitError):
+    """A checkpoint did not fit on the disk; the previous checkpoint is intact."""
+
+
+class DamagedCheckpointError(TightfitError):
+    """A checkpoint file is truncated, unreadable, or holds more than plain data."""
 
 
 def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -79,24 +104,20 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load weights written by :func:`save_weights` into ``model``.
+    """Load weights written by :func:`save_weights` into ``model``: a full checkpoint must match
+    every key; an adapters-only one loads into a LoRA model whose base was rebuilt, after checking
+    that base's fingerprint (:func:`~tightfit.models.lora.load_adapter_state`).
 
-    A full checkpoint must match every key; an adapters-only one loads into a LoRA model whose
-    base was rebuilt, after checking that base's fingerprint
-    (:func:`~tightfit.models.lora.load_adapter_state`).
+    Raises:
+        DamagedCheckpointError: the file is truncated or not a safetensors file.
+        ConfigError: its weights do not fit ``model``.
     """
-    from safetensors import safe_open
-
-    device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    state = load_file(str(path), device=str(device))
-    if metadata.get(WEIGHTS_KIND_KEY) == ADAPTERS_ONLY:
-        from tightfit.models.lora import load_adapter_state
-
-        load_adapter_state(model, state, metadata, where=str(path))
-    else:
-        model.load_state_dict(state)
+    try:
+        weights = load_file(str(path))
+        metadata = _file_metadata(Path(path))
+    except (SafetensorError, OSError, ValueError) as error:  # truncated, foreign or unreadable
+        raise DamagedCheckpointError(f"{path} is damaged or not a safetensors file ({_first_line(error)})") from None
+    _apply_weights(model, weights, Path(path), metadata)
 
 
 def resolve_weights_file(path: str | Path, where: str) -> Path:
@@ -125,14 +146,30 @@ def save_checkpoint(
         state: the training state (see the module doc for what it may contain).
         meta: JSON-serialisable facts shown to people (step, epoch, metrics).
         weights_metadata: strings stored in the weights file's header (:func:`weights_metadata`).
+
+    Raises:
+        DiskFullError: the disk filled up during the write; nothing of it is left and the
+            previous version of ``directory`` is untouched.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}{_TEMPORARY_MARK}", dir=directory.parent))
     try:
-        save_file({name: tensor.cpu() for name, tensor in weights.items()}, str(temporary / WEIGHTS_FILE), metadata=weights_metadata)
-        torch.save(state, temporary / STATE_FILE)
-        (temporary / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        try:
+            save_file({name: tensor.cpu() for name, tensor in weights.items()}, str(temporary / WEIGHTS_FILE), metadata=weights_metadata)
+            torch.save(state, temporary / STATE_FILE)
+            (temporary / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        except Exception as error:
+            if _is_disk_full(error, directory.parent):
+                needed = _tensor_bytes(weights) + _tensor_bytes(state)
+                shutil.rmtree(temporary, ignore_errors=True)
+                free = shutil.disk_usage(directory.parent).free
+                previous = "the previous checkpoint is intact" if complete_checkpoint(directory) else "no checkpoint was written"
+                raise DiskFullError(
+                    f"disk full at {directory.parent}: checkpoint {directory.name} needs about {_mib(needed)}, "
+                    f"{_mib(free)} free; {previous}"
+                ) from None
+            raise
         aside = directory.with_name(directory.name + _ASIDE_SUFFIX)
         if directory.exists():
             shutil.rmtree(aside, ignore_errors=True)
@@ -145,6 +182,125 @@ def save_checkpoint(
     return directory
 
 
+def _is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, or the messages torch's zip writer and
+    safetensors give for it (``unexpected pos``, ``StorageFull``), or a nearly full disk."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    if any(sign in text for sign in ("No space left", "StorageFull", "unexpected pos", "failed writing")):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _tensor_bytes(tree: Any) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in tree)
+    return 0
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def remove_stale_temporaries(checkpoints: Path) -> list[Path]:
+    """Remove the half-written ``.NAME.tmp-*`` folders that killed writes left under a run's
+    ``checkpoints/`` (and ``checkpoints/top-k/``); call it before this process writes any.
+
+    Returns:
+        The folders removed.
+    """
+    checkpoints = Path(checkpoints)
+    removed = []
+    for folder in (checkpoints, checkpoints / "top-k"):
+        if folder.is_dir():
+            for child in folder.iterdir():
+                if child.name.startswith(".") and _TEMPORARY_MARK in child.name and child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                    removed.append(child)
+    return removed
+
+
+def _read(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """The weights, state and meta of one checkpoint folder, checked file by file.
+
+    Raises:
+        DamagedCheckpointError: naming the file and what is wrong with it.
+    """
+    for name in (WEIGHTS_FILE, STATE_FILE, META_FILE):
+        if not (directory / name).is_file():
+            raise DamagedCheckpointError(f"{directory / name} is missing")
+    try:
+        weights = load_file(str(directory / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as error:  # truncated, foreign or unreadable
+        raise DamagedCheckpointError(f"{directory / WEIGHTS_FILE} is damaged ({_first_line(error)})") from None
+    try:  # weights_only: a pickle that would build objects or call functions is refused, not run
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DamagedCheckpointError(
+            f"{directory / STATE_FILE} holds Python objects a safe load refuses (not written by tightfit; "
+            "possibly tampered with)"
+        ) from None
+    except Exception as error:  # noqa: BLE001  (a damaged zip raises RuntimeError, EOFError, KeyError...)
+        raise DamagedCheckpointError(f"{directory / STATE_FILE} is damaged ({_first_line(error)})") from None
+    try:
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        raise DamagedCheckpointError(f"{directory / META_FILE} is damaged ({_first_line(error)})") from None
+    if not isinstance(state, dict) or "counters" not in state or not isinstance(meta, dict):
+        raise DamagedCheckpointError(f"{directory} does not hold a tightfit checkpoint (no counters)")
+    return weights, state, meta
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _file_metadata(weights_file: Path) -> dict[str, str]:
+    """The string header of a safetensors file (``weights: adapters-only`` and the base's facts)."""
+    with safe_open(str(weights_file), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def _apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], directory: Path, metadata: dict[str, str] | None = None) -> None:
+    device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
+    if (metadata or {}).get(WEIGHTS_KIND_KEY) == ADAPTERS_ONLY:
+        from tightfit.models.lora import load_adapter_state
+
+        load_adapter_state(model, {name: tensor.to(device) for name, tensor in weights.items()}, metadata, where=str(directory))
+        return
+    try:
+        model.load_state_dict({name: tensor.to(device) for name, tensor in weights.items()})
+    except RuntimeError as error:  # missing, unexpected or resized keys: another model
+        raise ConfigError(
+            f"checkpoint {directory}: its weights do not fit the model the config builds ({' '.join(str(error).split())[:300]})"
+        ) from None
+
+
+def load_checkpoint(directory: Path, model: torch.nn.Module) -> tuple[dict, dict]:
+    """Load one checkpoint's weights into ``model`` and return ``(state, meta)``; when a crash
+    left ``directory`` moved aside (``NAME.old``), that copy is read.
+
+    Raises:
+        ConfigError: when ``directory`` holds no complete checkpoint, or its weights do not fit.
+        DamagedCheckpointError: a file of it is truncated or unsafe.
+    """
+    found = complete_checkpoint(directory)
+    if found is None:
+        raise ConfigError(f"checkpoint: no complete checkpoint in {directory}")
+    weights, state, meta = _read(found)
+    _apply_weights(model, weights, found, _file_metadata(found / WEIGHTS_FILE))
+    return state, meta
+
+
 def complete_checkpoint(directory: Path) -> Path | None:
     """The checkpoint at ``directory``, or the previous version a crash left moved aside, or None."""
     directory = Path(directory)
@@ -154,16 +310,83 @@ def complete_checkpoint(directory: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(directory: Path, model: torch.nn.Module) -> tuple[dict, dict]:
-    """Load a checkpoint's weights into ``model`` and return ``(state, meta)``.
+def checkpoint_folders(checkpoints: Path) -> list[Path]:
+    """Every checkpoint folder of a run, newest first: by the step in its ``meta.json``, and at
+    equal steps one with the whole training state (``last``) before weights-only ones.
+
+    Folders whose meta cannot be read sort last (they are still tried, and reported, in turn).
+    """
+    checkpoints = Path(checkpoints)
+    folders = [
+        child for parent in (checkpoints, checkpoints / "top-k") if parent.is_dir()
+        for child in sorted(parent.iterdir())
+        if child.is_dir() and _TEMPORARY_MARK not in child.name and child.name != "top-k"
+    ]
+
+    def newest_first(folder: Path) -> tuple:
+        try:
+            step = int(json.loads((folder / META_FILE).read_text(encoding="utf-8"))["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            step = -1
+        full_state = folder.name.removesuffix(_ASIDE_SUFFIX) in _FULL_STATE_NAMES
+        return (-step, not full_state, folder.name.endswith(_ASIDE_SUFFIX), folder.name)
+
+    return sorted(folders, key=newest_first)
+
+
+@dataclass
+class Restored:
+    """What :func:`load_newest_intact` loaded.
+
+    Attributes:
+        directory: the checkpoint folder the weights came from.
+        state: its training state (only ``counters`` for a weights-only checkpoint).
+        meta: its ``meta.json``.
+        skipped: one line per newer checkpoint that was damaged, naming the file and why.
+    """
+
+    directory: Path
+    state: dict
+    meta: dict
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the checkpoint holds the whole training state, for an exact resume."""
+        return "optimizer" in self.state
+
+
+def load_newest_intact(checkpoints: Path, model: torch.nn.Module, *, first: str | None = None) -> Restored:
+    """Load the newest checkpoint of a run whose files are intact into ``model``.
+
+    Args:
+        checkpoints: the run's ``checkpoints/`` folder.
+        model: receives the weights.
+        first: a checkpoint name to try before the others (``"best"`` for compression).
+
+    Returns:
+        The :class:`Restored` checkpoint, with the damaged ones it skipped.
 
     Raises:
-        ConfigError: when ``directory`` holds no complete checkpoint.
+        ConfigError: no checkpoint at all, none intact (each damaged file named), or weights
+            that do not fit ``model``.
     """
-    found = complete_checkpoint(directory)
-    if found is None:
-        raise ConfigError(f"checkpoint: no complete checkpoint in {directory}")
-    load_weights(model, found / WEIGHTS_FILE)
-    state = torch.load(found / STATE_FILE, map_location="cpu", weights_only=True)
-    meta = json.loads((found / META_FILE).read_text())
-    return state, meta
+    checkpoints = Path(checkpoints)
+    folders = checkpoint_folders(checkpoints)
+    if first is not None:
+        folders.sort(key=lambda folder: folder.name.removesuffix(_ASIDE_SUFFIX) != first)  # stable
+    skipped = []
+    for folder in folders:
+        try:
+            weights, state, meta = _read(folder)
+        except DamagedCheckpointError as error:
+            skipped.append(str(error))
+            continue
+        _apply_weights(model, weights, folder, _file_metadata(folder / WEIGHTS_FILE))
+        return Restored(folder, state, meta, skipped)
+    if skipped:
+        raise ConfigError(f"no intact checkpoint in {checkpoints}: " + "; ".join(skipped))
+    raise ConfigError(
+        f"no complete checkpoint in {checkpoints} (the run stopped before its first checkpoint was written); "
+        "start it again without --resume, with the same --run-dir"
+    )

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-SCHEDULES = ("constant", "constant-warmup", "linear", "cosine", "exponential", "step", "reduce-on-plateau")
+from tightfit.names import SCHEDULES  # noqa: F401  (re-exported; the list lives in names.py)
 
 
 def lr_factor_function(

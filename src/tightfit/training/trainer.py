@@ -14,7 +14,9 @@ Example (a notebook, with your own model and data sets):
 import contextlib
 import json
 import math
+import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +42,7 @@ from tightfit.training.monitor import ResourceMonitor
 from tightfit.training.numerics import NumericsGuard
 from tightfit.step.optim import build_optimizer
 from tightfit.step.precision import autocast, needs_grad_scaler, parameter_dtype, resolve_precision
+from tightfit.training.run_folder import mark_run_folder
 from tightfit.training.sampler import ResumableSampler
 from tightfit.training.schedules import LRSchedule
 
@@ -127,7 +130,8 @@ class Trainer:
         self.console = _console(config.logging.console and self.process.is_main)
         seed_everything(config.seed)
 
-        self.run_dir = Path(resume_from or config.run_dir or new_run_dir())
+        # absolute: summary.json and the checkpoint state are read from other folders later
+        self.run_dir = Path(resume_from or config.run_dir or new_run_dir()).absolute()
         self.data = self._build_data()
         self.model = self._build_model()
         self.precision, precision_reason = resolve_precision(config.precision, self.device.type)
@@ -157,7 +161,13 @@ class Trainer:
         self.checkpoint_writer = CheckpointWriter()
         if resume_from is not None:
             self._restore(Path(resume_from))
-        self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad config has written nothing
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad config has written nothing
+        except OSError as error:
+            raise ConfigError(f"run_dir: cannot create {self.run_dir} ({error.strerror})") from None
+        if self.process.is_main:
+            mark_run_folder(self.run_dir)
+            checkpoint_files.remove_stale_temporaries(self.run_dir / "checkpoints")  # left by killed writes
         self.loggers = self._build_loggers() if self.process.is_main else []
         if self.process.is_main:
             (self.run_dir / CONFIG_FILE).write_text(config_to_yaml(config))
@@ -546,7 +556,9 @@ class Trainer:
     def _finish(self, start_time: float) -> dict[str, Any]:
         """Test on the best checkpoint, write the last checkpoint and the summary."""
         saver = next(callback for callback in self.callbacks if isinstance(callback, ModelCheckpoint))
-        best_path = saver.best_path
+        # this run's own best folder, not the path in the saver's state: a resumed run may have
+        # been moved or copied, or written with a relative --run-dir from another folder
+        best_path = self.run_dir / "checkpoints" / "best" if saver.best_path is not None else None
         if not self.epoch_finished:  # stopped by max_steps or a callback mid-epoch
             self.save_checkpoint("last")
         self.checkpoint_writer.wait()  # the best and last checkpoints are read back below
@@ -570,7 +582,7 @@ class Trainer:
             "model": self.config.model if self.user_model is None else type(self.user_model).__name__,
             **test_metrics,
             "best_metric": {"name": saver.monitor, "value": saver.best} if saver.best is not None else None,
-            "best_checkpoint": best_path,
+            "best_checkpoint": str(best_path) if best_path else None,
             "last_checkpoint": str(self.run_dir / "checkpoints" / "last"),
             "wall_time_s": round(wall_time_s, 3),
             "steps": self.global_step,
@@ -647,8 +659,15 @@ class Trainer:
 
     def _restore(self, run_dir: Path) -> None:
         """Continue exactly from ``run_dir/checkpoints/last``: weights, optimizer, schedule,
-        scaler, RNG, counters, callback state and the position in the epoch's data order."""
-        state, meta = checkpoint_files.load_checkpoint(run_dir / "checkpoints" / "last", self.model)
+        scaler, RNG, counters, callback state and the position in the epoch's data order.
+
+        A damaged ``last`` is skipped for the newest intact checkpoint (``last.old``, ``best``,
+        top-k), saying which file was damaged; from a weights-only one the run continues from its
+        step with fresh optimizer state (see :meth:`_continue_from_weights`)."""
+        restored = checkpoint_files.load_newest_intact(run_dir / "checkpoints", self.model)
+        for problem in restored.skipped:
+            self._warn(f"skipped a damaged checkpoint: {problem}")
+        state = restored.state
         counters = state["counters"]
         self.global_step = counters["global_step"]
         self.epoch = counters["epoch"]
@@ -659,6 +678,9 @@ class Trainer:
         if counters["micro_batch_size"] < self.micro_batch_size:  # keep what out-of-memory recovery learnt
             self.micro_batch_size = counters["micro_batch_size"]
             self.accumulation_steps = math.ceil(self.effective_batch_size / self.micro_batch_size)
+        if not restored.exact:
+            self._continue_from_weights(restored)
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -668,9 +690,29 @@ class Trainer:
         if unclaimed:
             self.console.print(f"resume: saved state of callbacks no longer in the run ignored: {', '.join(unclaimed)}")
         set_rng_state(state["rng"])
-        self.console.print(f"resumed from {run_dir} at step {self.global_step} (epoch {self.epoch + 1}, {self.samples_in_epoch} samples in)")
+        self.console.print(
+            f"resumed from {restored.directory} at step {self.global_step} (epoch {self.epoch + 1}, {self.samples_in_epoch} samples in)"
+        )
+
+    def _continue_from_weights(self, restored: checkpoint_files.Restored) -> None:
+        """Resume from a weights-only checkpoint (``best``, top-k) when no ``last`` is intact: the
+        counters and weights are its own, the schedule is moved to its step, and the optimizer's
+        moments and the random streams start afresh, so the run is no longer bit-exact."""
+        with warnings.catch_warnings():  # torch warns of a schedule stepped before the optimizer
+            warnings.simplefilter("ignore")
+            for _ in range(self.global_step):
+                self.schedule.step()
+        self._warn(
+            f"resumed from {restored.directory} (weights only) at step {self.global_step}: no intact 'last' "
+            "checkpoint, so the optimizer state restarts and the run will not match an uninterrupted one exactly"
+        )
 
     # ------------------------------------------------------------------------------ plumbing
+    def _warn(self, text: str) -> None:
+        """A warning the user must see even with the console off (``--json``): on stderr, rank 0."""
+        if self.process.is_main:
+            print(f"tightfit: warning: {text}", file=sys.stderr)
+
     def _fire(self, event: str, *args: Any) -> None:
         for callback in self.callbacks:
             method = getattr(callback, event, None)
@@ -699,5 +741,16 @@ def _console(enabled: bool):
 
 def _write_json_atomically(path: Path, payload: dict) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2, default=str))
+    # strict JSON: a NaN test loss is written as null, not as a bare NaN no JSON parser accepts
+    temporary.write_text(json.dumps(_finite_or_none(payload), indent=2, default=str, allow_nan=False))
     temporary.replace(path)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value

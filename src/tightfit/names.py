@@ -1,0 +1,28 @@
+"""The names a user may write, each list once, without importing torch.
+
+The configuration's ``Literal`` types and the command line's ``choices`` are both built from these
+tuples (``Literal[PRECISIONS]``, ``choices=PRECISIONS``), so a name added here is valid everywhere
+at once and ``tightfit --help`` stays torch-free.
+"""
+
+# Training precisions (step/precision.py); "auto" is a config value that resolves to one of them.
+PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure")
+
+# Optimizers (step/optim.py builds them); adam8bit needs bitsandbytes.
+OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw", "adam8bit")
+
+# Learning-rate schedules (training/schedules.py).
+SCHEDULES = ("constant", "constant-warmup", "linear", "cosine", "exponential", "step", "reduce-on-plateau")
+
+# Devices a run config may name; "cuda:N" is also valid.
+DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
+
+# Model-spec prefixes tightfit builds itself (models/spec.py); anything else before the colon is a
+# Python module (``module.path:callable``), which runs code (see tightfit/trust.py).
+MODEL_PREFIXES = ("builtin", "torchvision", "hf", "diffusion")
+
+# Post-training quantization methods of `compress` (compression/quantize.py).
+QUANTIZE_METHODS = ("auto", "dynamic", "static", "weight-only")
+
+# How a LoRA run's frozen base may be quantized (models/qlora.py): QLoRA's nf4, or int8.
+QUANTIZE_BASES = ("nf4", "int8")
