@@ -71,16 +71,12 @@ def run(args) -> int:
     if args.items:
         if args.model or args.input or args.batch_size or args.lora_rank:
             raise ConfigError("give either a CONFIG.yaml / PIPELINE.yaml or --model/--input, not both")
-        from pathlib import Path
-
         from tightfit.cli.train import _split_items
         from tightfit.config import read_yaml
 
         path, overrides = _split_items(args.items)
         if path is None:
             raise ConfigError("plan: give the config file first, then key=value overrides")
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: not found (expected a training config or a pipeline file)")
         if "stages" in read_yaml(path):
             if overrides:
                 raise ConfigError("plan: key=value overrides apply to a training config, not to a pipeline file")
