@@ -17,8 +17,12 @@ compared with ``torch.cuda.max_memory_allocated`` (tensor bytes rounded to 512-b
 ``max_memory_reserved`` (what the caching allocator held: the fragmentation figure to calibrate
 ``overhead.fragmentation`` in the device profile).
 
+With ``--distributed`` the script also launches itself on 2 gloo CPU ranks (torchrun) and, for
+``ddp`` and ``fsdp``, compares each rank's tracked peak over the second step of a real ``Trainer``
+run with the per-rank estimate of ``tightfit.memory.distributed`` (docs/distributed.md).
+
 Run:
-    .venv/bin/python benchmarks/memory_accuracy.py [--json results.json] [--only resnet18,gpt2] [--cuda]
+    .venv/bin/python benchmarks/memory_accuracy.py [--json results.json] [--only resnet18,gpt2] [--cuda] [--distributed]
 """
 
 import argparse
@@ -233,13 +237,108 @@ def time_llama_7b() -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------- distributed rows
+DISTRIBUTED_WIDTH, DISTRIBUTED_BLOCKS, DISTRIBUTED_BATCH = 256, 4, 16
+
+
+def distributed_model():
+    """Four repeated blocks between an input and an output layer: FSDP's units and a root."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(DISTRIBUTED_WIDTH, DISTRIBUTED_WIDTH), nn.GELU()) for _ in range(DISTRIBUTED_BLOCKS)]
+    return nn.Sequential(nn.Linear(32, DISTRIBUTED_WIDTH), *blocks, nn.Linear(DISTRIBUTED_WIDTH, 10))
+
+
+def distributed_batch(batch_size, device):
+    generator = torch.Generator().manual_seed(batch_size)
+    return torch.randn(batch_size, 32, generator=generator).to(device), torch.randint(0, 10, (batch_size,)).to(device)
+
+
+class _TrackSecondStep:
+    """A trainer callback: the tracker runs from the end of step 1 to the end of step 2, so it
+    sees a whole steady-state step (window, forward, backward, gradient sync, optimizer step)."""
+
+    def __init__(self):
+        self.tracker = None
+        self.peak_bytes = None
+        self.breakdown = None
+
+    def on_step_end(self, trainer, metrics):
+        from tightfit.memory.tracker import MemoryTracker
+
+        if trainer.global_step == 1:
+            self.tracker = MemoryTracker(trainer.model, trainer.optimizer)
+            self.tracker.__enter__()
+        elif trainer.global_step == 2:
+            self.tracker.__exit__(None, None, None)
+            self.peak_bytes, self.breakdown = self.tracker.peak_bytes, self.tracker.breakdown
+
+
+def distributed_worker(output: str, strategy: str) -> None:
+    """Under torchrun: a real 2-step Trainer run; every rank writes its peak."""
+    import os
+
+    from torch.utils.data import TensorDataset
+
+    from tightfit.memory.distributed import model_shape, per_rank_memory
+    from tightfit.models.checkpointing import find_repeated_blocks
+    from tightfit.training.trainer import Trainer
+
+    rank = int(os.environ["RANK"])
+    inputs, targets = distributed_batch(DISTRIBUTED_BATCH * 4, "cpu")
+    rows = []
+    for strategy in (strategy,):  # one per launch: a run leaves the process group when it ends
+        tracking = _TrackSecondStep()
+        config = {
+            "run_dir": f"{output}.{strategy}", "max_steps": 2, "device": "cpu", "threads": 1,
+            "batch": {"micro_batch_size": DISTRIBUTED_BATCH}, "optimizer": {"name": "adamw"},
+            "distributed": {"strategy": strategy, "timeout_s": 120}, "logging": {"console": False, "tensorboard": False, "jsonl": False},
+            "monitor": {"enabled": False}, "schedule": {"name": "constant"},
+        }
+        Trainer(config, model=distributed_model(), datasets=(TensorDataset(inputs, targets), None, None), callbacks=[tracking]).fit()
+        model = distributed_model()
+        single = estimate_step(model, distributed_batch, batch_size=DISTRIBUTED_BATCH, optimizer="adamw")
+        shape = model_shape(model, find_repeated_blocks(model))
+        estimate, breakdown, _ = per_rank_memory(single, shape, strategy=strategy, devices=int(os.environ["WORLD_SIZE"]),
+                                                 profile=None, param_dtype="fp32", reduce_dtype="fp32")
+        rows.append({"strategy": strategy, "rank": rank, "measured_bytes": tracking.peak_bytes, "measured": tracking.breakdown,
+                     "estimated_bytes": estimate, "estimated": breakdown, "one_device_bytes": single.peak_bytes})
+    with open(f"{output}.rank{rank}", "w") as handle:
+        json.dump(rows, handle)
+
+
+def distributed_rows() -> list[dict]:
+    """Launch :func:`distributed_worker` on 2 gloo ranks and collect every rank's row."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        output = os.path.join(folder, "peaks")
+        rows = []
+        for strategy in ("ddp", "fsdp"):
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                       __file__, "--distributed-worker", output, strategy]
+            subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+            for rank in range(2):
+                with open(f"{output}.rank{rank}") as handle:
+                    rows += json.load(handle)
+    for row in rows:
+        row["error_percent"] = 100 * (row["estimated_bytes"] - row["measured_bytes"]) / row["measured_bytes"]
+    return sorted(rows, key=lambda row: (row["strategy"], row["rank"]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="PATH", help="also write every row to this JSON file")
     parser.add_argument("--only", metavar="NAMES", help="comma-separated model names from the zoo")
     parser.add_argument("--cuda", action="store_true", help="also compare with torch.cuda.max_memory_allocated/reserved")
     parser.add_argument("--skip-7b", action="store_true", help="do not time the 7B planning")
+    parser.add_argument("--distributed", action="store_true", help="also compare per-rank peaks on 2 gloo ranks (ddp, fsdp)")
+    parser.add_argument("--distributed-worker", nargs=2, metavar=("OUTPUT", "STRATEGY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.distributed_worker:
+        distributed_worker(*args.distributed_worker)
+        return 0
     if args.cuda and not torch.cuda.is_available():
         print("--cuda: no CUDA device here; the CUDA comparison is skipped", file=sys.stderr)
         args.cuda = False
@@ -293,9 +392,17 @@ def main(argv=None) -> int:
             f"{row['case']}: planned in {row['seconds']:.1f} s, peak {format_bytes(row['peak_bytes'])} ({parts}); "
             f"{row['tflops_per_step']:.1f} TFLOP per step; process grew {format_bytes(row['process_growth_bytes'])}"
         )
+    distributed = distributed_rows() if args.distributed else []
+    if distributed:
+        print(f"\n{'strategy':<9} {'rank':>4} {'estimated':>11} {'measured':>11} {'error':>8}   one device (estimate)")
+    for row in distributed:
+        print(
+            f"{row['strategy']:<9} {row['rank']:>4} {format_bytes(row['estimated_bytes']):>11} "
+            f"{format_bytes(row['measured_bytes']):>11} {row['error_percent']:>7.2f}%   {format_bytes(row['one_device_bytes'])}"
+        )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"rows": rows, "summary": summary, "llama_7b": llama}, handle, indent=2)
+            json.dump({"rows": rows, "summary": summary, "llama_7b": llama, "distributed": distributed}, handle, indent=2)
     return 0
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from tightfit.data.config import DataConfig
 from tightfit.errors import ConfigError, SpecError
 from tightfit.models.lora_config import LoRAConfig
-from tightfit.names import DEVICE_KINDS, OPTIMIZERS, PRECISIONS, SCHEDULES
+from tightfit.names import DEVICE_KINDS, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES
 from tightfit.settings import describe_validation_error, read_yaml
 from tightfit.trust import check_spec_from_file
 from tightfit.units import parse_memory
@@ -147,6 +147,24 @@ class NumericsConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     flat_loss_steps: int = Field(default=200, ge=20, description="warn when the loss has not moved after N steps")
 
 
+class DistributedConfig(BaseModel, extra="forbid"):
+    """``distributed:`` how several processes (``torchrun``) share the work (docs/distributed.md).
+
+    In one process ``fsdp`` has nothing to shard and trains the whole model, but still writes
+    sharded (DCP) checkpoints, so the run resumes on any number of processes.
+    """
+
+    strategy: Literal[("auto", *STRATEGIES)] = Field(
+        default="auto", description="auto: DDP when launched with several processes; fsdp: shard parameters, gradients, optimizer state"
+    )
+    param_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="fsdp: dtype of the gathered parameters in forward/backward; auto follows precision"
+    )
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="fsdp: dtype gradients are reduced in")
+    cpu_offload: bool = Field(default=False, description="fsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
+    timeout_s: float = Field(default=600, gt=0, description="a collective waiting longer than this ends every rank with an error")
+
+
 class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """A whole training run. The defaults are the digits recipe."""
 
@@ -179,6 +197,7 @@ class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     eval_every_n_steps: int | None = Field(default=None, ge=1, description="validate mid-epoch too")
     clip_grad_norm: float | None = Field(default=None, gt=0)
     lora: LoRAConfig | None = None
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("checkpointing", mode="before")
     @classmethod

@@ -22,3 +22,9 @@ class SpecError(TightfitError):
 
 class MissingExtraError(TightfitError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class DistributedRunError(TightfitError):
+    """A multi-process run lost one of its processes (killed, crashed, or silent past the timeout)."""
+
+    exit_code = 1

@@ -26,3 +26,7 @@ QUANTIZE_METHODS = ("auto", "dynamic", "static", "weight-only")
 
 # How a LoRA run's frozen base may be quantized (models/qlora.py): QLoRA's nf4, or int8.
 QUANTIZE_BASES = ("nf4", "int8")
+
+# How several processes share a model (training/distributed.py, memory/distributed.py); a run
+# config also takes "auto" (one process alone, ddp under torchrun).
+STRATEGIES = ("ddp", "fsdp")

@@ -21,6 +21,7 @@ COMMANDS = {
     "plan": "tightfit.cli.plan",
     "batch-size": "tightfit.cli.batch_size",
     "train": "tightfit.cli.train",
+    "export-checkpoint": "tightfit.cli.export_checkpoint",
     "compress": "tightfit.cli.compress",
     "predict": "tightfit.cli.predict",
     "lora": "tightfit.cli.lora",

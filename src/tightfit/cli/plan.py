@@ -27,11 +27,16 @@ examples:
   tightfit plan recipes/lora-causal-lm.yaml --measure                   # the run train would do, then measured
   tightfit plan recipes/qlora-7b.yaml --device m1-16gb
   tightfit plan examples/pipelines/seed002-rtx3050.yaml --html pipeline.html
+
+several devices (per-rank peak, devices needed, tokens/s with communication; docs/distributed.md):
+  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices a100-40gb --strategy fsdp
+  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices 4xrtx4090-24gb --strategy ddp
 """
 
 from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
 from tightfit.names import PRECISIONS as PRECISION_CHOICES
 from tightfit.names import QUANTIZE_BASES
+from tightfit.names import STRATEGIES as STRATEGY_CHOICES
 
 
 def add_arguments(parser) -> None:
@@ -55,6 +60,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--margin", type=float, default=0.1, help="headroom to keep free, as a fraction (default 0.1)")
     parser.add_argument("--samples", type=int, metavar="N", help="samples per epoch, for the epoch-time estimate")
     parser.add_argument("--measure", action="store_true", help="also run real steps on this machine: measured time and peak")
+    parser.add_argument("--devices", metavar="[N x]PROFILE",
+                        help="plan per rank on N devices (4xa100-40gb), or find how many are needed (a100-40gb)")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fsdp", help="with --devices: how ranks share the model (default fsdp)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--html", metavar="FILE", help="also write the plan as a self-contained HTML page")
     parser.add_argument("--trust-code", action="store_true",
@@ -85,6 +93,8 @@ def run(args) -> int:
         return _run_config(args, path, overrides)
     if not args.model or not args.input:
         raise ConfigError("--model and --input are required (or give a PIPELINE.yaml)")
+    if args.devices:
+        return _run_distributed(args)
     from tightfit.hardware.profiles import resolve_target
     from tightfit.memory.planner import plan
 
@@ -264,4 +274,57 @@ def _run_pipeline(args) -> int:
               "stated utilisation); peaks include the device overhead.[/]")
     out.print(f"[dim]planned in {result.seconds:.1f} s[/]")
     _write_html(args, result.to_dict())
+    return 0
+
+
+def _run_distributed(args) -> int:
+    """``--devices``: each rank's peak for N devices, or the smallest N that fits."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tightfit.cli._output import console, print_json
+    from tightfit.errors import ConfigError
+    from tightfit.memory.distributed import plan_distributed
+    from tightfit.units import format_seconds
+
+    if args.device or args.memory or args.measure or args.html:
+        raise ConfigError("--devices: names the device itself; drop --device/--memory/--measure (and --html, not drawn for per-rank plans yet)")
+    with _status(args.json, f"planning {args.model} on {args.devices} ({args.strategy})"):
+        result = plan_distributed(
+            args.model, args.input, devices=args.devices, strategy=args.strategy, batch_size=args.batch_size or 1,
+            precision=args.precision or "bf16-pure", optimizer=args.optimizer or "adamw",
+            checkpointing=True if args.checkpointing is None else args.checkpointing, lora_rank=args.lora_rank, margin=args.margin,
+        )
+    if args.json:
+        print_json(result.to_dict())
+        return 0
+    out = console()
+    out.print(
+        f"[bold]{escape(result.model)}[/] on [bold]{escape(result.input)}[/], {result.strategy} on {escape(result.device)}: "
+        f"micro-batch {result.micro_batch_size} per rank, {result.precision}, checkpointing {'on' if result.checkpointing else 'off'}, "
+        f"{result.optimizer} ({result.parameters:,} parameters, {result.trainable_parameters:,} trainable)"
+    )
+    if result.devices_needed is not None:
+        out.print(f"[bold green]devices needed: {result.devices_needed}[/]")
+    else:
+        out.print(f"[bold red]does not fit on {escape(args.devices)}[/]")
+    table = Table(box=box.SIMPLE_HEAD, title="per rank, GiB", padding=(0, 1))
+    columns = ("N", "peak", "states", "activ", "gathered", "buffers", "overhead", "fits", "step", "tokens/s")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "fits" else "right")
+    for row in result.rows:
+        parts = row.breakdown
+        states = parts["parameters"] + parts["gradients"] + parts["optimizer"]
+        table.add_row(
+            str(row.devices), f"{row.peak_bytes / 2**30:.2f}", f"{states / 2**30:.2f}",
+            *(f"{parts[name] / 2**30:.2f}" for name in ("activations", "units_in_flight", "communication", "overhead")),
+            "[green]yes[/]" if row.fits else "[red]no[/]", format_seconds(row.step_time_s),
+            f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
+        )
+    out.print(table)
+    out.print("[dim]states: parameters + gradients + optimizer state held by one rank; gathered: FSDP units "
+              "in flight; buffers: reduce-scatter or DDP bucket copies; step and tokens/s are estimates[/]")
+    for note in result.notes + result.rows[-1].notes:
+        out.print(f"[dim]- {escape(note)}[/]")
     return 0

@@ -12,6 +12,10 @@ examples:
   tightfit train my.yaml --set batch.micro_batch_size=auto --set budget=4GiB
   tightfit train --resume runs/20260101-120000     # continue a stopped run exactly
   tightfit train my.yaml --print-config            # show every setting, defaults filled in
+  tightfit train my.yaml --nproc-per-node 4 distributed.strategy=fsdp   # 4 processes on this machine
+  torchrun --nproc-per-node 4 -m tightfit train my.yaml                 # the same, through torchrun
+
+several machines: torchrun on each (--nnodes, --rdzv-endpoint); see docs/distributed.md.
 """
 
 
@@ -26,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="use at most N samples per split (a quick trial; data.limit)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--nproc-per-node", type=int, metavar="N",
+        help="train with N processes on this machine (one per GPU), through torchrun's launcher",
+    )
     parser.add_argument("--trust-code", action="store_true",
                         help="let the recipe or the run's config.yaml name a module.path:callable model (runs its Python code)")
 
@@ -65,14 +73,18 @@ def run(args: argparse.Namespace) -> int:
 
         check_new_run_folder(config.run_dir)
 
+    if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
+        return _launch(args)  # the configuration is valid: now start the processes
     from tightfit.training.trainer import Trainer
 
     if args.json:
         config = config.model_copy(update={"logging": config.logging.model_copy(update={"console": False})})
     summary = Trainer(config).fit(resume_from=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 reports for every rank (the summary holds each rank's peak)
     metrics_file = Path(summary["run_dir"]) / "metrics.jsonl"
     # drawn here rather than in fit(), which a notebook or benchmark calls: matplotlib costs a second
-    if metrics_file.is_file() and os.environ.get("RANK", "0") == "0":
+    if metrics_file.is_file():
         from tightfit.training.plots import plot_curves
 
         plot_curves(metrics_file, Path(summary["run_dir"]) / "curves.png")
@@ -83,6 +95,56 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary)
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run this same command in ``--nproc-per-node`` processes with torchrun's launcher.
+
+    The launcher (``torch.distributed.run``) starts the processes with their rank environment,
+    watches them, and when one dies stops the others, so a failure never leaves a hang behind.
+    """
+    from tightfit.errors import ConfigError, DistributedRunError
+
+    if args.nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node: must be a positive integer, got {args.nproc_per_node}")
+    command = ["train", *args.items]
+    for override in args.overrides:
+        command += ["--set", override]
+    for flag, value in (("--run-dir", args.run_dir), ("--resume", args.resume), ("--limit", args.limit)):
+        if value is not None:
+            command += [flag, str(value)]
+    for flag in ("json", "trust_code"):
+        if getattr(args, flag):
+            command.append("--" + flag.replace("_", "-"))
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launcher_args = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(args.nproc_per_node), "--module", "tightfit", *command]
+    )
+    try:
+        run(launcher_args)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        others = sorted(set(error.failures) - {rank})
+        stopped = f"; rank(s) {', '.join(map(str, others))} stopped with it" if others else ""
+        raise DistributedRunError(
+            f"rank {rank} failed first ({_exit_reason(failure.exitcode)}){stopped}; its messages are above. "
+            "Continue from the last checkpoint with --resume RUN_DIR"
+        ) from None
+    return 0
+
+
+def _exit_reason(exit_code: int) -> str:
+    """``exit code 1``, or ``killed by SIGKILL`` for a negative (signal) exit code."""
+    if exit_code >= 0:
+        return f"exit code {exit_code}"
+    import signal
+
+    try:
+        return f"killed by {signal.Signals(-exit_code).name}"
+    except ValueError:
+        return f"signal {-exit_code}"
 
 
 def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
@@ -118,9 +180,12 @@ def _print_summary(summary: dict) -> None:
         table.add_row(f"best {best['name']}", f"{best['value']:.4f}")
     table.add_row("steps / epochs", f"{summary['steps']} / {summary['epochs']}")
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s ({summary['samples_per_s']:.0f} samples/s)")
-    peaks = summary["peak_memory_bytes"]
-    table.add_row("peak memory", ", ".join(f"{name} {format_bytes(value)}" for name, value in peaks.items() if value))
+    for rank, peaks in enumerate(summary["peak_memory_bytes_per_rank"]):
+        label = "peak memory" if summary["world_size"] == 1 else f"peak memory, rank {rank}"
+        table.add_row(label, ", ".join(f"{name} {format_bytes(value)}" for name, value in peaks.items() if value))
     table.add_row("precision", f"{summary['precision']} on {summary['device']}")
+    if summary["world_size"] > 1:
+        table.add_row("processes", f"{summary['world_size']} ({summary['strategy']})")
     table.add_row(
         "batch",
         f"micro {summary['micro_batch_size']} x {summary['accumulation_steps']} = {summary['effective_batch_size']}"

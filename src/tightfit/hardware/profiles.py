@@ -51,6 +51,9 @@ class DeviceProfile:
             tensor peak); zeros on CPU.
         sources: figure name (``"peak_flops.fp16"``, ``"usable_bytes"``) -> datasheet URL,
             document, or how it was measured.
+        interconnect_bandwidth: bytes/s one device sends to its peers in the same machine
+            (NVLink, else PCIe), one direction; what a ring all-gather or reduce-scatter runs at.
+            None for devices that do not train in groups (laptops, Macs, the CPU profile).
     """
 
     name: str
@@ -66,6 +69,7 @@ class DeviceProfile:
     supports_bitsandbytes: bool
     overhead: dict[str, float]
     sources: dict[str, str] = field(default_factory=dict)
+    interconnect_bandwidth: float | None = None
 
     def flops_for(self, dtype: str) -> float:
         """Peak dense FLOP/s for ``dtype`` (fp32, tf32, fp16, bf16), falling back to fp32.
@@ -240,6 +244,8 @@ def _profile_from_entry(name: str, entry: dict, families: dict, documents: dict,
         "supports_bitsandbytes": supports.get("bitsandbytes"),
         **{f"overhead.{key}": overhead.get(key) for key in OVERHEAD_KEYS},
     }
+    if "interconnect_bandwidth" in entry:  # optional, but sourced like every figure when given
+        figures["interconnect_bandwidth"] = float(entry["interconnect_bandwidth"])
     missing_values = [figure for figure, value in figures.items() if value is None]
     if missing_values:
         raise SpecError(f"{where}: missing figure(s) {', '.join(missing_values)}")
@@ -264,6 +270,7 @@ def _profile_from_entry(name: str, entry: dict, families: dict, documents: dict,
         supports_bitsandbytes=bool(supports["bitsandbytes"]),
         overhead={key: overhead[key] for key in OVERHEAD_KEYS},
         sources=sources,
+        interconnect_bandwidth=figures.get("interconnect_bandwidth"),
     )
 
 

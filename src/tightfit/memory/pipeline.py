@@ -26,7 +26,8 @@ document people otherwise write by hand (``reference/seed-002-rtx3050-feasibilit
 A training stage takes ``model``, ``input`` and optionally ``batch_size`` (check exactly that),
 ``effective_batch_size``, ``precision``, ``optimizer``, ``checkpointing``, ``lora_rank``,
 ``quantize_base`` (with ``lora_rank``: ``nf4`` or ``int8``), ``samples``, ``model_kwargs`` and
-``note``. A ``cpu`` stage is estimated as its feature matrix in
+``note``; ``devices: N`` and ``strategy: fsdp | ddp`` plan it per rank on N of the pipeline's
+devices (``tightfit.memory.distributed``; ``devices: auto`` finds how many are needed). A ``cpu`` stage is estimated as its feature matrix in
 float64 plus libsvm's kernel cache (scikit-learn's default ``cache_size=200`` MB) against the
 host's memory.
 """
@@ -65,6 +66,8 @@ class StageConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     samples: int | None = Field(None, ge=1)
     features: int | None = Field(None, ge=1)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    devices: int | Literal["auto"] | None = Field(None, description="plan per rank on N devices (auto: find N)")
+    strategy: Literal["fsdp", "ddp"] = "fsdp"
     note: str = ""
 
 
@@ -179,6 +182,9 @@ def plan_pipeline(
             continue
         if not stage.model or not stage.input:
             raise ConfigError(f"stage {stage.name!r}: a training stage needs 'model' and 'input' (or kind: cpu)")
+        if stage.devices is not None:
+            result.stages.append(_distributed_stage(stage, profile, config.margin))
+            continue
         try:
             planned = plan(
                 stage.model, stage.input, batch_size=stage.batch_size, precision=stage.precision,
@@ -216,6 +222,39 @@ def plan_pipeline(
         )
     result.seconds = round(time.perf_counter() - started, 2)
     return result
+
+
+def _distributed_stage(stage: StageConfig, profile: Any, margin: float) -> StageResult:
+    """A stage shared by several devices: each rank's peak (``tightfit.memory.distributed``)."""
+    from tightfit.memory.distributed import plan_distributed
+
+    if stage.effective_batch_size or stage.quantize_base:
+        raise ConfigError(f"stage {stage.name!r}: with devices, give batch_size per rank (no effective_batch_size, no quantize_base)")
+    try:
+        planned = plan_distributed(
+            stage.model, stage.input, devices=None if stage.devices == "auto" else stage.devices, strategy=stage.strategy,
+            batch_size=stage.batch_size or 1, precision=stage.precision or "bf16-pure", optimizer=stage.optimizer or "adamw",
+            checkpointing=True if stage.checkpointing is None else stage.checkpointing, lora_rank=stage.lora_rank,
+            margin=margin, model_kwargs=stage.model_kwargs, profile=profile,
+        )
+    except TightfitError as error:
+        raise type(error)(f"stage {stage.name!r}: {error}") from None
+    row = planned.rows[-1]
+    fits = row.fits
+    steps = math.ceil(stage.samples / (planned.micro_batch_size * row.devices)) if stage.samples and row.step_time_s else None
+    why = (
+        f"{row.devices} x {profile.name} with {stage.strategy}: {format_bytes(row.peak_bytes)} per rank of "
+        f"{format_bytes(row.usable_bytes)}" + ("" if fits else f"; none up to {row.devices} fits")
+    )
+    return StageResult(
+        name=stage.name, kind="train", model=stage.model, input=stage.input,
+        verdict="fits" if fits else "does not fit", fits=fits,
+        micro_batch_size=planned.micro_batch_size if fits else None, accumulation_steps=1 if fits else None,
+        precision=planned.precision if fits else None, checkpointing=planned.checkpointing if fits else None,
+        optimizer=planned.optimizer if fits else None, peak_bytes=row.peak_bytes, budget_bytes=row.usable_bytes,
+        step_time_s=row.step_time_s, epoch_time_s=steps * row.step_time_s if steps else None,
+        why=why, note=stage.note or f"{row.devices} devices, {stage.strategy}", plan=planned.to_dict(),
+    )
 
 
 def _cpu_stage(stage: StageConfig) -> StageResult:

@@ -341,7 +341,14 @@ def _inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor] | None:
 
 
 def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:
-    """The untyped storage behind ``tensor``; None for tensors without one (sparse, nested)."""
+    """The untyped storage behind ``tensor``; None for tensors without one (sparse, nested).
+
+    A DTensor (FSDP2's sharded parameters, gradients and optimizer state) counts its local shard:
+    what this rank holds.
+    """
+    local = getattr(tensor, "_local_tensor", None)
+    if isinstance(local, torch.Tensor):
+        tensor = local
     try:
         return tensor.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):

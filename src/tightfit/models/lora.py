@@ -313,7 +313,7 @@ def _require_peft_model(model: nn.Module, action: str):
     return peft
 
 
-def save_adapters(model: nn.Module, directory: str | Path) -> Path:
+def save_adapters(model: nn.Module, directory: str | Path, state_dict: dict | None = None) -> Path:
     """Save the adapters (and trainable heads) as safetensors, plus a tightfit summary.
 
     Writes ``adapter_model.safetensors`` and ``adapter_config.json`` (PEFT's format, loadable by
@@ -322,6 +322,8 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     Args:
         model: a model returned by :func:`apply_lora`.
         directory: created if missing; files in it with the same names are replaced.
+        state_dict: the weights to take the adapters from, when the model's own are sharded
+            (FSDP: gathered whole by the trainer); default ``model.state_dict()``.
 
     Returns:
         The directory.
@@ -329,7 +331,7 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     _require_peft_model(model, "save adapters")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(directory), safe_serialization=True)
+    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
     summary = getattr(model, "lora_summary", None)
     config = getattr(model, "tightfit_lora_config", None)
     payload = {

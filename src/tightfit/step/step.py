@@ -9,7 +9,7 @@ One step over a *window* (the effective batch: the samples of one optimizer step
 
     for each micro-batch of the window:                  # micro_batch_size samples
         batch = transfer(micro-batch)                    # to the device; bf16-pure: floats in bf16
-        with sync_context(last micro-batch?):            # DDP/FSDP: all-reduce on the last only
+        with sync_context(last micro-batch?):            # FSDP: reduce-scatter on the last; ddp: average after it
             with autocast(precision):
                 output, loss = forward_and_loss(model, batch)
             backward(scale(loss * samples / window samples))
@@ -72,7 +72,8 @@ class TrainingStep:
         scaler: a ``torch.amp.GradScaler`` (fp16 on CUDA/MPS), else None.
         clip_grad_norm: clip the total gradient norm to this, when set.
         sync_context: ``(last_micro_batch) -> context`` around each micro-batch's forward and
-            backward; DDP's ``no_sync`` for all but the last (see ``training.distributed``).
+            backward (``training.distributed.gradient_sync_context``, and the trainer's agreement
+            on out-of-memory and gradient average for ``ddp`` after the last).
         skip_check: ``(mean_loss, grad_norm) -> reason | None``, asked before ``optimizer.step``;
             a reason skips the update (the numerics guard). None: never skip.
         transfer: ``(micro_batch) -> micro_batch on the device``; default: ``move_to_device``.

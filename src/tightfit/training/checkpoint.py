@@ -11,6 +11,9 @@ A checkpoint is a directory holding
   ``torch.load(weights_only=True)`` reads it;
 * ``meta.json``: step, epoch and metrics, for people and for ``--resume``.
 
+Under ``distributed.strategy: fsdp`` the weights and the optimizer state are in ``shards/``
+instead, written by every rank (``training/distributed_checkpoint.py``).
+
 The directory is written under a temporary name and moved into place with ``os.replace``; the
 previous version is moved aside first and removed last, so a crash at any moment leaves either
 the old or the new checkpoint complete (``load_checkpoint`` falls back to the moved-aside one).
@@ -45,6 +48,7 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 WEIGHTS_KIND_KEY = "weights"
 ADAPTERS_ONLY = "adapters-only"
+SHARDS_DIR = "shards"  # a sharded checkpoint's weights and optimizer state, in DCP's format
 _ASIDE_SUFFIX = ".old"
 _TEMPORARY_MARK = ".tmp-"
 # checkpoints that hold the whole training state (optimizer, schedule, RNG); the others hold
@@ -157,8 +161,7 @@ def save_checkpoint(
     try:
         try:
             save_file({name: tensor.cpu() for name, tensor in weights.items()}, str(temporary / WEIGHTS_FILE), metadata=weights_metadata)
-            torch.save(state, temporary / STATE_FILE)
-            (temporary / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+            write_state_and_meta(temporary, state, meta)
         except Exception as error:
             if _is_disk_full(error, directory.parent):
                 needed = _tensor_bytes(weights) + _tensor_bytes(state)
@@ -170,16 +173,28 @@ def save_checkpoint(
                     f"{_mib(free)} free; {previous}"
                 ) from None
             raise
-        aside = directory.with_name(directory.name + _ASIDE_SUFFIX)
-        if directory.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(directory, aside)
-        os.replace(temporary, directory)
-        shutil.rmtree(aside, ignore_errors=True)
+        move_into_place(temporary, directory)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return directory
+
+
+def write_state_and_meta(directory: Path, state: dict, meta: dict) -> None:
+    """Write ``state.pt`` and ``meta.json`` into a checkpoint directory being built."""
+    torch.save(state, directory / STATE_FILE)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+
+def move_into_place(temporary: Path, directory: Path) -> None:
+    """Replace ``directory`` by the complete ``temporary`` one; a crash at any moment leaves one
+    of the two complete (the old one moved aside, found again by :func:`complete_checkpoint`)."""
+    aside = directory.with_name(directory.name + _ASIDE_SUFFIX)
+    if directory.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(directory, aside)
+    os.replace(temporary, directory)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _is_disk_full(error: BaseException, folder: Path) -> bool:
@@ -305,9 +320,15 @@ def complete_checkpoint(directory: Path) -> Path | None:
     """The checkpoint at ``directory``, or the previous version a crash left moved aside, or None."""
     directory = Path(directory)
     for candidate in (directory, directory.with_name(directory.name + _ASIDE_SUFFIX)):
-        if all((candidate / name).is_file() for name in (WEIGHTS_FILE, STATE_FILE, META_FILE)):
+        weights = (candidate / WEIGHTS_FILE).is_file() or is_sharded(candidate)
+        if weights and all((candidate / name).is_file() for name in (STATE_FILE, META_FILE)):
             return candidate
     return None
+
+
+def is_sharded(directory: Path) -> bool:
+    """Whether a checkpoint holds its weights as DCP shards (``training/distributed_checkpoint.py``)."""
+    return (Path(directory) / SHARDS_DIR / ".metadata").is_file()
 
 
 def checkpoint_folders(checkpoints: Path) -> list[Path]:

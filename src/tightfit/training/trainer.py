@@ -26,12 +26,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tightfit.config import TrainConfig, build_config, config_to_yaml
-from tightfit.errors import ConfigError, TightfitError
+from tightfit.errors import ConfigError, DistributedRunError, TightfitError
 from tightfit.memory.oom import is_out_of_memory
 from tightfit.step.batch import count_samples, move_to_device
 from tightfit.step.rng import rng_state, seed_everything, set_rng_state
 from tightfit.step.step import TrainingStep
 from tightfit.training import checkpoint as checkpoint_files
+from tightfit.training import distributed
 from tightfit.training.callbacks import EarlyStopping, HtmlReport, ModelCheckpoint, callback_states, load_callback_states
 from tightfit.training.checkpoint_writer import CheckpointWriter
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
@@ -107,6 +108,7 @@ class Trainer:
         self.samples_seen = 0
         self.wall_time_before_s = 0.0  # wall time of the earlier parts of a resumed run
         self.oom_recoveries = 0
+        self._agreed = False  # this window's ranks agreed on out-of-memory (see _agreeing_after)
         self.batch_search_peak_bytes: int | None = None  # the step peak micro_batch_size=auto found, for the report
         self.should_stop = False
         self.stop_reason: str | None = None
@@ -122,8 +124,12 @@ class Trainer:
             ConfigError: a setting that cannot be honoured here (device missing, no data...).
         """
         config = self.config
-        self.process = setup_process("cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.process = setup_process(
+            "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu",
+            timeout_s=config.distributed.timeout_s,
+        )
         self.device = resolve_device(config.device, self.process)
+        self.strategy = distributed.resolve_strategy(config.distributed.strategy, self.process)
         self.threads_before = torch.get_num_threads()
         if config.threads is not None:
             torch.set_num_threads(config.threads)  # restored when fit() ends: a notebook keeps its setting
@@ -131,7 +137,7 @@ class Trainer:
         seed_everything(config.seed)
 
         # absolute: summary.json and the checkpoint state are read from other folders later
-        self.run_dir = Path(resume_from or config.run_dir or new_run_dir()).absolute()
+        self.run_dir = Path(resume_from or config.run_dir or distributed.broadcast_object(new_run_dir(), self.process)).absolute()
         self.data = self._build_data()
         self.model = self._build_model()
         self.precision, precision_reason = resolve_precision(config.precision, self.device.type)
@@ -141,15 +147,15 @@ class Trainer:
             self.model.to(dtype=parameter_dtype(self.precision))
         self.model.to(self.device)
         self._apply_budget()
+        micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
+        self.train_model = self._wrap_for_processes(self.model)  # before the optimizer: FSDP replaces the parameters
         self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **config.optimizer.model_dump(exclude={"name"}))
         scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
         self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips, flat_loss_steps=config.numerics.flat_loss_steps)
-        self.train_model = self._wrap_for_processes(self.model)
-        micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
         self.step = TrainingStep(
             self.train_model, self.optimizer, device=self.device, precision=self.precision,
             micro_batch_size=micro_batch_size, scaler=scaler, clip_grad_norm=config.clip_grad_norm,
-            sync_context=self._sync_context() if self.process.distributed else None, skip_check=self._check_numerics,
+            sync_context=self._sync_context if self.strategy != "single" else None, skip_check=self._check_numerics,
         )
         self.loaders = self._build_loaders()
         self.steps_per_epoch = len(self.loaders["train"])
@@ -236,7 +242,8 @@ class Trainer:
         batch = self.config.batch
         micro = batch.micro_batch_size
         if micro == "auto":
-            micro = self._find_micro_batch_size()
+            # each rank searches on its own; all take the smallest, so they step together
+            micro = distributed.min_across_processes(self._find_micro_batch_size(), self.device, self.process)
         train_size = len(self.data["train"])
         micro = min(micro, train_size)
         if batch.effective_batch_size is not None:
@@ -308,12 +315,26 @@ class Trainer:
         return loaders
 
     def _wrap_for_processes(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Share the model across ranks as ``distributed.strategy`` says (in place; returns it)."""
+        settings = self.config.distributed
+        distributed.check_strategy(self.strategy, device_type=self.device.type, cpu_offload=settings.cpu_offload, precision=self.precision)
         if not self.process.distributed:
             return model
-        from torch.nn.parallel import DistributedDataParallel
+        if self.strategy == "ddp":
+            distributed.replicate_model(model)
+            self.console.print(f"distributed: ddp over {self.process.world_size} processes")
+        elif self.strategy == "fsdp":
+            from tightfit.models.checkpointing import find_repeated_blocks
 
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+            blocks = find_repeated_blocks(model)  # found again: LoRA's wrapper renames the modules
+            param_dtype = distributed.fsdp_param_dtype(settings.param_dtype, self.precision, model)
+            distributed.shard_model(model, blocks, param_dtype=param_dtype, reduce_dtype=settings.reduce_dtype, cpu_offload=settings.cpu_offload)
+            self.console.print(
+                f"distributed: fsdp over {self.process.world_size} processes, {len(blocks)} blocks sharded as units "
+                f"(parameters gathered in {param_dtype}, gradients reduced in {settings.reduce_dtype}"
+                f"{', CPU offload' if settings.cpu_offload else ''})"
+            )
+        return model
 
     def _build_callbacks(self) -> list[Any]:
         config = self.config
@@ -392,6 +413,9 @@ class Trainer:
             return summary
         except BaseException as error:
             self._fire("on_exception", error)
+            lost = distributed.lost_peer_message(error, self.process)
+            if lost is not None:
+                raise DistributedRunError(f"{lost}; continue from the last checkpoint with --resume {self.run_dir}") from error
             raise
         finally:
             for logger in self.loggers:
@@ -442,25 +466,33 @@ class Trainer:
         tracker counts the whole step, ``optimizer.step`` included, as the estimate does.
         """
         while True:
+            self._agreed = False
             try:
                 with self._budget_context(window):
                     result = self.step(window)
                 break
             except Exception as error:
+                if isinstance(error, distributed.OutOfMemoryOnAnotherRank):
+                    self._recover_from_out_of_memory(None)
+                    continue
                 if not is_out_of_memory(error):
                     raise
+                self._tell_other_ranks_out_of_memory(error)
                 self._recover_from_out_of_memory(error)
         lr = self.optimizer.param_groups[0]["lr"]
         self.schedule.step()
         self.global_step += 1
         self.samples_in_epoch += result.samples
         self.samples_seen += result.samples
-        return {"train_loss": float(result.loss), "lr": lr, "grad_norm": float(result.grad_norm), "samples": result.samples,
+        loss = distributed.mean_across_processes(float(result.loss), self.device, self.process)  # over all ranks' samples
+        return {"train_loss": loss, "lr": lr, "grad_norm": float(result.grad_norm), "samples": result.samples,
                 "skipped": float(result.skipped is not None)}
 
     def _check_numerics(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
-        """The step's ``skip_check``: the numerics guard's verdict on the window's loss and gradients."""
-        loss, grad_norm = float(loss), float(grad_norm)
+        """The step's ``skip_check``: the numerics guard's verdict on the window's loss and gradients.
+
+        The loss is averaged over ranks (the gradients already are), so every rank skips or steps alike."""
+        loss, grad_norm = distributed.mean_across_processes(float(loss), self.device, self.process), float(grad_norm)
         if self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
             return None  # an fp16 gradient overflow is the scaler's business: it skips the step and rescales
         lr = self.optimizer.param_groups[0]["lr"]
@@ -469,10 +501,24 @@ class Trainer:
             self.console.print(f"[yellow]step {self.global_step + 1} skipped:[/] {problem}")
         return problem
 
-    def _sync_context(self):
-        """DDP: gradients are all-reduced on the window's last micro-batch only."""
-        model = self.train_model
-        return lambda last: contextlib.nullcontext() if last else model.no_sync()
+    def _sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """The step's ``sync_context`` under several processes: FSDP reduce-scatters on the last
+        micro-batch only; under ``ddp``, after the last micro-batch's backward, the ranks agree (out
+        of memory anywhere?) and average the gradients, before the step clips and checks them."""
+        syncing = distributed.gradient_sync_context(self.train_model, last_micro_batch)
+        return self._agreeing_after(syncing) if last_micro_batch and self.strategy == "ddp" and self.process.distributed else syncing
+
+    @contextlib.contextmanager
+    def _agreeing_after(self, syncing: contextlib.AbstractContextManager):
+        with syncing:
+            yield
+        # reached only when this rank's last backward succeeded; a rank that ran out of memory
+        # before this point sends its True from train_step's handler into the same all-reduce
+        self._agreed = True
+        if distributed.any_across_processes(False, self.device, self.process):
+            raise distributed.OutOfMemoryOnAnotherRank()
+        if self.strategy == "ddp":
+            distributed.average_gradients(self.model, self.device, self.process)
 
     @property
     def micro_batch_size(self) -> int:
@@ -500,12 +546,36 @@ class Trainer:
 
         return MemoryTracker(self.model, self.optimizer, budget_bytes=self.budget_bytes, host_data=window)
 
-    def _recover_from_out_of_memory(self, error: BaseException) -> None:
-        """Halve the micro-batch, double the accumulation, drop the partial gradients."""
+    def _tell_other_ranks_out_of_memory(self, error: BaseException) -> None:
+        """This rank ran out of memory: join the all-reduce the other ranks wait in after their
+        last micro-batch (:meth:`_agreeing_after`), so all of them shrink the micro-batch."""
+        if not self.process.distributed:
+            return
+        if self.strategy == "fsdp":
+            # every FSDP forward and backward is a collective: the other ranks wait in one this rank
+            # will not join, so there is no agreeing; the launcher stops them when this rank exits
+            raise DistributedRunError(
+                f"rank {self.process.rank}: out of memory under fsdp, where ranks cannot agree mid-step; continue with "
+                f"--resume {self.run_dir} batch.micro_batch_size={max(1, self.micro_batch_size // 2)} "
+                f"batch.effective_batch_size={self.effective_batch_size}"
+            ) from error
+        if self._agreed:  # past the agreement (in the optimizer step): the others have moved on
+            raise DistributedRunError(
+                f"rank {self.process.rank}: out of memory in the optimizer step, after the ranks agreed on the "
+                f"window; lower batch.micro_batch_size and continue with --resume {self.run_dir}"
+            ) from error
+        distributed.any_across_processes(True, self.device, self.process)
+
+    def _recover_from_out_of_memory(self, error: BaseException | None) -> None:
+        """Halve the micro-batch, double the accumulation, drop the partial gradients.
+
+        ``error`` is None on a rank that did not run out of memory itself but follows one that did."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.micro_batch_size == 1:
+            if error is None:
+                raise TightfitError("out of memory with a micro-batch of 1 on another rank: the model itself does not fit there")
             raise TightfitError(
                 "out of memory with a micro-batch of 1: the model itself does not fit "
                 "(try checkpointing: auto, precision: bf16, optimizer.name: sgd, or lora)"
@@ -513,8 +583,9 @@ class Trainer:
         self.micro_batch_size = max(1, self.micro_batch_size // 2)
         self.accumulation_steps = math.ceil(self.effective_batch_size / self.micro_batch_size)
         self.oom_recoveries += 1
+        where = "" if not self.process.distributed else f" on {'this' if error is not None else 'another'} rank"
         self.console.print(
-            f"[yellow]out of memory at step {self.global_step + 1}:[/] micro_batch_size -> {self.micro_batch_size}, "
+            f"[yellow]out of memory{where} at step {self.global_step + 1}:[/] micro_batch_size -> {self.micro_batch_size}, "
             f"accumulation_steps -> {self.accumulation_steps} (effective batch {self.effective_batch_size} unchanged)"
         )
 
@@ -543,14 +614,25 @@ class Trainer:
         was_training = model.training
         model.eval()
         metrics = MetricAccumulator()
+        # under FSDP every forward is a collective: a rank with one batch fewer (ranks hold
+        # len // world_size or one more samples) repeats its last batch without counting it
+        extra_passes = self._batches_behind(len(loader)) if self.strategy == "fsdp" else 0
         with torch.inference_mode():
             for batch in loader:
                 batch = move_to_device(batch, self.device, non_blocking=True)
                 with autocast(self.precision, self.device.type):
                     output, loss = forward_and_loss(model, batch)
                 metrics.update(output, batch_target(batch), loss, count_samples(batch))
+            for _ in range(extra_passes):
+                with autocast(self.precision, self.device.type):
+                    forward_and_loss(model, batch)
         model.train(was_training)
         return metrics.compute(prefix=f"{split}_", device=self.device, process=self.process)
+
+    def _batches_behind(self, batches: int) -> int:
+        """How many batches this rank has fewer than the rank with the most."""
+        most = -distributed.min_across_processes(-batches, self.device, self.process)
+        return most - batches
 
     # ------------------------------------------------------------------------------ the end
     def _finish(self, start_time: float) -> dict[str, Any]:
@@ -566,17 +648,16 @@ class Trainer:
         restore_best = not self.config.early_stopping.enabled or self.config.early_stopping.restore_best
         if best_path is not None:
             self._barrier()
-            checkpoint_files.load_weights(self.model, Path(best_path) / checkpoint_files.WEIGHTS_FILE)
+            self._load_weights(Path(best_path))
         if self.loaders.get("test") is not None:
             test_metrics = self.evaluate("test")
             self._log(test_metrics, "test")
         if best_path is not None and not restore_best:
-            checkpoint_files.load_weights(self.model, self.run_dir / "checkpoints" / "last" / checkpoint_files.WEIGHTS_FILE)
-        if self.config.lora is not None and self.process.is_main:
-            from tightfit.models.lora import save_adapters
-
-            save_adapters(self.model, self.run_dir / "adapters")
+            self._load_weights(self.run_dir / "checkpoints" / "last")
+        if self.config.lora is not None:
+            self._save_adapters()
         wall_time_s = self.wall_time_before_s + time.perf_counter() - start_time
+        peaks = self._peak_memory_bytes_per_rank()
         summary = {
             "run_dir": str(self.run_dir),
             "model": self.config.model if self.user_model is None else type(self.user_model).__name__,
@@ -589,7 +670,8 @@ class Trainer:
             "epochs": self.epoch,
             "samples_seen": self.samples_seen,
             "samples_per_s": round(self.samples_seen * self.process.world_size / max(wall_time_s, 1e-9), 1),
-            "peak_memory_bytes": self._peak_memory_bytes(),
+            "peak_memory_bytes": peaks[0],
+            "peak_memory_bytes_per_rank": peaks,
             "device": str(self.device),
             "precision": self.precision,
             "precision_reason": self.precision_reason,
@@ -601,6 +683,7 @@ class Trainer:
             "skipped_steps": self.guard.skipped_steps,
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
+            "strategy": self.strategy,
         }
         if self.process.is_main:
             _write_json_atomically(self.run_dir / SUMMARY_FILE, summary)
@@ -616,12 +699,18 @@ class Trainer:
             peaks["cuda_reserved"] = int(torch.cuda.max_memory_reserved(self.device))
         return peaks
 
+    def _peak_memory_bytes_per_rank(self) -> list[dict[str, int]]:
+        """Every rank's peaks, by rank (one entry in a one-process run)."""
+        mine = self._peak_memory_bytes()
+        gathered = {name: distributed.gather_across_processes(value, self.device, self.process) for name, value in mine.items()}
+        return [{name: None if values[rank] is None else int(values[rank]) for name, values in gathered.items()} for rank in range(self.process.world_size)]
+
     # ------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, name: str, *, weights_only: bool = False, metrics: dict[str, float] | None = None) -> Path:
         """Write ``RUN_DIR/checkpoints/NAME`` (rank 0 only); ``weights_only`` leaves out the
         optimizer and RNG state (best and top-k checkpoints, which are not resumed from)."""
         directory = self.run_dir / "checkpoints" / name
-        if not self.process.is_main:
+        if not self.process.is_main and not self.sharded_checkpoints:
             return directory
         meta = {
             "step": self.global_step,
@@ -631,8 +720,44 @@ class Trainer:
             "time": datetime.now().isoformat(timespec="seconds"),
         }
         state = {"counters": self._counters()} if weights_only else self._training_state()
+        if self.sharded_checkpoints:
+            from tightfit.training.distributed_checkpoint import save_sharded_checkpoint
+
+            state.pop("optimizer", None)  # in the shards
+            optimizer = None if weights_only else self.optimizer
+            return save_sharded_checkpoint(
+                directory, self.model, optimizer, state, meta, self.process, trainable_only=self.config.lora is not None
+            )
         weights = checkpoint_files.model_weights(self.model)  # adapters only for a LoRA run
         return self.checkpoint_writer.save(directory, weights, state, meta, checkpoint_files.weights_metadata(self.model))
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """FSDP runs write DCP checkpoints (every rank its shards), loadable on any world size."""
+        return self.strategy == "fsdp"
+
+    def _load_weights(self, directory: Path) -> None:
+        """Load a checkpoint's weights (not the training state) into the model."""
+        if self.sharded_checkpoints:
+            from tightfit.training.distributed_checkpoint import load_sharded_checkpoint
+
+            load_sharded_checkpoint(directory, self.model, trainable_only=self.config.lora is not None)
+        else:
+            checkpoint_files.load_weights(self.model, directory / checkpoint_files.WEIGHTS_FILE)
+
+    def _save_adapters(self) -> None:
+        """Write the LoRA adapters (rank 0); under FSDP they are gathered whole first (every rank)."""
+        from tightfit.models.lora import save_adapters
+
+        if self.strategy == "fsdp" and self.process.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            state = get_model_state_dict(self.model, options=options)
+            if self.process.is_main:
+                save_adapters(self.model, self.run_dir / "adapters", state_dict=state)
+        elif self.process.is_main:
+            save_adapters(self.model, self.run_dir / "adapters")
 
     def _counters(self) -> dict[str, Any]:
         return {
@@ -644,6 +769,7 @@ class Trainer:
             "wall_time_s": self.wall_time_before_s + (time.perf_counter() - self.fit_start_time if self.fit_start_time else 0.0),
             "micro_batch_size": self.micro_batch_size,
             "oom_recoveries": self.oom_recoveries,
+            "world_size": self.process.world_size,
         }
 
     def _training_state(self) -> dict[str, Any]:
@@ -664,24 +790,36 @@ class Trainer:
         A damaged ``last`` is skipped for the newest intact checkpoint (``last.old``, ``best``,
         top-k), saying which file was damaged; from a weights-only one the run continues from its
         step with fresh optimizer state (see :meth:`_continue_from_weights`)."""
-        restored = checkpoint_files.load_newest_intact(run_dir / "checkpoints", self.model)
+        if self.sharded_checkpoints:
+            from tightfit.training.distributed_checkpoint import load_sharded_checkpoint
+
+            restored = load_sharded_checkpoint(
+                run_dir / "checkpoints" / "last", self.model, self.optimizer, trainable_only=self.config.lora is not None
+            )
+        else:
+            restored = checkpoint_files.load_newest_intact(run_dir / "checkpoints", self.model)
         for problem in restored.skipped:
             self._warn(f"skipped a damaged checkpoint: {problem}")
         state = restored.state
         counters = state["counters"]
         self.global_step = counters["global_step"]
         self.epoch = counters["epoch"]
-        self.samples_in_epoch = counters["samples_in_epoch"]
+        # a rank's position in the epoch's order: rank r reads order[r::world], so after k samples
+        # each, the first k x world of the order are read, whatever the world size resumes on
+        self.samples_in_epoch = counters["samples_in_epoch"] * counters.get("world_size", 1) // self.process.world_size
         self.samples_seen = counters["samples_seen"]
         self.wall_time_before_s = counters["wall_time_s"]
         self.oom_recoveries = counters["oom_recoveries"]
         if counters["micro_batch_size"] < self.micro_batch_size:  # keep what out-of-memory recovery learnt
             self.micro_batch_size = counters["micro_batch_size"]
             self.accumulation_steps = math.ceil(self.effective_batch_size / self.micro_batch_size)
-        if not restored.exact:
+        if self.sharded_checkpoints:
+            pass  # the optimizer state came with the weights, in the shards
+        elif not restored.exact:
             self._continue_from_weights(restored)
             return
-        self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
