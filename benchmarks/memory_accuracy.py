@@ -9,6 +9,9 @@ activations). On CPU the target is a median error <= 1 % and a maximum <= 3 %.
 Inputs are kept small (64x64 images, 64-128 tokens, batches of 2-8) so that the real steps run on
 two CPU cores in a few minutes; the estimator's accuracy does not depend on the size.
 
+Forward-only rows (``tightfit.memory.inference``: feature extraction, prediction) compare the
+inference-mode estimate with the measurement the same way, against the same bar.
+
 Also timed: planning a 7B Llama-style decoder (32 layers, hidden 4096, built from a transformers
 ``LlamaConfig``) on fake tensors, LoRA and full fine-tuning.
 
@@ -23,6 +26,7 @@ run with the per-rank estimate of ``tightfit.memory.distributed`` (docs/distribu
 
 Run:
     .venv/bin/python benchmarks/memory_accuracy.py [--json results.json] [--only resnet18,gpt2] [--cuda] [--distributed]
+        [--mode training|inference|both]
 """
 
 import argparse
@@ -36,6 +40,7 @@ import torch
 from torch import nn
 
 from tightfit.memory.estimator import EstimationError, estimate_step
+from tightfit.memory.inference import estimate_forward, measure_forward
 from tightfit.memory.measure import measure_step
 from tightfit.units import format_bytes
 
@@ -141,6 +146,54 @@ ZOO = [
     ("minilm + lora", minilm_lora, tokens(64, 30522, labels="classes"),
      [(8, dict()), (8, dict(precision="bf16"))]),
 ]
+
+
+def vit3d_small():
+    from tightfit.models.builtin import ViT
+
+    return ViT(num_classes=2, image_size=32, patch_size=8, in_channels=1, dim=192, depth=4, heads=3, spatial_dims=3)
+
+
+def volumes(batch_size, device):
+    return torch.randn(batch_size, 1, 32, 32, 32, device=device), None
+
+
+# name, model factory, batch factory, [(batch size, precision), ...]: forward-only passes
+FORWARD_ZOO = [
+    ("mlp", mlp, images(3, 32), [(8, "fp32"), (8, "bf16")]),
+    ("small-cnn", small_cnn, images(3, 32), [(8, "fp32")]),
+    ("resnet18", torchvision_model("resnet18", num_classes=10), IMAGES_64, [(8, "fp32"), (8, "bf16")]),
+    ("resnet50", torchvision_model("resnet50", num_classes=10), IMAGES_64, [(4, "fp32"), (4, "bf16")]),
+    ("mobilenet_v3_large", torchvision_model("mobilenet_v3_large", num_classes=10), IMAGES_64, [(8, "fp32")]),
+    ("vit_b_16", torchvision_model("vit_b_16", num_classes=10, image_size=64), IMAGES_64, [(4, "fp32"), (4, "bf16")]),
+    ("vit3d (builtin)", vit3d_small, volumes, [(2, "fp32"), (2, "bf16")]),
+    ("bert-style", bert, tokens(128, 8000, labels="classes"), [(4, "fp32")]),
+    ("gpt2-style", gpt2, tokens(128, 8000), [(4, "fp32"), (4, "bf16")]),
+]
+
+
+def run_forward_case(name, model_factory, batch_factory, batch_size, precision) -> dict:
+    """Forward-only: the inference-mode estimate on a meta model vs the measurement on a real one."""
+    torch.manual_seed(0)
+    row = {"model": name, "settings": f"b{batch_size} {precision} forward-only"}
+    with torch.device("meta"):
+        meta_model = model_factory()
+    started = time.perf_counter()
+    try:
+        estimate = estimate_forward(meta_model, batch_factory, batch_size=batch_size, precision=precision)
+    except EstimationError as error:
+        row.update(error=str(error))
+        return row
+    row["estimate_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    measured = measure_forward(model_factory(), batch_factory, batch_size=batch_size, precision=precision, device="cpu")
+    row["measure_seconds"] = time.perf_counter() - started
+    row.update(
+        estimated_bytes=estimate.peak_bytes, measured_bytes=measured.peak_bytes,
+        error_percent=100 * (estimate.peak_bytes - measured.peak_bytes) / measured.peak_bytes,
+        parameters_bytes=measured.breakdown["parameters"], activations_bytes=measured.breakdown["activations"],
+    )
+    return row
 
 
 def parameters_only_bytes(model: nn.Module, settings: dict) -> int:
@@ -333,6 +386,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", metavar="NAMES", help="comma-separated model names from the zoo")
     parser.add_argument("--cuda", action="store_true", help="also compare with torch.cuda.max_memory_allocated/reserved")
     parser.add_argument("--skip-7b", action="store_true", help="do not time the 7B planning")
+    parser.add_argument("--mode", choices=("training", "inference", "both"), default="both",
+                        help="training steps, forward-only passes, or both (default)")
     parser.add_argument("--distributed", action="store_true", help="also compare per-rank peaks on 2 gloo ranks (ddp, fsdp)")
     parser.add_argument("--distributed-worker", nargs=2, metavar=("OUTPUT", "STRATEGY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -345,7 +400,7 @@ def main(argv=None) -> int:
     wanted = set(args.only.split(",")) if args.only else None
     rows = []
     print(f"{'model':<20} {'settings':<28} {'estimated':>11} {'measured':>11} {'error':>8} {'params-only':>11} {'its error':>9} {'est s':>6} {'meas s':>6}")
-    for name, model_factory, batch_factory, cases in ZOO:
+    for name, model_factory, batch_factory, cases in ZOO if args.mode != "inference" else []:
         if wanted and name not in wanted:
             continue
         for batch_size, settings in cases:
@@ -385,6 +440,34 @@ def main(argv=None) -> int:
             f"parameters-only estimate: median |error| {summary['parameters_only_median_abs_error_percent']:.1f}%, "
             f"max {summary['parameters_only_max_abs_error_percent']:.1f}%"
         )
+    forward_rows = []
+    if args.mode != "training":
+        print(f"\n{'model':<20} {'settings':<28} {'estimated':>11} {'measured':>11} {'error':>8} {'activations':>11} {'est s':>6} {'meas s':>6}")
+    for name, model_factory, batch_factory, cases in FORWARD_ZOO if args.mode != "training" else []:
+        if wanted and name not in wanted:
+            continue
+        for batch_size, precision in cases:
+            row = run_forward_case(name, model_factory, batch_factory, batch_size, precision)
+            forward_rows.append(row)
+            if "error" in row:
+                print(f"{name:<20} {row['settings']:<28} not traceable: {row['error'][:80]}")
+                continue
+            print(
+                f"{name:<20} {row['settings']:<28} {format_bytes(row['estimated_bytes']):>11} "
+                f"{format_bytes(row['measured_bytes']):>11} {row['error_percent']:>7.3f}% "
+                f"{format_bytes(row['activations_bytes']):>11} {row['estimate_seconds']:>6.2f} {row['measure_seconds']:>6.2f}",
+                flush=True,
+            )
+    forward_errors = [abs(row["error_percent"]) for row in forward_rows if "error_percent" in row]
+    if forward_errors:
+        summary["forward_only"] = {
+            "cases": len(forward_rows), "median_abs_error_percent": statistics.median(forward_errors),
+            "max_abs_error_percent": max(forward_errors), "exact_cases": sum(error == 0 for error in forward_errors),
+        }
+        print(
+            f"\n{len(forward_rows)} forward-only cases: median |error| {summary['forward_only']['median_abs_error_percent']:.3f}%, "
+            f"max {summary['forward_only']['max_abs_error_percent']:.3f}%, {summary['forward_only']['exact_cases']} exact to the byte"
+        )
     llama = [] if args.skip_7b else time_llama_7b()
     for row in llama:
         parts = ", ".join(f"{key} {format_bytes(value)}" for key, value in row["breakdown"].items())
@@ -402,6 +485,7 @@ def main(argv=None) -> int:
         )
     if args.json:
         with open(args.json, "w") as handle:
+            json.dump({"rows": rows, "forward_rows": forward_rows, "summary": summary, "llama_7b": llama}, handle, indent=2)
             json.dump({"rows": rows, "summary": summary, "llama_7b": llama, "distributed": distributed}, handle, indent=2)
     return 0
 

@@ -15,6 +15,7 @@ examples:
   tightfit batch-size --model builtin:digits-cnn --input 1x8x8 --memory 64MiB
   tightfit batch-size --model torchvision:resnet18 --input 3x64x64 --memory 2GiB --optimizer sgd --json
   tightfit batch-size --model builtin:tiny-gpt --input tokens:128 --device cuda --precision bf16
+  tightfit batch-size --model torchvision:resnet18 --input 3x64x64 --memory 1GiB --inference
 """
 
 from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
@@ -33,6 +34,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--margin", type=float, default=0.1, help="fraction of the budget kept free (default 0.1)")
     parser.add_argument("--max-batch-size", type=int, default=4096, metavar="N", help="largest batch size considered (default 4096)")
     parser.add_argument("--num-classes", type=int, metavar="N", help="classes of the model's head, when the spec takes it")
+    parser.add_argument("--inference", action="store_true",
+                        help="forward-only passes (feature extraction): no gradients, no optimizer state")
     parser.add_argument("--json", action="store_true", help="print one JSON object (batch_size, peak_bytes, trials, ...)")
 
 
@@ -71,6 +74,8 @@ def run(args) -> int:
     model = build_model(args.model, num_classes=args.num_classes)
     batch_factory = make_batch_factory(inputs, model, args.num_classes)
     model = model.to(device)
+    if args.inference:
+        return _run_inference(args, model, batch_factory, budget_bytes, device)
     with _status(args.json, f"searching the batch size of {args.model} on {device}"):
         result = find_batch_size(
             model, batch_factory, budget_bytes=budget_bytes, device=device, precision=args.precision,
@@ -83,6 +88,38 @@ def run(args) -> int:
         print_json({"model": args.model, "input": args.input, "device": str(device), **result.to_dict()})
     else:
         _render(result)
+    return 0 if result.batch_size > 0 else 1
+
+
+def _run_inference(args, model, batch_factory, budget_bytes, device) -> int:
+    from tightfit.errors import ConfigError
+    from tightfit.memory.inference import INFERENCE_PRECISIONS, find_inference_batch_size
+
+    if args.precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"--precision: {args.precision} is not an inference precision ({', '.join(INFERENCE_PRECISIONS)})")
+    if budget_bytes is None:
+        import torch
+
+        budget_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    if budget_bytes is None:
+        raise ConfigError("--memory: required with --inference on this device (the budget, e.g. --memory 4GiB)")
+    with _status(args.json, f"searching the forward batch size of {args.model} on {device}"):
+        result = find_inference_batch_size(model, batch_factory, budget_bytes=budget_bytes, device=device,
+                                           precision=args.precision, margin=args.margin, max_batch_size=args.max_batch_size)
+    if args.json:
+        from tightfit.cli._output import print_json
+
+        print_json({"model": args.model, "input": args.input, "device": str(device), **result.to_dict()})
+    else:
+        from tightfit.cli._output import console
+        from tightfit.units import format_bytes
+
+        out = console()
+        for trial in result.trials:
+            peak = format_bytes(trial["peak_bytes"]) if trial["peak_bytes"] is not None else "out of memory"
+            out.print(f"  forward pass at batch {trial['batch_size']}: {peak} ({trial['seconds']:.2f} s)")
+        out.print(f"predicted: {result.predicted_batch_size}; largest forward batch: {result.batch_size} "
+                  f"(budget {format_bytes(result.budget_bytes)}, margin {args.margin:.0%})")
     return 0 if result.batch_size > 0 else 1
 
 

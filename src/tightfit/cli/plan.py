@@ -24,9 +24,14 @@ examples:
   tightfit plan --model torchvision:resnet50 --input 3x224x224 --device rtx3050-laptop-6gb
   tightfit plan --model builtin:digits-cnn --input 1x8x8 --batch-size 64 --measure
   tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:512 --lora-rank 8 --device a100-80gb --json
+  tightfit plan --model torchvision:resnet50 --input 3x224x224 --inference --precision bf16 --device rtx3050-laptop-6gb
   tightfit plan recipes/lora-causal-lm.yaml --measure                   # the run train would do, then measured
   tightfit plan recipes/qlora-7b.yaml --device m1-16gb
   tightfit plan examples/pipelines/seed002-rtx3050.yaml --html pipeline.html
+
+With --inference: the forward-only peak (parameters + the activations alive at once under
+inference mode) at --batch-size, or the largest batch that fits, and the time per sample.
+A study file (tightfit run's) is planned stage by stage, extract stages forward-only.
 
 several devices (per-rank peak, devices needed, tokens/s with communication; docs/distributed.md):
   tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices a100-40gb --strategy fsdp
@@ -60,6 +65,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--margin", type=float, default=0.1, help="headroom to keep free, as a fraction (default 0.1)")
     parser.add_argument("--samples", type=int, metavar="N", help="samples per epoch, for the epoch-time estimate")
     parser.add_argument("--measure", action="store_true", help="also run real steps on this machine: measured time and peak")
+    parser.add_argument("--inference", action="store_true",
+                        help="plan a forward-only pass (feature extraction, prediction): no gradients, no optimizer state")
     parser.add_argument("--devices", metavar="[N x]PROFILE",
                         help="plan per rank on N devices (4xa100-40gb), or find how many are needed (a100-40gb)")
     parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fsdp", help="with --devices: how ranks share the model (default fsdp)")
@@ -96,9 +103,12 @@ def run(args) -> int:
     if args.devices:
         return _run_distributed(args)
     from tightfit.hardware.profiles import resolve_target
-    from tightfit.memory.planner import plan
 
     profile = resolve_target(args.device, args.memory)
+    if args.inference:
+        return _run_inference(args, profile)
+    from tightfit.memory.planner import plan
+
     with _status(args.json, f"planning {args.model} on {profile.name}"):
         result = plan(
             args.model, args.input, batch_size=args.batch_size, precision=args.precision, optimizer=args.optimizer,
@@ -129,6 +139,43 @@ def _run_config(args, path: str, overrides: list[str]) -> int:
     else:
         _render(result)
     _write_html(args, result.to_dict())
+    return 0
+
+
+def _run_inference(args, profile) -> int:
+    from rich.markup import escape
+
+    from tightfit.cli._output import console, print_json
+    from tightfit.errors import ConfigError
+    from tightfit.memory.inference import INFERENCE_PRECISIONS, plan_inference
+    from tightfit.units import format_bytes, format_seconds
+
+    if args.lora_rank or args.effective_batch or args.measure or args.optimizer or args.checkpointing is not None:
+        raise ConfigError("--inference plans a forward pass: --lora-rank, --effective-batch, --optimizer, "
+                          "--checkpointing and --measure do not apply")
+    precision = args.precision or "fp32"
+    if precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"--precision: {precision} is not an inference precision ({', '.join(INFERENCE_PRECISIONS)})")
+    with _status(args.json, f"planning a forward pass of {args.model} on {profile.name}"):
+        result = plan_inference(args.model, args.input, batch_size=args.batch_size, precision=precision,
+                                profile=profile, margin=args.margin, samples=args.samples)
+    if args.json:
+        print_json(result.to_dict())
+        return 0
+    out = console()
+    colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}[result.verdict]
+    out.print(f"[bold]{escape(result.model)}[/] on [bold]{escape(result.input)}[/], forward only, {precision} -> "
+              f"[bold]{escape(result.device)}[/] ({result.parameters:,} parameters)")
+    out.print(f"[bold {colour}]{result.verdict.upper()}[/]: {escape(result.why)}")
+    parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in result.breakdown.items() if value)
+    out.print(f"peak {format_bytes(result.peak_bytes)} at batch {result.batch_size}: {parts}")
+    if result.time_per_sample_s:
+        timing = f"estimated {format_seconds(result.time_per_sample_s * result.batch_size)} per batch"
+        if result.total_time_s:
+            timing += f", {format_seconds(result.total_time_s)} for {result.samples} samples"
+        out.print(timing)
+    for note in result.notes:
+        out.print(f"[dim]- {escape(note)}[/]")
     return 0
 
 
@@ -230,10 +277,10 @@ def _run_pipeline(args) -> int:
     from rich.table import Table
 
     from tightfit.cli._output import console, print_json
-    from tightfit.memory.pipeline import load_pipeline, plan_pipeline
+    from tightfit.memory.pipeline import plan_pipeline
     from tightfit.units import format_bytes, format_seconds
 
-    config = load_pipeline(args.pipeline, trust_code=args.trust_code)
+    config = _pipeline_config(args.pipeline, trust_code=args.trust_code)
     if args.json:
         result = plan_pipeline(config, device=args.device, memory=args.memory)
         print_json(result.to_dict())
@@ -258,7 +305,7 @@ def _run_pipeline(args) -> int:
     for stage in result.stages:
         batch = "-"
         if stage.micro_batch_size:
-            batch = f"{stage.micro_batch_size} x {stage.accumulation_steps}"
+            batch = f"{stage.micro_batch_size} x {stage.accumulation_steps}" if stage.accumulation_steps else str(stage.micro_batch_size)
         peak = format_bytes(stage.peak_bytes) + (" RAM" if stage.kind == "cpu" else "")
         table.add_row(
             escape(stage.name), f"[{colours[stage.verdict]}]{stage.verdict}[/]", batch, stage.precision or "-",
@@ -267,14 +314,28 @@ def _run_pipeline(args) -> int:
         )
     out.print(table)
     for stage in result.stages:
-        what = f"{stage.model} on {stage.input}" if stage.kind == "train" else "CPU stage"
+        what = {"train": f"{stage.model} on {stage.input}", "extract": f"{stage.model} on {stage.input}, forward only"}.get(stage.kind, "CPU stage")
         note = f" ({stage.note})" if stage.note else ""
         out.print(f"- [bold]{escape(stage.name)}[/]: {escape(what)}{escape(note)}: {escape(stage.why)}")
-    out.print("[dim]batch = micro-batch x accumulation steps; times are estimates (FLOPs / peak FLOP/s at the "
+    out.print("[dim]batch = micro-batch x accumulation steps (extract: the forward batch); est. epoch of an extract "
+              "stage = one pass over its samples; times are estimates (FLOPs / peak FLOP/s at the "
               "stated utilisation); peaks include the device overhead.[/]")
     out.print(f"[dim]planned in {result.seconds:.1f} s[/]")
     _write_html(args, result.to_dict())
     return 0
+
+
+def _pipeline_config(path, *, trust_code: bool = False):
+    """A pipeline file, or a study file (``tightfit run``'s) turned into the pipeline that plans it."""
+    from tightfit.memory.pipeline import load_pipeline
+    from tightfit.study.spec import is_study_file, read_study_yaml
+
+    if not is_study_file(read_study_yaml(path)):
+        return load_pipeline(path, trust_code=trust_code)
+    from tightfit.study.plan import study_pipeline
+    from tightfit.study.spec import load_study
+
+    return study_pipeline(load_study(path, check_files=False, trust_code=trust_code))
 
 
 def _run_distributed(args) -> int:

@@ -23,6 +23,9 @@ document people otherwise write by hand (``reference/seed-002-rtx3050-feasibilit
         samples: 20000
         note: SVM on the extracted features
 
+An ``extract`` stage (a frozen backbone computing features) is planned forward-only
+(:mod:`tightfit.memory.inference`): no gradients, no optimizer state, activations freed layer by
+layer; without ``batch_size`` it gets the largest batch that fits, and ``samples`` gives its time.
 A training stage takes ``model``, ``input`` and optionally ``batch_size`` (check exactly that),
 ``effective_batch_size``, ``precision``, ``optimizer``, ``checkpointing``, ``lora_rank``,
 ``quantize_base`` (with ``lora_rank``: ``nf4`` or ``int8``), ``samples``, ``model_kwargs`` and
@@ -53,7 +56,7 @@ class StageConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """One stage of a pipeline file."""
 
     name: str
-    kind: Literal["train", "cpu"] = "train"
+    kind: Literal["train", "extract", "cpu"] = "train"
     model: str | None = None
     input: str | None = None
     batch_size: int | None = Field(None, ge=1)
@@ -174,6 +177,7 @@ def plan_pipeline(
     started = time.perf_counter()
     profile = resolve_target(device or config.device, memory if memory is not None else config.memory)
     result = PipelineResult(config.name, profile.name, profile.usable_bytes, config.margin)
+    forward_plans: dict = {}
     for stage in config.stages:
         if on_stage is not None:
             on_stage(stage.name)
@@ -181,7 +185,10 @@ def plan_pipeline(
             result.stages.append(_cpu_stage(stage))
             continue
         if not stage.model or not stage.input:
-            raise ConfigError(f"stage {stage.name!r}: a training stage needs 'model' and 'input' (or kind: cpu)")
+            raise ConfigError(f"stage {stage.name!r}: a {stage.kind} stage needs 'model' and 'input' (or kind: cpu)")
+        if stage.kind == "extract":
+            result.stages.append(_extract_stage(stage, profile, config.margin, forward_plans))
+            continue
         if stage.devices is not None:
             result.stages.append(_distributed_stage(stage, profile, config.margin))
             continue
@@ -222,6 +229,40 @@ def plan_pipeline(
         )
     result.seconds = round(time.perf_counter() - started, 2)
     return result
+
+
+def _extract_stage(stage: StageConfig, profile, margin: float, planned_before: dict) -> StageResult:
+    """A forward-only stage: the peak at its batch size, or the largest batch that fits.
+
+    ``planned_before`` caches the plans of this pipeline: a study's arms often extract with the
+    same backbone (pre-trained differently), which plans the same.
+    """
+    import json
+
+    from tightfit.memory.inference import INFERENCE_PRECISIONS, plan_inference
+
+    precision = stage.precision or "fp32"
+    if precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"stage {stage.name!r}: precision: {precision} is not an inference precision")
+    key = json.dumps([stage.model, stage.input, stage.batch_size, precision, stage.samples, stage.model_kwargs],
+                     sort_keys=True, default=str)
+    try:
+        if key not in planned_before:
+            planned_before[key] = plan_inference(
+                stage.model, stage.input, batch_size=stage.batch_size, precision=precision, profile=profile,
+                margin=margin, samples=stage.samples, model_kwargs=stage.model_kwargs,
+            )
+    except TightfitError as error:
+        raise type(error)(f"stage {stage.name!r}: {error}") from None
+    planned = planned_before[key]
+    step_time = planned.time_per_sample_s * planned.batch_size if planned.time_per_sample_s else None
+    return StageResult(
+        name=stage.name, kind="extract", model=stage.model, input=stage.input, verdict=planned.verdict,
+        fits=planned.fits, micro_batch_size=planned.batch_size if planned.fits else None, accumulation_steps=None,
+        precision=precision, checkpointing=None, optimizer=None, peak_bytes=planned.peak_bytes,
+        budget_bytes=planned.budget_bytes, step_time_s=step_time, epoch_time_s=planned.total_time_s,
+        why=planned.why, note=stage.note, plan=planned.to_dict(),
+    )
 
 
 def _distributed_stage(stage: StageConfig, profile: Any, margin: float) -> StageResult:

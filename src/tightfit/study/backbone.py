@@ -1,0 +1,133 @@
+"""A model as a feature extractor: which layer, how it is pooled, and which weights it carries.
+
+The default feature is the input of the model's last ``nn.Linear`` (the pooled, penultimate
+representation: a ResNet's 2048 pooled channels, a ViT's normalised [CLS] token, the digits CNN's
+128 pooled channels). ``layer: NAME`` takes that module's output instead, pooled over its spatial
+or token axes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tightfit.errors import ConfigError
+
+POOLINGS = ("auto", "cls", "mean", "max", "flatten")
+
+
+def last_linear(model: nn.Module) -> str:
+    """The name of the model's last ``nn.Linear`` (its classifier head).
+
+    Raises:
+        ConfigError: the model has no Linear layer (then ``layer:`` must name one).
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ConfigError("layer: the model has no Linear head; name the feature layer with layer: NAME")
+    return names[-1]
+
+
+def pool(tensor: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``(batch, ...)`` -> ``(batch, features)``.
+
+    Token outputs ``(batch, tokens, dim)``: ``auto``/``cls`` take the first token, ``mean``/``max``
+    pool over tokens. Feature maps ``(batch, channels, *spatial)``: ``auto``/``mean`` average the
+    spatial axes, ``max`` takes their maximum. ``flatten`` keeps everything.
+    """
+    if tensor.ndim == 2 or pooling == "flatten":
+        return tensor.flatten(1)
+    if tensor.ndim == 3:
+        if pooling in ("auto", "cls"):
+            return tensor[:, 0]
+        return tensor.mean(1) if pooling == "mean" else tensor.amax(1)
+    if pooling == "cls":
+        raise ConfigError(f"pooling: cls needs token outputs (batch, tokens, dim), got shape {tuple(tensor.shape)}")
+    spatial = tuple(range(2, tensor.ndim))
+    return tensor.amax(spatial) if pooling == "max" else tensor.mean(spatial)
+
+
+class FeatureExtractor(nn.Module):
+    """``forward(x)`` runs the whole model and returns the pooled feature of one layer.
+
+    Args:
+        model: the backbone.
+        layer: a module name whose *output* is the feature; None: the *input* of the last Linear.
+        pooling: see :func:`pool`.
+    """
+
+    def __init__(self, model: nn.Module, layer: str | None = None, pooling: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+        modules = dict(model.named_modules())
+        if layer is not None and layer not in modules:
+            import difflib
+
+            close = difflib.get_close_matches(layer, list(modules), n=1, cutoff=0.5)
+            raise ConfigError(f"layer: the model has no module {layer!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        self.layer = layer or last_linear(model)
+        self._captured: torch.Tensor | None = None
+        target = modules[self.layer]
+        if layer is None:
+            target.register_forward_pre_hook(self._capture_input)
+        else:
+            target.register_forward_hook(self._capture_output)
+
+    def _capture_input(self, module, args):
+        self._captured = args[0]
+
+    def _capture_output(self, module, args, output):
+        self._captured = output[0] if isinstance(output, (tuple, list)) else output
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.model(inputs)
+        features, self._captured = self._captured, None
+        return pool(features, self.pooling)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the default feature (the last Linear's input); only for ``layer=None``."""
+        return dict(self.model.named_modules())[self.layer].in_features
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file, a tensor-only ``torch.save`` file, or a tightfit run folder.
+
+    A run folder gives its best checkpoint, else its last. Nothing is unpickled
+    (``weights_only=True``).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        for candidate in ("checkpoints/best", "checkpoints/last", "."):
+            weights = path / candidate / "model.safetensors"
+            if weights.is_file():
+                return load_file(str(weights))
+        raise ConfigError(f"weights: {path} has no checkpoints/best or checkpoints/last with model.safetensors")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], *, prefix: str = "") -> None:
+    """Load ``state`` into ``model``; keys under ``prefix`` (``encoder.`` of a pre-training wrapper) only.
+
+    Raises:
+        ConfigError: keys or shapes do not match, naming the first offending key.
+    """
+    if prefix:
+        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise ConfigError(f"weights: do not match the model ({detail[:200]})") from None

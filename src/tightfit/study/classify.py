@@ -1,0 +1,136 @@
+"""Classifiers on the CPU, cross-validated over folds every arm shares.
+
+* ``svm``: standardisation + RBF SVC, C and gamma chosen by an inner stratified cross-validation
+  on each outer training fold (nested CV: the outer test fold never picks hyper-parameters).
+* ``src``: sparse-representation classification (Wright et al., 2009, Algorithm 1): the
+  training samples, standardised and scaled to unit length, are the dictionary; each test sample
+  (unit length too) is coded sparsely over it (OMP with ``n_nonzero`` atoms, or the lasso at
+  ``alpha``) and assigned to the class whose atoms alone reconstruct it with the smallest
+  residual. Test samples are coded ``chunk_size`` at a time over ``n_jobs`` workers, so memory
+  stays at ``chunk_size x n_train`` codes.
+* ``logreg`` and ``knn``: standardisation + scikit-learn's logistic regression / k nearest neighbours.
+
+The folds (:func:`shared_folds`) depend only on the labels, the fold count, the repeats and the
+seed: every arm and classifier sees the same splits, so comparisons between them are paired.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from tightfit.study.spec import ClassifierConfig
+
+
+def shared_folds(labels: np.ndarray, folds: int, repeats: int, seed: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(repeat, train_indices, test_indices)`` of a repeated stratified k-fold with a fixed seed."""
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    dummy = np.zeros(len(labels))
+    return [(index // folds, train, test) for index, (train, test) in enumerate(splitter.split(dummy, labels))]
+
+
+class SparseRepresentationClassifier(ClassifierMixin, BaseEstimator):
+    """SRC (see the module doc). ``decision_function`` returns minus the class-wise residuals."""
+
+    def __init__(self, solver: str = "omp", n_nonzero: int = 20, alpha: float = 0.01, chunk_size: int = 256, n_jobs: int = 1):
+        self.solver = solver
+        self.n_nonzero = n_nonzero
+        self.alpha = alpha
+        self.chunk_size = chunk_size
+        self.n_jobs = n_jobs
+
+    def _unit(self, features: np.ndarray) -> np.ndarray:
+        standard = self.scaler_.transform(features)
+        return standard / np.maximum(np.linalg.norm(standard, axis=1, keepdims=True), 1e-12)
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> "SparseRepresentationClassifier":
+        from sklearn.preprocessing import StandardScaler
+
+        self.scaler_ = StandardScaler().fit(features)
+        self.dictionary_ = self._unit(features)
+        self.classes_, self.atom_class_ = np.unique(labels, return_inverse=True)
+        return self
+
+    def decision_function(self, features: np.ndarray) -> np.ndarray:
+        import warnings
+
+        from sklearn.decomposition import sparse_encode
+        from sklearn.exceptions import ConvergenceWarning
+
+        samples = self._unit(features)
+        atoms, dimension = self.dictionary_.shape
+        residuals = np.empty((len(samples), len(self.classes_)))
+        for start in range(0, len(samples), self.chunk_size):
+            chunk = samples[start : start + self.chunk_size]
+            # Near-duplicate training samples make OMP stop before n_nonzero atoms, and the lasso
+            # may stop short of its tolerance on them; the code found is still the best over the
+            # atoms chosen, which is all SRC's class-wise residuals need.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Orthogonal matching pursuit ended prematurely")
+                warnings.filterwarnings("ignore", category=ConvergenceWarning)
+                if self.solver == "omp":
+                    codes = sparse_encode(chunk, self.dictionary_, algorithm="omp",
+                                          n_nonzero_coefs=min(self.n_nonzero, dimension, atoms), n_jobs=self.n_jobs)
+                else:
+                    codes = sparse_encode(chunk, self.dictionary_, algorithm="lasso_cd", alpha=self.alpha,
+                                          n_jobs=self.n_jobs, max_iter=2000)
+            for index in range(len(self.classes_)):
+                mine = self.atom_class_ == index
+                reconstruction = codes[:, mine] @ self.dictionary_[mine]
+                residuals[start : start + len(chunk), index] = np.linalg.norm(chunk - reconstruction, axis=1)
+        return -residuals
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(features), axis=1)]
+
+
+def make_classifier(config: ClassifierConfig, *, seed: int, n_jobs: int = 1):
+    """A fresh scikit-learn estimator for one classifier config."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    if config.name == "svm":
+        pipeline = make_pipeline(StandardScaler(), SVC(kernel="rbf"))
+        grid = {"svc__C": config.C, "svc__gamma": config.gamma}
+        inner = StratifiedKFold(config.inner_folds, shuffle=True, random_state=seed)
+        return GridSearchCV(pipeline, grid, cv=inner, n_jobs=n_jobs)
+    if config.name == "src":
+        return SparseRepresentationClassifier(config.solver, config.n_nonzero, config.alpha, config.chunk_size, n_jobs)
+    if config.name == "logreg":
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    return make_pipeline(StandardScaler(), KNeighborsClassifier(config.neighbours))
+
+
+def class_scores(estimator, features: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(samples, classes)`` scores whose column k ranks samples by how much they look like class k."""
+    if hasattr(estimator, "decision_function"):
+        scores = np.asarray(estimator.decision_function(features), dtype=np.float64)
+    else:
+        scores = np.asarray(estimator.predict_proba(features), dtype=np.float64)
+    if scores.ndim == 1:  # binary decision values: positive means class 1
+        scores = np.stack([-scores, scores], axis=1)
+    if scores.shape[1] != num_classes:  # a training fold without some class
+        full = np.full((len(features), num_classes), -np.inf if scores.min() < 0 else 0.0)
+        full[:, estimator.classes_] = scores
+        scores = full
+    return scores
+
+
+def fit_fold(config: ClassifierConfig, features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
+             *, num_classes: int, seed: int, n_jobs: int) -> dict:
+    """Fit on ``train``, predict ``test``: predictions, scores and (svm) the chosen hyper-parameters."""
+    estimator = make_classifier(config, seed=seed, n_jobs=n_jobs)
+    estimator.fit(features[train], labels[train])
+    result = {
+        "predictions": estimator.predict(features[test]).astype(np.int64),
+        "scores": class_scores(estimator, features[test], num_classes).astype(np.float32),
+    }
+    if hasattr(estimator, "best_params_"):
+        result["chosen"] = {key.split("__")[-1]: value for key, value in estimator.best_params_.items()}
+    return result
