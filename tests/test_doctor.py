@@ -291,3 +291,26 @@ def test_broken_torch_is_a_failed_check_not_a_crash(monkeypatch):
     assert report["verdict"]["ready"] is False and "torch" in report["verdict"]["failed"]
     torch_check = next(check for check in report["checks"] if check["name"] == "torch")
     assert "pip install torch" in torch_check["summary"]
+
+
+def test_sd_stack_is_imported_as_seed_003_does_and_a_failure_is_named(monkeypatch, base_report):
+    pytest.importorskip("diffusers")
+    stack = doctor.sd_stack_report()
+    assert [item["name"] for item in stack["imports"]][:2] == ["diffusers.StableDiffusionPipeline", "diffusers.UNet2DConditionModel"]
+    assert all(item["ok"] for item in stack["imports"]) and stack["lora_config"]["ok"]
+    check = next(check for check in build_checks(base_report | {"sd_stack": stack}) if check["name"] == "stable diffusion stack")
+    assert check["status"] == "ok" and "8 classes imported" in check["summary"]
+
+    real_import = importlib.import_module
+
+    def broken_import(name, *args):
+        if name == "transformers":
+            raise ImportError("libtorch_cpu.so: undefined symbol")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", broken_import)
+    stack = doctor.sd_stack_report()
+    failed = [item["name"] for item in stack["imports"] if not item["ok"]]
+    assert failed == ["transformers.CLIPTextModel", "transformers.CLIPTokenizer"]
+    check = next(check for check in build_checks(base_report | {"sd_stack": stack}) if check["name"] == "stable diffusion stack")
+    assert check["status"] == "warn" and "transformers.CLIPTextModel (ImportError: libtorch_cpu.so" in check["summary"]

@@ -191,6 +191,10 @@ class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
 
     model: str = Field(default="builtin:digits-cnn", description="builtin:NAME, torchvision:NAME, hf:DIR, module:callable")
     model_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model's constructor")
+    init_weights: str | None = Field(
+        default=None,
+        description="start from these weights: a run directory (its best, else last checkpoint), a checkpoint folder or a .safetensors file",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_find: LRFindConfig = Field(default_factory=LRFindConfig)

@@ -26,6 +26,7 @@ COMMANDS = {
     "compress": "tightfit.cli.compress",
     "predict": "tightfit.cli.predict",
     "lora": "tightfit.cli.lora",
+    "generate": "tightfit.cli.generate",
     "run": "tightfit.cli.run",
     "report": "tightfit.cli.report",
 }

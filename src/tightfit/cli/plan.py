@@ -13,6 +13,10 @@ tight (less than --margin headroom) or does not fit. Without it: the fastest con
 Times are estimates from counted FLOPs and the profile's peak FLOP/s at a stated utilisation;
 --measure runs real steps on this machine and prints them beside the estimate.
 
+Given a training CONFIG.yaml (what `tightfit train CONFIG.yaml` reads, with the same key=value
+overrides): exactly that run planned -- its model, input, micro-batch, precision, optimizer,
+checkpointing and lora: section -- on --device (default: the config's device).
+
 Given a PIPELINE.yaml instead of --model/--input: every stage planned against one device, as one
 feasibility table (see examples/pipelines/seed002-rtx3050.yaml).
 
@@ -21,7 +25,8 @@ examples:
   tightfit plan --model builtin:digits-cnn --input 1x8x8 --batch-size 64 --measure
   tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:512 --lora-rank 8 --device a100-80gb --json
   tightfit plan --model torchvision:resnet50 --input 3x224x224 --inference --precision bf16 --device rtx3050-laptop-6gb
-  tightfit plan examples/pipelines/seed002-rtx3050.yaml
+  tightfit plan recipes/lora-causal-lm.yaml --measure                   # the run train would do, then measured
+  tightfit plan recipes/qlora-7b.yaml --device m1-16gb
   tightfit plan examples/pipelines/seed002-rtx3050.yaml --html pipeline.html
 
 With --inference: the forward-only peak (parameters + the activations alive at once under
@@ -42,7 +47,8 @@ from tightfit.names import STRATEGIES as STRATEGY_CHOICES
 def add_arguments(parser) -> None:
     import argparse
 
-    parser.add_argument("pipeline", nargs="?", metavar="PIPELINE.yaml", help="plan every stage of a pipeline file")
+    parser.add_argument("items", nargs="*", metavar="CONFIG.yaml | PIPELINE.yaml [key=value ...]",
+                        help="a training config (plan that run; key=value overrides as in train) or a pipeline file")
     parser.add_argument("--model", metavar="SPEC", help="builtin:NAME, torchvision:NAME, hf:DIR, module.path:callable")
     parser.add_argument("--input", metavar="SHAPE", help="per-sample input: 3x224x224, tokens:512, or several, comma-separated")
     parser.add_argument("--batch-size", type=int, metavar="N", help="check this micro-batch size instead of recommending one")
@@ -77,10 +83,21 @@ def run(args) -> int:
         from tightfit.report.build import check_output
 
         check_output(args.html, "--html")  # before planning, which can take a while
-    if args.pipeline:
+    if args.items:
         if args.model or args.input or args.batch_size or args.lora_rank:
-            raise ConfigError("give either a PIPELINE.yaml or --model/--input, not both")
-        return _run_pipeline(args)
+            raise ConfigError("give either a CONFIG.yaml / PIPELINE.yaml or --model/--input, not both")
+        from tightfit.cli.train import _split_items
+        from tightfit.config import read_yaml
+
+        path, overrides = _split_items(args.items)
+        if path is None:
+            raise ConfigError("plan: give the config file first, then key=value overrides")
+        if "stages" in read_yaml(path):
+            if overrides:
+                raise ConfigError("plan: key=value overrides apply to a training config, not to a pipeline file")
+            args.pipeline = path
+            return _run_pipeline(args)
+        return _run_config(args, path, overrides)
     if not args.model or not args.input:
         raise ConfigError("--model and --input are required (or give a PIPELINE.yaml)")
     if args.devices:
@@ -98,6 +115,23 @@ def run(args) -> int:
             checkpointing=args.checkpointing, lora_rank=args.lora_rank, quantize_base=args.quantize_base, profile=profile,
             effective_batch_size=args.effective_batch, margin=args.margin, samples=args.samples, measure=args.measure,
         )
+    if args.json:
+        from tightfit.cli._output import print_json
+
+        print_json(result.to_dict())
+    else:
+        _render(result)
+    _write_html(args, result.to_dict())
+    return 0
+
+
+def _run_config(args, path: str, overrides: list[str]) -> int:
+    from tightfit.config import load_config
+    from tightfit.memory.run_plan import plan_run
+
+    config = load_config(path, overrides, trust_code=args.trust_code)
+    with _status(args.json, f"planning {path}"):
+        result = plan_run(config, device=args.device, memory=args.memory, margin=args.margin, measure=args.measure)
     if args.json:
         from tightfit.cli._output import print_json
 

@@ -32,8 +32,8 @@ class DataBundle:
         class_names: class names in index order, when known.
         collate_fn: pass to ``DataLoader(collate_fn=...)``; ``None`` means the default collate
             (text samples of varying length need the bundle's one, which pads per batch).
-        task: ``"classification"``, ``"regression"``, ``"text-classification"`` or
-            ``"text-to-image"``.
+        task: ``"classification"``, ``"regression"``, ``"text-classification"``,
+            ``"text-to-image"`` or ``"causal-lm"``.
         metadata: facts worth saving with the run (normalisation statistics, split seed,
             cache use, skipped files).
     """
@@ -82,6 +82,10 @@ def _builder(source: str) -> Callable[[DataConfig, int], DataBundle]:
         from tightfit.data.captions import build_captioned_images
 
         return build_captioned_images
+    if source == "text-corpus":
+        from tightfit.data.lm_corpus import build_text_corpus
+
+        return build_text_corpus
     raise ConfigError(f"data.source: unknown source {source!r}")
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.settings import describe_validation_error
 
-SOURCES = ("digits", "image-folder", "csv", "tensors", "text-csv", "captioned-images")
+SOURCES = ("digits", "image-folder", "csv", "tensors", "text-csv", "captioned-images", "text-corpus")
 """Every valid value of ``data.source``."""
 
 Source = Literal[SOURCES]
@@ -122,12 +122,18 @@ class DataConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     )
     tokenizer: str | None = Field(
         default=None,
-        description="text-csv/captioned-images: a local Hugging Face tokenizer folder (or a "
-        "diffusers pipeline folder with tokenizer/); text-csv default: the packaged MiniLM",
+        description="text-csv/captioned-images/text-corpus: a local Hugging Face tokenizer folder (or a "
+        "diffusers pipeline folder with tokenizer/); text-csv default: the packaged MiniLM; text-corpus: required",
     )
     max_length: int | None = Field(
         default=None, ge=2, description="tokens per text; default 128 (text-csv), the "
-        "tokenizer's limit (captioned-images)",
+        "tokenizer's limit (captioned-images), 256 tokens per packed row (text-corpus)",
+    )
+    packing: bool = Field(
+        default=True, description="text-corpus: lay whole documents end to end into rows of max_length tokens"
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        default="truncate", description="text-corpus: a document longer than max_length is cut, or left out"
     )
 
     @field_validator("augment", mode="before")

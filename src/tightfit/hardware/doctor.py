@@ -111,6 +111,11 @@ def run_doctor(
     report["mps"] = _guarded(detect.mps_info) if torch_ok else {"error": "torch is not importable"}
     report["best_device"] = _guarded(_best_device) if torch_ok else {"error": "torch is not importable"}
     report["memory"]["unified_memory"] = report["mps"].get("available", False)
+    if torch_ok:
+        stage("stable diffusion stack")
+        report["sd_stack"] = _guarded(sd_stack_report)
+    else:
+        report["sd_stack"] = {"error": "torch is not importable"}
     if smoke_test and torch_ok:
         device_type = report["best_device"].get("device_type", "cpu")
         stage(f"smoke test on {device_type}")
@@ -129,6 +134,48 @@ def run_doctor(
     report["recommendations"] = recommend(report)
     report["verdict"] = verdict(report["checks"])
     return report
+
+
+# What seed-003's check_environment.py imports before a Stable Diffusion LoRA run (its tests 2
+# and 3): the pipeline and its component classes, and PEFT's LoRA entry points.
+SD_STACK = (
+    ("diffusers", "StableDiffusionPipeline"),
+    ("diffusers", "UNet2DConditionModel"),
+    ("diffusers", "AutoencoderKL"),
+    ("diffusers", "DDPMScheduler"),
+    ("transformers", "CLIPTextModel"),
+    ("transformers", "CLIPTokenizer"),
+    ("peft", "LoraConfig"),
+    ("peft", "get_peft_model"),
+)
+
+
+def sd_stack_report() -> dict[str, Any]:
+    """Import every class of :data:`SD_STACK` and build seed-003's ``LoraConfig`` (rank 8 on the
+    UNet attention); each failure is kept with its error, so the report says exactly what is broken.
+
+    Returns:
+        ``{"imports": [{"name", "ok", "error"}], "lora_config": {"ok", "error"}, "versions": {package: version}}``.
+    """
+    import importlib
+
+    imports, versions = [], {}
+    for package, name in SD_STACK:
+        try:
+            module = importlib.import_module(package)
+            getattr(module, name)
+            versions[package] = getattr(module, "__version__", "?")
+            imports.append({"name": f"{package}.{name}", "ok": True, "error": None})
+        except Exception as error:  # an import can fail with anything (a broken binary, a bad pin)
+            imports.append({"name": f"{package}.{name}", "ok": False, "error": f"{type(error).__name__}: {error}".splitlines()[0]})
+    lora_config = {"ok": False, "error": "peft did not import"}
+    if all(item["ok"] for item in imports if item["name"].startswith("peft.")):
+        try:
+            importlib.import_module("peft").LoraConfig(r=8, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+            lora_config = {"ok": True, "error": None}
+        except Exception as error:
+            lora_config = {"ok": False, "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    return {"imports": imports, "lora_config": lora_config, "versions": versions}
 
 
 def _guarded(function: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -347,6 +394,7 @@ def build_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
     checks.extend(_memory_checks(report))
     checks.append(_disk_check(report["disk"]))
     checks.extend(_package_checks(report["packages"]))
+    checks.append(_sd_stack_check(report.get("sd_stack")))
     checks.append(_smoke_check(report["smoke_test"]))
     if report.get("dataset") is not None:
         checks.append(_dataset_check(report["dataset"]))
@@ -454,6 +502,19 @@ def _package_checks(packages: Any) -> list[dict[str, Any]]:
         + (f"; missing: {', '.join(optional_missing)}" if optional_missing else ""),
     ))
     return checks
+
+
+def _sd_stack_check(stack: dict[str, Any] | None) -> dict[str, Any]:
+    if stack is None or "error" in stack:
+        return _check("stable diffusion stack", WARN, f"not checked ({(stack or {}).get('error', 'no report')})")
+    failed = [item for item in stack["imports"] if not item["ok"]]
+    versions = ", ".join(f"{package} {version}" for package, version in stack["versions"].items())
+    if failed or not stack["lora_config"]["ok"]:
+        problems = [f"{item['name']} ({item['error']})" for item in failed]
+        if not stack["lora_config"]["ok"]:
+            problems.append(f"LoraConfig for the UNet ({stack['lora_config']['error']})")
+        return _check("stable diffusion stack", WARN, "cannot import " + "; ".join(problems) + ' (pip install "tightfit[hf]")')
+    return _check("stable diffusion stack", OK, f"{len(stack['imports'])} classes imported and a UNet LoraConfig built ({versions})")
 
 
 def _smoke_check(smoke: dict[str, Any]) -> dict[str, Any]:

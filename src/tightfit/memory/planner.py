@@ -182,6 +182,7 @@ def plan(
     measure: bool = False,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     model_kwargs: dict | None = None,
+    lora: Any = None,
 ) -> PlanResult:
     """Plan training ``model_spec`` on ``input_spec`` for a device.
 
@@ -203,6 +204,8 @@ def plan(
         measure: also run real steps on this machine and report measured time and peak.
         max_batch_size: the largest micro-batch the search considers.
         model_kwargs: passed to the model's constructor.
+        lora: a whole ``LoRAConfig`` (targets, heads, alpha) instead of ``lora_rank`` alone, as a
+            run config's ``lora:`` section gives it (:func:`tightfit.memory.run_plan.plan_run`).
 
     Returns:
         A :class:`PlanResult`.
@@ -215,11 +218,11 @@ def plan(
 
     started = time.perf_counter()
     _check_arguments(batch_size, precision, optimizer, effective_batch_size, margin, samples, lora_rank)
-    if quantize_base is not None and (lora_rank is None or quantize_base not in ("nf4", "int8")):
+    if quantize_base is not None and ((lora_rank is None and lora is None) or quantize_base not in ("nf4", "int8")):
         raise ConfigError(f"quantize base: {quantize_base!r} needs a LoRA rank and one of nf4, int8")
     profile = profile if profile is not None else resolve_target()
     planner = _Planner(model_spec, input_spec, profile, lora_rank=lora_rank, model_kwargs=model_kwargs or {},
-                       quantize_base=quantize_base)
+                       quantize_base=quantize_base, lora=lora)
     if batch_size is not None:
         result, chosen = planner.check(
             Settings(precision or "fp32", bool(checkpointing), optimizer or "adamw"),
@@ -256,13 +259,17 @@ class _Planner:
     """One model, one input, one device; caches every estimate it makes."""
 
     def __init__(self, model_spec: str, input_spec: str, profile: Any, *, lora_rank: int | None, model_kwargs: dict,
-                 quantize_base: str | None = None):
+                 quantize_base: str | None = None, lora: Any = None):
         from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
         self.model_spec = model_spec
         self.input_spec = input_spec
         self.profile = profile
-        self.lora_rank = lora_rank
+        # the meta model cannot be quantized (its quantized bytes are counted instead); the real
+        # one measured by --measure is, so the measurement is of the run train would do
+        self.lora = lora.model_copy(update={"quantize_base": None}) if lora is not None else None
+        self.real_lora = lora.model_copy(update={"quantize_base": quantize_base}) if lora is not None else None
+        self.lora_rank = lora.rank if lora is not None else lora_rank
         self.quantize_base = quantize_base
         self.inputs = parse_input_spec(input_spec)
         self.notes: list[str] = []
@@ -270,9 +277,9 @@ class _Planner:
         # The batch factory probes the base model: adapters do not change inputs or outputs.
         self.batch_factory = make_batch_factory(self.inputs, model)
         self._build_real = lambda: build_model(model_spec, **model_kwargs)
-        if lora_rank is not None:
+        if self.lora_rank is not None:
             model = self._with_lora(model)
-            self.notes.append(f"LoRA rank {lora_rank}: base frozen, only adapters (and task heads) train")
+            self.notes.append(f"LoRA rank {self.lora_rank}: base frozen, only adapters (and task heads) train")
         if quantize_base is not None:
             self.notes.append(f"{quantize_base} base: frozen Linear weights counted at their quantized size")
         self.models = {False: model}
@@ -284,7 +291,7 @@ class _Planner:
     def _with_lora(self, model: nn.Module) -> nn.Module:
         from tightfit.models.lora import LoRAConfig, apply_lora
 
-        return apply_lora(model, LoRAConfig(rank=self.lora_rank), verbose=False)
+        return apply_lora(model, self.lora or LoRAConfig(rank=self.lora_rank), verbose=False)
 
     def model_for(self, checkpointing: bool) -> nn.Module:
         """The meta model, with activation checkpointing applied to a copy when asked for."""
@@ -354,7 +361,11 @@ class _Planner:
         )
 
     def _real_model(self) -> nn.Module:
+        from tightfit.models.lora import apply_lora
+
         model = self._build_real()
+        if self.real_lora is not None:
+            return apply_lora(model, self.real_lora, verbose=False)
         return self._with_lora(model) if self.lora_rank is not None else model
 
     @property

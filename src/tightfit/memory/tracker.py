@@ -207,6 +207,11 @@ class MemoryTracker(TorchDispatchMode):
 
     def _track(self, tensor: torch.Tensor, category: str, owner: str) -> None:
         """Register ``tensor``'s storage if new; (re)tag it with ``category`` and ``owner``."""
+        inner = _inner_tensors(tensor)
+        if inner is not None:  # a quantized weight: count its int8 data and scales, not a float-sized shell
+            for part in inner:
+                self._track(part, category, owner)
+            return
         storage = _storage_of(tensor)
         if storage is None:
             return
@@ -323,6 +328,16 @@ class MemoryTracker(TorchDispatchMode):
         """Bytes per owner (top-level module, ``(backward)``, ``(other)``, ``(root)``) at the peak."""
         self._take_pending_snapshot()
         return dict(self._by_module)
+
+
+def _inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor] | None:
+    """The tensors a wrapper tensor subclass is made of (torchao's ``Int8Tensor``: ``qdata``,
+    ``scale``, ``zero_point``), or None for a plain tensor. The wrapper's own storage reports the
+    bytes of its outer dtype (4 per int8 weight), which is not what it holds."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return None
+    names, _ = tensor.__tensor_flatten__()
+    return [part for part in (getattr(tensor, name) for name in names) if isinstance(part, torch.Tensor)]
 
 
 def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:

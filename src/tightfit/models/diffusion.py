@@ -352,7 +352,27 @@ def _has_weights(directory: Path) -> bool:
     return any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
 
 
-def _load(component_class, directory: Path, meta: bool):
+def weights_variant(directory: Path, requested: str | None = None) -> str | None:
+    """The weight variant to load from a component folder: ``requested`` when given, else
+    ``fp16`` (or another) when the folder holds only variant files
+    (``diffusion_pytorch_model.fp16.safetensors``, what ``revision: fp16`` downloads), else None.
+
+    Raises:
+        SpecError: ``requested`` names a variant the folder does not have.
+    """
+    files = [path for pattern in ("*.safetensors", "*.bin") for path in directory.glob(pattern)]
+    variants = {path.name.split(".")[-2] for path in files if path.name.count(".") >= 2 and not path.name.endswith(".index.json")}
+    plain = [path for path in files if path.name.count(".") == 1]
+    if requested is not None:
+        if files and requested not in variants:
+            raise SpecError(f"{directory}: no {requested!r} variant weights (found: {', '.join(sorted(variants)) or 'plain weights only'})")
+        return requested if files else None
+    if plain or not variants:
+        return None
+    return "fp16" if "fp16" in variants else sorted(variants)[0]
+
+
+def _load(component_class, directory: Path, meta: bool, variant: str | None = None):
     """A diffusers/transformers component: its weights when present, else random init from config.
 
     Raises:
@@ -360,15 +380,16 @@ def _load(component_class, directory: Path, meta: bool):
             libraries' ``weights_only`` load, never run), in one line naming the folder.
     """
     try:
-        return _load_component(component_class, directory, meta)
+        return _load_component(component_class, directory, meta, variant)
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SpecError(f"diffusion component {directory}: cannot be loaded safely ({text})") from None
 
 
-def _load_component(component_class, directory: Path, meta: bool):
+def _load_component(component_class, directory: Path, meta: bool, variant: str | None = None):
     if _has_weights(directory) and not meta:
-        return component_class.from_pretrained(str(directory))
+        found = weights_variant(directory, variant)
+        return component_class.from_pretrained(str(directory), **({"variant": found} if found else {}))
     if hasattr(component_class, "from_config") and hasattr(component_class, "load_config"):
         config = component_class.load_config(str(directory))  # diffusers models
         if meta:
@@ -397,6 +418,7 @@ def build_diffusion_model(
     guidance_scale: float = 7.5,
     validation_seed: int = 0,
     resolution: int | None = None,
+    variant: str | None = None,
     **unused: Any,
 ) -> DiffusionTrainingModule:
     """Build the trainable diffusion module from a local Stable Diffusion directory.
@@ -419,6 +441,8 @@ def build_diffusion_model(
         guidance_scale: classifier-free guidance of the validation images.
         validation_seed: the noise seed of the validation images (fixed across the run).
         resolution: image side for validation images and example batches (default: the UNet's).
+        variant: the weight files to load (``fp16`` for ``*.fp16.safetensors``); default: the
+            plain files, or the variant when a folder holds only variant files.
         unused: other keyword arguments of the model-spec builder (``num_classes``...) are ignored.
 
     Returns:
@@ -444,12 +468,12 @@ def build_diffusion_model(
         if not (directory / needed).is_dir():
             raise SpecError(f"diffusion:{directory}: the pipeline has no {needed}/ folder")
     unet_dir = directory / "unet" if has_pipeline else directory
-    unet = _load(diffusers.UNet2DConditionModel, unet_dir, meta)
+    unet = _load(diffusers.UNet2DConditionModel, unet_dir, meta, variant)
     vae = text_encoder = tokenizer = None
     if has_pipeline:
         transformers = require("transformers", extra="hf", purpose="the diffusion text encoder")
-        vae = _load(diffusers.AutoencoderKL, directory / "vae", meta)
-        text_encoder = _load(transformers.CLIPTextModel, directory / "text_encoder", meta)
+        vae = _load(diffusers.AutoencoderKL, directory / "vae", meta, variant)
+        text_encoder = _load(transformers.CLIPTextModel, directory / "text_encoder", meta, variant)
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
     # The noise schedule is real data (alphas), needed on the CPU even when planning on meta.
     with torch.device("cpu"):

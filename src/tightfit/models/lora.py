@@ -64,6 +64,8 @@ class LoRASummary:
     alpha: float
     quantize_base: str | None = None
     notes: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    base_fingerprint: str | None = None
 
     @property
     def trainable_fraction(self) -> float:
@@ -198,6 +200,7 @@ def apply_lora(
     *,
     device: str | torch.device | None = None,
     verbose: bool = True,
+    base_model: str | None = None,
 ) -> nn.Module:
     """Freeze ``model`` and add LoRA adapters to it through PEFT; only adapters (and heads) train.
 
@@ -210,6 +213,8 @@ def apply_lora(
         device: where the run trains, for choosing the quantized base (default: the model's
             device, or CUDA for ``nf4`` when CUDA is available).
         verbose: print the one-line summary (trainable/total parameters).
+        base_model: the spec the base was built from, recorded with every checkpoint so a
+            resume (or ``generate``) knows what to rebuild.
 
     Returns:
         The PEFT-wrapped model; its ``lora_summary`` attribute is a :class:`LoRASummary`.
@@ -236,6 +241,7 @@ def apply_lora(
     else:
         targets = _resolve_names(model, config.target_modules, "target_modules")
     notes: list[str] = []
+    fingerprint = base_fingerprint(model)  # before quantizing: the same base gives the same int8 weights
 
     quantize_base = None
     if config.quantize_base is not None:
@@ -277,6 +283,8 @@ def apply_lora(
         alpha=config.alpha,
         quantize_base=quantize_base,
         notes=notes,
+        base_model=base_model,
+        base_fingerprint=fingerprint,
     )
     wrapped.lora_summary = summary
     wrapped.tightfit_lora_config = config
@@ -357,11 +365,17 @@ def load_adapters(base_model: nn.Module, directory: str | Path, *, trainable: bo
     except (OSError, ValueError, pickle.UnpicklingError) as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TightfitError(f"{directory}: the adapters cannot be loaded safely ({text})") from None
-    summary_file = directory / SUMMARY_FILE
-    if summary_file.is_file():
-        saved = json.loads(summary_file.read_text()).get("summary")
-        if saved:
-            model.lora_summary = LoRASummary(**{k: v for k, v in saved.items() if k != "trainable_fraction"})
+    saved = _saved_summary(directory)
+    if saved:
+        fields = set(LoRASummary.__dataclass_fields__)
+        model.lora_summary = LoRASummary(**{key: value for key, value in saved.items() if key in fields})
+    else:  # adapters saved by PEFT alone: what its config says
+        peft_config = model.peft_config["default"]
+        trainable, total = count_parameters(model)
+        model.lora_summary = LoRASummary(
+            trainable, total, sorted(peft_config.target_modules or []), list(peft_config.modules_to_save or []),
+            peft_config.r, peft_config.lora_alpha,
+        )
     return model
 
 
@@ -376,6 +390,91 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """
     _require_peft_model(model, "merge adapters")
     return model.merge_and_unload()
+
+
+# ---------------------------------------------------------------------------------- adapters-only checkpoints
+FINGERPRINT_SAMPLES = 4096  # elements hashed per tensor: enough to tell two inits or two checkpoints apart
+
+
+def base_fingerprint(model: nn.Module) -> str | None:
+    """A SHA-256 over every tensor of the base model: name, shape, dtype and an evenly strided
+    sample of :data:`FINGERPRINT_SAMPLES` of its values (the whole tensor when smaller).
+
+    It identifies a base without hashing 14 GB of a 7B model at every checkpoint: a different
+    seed, initialisation or weight file changes it. ``None`` for a meta model (nothing to hash).
+
+    Example:
+        >>> base_fingerprint(nn.Linear(4, 4)) == base_fingerprint(nn.Linear(4, 4))   # two random inits
+        False
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.is_meta:
+            return None
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+        sample = flat[::stride][:FINGERPRINT_SAMPLES].contiguous().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    """Whether ``model`` came from :func:`apply_lora` or :func:`load_adapters` (not merged)."""
+    return getattr(model, "lora_summary", None) is not None
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of a LoRA run holds: the trainable parameters (adapters, trained heads,
+    biases with ``bias: all``) and the buffers (batch-norm statistics move in a frozen base too).
+
+    The frozen base weights, quantized or not, are left out: they are rebuilt from the base's spec
+    and checked against :func:`base_fingerprint`. Names are the model's ``state_dict`` keys.
+    """
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    return {
+        name: tensor for name, tensor in model.state_dict().items() if name in trainable or name in buffers
+    }
+
+
+def adapter_checkpoint_metadata(model: nn.Module) -> dict[str, str]:
+    """The facts written beside the adapter weights (safetensors metadata: strings only)."""
+    summary = model.lora_summary
+    return {
+        "base_model": summary.base_model or "",
+        "base_fingerprint": summary.base_fingerprint or "",
+        "quantize_base": summary.quantize_base or "",
+    }
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> None:
+    """Load an adapters-only checkpoint into a LoRA model whose base was rebuilt.
+
+    Raises:
+        TightfitError: the model has no adapters, its base is not the one the checkpoint was
+            trained on (fingerprints differ), or the keys do not match.
+    """
+    if not is_lora_model(model):
+        raise TightfitError(f"{where}: an adapters-only checkpoint needs the model with its LoRA adapters (a lora: section)")
+    saved = metadata.get("base_fingerprint") or None
+    current = model.lora_summary.base_fingerprint
+    if saved and current and saved != current:
+        raise TightfitError(
+            f"{where}: the base model rebuilt from {metadata.get('base_model') or 'the config'} differs from the one "
+            f"these adapters were trained on (fingerprint {current[:12]} != {saved[:12]}); same spec, weights and seed needed"
+        )
+    model_keys = set(model.state_dict())
+    unexpected = sorted(set(state) - model_keys)
+    missing = sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad and name not in state)
+    if unexpected or missing:
+        example = unexpected[0] if unexpected else missing[0]
+        raise TightfitError(
+            f"{where}: the adapters do not match the model ({len(unexpected)} unexpected, {len(missing)} missing keys, e.g. {example})"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 # ---------------------------------------------------------------------------------- run directories
@@ -451,47 +550,55 @@ def _head_classes(directory: Path) -> int | None:
 
 
 def load_lora_run(run_dir: str | Path, *, merged: bool = False, trust_code: bool = False) -> nn.Module:
-    """The trained model of a LoRA run, for inference: the base rebuilt from the run's config
-    (``model`` and ``model_options``, its own pretrained or initial weights), the adapters loaded
-    on top, and, with ``merged``, folded in. ``trust_code`` lets the run's ``config.yaml`` name a
-    ``module.path:callable`` model, which runs its Python code.
+    """The trained model of a LoRA run, for inference: the base rebuilt from the run's config as
+    the trainer built it (:func:`~tightfit.models.spec.build_run_model`: same spec, seed and
+    ``init_weights``, in full precision even when it trained on a quantized base), checked
+    against the fingerprint saved with the adapters, the adapters loaded on top (with the
+    buffers of the checkpoint the run ended on) and, with ``merged``, folded in.
+    ``trust_code`` lets the run's ``config.yaml`` name a ``module.path:callable`` model, which
+    runs its Python code.
 
     Raises:
-        TightfitError: no adapters or no ``config.yaml`` in ``run_dir``, or a Python-callable
-            model spec without ``trust_code``.
+        TightfitError: no adapters or no ``config.yaml`` in ``run_dir``, a rebuilt base that is
+            not the one the adapters were trained on, or a Python-callable model spec without
+            ``trust_code``.
     """
-    from tightfit.models.spec import build_model
+    from tightfit.models.spec import build_run_model
 
     directory = adapter_dir(run_dir)
     config = _run_config(directory.parent, trust_code=trust_code)
     if config is None:
         raise TightfitError(f"{directory.parent}: no config.yaml, so the base model cannot be rebuilt")
-    base = build_model(config.model, num_classes=_head_classes(directory), **config.model_options)
+    base, _ = build_run_model(config, num_classes=_head_classes(directory))
+    saved = _saved_summary(directory)
+    fingerprint = base_fingerprint(base)
+    if saved.get("base_fingerprint") and saved["base_fingerprint"] != fingerprint:
+        raise TightfitError(
+            f"{directory}: the base rebuilt from {config.model} (seed {config.seed}) differs from the one these "
+            "adapters were trained on; were its weight files or init_weights changed since?"
+        )
     model = load_adapters(base, directory)
-    _load_frozen_base_from_checkpoint(model, directory.parent)
+    model.lora_summary.base_fingerprint = fingerprint
+    _load_final_checkpoint(model, directory.parent, config)
     return merge_adapters(model).eval() if merged else model
 
 
-def _load_frozen_base_from_checkpoint(model: nn.Module, run_dir: Path) -> None:
-    """Copy the frozen base weights from the run's checkpoint, when it has one.
+def _saved_summary(directory: Path) -> dict:
+    summary_file = directory / SUMMARY_FILE
+    return (json.loads(summary_file.read_text()).get("summary") or {}) if summary_file.is_file() else {}
 
-    A pretrained base is rebuilt with the same weights anyway, but a randomly initialised one is
-    not: the checkpoint holds the base exactly as it was trained (frozen, so every checkpoint has
-    the same), while the adapters come from ``adapters/`` (the best weights).
-    """
-    from safetensors.torch import load_file
 
-    checkpoints = sorted((run_dir / "checkpoints").glob("*/model.safetensors"))
-    if not checkpoints:
-        return
-    state = load_file(str(checkpoints[0]))
-    base_state = {key: value for key, value in state.items() if "lora_" not in key and "modules_to_save" not in key}
-    result = model.load_state_dict(base_state, strict=False)
-    unexpected = [key for key in result.unexpected_keys]
-    if unexpected:
-        raise TightfitError(
-            f"{checkpoints[0]}: weights do not match the model rebuilt from config.yaml (e.g. {unexpected[0]})"
-        )
+def _load_final_checkpoint(model: nn.Module, run_dir: Path, config) -> None:
+    """Load the checkpoint the run ended with (``best`` when the trainer restored it, else
+    ``last``): the same adapters as ``adapters/``, plus the buffers (batch-norm statistics) a
+    frozen base still updates while it trains."""
+    from tightfit.training.checkpoint import WEIGHTS_FILE, load_weights
+
+    restore_best = not config.early_stopping.enabled or config.early_stopping.restore_best
+    names = ("best", "last") if restore_best else ("last",)
+    found = next((run_dir / "checkpoints" / name / WEIGHTS_FILE for name in names if (run_dir / "checkpoints" / name / WEIGHTS_FILE).is_file()), None)
+    if found is not None:
+        load_weights(model, found)
 
 
 def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: bool = False, trust_code: bool = False) -> dict:
@@ -534,8 +641,10 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: b
     source = getattr(model, "source", None)
     if hasattr(model, "unet") and source and (Path(source) / "model_index.json").is_file():
         kind = "diffusers pipeline"
+        # the trained UNet and the frozen encoders are written as plain weights (a variant-only
+        # source folder, *.fp16.safetensors, would otherwise need variant="fp16" to load)
         for item in Path(source).iterdir():
-            if item.name == "unet":
+            if item.name in ("unet", "vae", "text_encoder"):
                 continue
             target = output / item.name
             if item.is_dir():
@@ -543,8 +652,12 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: b
             else:
                 shutil.copy2(item, target)
         model.unet.save_pretrained(str(output / "unet"))
+        model.vae.save_pretrained(str(output / "vae"))
+        model.text_encoder.save_pretrained(str(output / "text_encoder"))
     elif _is_transformers_model(model):
         kind = "transformers"
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = True  # off while training; the merged model is for inference
         model.save_pretrained(str(output))
     else:
         from tightfit.training.checkpoint import save_weights

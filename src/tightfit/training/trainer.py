@@ -199,10 +199,13 @@ class Trainer:
             from tightfit.data.build import build_datasets
 
             datasets = build_datasets(self.config.data, seed=self.config.seed)
+        self.data_task = getattr(datasets, "task", None)
         if hasattr(datasets, "train"):  # a DataBundle
             self.num_classes, self.collate_fn = datasets.num_classes, datasets.collate_fn
             self.input_shape = datasets.input_shape
             splits = {"train": datasets.train, "val": datasets.val, "test": datasets.test}
+            if datasets.metadata.get("summary"):
+                self.console.print(datasets.metadata["summary"])
         else:
             train, val, test = (list(datasets) + [None, None])[:3]
             self.num_classes, self.collate_fn, self.input_shape = None, None, None
@@ -216,12 +219,18 @@ class Trainer:
         if self.user_model is not None:
             model = self.user_model
         else:
-            from tightfit.models.spec import build_model_for_data
+            from tightfit.models.spec import build_run_model
 
-            model, inferred = build_model_for_data(config.model, config.model_options, num_classes=self.num_classes, input_shape=self.input_shape)
+            model, inferred = build_run_model(config, num_classes=self.num_classes, input_shape=self.input_shape)
             if inferred:
                 taken = ", ".join(f"{option}={value}" for option, value in inferred.items())
                 self.console.print(f"model: {config.model} takes {taken} from the data")
+        if self.data_task == "causal-lm":
+            from tightfit.models.generate import require_causal_lm
+
+            require_causal_lm(model, f"model {config.model if self.user_model is None else type(model).__name__}")
+            if getattr(getattr(model, "config", None), "use_cache", False):
+                model.config.use_cache = False  # training keeps keys and values for backward anyway; a cache only adds copies
         activation = config.checkpointing.activation
         self.checkpointed_blocks: list[str] = []
         if activation:
@@ -233,7 +242,7 @@ class Trainer:
         if config.lora is not None:
             from tightfit.models.lora import apply_lora
 
-            model = apply_lora(model, config.lora, verbose=self.process.is_main)
+            model = apply_lora(model, config.lora, verbose=self.process.is_main, base_model=config.model)
         return model
 
     def _find_learning_rate(self, resuming: bool) -> None:
@@ -801,7 +810,8 @@ class Trainer:
             return save_sharded_checkpoint(
                 directory, self.model, optimizer, state, meta, self.process, trainable_only=self.config.lora is not None
             )
-        return self.checkpoint_writer.save(directory, checkpoint_files.model_weights(self.model), state, meta)
+        weights = checkpoint_files.model_weights(self.model)  # adapters only for a LoRA run
+        return self.checkpoint_writer.save(directory, weights, state, meta, checkpoint_files.weights_metadata(self.model))
 
     @property
     def sharded_checkpoints(self) -> bool:
