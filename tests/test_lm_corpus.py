@@ -12,7 +12,6 @@ pytest.importorskip("transformers")
 from tightfit.cli import main  # noqa: E402
 from tightfit.configs import config_dir  # noqa: E402
 from tightfit.data.build import build_datasets  # noqa: E402
-from tightfit.data.config import DataError  # noqa: E402
 from tightfit.data.lm_corpus import IGNORE_INDEX, length_histogram, pack_documents  # noqa: E402
 from tightfit.data.text import load_tokenizer  # noqa: E402
 

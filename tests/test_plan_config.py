@@ -4,7 +4,6 @@ counts a torchao int8 weight at its int8 size."""
 import json
 
 import pytest
-import torch
 from torch import nn
 
 pytest.importorskip("peft")
