@@ -196,6 +196,15 @@ CASES: dict[str, Case] = {
     "compress output holds a report": Case(["compress", "builtin:digits-cnn", "--data", "digits", "-o", "{w}/compressed"], "already holds a report"),
     "compress unknown data source": Case(["compress", "builtin:digits-cnn", "--data", "nosuch", "-o", "{w}/out"], "nosuch"),
     # --- predict --------------------------------------------------------------------------
+    # --- run (study files), export-checkpoint, generate -----------------------------------------
+    "run missing study": Case(["run", "{w}/nowhere.yaml"], "does not exist"),
+    "run invalid yaml": Case(["run", "{w}/broken.yaml"], "not valid YAML"),
+    "run study that is a list": Case(["run", "{w}/list.yaml"], "expected a mapping with 'stages'"),
+    "export-checkpoint missing run": Case(["export-checkpoint", "{w}/nowhere"], "does not exist"),
+    "export-checkpoint empty folder": Case(["export-checkpoint", "{w}/empty-folder"], "checkpoints here: none"),
+    "generate missing run": Case(["generate", "{w}/nowhere", "--prompt", "hi"], "no such run directory or model folder"),
+    "generate empty folder": Case(["generate", "{w}/empty-folder", "--prompt", "hi"], "neither a tightfit run"),
+    "generate without prompt": Case(["generate", "{w}/empty-folder"], "--prompt"),
     "predict missing artifact": Case(["predict", "{w}/nowhere.onnx", "{w}/input.npy"], "does not exist"),
     "predict wrong suffix": Case(["predict", "{w}/model.txt", "{w}/input.npy"], "is not an .onnx or .pt2 file"),
     "predict garbage onnx": Case(["predict", "{w}/model.onnx", "{w}/input.npy"], "cannot be loaded by ONNX Runtime"),
