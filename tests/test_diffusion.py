@@ -14,9 +14,9 @@ from tightfit.errors import SpecError  # noqa: E402
 from tightfit.models.diffusion import (  # noqa: E402
     build_diffusion_model,
     find_diffusion_module,
-    write_tiny_pipeline,
 )
 from tightfit.models.lora import LoRAConfig, apply_lora  # noqa: E402
+from tiny_diffusion import write_tiny_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SD15_UNET = REPO / "src" / "tightfit" / "configs" / "sd15-unet"

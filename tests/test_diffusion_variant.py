@@ -10,7 +10,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from tightfit.cli import main  # noqa: E402
-from tightfit.models.diffusion import build_diffusion_model, weights_variant, write_tiny_pipeline  # noqa: E402
+from tightfit.models.diffusion import build_diffusion_model, weights_variant  # noqa: E402
+from tiny_diffusion import write_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -257,9 +257,11 @@ def test_measure_matches_the_estimate_on_cpu():
 
 def test_diffusion_directory_is_planned(tmp_path):
     """diffusion:DIR goes through the LoRA engineer's builder; frozen VAE/text encoder are counted, not trained."""
-    diffusion = pytest.importorskip("tightfit.models.diffusion")
+    pytest.importorskip("tightfit.models.diffusion")
     pytest.importorskip("diffusers")
-    directory = diffusion.write_tiny_pipeline(tmp_path / "sd")
+    from tiny_diffusion import write_tiny_pipeline
+
+    directory = write_tiny_pipeline(tmp_path / "sd")
     result = plan(f"diffusion:{directory}", "pixel_values=3x16x16,input_ids=tokens:77", batch_size=2,
                   profile=_budget(2**30))
     assert result.fits and 0 < result.trainable_parameters < result.parameters
