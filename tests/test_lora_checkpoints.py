@@ -74,10 +74,11 @@ def test_int8_lora_run_checkpoints_adapters_only_and_resumes_after_sigkill(tmp_p
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     reference = _start(tmp_path, uninterrupted, "fresh")
     victim = _start(tmp_path, interrupted, "fresh", delay=0.2)
-    meta_file = interrupted / "checkpoints" / "last" / "meta.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        # every_n_steps writes the periodic checkpoints step-N (resumable) beside last
+        periodic = sorted((interrupted / "checkpoints").glob("step-*/meta.json"), key=lambda path: int(path.parent.name[5:]))
+        meta = json.loads(periodic[-1].read_text()) if periodic else None
         if meta and meta["step"] >= 9 and not meta["epoch_finished"]:  # mid-way through the second epoch
             break
         time.sleep(0.05)
@@ -88,8 +89,7 @@ def test_int8_lora_run_checkpoints_adapters_only_and_resumes_after_sigkill(tmp_p
     victim.wait()
     assert not (interrupted / "summary.json").exists()
 
-    weights_file = interrupted / "checkpoints" / "last" / "model.safetensors"
-    with safe_open(str(weights_file), framework="pt") as handle:
+    with safe_open(str(periodic[-1].parent / "model.safetensors"), framework="pt") as handle:
         metadata = handle.metadata()
         keys = list(handle.keys())
     assert metadata["weights"] == "adapters-only" and metadata["base_model"] == "builtin:mlp"
@@ -102,7 +102,7 @@ def test_int8_lora_run_checkpoints_adapters_only_and_resumes_after_sigkill(tmp_p
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
     assert reference.wait(timeout=120) == 0, reference.stderr.read()
     expected = load_file(str(uninterrupted / "checkpoints" / "last" / "model.safetensors"))
-    actual = load_file(str(weights_file))
+    actual = load_file(str(interrupted / "checkpoints" / "last" / "model.safetensors"))
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)

@@ -141,7 +141,9 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
     failed = _run([*launch, "--nproc-per-node", "2"])
     assert failed.returncode == 1
     assert "tightfit train: error: rank 1 failed first (killed by SIGKILL)" in failed.stderr and "--resume" in failed.stderr
-    assert json.loads((killed / "checkpoints" / "last" / "meta.json").read_text())["step"] == 3
+    # checkpoint.every_n_steps=1: the periodic checkpoint of step 3 is the newest complete one
+    assert json.loads((killed / "checkpoints" / "step-3" / "meta.json").read_text())["step"] == 3
+    assert not (killed / "checkpoints" / "step-4").exists()
     monkeypatch.delenv("KILL_RANK")
     one_process = tmp_path / "one-process"
     shutil.copytree(killed, one_process)
@@ -155,11 +157,12 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
     from tightfit.training.distributed_checkpoint import read_sharded_weights
     from tightfit.training.trainer import Trainer
 
-    saved_optimizer = read_sharded_weights(one_process / "checkpoints" / "last", part="optimizer")
+    newest = one_process / "checkpoints" / "step-3"  # what a resume continues from
+    saved_optimizer = read_sharded_weights(newest, part="optimizer")
     trainer = Trainer(load_config(one_process / "config.yaml", trust_code=True))
     trainer.setup(resume_from=one_process)
     assert trainer.global_step == 3 and trainer.process.world_size == 1
-    _assert_same({name: tensor.detach() for name, tensor in trainer.model.state_dict().items()}, _weights(one_process))
+    _assert_same({name: tensor.detach() for name, tensor in trainer.model.state_dict().items()}, read_sharded_weights(newest))
     names = dict((parameter, name) for name, parameter in trainer.model.named_parameters())
     for parameter, state in trainer.optimizer.state.items():
         assert torch.equal(state["exp_avg"], saved_optimizer[f"state.{names[parameter]}.exp_avg"])

@@ -333,6 +333,12 @@ def is_sharded(directory: Path) -> bool:
     return (Path(directory) / SHARDS_DIR / ".metadata").is_file()
 
 
+def holds_full_state(folder: Path) -> bool:
+    """Whether a checkpoint folder is one the trainer writes with the whole training state
+    (``last``, ``step-N``, ``epoch-N``, or one of those moved aside), as opposed to weights only."""
+    return _FULL_STATE_NAME.fullmatch(Path(folder).name.removesuffix(_ASIDE_SUFFIX)) is not None
+
+
 def checkpoint_folders(checkpoints: Path) -> list[Path]:
     """Every checkpoint folder of a run, newest first: by the step in its ``meta.json``, and at
     equal steps one with the whole training state (``last``) before weights-only ones.
@@ -352,9 +358,8 @@ def checkpoint_folders(checkpoints: Path) -> list[Path]:
         except (OSError, ValueError, KeyError, TypeError):
             step = -1
         name = folder.name.removesuffix(_ASIDE_SUFFIX)
-        full_state = _FULL_STATE_NAME.fullmatch(name) is not None
         # at one step, last (written after a periodic checkpoint of that step) comes first
-        return (-step, not full_state, name != "last", folder.name.endswith(_ASIDE_SUFFIX), folder.name)
+        return (-step, not holds_full_state(folder), name != "last", folder.name.endswith(_ASIDE_SUFFIX), folder.name)
 
     return sorted(folders, key=newest_first)
 

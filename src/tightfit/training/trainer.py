@@ -875,9 +875,12 @@ class Trainer:
         if self.sharded_checkpoints:
             from tightfit.training.distributed_checkpoint import load_sharded_checkpoint
 
-            restored = load_sharded_checkpoint(
-                run_dir / "checkpoints" / "last", self.model, self.optimizer, trainable_only=self.config.lora is not None
+            newest = next(
+                (folder for folder in checkpoint_files.checkpoint_folders(run_dir / "checkpoints")
+                 if checkpoint_files.holds_full_state(folder) and checkpoint_files.is_sharded(folder)),
+                run_dir / "checkpoints" / "last",
             )
+            restored = load_sharded_checkpoint(newest, self.model, self.optimizer, trainable_only=self.config.lora is not None)
         else:
             restored = checkpoint_files.load_newest_intact(run_dir / "checkpoints", self.model)
         for problem in restored.skipped:
