@@ -10,6 +10,18 @@ import pytest
 REPORT_DATA = Path(__file__).parent / "data" / "report"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked ``gpu`` when no CUDA device is present, saying so (``-rs`` lists them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs a CUDA device; torch.cuda.is_available() is False here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_tightfit_home(tmp_path_factory):
     """Keep the trust record of ``.pt2`` archives (``tightfit.trust``) out of the user's home: the

@@ -268,7 +268,7 @@ def test_run_dir_that_does_not_exist_checks_its_parent(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_doctor_on_cuda_reports_every_gpu_and_passes_the_smoke_test():
     report = run_doctor()
     assert report["cuda"]["device_count"] == torch.cuda.device_count()

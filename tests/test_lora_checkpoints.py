@@ -141,7 +141,7 @@ def test_adapters_only_checkpoint_refuses_another_base_and_merges_into_a_full_pr
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bitsandbytes NF4)")
+@pytest.mark.gpu
 def test_nf4_lora_run_checkpoints_adapters_only_and_resumes_exactly(tmp_path):
     pytest.importorskip("bitsandbytes")
     lora = CONFIG["lora"] | {"quantize_base": "nf4"}

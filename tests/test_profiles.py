@@ -164,7 +164,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_detected_cuda_profile_matches_torch():
     profile = resolve_target("cuda")
     properties = torch.cuda.get_device_properties(0)

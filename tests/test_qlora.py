@@ -85,7 +85,7 @@ def test_meta_model_with_quantized_base_is_counted_not_built():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_nf4_base_on_cuda_trains():
     pytest.importorskip("bitsandbytes")
     model = apply_lora(_model(), LoRAConfig(rank=4, quantize_base="nf4"), device="cuda", verbose=False)

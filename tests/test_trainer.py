@@ -373,7 +373,7 @@ def test_cli_json_prints_only_the_summary(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_fp16_uses_a_grad_scaler_and_auto_picks_a_half_precision(tmp_path):
     data = make_data(64)
     fp16 = Trainer(quiet(tmp_path / "fp16", precision="fp16", device="cuda"), model=make_mlp(), datasets=(data, data, None))
