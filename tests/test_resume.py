@@ -154,3 +154,18 @@ def test_resume_of_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         checkpoint_files.load_checkpoint(tmp_path / "checkpoints" / "last", torch.nn.Linear(1, 1))
+
+
+def test_checkpoint_writer_close_finishes_the_queue_joins_its_thread_and_reraises(tmp_path):
+    from tightfit.training.checkpoint_writer import CheckpointWriter
+
+    writer = CheckpointWriter()
+    (tmp_path / "old").mkdir()
+    writer.remove(tmp_path / "old")
+    thread = writer._thread
+    writer.close()
+    assert not (tmp_path / "old").exists() and not thread.is_alive()  # no writer thread outlives fit()
+    writer._submit(lambda: 1 / 0)  # a closed writer starts a new thread; a failed write is re-raised
+    with pytest.raises(ZeroDivisionError):
+        writer.close()
+    assert writer._thread is None

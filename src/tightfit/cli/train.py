@@ -81,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         config = config.model_copy(update={"logging": config.logging.model_copy(update={"console": False})})
     summary = Trainer(config).fit(resume_from=args.resume)
+    if "WORLD_SIZE" in os.environ:
+        import gc
+
+        # free the sharded model (and what it holds of the process group fit() destroyed) now,
+        # while the interpreter is whole, not in its shutdown
+        gc.collect()
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun rank 0 reports for every rank (the summary holds each rank's peak)
     metrics_file = Path(summary["run_dir"]) / "metrics.jsonl"

@@ -53,10 +53,24 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise error
 
+    def close(self) -> None:
+        """Finish everything queued, then end and join the thread (re-raises as :meth:`wait`).
+
+        The trainer calls it when ``fit`` ends, so no writer thread outlives the run: a process
+        that then leaves its process group and exits has no thread of its own still working.
+        """
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._tasks.put(None)
+                self._thread.join()
+                self._thread = None
+
     def _submit(self, task: Callable[[], Any]) -> None:
         if self._thread is None:
-            # A daemon: the trainer waits for the queue before it returns or raises, so nothing
-            # queued is dropped; an interpreter shutting down for another reason is not held up.
+            # A daemon: the trainer closes (drains and joins) it before fit returns or raises, so
+            # nothing queued is dropped; an interpreter shutting down for another reason is not held up.
             self._thread = threading.Thread(target=self._work, name="tightfit-checkpoint-writer", daemon=True)
             self._thread.start()
         self._tasks.put(task)
@@ -64,6 +78,9 @@ class CheckpointWriter:
     def _work(self) -> None:
         while True:
             task = self._tasks.get()
+            if task is None:  # close(): everything before it is done
+                self._tasks.task_done()
+                return
             try:
                 if self._error is None:  # after a failure, later writes would only fail the same way
                     task()

@@ -101,9 +101,22 @@ def _exit_with_launcher() -> None:
         os._exit(1)
 
 
-def teardown_process(info: ProcessInfo) -> None:
-    """Leave the process group this run joined (a no-op for single-process runs)."""
-    if info.distributed and dist.is_initialized():
+def teardown_process(info: ProcessInfo, synchronize: bool = False) -> None:
+    """Leave the process group this run joined (a no-op for single-process runs).
+
+    Args:
+        info: this process.
+        synchronize: wait at a barrier first (a run that ended well: every rank is here), so no
+            rank destroys the group, and exits, while another still has a collective in flight
+            with it. Not after an error: a dead rank would hold the others at the barrier until
+            the timeout.
+    """
+    if not (info.distributed and dist.is_initialized()):
+        return
+    try:
+        if synchronize:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

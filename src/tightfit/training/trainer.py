@@ -478,14 +478,23 @@ class Trainer:
             (on_exception(error) instead, if anything raised)
         """
         if not self.is_set_up:
-            self.setup(resume_from)
+            try:
+                self.setup(resume_from)
+            except BaseException:
+                # a setup that fails after joining the process group still leaves it: a process
+                # exiting with a live gloo group can abort in its C++ destructor
+                if getattr(self, "process", None) is not None:
+                    teardown_process(self.process)
+                raise
         start_time = self.fit_start_time = time.perf_counter()
+        succeeded = False
         try:
             with self.monitor or contextlib.nullcontext():
                 self._fire("on_fit_start")
                 self._train_epochs()
                 summary = self._finish(start_time)
             self._fire("on_fit_end", summary)
+            succeeded = True
             return summary
         except BaseException as error:
             self._fire("on_exception", error)
@@ -497,8 +506,12 @@ class Trainer:
             for logger in self.loggers:
                 logger.close()
             torch.set_num_threads(self.threads_before)
-            teardown_process(self.process)
-            self.checkpoint_writer.wait()  # a write in flight when an error struck completes
+            try:
+                self.checkpoint_writer.close()  # a write in flight when an error struck completes; joined
+            finally:
+                # last, after the writer thread has ended; on success a barrier first, so no rank
+                # tears the group down and exits while another is still in a collective with it
+                teardown_process(self.process, synchronize=succeeded)
 
     def _train_epochs(self) -> None:
         while self.epoch < self.config.epochs and not self._done():
