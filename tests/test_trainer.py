@@ -396,3 +396,21 @@ def test_reduce_on_plateau_stops_at_min_lr_ratio_of_the_base_rate():
         schedule.validated({"val_loss": 1.0})  # never improves
         rates.append(optimizer.param_groups[0]["lr"])
     assert rates == pytest.approx([0.5, 0.05, 0.01, 0.01])  # 0.005 would be below 0.02 x 0.5
+
+
+def test_progress_in_a_captured_stdout_is_plain_lines_not_a_bar(tmp_path, capsys):
+    import re
+
+    from torch.utils.data import TensorDataset
+
+    from tightfit.training.trainer import Trainer
+
+    inputs = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(inputs, (inputs[:, 0] > 0).long())
+    config = quiet(tmp_path, batch={"micro_batch_size": 16}, logging={"console": True, "progress": True})
+    Trainer(config, model=nn.Linear(4, 2), datasets=(data, data, None)).fit()
+    printed = capsys.readouterr().out  # pytest's capture is not a terminal
+    lines = [line for line in printed.splitlines() if line.startswith("epoch ") and " step " in line]
+    assert [line.split(" loss ")[0] for line in lines] == ["epoch 1/2 step 4/4", "epoch 2/2 step 4/4"]
+    assert all(re.fullmatch(r"epoch \d/2 step 4/4 loss \d+\.\d{4} \d+\.\d it/s eta 0:00", line) for line in lines), lines
+    assert "━" not in printed and "\r" not in printed  # no redrawn bar

@@ -140,7 +140,7 @@ class LoggingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``logging:`` where metrics go (console, JSON lines, TensorBoard, MLflow)."""
 
     console: bool = True
-    progress: bool = Field(default=True, description="rich progress bars (off when not a terminal)")
+    progress: bool = Field(default=True, description="rich progress bars in a terminal; plain lines (every 30 s and per epoch) when not one")
     jsonl: bool = True
     tensorboard: bool = True
     mlflow: bool = False

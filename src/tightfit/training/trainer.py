@@ -415,9 +415,9 @@ class Trainer:
             )
         )
         if config.logging.progress and config.logging.console and self.process.is_main:
-            from tightfit.training.progress import ProgressBar
+            from tightfit.training.progress import progress_callback
 
-            callbacks.append(ProgressBar(self.console))
+            callbacks.append(progress_callback(self.console))  # plain lines when stdout is not a terminal
         # A model may bring callbacks of its own (the diffusion module's validation images);
         # looked up on the class so PEFT's attribute forwarding does not report one twice.
         model_callbacks = [
