@@ -3,11 +3,24 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPORT_DATA = Path(__file__).parent / "data" / "report"
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def run_tightfit(*args: str, timeout: float = 300, cwd: str | Path | None = None, env: dict | None = None):
+    """``python -m tightfit ARGS`` in a subprocess, its output captured as text (``from conftest import
+    run_tightfit``). One intra-op thread (``OMP_NUM_THREADS=1``): tiny models on a shared 2-core
+    machine run 10-20x slower with two competing threads. ``env`` adds to (or overrides) the environment."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "tightfit", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=environment
+    )
 
 
 def pytest_collection_modifyitems(config, items):

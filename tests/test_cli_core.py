@@ -6,14 +6,9 @@ import time
 
 import pytest
 
+from conftest import run_tightfit
 from tightfit.errors import SpecError
 from tightfit.units import format_bytes, parse_memory
-
-
-def run_tightfit(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "tightfit", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,12 @@
 exports agree with PyTorch, the report has every field, bad recipes get clear errors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import run_tightfit
 from tightfit.compression import (
     FinetuneSettings, MagnitudePruner, PolynomialSchedule, Source, compress, distill, export, finetune, prune,
     qat, quantize, sparsity_table, structured_prune,
@@ -336,9 +334,6 @@ def test_an_existing_report_is_not_overwritten(trained, digits, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- recipes and CLI
-def run_tightfit(*args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
-    return subprocess.run([sys.executable, "-m", "tightfit", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def run_in_process(capsys, *args):

@@ -4,8 +4,6 @@ import copy
 import importlib.metadata
 import json
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import psutil
@@ -13,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_tightfit
 from tightfit.cli import main
 from tightfit.hardware import doctor
 from tightfit.hardware.doctor import build_checks, recommend, run_doctor, run_smoke_test, verdict
@@ -20,10 +19,6 @@ from tightfit.hardware.doctor import build_checks, recommend, run_doctor, run_sm
 GIB = 2**30
 SECTIONS = ("tightfit_version", "system", "torch", "cuda", "mps", "cpu", "memory", "disk", "packages",
             "smoke_test", "dataset", "best_device", "checks", "recommendations", "verdict")
-
-
-def run_tightfit(*args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "tightfit", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

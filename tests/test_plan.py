@@ -1,15 +1,13 @@
 """`tightfit plan`: check a batch size, recommend settings, plan pipelines, without allocating weights."""
 
 import json
-import os
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_tightfit
 from tightfit.hardware.profiles import get_profile, with_budget
 from tightfit.memory.estimator import estimate_step
 from tightfit.memory.pipeline import SVM_KERNEL_CACHE_BYTES
@@ -32,11 +30,7 @@ def _one_thread():
 
 
 def _cli(*arguments, timeout=600):
-    environment = dict(os.environ, OMP_NUM_THREADS="1")  # see _one_thread
-    return subprocess.run(
-        [sys.executable, "-m", "tightfit", "plan", *arguments], capture_output=True, text=True, timeout=timeout,
-        cwd=REPOSITORY, env=environment,
-    )
+    return run_tightfit("plan", *arguments, timeout=timeout, cwd=REPOSITORY)
 
 
 def _budget(nbytes):

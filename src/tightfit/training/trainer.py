@@ -972,7 +972,8 @@ class Trainer:
 def _console(enabled: bool):
     from rich.console import Console
 
-    return Console(highlight=False, quiet=not enabled)
+    # soft_wrap: a line longer than the width is not cut into two (off a terminal, rich's width is 80)
+    return Console(highlight=False, quiet=not enabled, soft_wrap=True)
 
 
 def _write_json_atomically(path: Path, payload: dict) -> None:
