@@ -148,7 +148,9 @@ def test_magnitude_pruning_with_schedule_during_finetuning_keeps_accuracy(traine
     assert updates[0][1] == 0.0 and updates[-1][1] == 0.5 and len(updates) > 3  # sparsity grew in steps
     zeros = sum(row["zeros"] for row in result.table)
     assert zeros == round(0.5 * sum(row["parameters"] for row in result.table))
-    assert accuracy(model, digits) >= baseline - 1.0
+    # measured drop (points), seeds 0-4 x 1 and 2 threads (/tmp spread script in the i20a report):
+    # 0.00-0.74 so far; 2.0 leaves a margin over the worst (it was 1.0: 0.74 is too close)
+    assert accuracy(model, digits) >= baseline - 2.0
 
 
 def test_structured_pruning_with_finetune_keeps_accuracy(trained, digits, tmp_path):
@@ -160,7 +162,9 @@ def test_structured_pruning_with_finetune_keeps_accuracy(trained, digits, tmp_pa
                    num_classes=10, finetune=FinetuneSettings(epochs=5, lr=3e-3), run_dir=tmp_path)
     assert result.details["parameters_after"] < 0.4 * result.details["parameters_before"]
     assert result.details["batchnorm_batches"] > 0
-    assert accuracy(model, digits) >= baseline - 2.0
+    # measured drop (points), seeds 0-4 x 1 and 2 threads: 0.74-1.86 here, and 2.23 once in a fresh
+    # clone's make test (97.77 % from 100 %, issue 20); 3.5 is below the worst with a margin
+    assert accuracy(model, digits) >= baseline - 3.5
 
 
 # ------------------------------------------------------------------------------------- quantization
