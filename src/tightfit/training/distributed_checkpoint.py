@@ -15,7 +15,7 @@ are written; the frozen base comes from the model's own source when the run resu
 
 Reading is safe for a run folder someone hands you: DCP's own ``FileSystemReader`` unpickles
 ``shards/.metadata`` with plain ``pickle`` and its default load planner reads the non-tensor items
-(learning rates, step counts) with ``torch.load(weights_only=False)``; either would run whatever a
+(learning rates, step counts) with a ``torch.load`` that allows any pickle; either would run whatever a
 planted pickle says. Here ``.metadata`` goes through :class:`_MetadataUnpickler`, which builds only
 the metadata classes torch writes, and every item loads with ``weights_only=True``
 (docs/security.md).
