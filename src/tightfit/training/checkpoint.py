@@ -22,7 +22,8 @@ version in place; temporaries a killed process left behind are removed by
 :func:`remove_stale_temporaries` when the next run starts.
 
 Reading back, :func:`load_newest_intact` tries a run's checkpoints newest first (``last``, its
-moved-aside ``last.old``, ``best``, the top-k) and skips any whose files are truncated or refuse to
+moved-aside ``last.old``, ``best``, the top-k; for a resume every full-state one before the
+weights-only ones) and skips any whose files are truncated or refuse to
 load safely, saying which file and why, so a damaged ``last`` costs at most the steps since the
 next newest checkpoint.
 """
@@ -386,13 +387,19 @@ class Restored:
         return "optimizer" in self.state
 
 
-def load_newest_intact(checkpoints: Path, model: torch.nn.Module, *, first: str | None = None) -> Restored:
+def load_newest_intact(
+    checkpoints: Path, model: torch.nn.Module, *, first: str | None = None, full_state_first: bool = False
+) -> Restored:
     """Load the newest checkpoint of a run whose files are intact into ``model``.
 
     Args:
         checkpoints: the run's ``checkpoints/`` folder.
         model: receives the weights.
         first: a checkpoint name to try before the others (``"best"`` for compression).
+        full_state_first: try every checkpoint holding the whole training state (``last``,
+            ``step-N``...) before any weights-only one (a resume: a run killed after writing
+            ``best`` of an epoch and before its ``last`` replays from the older ``last`` exactly,
+            instead of continuing inexactly from the newer ``best``).
 
     Returns:
         The :class:`Restored` checkpoint, with the damaged ones it skipped.
@@ -405,6 +412,8 @@ def load_newest_intact(checkpoints: Path, model: torch.nn.Module, *, first: str 
     folders = checkpoint_folders(checkpoints)
     if first is not None:
         folders.sort(key=lambda folder: folder.name.removesuffix(_ASIDE_SUFFIX) != first)  # stable
+    if full_state_first:
+        folders.sort(key=lambda folder: not holds_full_state(folder))  # stable: newest first within each
     skipped = []
     for folder in folders:
         try:

@@ -882,7 +882,7 @@ class Trainer:
             )
             restored = load_sharded_checkpoint(newest, self.model, self.optimizer, trainable_only=self.config.lora is not None)
         else:
-            restored = checkpoint_files.load_newest_intact(run_dir / "checkpoints", self.model)
+            restored = checkpoint_files.load_newest_intact(run_dir / "checkpoints", self.model, full_state_first=True)
         for problem in restored.skipped:
             self._warn(f"skipped a damaged checkpoint: {problem}")
         state = restored.state
@@ -918,16 +918,20 @@ class Trainer:
         )
 
     def _continue_from_weights(self, restored: checkpoint_files.Restored) -> None:
-        """Resume from a weights-only checkpoint (``best``, top-k) when no ``last`` is intact: the
+        """Resume from a weights-only checkpoint (``best``, top-k) when no full-state one is intact: the
         counters and weights are its own, the schedule is moved to its step, and the optimizer's
         moments and the random streams start afresh, so the run is no longer bit-exact."""
         with warnings.catch_warnings():  # torch warns of a schedule stepped before the optimizer
             warnings.simplefilter("ignore")
             for _ in range(self.global_step):
                 self.schedule.step()
+        full_state = [folder.name for folder in checkpoint_files.checkpoint_folders(self.run_dir / "checkpoints")
+                      if checkpoint_files.holds_full_state(folder)]
+        found = f"{', '.join(full_state)} damaged, see above" if full_state else "the run stopped before writing one"
         self._warn(
-            f"resumed from {restored.directory} (weights only) at step {self.global_step}: no intact 'last' "
-            "checkpoint, so the optimizer state restarts and the run will not match an uninterrupted one exactly"
+            f"resumed from {restored.directory} (weights only) at step {self.global_step}: no intact checkpoint "
+            f"holds the whole training state ({found}), so the optimizer state and random streams restart "
+            "and the run will not match an uninterrupted one exactly"
         )
 
     # ------------------------------------------------------------------------------ plumbing
