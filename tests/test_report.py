@@ -262,3 +262,36 @@ def test_scatter_labels_of_points_at_the_same_height_do_not_overlap():
     svg = charts.scatter(points, x_axis=charts.Axis("x"), y_axis=charts.Axis("y"))
     baselines = re.findall(r'<text class="label" x="[\d.]+" y="([\d.]+)" text-anchor="\w+">artifact', svg)
     assert len(baselines) == 4 and len(set(baselines)) == 4  # four points on one spot: four label rows
+
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+# values a page looks up in its own tables (tones, orders): a hostile one is refused, not shown
+ENUMERATED = {"verdict", "status", "severity", "kind", "mode", "tone", "layout", "precision", "optimizer", "strategy",
+              "device_type", "task", "format", "type", "metric_name", "direction", "unit"}
+
+
+def _poison(value, key=""):
+    if isinstance(value, dict):
+        return {name: _poison(item, name) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_poison(item, key) for item in value]
+    if isinstance(value, str) and key not in ENUMERATED:
+        return HOSTILE
+    if key in ("micro_batch_size", "accumulation_steps"):  # the plan page's batch cells (issue 19)
+        return HOSTILE
+    return value
+
+
+@pytest.mark.parametrize("kind", ["plan", "pipeline", "study", "compression", "doctor"])
+def test_a_hostile_value_in_every_text_field_is_escaped_on_every_page(tmp_path, report_sources, kind):
+    source = report_sources[kind]
+    path = source / ("results.json" if kind == "study" else "report.json") if source.is_dir() else source
+    poisoned = tmp_path / kind / path.name
+    poisoned.parent.mkdir()
+    poisoned.write_text(json.dumps(_poison(json.loads(path.read_text()))))
+    try:
+        _, html = render(poisoned if kind not in ("study", "compression") else poisoned.parent)
+    except (KeyError, TypeError, ValueError, ConfigError) as error:  # noqa: PERF203
+        pytest.fail(f"{kind}: a hostile value broke the page: {error!r}")
+    assert "<img" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
