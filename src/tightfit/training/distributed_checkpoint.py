@@ -74,7 +74,7 @@ def _read_metadata(shards: Path):
             metadata = _MetadataUnpickler(handle).load()
     except OSError as error:
         raise ConfigError(f"checkpoint: cannot read {path}: {error.strerror or error}") from None
-    except Exception as error:  # a damaged pickle raises almost anything; none of it may pass as metadata
+    except Exception as error:  # noqa: BLE001 - a damaged pickle raises almost anything; none may pass
         raise ConfigError(f"checkpoint: {path} is not checkpoint metadata a safe load accepts ({error})") from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
         raise ConfigError(f"checkpoint: {path} is not checkpoint metadata (it holds a {type(metadata).__name__})")
