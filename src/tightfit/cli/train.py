@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             print(config_to_yaml(config), end="")
         return 0
     if not args.resume and config.run_dir:
-        from tightfit.training.run_folder import check_new_run_folder
+        from tightfit.runs.run_folder import check_new_run_folder
 
         check_new_run_folder(config.run_dir)
 

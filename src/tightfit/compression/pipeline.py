@@ -92,7 +92,8 @@ def load_source(
     """
     from tightfit.data.build import build_datasets
     from tightfit.models.spec import build_model_for_data
-    from tightfit.training import checkpoint as checkpoint_files
+    from tightfit.runs import checkpoint as checkpoint_files
+    from tightfit.runs.model import build_run_model, load_run_model
 
     path = Path(source)
     if path.is_dir():
@@ -105,13 +106,14 @@ def load_source(
         if config.lora is not None:
             raise ConfigError(f"compress: {path} is a LoRA run; merge the adapters first (tightfit lora merge)")
         bundle = build_datasets(config.data, seed=config.seed)
-        model, _ = build_model_for_data(config.model, config.model_options, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
         spec, name, weights, notes = config.model, path.name, checkpoint, []
         if checkpoint is None:  # the best weights, or the newest intact checkpoint when best is damaged
-            restored = checkpoint_files.load_newest_intact(path / "checkpoints", model, first="best")
+            model, restored = load_run_model(path, config=config, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
             notes = [f"skipped a damaged checkpoint: {problem}" for problem in restored.skipped]
             if restored.skipped:
                 notes.append(f"compressing the weights of {restored.directory} instead")
+        else:
+            model, _ = build_run_model(config, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
     else:
         if ":" not in str(source):
             raise ConfigError(f"compress: {source} is neither a run directory nor a model spec (builtin:NAME, hf:DIR, ...)")
@@ -471,7 +473,7 @@ class Pipeline:
         if Path(step.teacher).is_dir():
             return load_source(step.teacher, trust_code=self.trust_code).model
         from tightfit.models.spec import build_model
-        from tightfit.training import checkpoint as checkpoint_files
+        from tightfit.runs import checkpoint as checkpoint_files
 
         if step.teacher_checkpoint is None or not Path(step.teacher_checkpoint).is_file():
             raise ConfigError(f"distill: teacher {step.teacher} needs teacher_checkpoint, an existing weights file")

@@ -170,7 +170,7 @@ def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
     from tightfit.config import build_config
     from tightfit.step.precision import resolve_precision
     from tightfit.study.ssl import wrap_for_objective
-    from tightfit.training.checkpoint import complete_checkpoint
+    from tightfit.runs.checkpoint import complete_checkpoint
     from tightfit.training.trainer import Trainer
 
     config = context.config

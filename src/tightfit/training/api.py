@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from tightfit.config import TrainConfig, build_config, load_config
-from tightfit.training.run_folder import check_new_run_folder
+from tightfit.runs.run_folder import check_new_run_folder
 from tightfit.training.trainer import Trainer
 
 

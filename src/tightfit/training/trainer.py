@@ -31,10 +31,10 @@ from tightfit.memory.oom import is_out_of_memory
 from tightfit.step.batch import count_samples, move_to_device
 from tightfit.step.rng import rng_state, seed_everything, set_rng_state
 from tightfit.step.step import TrainingStep
-from tightfit.training import checkpoint as checkpoint_files
+from tightfit.runs import checkpoint as checkpoint_files
 from tightfit.training import distributed
 from tightfit.training.callbacks import EarlyStopping, HtmlReport, ModelCheckpoint, callback_states, load_callback_states
-from tightfit.training.checkpoint_writer import CheckpointWriter
+from tightfit.runs.checkpoint_writer import CheckpointWriter
 from tightfit.training.diagnosis import TrainingDiagnosis
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
@@ -44,7 +44,7 @@ from tightfit.training.monitor import ResourceMonitor
 from tightfit.training.numerics import NumericsGuard
 from tightfit.step.optim import build_optimizer
 from tightfit.step.precision import autocast, needs_grad_scaler, parameter_dtype, resolve_precision
-from tightfit.training.run_folder import mark_run_folder
+from tightfit.runs.run_folder import mark_run_folder
 from tightfit.training.sampler import ResumableSampler
 from tightfit.training.schedules import LRSchedule
 
@@ -219,7 +219,7 @@ class Trainer:
         if self.user_model is not None:
             model = self.user_model
         else:
-            from tightfit.models.spec import build_run_model
+            from tightfit.runs.model import build_run_model
 
             model, inferred = build_run_model(config, num_classes=self.num_classes, input_shape=self.input_shape)
             if inferred:
@@ -803,7 +803,7 @@ class Trainer:
         }
         state = {"counters": self._counters()} if weights_only else self._training_state()
         if self.sharded_checkpoints:
-            from tightfit.training.distributed_checkpoint import save_sharded_checkpoint
+            from tightfit.runs.distributed_checkpoint import save_sharded_checkpoint
 
             state.pop("optimizer", None)  # in the shards
             optimizer = None if weights_only else self.optimizer
@@ -821,7 +821,7 @@ class Trainer:
     def _load_weights(self, directory: Path) -> None:
         """Load a checkpoint's weights (not the training state) into the model."""
         if self.sharded_checkpoints:
-            from tightfit.training.distributed_checkpoint import load_sharded_checkpoint
+            from tightfit.runs.distributed_checkpoint import load_sharded_checkpoint
 
             load_sharded_checkpoint(directory, self.model, trainable_only=self.config.lora is not None)
         else:
@@ -873,7 +873,7 @@ class Trainer:
         top-k), saying which file was damaged; from a weights-only one the run continues from its
         step with fresh optimizer state (see :meth:`_continue_from_weights`)."""
         if self.sharded_checkpoints:
-            from tightfit.training.distributed_checkpoint import load_sharded_checkpoint
+            from tightfit.runs.distributed_checkpoint import load_sharded_checkpoint
 
             newest = next(
                 (folder for folder in checkpoint_files.checkpoint_folders(run_dir / "checkpoints")
