@@ -44,7 +44,7 @@ def gib(n: int) -> str:
 def plan_rows(sequence_length: int, device: str, base_model, reuse: dict) -> list[dict]:
     from tightfit.errors import TightfitError
     from tightfit.hardware.profiles import get_profile
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
     from tightfit.models.qlora import with_quantized_base
 
     profile = get_profile(device)

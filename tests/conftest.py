@@ -38,7 +38,7 @@ def report_sources(tmp_path_factory) -> dict[str, Path]:
     """
     from tightfit.hardware.doctor import run_doctor
     from tightfit.hardware.profiles import resolve_target
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
     from tightfit.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("report-sources")

@@ -53,7 +53,7 @@ def test_quantized_base_adjustment_on_the_7b_config():
 
 def test_planner_plans_a_lora_decoder_on_fake_tensors():
     from tightfit.hardware.profiles import get_profile
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
 
     before = _rss()
     # the 7B architecture at 2 layers keeps the test fast; the estimate runs the real step on fake tensors
@@ -74,7 +74,7 @@ def test_planner_plans_a_lora_decoder_on_fake_tensors():
 def test_planner_quantized_base_option():
     from tightfit.errors import ConfigError
     from tightfit.hardware.profiles import get_profile
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
 
     settings = dict(batch_size=1, precision="bf16-pure", checkpointing=False, lora_rank=8,
                     profile=get_profile("rtx3050-laptop-6gb"), model_kwargs={"num_hidden_layers": 2})

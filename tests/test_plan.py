@@ -12,8 +12,8 @@ import torch
 
 from tightfit.hardware.profiles import get_profile, with_budget
 from tightfit.memory.estimator import estimate_step
-from tightfit.memory.pipeline import SVM_KERNEL_CACHE_BYTES
-from tightfit.memory.planner import plan
+from tightfit.plan.pipeline import SVM_KERNEL_CACHE_BYTES
+from tightfit.plan.planner import plan
 from tightfit.memory.report import CATEGORIES
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 

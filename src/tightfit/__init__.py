@@ -10,8 +10,8 @@ _LAZY = {
     "train": ("tightfit.training.api", "train"),
     "Trainer": ("tightfit.training.trainer", "Trainer"),
     "lr_find": ("tightfit.training.lr_finder", "lr_find"),
-    "find_batch_size": ("tightfit.memory.search", "find_batch_size"),
-    "plan": ("tightfit.memory.planner", "plan"),
+    "find_batch_size": ("tightfit.plan.search", "find_batch_size"),
+    "plan": ("tightfit.plan.planner", "plan"),
 }
 
 

@@ -60,7 +60,7 @@ def run(args) -> int:
     import torch
 
     from tightfit.memory.measure import resolve_device
-    from tightfit.memory.search import find_batch_size
+    from tightfit.plan import BatchSizeRequest, plan
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
     device = resolve_device(device_name)
@@ -77,11 +77,11 @@ def run(args) -> int:
     if args.inference:
         return _run_inference(args, model, batch_factory, budget_bytes, device)
     with _status(args.json, f"searching the batch size of {args.model} on {device}"):
-        result = find_batch_size(
-            model, batch_factory, budget_bytes=budget_bytes, device=device, precision=args.precision,
+        result = plan(BatchSizeRequest(model, batch_factory, options=dict(
+            budget_bytes=budget_bytes, device=device, precision=args.precision,
             optimizer=args.optimizer, checkpointing=args.checkpointing, margin=args.margin,
             max_batch_size=args.max_batch_size, accumulation_steps=args.accumulation,
-        )
+        )))
     if args.json:
         from tightfit.cli._output import print_json
 
@@ -93,7 +93,8 @@ def run(args) -> int:
 
 def _run_inference(args, model, batch_factory, budget_bytes, device) -> int:
     from tightfit.errors import ConfigError
-    from tightfit.memory.inference import INFERENCE_PRECISIONS, find_inference_batch_size
+    from tightfit.names import INFERENCE_PRECISIONS
+    from tightfit.plan import BatchSizeRequest, plan
 
     if args.precision not in INFERENCE_PRECISIONS:
         raise ConfigError(f"--precision: {args.precision} is not an inference precision ({', '.join(INFERENCE_PRECISIONS)})")
@@ -104,8 +105,9 @@ def _run_inference(args, model, batch_factory, budget_bytes, device) -> int:
     if budget_bytes is None:
         raise ConfigError("--memory: required with --inference on this device (the budget, e.g. --memory 4GiB)")
     with _status(args.json, f"searching the forward batch size of {args.model} on {device}"):
-        result = find_inference_batch_size(model, batch_factory, budget_bytes=budget_bytes, device=device,
-                                           precision=args.precision, margin=args.margin, max_batch_size=args.max_batch_size)
+        result = plan(BatchSizeRequest(model, batch_factory, inference=True, options=dict(
+            budget_bytes=budget_bytes, device=device, precision=args.precision, margin=args.margin,
+            max_batch_size=args.max_batch_size)))
     if args.json:
         from tightfit.cli._output import print_json
 
@@ -138,7 +140,7 @@ def _render(result) -> None:
     from rich.table import Table
 
     from tightfit.cli._output import console
-    from tightfit.memory.search import describe
+    from tightfit.plan.search import describe
     from tightfit.units import format_bytes
 
     table = Table(title="trial steps (real tensors)")

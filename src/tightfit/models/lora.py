@@ -421,6 +421,11 @@ def base_fingerprint(model: nn.Module) -> str | None:
     return digest.hexdigest()
 
 
+def _saved_summary(directory: Path) -> dict:
+    summary_file = directory / SUMMARY_FILE
+    return (json.loads(summary_file.read_text()).get("summary") or {}) if summary_file.is_file() else {}
+
+
 def is_lora_model(model: nn.Module) -> bool:
     """Whether ``model`` came from :func:`apply_lora` or :func:`load_adapters` (not merged)."""
     return getattr(model, "lora_summary", None) is not None
@@ -496,31 +501,3 @@ def adapter_dir(path: str | Path) -> Path:
     raise TightfitError(
         f"{path}: no LoRA adapters (expected {ADAPTERS_DIR}/adapter_config.json; was the run trained with a lora: section?)"
     )
-
-
-def describe_adapters(path: str | Path) -> dict:
-    """What a run's adapters are: settings, counts, files, and the base model they belong to."""
-    directory = adapter_dir(path)
-    peft_config = json.loads((directory / "adapter_config.json").read_text())
-    saved = json.loads((directory / SUMMARY_FILE).read_text()) if (directory / SUMMARY_FILE).is_file() else {}
-    summary = saved.get("summary") or {}
-    files = {item.name: item.stat().st_size for item in sorted(directory.iterdir()) if item.is_file()}
-    # only the model's name is read here, nothing is built: no code can run, whatever the spec
-    run_config = _run_config(directory.parent, trust_code=True) if directory.name == ADAPTERS_DIR else None
-    targets = summary.get("target_modules") or sorted(peft_config.get("target_modules") or [])
-    return {
-        "adapters": str(directory),
-        "base_model": run_config.model if run_config is not None else None,
-        "rank": peft_config.get("r"),
-        "alpha": peft_config.get("lora_alpha"),
-        "dropout": peft_config.get("lora_dropout"),
-        "bias": peft_config.get("bias"),
-        "target_modules": len(targets),
-        "target_kinds": sorted({_module_kind(name) for name in targets}),
-        "modules_to_save": list(peft_config.get("modules_to_save") or []),
-        "quantize_base": summary.get("quantize_base"),
-        "trainable_parameters": summary.get("trainable_parameters"),
-        "total_parameters": summary.get("total_parameters"),
-        "adapter_bytes": files.get("adapter_model.safetensors"),
-        "files": files,
-    }

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from tightfit._optional import require
-from tightfit.errors import ConfigError, SpecError
+from tightfit.errors import SpecError
 from tightfit.models.builtin import BUILTINS, FROM_INPUT_SHAPE, WITHOUT_CLASSES
 from tightfit.models.inputs import InputSpec, make_batch_factory, parse_input_spec
 from tightfit.trust import function_module_allowed, refuse_non_model_module

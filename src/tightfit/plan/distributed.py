@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tightfit.errors import ConfigError
+from tightfit.names import STRATEGIES
 from tightfit.memory.report import StepMemory
 
-STRATEGIES = ("ddp", "fsdp")
 BUCKET_BYTES = 25 * 2**20  # tightfit.training.distributed.BUCKET_BYTES (not imported: it imports torch.distributed)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MAX_DEVICES = 1024
@@ -202,7 +202,7 @@ def step_time(
     accumulation_steps: int = 1, param_dtype: str = "bf16", reduce_dtype: str = "fp32",
 ) -> tuple[float | None, float | None, float | None, list[str]]:
     """``(step_s, compute_s, communication_s, notes)`` for one optimizer step (see the module doc)."""
-    from tightfit.memory.planner import UTILISATION
+    from tightfit.plan.planner import UTILISATION
 
     if single.flops is None:
         return None, None, None, ["no FLOP count: no time estimate"]
@@ -285,7 +285,7 @@ def plan_distributed(
     """Plan a step shared by several devices of one kind: each rank's peak, and how many are needed.
 
     Args:
-        model_spec, input_spec: as for :func:`tightfit.memory.planner.plan`.
+        model_spec, input_spec: as for :func:`tightfit.plan.planner.plan`.
         devices: ``NxPROFILE`` (plan exactly N ranks) or ``PROFILE`` (find the smallest N that fits);
             with ``profile`` given, the count N alone, or None (find it).
         strategy: ``fsdp`` or ``ddp``.
@@ -309,7 +309,7 @@ def plan_distributed(
 
     from tightfit.hardware.profiles import get_profile
     from tightfit.memory.estimator import estimate_step
-    from tightfit.memory.planner import COMPUTE_DTYPE
+    from tightfit.plan.planner import COMPUTE_DTYPE
     from tightfit.models.checkpointing import apply_activation_checkpointing, find_repeated_blocks
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
     from tightfit.training.distributed import fsdp_param_dtype

@@ -205,7 +205,7 @@ def plan(
         max_batch_size: the largest micro-batch the search considers.
         model_kwargs: passed to the model's constructor.
         lora: a whole ``LoRAConfig`` (targets, heads, alpha) instead of ``lora_rank`` alone, as a
-            run config's ``lora:`` section gives it (:func:`tightfit.memory.run_plan.plan_run`).
+            run config's ``lora:`` section gives it (:func:`tightfit.plan.run_plan.plan_run`).
 
     Returns:
         A :class:`PlanResult`.

@@ -44,11 +44,11 @@ import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 
 from tightfit.errors import ConfigError
+from tightfit.names import INFERENCE_PRECISIONS
 
 STAGE_KINDS = ("pretrain", "train", "extract", "sparse-code", "classify", "evaluate")
 CLASSIFIERS = ("svm", "src", "logreg", "knn")
 OBJECTIVES = ("mim", "contrastive")
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 # kind -> the kinds its ``from`` may name (an empty tuple: it takes no input).
 ALLOWED_FROM: dict[str, tuple[str, ...]] = {
@@ -81,7 +81,7 @@ class _ModelStage(_Stage):
     model: str | None = Field(None, description="a model spec; default: the model of the stage named in from")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     input: str | None = Field(None, description="per-sample input shape for the plan; default: the study's")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision: Literal[("auto", *INFERENCE_PRECISIONS)] = "auto"
 
 
 class _TrainingStage(_ModelStage):

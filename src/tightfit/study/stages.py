@@ -128,7 +128,7 @@ def _input_shape(context: StageContext, stage) -> tuple[int, ...]:
 def _forward_seconds_per_sample(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, precision: str,
                                 batch_size: int = 32) -> float:
     """Seconds per sample of a forward pass of ``model`` on this machine (median of 3 batches after a warm-up)."""
-    from tightfit.memory.inference import forward_time_per_sample
+    from tightfit.plan.inference import forward_time_per_sample
 
     def factory(batch: int, where: Any) -> torch.Tensor:
         return torch.rand(batch, *shape, device=where)
@@ -287,7 +287,7 @@ def _extract_batch_size(context: StageContext, stage, backbone: torch.nn.Module,
     """
     if stage.batch_size != "auto":
         return stage.batch_size
-    from tightfit.memory.inference import largest_batch
+    from tightfit.plan.inference import largest_batch
 
     slices = context.samples.input_shape[stage.slices.axis + 1] if stage.slices else 1
 

@@ -314,7 +314,7 @@ class Trainer:
     def _find_micro_batch_size(self) -> int:
         """The largest micro-batch whose step, as this run takes it, fits: the run's precision,
         optimizer, clipping and accumulation (two micro-batches already reach the peak of k)."""
-        from tightfit.memory.search import find_batch_size
+        from tightfit.plan import BatchSizeRequest, plan
 
         batch = self.config.batch
         train = self.data["train"]
@@ -331,9 +331,7 @@ class Trainer:
             import psutil
 
             budget_bytes = psutil.virtual_memory().available  # no budget given: what the machine has free
-        result = find_batch_size(
-            self.model,
-            batch_factory,
+        result = plan(BatchSizeRequest(self.model, batch_factory, options=dict(
             budget_bytes=budget_bytes,
             device=self.device,
             precision=self.precision,
@@ -342,7 +340,7 @@ class Trainer:
             max_batch_size=max(1, largest),
             accumulation_steps=2 if accumulates else 1,
             clip_grad_norm=self.config.clip_grad_norm,
-        )
+        )))
         self.console.print(f"micro_batch_size auto: {result.batch_size} (peak {result.peak_bytes / 2**20:.1f} MiB, {len(result.trials)} trials)")
         self.batch_search_peak_bytes = result.peak_bytes
         return result.batch_size
