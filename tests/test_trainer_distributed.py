@@ -233,7 +233,7 @@ def test_lora_under_fsdp_trains_and_checkpoints_only_the_adapters(tmp_path):
 def test_fsdp_gathers_in_the_run_precision_except_beside_batch_norm_under_autocast():
     from torch import nn
 
-    from tightfit.training.distributed import fsdp_param_dtype
+    from tightfit.plan.distributed import fsdp_param_dtype
 
     plain, normed = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     assert fsdp_param_dtype("auto", "bf16", plain) == "bf16" and fsdp_param_dtype("auto", "fp32", plain) == "fp32"

@@ -1,9 +1,11 @@
-"""``tightfit.train``: the one-call Python API of ``tightfit train``."""
+"""``tightfit.train``: the one-call Python API of ``tightfit train``, at the CLI's layer (it attaches the
+run's report, which ``training/`` does not import)."""
 
 from pathlib import Path
 from typing import Any
 
 from tightfit.config import TrainConfig, build_config, load_config
+from tightfit.report.callback import report_callbacks
 from tightfit.runs.run_folder import check_new_run_folder
 from tightfit.training.trainer import Trainer
 
@@ -42,7 +44,7 @@ def train(
         config = build_config(config or {}, source="the Python config", overrides=override_strings)
     if resume is None and config.run_dir:
         check_new_run_folder(config.run_dir)  # never write over a run or a folder of the user's
-    return Trainer(config).fit(resume_from=resume)
+    return Trainer(config, callbacks=report_callbacks(config)).fit(resume_from=resume)
 
 
 def _as_yaml(value: Any) -> str:

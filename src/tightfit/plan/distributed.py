@@ -98,6 +98,23 @@ class ModelShape:
     parameter_count: int
 
 
+def fsdp_param_dtype(param_dtype: str, precision: str, model: Any = None) -> str:
+    """The dtype FSDP gathers parameters in: ``auto`` follows the run's precision.
+
+    Except under autocast (``bf16``, ``fp16``) for a model with BatchNorm: its running statistics
+    stay fp32 and the batch-norm kernel refuses low-precision weights beside them, so ``auto``
+    gathers in fp32 there (autocast still runs the matrix products in low precision).
+    """
+    if param_dtype != "auto":
+        return param_dtype
+    from torch import nn
+
+    has_batch_norm = model is not None and any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    if has_batch_norm and precision in ("bf16", "fp16"):
+        return "fp32"
+    return {"bf16": "bf16", "bf16-pure": "bf16", "fp16": "fp16"}.get(precision, "fp32")
+
+
 def parse_devices(text: str) -> tuple[int | None, str]:
     """``"4xa100-40gb"`` -> ``(4, "a100-40gb")``; ``"a100-40gb"`` -> ``(None, "a100-40gb")``.
 
@@ -312,7 +329,6 @@ def plan_distributed(
     from tightfit.plan.planner import COMPUTE_DTYPE
     from tightfit.models.checkpointing import apply_activation_checkpointing, find_repeated_blocks
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
-    from tightfit.training.distributed import fsdp_param_dtype
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy: unknown value {strategy!r} (choose from {', '.join(STRATEGIES)})")

@@ -324,10 +324,14 @@ class _Planner:
     def _on_quantized_base(self, memory: StepMemory, precision: str) -> StepMemory:
         """The same step with the frozen Linear weights stored quantized: nothing can be quantized
         on the meta device, so the 16/32-bit estimate's base bytes are swapped for quantized ones."""
+        from tightfit.memory.overhead import device_overhead
         from tightfit.models.qlora import with_quantized_base
 
+        def overhead(tensor_peak: int) -> int:
+            return device_overhead(self.profile, tensor_peak_bytes=tensor_peak).total_bytes
+
         breakdown, notes = with_quantized_base(
-            memory.breakdown, self.models[False], self.quantize_base, profile=self.profile,
+            memory.breakdown, self.models[False], self.quantize_base, overhead=overhead if self.profile else None,
             base_weight_bytes=2 if precision == "bf16-pure" else 4,
         )
         return dataclasses.replace(memory, peak_bytes=sum(breakdown.values()), breakdown=breakdown, notes=memory.notes + notes)

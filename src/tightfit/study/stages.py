@@ -171,6 +171,7 @@ def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
     from tightfit.step.precision import resolve_precision
     from tightfit.study.ssl import wrap_for_objective
     from tightfit.runs.checkpoint import complete_checkpoint
+    from tightfit.report.callback import report_callbacks
     from tightfit.training.trainer import Trainer
 
     config = context.config
@@ -203,7 +204,7 @@ def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
     resume_from = run_dir if context.resume and complete_checkpoint(run_dir / "checkpoints" / "last") else None
     trainer = Trainer(
         train_config, model=model, datasets=(train_set, val_set, None),
-        callbacks=[TrainerMetrics(context.tracker, context.run_id)],
+        callbacks=[TrainerMetrics(context.tracker, context.run_id), *report_callbacks(train_config)],
     )
     summary = trainer.fit(resume_from=resume_from)
     metrics = {key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}

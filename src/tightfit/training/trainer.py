@@ -28,12 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 from tightfit.config import TrainConfig, build_config, config_to_yaml
 from tightfit.errors import ConfigError, DistributedRunError, TightfitError
 from tightfit.memory.oom import is_out_of_memory
+from tightfit.plan.distributed import fsdp_param_dtype
 from tightfit.step.batch import count_samples, move_to_device
 from tightfit.step.rng import rng_state, seed_everything, set_rng_state
 from tightfit.step.step import TrainingStep
 from tightfit.runs import checkpoint as checkpoint_files
 from tightfit.training import distributed
-from tightfit.training.callbacks import EarlyStopping, HtmlReport, ModelCheckpoint, callback_states, load_callback_states
+from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, callback_states, load_callback_states
 from tightfit.runs.checkpoint_writer import CheckpointWriter
 from tightfit.training.diagnosis import TrainingDiagnosis
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
@@ -384,7 +385,7 @@ class Trainer:
             from tightfit.models.checkpointing import find_repeated_blocks
 
             blocks = find_repeated_blocks(model)  # found again: LoRA's wrapper renames the modules
-            param_dtype = distributed.fsdp_param_dtype(settings.param_dtype, self.precision, model)
+            param_dtype = fsdp_param_dtype(settings.param_dtype, self.precision, model)
             distributed.shard_model(model, blocks, param_dtype=param_dtype, reduce_dtype=settings.reduce_dtype, cpu_offload=settings.cpu_offload)
             self.console.print(
                 f"distributed: fsdp over {self.process.world_size} processes, {len(blocks)} blocks sharded as units "
@@ -422,9 +423,8 @@ class Trainer:
             callback for module in self.model.modules() if hasattr(type(module), "training_callbacks")
             for callback in module.training_callbacks()
         ]
-        # the report comes last: it reads what the others wrote
-        report = [HtmlReport()] if config.logging.report and self.process.is_main else []
-        return callbacks + model_callbacks + self.extra_callbacks + report
+        # the caller's come last: a report (``tightfit.report.callback``) reads what the others wrote
+        return callbacks + model_callbacks + self.extra_callbacks
 
     def _build_loggers(self) -> list[Logger]:
         if self.user_loggers is not None:
