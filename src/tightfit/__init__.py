@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "train": ("tightfit.api", "train"),
     "Trainer": ("tightfit.training.trainer", "Trainer"),
-    "lr_find": ("tightfit.training.lr_finder", "lr_find"),
+    "lr_find": ("tightfit.api", "lr_find"),
     "find_batch_size": ("tightfit.plan.search", "find_batch_size"),
     "plan": ("tightfit.plan.planner", "plan"),
 }
