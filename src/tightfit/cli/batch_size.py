@@ -57,17 +57,11 @@ def run(args) -> int:
             "batch-size runs real steps -- to plan for a device profile use tightfit plan --device"
         )
 
-    import torch
-
-    from tightfit.memory.measure import resolve_device
+    from tightfit.hardware.detect import resolve_device
     from tightfit.plan import BatchSizeRequest, plan
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
     device = resolve_device(device_name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps: the MPS backend is not available on this machine")
     if device.type == "cpu" and budget_bytes is None:
         raise ConfigError("--memory: required on CPU (the budget to simulate, e.g. --memory 2GiB)")
     inputs = parse_input_spec(args.input)

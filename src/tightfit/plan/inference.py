@@ -30,7 +30,7 @@ from tightfit.errors import ConfigError, TightfitError
 from tightfit.names import INFERENCE_PRECISIONS
 from tightfit.memory.counted_step import _flop_counter
 from tightfit.memory.estimator import EstimationError, _fake_weights, _tracing_failure
-from tightfit.memory.measure import resolve_device
+from tightfit.hardware.detect import resolve_device
 from tightfit.memory.overhead import allocation_size, device_overhead
 from tightfit.memory.report import StepMemory
 from tightfit.memory.tracker import MemoryTracker

@@ -563,7 +563,8 @@ class _Planner:
         import psutil
 
         from tightfit.memory.counted_step import StepSettings, make_step
-        from tightfit.memory.measure import measure_step, resolve_device
+        from tightfit.hardware.detect import resolve_device
+        from tightfit.memory.measure import measure_step
         from tightfit.step.optim import build_optimizer
 
         if not option.micro_batch_size:

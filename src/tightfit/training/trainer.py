@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tightfit.config import TrainConfig, build_config, config_to_yaml
 from tightfit.errors import ConfigError, DistributedRunError, TightfitError
+from tightfit.hardware.detect import resolve_device
 from tightfit.memory.oom import is_out_of_memory
 from tightfit.plan.distributed import fsdp_param_dtype
 from tightfit.step.batch import count_samples, move_to_device
@@ -37,7 +38,7 @@ from tightfit.training import distributed
 from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, callback_states, load_callback_states
 from tightfit.runs.checkpoint_writer import CheckpointWriter
 from tightfit.training.diagnosis import TrainingDiagnosis
-from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
+from tightfit.training.distributed import setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
 from tightfit.training.metrics import MetricAccumulator
@@ -52,19 +53,6 @@ from tightfit.training.schedules import LRSchedule
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 LR_FIND_FILE = "lr_find.json"
-
-
-def resolve_device(name: str, process: ProcessInfo) -> torch.device:
-    """``auto`` is CUDA, else MPS, else CPU; under torchrun each rank takes its local GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name} was asked for but torch sees no CUDA device (try device=auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device: mps was asked for but this torch build or machine has no MPS")
-    if name == "cuda" and process.distributed:
-        name = f"cuda:{process.local_rank}"
-    return torch.device(name)
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
@@ -131,7 +119,7 @@ class Trainer:
             "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu",
             timeout_s=config.distributed.timeout_s,
         )
-        self.device = resolve_device(config.device, self.process)
+        self.device = resolve_device(config.device, local_rank=self.process.local_rank if self.process.distributed else None)
         self.strategy = distributed.resolve_strategy(config.distributed.strategy, self.process)
         self.threads_before = torch.get_num_threads()
         if config.threads is not None:
