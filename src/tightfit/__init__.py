@@ -11,7 +11,6 @@ _LAZY = {
     "Trainer": ("tightfit.training.trainer", "Trainer"),
     "lr_find": ("tightfit.api", "lr_find"),
     "find_batch_size": ("tightfit.plan.search", "find_batch_size"),
-    "plan": ("tightfit.plan.planner", "plan"),
 }
 
 
