@@ -53,11 +53,14 @@ def test_run_page_shows_the_summary_numbers_and_the_curves(report_sources):
 
 
 def test_training_writes_the_report_by_default_and_not_when_switched_off(report_sources, tmp_path):
-    from tightfit.training.trainer import Trainer
+    from tightfit.api import train
 
-    assert (report_sources["run"] / "report.html").is_file()  # the fixture's run: written by fit()
-    summary = Trainer({"epochs": 1, "max_steps": 2, "run_dir": str(tmp_path / "off"), "data": {"limit": 200},
-                       "logging": {"console": False, "tensorboard": False, "report": False}}).fit()
+    assert (report_sources["run"] / "report.html").is_file()  # the fixture's run: written by HtmlReport
+    settings = {"epochs": 1, "max_steps": 2, "data": {"limit": 200}, "logging": {"console": False, "tensorboard": False}}
+    summary = train({**settings, "run_dir": str(tmp_path / "on")})
+    assert summary["report"] == str(tmp_path / "on" / "report.html") and (tmp_path / "on" / "report.html").is_file()
+    settings["logging"]["report"] = False
+    summary = train({**settings, "run_dir": str(tmp_path / "off")})
     assert "report" not in summary and not (tmp_path / "off" / "report.html").exists()
 
 

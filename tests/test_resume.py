@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tightfit.step.rng import rng_state, set_rng_state
-from tightfit.training import checkpoint as checkpoint_files
+from tightfit.runs import checkpoint as checkpoint_files
 
 # The run: dropout (RNG), AdamW (optimizer state), cosine with warm-up (schedule), shuffled data
 # (sampler position), 3 epochs of 8 steps, a resumable checkpoint every 3 steps. A callback slows

@@ -314,7 +314,7 @@ def test_a_sharded_checkpoint_exports_and_resumes_through_the_safe_reader(sharde
 
     from safetensors.torch import load_file
 
-    from tightfit.training.distributed_checkpoint import read_sharded_weights
+    from tightfit.runs.distributed_checkpoint import read_sharded_weights
 
     assert main(["export-checkpoint", str(sharded_run), "--checkpoint", "last", "--output", str(tmp_path / "m.safetensors")]) == 0
     exported = load_file(str(tmp_path / "m.safetensors"))
@@ -348,7 +348,7 @@ def test_a_planted_dcp_item_pickle_runs_nothing(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from tightfit.training.distributed_checkpoint import read_sharded_weights
+    from tightfit.runs.distributed_checkpoint import read_sharded_weights
 
     marker = tmp_path / "PWNED"
     folder = tmp_path / "checkpoints" / "last"

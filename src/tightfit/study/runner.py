@@ -96,8 +96,7 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
     from tightfit.study.report import write_results
     from tightfit.study.stages import RUNNERS, StageContext
     from tightfit.study.tracking import StudyTracker
-    from tightfit.training.trainer import resolve_device
-    from tightfit.training.distributed import ProcessInfo
+    from tightfit.hardware.detect import resolve_device
 
     console = console or Console(stderr=True)
     order = topological_order(config)
@@ -115,7 +114,7 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
     if config.tracking.mlflow:  # a missing extra is reported before anything is written
         require("mlflow", extra="mlflow", purpose="tracking a study in MLflow (tracking.mlflow: true)")
     samples = load_samples(config.data, config.seed)
-    device = resolve_device(config.device, ProcessInfo())
+    device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     (folder / STAGES_FOLDER).mkdir(parents=True, exist_ok=True)  # first: it marks the folder as a study's

@@ -2,7 +2,7 @@
 
 Every rank writes its own shards of the weights and optimizer state into ``CHECKPOINT/shards/``;
 rank 0 adds ``state.pt`` (schedule, RNG, counters...) and ``meta.json`` as in an unsharded
-checkpoint (``training/checkpoint.py``). DCP records each tensor's global shape and every shard's
+checkpoint (``runs/checkpoint.py``). DCP records each tensor's global shape and every shard's
 offset, so the checkpoint loads on any number of processes: 2 ranks -> 1, 1 -> 2 (a one-process
 ``fsdp`` run trains the whole model and writes the same format). :func:`export_weights`
 consolidates it into one safetensors file for inference and ``tightfit compress``.
@@ -25,14 +25,24 @@ import io
 import pickle
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tightfit.errors import ConfigError
-from tightfit.training import checkpoint as checkpoint_files
-from tightfit.training.distributed import ProcessInfo
+from tightfit.runs import checkpoint as checkpoint_files
+
+
+class ProcessInfo(Protocol):
+    """Where this process sits in the run (``training.distributed.ProcessInfo`` is one)."""
+
+    @property
+    def is_main(self) -> bool: ...
+
+    @property
+    def distributed(self) -> bool: ...
 
 
 # Every global a ``.metadata`` written by torch 2.x names (torch/distributed/checkpoint/metadata.py
