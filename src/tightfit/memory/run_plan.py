@@ -6,8 +6,8 @@ sample has (``tokens:max_length`` for a text corpus, whose packed rows are that 
 feature shape of the data otherwise); ``batch.micro_batch_size`` (checked as is; ``auto`` asks for
 a recommendation), the effective batch, the optimizer, the precision (``auto`` resolved for the
 target device as the trainer resolves it), activation checkpointing, and the whole ``lora:``
-section (targets, heads, and a quantized base resolved for the device: ``nf4`` becomes ``int8``
-without CUDA, as in training).
+section (targets, heads, and a quantized base with its backend resolved for the target device,
+never for the machine that plans).
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ def plan_run(config, *, device: str | None = None, memory: str | int | None = No
     effective = config.batch.effective_batch_size or (batch_size * config.batch.accumulation_steps if batch_size else None)
     quantize_base = None
     if config.lora is not None and config.lora.quantize_base is not None:
-        quantize_base, _ = resolve_quantize_base(config.lora.quantize_base, profile.device_type)
+        # the target's backend, whatever this machine has installed: it plans, the target runs
+        quantization = resolve_quantize_base(config.lora.quantize_base, profile.device_type,
+                                             config.lora.quant_backend, check_installed=False)
+        quantize_base = quantization.method
     model_kwargs: dict[str, Any] = dict(config.model_options)
     if num_classes is not None:
         model_kwargs["num_classes"] = num_classes

@@ -141,8 +141,8 @@ class Trainer:
         # absolute: summary.json and the checkpoint state are read from other folders later
         self.run_dir = Path(resume_from or config.run_dir or distributed.broadcast_object(new_run_dir(), self.process)).absolute()
         self.data = self._build_data()
-        self.model = self._build_model()
         self.precision, precision_reason = resolve_precision(config.precision, self.device.type)
+        self.model = self._build_model()  # after the precision: a quantized base is built for it
         self.console.print(f"precision: {self.precision} ({precision_reason})")
         self.precision_reason = precision_reason
         if self.precision == "bf16-pure":
@@ -242,7 +242,8 @@ class Trainer:
         if config.lora is not None:
             from tightfit.models.lora import apply_lora
 
-            model = apply_lora(model, config.lora, verbose=self.process.is_main, base_model=config.model)
+            model = apply_lora(model, config.lora, verbose=self.process.is_main, base_model=config.model,
+                               device=self.device, precision=self.precision)
         return model
 
     def _find_learning_rate(self, resuming: bool) -> None:
