@@ -10,21 +10,19 @@
 bitsandbytes is imported offline: its CPU backend asks the ``kernels`` package for a hub kernel
 (``kernels-community/quantization-bitsandbytes``) when the CPU has AVX512-BF16, and its MPS
 backend does the same lazily on macOS 26. tightfit never reaches for the network or runs code
-fetched from a hub, so :func:`import_bitsandbytes` hides ``kernels`` while bitsandbytes imports
+fetched from a hub, so ``tightfit._optional.import_bitsandbytes`` hides ``kernels`` while bitsandbytes imports
 (it then uses its own compiled CPU library), silences the warning it logs about it, and marks
 the MPS hub kernel as unavailable.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from tightfit._optional import is_available, require
+from tightfit._optional import import_bitsandbytes, is_available, require
 from tightfit.errors import ConfigError
 from tightfit.names import NF4_BACKENDS
 
@@ -35,42 +33,8 @@ BACKEND_DEVICES = {"bitsandbytes": ("cuda", "cpu", "mps"), "torchao": ("cuda", "
 BACKEND_EXTRA = {"bitsandbytes": "gpu", "torchao": "compress"}
 NF4_BLOCK = 64  # weights per absmax constant (both backends)
 DOUBLE_QUANT_BLOCK = 256  # absmax constants per fp32 second-level constant
-_HUB_LOGGERS = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.mps.ops")
 
 
-def import_bitsandbytes():
-    """Import bitsandbytes without letting it fetch hub kernels or print about not doing so.
-
-    Returns:
-        The ``bitsandbytes`` module.
-
-    Raises:
-        MissingExtraError: when bitsandbytes is not installed.
-    """
-    if "bitsandbytes" not in sys.modules:
-        hidden = sys.modules.get("kernels", _MISSING)
-        loggers = [logging.getLogger(name) for name in _HUB_LOGGERS]
-        disabled = [logger.disabled for logger in loggers]
-        sys.modules["kernels"] = None  # ``from kernels import get_kernel`` raises ImportError
-        for logger in loggers:
-            logger.disabled = True
-        try:
-            require("bitsandbytes", extra="gpu", purpose="an NF4 base through bitsandbytes")
-        finally:
-            if hidden is _MISSING:
-                del sys.modules["kernels"]
-            else:
-                sys.modules["kernels"] = hidden
-            for logger, was in zip(loggers, disabled, strict=True):
-                logger.disabled = was
-    bnb = sys.modules["bitsandbytes"]
-    mps_ops = sys.modules.get("bitsandbytes.backends.mps.ops")
-    if mps_ops is not None:  # its hub kernel is looked up at the first 4-bit op, not at import
-        mps_ops._kernel_load_failed = True
-    return bnb
-
-
-_MISSING = object()
 
 
 def resolve_nf4_backend(requested: str, device_type: str, *, check_installed: bool = True) -> tuple[str, str]:
@@ -93,7 +57,7 @@ def resolve_nf4_backend(requested: str, device_type: str, *, check_installed: bo
         raise ConfigError(f"lora.quant_backend must be one of auto, {', '.join(NF4_BACKENDS)}; got {requested!r}")
     if requested == "auto":
         backend = DEFAULT_NF4_BACKEND.get(device_type, "torchao")
-        reason = f"the default on {device_type} (measured faster there, docs/lora.md)"
+        reason = f"the default for {device_type}, chosen on the measurements in docs/lora.md"
         if check_installed and not is_available(backend):
             other = next(name for name in NF4_BACKENDS if name != backend)
             if is_available(other):

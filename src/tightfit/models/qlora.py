@@ -191,12 +191,15 @@ def with_quantized_base(
     adjusted["parameters"] = breakdown["parameters"] - sixteen_bit + quantized
     adjusted["activations"] = breakdown["activations"] + largest
     tensor_peak = sum(value for key, value in adjusted.items() if key != "overhead")
-    adjusted["overhead"] = device_overhead(profile, tensor_peak_bytes=tensor_peak).total_bytes if profile else 0
+    overhead = device_overhead(profile, tensor_peak_bytes=tensor_peak) if profile else None
+    adjusted["overhead"] = overhead.total_bytes if overhead else 0
     notes = [
         f"{quantize_base} base: {len(names)} Linear weights {format_bytes(sixteen_bit)} -> "
         f"{format_bytes(quantized)} (constants included); +{format_bytes(largest)} for the largest "
         "weight dequantized on the fly"
     ]
+    if overhead is not None and overhead.total_bytes:
+        notes.append(f"{overhead.describe()} (profile {profile.name}, on the quantized peak)")
     return adjusted, notes
 
 
