@@ -42,7 +42,7 @@ from tightfit.step.loss import batch_target, forward_and_loss
 from tightfit.training.metrics import MetricAccumulator
 from tightfit.training.monitor import ResourceMonitor
 from tightfit.training.numerics import NumericsGuard
-from tightfit.step.optim import build_optimizer
+from tightfit.step.optim import build_optimizer, check_optimizer_device
 from tightfit.step.precision import autocast, needs_grad_scaler, parameter_dtype, resolve_precision
 from tightfit.training.run_folder import mark_run_folder
 from tightfit.training.sampler import ResumableSampler
@@ -155,6 +155,7 @@ class Trainer:
         settings = config.optimizer.model_dump(exclude={"name"})
         if settings["lr"] == "auto":
             settings["lr"] = config.lr_find.min_lr  # a placeholder until _find_learning_rate sets it
+        check_optimizer_device(config.optimizer.name, self.device.type)
         self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **settings)
         scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
         self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips)
