@@ -651,6 +651,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()  # the freed blocks go back to unified memory, shared with the system
         if self.micro_batch_size == 1:
             if error is None:
                 raise TightfitError("out of memory with a micro-batch of 1 on another rank: the model itself does not fit there")
