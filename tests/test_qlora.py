@@ -97,8 +97,11 @@ def test_bitsandbytes_is_imported_offline_and_quietly():
         "import socket\n"
         "def refuse(*args, **kwargs): raise AssertionError('network touched')\n"
         "socket.socket.connect = refuse\n"
-        "from tightfit.models.nf4 import import_bitsandbytes\n"
-        "import_bitsandbytes()\n"
+        "from torch import nn\n"
+        "from tightfit.models.lora import LoRAConfig, apply_lora\n"
+        "model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))\n"
+        "apply_lora(model, LoRAConfig(rank=2, target_modules=['0']), verbose=False)  # PEFT imports bitsandbytes\n"
+        "assert 'bitsandbytes' in sys.modules\n"
         "assert 'kernels' not in sys.modules or sys.modules['kernels'] is not None\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

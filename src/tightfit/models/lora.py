@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tightfit._optional import require
+from tightfit._optional import import_bitsandbytes, is_available, require
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.models.lora_config import LoRAConfig
 from tightfit.models.qlora import BaseQuantization, quantize_base_model, resolve_quantize_base
@@ -232,7 +232,7 @@ def apply_lora(
         >>> model.lora_summary.trainable_parameters
         50
     """
-    peft = require("peft", extra="hf", purpose="LoRA fine-tuning")
+    peft = _require_peft()
     config = _validated(config)
     if isinstance(model, peft.PeftModel):
         raise ConfigError("this model already has LoRA adapters; apply_lora takes the base model")
@@ -299,6 +299,14 @@ def apply_lora(
     return wrapped
 
 
+def _require_peft():
+    """PEFT, with bitsandbytes (when installed) imported first the offline way: PEFT imports it
+    itself when it wraps a layer, which would let bitsandbytes look for a hub kernel and say so."""
+    if is_available("bitsandbytes"):
+        import_bitsandbytes()
+    return require("peft", extra="hf", purpose="LoRA fine-tuning")
+
+
 def _validated(config: LoRAConfig | dict) -> LoRAConfig:
     if isinstance(config, LoRAConfig):
         return config
@@ -313,7 +321,7 @@ def _validated(config: LoRAConfig | dict) -> LoRAConfig:
 
 
 def _require_peft_model(model: nn.Module, action: str):
-    peft = require("peft", extra="hf", purpose="LoRA fine-tuning")
+    peft = _require_peft()
     if not isinstance(model, peft.PeftModel):
         raise TightfitError(f"cannot {action}: the model has no LoRA adapters (use apply_lora first)")
     return peft
@@ -362,7 +370,7 @@ def load_adapters(base_model: nn.Module, directory: str | Path, *, trainable: bo
     Raises:
         TightfitError: when the directory holds no adapters.
     """
-    peft = require("peft", extra="hf", purpose="LoRA fine-tuning")
+    peft = _require_peft()
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
         raise TightfitError(f"{directory}: no LoRA adapters here (adapter_config.json is missing)")
