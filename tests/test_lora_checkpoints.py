@@ -120,8 +120,8 @@ def _fit(run_dir: Path, **changes) -> Trainer:
 
 
 def test_adapters_only_checkpoint_refuses_another_base_and_merges_into_a_full_precision_one(tmp_path):
-    from tightfit.models.lora import load_lora_run
-    from tightfit.training.checkpoint import load_weights
+    from tightfit.runs.model import load_lora_run
+    from tightfit.runs.checkpoint import load_weights
 
     trainer = _fit(tmp_path / "run", lora=CONFIG["lora"] | {"quantize_base": None})
     checkpoint = tmp_path / "run" / "checkpoints" / "last" / "model.safetensors"
@@ -168,7 +168,7 @@ def _nf4_resume_matches(tmp_path, device: str, backend: str) -> None:
 def test_nf4_lora_run_on_cpu_checkpoints_adapters_only_resumes_exactly_and_merges(tmp_path, backend):
     pytest.importorskip(backend)
     _nf4_resume_matches(tmp_path, "cpu", backend)
-    from tightfit.models.lora import merge_run
+    from tightfit.runs.model import merge_run
 
     merged = merge_run(tmp_path / "whole")  # into a freshly built full-precision base
     assert merged["kind"] == "state_dict" and "model.safetensors" in merged["files"]

@@ -21,6 +21,10 @@ DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
 # Python module (``module.path:callable``), which runs code (see tightfit/trust.py).
 MODEL_PREFIXES = ("builtin", "torchvision", "hf", "diffusion")
 
+# Precisions of a forward-only pass (plan/inference.py, a study's extraction stages): no bf16-pure,
+# which is a training setting (bf16 weights and optimizer state).
+INFERENCE_PRECISIONS = ("fp32", "fp16", "bf16")
+
 # Post-training quantization methods of `compress` (compression/quantize.py).
 QUANTIZE_METHODS = ("auto", "dynamic", "static", "weight-only")
 
@@ -29,6 +33,6 @@ QUANTIZE_BASES = ("nf4", "int8")
 NF4_BACKENDS = ("bitsandbytes", "torchao")  # lora.quant_backend (besides auto): models/nf4.py
 QUANT_BACKENDS = ("auto", *NF4_BACKENDS)
 
-# How several processes share a model (training/distributed.py, memory/distributed.py); a run
+# How several processes share a model (training/distributed.py, plan/distributed.py); a run
 # config also takes "auto" (one process alone, ddp under torchrun).
 STRATEGIES = ("ddp", "fsdp")
