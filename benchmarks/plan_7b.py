@@ -6,9 +6,9 @@ config ``src/tightfit/configs/llama-7b`` (6.74B parameters):
 
 * full fine-tuning: every weight trains, bf16 weights/gradients/AdamW state (``bf16-pure``);
 * LoRA: rank-16 adapters on q/k/v/o of every layer (``target_modules: auto``), bf16 base;
-* QLoRA: the same adapters on an NF4 base (bitsandbytes, CUDA only): the LoRA estimate with the
+* QLoRA: the same adapters on an NF4 base (bitsandbytes or torchao, CUDA, MPS and CPU): the LoRA estimate with the
   base Linear weights at their 4-bit size (``tightfit.models.qlora.with_quantized_base``);
-* LoRA on an int8 base (torchao weight-only): what tightfit uses where NF4 cannot run (MPS, CPU).
+* LoRA on an int8 base (torchao weight-only).
 
 Every row: micro-batch 1, activation checkpointing on every decoder layer, sequence length 512 or
 2048, against ``m1-16gb``, ``rtx3050-laptop-6gb`` and ``a100-40gb``. "fits" keeps the planner's
@@ -83,8 +83,6 @@ def plan_rows(sequence_length: int, device: str, base_model, reuse: dict) -> lis
             overhead=lambda peak: device_overhead(profile, tensor_peak_bytes=peak).total_bytes,
         )
         peak = sum(breakdown.values())
-        # on the target device, not on this machine: NF4 needs bitsandbytes' CUDA kernels
-        available = quantize_base != "nf4" or (profile.device_type == "cuda" and profile.supports_bitsandbytes)
         row = {
             "method": label, "sequence_length": sequence_length, "device": device,
             "peak_bytes": peak, "breakdown": breakdown, "budget_bytes": lora_result["budget_bytes"],
@@ -96,10 +94,6 @@ def plan_rows(sequence_length: int, device: str, base_model, reuse: dict) -> lis
             f"peak {gib(peak)} GiB vs {gib(row['budget_bytes'])} GiB usable; largest part {largest} "
             f"({gib(breakdown[largest])} GiB)"
         )
-        if not available:
-            row["verdict"] = f"n/a ({row['verdict']} if it ran)"
-            row["why"] = (f"bitsandbytes' NF4 kernels need a CUDA GPU; on {profile.device_type} tightfit uses the "
-                          "int8 base (next row)")
         rows.append(row)
     return rows
 

@@ -150,6 +150,12 @@ CASES: dict[str, Case] = {
     "train run dir is a users folder": Case(["train", "--run-dir", "{w}/user-folder"], "is not a tightfit run"),
     # --- plan -----------------------------------------------------------------------------
     "plan nothing to plan": Case(["plan"], "--model"),
+    "plan adam8bit on an M1": Case(["plan", "--model", "builtin:mlp", "--input", "64", "--optimizer", "adam8bit",
+                                    "--device", "m1-16gb"], "adam8bit (bitsandbytes' 8-bit AdamW) does not run on mps"),
+    "train unknown nf4 backend": Case(["train", "lora.quantize_base=nf4", "lora.quant_backend=bnb"], "quant_backend"),
+    "train int8 through bitsandbytes": Case(["train", "model=builtin:mlp", "lora.quantize_base=int8",
+                                             "lora.quant_backend=bitsandbytes", "--limit", "20"],
+                                            "int8 bases are quantized by torchao"),
     "plan unknown builtin": Case(["plan", "--model", "builtin:nope", "--input", "4"], "unknown builtin model"),
     "plan bad input spec": Case(["plan", "--model", "builtin:mlp", "--input", "3xx224"], "3xx224"),
     "plan unknown device": Case(["plan", "--model", "builtin:mlp", "--input", "64", "--device", "rtx9999"], "rtx9999"),

@@ -140,12 +140,9 @@ def test_adapters_only_checkpoint_refuses_another_base_and_merges_into_a_full_pr
         torch.testing.assert_close(merged(inputs), trainer.model.eval()(inputs), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.gpu
-@pytest.mark.gpu
-def test_nf4_lora_run_checkpoints_adapters_only_and_resumes_exactly(tmp_path):
-    pytest.importorskip("bitsandbytes")
-    lora = CONFIG["lora"] | {"quantize_base": "nf4"}
-    settings = CONFIG | {"device": "cuda", "lora": lora, "checkpoint": {"every_n_steps": 3}, "threads": None}
+def _nf4_resume_matches(tmp_path, device: str, backend: str) -> None:
+    lora = CONFIG["lora"] | {"quantize_base": "nf4", "quant_backend": backend}
+    settings = CONFIG | {"device": device, "lora": lora, "checkpoint": {"every_n_steps": 3}, "threads": None}
     class Crash(Exception):
         pass
 
@@ -163,3 +160,22 @@ def test_nf4_lora_run_checkpoints_adapters_only_and_resumes_exactly(tmp_path):
     assert whole.keys() == parts.keys() and all("lora_" in key or "modules_to_save" in key for key in whole)
     for name in whole:
         torch.testing.assert_close(parts[name], whole[name], rtol=1e-4, atol=1e-5)
+    with safe_open(str(tmp_path / "whole" / "checkpoints" / "last" / "model.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["quantize_base"] == "nf4"
+
+
+@pytest.mark.parametrize("backend", ["bitsandbytes", "torchao"])
+def test_nf4_lora_run_on_cpu_checkpoints_adapters_only_resumes_exactly_and_merges(tmp_path, backend):
+    pytest.importorskip(backend)
+    _nf4_resume_matches(tmp_path, "cpu", backend)
+    from tightfit.runs.model import merge_run
+
+    merged = merge_run(tmp_path / "whole")  # into a freshly built full-precision base
+    assert merged["kind"] == "state_dict" and "model.safetensors" in merged["files"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nf4_lora_run_on_cuda_resumes_exactly(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    _nf4_resume_matches(tmp_path, "cuda", "bitsandbytes")

@@ -30,6 +30,8 @@ QUANTIZE_METHODS = ("auto", "dynamic", "static", "weight-only")
 
 # How a LoRA run's frozen base may be quantized (models/qlora.py): QLoRA's nf4, or int8.
 QUANTIZE_BASES = ("nf4", "int8")
+NF4_BACKENDS = ("bitsandbytes", "torchao")  # lora.quant_backend (besides auto): models/nf4.py
+QUANT_BACKENDS = ("auto", *NF4_BACKENDS)
 
 # How several processes share a model (training/distributed.py, plan/distributed.py); a run
 # config also takes "auto" (one process alone, ddp under torchrun).

@@ -58,7 +58,7 @@ def add_arguments(parser) -> None:
                         help="force activation checkpointing of the repeated blocks on (or off with --no-checkpointing)")
     parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on a frozen base")
     parser.add_argument("--quantize-base", choices=QUANTIZE_BASES,
-                        help="with --lora-rank: a quantized frozen base, nf4 (QLoRA, bitsandbytes on CUDA) or int8 (torchao)")
+                        help="with --lora-rank: a quantized frozen base, nf4 (QLoRA; the target's backend) or int8 (torchao)")
     parser.add_argument("--device", metavar="PROFILE", help="a device profile (tightfit devices), or auto/cpu/cuda/mps (default: this machine)")
     parser.add_argument("--memory", metavar="SIZE", help="a memory budget replacing the device's usable memory, e.g. 6GiB")
     parser.add_argument("--effective-batch", type=int, metavar="N", help="samples per optimizer step, reached by gradient accumulation")
@@ -227,6 +227,11 @@ def _render(result) -> None:
             f"= {rec['effective_batch_size']} per step, {rec['precision']}, checkpointing "
             f"{'on' if rec['checkpointing'] else 'off'}, {rec['optimizer']}"
         )
+    for name, choice in result.resolved.items():
+        value = choice["value"]
+        shown = ("on" if value else "off") if isinstance(value, bool) else value
+        backend = f" through {choice['backend']}" if choice.get("backend") else ""
+        out.print(f"[bold]{name}:[/] {escape(str(shown))}{escape(backend)} ({escape(choice['reason'])})")
     breakdown = Table(box=box.SIMPLE, title=f"peak {format_bytes(result.peak_bytes)} at batch {result.batch_size or 1}")
     breakdown.add_column("category")
     breakdown.add_column("bytes", justify="right")

@@ -167,6 +167,8 @@ class MemoryTracker(TorchDispatchMode):
         for parameter in self.model.parameters():
             owner = self._owner_of_parameter.setdefault(id(parameter), ROOT_OWNER)
             self._track(parameter, PARAMETERS, owner)
+            for part in _quantization_constants(parameter):
+                self._track(part, PARAMETERS, owner)
             if parameter.grad is not None:
                 self._track(parameter.grad, GRADIENTS, owner)
             if parameter.requires_grad:
@@ -338,6 +340,23 @@ def _inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor] | None:
         return None
     names, _ = tensor.__tensor_flatten__()
     return [part for part in (getattr(tensor, name) for name in names) if isinstance(part, torch.Tensor)]
+
+
+def _quantization_constants(parameter: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a bitsandbytes 4-bit weight keeps beside its packed bytes (``quant_state``:
+    absmax, code, and the second-level state of double quantization): real memory, held outside
+    the module's parameters and buffers."""
+    found, pending = [], [getattr(parameter, "quant_state", None)]
+    while pending:
+        state = pending.pop()
+        if state is None:
+            continue
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+            elif type(value).__name__ == "QuantState":
+                pending.append(value)
+    return found
 
 
 def _storage_of(tensor: torch.Tensor) -> torch.UntypedStorage | None:

@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tightfit._optional import require
+from tightfit._optional import import_bitsandbytes, is_available, require
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.models.lora_config import LoRAConfig
-from tightfit.models.qlora import quantize_base_model, resolve_quantize_base
+from tightfit.models.qlora import BaseQuantization, quantize_base_model, resolve_quantize_base
 
 DIFFUSERS_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 HF_TASK_HEADS = ("classifier", "score", "pre_classifier", "qa_outputs")
@@ -64,6 +64,7 @@ class LoRASummary:
     alpha: float
     quantize_base: str | None = None
     notes: list[str] = field(default_factory=list)
+    quant_backend: str | None = None
     base_model: str | None = None
     base_fingerprint: str | None = None
 
@@ -75,7 +76,8 @@ class LoRASummary:
         """One line for people: counts, fraction, and what was adapted."""
         kinds = sorted({_module_kind(name) for name in self.target_modules})
         head = f", training in full: {', '.join(self.modules_to_save)}" if self.modules_to_save else ""
-        base = f", {self.quantize_base} base" if self.quantize_base else ""
+        backend = f" ({self.quant_backend})" if self.quant_backend else ""
+        base = f", {self.quantize_base} base{backend}" if self.quantize_base else ""
         return (
             f"LoRA rank {self.rank} alpha {self.alpha:g} on {len(self.target_modules)} modules "
             f"({', '.join(kinds)}){head}{base}: {self.trainable_parameters:,} trainable of "
@@ -201,6 +203,7 @@ def apply_lora(
     device: str | torch.device | None = None,
     verbose: bool = True,
     base_model: str | None = None,
+    precision: str | None = None,
 ) -> nn.Module:
     """Freeze ``model`` and add LoRA adapters to it through PEFT; only adapters (and heads) train.
 
@@ -210,11 +213,12 @@ def apply_lora(
     Args:
         model: any ``nn.Module``: transformers, diffusers, torchvision or a plain module.
         config: a :class:`LoRAConfig` or its dict.
-        device: where the run trains, for choosing the quantized base (default: the model's
-            device, or CUDA for ``nf4`` when CUDA is available).
+        device: where the run trains: the quantized base is chosen for it and built on it
+            (default: the model's device; never CUDA just because CUDA is present).
         verbose: print the one-line summary (trainable/total parameters).
         base_model: the spec the base was built from, recorded with every checkpoint so a
             resume (or ``generate``) knows what to rebuild.
+        precision: the run's precision (``step.precision``): the dtype of the NF4 matmul.
 
     Returns:
         The PEFT-wrapped model; its ``lora_summary`` attribute is a :class:`LoRASummary`.
@@ -228,7 +232,7 @@ def apply_lora(
         >>> model.lora_summary.trainable_parameters
         50
     """
-    peft = require("peft", extra="hf", purpose="LoRA fine-tuning")
+    peft = _require_peft()
     config = _validated(config)
     if isinstance(model, peft.PeftModel):
         raise ConfigError("this model already has LoRA adapters; apply_lora takes the base model")
@@ -243,22 +247,23 @@ def apply_lora(
     notes: list[str] = []
     fingerprint = base_fingerprint(model)  # before quantizing: the same base gives the same int8 weights
 
-    quantize_base = None
+    quantization = BaseQuantization(None)
     if config.quantize_base is not None:
         is_meta = any(parameter.is_meta for parameter in model.parameters())
-        if device is None:
-            device = _model_device(model)
-            if config.quantize_base == "nf4" and torch.cuda.is_available():
-                device = torch.device("cuda")
-        quantize_base, reason = resolve_quantize_base(config.quantize_base, torch.device(device).type)
-        if reason:
-            notes.append(reason)
-            if verbose:
-                print(f"tightfit: {reason}")
+        device = torch.device(device) if device is not None else _model_device(model)
+        # a meta model is planned, not run: the backend is the target's, whatever is installed here
+        target_type = "cpu" if device.type == "meta" else device.type
+        quantization = resolve_quantize_base(config.quantize_base, target_type, config.quant_backend,
+                                             check_installed=not is_meta)
+        notes.append(quantization.line())
+        if verbose:
+            print(f"tightfit: {quantization.line()}")
         if is_meta:
-            notes.append(f"meta model: the {quantize_base} base is counted by the planner, not built")
-        elif quantize_base is not None:
-            quantize_base_model(model, quantize_base, skip=heads, device=torch.device(device))
+            notes.append(f"meta model: the {quantization.method} base is counted by the planner, not built")
+        else:
+            quantize_base_model(model, quantization.method, skip=heads, device=device,
+                                backend=quantization.backend, precision=precision)
+    quantize_base = quantization.method
 
     peft_config = peft.LoraConfig(
         r=config.rank,
@@ -282,6 +287,7 @@ def apply_lora(
         rank=config.rank,
         alpha=config.alpha,
         quantize_base=quantize_base,
+        quant_backend=quantization.backend,
         notes=notes,
         base_model=base_model,
         base_fingerprint=fingerprint,
@@ -291,6 +297,14 @@ def apply_lora(
     if verbose:
         print(f"tightfit: {summary.line()}")
     return wrapped
+
+
+def _require_peft():
+    """PEFT, with bitsandbytes (when installed) imported first the offline way: PEFT imports it
+    itself when it wraps a layer, which would let bitsandbytes look for a hub kernel and say so."""
+    if is_available("bitsandbytes"):
+        import_bitsandbytes()
+    return require("peft", extra="hf", purpose="LoRA fine-tuning")
 
 
 def _validated(config: LoRAConfig | dict) -> LoRAConfig:
@@ -307,7 +321,7 @@ def _validated(config: LoRAConfig | dict) -> LoRAConfig:
 
 
 def _require_peft_model(model: nn.Module, action: str):
-    peft = require("peft", extra="hf", purpose="LoRA fine-tuning")
+    peft = _require_peft()
     if not isinstance(model, peft.PeftModel):
         raise TightfitError(f"cannot {action}: the model has no LoRA adapters (use apply_lora first)")
     return peft
@@ -356,7 +370,7 @@ def load_adapters(base_model: nn.Module, directory: str | Path, *, trainable: bo
     Raises:
         TightfitError: when the directory holds no adapters.
     """
-    peft = require("peft", extra="hf", purpose="LoRA fine-tuning")
+    peft = _require_peft()
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
         raise TightfitError(f"{directory}: no LoRA adapters here (adapter_config.json is missing)")

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from tightfit.names import QUANTIZE_BASES
+from tightfit.names import QUANT_BACKENDS, QUANTIZE_BASES
 
 
 class LoRAConfig(BaseModel, extra="forbid", allow_inf_nan=False):
@@ -18,8 +18,10 @@ class LoRAConfig(BaseModel, extra="forbid", allow_inf_nan=False):
         target_modules: ``"auto"`` (see the module doc) or module names; a name matches a module
             whose qualified name is the name or ends with ``"." + name``.
         bias: which biases train: ``none``, ``all``, or ``lora_only`` (those of adapted layers).
-        quantize_base: ``nf4`` (QLoRA, bitsandbytes + CUDA), ``int8`` (torchao weight-only) or
-            ``None``; without CUDA ``nf4`` falls back to ``int8`` with a one-line message.
+        quantize_base: ``nf4`` (QLoRA: CUDA, MPS and CPU), ``int8`` (torchao weight-only) or
+            ``None``. One that cannot run on the device is an error, never swapped for another.
+        quant_backend: who quantizes an ``nf4`` base: ``auto`` (the backend measured best on the
+            device, docs/lora.md), ``bitsandbytes`` or ``torchao``.
         modules_to_save: ``"auto"`` or module names trained in full next to the adapters.
     """
 
@@ -29,6 +31,7 @@ class LoRAConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     target_modules: Literal["auto"] | list[str] = "auto"
     bias: Literal["none", "all", "lora_only"] = "none"
     quantize_base: Literal[QUANTIZE_BASES] | None = None
+    quant_backend: Literal[QUANT_BACKENDS] = "auto"
     modules_to_save: Literal["auto"] | list[str] = "auto"
 
     @field_validator("target_modules")

@@ -1,11 +1,11 @@
-"""Quantized frozen bases for QLoRA: NF4 through bitsandbytes on CUDA, int8 through torchao elsewhere.
+"""Quantized frozen bases for QLoRA: NF4 (bitsandbytes or torchao) on CUDA, MPS and CPU, or int8.
 
-QLoRA keeps the frozen base weights of a model in 4 bits (NF4, bitsandbytes) and trains small
-LoRA adapters in full precision on top. bitsandbytes' 4-bit kernels need a CUDA device, so on
-CPU and Apple MPS tightfit says so in one line and uses the next best thing that really trains
-there: an int8 weight-only base through torchao (PEFT wraps torchao's int8 layers with
-``TorchaoLoraLinear``; the gradients reach the adapters through the int8 matmul). When torchao is
-missing too, the base stays in its own dtype (use ``precision: bf16`` for a bf16 base).
+QLoRA keeps the frozen base weights of a model in 4 bits (NF4) and trains small LoRA adapters in
+full precision on top. NF4 has two backends (``models/nf4.py``), both running on every device
+tightfit targets; the default per device is the one measured faster there (docs/lora.md), the
+other selectable with ``lora.quant_backend``. ``int8`` is a weight-only base through torchao (PEFT
+wraps torchao's int8 layers with ``TorchaoLoraLinear``). A quantization that cannot run is an
+error naming what would; tightfit never swaps one for another.
 
 The byte counts here are the ones the planner uses for a quantized base on a meta model, where
 nothing is really quantized: NF4 packs two weights a byte and keeps one fp32 absmax per block of
@@ -15,68 +15,75 @@ scale per output row in the weight's dtype.
 """
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tightfit._optional import is_available, require
 from tightfit.errors import ConfigError
+from tightfit.models.nf4 import DOUBLE_QUANT_BLOCK, NF4_BLOCK, compute_dtype_for, quantize_nf4, resolve_nf4_backend
 from tightfit.names import QUANTIZE_BASES
 
 QUANTIZE_BASE_CHOICES = (None, *QUANTIZE_BASES)
 
-NF4_BLOCK_SIZE = 64  # weights per absmax constant (bitsandbytes' default for 4-bit)
-NF4_DOUBLE_QUANT_BLOCK_SIZE = 256  # absmax constants per fp32 second-level constant
 
 
-def resolve_quantize_base(requested: str | None, device_type: str) -> tuple[str | None, str]:
-    """Choose the base quantization that will really run on ``device_type``, and say why.
+@dataclass(frozen=True)
+class BaseQuantization:
+    """How a LoRA run's frozen base is quantized: ``method`` (``nf4``/``int8``/None), the
+    ``backend`` that does it (``bitsandbytes``/``torchao``) and ``reason``, one line for people."""
+
+    method: str | None
+    backend: str | None = None
+    reason: str = ""
+
+    def line(self) -> str:
+        if self.method is None:
+            return "base: not quantized"
+        return f"base: {self.method} through {self.backend} ({self.reason})"
+
+
+def resolve_quantize_base(
+    requested: str | None, device_type: str, backend: str = "auto", *, check_installed: bool = True
+) -> BaseQuantization:
+    """The base quantization that runs on ``device_type``, its backend and why; never a swap.
 
     Args:
         requested: ``None``, ``"nf4"`` or ``"int8"`` (``LoRAConfig.quantize_base``).
-        device_type: ``"cuda"``, ``"mps"`` or ``"cpu"``.
+        device_type: ``"cuda"``, ``"mps"`` or ``"cpu"`` of the target device.
+        backend: ``lora.quant_backend`` for ``nf4``: ``auto``, ``bitsandbytes`` or ``torchao``.
+        check_installed: require the backend's package on this machine (a run does; a plan for
+            another device does not).
 
     Returns:
-        ``(quantize_base, reason)``: what tightfit uses and a one-line reason; ``reason`` is empty
-        when the request is used as is.
+        A :class:`BaseQuantization`.
 
     Raises:
-        ConfigError: when ``requested`` is not one of the choices.
+        ConfigError: an unknown choice, or a quantization that cannot run there; the message
+            names what would.
 
     Example:
-        >>> resolve_quantize_base("nf4", "cpu")[0]   # without CUDA
-        'int8'
+        >>> resolve_quantize_base("nf4", "cpu").method   # NF4 on the CPU, not int8 instead
+        'nf4'
     """
     if requested not in QUANTIZE_BASE_CHOICES:
         raise ConfigError(
             f"lora.quantize_base must be one of null, nf4, int8; got {requested!r}"
         )
     if requested is None:
-        return None, ""
-    torchao_ok = is_available("torchao")
+        return BaseQuantization(None)
     if requested == "nf4":
-        if device_type == "cuda" and is_available("bitsandbytes"):
-            return "nf4", ""
-        why = (
-            "bitsandbytes is not installed"
-            if device_type == "cuda"
-            else f"bitsandbytes' 4-bit kernels need a CUDA GPU and this run is on {device_type}"
+        chosen, reason = resolve_nf4_backend(backend, device_type, check_installed=check_installed)
+        return BaseQuantization("nf4", chosen, reason)
+    if backend not in ("auto", "torchao"):
+        raise ConfigError(f"lora.quant_backend: int8 bases are quantized by torchao, not {backend}; use auto or torchao")
+    if check_installed and not is_available("torchao"):
+        raise ConfigError(
+            'lora.quantize_base: int8 needs torchao, which is not installed (pip install "tightfit[compress]"); '
+            "or use quantize_base: nf4 with bitsandbytes"
         )
-        if torchao_ok:
-            return "int8", (
-                f"QLoRA nf4 is not available: {why}; using an int8 weight-only base through "
-                "torchao instead (about 1 byte per base weight instead of 0.5)"
-            )
-        return None, (
-            f"QLoRA nf4 is not available: {why}, and torchao (int8 fallback) is not installed; "
-            'the base keeps its dtype (use precision: bf16 for a bf16 base, or pip install "tightfit[compress]")'
-        )
-    if torchao_ok:
-        return "int8", ""
-    return None, (
-        'an int8 base needs torchao, which is not installed (pip install "tightfit[compress]"); '
-        "the base keeps its dtype"
-    )
+    return BaseQuantization("int8", "torchao", "int8 weight-only (torchao)")
 
 
 def quantized_weight_bytes(numel: int, out_features: int, quantize_base: str, dtype_bytes: int = 2) -> int:
@@ -92,8 +99,8 @@ def quantized_weight_bytes(numel: int, out_features: int, quantize_base: str, dt
         The bytes of the quantized weight and its quantization constants.
     """
     if quantize_base == "nf4":
-        blocks = -(-numel // NF4_BLOCK_SIZE)
-        second_level = -(-blocks // NF4_DOUBLE_QUANT_BLOCK_SIZE)
+        blocks = -(-numel // NF4_BLOCK)
+        second_level = -(-blocks // DOUBLE_QUANT_BLOCK)
         return -(-numel // 2) + blocks + 4 * second_level
     if quantize_base == "int8":
         return numel + out_features * dtype_bytes
@@ -194,15 +201,23 @@ def with_quantized_base(
 
 
 def quantize_base_model(
-    model: nn.Module, quantize_base: str, *, skip: Iterable[str] = (), device: torch.device | None = None
+    model: nn.Module,
+    quantize_base: str,
+    *,
+    skip: Iterable[str] = (),
+    device: torch.device | str = "cpu",
+    backend: str = "bitsandbytes",
+    precision: str | None = None,
 ) -> list[str]:
     """Quantize the frozen Linear layers of ``model`` in place, before LoRA wraps them.
 
     Args:
         model: the base model (real weights; a meta model cannot be quantized, plan it instead).
-        quantize_base: ``"nf4"`` (bitsandbytes, CUDA) or ``"int8"`` (torchao weight-only).
+        quantize_base: ``"nf4"`` or ``"int8"`` (torchao weight-only).
         skip: module names left in full precision (trainable heads).
-        device: for ``nf4``, the CUDA device the quantized layers live on.
+        device: where the run trains; NF4 layers are quantized there, one layer at a time.
+        backend: for ``nf4``, ``bitsandbytes`` or ``torchao`` (:func:`resolve_quantize_base`).
+        precision: the run's precision; it sets the dtype of the NF4 matmul.
 
     Returns:
         The names of the quantized layers.
@@ -227,7 +242,9 @@ def quantize_base_model(
         )
         return names
     if quantize_base == "nf4":
-        _quantize_nf4(model, names, device or torch.device("cuda"))
+        device = torch.device(device)
+        quantize_nf4(model, names, backend=backend, device=device,
+                     compute_dtype=compute_dtype_for(precision, device.type))
         return names
     raise ConfigError(f"unknown quantize_base {quantize_base!r} (expected nf4 or int8)")
 
@@ -237,27 +254,3 @@ def _name_filter(selected: set[str], model: nn.Module) -> Callable[[nn.Module, s
     # model whose names differ by a prefix (a wrapper) still matches.
     wanted = {id(module) for name, module in model.named_modules() if name in selected}
     return lambda module, name: id(module) in wanted
-
-
-def _quantize_nf4(model: nn.Module, names: list[str], device: torch.device) -> None:
-    bnb = require("bitsandbytes", extra="gpu", purpose="QLoRA with an NF4 base")
-    modules = dict(model.named_modules())
-    for name in names:
-        linear = modules[name]
-        compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        quantized = bnb.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            compute_dtype=compute_dtype,
-            compress_statistics=True,  # double quantization of the absmax constants
-            quant_type="nf4",
-        )
-        quantized.weight = bnb.nn.Params4bit(
-            linear.weight.data.to("cpu"), requires_grad=False, compress_statistics=True, quant_type="nf4"
-        )
-        if linear.bias is not None:
-            quantized.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
-        quantized.to(device)  # Params4bit quantizes when it moves to CUDA
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child_name, quantized)

@@ -157,6 +157,9 @@ class PlanResult:
     notes: list[str] = field(default_factory=list)
     measured: dict | None = None
     seconds: float = 0.0
+    # what an auto or device-dependent setting became for the target, and why:
+    # {"precision": {"value": "fp16", "reason": "..."}, "base": {"value": "nf4", "backend": ..., "reason": ...}}
+    resolved: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,6 +224,7 @@ def plan(
     if quantize_base is not None and ((lora_rank is None and lora is None) or quantize_base not in ("nf4", "int8")):
         raise ConfigError(f"quantize base: {quantize_base!r} needs a LoRA rank and one of nf4, int8")
     profile = profile if profile is not None else resolve_target()
+    resolved = _resolve_for_target(profile, optimizer, quantize_base, lora)
     planner = _Planner(model_spec, input_spec, profile, lora_rank=lora_rank, model_kwargs=model_kwargs or {},
                        quantize_base=quantize_base, lora=lora)
     if batch_size is not None:
@@ -235,8 +239,24 @@ def plan(
         )
     if measure:
         result.measured = planner.measure(chosen)
+    result.resolved.update(resolved)
     result.seconds = round(time.perf_counter() - started, 2)
     return result
+
+
+def _resolve_for_target(profile: Any, optimizer: str | None, quantize_base: str | None, lora: Any) -> dict:
+    """Device-dependent choices made for the target profile, never for the machine that plans:
+    an optimizer that cannot run there is refused; a quantized base gets the target's backend."""
+    from tightfit.models.qlora import resolve_quantize_base
+    from tightfit.step.optim import check_optimizer_device
+
+    check_optimizer_device(optimizer or "adamw", profile.device_type)
+    resolved = {}
+    if quantize_base is not None:
+        backend = getattr(lora, "quant_backend", "auto") if lora is not None else "auto"
+        base = resolve_quantize_base(quantize_base, profile.device_type, backend, check_installed=False)
+        resolved["base"] = {"value": base.method, "backend": base.backend, "reason": base.reason}
+    return resolved
 
 
 def _check_arguments(batch_size, precision, optimizer, effective_batch_size, margin, samples, lora_rank) -> None:
@@ -334,7 +354,13 @@ class _Planner:
             memory.breakdown, self.models[False], self.quantize_base, overhead=overhead if self.profile else None,
             base_weight_bytes=2 if precision == "bf16-pure" else 4,
         )
-        return dataclasses.replace(memory, peak_bytes=sum(breakdown.values()), breakdown=breakdown, notes=memory.notes + notes)
+        # the overhead was recomputed for the quantized peak: the estimate's own line is stale
+        kept = [note for note in memory.notes if not note.startswith("device overhead")]
+        if self.profile is not None and breakdown["overhead"]:
+            tensor_peak = sum(value for key, value in breakdown.items() if key != "overhead")
+            recomputed = device_overhead(self.profile, tensor_peak_bytes=tensor_peak)
+            notes.append(f"{recomputed.describe()} (profile {self.profile.name}, on the quantized peak)")
+        return dataclasses.replace(memory, peak_bytes=sum(breakdown.values()), breakdown=breakdown, notes=kept + notes)
 
     def _measure_instead(self, settings: Settings, batch_size: int, accumulation_steps: int,
                          error: Exception) -> StepMemory:

@@ -6,8 +6,8 @@ sample has (``tokens:max_length`` for a text corpus, whose packed rows are that 
 feature shape of the data otherwise); ``batch.micro_batch_size`` (checked as is; ``auto`` asks for
 a recommendation), the effective batch, the optimizer, the precision (``auto`` resolved for the
 target device as the trainer resolves it), activation checkpointing, and the whole ``lora:``
-section (targets, heads, and a quantized base resolved for the device: ``nf4`` becomes ``int8``
-without CUDA, as in training).
+section (targets, heads, and a quantized base with its backend resolved for the target device,
+never for the machine that plans).
 """
 
 from __future__ import annotations
@@ -70,27 +70,37 @@ def plan_run(config, *, device: str | None = None, memory: str | int | None = No
     """
     from tightfit.hardware.profiles import resolve_target
     from tightfit.plan.planner import plan
-    from tightfit.models.qlora import resolve_quantize_base
     from tightfit.step.precision import resolve_precision
 
     profile = resolve_target(device or config.device, memory if memory is not None else config.budget)
     input_spec, num_classes = input_spec_for(config)
-    precision = None if config.precision == "auto" else config.precision
-    if precision is None:
-        precision, _ = resolve_precision("auto", profile.device_type)
+    # auto settings resolve for the target profile (its bf16 support), not for this machine
+    precision, precision_reason = resolve_precision(config.precision, profile.device_type,
+                                                    supports_bf16=profile.supports_bf16)
+    if config.precision != "auto":
+        precision_reason = "as configured"
+    # checkpointing: auto means the model's repeated blocks, on (as train applies it); a list
+    # of module names is on too
+    activation = config.checkpointing.activation
+    checkpointing = activation is not False
+    checkpointing_reason = {True: "as configured", False: "as configured", "auto": "auto: the model's repeated blocks"}.get(
+        activation if not isinstance(activation, list) else True, "as configured")
     micro = config.batch.micro_batch_size
     batch_size = None if micro == "auto" else micro
     effective = config.batch.effective_batch_size or (batch_size * config.batch.accumulation_steps if batch_size else None)
-    quantize_base = None
-    if config.lora is not None and config.lora.quantize_base is not None:
-        quantize_base, _ = resolve_quantize_base(config.lora.quantize_base, profile.device_type)
+    quantize_base = config.lora.quantize_base if config.lora is not None else None
     model_kwargs: dict[str, Any] = dict(config.model_options)
     if num_classes is not None:
         model_kwargs["num_classes"] = num_classes
     result = plan(
         config.model, input_spec, batch_size=batch_size, precision=precision, optimizer=config.optimizer.name,
-        checkpointing=bool(config.checkpointing.activation), lora=config.lora, quantize_base=quantize_base,
+        checkpointing=checkpointing, lora=config.lora, quantize_base=quantize_base,
         profile=profile, effective_batch_size=effective, margin=margin, measure=measure, model_kwargs=model_kwargs,
     )
+    result.resolved = {
+        "precision": {"value": precision, "reason": precision_reason},
+        "checkpointing": {"value": checkpointing, "reason": checkpointing_reason},
+        "optimizer": {"value": config.optimizer.name, "reason": f"as configured; runs on {profile.device_type}"},
+    } | result.resolved
     result.notes.insert(0, f"planned from the run config: input {input_spec}, precision {precision}, optimizer {config.optimizer.name}")
     return result

@@ -1,16 +1,33 @@
 """Optimizers by name, shared by the trainer and the memory engine.
 
 Names: ``sgd`` (plain, or with ``momentum``/``nesterov``), ``sgd-momentum`` (momentum 0.9),
-``adam``, ``adamw``, ``adam8bit`` (bitsandbytes' 8-bit AdamW, CUDA only).
+``adam``, ``adamw``, ``adam8bit`` (bitsandbytes' 8-bit AdamW: CUDA and CPU, not MPS).
 """
 
 from collections.abc import Iterable
 
 import torch
 
-from tightfit._optional import require
+from tightfit._optional import import_bitsandbytes, require
 from tightfit.errors import ConfigError
 from tightfit.names import OPTIMIZERS
+
+
+OPTIMIZER_DEVICES = {"adam8bit": ("cuda", "cpu")}  # bitsandbytes registers no 8-bit optimizer kernel for MPS
+
+
+def check_optimizer_device(name: str, device_type: str) -> None:
+    """Refuse, in one line, an optimizer that does not run on ``device_type`` (a run's or a plan's target).
+
+    Raises:
+        ConfigError: naming the optimizer, the device and what runs there instead.
+    """
+    devices = OPTIMIZER_DEVICES.get(name)
+    if devices is not None and device_type not in devices:
+        raise ConfigError(
+            f"optimizer.name: {name} (bitsandbytes' 8-bit AdamW) does not run on {device_type}; use adamw "
+            f"(it runs on {', '.join(devices)})"
+        )
 
 
 def build_optimizer(
@@ -47,6 +64,7 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
     if name == "adam8bit":
-        bitsandbytes = require("bitsandbytes", extra="gpu", purpose="8-bit Adam")
+        require("bitsandbytes", extra="gpu", purpose="8-bit Adam")
+        bitsandbytes = import_bitsandbytes()
         return bitsandbytes.optim.AdamW8bit(trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ConfigError(f"optimizer.name: unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")

@@ -12,12 +12,15 @@ from tightfit.errors import ConfigError
 from tightfit.names import PRECISIONS
 
 
-def resolve_precision(requested: str, device_type: str) -> tuple[str, str]:
+def resolve_precision(requested: str, device_type: str, supports_bf16: bool | None = None) -> tuple[str, str]:
     """Turn ``requested`` (a name from ``PRECISIONS`` or ``auto``) into a precision and a reason.
 
     ``auto`` picks bf16 where the device runs it natively (CUDA with bf16 support), fp16 on CUDA
     without bf16 and on MPS, and fp32 on CPU, where autocast to bf16 is usually slower than fp32
     without AMX/AVX512-BF16.
+
+    ``supports_bf16``: whether the target CUDA device runs bf16 (a plan passes its device
+    profile's answer); None asks the CUDA device of this process (a run on it).
 
     Raises:
         ConfigError: for an unknown name or a precision the device cannot run.
@@ -29,7 +32,7 @@ def resolve_precision(requested: str, device_type: str) -> tuple[str, str]:
     if requested != "auto":
         return requested, "as configured"
     if device_type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported() if supports_bf16 is None else supports_bf16:
             return "bf16", "CUDA device supports bf16: same range as fp32, no loss scaling needed"
         return "fp16", "CUDA device without bf16: fp16 autocast with a GradScaler"
     if device_type == "mps":

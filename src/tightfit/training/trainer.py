@@ -44,7 +44,7 @@ from tightfit.step.loss import batch_target, forward_and_loss
 from tightfit.training.metrics import MetricAccumulator
 from tightfit.training.monitor import ResourceMonitor
 from tightfit.training.numerics import NumericsGuard
-from tightfit.step.optim import build_optimizer
+from tightfit.step.optim import build_optimizer, check_optimizer_device
 from tightfit.step.precision import autocast, needs_grad_scaler, parameter_dtype, resolve_precision
 from tightfit.runs.run_folder import mark_run_folder
 from tightfit.training.sampler import ResumableSampler
@@ -130,8 +130,8 @@ class Trainer:
         # absolute: summary.json and the checkpoint state are read from other folders later
         self.run_dir = Path(resume_from or config.run_dir or distributed.broadcast_object(new_run_dir(), self.process)).absolute()
         self.data = self._build_data()
-        self.model = self._build_model()
         self.precision, precision_reason = resolve_precision(config.precision, self.device.type)
+        self.model = self._build_model()  # after the precision: a quantized base is built for it
         self.console.print(f"precision: {self.precision} ({precision_reason})")
         self.precision_reason = precision_reason
         if self.precision == "bf16-pure":
@@ -144,6 +144,7 @@ class Trainer:
         settings = config.optimizer.model_dump(exclude={"name"})
         if settings["lr"] == "auto":
             settings["lr"] = config.lr_find.min_lr  # a placeholder until _find_learning_rate sets it
+        check_optimizer_device(config.optimizer.name, self.device.type)
         self.optimizer = build_optimizer(config.optimizer.name, self.model.parameters(), **settings)
         scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
         self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips)
@@ -231,7 +232,8 @@ class Trainer:
         if config.lora is not None:
             from tightfit.models.lora import apply_lora
 
-            model = apply_lora(model, config.lora, verbose=self.process.is_main, base_model=config.model)
+            model = apply_lora(model, config.lora, verbose=self.process.is_main, base_model=config.model,
+                               device=self.device, precision=self.precision)
         return model
 
     def _find_learning_rate(self, resuming: bool) -> None:
@@ -648,6 +650,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()  # the freed blocks go back to unified memory, shared with the system
         if self.micro_batch_size == 1:
             if error is None:
                 raise TightfitError("out of memory with a micro-batch of 1 on another rank: the model itself does not fit there")
