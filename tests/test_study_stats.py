@@ -101,8 +101,9 @@ def test_paired_cohens_d():
 
 def test_folds_are_stratified_and_shared():
     labels = np.repeat(np.arange(4), 25)
-    first = shared_folds(labels, 5, 2, seed=3)
-    second = shared_folds(labels, 5, 2, seed=3)
+    groups = np.arange(100)
+    first = shared_folds(labels, groups, 5, 2, seed=3)
+    second = shared_folds(labels, groups, 5, 2, seed=3)
     assert len(first) == 10 and {repeat for repeat, _, _ in first} == {0, 1}
     for (_, train_a, test_a), (_, train_b, test_b) in zip(first, second):
         assert np.array_equal(test_a, test_b) and np.array_equal(train_a, train_b)

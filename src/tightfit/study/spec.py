@@ -113,9 +113,13 @@ class TrainStage(_TrainingStage):
 
 
 class SliceConfig(BaseModel, extra="forbid"):
-    """``slices:`` extract a volume as 2D slices along ``axis`` and aggregate their features."""
+    """``slices:`` extract a volume as 2D slices along ``axis`` and aggregate their features per subject."""
 
     axis: int = Field(0, ge=0, le=2, description="0, 1 or 2: depth, height or width of C x D x H x W")
+    select: Literal["all", "central", "foreground"] = Field(
+        "all", description="every slice, the central `count`, or those with a non-zero voxel"
+    )
+    count: int = Field(16, ge=1, description="select: central: how many slices around the middle")
     aggregate: Literal["mean", "max", "all"] = "mean"
 
 
@@ -191,11 +195,32 @@ _STAGE_MODELS = {
 }
 
 
+class Preprocess(BaseModel, extra="forbid"):
+    """``data.preprocess:`` MONAI transforms applied to every sample, in this order (``tightfit.study.medical``)."""
+
+    orientation: str | None = Field("RAS", description="Orientationd axcodes (volumes); null keeps the stored axes")
+    spacing: list[float] | None = Field(None, min_length=3, max_length=3, description="Spacingd pixdim in mm (volumes)")
+    clip_percentiles: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="ScaleIntensityRangePercentilesd: clip to these percentiles, per channel"
+    )
+    zscore: bool = Field(True, description="NormalizeIntensityd(nonzero=True, channel_wise=True)")
+    crop_foreground: bool = Field(False, description="CropForegroundd on the non-zero voxels")
+    shape: list[int] | None = Field(None, description="ResizeWithPadOrCropd to this spatial shape")
+
+
 class StudyData(BaseModel, extra="forbid"):
     """``data:`` the labelled samples of the study and the part kept for (pre-)training."""
 
-    source: Literal["digits", "volumes"] = "digits"
-    path: str | None = Field(None, description="volumes: a folder with one sub-folder of volumes per class")
+    source: Literal["digits", "volumes", "medical", "images"] = "digits"
+    path: str | None = Field(
+        None, description="volumes: one sub-folder of volumes per class; medical, images: one folder per subject"
+    )
+    labels: str | None = Field(None, description="medical, images: CSV subject,label[,group]")
+    modalities: list[str] = Field(
+        default_factory=lambda: ["*.nii.gz"], min_length=1,
+        description="medical: one file-name pattern per channel (a NIfTI file or a DICOM folder in each subject folder)",
+    )
+    preprocess: Preprocess = Field(default_factory=Preprocess)
     development_fraction: float = Field(
         0.5, ge=0, lt=1,
         description="share of samples (stratified) that train/pretrain stages learn from; the rest is evaluated",
@@ -434,14 +459,18 @@ def check_stage_settings(config: StudyConfig) -> None:
             f"stage {learns[0]!r}: data.development_fraction: 0 leaves no samples to train on "
             "(the evaluation part is never trained on)"
         )
-    if config.data.source == "volumes" and not config.data.path:
-        raise ConfigError("data.path: the volumes source needs a folder")
+    if config.data.source != "digits" and not config.data.path:
+        raise ConfigError(f"data.path: the {config.data.source} source needs a folder")
+    if config.data.source in ("medical", "images") and not config.data.labels:
+        raise ConfigError(f"data.labels: the {config.data.source} source needs a CSV subject,label[,group]")
 
 
 def check_inputs_exist(config: StudyConfig) -> None:
     """Data folders and weight files named by the study exist (checked before anything runs)."""
-    if config.data.path is not None and not Path(config.data.path).exists():
-        raise ConfigError(f"data.path: {config.data.path} does not exist")
+    for key in ("path", "labels"):
+        value = getattr(config.data, key)
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"data.{key}: {value} does not exist")
     for stage in config.stages:
         weights = getattr(stage, "weights", None)
         if weights is not None and not Path(weights).exists():

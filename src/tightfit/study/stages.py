@@ -347,7 +347,8 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             raise ConfigError(f"stage {stage.name!r}: from: {name!r} holds other samples than {stage.source[0]!r}")
     labels = reference.labels
     num_classes = context.samples.num_classes
-    folds = shared_folds(labels, config.cv.folds, config.cv.repeats, config.cv.seed)
+    groups = context.samples.groups[reference.sample_index]
+    folds = shared_folds(labels, groups, config.cv.folds, config.cv.repeats, config.cv.seed)
     repeats = config.cv.repeats
     units = [(arm, classifier, number) for classifier in stage.classifiers for arm in arms for number in range(len(folds))]
     # the first fold of the first arm for each classifier runs first: its time gives the estimate
@@ -375,7 +376,7 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             repeat, train, test = folds[number]
             started = time.perf_counter()
             fold = fit_fold(classifier, arms[arm].features, labels, train, test, num_classes=num_classes,
-                            seed=config.cv.seed, n_jobs=stage.n_jobs)
+                            seed=config.cv.seed, n_jobs=stage.n_jobs, groups=groups)
             elapsed = time.perf_counter() - started
             record = results[arm][classifier.name]
             record["predictions"][repeat, test] = fold["predictions"]
@@ -390,7 +391,7 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             progress.update(task, advance=1)
     arrays = {}
     summary = {"arms": list(arms), "classifiers": [classifier.name for classifier in stage.classifiers],
-               "labels": labels.tolist(), "ids": reference.ids, "folds": config.cv.folds, "repeats": repeats,
+               "labels": labels.tolist(), "ids": reference.ids, "groups": groups.tolist(), "folds": config.cv.folds, "repeats": repeats,
                "fold_sizes": [[len(train), len(test)] for _, train, test in folds], "results": {}}
     metrics = {}
     for arm, by_classifier in results.items():
