@@ -176,7 +176,7 @@ def preprocess_transforms(settings: dict[str, Any], keys: list[str], *, spatial_
 
     steps: list[Any] = []
     if spatial_dims == 3 and settings.get("orientation"):
-        steps.append(Orientationd(keys=keys, axcodes=settings["orientation"]))
+        steps.append(Orientationd(keys=keys, axcodes=settings["orientation"], labels=None))
     if spatial_dims == 3 and settings.get("spacing"):
         steps.append(Spacingd(keys=keys, pixdim=tuple(settings["spacing"]), mode="bilinear"))
     steps.append(ConcatItemsd(keys=keys, name="image", dim=0))
@@ -193,22 +193,42 @@ def preprocess_transforms(settings: dict[str, Any], keys: list[str], *, spatial_
     return Compose(steps)
 
 
+def _loader(reader: str):
+    """MONAI's ``LoadImaged`` for one reader, built once: building one instantiates every reader MONAI knows,
+    and its GPU DICOM decoder (nvImageCodec, absent on CPU) warns twice each time; we ask for the plain ones."""
+    if reader not in _LOADERS:
+        import logging
+        import warnings
+
+        from monai.transforms import LoadImaged
+
+        plugin_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+        level = plugin_logger.level
+        plugin_logger.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+                _LOADERS[reader] = LoadImaged(keys="entry", reader=reader, ensure_channel_first=True, image_only=True)
+        finally:
+            plugin_logger.setLevel(level)
+    return _LOADERS[reader]
+
+
+_LOADERS: dict[str, Any] = {}
+
+
 def load_entries(entries: list[Path]) -> dict[str, Any]:
     """``LoadImaged`` of each entry (NIfTI file, DICOM folder or 2D image) as ``modality<i>``, channel first."""
     require("monai", extra="medical", purpose="reading medical images")
-    from monai.transforms import LoadImaged
-
     data: dict[str, Any] = {}
     for number, entry in enumerate(entries):
-        key = f"modality{number}"
         if entry.is_dir() or entry.suffix.lower() == ".dcm":
             reader = "PydicomReader"
         elif entry.name.endswith(NIFTI_SUFFIXES):
             reader = "NibabelReader"
         else:
             reader = "PILReader"
-        loader = LoadImaged(keys=key, reader=reader, ensure_channel_first=True, image_only=True)
-        data.update(loader({key: str(entry)}))
+        data[f"modality{number}"] = _loader(reader)({"entry": str(entry)})["entry"]
     return data
 
 
