@@ -185,3 +185,24 @@ def test_labels_shuffled_across_subjects_give_chance_through_the_whole_study(tmp
                             cv=StratifiedKFold(4, shuffle=True, random_state=0)).mean()
     assert leaky > 0.9, leaky
     assert "grouped by subject" in (tmp_path / "study" / "results.md").read_text()
+
+
+def test_slices_all_central_and_foreground_are_aggregated_per_subject():
+    import torch
+
+    from tightfit.study.spec import SliceConfig
+    from tightfit.study.stages import _features
+
+    def slice_number(batch):  # a stand-in extractor: each slice's feature is its mean value
+        return batch.flatten(1).mean(1, keepdim=True)
+
+    volumes = torch.zeros(2, 1, 6, 3, 3)
+    for depth in range(6):
+        volumes[:, :, depth] = depth + 1
+    volumes[1, :, :2] = 0  # subject 1: the first two slices are background
+    assert _features(slice_number, volumes, SliceConfig(axis=0, select="all", aggregate="all")).shape == (2, 6)
+    central = _features(slice_number, volumes, SliceConfig(axis=0, select="central", count=2, aggregate="all"))
+    assert central[0].tolist() == [3.0, 4.0]  # slices 2 and 3 of 0..5
+    foreground = _features(slice_number, volumes, SliceConfig(axis=0, select="foreground", aggregate="mean"))
+    assert foreground[:, 0].tolist() == [3.5, 4.5]  # subject 1 averages slices 3..6 only
+    assert _features(slice_number, volumes, SliceConfig(axis=0, aggregate="max"))[:, 0].tolist() == [6.0, 6.0]

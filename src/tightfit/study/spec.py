@@ -438,6 +438,10 @@ def check_stage_settings(config: StudyConfig) -> None:
             model_of(config, stage)
             if stage.kind == "extract" and stage.weights and stage.source:
                 raise ConfigError(f"stage {stage.name!r}: weights: give either weights or from, not both")
+            if stage.kind == "extract" and stage.slices and stage.slices.select == "foreground" \
+                    and stage.slices.aggregate == "all":
+                raise ConfigError(f"stage {stage.name!r}: slices.aggregate: 'all' needs the same slices for every "
+                                  "subject; with select: foreground use mean or max")
         if stage.kind in ("pretrain", "train"):
             reserved = {"model", "model_options", "epochs", "run_dir", "device", "seed"} & set(stage.trainer)
             if reserved:

@@ -125,6 +125,14 @@ def _input_shape(context: StageContext, stage) -> tuple[int, ...]:
     return shape
 
 
+def _slices_per_sample(shape: tuple[int, ...], slices) -> int:
+    """How many 2D slices of a ``C x D x H x W`` sample go through the backbone (at most, for ``foreground``)."""
+    if slices is None:
+        return 1
+    total = shape[slices.axis + 1]
+    return min(slices.count, total) if slices.select == "central" else total
+
+
 def _forward_seconds_per_sample(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, precision: str,
                                 batch_size: int = 32) -> float:
     """Seconds per sample of a forward pass of ``model`` on this machine (median of 3 batches after a warm-up)."""
@@ -239,7 +247,7 @@ def run_extract(context: StageContext, stage, stage_dir: Path) -> Outcome:
     stage_dir.mkdir(parents=True, exist_ok=True)
     progress_file.write_text(json.dumps({"batch_size": batch_size}))
     order = samples.evaluation
-    slices_per_sample = samples.input_shape[stage.slices.axis + 1] if stage.slices else 1
+    slices_per_sample = _slices_per_sample(samples.input_shape, stage.slices)
     per_sample = _forward_seconds_per_sample(extractor, shape, device, precision,
                                              batch_size=min(batch_size * slices_per_sample, 256)) * slices_per_sample
     estimated = per_sample * len(order)
@@ -266,15 +274,30 @@ def run_extract(context: StageContext, stage, stage_dir: Path) -> Outcome:
 
 
 def _features(extractor, images: torch.Tensor, slices) -> torch.Tensor:
+    """One feature vector per sample; with ``slices``, the selected 2D slices' features aggregated per subject."""
     if slices is None:
         return extractor(images)
-    axis = slices.axis + 2  # batch, channel, then D H W
-    count = images.shape[axis]
-    stacked = images.movedim(axis, 1).flatten(0, 1)  # (batch * slices, C, ., .)
-    features = extractor(stacked).reshape(images.shape[0], count, -1)
-    if slices.aggregate == "mean":
+    stacked = images.movedim(slices.axis + 2, 1)  # (batch, slices, C, ., .): batch, channel, then D H W
+    if slices.select == "central":
+        count = min(slices.count, stacked.shape[1])
+        start = (stacked.shape[1] - count) // 2
+        stacked = stacked[:, start : start + count]
+    if slices.select != "foreground":
+        features = extractor(stacked.flatten(0, 1)).reshape(stacked.shape[0], stacked.shape[1], -1)
+        return _aggregate(features, slices.aggregate)
+    vectors = []
+    for volume in stacked:  # a different number of slices per subject
+        keep = volume.flatten(1).ne(0).any(1)
+        chosen = volume[keep] if bool(keep.any()) else volume  # an empty volume keeps all its slices
+        vectors.append(_aggregate(extractor(chosen)[None], slices.aggregate)[0])
+    return torch.stack(vectors)
+
+
+def _aggregate(features: torch.Tensor, how: str) -> torch.Tensor:
+    """``(batch, slices, width)`` -> ``(batch, width)`` (mean, max) or ``(batch, slices * width)`` (all)."""
+    if how == "mean":
         return features.mean(1)
-    if slices.aggregate == "max":
+    if how == "max":
         return features.amax(1)
     return features.flatten(1)
 
@@ -289,7 +312,7 @@ def _extract_batch_size(context: StageContext, stage, backbone: torch.nn.Module,
         return stage.batch_size
     from tightfit.memory.inference import largest_batch
 
-    slices = context.samples.input_shape[stage.slices.axis + 1] if stage.slices else 1
+    slices = _slices_per_sample(context.samples.input_shape, stage.slices)
 
     def factory(batch_size: int, where: Any) -> torch.Tensor:
         return torch.rand(batch_size * slices, *shape, device=where)
