@@ -122,6 +122,8 @@ def populate_medical(workspace: Path) -> None:
     write(workspace / "med-4d.yaml", medical_study("med-4d"))
     write(workspace / "med-not-nifti.yaml", medical_study("med-not-nifti"))
     write(workspace / "med-dicom.yaml", medical_study("med-dicom", "[mr]"))
+    write(workspace / "missing-weights.yaml", "tracking: {mlflow: false}\nstages:\n  - {name: f, kind: extract, "
+          "model: 'torchvision:resnet50', weights: weights/resnet50.pth}\n")
 
 
 CASES: dict[str, Case] = {
@@ -236,6 +238,7 @@ CASES: dict[str, Case] = {
     "run medical subject missing from the CSV": Case(["run", "{w}/med-missing.yaml"], "subject 'c' (folder"),
     "run medical 4D NIfTI": Case(["run", "{w}/med-4d.yaml"], "must be one 3D volume"),
     "run medical file that is not NIfTI": Case(["run", "{w}/med-not-nifti.yaml"], "is not a readable NIfTI file"),
+    "run named pretrained file missing": Case(["run", "{w}/missing-weights.yaml"], "put resnet50-11ad3fa6.pth"),
     "run medical DICOM folder with two series": Case(["run", "{w}/med-dicom.yaml"], "holds 2 series"),
     "export-checkpoint missing run": Case(["export-checkpoint", "{w}/nowhere"], "does not exist"),
     "export-checkpoint empty folder": Case(["export-checkpoint", "{w}/empty-folder"], "checkpoints here: none"),

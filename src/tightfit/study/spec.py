@@ -132,6 +132,9 @@ class ExtractStage(_ModelStage):
     pooling: Literal["auto", "cls", "mean", "max", "flatten"] = "auto"
     batch_size: int | Literal["auto"] = "auto"
     slices: SliceConfig | None = None
+    normalize: Literal["none", "imagenet"] = Field(
+        "none", description="imagenet: the mean/std ImageNet weights expect (per-channel averages for 1 or 4 channels)"
+    )
 
 
 class SparseCodeStage(_Stage):
@@ -478,7 +481,11 @@ def check_inputs_exist(config: StudyConfig) -> None:
     for stage in config.stages:
         weights = getattr(stage, "weights", None)
         if weights is not None and not Path(weights).exists():
-            raise ConfigError(f"stage {stage.name!r}: weights: {weights} does not exist")
+            from tightfit.study.backbone import KNOWN_WEIGHTS
+
+            known = KNOWN_WEIGHTS.get(getattr(stage, "model", None) or "")
+            where = f"; put {known} there" if known else " (a .pth state dict, a .safetensors file or a run folder)"
+            raise ConfigError(f"stage {stage.name!r}: weights: {weights} does not exist{where}; nothing is downloaded")
 
 
 def stage_settings(stage) -> dict:

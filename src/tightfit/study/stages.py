@@ -78,11 +78,17 @@ class _Labelled(_Images):
 
 
 # ------------------------------------------------------------------------------------ helpers
-def build_backbone(context: StageContext, stage) -> torch.nn.Module:
-    """The stage's model, with the weights of the stage it reads (or of ``weights:``) loaded."""
-    from tightfit.models.spec import build_model
-    from tightfit.study.backbone import load_backbone_weights, read_state_dict
+def build_backbone(context: StageContext, stage, notes: list[str] | None = None) -> torch.nn.Module:
+    """The stage's model, with the weights of the stage it reads (or of ``weights:``) loaded.
 
+    A first convolution built for other channels than the samples have (a torchvision ResNet-50 or
+    ViT on 1-channel slices or 4 modalities) is adapted after the weights are in
+    (:func:`~tightfit.study.backbone.adapt_input_channels`). What was done goes to ``notes``.
+    """
+    from tightfit.models.spec import build_model
+    from tightfit.study.backbone import adapt_input_channels, load_backbone_weights, read_state_dict
+
+    notes = notes if notes is not None else []
     spec, kwargs = model_of(context.config, stage)
     user_weights = getattr(stage, "weights", None)
     num_classes = None if user_weights else context.samples.num_classes
@@ -97,8 +103,14 @@ def build_backbone(context: StageContext, stage) -> torch.nn.Module:
             state = read_state_dict(user_weights)
             prefix = "encoder." if state and all(key.startswith("encoder.") for key in state) else ""
             load_backbone_weights(model, state, prefix=prefix)
+            notes.append(f"weights from {user_weights}")
+        else:
+            notes.append(f"{spec} starts from random weights (no weights: file, no from: stage)")
     except ConfigError as error:
         raise ConfigError(f"stage {stage.name!r}: {error}") from None
+    adapted = adapt_input_channels(model, _input_shape(context, stage)[0])
+    if adapted:
+        notes.append(adapted)
     return model
 
 
@@ -234,9 +246,13 @@ def run_extract(context: StageContext, stage, stage_dir: Path) -> Outcome:
     precision = "fp32" if stage.precision == "auto" else stage.precision
     if precision == "fp16" and device.type == "cpu":
         precision = "bf16"  # CPU autocast runs bf16; fp16 matmuls are not supported there
-    backbone = build_backbone(context, stage).to(device).eval()
-    extractor = FeatureExtractor(backbone, stage.layer, stage.pooling)
+    from tightfit.study.backbone import Normalize
+
+    built: list[str] = []
+    backbone = build_backbone(context, stage, built).to(device).eval()
     shape = _input_shape(context, stage)
+    normalize = Normalize(shape[0]).to(device) if stage.normalize == "imagenet" else None
+    extractor = FeatureExtractor(backbone, stage.layer, stage.pooling, normalize)
     folder = stage_dir / FEATURES_FOLDER
     progress_file = stage_dir / "extract.json"
     batch_size = _extract_batch_size(context, stage, backbone, shape, precision)
@@ -267,7 +283,7 @@ def run_extract(context: StageContext, stage, stage_dir: Path) -> Outcome:
     extracted = len(order) - done
     metrics = {"samples": len(order), "batch_size": batch_size,
                "samples_per_s": extracted / seconds if seconds > 0 and extracted else 0.0}
-    notes = [f"{len(order)} evaluation samples, batch {batch_size}, {precision}, layer {extractor.layer}"]
+    notes = [f"{len(order)} evaluation samples, batch {batch_size}, {precision}, layer {extractor.layer}", *built]
     if done:
         notes.append(f"resumed after {done} samples already extracted")
     return Outcome(metrics, estimated, notes)
