@@ -127,3 +127,24 @@ def test_src_classifies_separable_classes_by_residual(solver):
     # chunking does not change the answer
     whole = SparseRepresentationClassifier(solver=solver, n_nonzero=5, alpha=0.01, chunk_size=1000).fit(features[::2], labels[::2])
     assert np.allclose(whole.decision_function(features[1::2]), scores, atol=1e-6)
+
+
+def test_convergence_warnings_are_counted_once_not_printed_each():
+    import warnings
+
+    from sklearn.linear_model import Lasso
+
+    from tightfit.study.classify import ConvergenceCount
+
+    generator = np.random.default_rng(0)
+    features, target = generator.normal(size=(50, 20)), generator.normal(size=50)
+    counter = ConvergenceCount()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            with counter:
+                Lasso(alpha=1e-4, max_iter=1).fit(features, target)
+                warnings.warn("something else", UserWarning)
+    assert counter.count == 3
+    assert [str(record.message) for record in shown] == ["something else"] * 3  # other warnings still show
+    assert counter.note() == ["3 scikit-learn fits stopped at their iteration limit (ConvergenceWarning); kept as fitted"]

@@ -95,6 +95,43 @@ class SparseRepresentationClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(self.decision_function(features), axis=1)]
 
 
+class ConvergenceCount:
+    """Counts scikit-learn's ``ConvergenceWarning`` inside a ``with`` block instead of printing each.
+
+    A study fits hundreds of models (folds x grid x arms); the lasso and logistic regression stop
+    at their iteration limit on some folds and warn each time, burying the output. The stage
+    reports the count once (``note()``) and keeps the fits, as scikit-learn does.
+    """
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self) -> "ConvergenceCount":
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        self._catcher = warnings.catch_warnings(record=True)
+        self._records = self._catcher.__enter__()
+        warnings.simplefilter("always", ConvergenceWarning)
+        self._category = ConvergenceWarning
+        return self
+
+    def __exit__(self, *exc) -> None:
+        others = [record for record in self._records if not issubclass(record.category, self._category)]
+        self.count += len(self._records) - len(others)
+        self._catcher.__exit__(*exc)
+        import warnings
+
+        for record in others:  # anything else is shown as it would have been
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+
+    def note(self) -> list[str]:
+        if not self.count:
+            return []
+        return [f"{self.count} scikit-learn fits stopped at their iteration limit (ConvergenceWarning); kept as fitted"]
+
+
 def make_classifier(config: ClassifierConfig, *, seed: int, n_jobs: int = 1):
     """A fresh scikit-learn estimator for one classifier config."""
     from sklearn.linear_model import LogisticRegression

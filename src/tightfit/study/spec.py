@@ -229,6 +229,9 @@ class StudyData(BaseModel, extra="forbid"):
         description="share of samples (stratified) that train/pretrain stages learn from; the rest is evaluated",
     )
     limit: int | None = Field(None, ge=10, description="use at most this many samples (stratified), for quick runs")
+    samples: int | None = Field(
+        None, ge=2, description="planning: how many samples (subjects) the data holds, when it is not at hand"
+    )
 
 
 class CrossValidation(BaseModel, extra="forbid"):

@@ -362,20 +362,24 @@ def run_sparse_code(context: StageContext, stage, stage_dir: Path) -> Outcome:
         transform_n_nonzero_coefs=stage.n_nonzero if stage.algorithm == "omp" else None,
         transform_alpha=stage.alpha if stage.algorithm == "lasso" else None,
     )
-    with warnings.catch_warnings():  # OMP stopping early on dependent atoms: see classify.SparseRepresentationClassifier
+    from tightfit.study.classify import ConvergenceCount
+
+    with warnings.catch_warnings(), ConvergenceCount() as unconverged:
+        # OMP stopping early on dependent atoms: see classify.SparseRepresentationClassifier
         warnings.filterwarnings("ignore", message="Orthogonal matching pursuit ended prematurely")
         codes = learner.fit_transform(standard)
     write_shard(stage_dir / FEATURES_FOLDER, 0, codes, source.labels, source.sample_index, source.ids)
     sparsity = float(np.mean(codes != 0))
     return Outcome({"nonzero_share": sparsity, "seconds_fit": time.perf_counter() - started}, None,
-                   [f"{stage.n_components} atoms learnt on {len(source)} samples without labels; {sparsity:.1%} of codes non-zero"])
+                   [f"{stage.n_components} atoms learnt on {len(source)} samples without labels; {sparsity:.1%} of codes non-zero",
+                    *unconverged.note()])
 
 
 def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
     """Every classifier on every arm over the shared folds; predictions and scores to ``predictions.npz``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from tightfit.study.classify import fit_fold, shared_folds
+    from tightfit.study.classify import ConvergenceCount, fit_fold, shared_folds
     from tightfit.study.features import read_features
 
     config = context.config
@@ -406,6 +410,7 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
     }
     estimated = None
     pilot_seconds = 0.0
+    unconverged = ConvergenceCount()
     columns = (TextColumn(f"[bold]classify {stage.name}" + " {task.fields[what]}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=context.console) as progress:
@@ -414,8 +419,9 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             progress.update(task, what=f"{arm} / {classifier.name}")
             repeat, train, test = folds[number]
             started = time.perf_counter()
-            fold = fit_fold(classifier, arms[arm].features, labels, train, test, num_classes=num_classes,
-                            seed=config.cv.seed, n_jobs=stage.n_jobs, groups=groups)
+            with unconverged:
+                fold = fit_fold(classifier, arms[arm].features, labels, train, test, num_classes=num_classes,
+                                seed=config.cv.seed, n_jobs=stage.n_jobs, groups=groups)
             elapsed = time.perf_counter() - started
             record = results[arm][classifier.name]
             record["predictions"][repeat, test] = fold["predictions"]
@@ -444,7 +450,8 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             metrics[f"{arm}.{name}.accuracy"] = float(np.mean(record["fold_accuracy"]))
     np.savez_compressed(stage_dir / "predictions.npz", **arrays)
     (stage_dir / "classification.json").write_text(json.dumps(summary, indent=1))
-    return Outcome(metrics, estimated, [f"{len(arms)} arms x {len(stage.classifiers)} classifiers x {len(folds)} folds"])
+    return Outcome(metrics, estimated, [f"{len(arms)} arms x {len(stage.classifiers)} classifiers x {len(folds)} folds",
+                                        *unconverged.note()])
 
 
 def run_evaluate(context: StageContext, stage, stage_dir: Path) -> Outcome:
