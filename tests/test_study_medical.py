@@ -206,3 +206,23 @@ def test_slices_all_central_and_foreground_are_aggregated_per_subject():
     foreground = _features(slice_number, volumes, SliceConfig(axis=0, select="foreground", aggregate="mean"))
     assert foreground[:, 0].tolist() == [3.5, 4.5]  # subject 1 averages slices 3..6 only
     assert _features(slice_number, volumes, SliceConfig(axis=0, aggregate="max"))[:, 0].tolist() == [6.0, 6.0]
+
+
+def test_the_brats_like_example_writes_mixed_geometry_that_the_study_brings_to_one_grid(tmp_path):
+    import importlib.util
+
+    import nibabel
+
+    from tightfit.study.spec import load_study
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_brats_like", repo / "examples/data/make_brats_like.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_dataset(tmp_path / "brats", subjects=4)
+    affines = [nibabel.load(str(path)).affine for path in sorted((tmp_path / "brats").glob("*/*_t1.nii.gz"))]
+    assert {float(affine[0, 0]) for affine in affines} == {1.0, -1.5, 1.5, -1.0}  # LPS and RAS, 1 and 1.5 mm
+    config = load_study(repo / "examples/pipelines/brats-like-study.yaml", data_path=str(tmp_path / "brats"))
+    samples = load_samples(config.data, seed=0)
+    assert samples.class_names == ["healthy", "tumour"]
+    assert all(tuple(samples.dataset[index].shape) == (4, 24, 24, 24) for index in range(4))

@@ -218,7 +218,7 @@ class StudyData(BaseModel, extra="forbid"):
     path: str | None = Field(
         None, description="volumes: one sub-folder of volumes per class; medical, images: one folder per subject"
     )
-    labels: str | None = Field(None, description="medical, images: CSV subject,label[,group]")
+    labels: str | None = Field(None, description="medical, images: CSV subject,label[,group] (default: PATH/labels.csv)")
     modalities: list[str] = Field(
         default_factory=lambda: ["*.nii.gz"], min_length=1,
         description="medical: one file-name pattern per channel (a NIfTI file or a DICOM folder in each subject folder)",
@@ -294,7 +294,8 @@ def read_study_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool = False) -> StudyConfig:
+def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool = False,
+               data_path: str | None = None) -> StudyConfig:
     """Read, validate and check the graph of a study file.
 
     Args:
@@ -302,6 +303,7 @@ def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool =
         check_files: also check that data folders and weight files exist (off for planning).
         trust_code: let a stage's ``model`` be a ``module.path:callable`` spec (``--trust-code``);
             without it such a spec is refused, as in every file tightfit reads.
+        data_path: replaces ``data.path`` (``tightfit run --data DIR``), before the checks.
 
     Returns:
         The :class:`StudyConfig`, its stages in file order.
@@ -315,6 +317,8 @@ def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool =
         config = StudyConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{path}: {_describe(error, raw)}") from None
+    if data_path is not None:
+        config.data.path = str(data_path)
     from tightfit.trust import check_spec_from_file
 
     for stage in config.stages:
@@ -472,7 +476,7 @@ def check_stage_settings(config: StudyConfig) -> None:
     if config.data.source != "digits" and not config.data.path:
         raise ConfigError(f"data.path: the {config.data.source} source needs a folder")
     if config.data.source in ("medical", "images") and not config.data.labels:
-        raise ConfigError(f"data.labels: the {config.data.source} source needs a CSV subject,label[,group]")
+        config.data.labels = str(Path(config.data.path) / "labels.csv")
 
 
 def check_inputs_exist(config: StudyConfig) -> None:
