@@ -51,8 +51,9 @@ def write_dataset(folder: Path, subjects: int = 40, side_mm: float = 32.0, seed:
     for number in range(subjects):
         subject = f"BraTS-like-{number:03d}"
         tumour = number % 2 == 1
-        spacing = 1.0 if number % 4 < 2 else 1.5
-        lps = (number // 2) % 2 == 1
+        # every combination of spacing and orientation, for both classes alike
+        spacing = 1.0 if (number // 2) % 2 == 0 else 1.5
+        lps = ((number + 1) // 2) % 2 == 1
         for modality, volume in subject_volumes(generator, side_mm, spacing, tumour).items():
             affine = np.diag([spacing, spacing, spacing, 1.0])
             if lps:  # the same anatomy, stored with x and y running the other way
