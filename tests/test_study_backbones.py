@@ -5,7 +5,12 @@ import pytest
 import torch
 import yaml
 
-from tightfit.study.backbone import adapt_input_channels, adapt_input_conv, load_backbone_weights, read_state_dict
+from tightfit.study.backbone import (
+    adapt_input_channels,
+    adapt_input_conv,
+    load_backbone_weights,
+    read_state_dict,
+)
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -11,13 +11,13 @@ pytest.importorskip("monai")
 pytest.importorskip("nibabel")
 pytest.importorskip("pydicom")
 
-from medical_files import write_dicom_series, write_nifti  # noqa: E402
+from medical_files import write_dicom_series, write_nifti
 
-from tightfit.cli import main  # noqa: E402
-from tightfit.study.classify import shared_folds  # noqa: E402
-from tightfit.study.data import load_samples  # noqa: E402
-from tightfit.study.medical import PreprocessedSamples  # noqa: E402
-from tightfit.study.spec import Preprocess, StudyData  # noqa: E402
+from tightfit.cli import main
+from tightfit.study.classify import shared_folds
+from tightfit.study.data import load_samples
+from tightfit.study.medical import PreprocessedSamples
+from tightfit.study.spec import Preprocess, StudyData
 
 SIDE = 32
 

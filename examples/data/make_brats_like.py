@@ -24,7 +24,7 @@ BLOB_GAIN = {"t1": 0.3, "t1ce": 1.2, "t2": 0.6, "flair": 1.0}
 
 def subject_volumes(generator: np.random.Generator, side_mm: float, spacing: float, tumour: bool) -> dict:
     """The four modalities of one subject on a grid of ``spacing`` mm covering ``side_mm``."""
-    count = int(round(side_mm / spacing))
+    count = round(side_mm / spacing)
     axis = (np.arange(count) + 0.5) * spacing - side_mm / 2
     x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
     radius = side_mm * 0.4

@@ -106,7 +106,7 @@ class ConvergenceCount:
     def __init__(self):
         self.count = 0
 
-    def __enter__(self) -> "ConvergenceCount":
+    def __enter__(self):
         import warnings
 
         from sklearn.exceptions import ConvergenceWarning

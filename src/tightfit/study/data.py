@@ -172,7 +172,7 @@ def _subject_source(config: StudyData, cache_dir: Path | None):
     else:
         ids, entries, table = index_images(root, labels_path)
         subjects = [sample.split("/")[0] for sample in ids]
-    class_names = sorted(set(table.labels[subject] for subject in subjects))
+    class_names = sorted({table.labels[subject] for subject in subjects})
     if len(class_names) < 2:
         raise ConfigError(f"data.labels: {labels_path} gives the subjects of {root} only one label ({class_names})")
     labels = np.asarray([class_names.index(table.labels[subject]) for subject in subjects], dtype=np.int64)

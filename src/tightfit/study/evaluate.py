@@ -53,7 +53,7 @@ def evaluate_classification(classify_dir: Path, out_dir: Path, *, class_names: l
                    for classifier in classifiers} if len(arms) > 1 else {}
     statistics = {
         "confidence": confidence, "bootstrap_resamples": resamples, "posthoc": posthoc,
-        "samples": len(labels), "subjects": int(len(np.unique(groups))), "class_names": class_names, "folds": summary["folds"], "repeats": summary["repeats"],
+        "samples": len(labels), "subjects": len(np.unique(groups)), "class_names": class_names, "folds": summary["folds"], "repeats": summary["repeats"],
         "mean_fold_sizes": {"train": float(train_size), "test": float(test_size)},
         "table": table, "per_class": per_class, "confusion": confusion, "comparisons": comparisons,
     }

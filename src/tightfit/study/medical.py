@@ -170,8 +170,14 @@ def preprocess_transforms(settings: dict[str, Any], keys: list[str], *, spatial_
     """
     require("monai", extra="medical", purpose="preprocessing medical images")
     from monai.transforms import (
-        Compose, ConcatItemsd, CropForegroundd, NormalizeIntensityd, Orientationd, ResizeWithPadOrCropd,
-        ScaleIntensityRangePercentilesd, Spacingd,
+        Compose,
+        ConcatItemsd,
+        CropForegroundd,
+        NormalizeIntensityd,
+        Orientationd,
+        ResizeWithPadOrCropd,
+        ScaleIntensityRangePercentilesd,
+        Spacingd,
     )
 
     steps: list[Any] = []

@@ -60,13 +60,13 @@ def render_markdown(results: dict) -> str:
         level = f"{statistics['confidence']:.0%}"
         subjects = statistics.get("subjects", statistics["samples"])
         lines += [
-            f"## {name}: {statistics['samples']} evaluation samples of {subjects} subjects, {cv['folds']}-fold "
-            f"stratified CV x {cv['repeats']} (seed {cv['seed']}), the same folds for every arm", "",
-            "Cross-validation is grouped by subject (scikit-learn's StratifiedGroupKFold, the SVM's inner folds too): "
-            "every sample of a subject sits in one fold, so no subject is both trained and tested on.", "",
-            f"Accuracy is pooled over the out-of-fold predictions of the first repeat, with a {level} percentile "
-            f"bootstrap interval over subjects ({statistics['bootstrap_resamples']} resamples); fold accuracy is the "
-            "mean +- sd over every fold of every repeat.", "",
+            (f"## {name}: {statistics['samples']} evaluation samples of {subjects} subjects, {cv['folds']}-fold "
+             f"stratified CV x {cv['repeats']} (seed {cv['seed']}), the same folds for every arm"), "",
+            ("Cross-validation is grouped by subject (scikit-learn's StratifiedGroupKFold, the SVM's inner folds too): "
+             "every sample of a subject sits in one fold, so no subject is both trained and tested on."), "",
+            (f"Accuracy is pooled over the out-of-fold predictions of the first repeat, with a {level} percentile "
+             f"bootstrap interval over subjects ({statistics['bootstrap_resamples']} resamples); fold accuracy is the "
+             "mean +- sd over every fold of every repeat."), "",
             f"| arm | classifier | accuracy [{level} CI] | balanced acc. | macro-F1 | ROC-AUC (OvR) | fold acc. |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -82,10 +82,10 @@ def render_markdown(results: dict) -> str:
         for classifier, comparison in statistics["comparisons"].items():
             lines += [
                 f"### Paired tests between arms, {classifier}", "",
-                f"p-values raw / Holm-adjusted over the {len(comparison['pairs'])} pairs of this classifier; the pooled "
-                f"difference's {level} interval bootstraps subjects.", "",
-                "| arm A | arm B | mean fold acc. A-B | pooled acc. A-B [CI] | Wilcoxon p | corrected t p (Nadeau-Bengio) "
-                "| McNemar p (b/c) | Cohen's d | rank-biserial |",
+                (f"p-values raw / Holm-adjusted over the {len(comparison['pairs'])} pairs of this classifier; the pooled "
+                 f"difference's {level} interval bootstraps subjects."), "",
+                ("| arm A | arm B | mean fold acc. A-B | pooled acc. A-B [CI] | Wilcoxon p | corrected t p (Nadeau-Bengio) "
+                 "| McNemar p (b/c) | Cohen's d | rank-biserial |"),
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             for pair in comparison["pairs"]:
