@@ -233,7 +233,7 @@ CASES: dict[str, Case] = {
     # --- run (study files), export-checkpoint, generate -----------------------------------------
     "run missing study": Case(["run", "{w}/nowhere.yaml"], "does not exist"),
     "run invalid yaml": Case(["run", "{w}/broken.yaml"], "not valid YAML"),
-    "run study that is a list": Case(["run", "{w}/list.yaml"], "expected a mapping with 'stages'"),
+    "run study that is a list": Case(["run", "{w}/list.yaml"], "expected a mapping of settings"),
     "run medical mixed modality counts": Case(["run", "{w}/med-mixed.yaml"], "subject 'b': no entry matching '*_t2.nii.gz'"),
     "run medical subject missing from the CSV": Case(["run", "{w}/med-missing.yaml"], "subject 'c' (folder"),
     "run medical 4D NIfTI": Case(["run", "{w}/med-4d.yaml"], "must be one 3D volume"),

@@ -365,7 +365,7 @@ def test_every_arm_reproduces_to_the_last_digit_from_scratch(tmp_path):
 
 
 def test_the_plan_gives_every_stage_a_time_and_the_study_a_total_on_the_target(tmp_path):
-    from tightfit.memory.pipeline import plan_pipeline
+    from tightfit.plan.pipeline import plan_pipeline
     from tightfit.study.plan import CPU_BLAS_FLOPS, study_pipeline
 
     study = tiny_study(tmp_path / "out", plan_device="rtx3050-laptop-6gb")
@@ -383,3 +383,20 @@ def test_the_plan_gives_every_stage_a_time_and_the_study_a_total_on_the_target(t
     # 150 digits, 40 % development: 90 evaluated, 3 folds of 60 train / 30 test, 3 arms, 16-wide features
     knn = 30 * 60 * 16 * 2 / CPU_BLAS_FLOPS * 3 * 3
     assert classify["time_s"] > knn  # knn plus the svm's nested grid
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "results.md is not from a study run here"),
+    (["--resume"], "is not a study folder"),
+])
+def test_a_folder_with_the_users_files_is_refused_and_left_byte_identical(tmp_path, capsys, argv, expected):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "results.md").write_text("# my own results\n")
+    (folder / "notes.txt").write_text("keep me")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    path = write(tmp_path / "study.yaml", tiny_study(tmp_path / "elsewhere"))
+    assert main(["run", str(path), "--folder", str(folder), *argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert expected in error and "\n" not in error and "Traceback" not in error
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
