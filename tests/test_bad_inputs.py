@@ -90,6 +90,40 @@ def populate(workspace: Path) -> None:
     # data
     write(workspace / "data.csv", "a,b,label\n1,2,x\n")
     write(workspace / "images" / "cat" / "1.png", PNG_HEADER)
+    populate_medical(workspace)
+
+
+def medical_study(name: str, modalities: str = '["*_t1.nii.gz"]') -> str:
+    return (f"tracking: {{mlflow: false}}\ndata: {{source: medical, path: {name}, labels: {name}/labels.csv, "
+            f"modalities: {modalities}, development_fraction: 0}}\n"
+            "stages:\n  - {name: f, kind: extract, model: builtin:vit3d}\n")
+
+
+def populate_medical(workspace: Path) -> None:
+    """Subject folders with one thing wrong each (study files named after them)."""
+    import numpy as np
+    from medical_files import write_dicom_series, write_nifti
+
+    volume = np.ones((4, 4, 4), dtype=np.float32)
+    for folder, subjects in {"med-mixed": ("a", "b"), "med-missing": ("a", "b", "c"), "med-4d": ("a",),
+                             "med-not-nifti": ("a",)}.items():
+        write(workspace / folder / "labels.csv", "subject,label\n" + "".join(f"{name},x\n" for name in subjects[:2]))
+        for subject in subjects:
+            write_nifti(workspace / folder / subject / f"{subject}_t1.nii.gz", volume)
+    write_nifti(workspace / "med-mixed" / "a" / "a_t2.nii.gz", volume)  # b has no t2
+    write_nifti(workspace / "med-4d" / "a" / "a_t1.nii.gz", np.ones((4, 4, 4, 3), dtype=np.float32))
+    write(workspace / "med-not-nifti" / "a" / "a_t1.nii.gz", b"\x1f\x8b" + BINARY)
+    write(workspace / "med-dicom" / "labels.csv", "subject,label\na,x\n")
+    slices = np.ones((2, 4, 4), dtype=np.uint16)
+    write_dicom_series(workspace / "med-dicom" / "a" / "mr", slices, prefix="first-")
+    write_dicom_series(workspace / "med-dicom" / "a" / "mr", slices, prefix="second-")
+    write(workspace / "med-mixed.yaml", medical_study("med-mixed", '["*_t1.nii.gz", "*_t2.nii.gz"]'))
+    write(workspace / "med-missing.yaml", medical_study("med-missing"))
+    write(workspace / "med-4d.yaml", medical_study("med-4d"))
+    write(workspace / "med-not-nifti.yaml", medical_study("med-not-nifti"))
+    write(workspace / "med-dicom.yaml", medical_study("med-dicom", "[mr]"))
+    write(workspace / "missing-weights.yaml", "tracking: {mlflow: false}\nstages:\n  - {name: f, kind: extract, "
+          "model: 'torchvision:resnet50', weights: weights/resnet50.pth}\n")
 
 
 CASES: dict[str, Case] = {
@@ -206,6 +240,12 @@ CASES: dict[str, Case] = {
     "run missing study": Case(["run", "{w}/nowhere.yaml"], "does not exist"),
     "run invalid yaml": Case(["run", "{w}/broken.yaml"], "not valid YAML"),
     "run study that is a list": Case(["run", "{w}/list.yaml"], "expected a mapping of settings"),
+    "run medical mixed modality counts": Case(["run", "{w}/med-mixed.yaml"], "subject 'b': no entry matching '*_t2.nii.gz'"),
+    "run medical subject missing from the CSV": Case(["run", "{w}/med-missing.yaml"], "subject 'c' (folder"),
+    "run medical 4D NIfTI": Case(["run", "{w}/med-4d.yaml"], "must be one 3D volume"),
+    "run medical file that is not NIfTI": Case(["run", "{w}/med-not-nifti.yaml"], "is not a readable NIfTI file"),
+    "run named pretrained file missing": Case(["run", "{w}/missing-weights.yaml"], "put resnet50-11ad3fa6.pth"),
+    "run medical DICOM folder with two series": Case(["run", "{w}/med-dicom.yaml"], "holds 2 series"),
     "export-checkpoint missing run": Case(["export-checkpoint", "{w}/nowhere"], "does not exist"),
     "export-checkpoint empty folder": Case(["export-checkpoint", "{w}/empty-folder"], "checkpoints here: none"),
     "generate missing run": Case(["generate", "{w}/nowhere", "--prompt", "hi"], "no such run directory or model folder"),

@@ -339,6 +339,52 @@ def test_seed002_study_runs_end_to_end_on_generated_volumes(tmp_path):
     assert "friedman" in results["evaluations"]["statistics"]["comparisons"]["svm"]
 
 
+def test_every_arm_reproduces_to_the_last_digit_from_scratch(tmp_path):
+    """Two runs from scratch in one process, a supervised stage before the pre-training ones (as in the digits
+    study): the same weights, features and fold accuracies, bit for bit, for every arm."""
+    outcomes = []
+    for run in ("first", "second"):
+        study = tiny_study(tmp_path / run, data={"source": "digits", "limit": 120, "development_fraction": 0.4}, threads=2)
+        cnn = {"name": "cnn", "kind": "train", "model": "builtin:digits-cnn", "epochs": 1, "batch_size": 32,
+               "trainer": fast_trainer()}
+        study["stages"] = [cnn, *study["stages"][:2], {"name": "cnn-features", "kind": "extract", "from": "cnn"},
+                           *study["stages"][2:4],
+                           {"name": "classify", "kind": "classify", "from": ["cnn-features", "mim-features", "simclr-features"],
+                            "classifiers": ["logreg", {"name": "svm", "C": [1.0], "gamma": ["scale"], "inner_folds": 2}]}]
+        assert main(["run", str(write(tmp_path / f"{run}.yaml", study))]) == 0
+        folder = tmp_path / run / "stages"
+        features = {arm: read_features(folder / arm / "features").features
+                    for arm in ("cnn-features", "mim-features", "simclr-features")}
+        accuracies = json.loads((folder / "classify" / "classification.json").read_text())["results"]
+        outcomes.append((features, {arm: {name: record["fold_accuracy"] for name, record in by.items()}
+                                    for arm, by in accuracies.items()}))
+    (first_features, first_accuracy), (second_features, second_accuracy) = outcomes
+    for arm in first_features:
+        assert np.array_equal(first_features[arm], second_features[arm]), arm
+    assert first_accuracy == second_accuracy
+
+
+def test_the_plan_gives_every_stage_a_time_and_the_study_a_total_on_the_target(tmp_path):
+    from tightfit.plan.pipeline import plan_pipeline
+    from tightfit.study.plan import CPU_BLAS_FLOPS, study_pipeline
+
+    study = tiny_study(tmp_path / "out", plan_device="rtx3050-laptop-6gb")
+    study["stages"][-2]["classifiers"] = ["knn", "svm"]
+    config = load_study(write(tmp_path / "study.yaml", study), check_files=False)
+    result = plan_pipeline(study_pipeline(config)).to_dict()
+    stages = {stage["name"]: stage for stage in result["stages"]}
+    assert all(stage["time_s"] is not None for stage in stages.values()), stages
+    assert stages["mim"]["time_s"] == pytest.approx(stages["mim"]["epoch_time_s"] * 1)  # epochs: 1
+    assert stages["mim-features"]["accumulation_steps"] == 1
+    assert result["total_time_s"] == pytest.approx(sum(stage["time_s"] for stage in stages.values()))
+    assert result["total_time_h"] == pytest.approx(result["total_time_s"] / 3600, abs=0.01)
+    classify = stages["classify"]
+    assert classify["budget_bytes"] == 21 * 10**9 and "rtx3050-laptop-6gb's host" in classify["why"]  # the laptop's RAM
+    # 150 digits, 40 % development: 90 evaluated, 3 folds of 60 train / 30 test, 3 arms, 16-wide features
+    knn = 30 * 60 * 16 * 2 / CPU_BLAS_FLOPS * 3 * 3
+    assert classify["time_s"] > knn  # knn plus the svm's nested grid
+
+
 @pytest.mark.parametrize("argv, expected", [
     ([], "results.md is not from a study run here"),
     (["--resume"], "is not a study folder"),

@@ -101,8 +101,9 @@ def test_paired_cohens_d():
 
 def test_folds_are_stratified_and_shared():
     labels = np.repeat(np.arange(4), 25)
-    first = shared_folds(labels, 5, 2, seed=3)
-    second = shared_folds(labels, 5, 2, seed=3)
+    groups = np.arange(100)
+    first = shared_folds(labels, groups, 5, 2, seed=3)
+    second = shared_folds(labels, groups, 5, 2, seed=3)
     assert len(first) == 10 and {repeat for repeat, _, _ in first} == {0, 1}
     for (_, train_a, test_a), (_, train_b, test_b) in zip(first, second):
         assert np.array_equal(test_a, test_b) and np.array_equal(train_a, train_b)
@@ -126,3 +127,24 @@ def test_src_classifies_separable_classes_by_residual(solver):
     # chunking does not change the answer
     whole = SparseRepresentationClassifier(solver=solver, n_nonzero=5, alpha=0.01, chunk_size=1000).fit(features[::2], labels[::2])
     assert np.allclose(whole.decision_function(features[1::2]), scores, atol=1e-6)
+
+
+def test_convergence_warnings_are_counted_once_not_printed_each():
+    import warnings
+
+    from sklearn.linear_model import Lasso
+
+    from tightfit.study.classify import ConvergenceCount
+
+    generator = np.random.default_rng(0)
+    features, target = generator.normal(size=(50, 20)), generator.normal(size=50)
+    counter = ConvergenceCount()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            with counter:
+                Lasso(alpha=1e-4, max_iter=1).fit(features, target)
+                warnings.warn("something else", UserWarning)
+    assert counter.count == 3
+    assert [str(record.message) for record in shown] == ["something else"] * 3  # other warnings still show
+    assert counter.note() == ["3 scikit-learn fits stopped at their iteration limit (ConvergenceWarning); kept as fitted"]

@@ -305,8 +305,9 @@ def _run_pipeline(args) -> int:
         f"(usable {format_bytes(result.budget_bytes)}, margin {result.margin:.0%})"
     )
     table = Table(box=box.SIMPLE_HEAD)
-    for column in ("stage", "verdict", "batch", "precision", "ckpt", "peak", "est. step", "est. epoch"):
-        table.add_column(column, justify="right" if column in ("peak", "est. step", "est. epoch") else "left")
+    timed = ("peak", "est. step", "est. epoch", "epochs", "est. stage")
+    for column in ("stage", "verdict", "batch", "precision", "ckpt", *timed):
+        table.add_column(column, justify="right" if column in timed else "left")
     colours = {"fits": "green", "tight": "yellow", "does not fit": "red"}
     for stage in result.stages:
         batch = "-"
@@ -317,8 +318,11 @@ def _run_pipeline(args) -> int:
             escape(stage.name), f"[{colours[stage.verdict]}]{stage.verdict}[/]", batch, stage.precision or "-",
             "-" if stage.checkpointing is None else ("on" if stage.checkpointing else "off"),
             peak, format_seconds(stage.step_time_s), format_seconds(stage.epoch_time_s),
+            str(stage.epochs) if stage.epochs else "-", format_seconds(stage.time_s),
         )
     out.print(table)
+    if result.total_time_s is not None:
+        out.print(f"[bold]estimated total: {result.total_time_s / 3600:.1f} h[/] ({format_seconds(result.total_time_s)})")
     for stage in result.stages:
         what = {"train": f"{stage.model} on {stage.input}", "extract": f"{stage.model} on {stage.input}, forward only"}.get(stage.kind, "CPU stage")
         note = f" ({stage.note})" if stage.note else ""

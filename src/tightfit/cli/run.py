@@ -28,6 +28,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--only", metavar="STAGE", help="run only this stage, if its inputs changed (the stages it reads must be complete)")
     parser.add_argument("--dry-run", action="store_true", help="check the file and print the plan (tightfit plan STUDY.yaml); run nothing")
     parser.add_argument("--folder", metavar="DIR", help="the study folder (default: the file's folder: key, else studies/NAME)")
+    parser.add_argument("--data", metavar="DIR", help="the data folder, in place of the file's data.path")
     parser.add_argument("--json", action="store_true", help="print results.json (or the plan, with --dry-run) as JSON")
     parser.add_argument("--trust-code", action="store_true",
                         help="let the study file name module.path:callable models (runs their Python code)")
@@ -41,12 +42,12 @@ def run(args) -> int:
 
         from tightfit.cli import plan as plan_command
 
-        load_study(args.study, trust_code=args.trust_code)  # the run's checks too (data, weights), before the plan
+        load_study(args.study, trust_code=args.trust_code, data_path=args.data)  # the run's checks too (data, weights), before the plan
         parser = argparse.ArgumentParser()
         plan_command.add_arguments(parser)
         flags = (["--json"] if args.json else []) + (["--trust-code"] if args.trust_code else [])
         return plan_command.run(parser.parse_args([args.study, *flags]))
-    config = load_study(args.study, trust_code=args.trust_code)
+    config = load_study(args.study, trust_code=args.trust_code, data_path=getattr(args, "data", None))
     if args.folder:
         config.folder = args.folder
     from tightfit.study.runner import run_study

@@ -54,6 +54,9 @@ class DeviceProfile:
         interconnect_bandwidth: bytes/s one device sends to its peers in the same machine
             (NVLink, else PCIe), one direction; what a ring all-gather or reduce-scatter runs at.
             None for devices that do not train in groups (laptops, Macs, the CPU profile).
+        host_memory_bytes: the RAM of the machine the device sits in (what CPU stages such as a
+            study's SVM and SRC run in); None when the profile does not say (unified memory: the
+            device memory is the host's).
     """
 
     name: str
@@ -70,6 +73,7 @@ class DeviceProfile:
     overhead: dict[str, float]
     sources: dict[str, str] = field(default_factory=dict)
     interconnect_bandwidth: float | None = None
+    host_memory_bytes: int | None = None
 
     def flops_for(self, dtype: str) -> float:
         """Peak dense FLOP/s for ``dtype`` (fp32, tf32, fp16, bf16), falling back to fp32.
@@ -246,6 +250,8 @@ def _profile_from_entry(name: str, entry: dict, families: dict, documents: dict,
     }
     if "interconnect_bandwidth" in entry:  # optional, but sourced like every figure when given
         figures["interconnect_bandwidth"] = float(entry["interconnect_bandwidth"])
+    if "host_memory" in entry:  # optional, sourced too
+        figures["host_memory_bytes"] = parse_memory(entry["host_memory"], where=f"{where}.host_memory")
     missing_values = [figure for figure, value in figures.items() if value is None]
     if missing_values:
         raise SpecError(f"{where}: missing figure(s) {', '.join(missing_values)}")
@@ -271,6 +277,7 @@ def _profile_from_entry(name: str, entry: dict, families: dict, documents: dict,
         overhead={key: overhead[key] for key in OVERHEAD_KEYS},
         sources=sources,
         interconnect_bandwidth=figures.get("interconnect_bandwidth"),
+        host_memory_bytes=figures.get("host_memory_bytes"),
     )
 
 

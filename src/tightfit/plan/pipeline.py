@@ -67,6 +67,9 @@ class StageConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     lora_rank: int | None = Field(None, ge=1)
     quantize_base: Literal[QUANTIZE_BASES] | None = None
     samples: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1, description="train: epochs, for the stage's total time")
+    cpu_seconds: float | None = Field(None, ge=0, description="cpu: the caller's estimate of the stage's time")
+    cpu_bytes: int | None = Field(None, ge=0, description="cpu: the caller's estimate of the stage's RAM")
     features: int | None = Field(None, ge=1)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     devices: int | Literal["auto"] | None = Field(None, description="plan per rank on N devices (auto: find N)")
@@ -106,6 +109,8 @@ class StageResult:
     why: str
     note: str
     plan: dict | None = None
+    epochs: int | None = None
+    time_s: float | None = None  # the whole stage: epochs x epoch (train), one pass (extract), the estimate (cpu)
 
 
 @dataclass
@@ -123,8 +128,16 @@ class PipelineResult:
     def fits(self) -> bool:
         return all(stage.fits for stage in self.stages)
 
+    @property
+    def total_time_s(self) -> float | None:
+        """Every stage's time summed (None when a stage has none)."""
+        times = [stage.time_s for stage in self.stages]
+        return None if not times or any(time_s is None for time_s in times) else float(sum(times))
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "fits": self.fits}
+        total = self.total_time_s
+        return {**asdict(self), "fits": self.fits, "total_time_s": total,
+                "total_time_h": round(total / 3600, 2) if total is not None else None}
 
 
 def load_pipeline(path: str | Path, *, trust_code: bool = False) -> PipelineConfig:
@@ -182,7 +195,7 @@ def plan_pipeline(
         if on_stage is not None:
             on_stage(stage.name)
         if stage.kind == "cpu":
-            result.stages.append(_cpu_stage(stage))
+            result.stages.append(_cpu_stage(stage, profile))
             continue
         if not stage.model or not stage.input:
             raise ConfigError(f"stage {stage.name!r}: a {stage.kind} stage needs 'model' and 'input' (or kind: cpu)")
@@ -227,8 +240,21 @@ def plan_pipeline(
                 why=planned.why, note=stage.note, plan=planned.to_dict(),
             )
         )
+    for planned_stage, stage in zip(result.stages, config.stages):
+        planned_stage.epochs = stage.epochs
+        planned_stage.time_s = _stage_time(planned_stage, stage)
     result.seconds = round(time.perf_counter() - started, 2)
     return result
+
+
+def _stage_time(result: StageResult, stage: StageConfig) -> float | None:
+    """The whole stage's time: epochs x epoch (train, one epoch without ``epochs``), a pass (extract), or the
+    caller's estimate (cpu)."""
+    if result.kind == "cpu":
+        return stage.cpu_seconds
+    if result.epoch_time_s is None:
+        return None
+    return result.epoch_time_s * (stage.epochs or 1) if result.kind == "train" else result.epoch_time_s
 
 
 def _extract_stage(stage: StageConfig, profile, margin: float, planned_before: dict) -> StageResult:
@@ -258,7 +284,8 @@ def _extract_stage(stage: StageConfig, profile, margin: float, planned_before: d
     step_time = planned.time_per_sample_s * planned.batch_size if planned.time_per_sample_s else None
     return StageResult(
         name=stage.name, kind="extract", model=stage.model, input=stage.input, verdict=planned.verdict,
-        fits=planned.fits, micro_batch_size=planned.batch_size if planned.fits else None, accumulation_steps=None,
+        fits=planned.fits, micro_batch_size=planned.batch_size if planned.fits else None,
+        accumulation_steps=1 if planned.fits else None,
         precision=precision, checkpointing=None, optimizer=None, peak_bytes=planned.peak_bytes,
         budget_bytes=planned.budget_bytes, step_time_s=step_time, epoch_time_s=planned.total_time_s,
         why=planned.why, note=stage.note, plan=planned.to_dict(),
@@ -298,16 +325,25 @@ def _distributed_stage(stage: StageConfig, profile: Any, margin: float) -> Stage
     )
 
 
-def _cpu_stage(stage: StageConfig) -> StageResult:
+def _cpu_stage(stage: StageConfig, profile: Any) -> StageResult:
+    """A CPU stage against the *target's* host RAM (the profile's, else this machine's, said which)."""
     import psutil
 
-    host_bytes = psutil.virtual_memory().total
-    if stage.samples and stage.features:
+    if profile.host_memory_bytes:
+        host_bytes, host = profile.host_memory_bytes, f"{profile.name}'s host"
+    elif profile.unified_memory and profile.device_type != "cpu":
+        host_bytes, host = profile.memory_bytes, f"{profile.name}'s unified"
+    else:
+        host_bytes, host = psutil.virtual_memory().total, "this machine's"
+    if stage.cpu_bytes is not None:
+        peak_bytes = stage.cpu_bytes
+        why = f"{format_bytes(peak_bytes)} estimated from the samples and feature width, against {host} {format_bytes(host_bytes)} RAM"
+    elif stage.samples and stage.features:
         matrix_bytes = stage.samples * stage.features * 8  # scikit-learn works in float64
         peak_bytes = matrix_bytes + SVM_KERNEL_CACHE_BYTES
         why = (
             f"feature matrix {stage.samples} x {stage.features} float64 = {format_bytes(matrix_bytes)} "
-            f"+ kernel cache {format_bytes(SVM_KERNEL_CACHE_BYTES)}, against this host's {format_bytes(host_bytes)} RAM"
+            f"+ kernel cache {format_bytes(SVM_KERNEL_CACHE_BYTES)}, against {host} {format_bytes(host_bytes)} RAM"
         )
     else:
         peak_bytes = 0

@@ -140,9 +140,10 @@ def _render_pipeline(data: dict, source: str) -> str:
     verdict_html = page.verdict(tone, headline, f"planned in {format_seconds(data.get('seconds'))} on fake tensors", tiles)
 
     train_stages = [stage for stage in stages if stage["kind"] == "train" and stage.get("plan")]
-    rows = [(stage["name"], [(name, stage["plan"]["breakdown"][name]) for name in CATEGORIES]) for stage in train_stages]
+    charted = [stage for stage in stages if stage["kind"] in ("train", "extract") and (stage.get("plan") or {}).get("breakdown")]
+    rows = [(stage["name"], [(name, stage["plan"]["breakdown"].get(name, 0)) for name in CATEGORIES]) for stage in charted]
     chart = charts.stacked_bars(rows, limits=_limits(data["budget_bytes"], data["margin"]), format_value=format_bytes,
-                                axis=_bytes_axis(rows, data["budget_bytes"]), label="memory per stage", caption="peak of one training step per stage, at the chosen settings")
+                                axis=_bytes_axis(rows, data["budget_bytes"]), label="memory per stage", caption="peak of one training step (extract: one forward batch) per stage, at the chosen settings")
     table_rows, classes = [], []
     for stage in stages:
         batch = f"{stage['micro_batch_size']} x {stage['accumulation_steps']}" if stage.get("micro_batch_size") else "-"

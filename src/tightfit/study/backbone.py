@@ -16,6 +16,73 @@ from torch import nn
 from tightfit.errors import ConfigError
 
 POOLINGS = ("auto", "cls", "mean", "max", "flatten")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Where a named pretrained file comes from, for the error when it is not on disk (torchvision's own file names).
+KNOWN_WEIGHTS = {
+    "torchvision:resnet50": "resnet50-11ad3fa6.pth (torchvision ResNet50_Weights.IMAGENET1K_V2)",
+    "torchvision:vit_b_16": "vit_b_16-c867db91.pth (torchvision ViT_B_16_Weights.IMAGENET1K_V1)",
+}
+
+
+def adapt_input_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """A first-layer kernel ``(out, 3, *k)`` for ``channels`` inputs, as timm's ``adapt_input_conv`` does.
+
+    One channel: the RGB kernels summed (a grey image is R = G = B, so the response is unchanged).
+    Otherwise: the RGB kernels repeated to ``channels`` and scaled by ``3 / channels``, so the
+    summed response to an input of equal channels keeps its size.
+    """
+    if weight.shape[1] == channels:
+        return weight
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-channels // weight.shape[1])
+    return weight.repeat(1, repeats, *([1] * (weight.ndim - 2)))[:, :channels] * (weight.shape[1] / channels)
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The model's first convolution (a ResNet's stem, a ViT's patch embedding), or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            return name, module
+    return None
+
+
+def adapt_input_channels(model: nn.Module, channels: int) -> str | None:
+    """Give the model's first convolution ``channels`` inputs, its weights adapted (:func:`adapt_input_conv`).
+
+    Returns:
+        A note for the stage, or None when the channels already match.
+    """
+    found = first_conv(model)
+    if found is None or found[1].in_channels == channels:
+        return None
+    name, conv = found
+    replacement = type(conv)(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                             conv.groups, conv.bias is not None, conv.padding_mode)
+    with torch.no_grad():
+        replacement.weight.copy_(adapt_input_conv(conv.weight, channels))
+        if conv.bias is not None:
+            replacement.bias.copy_(conv.bias)
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], replacement)
+    rule = "RGB kernels summed" if channels == 1 else f"RGB kernels repeated, scaled by 3/{channels}"
+    return f"first layer {name} adapted from {conv.in_channels} to {channels} input channels ({rule}, as timm does)"
+
+
+class Normalize(nn.Module):
+    """ImageNet's per-channel mean and std for 3 channels; their averages for any other count (as for adapted kernels)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        mean = IMAGENET_MEAN if channels == 3 else (sum(IMAGENET_MEAN) / 3,) * channels
+        std = IMAGENET_STD if channels == 3 else (sum(IMAGENET_STD) / 3,) * channels
+        self.register_buffer("mean", torch.tensor(mean).view(1, channels, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, channels, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        shape = (1, images.shape[1]) + (1,) * (images.ndim - 2)
+        return (images - self.mean.view(shape)) / self.std.view(shape)
 
 
 def last_linear(model: nn.Module) -> str:
@@ -58,9 +125,11 @@ class FeatureExtractor(nn.Module):
         pooling: see :func:`pool`.
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, pooling: str = "auto"):
+    def __init__(self, model: nn.Module, layer: str | None = None, pooling: str = "auto",
+                 normalize: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.normalize = normalize
         self.pooling = pooling
         modules = dict(model.named_modules())
         if layer is not None and layer not in modules:
@@ -83,7 +152,7 @@ class FeatureExtractor(nn.Module):
         self._captured = output[0] if isinstance(output, (tuple, list)) else output
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        self.model(inputs)
+        self.model(self.normalize(inputs) if self.normalize is not None else inputs)
         features, self._captured = self._captured, None
         return pool(features, self.pooling)
 
@@ -125,6 +194,10 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], *, p
     """
     if prefix:
         state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    found = first_conv(model)
+    if found is not None and f"{found[0]}.weight" in state:  # RGB weights into a model built for other channels
+        key = f"{found[0]}.weight"
+        state = {**state, key: adapt_input_conv(state[key], found[1].in_channels)}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -10,8 +10,8 @@
   stays at ``chunk_size x n_train`` codes.
 * ``logreg`` and ``knn``: standardisation + scikit-learn's logistic regression / k nearest neighbours.
 
-The folds (:func:`shared_folds`) depend only on the labels, the fold count, the repeats and the
-seed: every arm and classifier sees the same splits, so comparisons between them are paired.
+The folds (:func:`shared_folds`) depend only on the labels, the subjects, the fold count, the
+repeats and the seed, and never split a subject: every arm and classifier sees the same splits, so comparisons between them are paired.
 """
 
 from __future__ import annotations
@@ -22,13 +22,22 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from tightfit.study.spec import ClassifierConfig
 
 
-def shared_folds(labels: np.ndarray, folds: int, repeats: int, seed: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """``(repeat, train_indices, test_indices)`` of a repeated stratified k-fold with a fixed seed."""
-    from sklearn.model_selection import RepeatedStratifiedKFold
+def shared_folds(labels: np.ndarray, groups: np.ndarray, folds: int, repeats: int,
+                 seed: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(repeat, train_indices, test_indices)``: stratified k-fold grouped by subject, repeated with fixed seeds.
 
-    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    ``StratifiedGroupKFold`` keeps every sample of a group (a subject's slices or images) in one
+    fold, so no subject is both trained and tested on; with one sample per group it is a plain
+    stratified k-fold. Repeat ``r`` shuffles with seed ``seed + r``.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
     dummy = np.zeros(len(labels))
-    return [(index // folds, train, test) for index, (train, test) in enumerate(splitter.split(dummy, labels))]
+    result = []
+    for repeat in range(repeats):
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
+        result += [(repeat, train, test) for train, test in splitter.split(dummy, labels, groups)]
+    return result
 
 
 class SparseRepresentationClassifier(ClassifierMixin, BaseEstimator):
@@ -86,10 +95,47 @@ class SparseRepresentationClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(self.decision_function(features), axis=1)]
 
 
+class ConvergenceCount:
+    """Counts scikit-learn's ``ConvergenceWarning`` inside a ``with`` block instead of printing each.
+
+    A study fits hundreds of models (folds x grid x arms); the lasso and logistic regression stop
+    at their iteration limit on some folds and warn each time, burying the output. The stage
+    reports the count once (``note()``) and keeps the fits, as scikit-learn does.
+    """
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self):
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        self._catcher = warnings.catch_warnings(record=True)
+        self._records = self._catcher.__enter__()
+        warnings.simplefilter("always", ConvergenceWarning)
+        self._category = ConvergenceWarning
+        return self
+
+    def __exit__(self, *exc) -> None:
+        others = [record for record in self._records if not issubclass(record.category, self._category)]
+        self.count += len(self._records) - len(others)
+        self._catcher.__exit__(*exc)
+        import warnings
+
+        for record in others:  # anything else is shown as it would have been
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+
+    def note(self) -> list[str]:
+        if not self.count:
+            return []
+        return [f"{self.count} scikit-learn fits stopped at their iteration limit (ConvergenceWarning); kept as fitted"]
+
+
 def make_classifier(config: ClassifierConfig, *, seed: int, n_jobs: int = 1):
     """A fresh scikit-learn estimator for one classifier config."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -98,7 +144,8 @@ def make_classifier(config: ClassifierConfig, *, seed: int, n_jobs: int = 1):
     if config.name == "svm":
         pipeline = make_pipeline(StandardScaler(), SVC(kernel="rbf"))
         grid = {"svc__C": config.C, "svc__gamma": config.gamma}
-        inner = StratifiedKFold(config.inner_folds, shuffle=True, random_state=seed)
+        # grouped like the outer folds: a subject's samples never pick C/gamma for each other
+        inner = StratifiedGroupKFold(config.inner_folds, shuffle=True, random_state=seed)
         return GridSearchCV(pipeline, grid, cv=inner, n_jobs=n_jobs)
     if config.name == "src":
         return SparseRepresentationClassifier(config.solver, config.n_nonzero, config.alpha, config.chunk_size, n_jobs)
@@ -123,10 +170,17 @@ def class_scores(estimator, features: np.ndarray, num_classes: int) -> np.ndarra
 
 
 def fit_fold(config: ClassifierConfig, features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
-             *, num_classes: int, seed: int, n_jobs: int) -> dict:
-    """Fit on ``train``, predict ``test``: predictions, scores and (svm) the chosen hyper-parameters."""
+             *, num_classes: int, seed: int, n_jobs: int, groups: np.ndarray | None = None) -> dict:
+    """Fit on ``train``, predict ``test``: predictions, scores and (svm) the chosen hyper-parameters.
+
+    ``groups`` (per sample) keeps the SVM's inner folds grouped by subject too; default: one group per sample.
+    """
     estimator = make_classifier(config, seed=seed, n_jobs=n_jobs)
-    estimator.fit(features[train], labels[train])
+    if config.name == "svm":
+        inner_groups = groups[train] if groups is not None else np.arange(len(train))
+        estimator.fit(features[train], labels[train], groups=inner_groups)
+    else:
+        estimator.fit(features[train], labels[train])
     result = {
         "predictions": estimator.predict(features[test]).astype(np.int64),
         "scores": class_scores(estimator, features[test], num_classes).astype(np.float32),

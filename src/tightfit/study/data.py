@@ -1,9 +1,14 @@
-"""The samples of a study: digits, or a folder of volumes (NIfTI through nibabel, or .npy).
+"""The samples of a study: digits, a folder of volumes per class (NIfTI or .npy), or the subject
+folders of a ``medical`` (NIfTI / DICOM volumes) or ``images`` (2D files) source with a label CSV
+(:mod:`tightfit.study.medical`, preprocessed by MONAI).
 
-Every sample has a stable id (``digits-0042``, ``tumour/case-7.nii.gz``) and a label. The samples
-are split once, stratified with the study's seed, into a *development* part (what ``pretrain`` and
-``train`` stages learn from) and an *evaluation* part (features are extracted from it and the
-classifiers cross-validated on it), so no arm has seen the labels it is evaluated on.
+Every sample has a stable id (``digits-0042``, ``tumour/case-7.nii.gz``, ``BraTS-007``), a label
+and a *group*: the subject it belongs to (or the CSV's ``group``). Several samples of one group
+(the 2D images of one patient) always fall on the same side of every split. The samples are split
+once, stratified by label and grouped, with the study's seed, into a *development* part (what
+``pretrain`` and ``train`` stages learn from) and an *evaluation* part (features are extracted
+from it and the classifiers cross-validated on it), so no arm has seen the labels it is evaluated
+on, nor another image of the same subject.
 
 A volumes folder holds one sub-folder per class::
 
@@ -42,6 +47,7 @@ class StudySamples:
     class_names: list[str]
     development: np.ndarray  # indices into the samples
     evaluation: np.ndarray
+    groups: np.ndarray  # per sample, the subject (or CSV group) cross-validation keeps together
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -103,11 +109,17 @@ def read_volume(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def load_samples(config: StudyData, seed: int) -> StudySamples:
+def load_samples(config: StudyData, seed: int, *, cache_dir: Path | None = None) -> StudySamples:
     """Build the study's samples and split them (see the module doc).
 
+    Args:
+        config: the study's ``data:``.
+        seed: the split's seed.
+        cache_dir: where ``medical``/``images`` samples are cached once preprocessed (None: memory).
+
     Raises:
-        ConfigError: a missing or empty folder, unequal volume shapes, a class too small to split.
+        ConfigError: a missing or empty folder, unequal volume shapes, a class too small to split,
+            and every bad input :mod:`tightfit.study.medical` names.
     """
     if config.source == "digits":
         from sklearn.datasets import load_digits
@@ -118,13 +130,17 @@ def load_samples(config: StudyData, seed: int) -> StudySamples:
         labels = digits.target.astype(np.int64)
         ids = [f"digits-{index:04d}" for index in range(len(labels))]
         class_names = [str(name) for name in digits.target_names]
-    else:
+        groups = np.asarray(ids)
+    elif config.source == "volumes":
         dataset, labels, ids, class_names = _volume_folder(Path(config.path))
+        groups = np.asarray(ids)
+    else:
+        dataset, labels, ids, class_names, groups = _subject_source(config, cache_dir)
     keep = np.arange(len(labels))
     if config.limit is not None and config.limit < len(labels):
-        keep = _stratified_subset(labels, config.limit, seed)
-    development, evaluation = _split(labels, keep, config.development_fraction, seed)
-    return StudySamples(dataset, labels, ids, class_names, development, evaluation)
+        keep = _stratified_subset(labels, groups, config.limit, seed)
+    development, evaluation = _split(labels, groups, keep, config.development_fraction, seed)
+    return StudySamples(dataset, labels, ids, class_names, development, evaluation, groups)
 
 
 def count_samples(config: StudyData) -> int | None:
@@ -135,8 +151,35 @@ def count_samples(config: StudyData) -> int | None:
         root = Path(config.path)
         if not root.is_dir():
             return None
-        total = sum(1 for path in root.glob("*/*") if path.name.endswith(VOLUME_SUFFIXES))
+        if config.source == "volumes":
+            total = sum(1 for path in root.glob("*/*") if path.name.endswith(VOLUME_SUFFIXES))
+        elif config.source == "medical":
+            total = sum(1 for path in root.iterdir() if path.is_dir())
+        else:
+            from tightfit.study.medical import IMAGE_SUFFIXES
+
+            total = sum(1 for path in root.glob("*/*") if path.suffix.lower() in IMAGE_SUFFIXES)
     return min(total, config.limit) if config.limit else total
+
+
+def _subject_source(config: StudyData, cache_dir: Path | None):
+    from tightfit.study.medical import PreprocessedSamples, index_images, index_volumes
+
+    root, labels_path = Path(config.path), Path(config.labels)
+    if config.source == "medical":
+        ids, entries, table = index_volumes(root, labels_path, config.modalities)
+        subjects = ids
+    else:
+        ids, entries, table = index_images(root, labels_path)
+        subjects = [sample.split("/")[0] for sample in ids]
+    class_names = sorted({table.labels[subject] for subject in subjects})
+    if len(class_names) < 2:
+        raise ConfigError(f"data.labels: {labels_path} gives the subjects of {root} only one label ({class_names})")
+    labels = np.asarray([class_names.index(table.labels[subject]) for subject in subjects], dtype=np.int64)
+    groups = np.asarray([table.groups[subject] for subject in subjects])
+    dataset = PreprocessedSamples(entries, config.preprocess.model_dump(mode="json"), cache_dir,
+                                  spatial_dims=3 if config.source == "medical" else 2)
+    return dataset, labels, ids, class_names, groups
 
 
 def _volume_folder(root: Path):
@@ -160,22 +203,41 @@ def _volume_folder(root: Path):
     return dataset, np.asarray(labels, dtype=np.int64), ids, class_names
 
 
-def _stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+def _group_labels(labels: np.ndarray, groups: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first sample of every group in ``keep`` (in order) and that group's label, to split whole groups."""
+    _, first = np.unique(groups[keep], return_index=True)
+    first = keep[np.sort(first)]
+    return first, labels[first]
+
+
+def _expand(chosen_first: np.ndarray, groups: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Every sample of ``keep`` whose group is one of the groups of ``chosen_first``."""
+    return np.sort(keep[np.isin(groups[keep], groups[chosen_first])])
+
+
+def _stratified_subset(labels: np.ndarray, groups: np.ndarray, size: int, seed: int) -> np.ndarray:
     from sklearn.model_selection import train_test_split
 
-    subset, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
-    return np.sort(subset)
+    keep = np.arange(len(labels))
+    first, group_labels = _group_labels(labels, groups, keep)
+    if size >= len(first):
+        return keep
+    subset, _ = train_test_split(first, train_size=size, stratify=group_labels, random_state=seed)
+    return _expand(subset, groups, keep)
 
 
-def _split(labels: np.ndarray, keep: np.ndarray, development_fraction: float, seed: int):
+def _split(labels: np.ndarray, groups: np.ndarray, keep: np.ndarray, development_fraction: float, seed: int):
+    """Development and evaluation parts, stratified by label, whole groups on one side (module doc)."""
     if development_fraction == 0:
         return np.array([], dtype=np.int64), keep
     from sklearn.model_selection import train_test_split
 
+    first, group_labels = _group_labels(labels, groups, keep)
     try:
-        development, evaluation = train_test_split(
-            keep, train_size=development_fraction, stratify=labels[keep], random_state=seed
+        development, _ = train_test_split(
+            first, train_size=development_fraction, stratify=group_labels, random_state=seed
         )
     except ValueError as error:
-        raise ConfigError(f"data.development_fraction: cannot split {len(keep)} samples stratified ({error})") from None
-    return np.sort(development), np.sort(evaluation)
+        raise ConfigError(f"data.development_fraction: cannot split {len(first)} subjects stratified ({error})") from None
+    development = _expand(development, groups, keep)
+    return development, np.setdiff1d(keep, development)

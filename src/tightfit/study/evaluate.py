@@ -2,7 +2,10 @@
 
 Pooled metrics use the first repeat's out-of-fold predictions (every sample predicted once, by a
 model that never saw it); fold-level tests use every fold of every repeat. Arms are compared per
-classifier, pair by pair, over the same folds and the same samples.
+classifier, pair by pair, over the same folds and the same samples. Accuracy intervals and the
+pooled accuracy difference's interval bootstrap over subjects (the classify stage's groups), and
+every pair's Wilcoxon, corrected-t and McNemar p-values are Holm-adjusted over the pairs of their
+classifier (``p_holm`` beside ``p_value``), whatever ``posthoc`` says.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def evaluate_classification(classify_dir: Path, out_dir: Path, *, class_names: l
     summary = json.loads((classify_dir / "classification.json").read_text())
     arrays = np.load(classify_dir / "predictions.npz", allow_pickle=False)
     labels = np.asarray(summary["labels"])
+    groups = np.asarray(summary.get("groups") or summary["ids"])
     arms, classifiers = summary["arms"], summary["classifiers"]
     train_size, test_size = np.mean(summary["fold_sizes"], axis=0)
     table, per_class, confusion = [], {}, {}
@@ -32,7 +36,8 @@ def evaluate_classification(classify_dir: Path, out_dir: Path, *, class_names: l
             predictions = arrays[f"{arm}/{classifier}/predictions"][0]
             scores = arrays[f"{arm}/{classifier}/scores"][0]
             metrics = stats.classification_metrics(labels, predictions, scores, len(class_names))
-            low, high = stats.bootstrap_interval(labels, predictions, resamples=resamples, confidence=confidence, seed=seed)
+            low, high = stats.group_bootstrap_interval(predictions == labels, groups, resamples=resamples,
+                                                       confidence=confidence, seed=seed)
             folds = summary["results"][arm][classifier]["fold_accuracy"]
             table.append({
                 "arm": arm, "classifier": classifier, "accuracy": metrics["accuracy"], "accuracy_ci": [low, high],
@@ -43,11 +48,12 @@ def evaluate_classification(classify_dir: Path, out_dir: Path, *, class_names: l
             })
             per_class[f"{arm}/{classifier}"] = metrics["per_class"]
             confusion[f"{arm}/{classifier}"] = metrics["confusion"]
-    comparisons = {classifier: _compare_arms(summary, arrays, labels, classifier, train_size, test_size, posthoc)
+    comparisons = {classifier: _compare_arms(summary, arrays, labels, groups, classifier, train_size, test_size,
+                                             posthoc, resamples=resamples, confidence=confidence, seed=seed)
                    for classifier in classifiers} if len(arms) > 1 else {}
     statistics = {
         "confidence": confidence, "bootstrap_resamples": resamples, "posthoc": posthoc,
-        "samples": len(labels), "class_names": class_names, "folds": summary["folds"], "repeats": summary["repeats"],
+        "samples": len(labels), "subjects": len(np.unique(groups)), "class_names": class_names, "folds": summary["folds"], "repeats": summary["repeats"],
         "mean_fold_sizes": {"train": float(train_size), "test": float(test_size)},
         "table": table, "per_class": per_class, "confusion": confusion, "comparisons": comparisons,
     }
@@ -57,12 +63,16 @@ def evaluate_classification(classify_dir: Path, out_dir: Path, *, class_names: l
     return statistics
 
 
-def _compare_arms(summary, arrays, labels, classifier, train_size, test_size, posthoc) -> dict:
+def _compare_arms(summary, arrays, labels, groups, classifier, train_size, test_size, posthoc, *, resamples: int,
+                  confidence: float, seed: int) -> dict:
     arms = summary["arms"]
     folds = {arm: np.asarray(summary["results"][arm][classifier]["fold_accuracy"]) for arm in arms}
     pairs = []
     for first, second in itertools.combinations(arms, 2):
         differences = folds[first] - folds[second]
+        right_first = arrays[f"{first}/{classifier}/predictions"][0] == labels
+        right_second = arrays[f"{second}/{classifier}/predictions"][0] == labels
+        pooled = right_first.astype(float) - right_second
         wilcoxon = stats.wilcoxon_signed_rank(folds[first], folds[second])
         pairs.append({
             "first": first, "second": second,
@@ -72,18 +82,20 @@ def _compare_arms(summary, arrays, labels, classifier, train_size, test_size, po
             "mcnemar": stats.mcnemar(labels, arrays[f"{first}/{classifier}/predictions"][0],
                                      arrays[f"{second}/{classifier}/predictions"][0]),
             "cohens_d": stats.paired_cohens_d(differences),
+            "pooled_accuracy_difference": float(pooled.mean()),
+            "pooled_accuracy_difference_ci": list(stats.group_bootstrap_interval(
+                pooled, groups, resamples=resamples, confidence=confidence, seed=seed)),
             "rank_biserial": wilcoxon["rank_biserial"],
         })
     result = {"pairs": pairs}
+    for test in ("wilcoxon", "corrected_t", "mcnemar"):
+        for pair, value in zip(pairs, stats.holm([pair[test]["p_value"] for pair in pairs])):
+            pair[test]["p_holm"] = value
     if len(arms) > 2:
         matrix = np.stack([folds[arm] for arm in arms], axis=1)
         friedman = stats.friedman(matrix)
         result["friedman"] = {**friedman, "arms": arms}
-        if posthoc == "holm":
-            adjusted = stats.holm([pair["wilcoxon"]["p_value"] for pair in pairs])
-            for pair, value in zip(pairs, adjusted):
-                pair["wilcoxon"]["p_holm"] = value
-        else:
+        if posthoc == "nemenyi":
             difference = stats.nemenyi_critical_difference(len(arms), len(matrix))
             ranks = dict(zip(arms, friedman["average_ranks"]))
             result["nemenyi_critical_difference"] = difference

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_FILE = "manifest.json"
-_PACKAGES = ("tightfit", "torch", "numpy", "scikit-learn", "scipy", "safetensors", "mlflow-skinny", "mlflow", "nibabel")
+_PACKAGES = ("tightfit", "torch", "numpy", "scikit-learn", "scipy", "safetensors", "mlflow-skinny", "mlflow", "nibabel",
+             "monai", "pydicom")
 
 
 def package_versions() -> dict[str, str]:

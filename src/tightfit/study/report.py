@@ -48,18 +48,25 @@ def _p(value: float | None) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
+def _raw_holm(test: dict) -> str:
+    return f"{_p(test['p_value'])} / {_p(test.get('p_holm'))}"
+
+
 def render_markdown(results: dict) -> str:
     """The results as Markdown tables."""
     lines = [f"# {results['study']}", ""]
     cv = results["cv"]
     for name, statistics in results["evaluations"].items():
         level = f"{statistics['confidence']:.0%}"
+        subjects = statistics.get("subjects", statistics["samples"])
         lines += [
-            f"## {name}: {statistics['samples']} evaluation samples, {cv['folds']}-fold stratified CV x {cv['repeats']} "
-            f"(seed {cv['seed']}), the same folds for every arm", "",
-            f"Accuracy is pooled over the out-of-fold predictions of the first repeat, with a {level} percentile "
-            f"bootstrap interval ({statistics['bootstrap_resamples']} resamples); fold accuracy is the mean +- sd "
-            "over every fold of every repeat.", "",
+            (f"## {name}: {statistics['samples']} evaluation samples of {subjects} subjects, {cv['folds']}-fold "
+             f"stratified CV x {cv['repeats']} (seed {cv['seed']}), the same folds for every arm"), "",
+            ("Cross-validation is grouped by subject (scikit-learn's StratifiedGroupKFold, the SVM's inner folds too): "
+             "every sample of a subject sits in one fold, so no subject is both trained and tested on."), "",
+            (f"Accuracy is pooled over the out-of-fold predictions of the first repeat, with a {level} percentile "
+             f"bootstrap interval over subjects ({statistics['bootstrap_resamples']} resamples); fold accuracy is the "
+             "mean +- sd over every fold of every repeat."), "",
             f"| arm | classifier | accuracy [{level} CI] | balanced acc. | macro-F1 | ROC-AUC (OvR) | fold acc. |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -75,15 +82,21 @@ def render_markdown(results: dict) -> str:
         for classifier, comparison in statistics["comparisons"].items():
             lines += [
                 f"### Paired tests between arms, {classifier}", "",
-                "| arm A | arm B | mean acc. A-B | Wilcoxon p | Holm p | corrected t p (Nadeau-Bengio) | McNemar p (b/c) | Cohen's d | rank-biserial |",
+                (f"p-values raw / Holm-adjusted over the {len(comparison['pairs'])} pairs of this classifier; the pooled "
+                 f"difference's {level} interval bootstraps subjects."), "",
+                ("| arm A | arm B | mean fold acc. A-B | pooled acc. A-B [CI] | Wilcoxon p | corrected t p (Nadeau-Bengio) "
+                 "| McNemar p (b/c) | Cohen's d | rank-biserial |"),
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             for pair in comparison["pairs"]:
                 mcnemar = pair["mcnemar"]
+                low, high = pair.get("pooled_accuracy_difference_ci", (None, None))
+                pooled = (f"{pair['pooled_accuracy_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+                          if low is not None else "-")
                 lines.append(
-                    f"| {pair['first']} | {pair['second']} | {pair['accuracy_difference']:+.4f} | "
-                    f"{_p(pair['wilcoxon']['p_value'])} | {_p(pair['wilcoxon'].get('p_holm'))} | "
-                    f"{_p(pair['corrected_t']['p_value'])} | {_p(mcnemar['p_value'])} ({mcnemar['b']}/{mcnemar['c']}) | "
+                    f"| {pair['first']} | {pair['second']} | {pair['accuracy_difference']:+.4f} | {pooled} | "
+                    f"{_raw_holm(pair['wilcoxon'])} | {_raw_holm(pair['corrected_t'])} | "
+                    f"{_raw_holm(mcnemar)} ({mcnemar['b']}/{mcnemar['c']}) | "
                     f"{pair['cohens_d']:.2f} | {pair['rank_biserial']:.2f} |"
                 )
             friedman = comparison.get("friedman")

@@ -26,6 +26,7 @@ from tightfit.study.manifest import cache_key, fingerprint_path, package_version
 from tightfit.study.spec import StudyConfig, stage_settings, topological_order
 
 STAGES_FOLDER = "stages"
+CACHE_FOLDER = "cache"  # preprocessed medical samples, keyed by input files and transform settings
 
 
 def stage_keys(config: StudyConfig) -> dict[str, str]:
@@ -113,7 +114,7 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
                 raise ConfigError(f"--only {only}: stage {only!r} reads {source!r}, which has not run with these settings")
     if config.tracking.mlflow:  # a missing extra is reported before anything is written
         require("mlflow", extra="mlflow", purpose="tracking a study in MLflow (tracking.mlflow: true)")
-    samples = load_samples(config.data, config.seed)
+    samples = load_samples(config.data, config.seed, cache_dir=folder / CACHE_FOLDER)
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -112,9 +112,13 @@ class TrainStage(_TrainingStage):
 
 
 class SliceConfig(BaseModel, extra="forbid"):
-    """``slices:`` extract a volume as 2D slices along ``axis`` and aggregate their features."""
+    """``slices:`` extract a volume as 2D slices along ``axis`` and aggregate their features per subject."""
 
     axis: int = Field(0, ge=0, le=2, description="0, 1 or 2: depth, height or width of C x D x H x W")
+    select: Literal["all", "central", "foreground"] = Field(
+        "all", description="every slice, the central `count`, or those with a non-zero voxel"
+    )
+    count: int = Field(16, ge=1, description="select: central: how many slices around the middle")
     aggregate: Literal["mean", "max", "all"] = "mean"
 
 
@@ -127,6 +131,9 @@ class ExtractStage(_ModelStage):
     pooling: Literal["auto", "cls", "mean", "max", "flatten"] = "auto"
     batch_size: int | Literal["auto"] = "auto"
     slices: SliceConfig | None = None
+    normalize: Literal["none", "imagenet"] = Field(
+        "none", description="imagenet: the mean/std ImageNet weights expect (per-channel averages for 1 or 4 channels)"
+    )
 
 
 class SparseCodeStage(_Stage):
@@ -190,16 +197,40 @@ _STAGE_MODELS = {
 }
 
 
+class Preprocess(BaseModel, extra="forbid"):
+    """``data.preprocess:`` MONAI transforms applied to every sample, in this order (``tightfit.study.medical``)."""
+
+    orientation: str | None = Field("RAS", description="Orientationd axcodes (volumes); null keeps the stored axes")
+    spacing: list[float] | None = Field(None, min_length=3, max_length=3, description="Spacingd pixdim in mm (volumes)")
+    clip_percentiles: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="ScaleIntensityRangePercentilesd: clip to these percentiles, per channel"
+    )
+    zscore: bool = Field(True, description="NormalizeIntensityd(nonzero=True, channel_wise=True)")
+    crop_foreground: bool = Field(False, description="CropForegroundd on the non-zero voxels")
+    shape: list[int] | None = Field(None, description="ResizeWithPadOrCropd to this spatial shape")
+
+
 class StudyData(BaseModel, extra="forbid"):
     """``data:`` the labelled samples of the study and the part kept for (pre-)training."""
 
-    source: Literal["digits", "volumes"] = "digits"
-    path: str | None = Field(None, description="volumes: a folder with one sub-folder of volumes per class")
+    source: Literal["digits", "volumes", "medical", "images"] = "digits"
+    path: str | None = Field(
+        None, description="volumes: one sub-folder of volumes per class; medical, images: one folder per subject"
+    )
+    labels: str | None = Field(None, description="medical, images: CSV subject,label[,group] (default: PATH/labels.csv)")
+    modalities: list[str] = Field(
+        default_factory=lambda: ["*.nii.gz"], min_length=1,
+        description="medical: one file-name pattern per channel (a NIfTI file or a DICOM folder in each subject folder)",
+    )
+    preprocess: Preprocess = Field(default_factory=Preprocess)
     development_fraction: float = Field(
         0.5, ge=0, lt=1,
         description="share of samples (stratified) that train/pretrain stages learn from; the rest is evaluated",
     )
     limit: int | None = Field(None, ge=10, description="use at most this many samples (stratified), for quick runs")
+    samples: int | None = Field(
+        None, ge=2, description="planning: how many samples (subjects) the data holds, when it is not at hand"
+    )
 
 
 class CrossValidation(BaseModel, extra="forbid"):
@@ -253,7 +284,8 @@ def read_study_yaml(path: str | Path) -> dict:
     return read_yaml(path, what="study file")
 
 
-def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool = False) -> StudyConfig:
+def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool = False,
+               data_path: str | None = None) -> StudyConfig:
     """Read, validate and check the graph of a study file.
 
     Args:
@@ -261,6 +293,7 @@ def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool =
         check_files: also check that data folders and weight files exist (off for planning).
         trust_code: let a stage's ``model`` be a ``module.path:callable`` spec (``--trust-code``);
             without it such a spec is refused, as in every file tightfit reads.
+        data_path: replaces ``data.path`` (``tightfit run --data DIR``), before the checks.
 
     Returns:
         The :class:`StudyConfig`, its stages in file order.
@@ -274,6 +307,8 @@ def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool =
         config = StudyConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{path}: {_describe(error, raw)}") from None
+    if data_path is not None:
+        config.data.path = str(data_path)
     from tightfit.trust import check_spec_from_file
 
     for stage in config.stages:
@@ -403,6 +438,10 @@ def check_stage_settings(config: StudyConfig) -> None:
             model_of(config, stage)
             if stage.kind == "extract" and stage.weights and stage.source:
                 raise ConfigError(f"stage {stage.name!r}: weights: give either weights or from, not both")
+            if stage.kind == "extract" and stage.slices and stage.slices.select == "foreground" \
+                    and stage.slices.aggregate == "all":
+                raise ConfigError(f"stage {stage.name!r}: slices.aggregate: 'all' needs the same slices for every "
+                                  "subject; with select: foreground use mean or max")
         if stage.kind in ("pretrain", "train"):
             reserved = {"model", "model_options", "epochs", "run_dir", "device", "seed"} & set(stage.trainer)
             if reserved:
@@ -424,18 +463,26 @@ def check_stage_settings(config: StudyConfig) -> None:
             f"stage {learns[0]!r}: data.development_fraction: 0 leaves no samples to train on "
             "(the evaluation part is never trained on)"
         )
-    if config.data.source == "volumes" and not config.data.path:
-        raise ConfigError("data.path: the volumes source needs a folder")
+    if config.data.source != "digits" and not config.data.path:
+        raise ConfigError(f"data.path: the {config.data.source} source needs a folder")
+    if config.data.source in ("medical", "images") and not config.data.labels:
+        config.data.labels = str(Path(config.data.path) / "labels.csv")
 
 
 def check_inputs_exist(config: StudyConfig) -> None:
     """Data folders and weight files named by the study exist (checked before anything runs)."""
-    if config.data.path is not None and not Path(config.data.path).exists():
-        raise ConfigError(f"data.path: {config.data.path} does not exist")
+    for key in ("path", "labels"):
+        value = getattr(config.data, key)
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"data.{key}: {value} does not exist")
     for stage in config.stages:
         weights = getattr(stage, "weights", None)
         if weights is not None and not Path(weights).exists():
-            raise ConfigError(f"stage {stage.name!r}: weights: {weights} does not exist")
+            from tightfit.study.backbone import KNOWN_WEIGHTS
+
+            known = KNOWN_WEIGHTS.get(getattr(stage, "model", None) or "")
+            where = f"; put {known} there" if known else " (a .pth state dict, a .safetensors file or a run folder)"
+            raise ConfigError(f"stage {stage.name!r}: weights: {weights} does not exist{where}; nothing is downloaded")
 
 
 def stage_settings(stage) -> dict:

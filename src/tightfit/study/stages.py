@@ -78,11 +78,17 @@ class _Labelled(_Images):
 
 
 # ------------------------------------------------------------------------------------ helpers
-def build_backbone(context: StageContext, stage) -> torch.nn.Module:
-    """The stage's model, with the weights of the stage it reads (or of ``weights:``) loaded."""
-    from tightfit.models.spec import build_model
-    from tightfit.study.backbone import load_backbone_weights, read_state_dict
+def build_backbone(context: StageContext, stage, notes: list[str] | None = None) -> torch.nn.Module:
+    """The stage's model, with the weights of the stage it reads (or of ``weights:``) loaded.
 
+    A first convolution built for other channels than the samples have (a torchvision ResNet-50 or
+    ViT on 1-channel slices or 4 modalities) is adapted after the weights are in
+    (:func:`~tightfit.study.backbone.adapt_input_channels`). What was done goes to ``notes``.
+    """
+    from tightfit.models.spec import build_model
+    from tightfit.study.backbone import adapt_input_channels, load_backbone_weights, read_state_dict
+
+    notes = notes if notes is not None else []
     spec, kwargs = model_of(context.config, stage)
     user_weights = getattr(stage, "weights", None)
     num_classes = None if user_weights else context.samples.num_classes
@@ -97,8 +103,14 @@ def build_backbone(context: StageContext, stage) -> torch.nn.Module:
             state = read_state_dict(user_weights)
             prefix = "encoder." if state and all(key.startswith("encoder.") for key in state) else ""
             load_backbone_weights(model, state, prefix=prefix)
+            notes.append(f"weights from {user_weights}")
+        else:
+            notes.append(f"{spec} starts from random weights (no weights: file, no from: stage)")
     except ConfigError as error:
         raise ConfigError(f"stage {stage.name!r}: {error}") from None
+    adapted = adapt_input_channels(model, _input_shape(context, stage)[0])
+    if adapted:
+        notes.append(adapted)
     return model
 
 
@@ -123,6 +135,14 @@ def _input_shape(context: StageContext, stage) -> tuple[int, ...]:
             raise ConfigError(f"stage {stage.name!r}: slices: the samples are not volumes (shape {shape})")
         shape = tuple(side for axis, side in enumerate(shape) if axis != slices.axis + 1)
     return shape
+
+
+def _slices_per_sample(shape: tuple[int, ...], slices) -> int:
+    """How many 2D slices of a ``C x D x H x W`` sample go through the backbone (at most, for ``foreground``)."""
+    if slices is None:
+        return 1
+    total = shape[slices.axis + 1]
+    return min(slices.count, total) if slices.select == "central" else total
 
 
 def _forward_seconds_per_sample(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, precision: str,
@@ -227,9 +247,13 @@ def run_extract(context: StageContext, stage, stage_dir: Path) -> Outcome:
     precision = "fp32" if stage.precision == "auto" else stage.precision
     if precision == "fp16" and device.type == "cpu":
         precision = "bf16"  # CPU autocast runs bf16; fp16 matmuls are not supported there
-    backbone = build_backbone(context, stage).to(device).eval()
-    extractor = FeatureExtractor(backbone, stage.layer, stage.pooling)
+    from tightfit.study.backbone import Normalize
+
+    built: list[str] = []
+    backbone = build_backbone(context, stage, built).to(device).eval()
     shape = _input_shape(context, stage)
+    normalize = Normalize(shape[0]).to(device) if stage.normalize == "imagenet" else None
+    extractor = FeatureExtractor(backbone, stage.layer, stage.pooling, normalize)
     folder = stage_dir / FEATURES_FOLDER
     progress_file = stage_dir / "extract.json"
     batch_size = _extract_batch_size(context, stage, backbone, shape, precision)
@@ -240,7 +264,7 @@ def run_extract(context: StageContext, stage, stage_dir: Path) -> Outcome:
     stage_dir.mkdir(parents=True, exist_ok=True)
     progress_file.write_text(json.dumps({"batch_size": batch_size}))
     order = samples.evaluation
-    slices_per_sample = samples.input_shape[stage.slices.axis + 1] if stage.slices else 1
+    slices_per_sample = _slices_per_sample(samples.input_shape, stage.slices)
     per_sample = _forward_seconds_per_sample(extractor, shape, device, precision,
                                              batch_size=min(batch_size * slices_per_sample, 256)) * slices_per_sample
     estimated = per_sample * len(order)
@@ -260,22 +284,37 @@ def run_extract(context: StageContext, stage, stage_dir: Path) -> Outcome:
     extracted = len(order) - done
     metrics = {"samples": len(order), "batch_size": batch_size,
                "samples_per_s": extracted / seconds if seconds > 0 and extracted else 0.0}
-    notes = [f"{len(order)} evaluation samples, batch {batch_size}, {precision}, layer {extractor.layer}"]
+    notes = [f"{len(order)} evaluation samples, batch {batch_size}, {precision}, layer {extractor.layer}", *built]
     if done:
         notes.append(f"resumed after {done} samples already extracted")
     return Outcome(metrics, estimated, notes)
 
 
 def _features(extractor, images: torch.Tensor, slices) -> torch.Tensor:
+    """One feature vector per sample; with ``slices``, the selected 2D slices' features aggregated per subject."""
     if slices is None:
         return extractor(images)
-    axis = slices.axis + 2  # batch, channel, then D H W
-    count = images.shape[axis]
-    stacked = images.movedim(axis, 1).flatten(0, 1)  # (batch * slices, C, ., .)
-    features = extractor(stacked).reshape(images.shape[0], count, -1)
-    if slices.aggregate == "mean":
+    stacked = images.movedim(slices.axis + 2, 1)  # (batch, slices, C, ., .): batch, channel, then D H W
+    if slices.select == "central":
+        count = min(slices.count, stacked.shape[1])
+        start = (stacked.shape[1] - count) // 2
+        stacked = stacked[:, start : start + count]
+    if slices.select != "foreground":
+        features = extractor(stacked.flatten(0, 1)).reshape(stacked.shape[0], stacked.shape[1], -1)
+        return _aggregate(features, slices.aggregate)
+    vectors = []
+    for volume in stacked:  # a different number of slices per subject
+        keep = volume.flatten(1).ne(0).any(1)
+        chosen = volume[keep] if bool(keep.any()) else volume  # an empty volume keeps all its slices
+        vectors.append(_aggregate(extractor(chosen)[None], slices.aggregate)[0])
+    return torch.stack(vectors)
+
+
+def _aggregate(features: torch.Tensor, how: str) -> torch.Tensor:
+    """``(batch, slices, width)`` -> ``(batch, width)`` (mean, max) or ``(batch, slices * width)`` (all)."""
+    if how == "mean":
         return features.mean(1)
-    if slices.aggregate == "max":
+    if how == "max":
         return features.amax(1)
     return features.flatten(1)
 
@@ -290,7 +329,7 @@ def _extract_batch_size(context: StageContext, stage, backbone: torch.nn.Module,
         return stage.batch_size
     from tightfit.plan.inference import largest_batch
 
-    slices = context.samples.input_shape[stage.slices.axis + 1] if stage.slices else 1
+    slices = _slices_per_sample(context.samples.input_shape, stage.slices)
 
     def factory(batch_size: int, where: Any) -> torch.Tensor:
         return torch.rand(batch_size * slices, *shape, device=where)
@@ -324,20 +363,24 @@ def run_sparse_code(context: StageContext, stage, stage_dir: Path) -> Outcome:
         transform_n_nonzero_coefs=stage.n_nonzero if stage.algorithm == "omp" else None,
         transform_alpha=stage.alpha if stage.algorithm == "lasso" else None,
     )
-    with warnings.catch_warnings():  # OMP stopping early on dependent atoms: see classify.SparseRepresentationClassifier
+    from tightfit.study.classify import ConvergenceCount
+
+    with warnings.catch_warnings(), ConvergenceCount() as unconverged:
+        # OMP stopping early on dependent atoms: see classify.SparseRepresentationClassifier
         warnings.filterwarnings("ignore", message="Orthogonal matching pursuit ended prematurely")
         codes = learner.fit_transform(standard)
     write_shard(stage_dir / FEATURES_FOLDER, 0, codes, source.labels, source.sample_index, source.ids)
     sparsity = float(np.mean(codes != 0))
     return Outcome({"nonzero_share": sparsity, "seconds_fit": time.perf_counter() - started}, None,
-                   [f"{stage.n_components} atoms learnt on {len(source)} samples without labels; {sparsity:.1%} of codes non-zero"])
+                   [f"{stage.n_components} atoms learnt on {len(source)} samples without labels; {sparsity:.1%} of codes non-zero",
+                    *unconverged.note()])
 
 
 def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
     """Every classifier on every arm over the shared folds; predictions and scores to ``predictions.npz``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from tightfit.study.classify import fit_fold, shared_folds
+    from tightfit.study.classify import ConvergenceCount, fit_fold, shared_folds
     from tightfit.study.features import read_features
 
     config = context.config
@@ -348,7 +391,8 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             raise ConfigError(f"stage {stage.name!r}: from: {name!r} holds other samples than {stage.source[0]!r}")
     labels = reference.labels
     num_classes = context.samples.num_classes
-    folds = shared_folds(labels, config.cv.folds, config.cv.repeats, config.cv.seed)
+    groups = context.samples.groups[reference.sample_index]
+    folds = shared_folds(labels, groups, config.cv.folds, config.cv.repeats, config.cv.seed)
     repeats = config.cv.repeats
     units = [(arm, classifier, number) for classifier in stage.classifiers for arm in arms for number in range(len(folds))]
     # the first fold of the first arm for each classifier runs first: its time gives the estimate
@@ -367,6 +411,7 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
     }
     estimated = None
     pilot_seconds = 0.0
+    unconverged = ConvergenceCount()
     columns = (TextColumn(f"[bold]classify {stage.name}" + " {task.fields[what]}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=context.console) as progress:
@@ -375,8 +420,9 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             progress.update(task, what=f"{arm} / {classifier.name}")
             repeat, train, test = folds[number]
             started = time.perf_counter()
-            fold = fit_fold(classifier, arms[arm].features, labels, train, test, num_classes=num_classes,
-                            seed=config.cv.seed, n_jobs=stage.n_jobs)
+            with unconverged:
+                fold = fit_fold(classifier, arms[arm].features, labels, train, test, num_classes=num_classes,
+                                seed=config.cv.seed, n_jobs=stage.n_jobs, groups=groups)
             elapsed = time.perf_counter() - started
             record = results[arm][classifier.name]
             record["predictions"][repeat, test] = fold["predictions"]
@@ -391,7 +437,7 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             progress.update(task, advance=1)
     arrays = {}
     summary = {"arms": list(arms), "classifiers": [classifier.name for classifier in stage.classifiers],
-               "labels": labels.tolist(), "ids": reference.ids, "folds": config.cv.folds, "repeats": repeats,
+               "labels": labels.tolist(), "ids": reference.ids, "groups": groups.tolist(), "folds": config.cv.folds, "repeats": repeats,
                "fold_sizes": [[len(train), len(test)] for _, train, test in folds], "results": {}}
     metrics = {}
     for arm, by_classifier in results.items():
@@ -405,7 +451,8 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             metrics[f"{arm}.{name}.accuracy"] = float(np.mean(record["fold_accuracy"]))
     np.savez_compressed(stage_dir / "predictions.npz", **arrays)
     (stage_dir / "classification.json").write_text(json.dumps(summary, indent=1))
-    return Outcome(metrics, estimated, [f"{len(arms)} arms x {len(stage.classifiers)} classifiers x {len(folds)} folds"])
+    return Outcome(metrics, estimated, [f"{len(arms)} arms x {len(stage.classifiers)} classifiers x {len(folds)} folds",
+                                        *unconverged.note()])
 
 
 def run_evaluate(context: StageContext, stage, stage_dir: Path) -> Outcome:

@@ -4,7 +4,9 @@ Every function takes plain arrays and is checked against scipy / scikit-learn in
 
 * :func:`classification_metrics`: accuracy, balanced accuracy, macro-F1, per-class precision and
   recall, one-vs-rest ROC-AUC (macro), confusion matrix.
-* :func:`bootstrap_interval`: percentile bootstrap over samples for any of those metrics.
+* :func:`bootstrap_interval`: percentile bootstrap over samples for any of those metrics;
+  :func:`group_bootstrap_interval`: the same over subjects (every sample of a drawn subject comes
+  along), for accuracies and paired accuracy differences when a subject has several samples.
 * Paired over the shared folds: :func:`wilcoxon_signed_rank` (with the rank-biserial
   correlation), :func:`corrected_resampled_t_test` (Nadeau & Bengio, 2003: the variance of
   cross-validated differences is inflated by ``n_test / n_train`` because training sets overlap).
@@ -13,7 +15,8 @@ Every function takes plain arrays and is checked against scipy / scikit-learn in
 * More than two arms: :func:`friedman` (average ranks, scipy's statistic), then
   :func:`holm` adjusted pairwise p-values or the Nemenyi critical difference
   (:func:`nemenyi_critical_difference`, Demšar, 2006).
-* Effect sizes: :func:`paired_cohens_d` on fold differences.
+* Effect sizes: :func:`paired_cohens_d` on fold differences; the pooled accuracy difference with
+  a subject-level bootstrap interval.
 """
 
 from __future__ import annotations
@@ -74,6 +77,29 @@ def bootstrap_interval(labels: np.ndarray, predictions: np.ndarray, metric=None,
         values = np.array([metric(labels[rows], predictions[rows]) for rows in chosen])
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def group_bootstrap_interval(values: np.ndarray, groups: np.ndarray, *, resamples: int = 1000,
+                             confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(values)`` resampling whole groups (subjects) with replacement.
+
+    ``values`` is one number per sample (1/0 for right/wrong gives accuracy; the difference of two
+    arms' right/wrong gives the paired accuracy difference). A resample draws as many groups as
+    there are, each bringing all its samples, so the interval reflects the variation between
+    subjects rather than between the correlated slices of one subject. With one sample per group
+    it is the ordinary bootstrap over samples.
+    """
+    values = np.asarray(values, dtype=float)
+    _, group_index = np.unique(np.asarray(groups), return_inverse=True)
+    count = group_index.max() + 1
+    sums = np.bincount(group_index, weights=values, minlength=count)
+    sizes = np.bincount(group_index, minlength=count).astype(float)
+    generator = np.random.default_rng(seed)
+    drawn = np.stack([np.bincount(row, minlength=count) for row in generator.integers(0, count, (resamples, count))])
+    estimates = (drawn @ sums) / (drawn @ sizes)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(estimates, [tail, 100 - tail])
     return float(low), float(high)
 
 
