@@ -11,7 +11,7 @@ from tightfit.units import format_bytes, format_seconds
 
 # The breakdown's categories in the planner's order (tightfit.memory.report.CATEGORIES, which is
 # not imported: that module's package imports torch, and a page is made without it).
-CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "overhead")
+CATEGORIES = ("parameters", "gradients", "optimizer", "optimizer_temporaries", "activations", "overhead")
 VERDICT_TONES = {"fits": "good", "tight": "warn", "does not fit": "bad"}
 
 
@@ -83,7 +83,8 @@ def _breakdown_table(data: dict) -> str:
     rows = [[name, page.Cell(format_bytes(data["breakdown"][name]), sort=data["breakdown"][name], numeric=True),
              page.Cell(page.percent(data["breakdown"][name] / peak, 0), sort=data["breakdown"][name], numeric=True)]
             for name in CATEGORIES]
-    rows.append([page.Cell("<b>peak</b>"), page.Cell(f"<b>{format_bytes(data['peak_bytes'])}</b>", sort=data["peak_bytes"], numeric=True),
+    moment = f" ({data['peak_moment']})" if data.get("peak_moment") else ""
+    rows.append([page.Cell(f"<b>peak{page.escape(moment)}</b>"), page.Cell(f"<b>{format_bytes(data['peak_bytes'])}</b>", sort=data["peak_bytes"], numeric=True),
                  page.Cell("100 %", sort=data["peak_bytes"], numeric=True)])
     return page.table(["category", "bytes", "share"], rows, sortable=False, table_id="breakdown-table")
 
