@@ -372,7 +372,7 @@ def _run_distributed(args) -> int:
     else:
         out.print(f"[bold red]does not fit on {escape(args.devices)}[/]")
     table = Table(box=box.SIMPLE_HEAD, title="per rank, GiB", padding=(0, 1))
-    columns = ("N", "peak", "states", "activ", "gathered", "buffers", "overhead", "fits", "step", "tokens/s")
+    columns = ("N", "peak", "states", "optim tmp", "activ", "gathered", "buffers", "overhead", "fits", "step", "tokens/s")
     for column in columns:
         table.add_column(column, justify="left" if column == "fits" else "right")
     for row in result.rows:
@@ -380,7 +380,7 @@ def _run_distributed(args) -> int:
         states = parts["parameters"] + parts["gradients"] + parts["optimizer"]
         table.add_row(
             str(row.devices), f"{row.peak_bytes / 2**30:.2f}", f"{states / 2**30:.2f}",
-            *(f"{parts[name] / 2**30:.2f}" for name in ("activations", "units_in_flight", "communication", "overhead")),
+            *(f"{parts[name] / 2**30:.2f}" for name in ("optimizer_temporaries", "activations", "units_in_flight", "communication", "overhead")),
             "[green]yes[/]" if row.fits else "[red]no[/]", format_seconds(row.step_time_s),
             f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
         )

@@ -359,7 +359,7 @@ class _Planner:
         return StepMemory(
             peak_bytes=sum(breakdown.values()), breakdown=breakdown, by_module=measured.by_module,
             flops=measured.flops, method="measured", notes=notes + measured.notes, peak_moment=measured.peak_moment,
-            moment_peaks=measured.moment_peaks, peak_bytes_without_gradients=measured.peak_bytes_without_gradients,
+            moment_peaks=measured.moment_peaks,
         )
 
     def _real_model(self) -> nn.Module:

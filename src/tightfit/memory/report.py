@@ -28,9 +28,6 @@ class StepMemory:
         peak_moment: when in the step the peak is: ``forward end``, ``backward`` or
             ``optimizer step`` (``tightfit.memory.tracker.MOMENTS``); None when not tracked.
         moment_peaks: live tensor bytes at each moment's own peak (no overhead).
-        peak_bytes_without_gradients: the largest total of live tensor bytes that are not
-            gradients (DDP keeps its gradient buckets through the whole step; the per-rank plan
-            adds them to this); None when not tracked.
     """
 
     peak_bytes: int
@@ -41,7 +38,6 @@ class StepMemory:
     notes: list[str] = field(default_factory=list)
     peak_moment: str | None = None
     moment_peaks: dict[str, int] = field(default_factory=dict)
-    peak_bytes_without_gradients: int | None = None
 
     def __post_init__(self) -> None:
         missing = [name for name in CATEGORIES if name not in self.breakdown]

@@ -99,8 +99,6 @@ class MemoryTracker(TorchDispatchMode):
             ``optimizer_temporaries``, ``activations``; ``overhead`` is 0: tensors only).
         peak_moment: when that peak was: ``forward end``, ``backward`` or ``optimizer step``.
         moment_peaks: the largest live total in each moment that was reached.
-        peak_bytes_without_gradients: the largest total of live bytes that are not gradients (what
-            DDP adds its gradient buckets to: they are live through the whole step).
         by_module: bytes per owner at that peak (top-level module names, ``(backward)``,
             ``(other)``, ``(root)`` for tensors owned by the model itself).
         live_bytes: bytes live now.
@@ -135,7 +133,6 @@ class MemoryTracker(TorchDispatchMode):
         self._breakdown = {**dict.fromkeys(CATEGORIES, 0), "overhead": 0}
         self.peak_moment = FORWARD_END
         self.moment_peaks: dict[str, int] = {}
-        self.peak_bytes_without_gradients = 0
         self._moment = FORWARD_END  # the moment of the step the latest event began
         self._in_optimizer_step = False
         self._by_module: dict[str, int] = {}
@@ -332,7 +329,6 @@ class MemoryTracker(TorchDispatchMode):
             self._moment = BACKWARD  # and stays so, through clipping, until a forward or the optimizer
         if self.live_bytes > self.moment_peaks.get(self._moment, -1):
             self.moment_peaks[self._moment] = self.live_bytes
-        self.peak_bytes_without_gradients = max(self.peak_bytes_without_gradients, self.live_bytes - self._by_category[GRADIENTS])
         if force or self.live_bytes > self.peak_bytes:
             self.peak_bytes = self.live_bytes
             self.peak_moment = self._moment
@@ -363,10 +359,8 @@ class MemoryTracker(TorchDispatchMode):
         return dict(self._breakdown)
 
     def moments(self) -> dict:
-        """``peak_moment``, ``moment_peaks`` and ``peak_bytes_without_gradients``, as
-        :class:`~tightfit.memory.report.StepMemory` takes them."""
-        return {"peak_moment": self.peak_moment, "moment_peaks": dict(self.moment_peaks),
-                "peak_bytes_without_gradients": self.peak_bytes_without_gradients}
+        """``peak_moment`` and ``moment_peaks``, as :class:`~tightfit.memory.report.StepMemory` takes them."""
+        return {"peak_moment": self.peak_moment, "moment_peaks": dict(self.moment_peaks)}
 
     @property
     def by_module(self) -> dict[str, int]:

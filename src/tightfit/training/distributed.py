@@ -188,18 +188,22 @@ def resolve_gradient_sync(setting: str, *, budgeted: bool) -> str:
 def wrap_data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` under ``DistributedDataParallel`` (rank 0's parameters and buffers copied to all).
 
-    The gradients are views of DDP's communication buckets (``gradient_as_bucket_view``), so the
-    buckets are the gradients' only copy; buffers are broadcast by :func:`broadcast_buffers` after
+    DDP's gradient buckets live through the whole step beside the gradients (the per-rank plan
+    adds them, ``memory/distributed.py``); buffers are broadcast by :func:`broadcast_buffers` after
     each step rather than by DDP before each forward, so every rank ends a step with the same ones.
     """
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # torch 2.14 renamed broadcast_buffers (buffers are still synced once at construction)
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     return DistributedDataParallel(
         model,
         device_ids=[device.index or 0] if device.type == "cuda" else None,
-        broadcast_buffers=False,
         bucket_cap_mb=BUCKET_BYTES / 2**20,
         gradient_as_bucket_view=True,
+        **{"forward_sync_buffers" if renamed else "broadcast_buffers": False},
     )
 
 
