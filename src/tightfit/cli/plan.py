@@ -226,7 +226,7 @@ def _render(result) -> None:
             f"= {rec['effective_batch_size']} per step, {rec['precision']}, checkpointing "
             f"{'on' if rec['checkpointing'] else 'off'}, {rec['optimizer']}"
         )
-    moment = f", in the {result.peak_moment}" if result.peak_moment else ""
+    moment = f" ({result.peak_moment})" if result.peak_moment else ""
     breakdown = Table(box=box.SIMPLE, title=f"peak {format_bytes(result.peak_bytes)} at batch {result.batch_size or 1}{moment}")
     breakdown.add_column("category")
     breakdown.add_column("bytes", justify="right")
