@@ -11,7 +11,7 @@ from tightfit.units import format_bytes, format_seconds
 
 # The breakdown's categories in the planner's order (tightfit.memory.report.CATEGORIES, which is
 # not imported: that module's package imports torch, and a page is made without it).
-CATEGORIES = ("parameters", "gradients", "optimizer", "optimizer_temporaries", "activations", "overhead")
+CATEGORIES = ("parameters", "gradients", "optimizer", "optimizer_temporaries", "activations", "overhead")  # a saved plan from before optimizer_temporaries lacks it: read as 0
 VERDICT_TONES = {"fits": "good", "tight": "warn", "does not fit": "bad"}
 
 
@@ -68,7 +68,7 @@ def _verdict(data: dict) -> str:
 def _breakdown_chart(data: dict) -> str:
     settings = data.get("recommendation") or {}
     chosen = f"batch {data.get('batch_size') or 1}" + (f", {settings['precision']}" if settings else "")
-    rows = [(chosen, [(name, data["breakdown"][name]) for name in CATEGORIES])]
+    rows = [(chosen, [(name, data["breakdown"].get(name, 0)) for name in CATEGORIES])]
     for option in data.get("alternatives", []):
         if option.get("peak_bytes"):
             label = f"{option['precision']}, ckpt {'on' if option['checkpointing'] else 'off'}, {option['optimizer']}"
@@ -80,8 +80,8 @@ def _breakdown_chart(data: dict) -> str:
 
 def _breakdown_table(data: dict) -> str:
     peak = data["peak_bytes"] or 1
-    rows = [[name, page.Cell(format_bytes(data["breakdown"][name]), sort=data["breakdown"][name], numeric=True),
-             page.Cell(page.percent(data["breakdown"][name] / peak, 0), sort=data["breakdown"][name], numeric=True)]
+    rows = [[name, page.Cell(format_bytes(data["breakdown"].get(name, 0)), sort=data["breakdown"].get(name, 0), numeric=True),
+             page.Cell(page.percent(data["breakdown"].get(name, 0) / peak, 0), sort=data["breakdown"].get(name, 0), numeric=True)]
             for name in CATEGORIES]
     moment = f" ({data['peak_moment']})" if data.get("peak_moment") else ""
     rows.append([page.Cell(f"<b>peak{page.escape(moment)}</b>"), page.Cell(f"<b>{format_bytes(data['peak_bytes'])}</b>", sort=data["peak_bytes"], numeric=True),
@@ -141,7 +141,7 @@ def _render_pipeline(data: dict, source: str) -> str:
     verdict_html = page.verdict(tone, headline, f"planned in {format_seconds(data.get('seconds'))} on fake tensors", tiles)
 
     train_stages = [stage for stage in stages if stage["kind"] == "train" and stage.get("plan")]
-    rows = [(stage["name"], [(name, stage["plan"]["breakdown"][name]) for name in CATEGORIES]) for stage in train_stages]
+    rows = [(stage["name"], [(name, stage["plan"]["breakdown"].get(name, 0)) for name in CATEGORIES]) for stage in train_stages]
     chart = charts.stacked_bars(rows, limits=_limits(data["budget_bytes"], data["margin"]), format_value=format_bytes,
                                 axis=_bytes_axis(rows, data["budget_bytes"]), label="memory per stage", caption="peak of one training step per stage, at the chosen settings")
     table_rows, classes = [], []
