@@ -11,7 +11,8 @@ from tightfit.units import format_bytes, format_seconds
 
 # The breakdown's categories in the planner's order (tightfit.memory.report.CATEGORIES, which is
 # not imported: that module's package imports torch, and a page is made without it).
-CATEGORIES = ("parameters", "gradients", "optimizer", "optimizer_temporaries", "activations", "overhead")  # a saved plan from before optimizer_temporaries lacks it: read as 0
+# A plan saved before optimizer_temporaries existed lacks it: it is read as 0.
+CATEGORIES = ("parameters", "gradients", "optimizer", "optimizer_temporaries", "activations", "overhead")
 VERDICT_TONES = {"fits": "good", "tight": "warn", "does not fit": "bad"}
 
 
