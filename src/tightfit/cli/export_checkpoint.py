@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from safetensors import safe_open
 
-    from tightfit.training.distributed_checkpoint import export_weights
+    from tightfit.runs.distributed_checkpoint import export_weights
 
     path = export_weights(args.run_dir, args.checkpoint, args.output)
     with safe_open(str(path), framework="pt") as handle:

@@ -40,7 +40,8 @@ def run(args) -> int:
     import sys
 
     from tightfit.cli._output import print_json
-    from tightfit.models.generate import generate_images, generate_text, load_for_generation
+    from tightfit.models.generate import generate_images, generate_text
+    from tightfit.runs.model import load_for_generation
 
     loaded = load_for_generation(args.path, device=args.device, trust_code=args.trust_code)
     if loaded.kind == "diffusion":

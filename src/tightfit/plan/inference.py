@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from tightfit.errors import ConfigError, TightfitError
+from tightfit.names import INFERENCE_PRECISIONS
 from tightfit.memory.counted_step import _flop_counter
 from tightfit.memory.estimator import EstimationError, _fake_weights, _tracing_failure
-from tightfit.memory.measure import resolve_device
+from tightfit.hardware.detect import resolve_device
 from tightfit.memory.overhead import allocation_size, device_overhead
 from tightfit.memory.report import StepMemory
 from tightfit.memory.tracker import MemoryTracker
@@ -37,7 +38,6 @@ from tightfit.step.loss import split_batch
 from tightfit.step.precision import autocast
 from tightfit.units import format_bytes
 
-INFERENCE_PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_MAX_BATCH_SIZE = 4096
 
 
@@ -221,7 +221,7 @@ def plan_inference(
         SpecError, ConfigError: bad specs or settings.
     """
     from tightfit.hardware.profiles import resolve_target
-    from tightfit.memory.planner import COMPUTE_DTYPE, UTILISATION
+    from tightfit.plan.planner import COMPUTE_DTYPE, UTILISATION
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
     started = time.perf_counter()
