@@ -46,14 +46,16 @@ def worker(output: str, gradient_sync: str, steps: int) -> None:
     config = {
         "run_dir": f"{output}.run", "epochs": 1, "device": "cpu", "threads": 1,
         "batch": {"micro_batch_size": MICRO_BATCH, "accumulation_steps": ACCUMULATION},
-        "distributed": {"gradient_sync": gradient_sync}, "optimizer": {"name": "adamw"}, "schedule": {"name": "constant"},
-        "logging": {"console": False, "tensorboard": False, "jsonl": False, "report": False}, "monitor": {"enabled": False},
+        "distributed": {"gradient_sync": gradient_sync},
+        "optimizer": {"name": "adamw"}, "schedule": {"name": "constant"}, "monitor": {"enabled": False},
+        "logging": {"console": False, "tensorboard": False, "jsonl": False, "report": False},
     }
     Trainer(config, model=model, datasets=(data, None, None), callbacks=[clock]).fit()
     if os.environ["RANK"] == "0":
         counted = (len(clock.times) - 2) * MICRO_BATCH * ACCUMULATION * 2
         with open(output, "w") as handle:
-            json.dump({"samples_per_s": counted / (clock.times[-1] - clock.times[1]), "parameters": sum(p.numel() for p in model.parameters())}, handle)
+            rate = counted / (clock.times[-1] - clock.times[1])
+            json.dump({"samples_per_s": rate, "parameters": sum(p.numel() for p in model.parameters())}, handle)
 
 
 def main(argv=None) -> int:
@@ -69,14 +71,14 @@ def main(argv=None) -> int:
     parameters = None
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
-            for gradient_sync in results:
+            for gradient_sync, rates in results.items():
                 output = os.path.join(folder, f"{gradient_sync}.{repeat}")
                 command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            __file__, "--worker", output, gradient_sync, str(args.steps)]
                 subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
                 with open(output) as handle:
                     row = json.load(handle)
-                results[gradient_sync].append(row["samples_per_s"])
+                rates.append(row["samples_per_s"])
                 parameters = row["parameters"]
     print(f"MLP {parameters:,} parameters ({parameters * 4 / 2**20:.1f} MiB of fp32 gradients), BatchNorm, AdamW, "
           f"micro-batch {MICRO_BATCH} x {ACCUMULATION} per rank, 2 gloo ranks, {args.repeats} interleaved launches")

@@ -50,6 +50,7 @@ from tightfit.memory.report import StepMemory
 BUCKET_BYTES = 25 * 2**20  # tightfit.training.distributed.BUCKET_BYTES (not imported: it imports torch.distributed)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MAX_DEVICES = 1024
+TRACKED = ("parameters", "gradients", "optimizer", "optimizer_temporaries", "activations")  # the tracker's categories
 
 
 @dataclass
@@ -176,9 +177,10 @@ def per_rank_memory(
         raise ConfigError(f"strategy: unknown value {strategy!r} (choose from {', '.join(STRATEGIES)})")
     parts = single.breakdown
     if strategy == "ddp" and gradient_sync == "overlap" and devices > 1:
-        breakdown = {**{name: parts[name] for name in ("parameters", "gradients", "optimizer", "optimizer_temporaries", "activations")},
+        breakdown = {**{name: parts[name] for name in TRACKED},
                      "units_in_flight": 0, "communication": shape.trainable_bytes}
-        notes = ["ddp (overlap): DistributedDataParallel's gradient buckets, as large as the gradients, live through the step"]
+        notes = ["ddp (overlap): DistributedDataParallel's gradient buckets, as large as the gradients, "
+                 "live through the step"]
     elif strategy == "ddp":
         states = parts["parameters"] + parts["gradients"] + parts["optimizer"]
         bucket = min(BUCKET_BYTES, parts["gradients"]) if devices > 1 else 0
@@ -188,7 +190,7 @@ def per_rank_memory(
                          "optimizer_temporaries": 0, "activations": 0, "units_in_flight": 0, "communication": bucket}
             notes = ["ddp: the peak is while gradients are averaged (after backward), with one bucket copy live"]
         else:
-            breakdown = {**{name: parts[name] for name in ("parameters", "gradients", "optimizer", "optimizer_temporaries", "activations")},
+            breakdown = {**{name: parts[name] for name in TRACKED},
                          "units_in_flight": 0, "communication": 0}
             notes = ["ddp: every rank holds the whole step; the gradient bucket fits under the backward peak"]
     else:
