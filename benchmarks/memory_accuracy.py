@@ -315,18 +315,34 @@ class _TrackSecondStep:
         self.peak_bytes = None
         self.breakdown = None
 
+    def on_fit_start(self, trainer):
+        """Under DistributedDataParallel: note its gradient buckets, which live through the whole
+        step although no ``.grad`` points into them between steps (the tracker could not see them)."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.buckets = {}
+        if isinstance(trainer.train_model, DistributedDataParallel):
+            def hook(state, bucket):
+                self.buckets.setdefault(id(bucket.buffer().untyped_storage()), bucket.buffer())
+                return allreduce_hook(None, bucket)
+
+            trainer.train_model.register_comm_hook(None, hook)
+
     def on_step_end(self, trainer, metrics):
-        from tightfit.memory.tracker import MemoryTracker
+        from tightfit.memory.tracker import GRADIENTS, ROOT_OWNER, MemoryTracker
 
         if trainer.global_step == 1:
             self.tracker = MemoryTracker(trainer.model, trainer.optimizer)
             self.tracker.__enter__()
+            for buffer in self.buckets.values():
+                self.tracker._track(buffer, GRADIENTS, ROOT_OWNER)  # live from the start, as on the device
         elif trainer.global_step == 2:
             self.tracker.__exit__(None, None, None)
             self.peak_bytes, self.breakdown = self.tracker.peak_bytes, self.tracker.breakdown
 
 
-def distributed_worker(output: str, strategy: str) -> None:
+def distributed_worker(output: str, strategy: str) -> None:  # strategy: fsdp, ddp (overlap) or ddp-after
     """Under torchrun: a real 2-step Trainer run; every rank writes its peak."""
     import os
 
@@ -340,11 +356,13 @@ def distributed_worker(output: str, strategy: str) -> None:
     inputs, targets = distributed_batch(DISTRIBUTED_BATCH * 4, "cpu")
     rows = []
     for strategy in (strategy,):  # one per launch: a run leaves the process group when it ends
+        gradient_sync = "after_accumulation" if strategy == "ddp-after" else "overlap"
+        strategy = strategy.removesuffix("-after")
         tracking = _TrackSecondStep()
         config = {
             "run_dir": f"{output}.{strategy}", "max_steps": 2, "device": "cpu", "threads": 1,
             "batch": {"micro_batch_size": DISTRIBUTED_BATCH}, "optimizer": {"name": "adamw"},
-            "distributed": {"strategy": strategy, "timeout_s": 120}, "logging": {"console": False, "tensorboard": False, "jsonl": False},
+            "distributed": {"strategy": strategy, "timeout_s": 120, "gradient_sync": gradient_sync}, "logging": {"console": False, "tensorboard": False, "jsonl": False},
             "monitor": {"enabled": False}, "schedule": {"name": "constant"},
         }
         Trainer(config, model=distributed_model(), datasets=(TensorDataset(inputs, targets), None, None), callbacks=[tracking]).fit()
@@ -352,8 +370,8 @@ def distributed_worker(output: str, strategy: str) -> None:
         single = estimate_step(model, distributed_batch, batch_size=DISTRIBUTED_BATCH, optimizer="adamw")
         shape = model_shape(model, find_repeated_blocks(model))
         estimate, breakdown, _ = per_rank_memory(single, shape, strategy=strategy, devices=int(os.environ["WORLD_SIZE"]),
-                                                 profile=None, param_dtype="fp32", reduce_dtype="fp32")
-        rows.append({"strategy": strategy, "rank": rank, "measured_bytes": tracking.peak_bytes, "measured": tracking.breakdown,
+                                                 profile=None, param_dtype="fp32", reduce_dtype="fp32", gradient_sync=gradient_sync)
+        rows.append({"strategy": strategy if strategy == "fsdp" else f"ddp ({gradient_sync})", "rank": rank, "measured_bytes": tracking.peak_bytes, "measured": tracking.breakdown,
                      "estimated_bytes": estimate, "estimated": breakdown, "one_device_bytes": single.peak_bytes})
     with open(f"{output}.rank{rank}", "w") as handle:
         json.dump(rows, handle)
@@ -368,7 +386,7 @@ def distributed_rows() -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         output = os.path.join(folder, "peaks")
         rows = []
-        for strategy in ("ddp", "fsdp"):
+        for strategy in ("ddp", "ddp-after", "fsdp"):
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                        __file__, "--distributed-worker", output, strategy]
             subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)

@@ -147,6 +147,7 @@ CASES: dict[str, Case] = {
     "train negative lr": Case(["train", "optimizer.lr=-1"], "optimizer.lr"),
     "train zero epochs": Case(["train", "epochs=0"], "epochs"),
     "train unknown precision": Case(["train", "precision=fp8"], "precision"),
+    "train unknown gradient sync": Case(["train", "distributed.gradient_sync=during"], "distributed.gradient_sync"),
     "train unknown optimizer": Case(["train", "optimizer.name=adamm"], "optimizer.name"),
     "train unknown schedule": Case(["train", "schedule.name=cosin"], "schedule.name"),
     "train zero micro batch": Case(["train", "batch.micro_batch_size=0"], "micro_batch_size"),

@@ -49,6 +49,33 @@ def test_adam_state_is_two_copies_plus_step_counters(linear):
     assert tracker.breakdown["optimizer"] == 2 * LINEAR_PARAM_BYTES + 2 * 4
 
 
+def test_foreach_update_temporaries_are_their_own_category_and_name_the_peak_moment(linear):
+    optimizer = torch.optim.AdamW(linear.parameters(), foreach=True)
+    _step(linear, optimizer)
+    with MemoryTracker(linear, optimizer) as tracker:
+        _step(linear, optimizer)
+    # the foreach update allocates whole-model temporaries (sqrt of every second moment, ...):
+    # at least one weight-sized copy, none of it an activation
+    assert tracker.peak_moment == "optimizer step"
+    assert tracker.breakdown["optimizer_temporaries"] >= LINEAR_PARAM_BYTES
+    assert tracker.breakdown["activations"] < 200_000
+    assert tracker.moment_peaks["optimizer step"] == tracker.peak_bytes > tracker.moment_peaks["backward"]
+    assert set(tracker.moment_peaks) == {"forward end", "backward", "optimizer step"}
+
+
+def test_plain_sgd_peaks_in_backward_without_optimizer_temporaries():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 1000))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _step(model, optimizer)
+    with MemoryTracker(model, optimizer) as tracker:
+        _step(model, optimizer)
+    assert tracker.peak_moment == "backward" and tracker.breakdown["optimizer_temporaries"] == 0
+    # at the first layer's gradients, with the second layer's already .grad
+    assert tracker.peak_bytes == 4 * LINEAR_PARAM_BYTES + tracker.breakdown["activations"]
+    assert tracker.moment_peaks["forward end"] < tracker.moment_peaks["backward"]
+
+
 def test_momentum_buffer_is_one_copy(linear):
     optimizer = torch.optim.SGD(linear.parameters(), lr=0.1, momentum=0.9)
     _step(linear, optimizer)
@@ -157,7 +184,7 @@ def test_is_out_of_memory_on_real_and_synthetic_errors():
 
 
 def test_step_memory_checks_its_breakdown():
-    breakdown = {"parameters": 1, "gradients": 2, "optimizer": 3, "activations": 4, "overhead": 5}
+    breakdown = {"parameters": 1, "gradients": 2, "optimizer": 3, "optimizer_temporaries": 0, "activations": 4, "overhead": 5}
     memory = StepMemory(peak_bytes=15, breakdown=breakdown, method="measured")
     assert memory.tensor_bytes == 10
     assert memory.to_dict()["breakdown"] == breakdown

@@ -18,10 +18,11 @@ def test_devices_spec_parses_count_and_profile():
         parse_devices("0xa100-40gb")
 
 
-def test_fsdp_shards_the_states_and_adds_units_in_flight_ddp_adds_a_bucket_after_backward():
+def test_fsdp_shards_the_states_and_adds_units_in_flight_ddp_adds_a_bucket_or_its_buckets():
     single = StepMemory(
         peak_bytes=16 * GIB,
-        breakdown={"parameters": 4 * GIB, "gradients": 4 * GIB, "optimizer": 8 * GIB, "activations": 0, "overhead": 0},
+        breakdown={"parameters": 4 * GIB, "gradients": 4 * GIB, "optimizer": 8 * GIB, "optimizer_temporaries": 0,
+                   "activations": 0, "overhead": 0},
     )
     shape = ModelShape(parameter_bytes=4 * GIB, trainable_bytes=4 * GIB, largest_block_parameters=10**6,
                        root_parameters=2 * 10**6, parameter_count=GIB)
@@ -32,6 +33,9 @@ def test_fsdp_shards_the_states_and_adds_units_in_flight_ddp_adds_a_bucket_after
     assert peak == sum(parts.values())
     peak, parts, _ = per_rank_memory(single, shape, strategy="ddp", devices=4, profile=None)
     assert parts["communication"] == 25 * 2**20 and peak == 16 * GIB + 25 * 2**20
+    # DistributedDataParallel: its buckets, as large as the gradients, beside the one-device step
+    peak, parts, _ = per_rank_memory(single, shape, strategy="ddp", devices=4, profile=None, gradient_sync="overlap")
+    assert parts["communication"] == 4 * GIB and peak == 20 * GIB == sum(parts.values())
 
 
 def test_devices_needed_is_the_first_count_that_fits():

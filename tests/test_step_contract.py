@@ -86,3 +86,4 @@ def test_trainer_step_peak_equals_the_estimate(tmp_path, settings):
     )
     assert estimate.peak_bytes == tracker.peak_bytes
     assert estimate.breakdown == tracker.breakdown
+    assert estimate.peak_moment == tracker.peak_moment and estimate.moment_peaks == tracker.moment_peaks

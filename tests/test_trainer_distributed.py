@@ -1,7 +1,8 @@
 """Two gloo processes on loopback under torchrun (docs/distributed.md).
 
 DDP: sharded sampler, averaged gradients, reduced metrics, rank 0 writes; the result equals one
-process reading both shards' samples per step, also when one rank runs out of memory. FSDP2: a
+process reading both shards' samples per step, also when one rank runs out of memory; BatchNorm
+statistics stay equal across ranks, through DistributedDataParallel and averaging after accumulation. FSDP2: a
 SIGKILLed job resumes exactly from its sharded checkpoint, on 2 processes, on 1, and from 1 on 2.
 The launcher (``tightfit train --nproc-per-node``) stops the job with a clear message when a rank dies.
 Each torchrun launch costs a few seconds on two busy cores, so the tests launch few.
@@ -83,6 +84,64 @@ def test_two_ranks_match_one_process_with_the_combined_batch_also_when_one_rank_
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
     validation_lines = [line for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     assert len(validation_lines) == 2  # rank 0 alone wrote the log
+
+
+BATCH_NORM_SCRIPT = textwrap.dedent(
+    """
+    import os
+    import sys
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+    from tightfit.training.trainer import Trainer
+
+    run_dir, gradient_sync = sys.argv[1], sys.argv[2]
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(64, 5, generator=generator) * 3 + 1
+    data = TensorDataset(inputs, (inputs[:, 0] + inputs[:, 1] > 2).long())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 2))
+
+    class RecordStatistics:
+        def __init__(self):
+            self.steps = []
+
+        def on_step_end(self, trainer, metrics):
+            norm = trainer.model[1]
+            self.steps.append(torch.cat([norm.running_mean, norm.running_var, norm.num_batches_tracked.float().view(1)]))
+
+        def on_fit_end(self, trainer, summary):
+            torch.save(torch.stack(self.steps), f"{run_dir}.rank{os.environ['RANK']}.pt")
+
+    config = {
+        "run_dir": run_dir, "epochs": 2, "device": "cpu", "threads": 1,
+        "batch": {"micro_batch_size": 4, "effective_batch_size": 8}, "distributed": {"gradient_sync": gradient_sync},
+        "optimizer": {"name": "sgd", "lr": 0.1}, "schedule": {"name": "constant"},
+        "logging": {"console": False, "tensorboard": False}, "monitor": {"enabled": False},
+    }
+    Trainer(config, model=model, datasets=(data, None, None), callbacks=[RecordStatistics()]).fit()
+    """
+)
+
+
+def test_ddp_keeps_batch_norm_statistics_equal_across_ranks_and_both_gradient_syncs_train_alike(tmp_path):
+    script = tmp_path / "batch_norm.py"
+    script.write_text(BATCH_NORM_SCRIPT)
+    weights = {}
+    for gradient_sync in ("overlap", "after_accumulation"):
+        run_dir = tmp_path / gradient_sync
+        done = _run([*TORCHRUN, str(script), str(run_dir), gradient_sync])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((run_dir / "summary.json").read_text())["gradient_sync"] == gradient_sync
+        rank0, rank1 = (torch.load(f"{run_dir}.rank{rank}.pt") for rank in (0, 1))
+        assert rank0.shape[0] == 8  # 64 samples / (2 ranks x 8 per step) x 2 epochs
+        assert torch.equal(rank0, rank1)  # every step, on every rank: each saw other samples
+        assert rank0[-1, -1] == 16  # two micro-batches per step: two BatchNorm updates
+        weights[gradient_sync] = load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+    # DistributedDataParallel (all-reduce during the last micro-batch's backward) and averaging
+    # after the micro-batches are the same arithmetic
+    for name, expected in weights["after_accumulation"].items():
+        torch.testing.assert_close(weights["overlap"][name], expected, rtol=1e-5, atol=1e-6)
 
 
 DIGITS = str(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml")

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from tightfit.data.config import DataConfig
 from tightfit.errors import ConfigError, SpecError
 from tightfit.models.lora_config import LoRAConfig
-from tightfit.names import DEVICE_KINDS, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES
+from tightfit.names import DEVICE_KINDS, GRADIENT_SYNCS, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES
 from tightfit.settings import describe_validation_error, read_yaml
 from tightfit.trust import check_spec_from_file
 from tightfit.units import parse_memory
@@ -177,6 +177,11 @@ class DistributedConfig(BaseModel, extra="forbid"):
 
     strategy: Literal[("auto", *STRATEGIES)] = Field(
         default="auto", description="auto: DDP when launched with several processes; fsdp: shard parameters, gradients, optimizer state"
+    )
+    gradient_sync: Literal[("auto", *GRADIENT_SYNCS)] = Field(
+        default="auto",
+        description="ddp: overlap (DistributedDataParallel, communication during backward) or after_accumulation "
+        "(averaged after the micro-batches: out-of-memory recovery across ranks); auto: after_accumulation under a budget",
     )
     param_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="fsdp: dtype of the gathered parameters in forward/backward; auto follows precision"

@@ -36,3 +36,8 @@ QUANT_BACKENDS = ("auto", *NF4_BACKENDS)
 # How several processes share a model (training/distributed.py, plan/distributed.py); a run
 # config also takes "auto" (one process alone, ddp under torchrun).
 STRATEGIES = ("ddp", "fsdp")
+
+# When ddp averages the gradients (training/distributed.py): during backward through
+# DistributedDataParallel, or after all the micro-batches, the mode out-of-memory recovery across
+# ranks needs; a run config also takes "auto" (after_accumulation under a budget, else overlap).
+GRADIENT_SYNCS = ("overlap", "after_accumulation")

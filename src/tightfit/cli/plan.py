@@ -232,7 +232,8 @@ def _render(result) -> None:
         shown = ("on" if value else "off") if isinstance(value, bool) else value
         backend = f" through {choice['backend']}" if choice.get("backend") else ""
         out.print(f"[bold]{name}:[/] {escape(str(shown))}{escape(backend)} ({escape(choice['reason'])})")
-    breakdown = Table(box=box.SIMPLE, title=f"peak {format_bytes(result.peak_bytes)} at batch {result.batch_size or 1}")
+    moment = f" ({result.peak_moment})" if result.peak_moment else ""
+    breakdown = Table(box=box.SIMPLE, title=f"peak {format_bytes(result.peak_bytes)} at batch {result.batch_size or 1}{moment}")
     breakdown.add_column("category")
     breakdown.add_column("bytes", justify="right")
     breakdown.add_column("share", justify="right")
@@ -381,7 +382,7 @@ def _run_distributed(args) -> int:
     else:
         out.print(f"[bold red]does not fit on {escape(args.devices)}[/]")
     table = Table(box=box.SIMPLE_HEAD, title="per rank, GiB", padding=(0, 1))
-    columns = ("N", "peak", "states", "activ", "gathered", "buffers", "overhead", "fits", "step", "tokens/s")
+    columns = ("N", "peak", "states", "optim tmp", "activ", "gathered", "buffers", "overhead", "fits", "step", "tokens/s")
     for column in columns:
         table.add_column(column, justify="left" if column == "fits" else "right")
     for row in result.rows:
@@ -389,7 +390,7 @@ def _run_distributed(args) -> int:
         states = parts["parameters"] + parts["gradients"] + parts["optimizer"]
         table.add_row(
             str(row.devices), f"{row.peak_bytes / 2**30:.2f}", f"{states / 2**30:.2f}",
-            *(f"{parts[name] / 2**30:.2f}" for name in ("activations", "units_in_flight", "communication", "overhead")),
+            *(f"{parts[name] / 2**30:.2f}" for name in ("optimizer_temporaries", "activations", "units_in_flight", "communication", "overhead")),
             "[green]yes[/]" if row.fits else "[red]no[/]", format_seconds(row.step_time_s),
             f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "-",
         )

@@ -130,7 +130,7 @@ def _estimate(model: nn.Module, batch_factory: BatchFactory, settings: StepSetti
     tracker, flops = counted_step(step, window, allocation_size=allocation_size(device_type), count_flops=count_flops)
     memory = StepMemory(
         peak_bytes=tracker.peak_bytes, breakdown=tracker.breakdown, by_module=tracker.by_module,
-        flops=flops, method="estimated", notes=[],
+        flops=flops, method="estimated", notes=[], **tracker.moments(),
     )
     return memory, tracker
 

@@ -86,5 +86,5 @@ def measure_step(
         )
     return StepMemory(
         peak_bytes=sum(breakdown.values()), breakdown=breakdown, by_module=tracker.by_module,
-        flops=flops, method="measured", notes=notes,
+        flops=flops, method="measured", notes=notes, **tracker.moments(),
     )

@@ -2,8 +2,9 @@
 
 from dataclasses import asdict, dataclass, field
 
-# The five categories of the breakdown, in the order they are printed.
-CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "overhead")
+# The six categories of the breakdown, in the order they are printed (tightfit.memory.tracker
+# counts all but the device's overhead).
+CATEGORIES = ("parameters", "gradients", "optimizer", "optimizer_temporaries", "activations", "overhead")
 
 
 @dataclass
@@ -13,8 +14,9 @@ class StepMemory:
     Attributes:
         peak_bytes: live tensor bytes at the peak plus the device overhead.
         breakdown: bytes per category at the peak; exactly the keys of ``CATEGORIES``, summing to
-            ``peak_bytes``. ``activations`` is everything live that is not a parameter, a gradient
-            or optimizer state: saved activations, temporaries, the batch.
+            ``peak_bytes``. ``optimizer_temporaries`` is what ``optimizer.step`` allocates besides
+            its state (foreach kernels' outputs); ``activations`` is everything else live that is
+            not a parameter, a gradient or optimizer state: saved activations, temporaries, the batch.
         by_module: bytes attributed to each top-level module (children of the model) at the peak:
             its parameters, gradients and optimizer state, and the activations allocated while its
             forward ran. ``(backward)`` holds temporaries allocated during backward that are not
@@ -23,6 +25,9 @@ class StepMemory:
             (``torch.utils.flop_counter``), or ``None`` when not counted.
         method: ``"estimated"`` (fake tensors, no memory used) or ``"measured"`` (real tensors).
         notes: how the figure was obtained, in words a person can read.
+        peak_moment: when in the step the peak is: ``forward end``, ``backward`` or
+            ``optimizer step`` (``tightfit.memory.tracker.MOMENTS``); None when not tracked.
+        moment_peaks: live tensor bytes at each moment's own peak (no overhead).
     """
 
     peak_bytes: int
@@ -31,6 +36,8 @@ class StepMemory:
     flops: int | None = None
     method: str = "estimated"
     notes: list[str] = field(default_factory=list)
+    peak_moment: str | None = None
+    moment_peaks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = [name for name in CATEGORIES if name not in self.breakdown]

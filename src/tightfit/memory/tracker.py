@@ -12,7 +12,15 @@ Every live storage carries a category and an owner module:
 * ``gradients``: a storage becomes a gradient when autograd accumulates it into ``param.grad``
   (a post-accumulate-grad hook retags it; before that it is a backward temporary);
 * ``optimizer``: tensors in ``optimizer.state`` (retagged after every ``optimizer.step``);
+* ``optimizer_temporaries``: what ``optimizer.step`` allocates and is not its state: the foreach
+  kernels' per-tensor outputs (``_foreach_sqrt`` of every second moment, ...), the for-loop's
+  temporaries; a buffer the user would cut with ``foreach=False`` or a fused or 8-bit optimizer;
 * ``activations``: everything else — saved activations, temporaries, the batch.
+
+Each moment of a step has its own peak (``moment_peaks``), and the step's peak names its moment
+(``peak_moment``): ``forward end`` (from the model's forward on, where the saved activations
+are most at its end), ``backward`` (from autograd's backward on, through gradient clipping), or
+``optimizer step`` (inside ``optimizer.step``).
 
 The same class counts real tensors (a measurement) and fake tensors (the estimator runs it under
 ``FakeTensorMode``), so on CPU an estimate and a measurement agree by construction.
@@ -33,6 +41,10 @@ from torch.utils._pytree import tree_flatten
 from tightfit.units import format_bytes
 
 PARAMETERS, GRADIENTS, OPTIMIZER, ACTIVATIONS = "parameters", "gradients", "optimizer", "activations"
+OPTIMIZER_TEMPORARIES = "optimizer_temporaries"
+CATEGORIES = (PARAMETERS, GRADIENTS, OPTIMIZER, OPTIMIZER_TEMPORARIES, ACTIVATIONS)
+FORWARD_END, BACKWARD, OPTIMIZER_STEP = "forward end", "backward", "optimizer step"
+MOMENTS = (FORWARD_END, BACKWARD, OPTIMIZER_STEP)
 BACKWARD_OWNER = "(backward)"
 OTHER_OWNER = "(other)"
 ROOT_OWNER = "(root)"
@@ -84,7 +96,9 @@ class MemoryTracker(TorchDispatchMode):
     Attributes (valid during and after the block):
         peak_bytes: the largest total of live storage bytes seen.
         breakdown: bytes per category at that peak (``parameters``, ``gradients``, ``optimizer``,
-            ``activations``; ``overhead`` is 0: tensors only).
+            ``optimizer_temporaries``, ``activations``; ``overhead`` is 0: tensors only).
+        peak_moment: when that peak was: ``forward end``, ``backward`` or ``optimizer step``.
+        moment_peaks: the largest live total in each moment that was reached.
         by_module: bytes per owner at that peak (top-level module names, ``(backward)``,
             ``(other)``, ``(root)`` for tensors owned by the model itself).
         live_bytes: bytes live now.
@@ -116,13 +130,17 @@ class MemoryTracker(TorchDispatchMode):
         self.live_allocated_bytes = 0
         self.peak_bytes = 0
         self.peak_allocated_bytes = 0
-        self._breakdown = {PARAMETERS: 0, GRADIENTS: 0, OPTIMIZER: 0, ACTIVATIONS: 0, "overhead": 0}
+        self._breakdown = {**dict.fromkeys(CATEGORIES, 0), "overhead": 0}
+        self.peak_moment = FORWARD_END
+        self.moment_peaks: dict[str, int] = {}
+        self._moment = FORWARD_END  # the moment of the step the latest event began
+        self._in_optimizer_step = False
         self._by_module: dict[str, int] = {}
         self._peak_pending = False
         self._sequence = 0  # registrations so far; a record with a sequence <= _snapshot_sequence was live at the peak
         self._snapshot_sequence = 0
         self._records: dict[int, _Record] = {}
-        self._by_category = {PARAMETERS: 0, GRADIENTS: 0, OPTIMIZER: 0, ACTIVATIONS: 0}
+        self._by_category = dict.fromkeys(CATEGORIES, 0)
         self._by_owner: dict[str, int] = {}
         self._owner_of_parameter: dict[int, str] = {}
         self._module_stack: list[str] = []
@@ -136,6 +154,7 @@ class MemoryTracker(TorchDispatchMode):
             self._register_model()
         if self.optimizer is not None:
             self._register_optimizer_state()
+            self._handles.append(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._after_optimizer_step))
         self._update_peak(force=True)
         return super().__enter__()
@@ -159,6 +178,7 @@ class MemoryTracker(TorchDispatchMode):
 
     # ------------------------------------------------------------------------- registration
     def _register_model(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._forward_starts))
         for name, child in self.model.named_children():
             for parameter in child.parameters():
                 self._owner_of_parameter.setdefault(id(parameter), name)
@@ -184,7 +204,16 @@ class MemoryTracker(TorchDispatchMode):
                 if isinstance(value, torch.Tensor):
                     self._track(value, OPTIMIZER, owner)
 
+    def _forward_starts(self, module, args) -> None:
+        if torch._C._current_graph_task_id() == -1:  # not a recomputation inside backward
+            self._moment = FORWARD_END
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._moment = OPTIMIZER_STEP
+        self._in_optimizer_step = True
+
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._in_optimizer_step = False
         self._register_optimizer_state()
         self._update_peak()
 
@@ -264,8 +293,9 @@ class MemoryTracker(TorchDispatchMode):
                 "(tightfit MemoryTracker)"
             )
         owner = self._current_owner()
+        category = OPTIMIZER_TEMPORARIES if self._in_optimizer_step else ACTIVATIONS
         for storage, nbytes in new:
-            self._add(storage, nbytes, ACTIVATIONS, owner).storage_nbytes = storage.nbytes()
+            self._add(storage, nbytes, category, owner).storage_nbytes = storage.nbytes()
         for record, nbytes in grown:
             self._move(record, -1)
             record.nbytes = record.storage_nbytes = nbytes
@@ -297,8 +327,13 @@ class MemoryTracker(TorchDispatchMode):
     def _update_peak(self, force: bool = False) -> None:
         if self.live_allocated_bytes > self.peak_allocated_bytes:
             self.peak_allocated_bytes = self.live_allocated_bytes
+        if not self._in_optimizer_step and torch._C._current_graph_task_id() != -1:
+            self._moment = BACKWARD  # and stays so, through clipping, until a forward or the optimizer
+        if self.live_bytes > self.moment_peaks.get(self._moment, -1):
+            self.moment_peaks[self._moment] = self.live_bytes
         if force or self.live_bytes > self.peak_bytes:
             self.peak_bytes = self.live_bytes
+            self.peak_moment = self._moment
             # The breakdown is taken lazily, just before the next free: between the peak and that
             # moment tags may still change (a gradient is created as a backward temporary and
             # becomes ``param.grad`` right after), and the later tag is the true one.
@@ -324,6 +359,10 @@ class MemoryTracker(TorchDispatchMode):
         """Bytes per category at the peak (``overhead`` is 0: the tracker counts tensors only)."""
         self._take_pending_snapshot()
         return dict(self._breakdown)
+
+    def moments(self) -> dict:
+        """``peak_moment`` and ``moment_peaks``, as :class:`~tightfit.memory.report.StepMemory` takes them."""
+        return {"peak_moment": self.peak_moment, "moment_peaks": dict(self.moment_peaks)}
 
     @property
     def by_module(self) -> dict[str, int]:

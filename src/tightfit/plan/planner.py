@@ -160,6 +160,7 @@ class PlanResult:
     # what an auto or device-dependent setting became for the target, and why:
     # {"precision": {"value": "fp16", "reason": "..."}, "base": {"value": "nf4", "backend": ..., "reason": ...}}
     resolved: dict = field(default_factory=dict)
+    peak_moment: str | None = None  # forward end, backward or optimizer step (tightfit.memory.tracker.MOMENTS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -387,7 +388,8 @@ class _Planner:
         notes = [f"fake-tensor estimate failed ({error}); measured on CPU with real tensors instead"]
         return StepMemory(
             peak_bytes=sum(breakdown.values()), breakdown=breakdown, by_module=measured.by_module,
-            flops=measured.flops, method="measured", notes=notes + measured.notes,
+            flops=measured.flops, method="measured", notes=notes + measured.notes, peak_moment=measured.peak_moment,
+            moment_peaks=measured.moment_peaks,
         )
 
     def _real_model(self) -> nn.Module:
@@ -655,6 +657,7 @@ class _Planner:
             batch_size=batch_size,
             peak_bytes=memory.peak_bytes,
             breakdown={name: memory.breakdown[name] for name in CATEGORIES},
+            peak_moment=memory.peak_moment,
             fits=memory.peak_bytes <= self.profile.usable_bytes and option.fits,
             verdict=verdict,
             why=why,

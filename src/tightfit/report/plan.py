@@ -11,7 +11,8 @@ from tightfit.units import format_bytes, format_seconds
 
 # The breakdown's categories in the planner's order (tightfit.memory.report.CATEGORIES, which is
 # not imported: that module's package imports torch, and a page is made without it).
-CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "overhead")
+# A plan saved before optimizer_temporaries existed lacks it: it is read as 0.
+CATEGORIES = ("parameters", "gradients", "optimizer", "optimizer_temporaries", "activations", "overhead")
 VERDICT_TONES = {"fits": "good", "tight": "warn", "does not fit": "bad"}
 
 
@@ -68,7 +69,7 @@ def _verdict(data: dict) -> str:
 def _breakdown_chart(data: dict) -> str:
     settings = data.get("recommendation") or {}
     chosen = f"batch {data.get('batch_size') or 1}" + (f", {settings['precision']}" if settings else "")
-    rows = [(chosen, [(name, data["breakdown"][name]) for name in CATEGORIES])]
+    rows = [(chosen, [(name, data["breakdown"].get(name, 0)) for name in CATEGORIES])]
     for option in data.get("alternatives", []):
         if option.get("peak_bytes"):
             label = f"{option['precision']}, ckpt {'on' if option['checkpointing'] else 'off'}, {option['optimizer']}"
@@ -80,10 +81,11 @@ def _breakdown_chart(data: dict) -> str:
 
 def _breakdown_table(data: dict) -> str:
     peak = data["peak_bytes"] or 1
-    rows = [[name, page.Cell(format_bytes(data["breakdown"][name]), sort=data["breakdown"][name], numeric=True),
-             page.Cell(page.percent(data["breakdown"][name] / peak, 0), sort=data["breakdown"][name], numeric=True)]
+    rows = [[name, page.Cell(format_bytes(data["breakdown"].get(name, 0)), sort=data["breakdown"].get(name, 0), numeric=True),
+             page.Cell(page.percent(data["breakdown"].get(name, 0) / peak, 0), sort=data["breakdown"].get(name, 0), numeric=True)]
             for name in CATEGORIES]
-    rows.append([page.Cell(page.Html("<b>peak</b>")), page.Cell(page.markup("<b>{}</b>", format_bytes(data['peak_bytes'])), sort=data["peak_bytes"], numeric=True),
+    moment = f" ({data['peak_moment']})" if data.get("peak_moment") else ""
+    rows.append([page.Cell(page.markup("<b>peak{}</b>", moment)), page.Cell(page.markup("<b>{}</b>", format_bytes(data['peak_bytes'])), sort=data["peak_bytes"], numeric=True),
                  page.Cell("100 %", sort=data["peak_bytes"], numeric=True)])
     return page.table(["category", "bytes", "share"], rows, sortable=False, table_id="breakdown-table")
 

@@ -6,11 +6,20 @@ in the environment) the process group is initialised once (NCCL on CUDA, gloo ot
 timeout, so a rank that dies never leaves the others waiting forever. The ``distributed.strategy``
 setting then decides how the model is shared (docs/distributed.md):
 
-* ``ddp``: every rank holds the whole model, reads its own shard of the data, and the gradients
-  are averaged across ranks once per optimizer step (:func:`average_gradients`), after all of
-  the step's micro-batches. Averaging after the micro-batches, not overlapped with backward as
-  ``DistributedDataParallel`` does, is what lets the ranks agree on an out-of-memory error: no
-  rank is ever inside a collective while another is failing;
+* ``ddp``: every rank holds the whole model and reads its own shard of the data; the gradients
+  are averaged as ``distributed.gradient_sync`` says:
+
+  - ``overlap``: ``torch.nn.parallel.DistributedDataParallel`` all-reduces 25 MiB buckets of
+    gradients while backward still runs, only in the step's last micro-batch (``no_sync`` on the
+    others), with the gradients as views of its buckets (no second copy);
+  - ``after_accumulation``: :func:`average_gradients` averages them once the step's
+    micro-batches are done. Slower (nothing overlaps), but no rank is ever inside a collective
+    while another fails, which is what lets the ranks agree on an out-of-memory error and all
+    shrink the micro-batch (``auto`` picks it when a ``budget`` is set).
+
+  In both, rank 0's buffers (BatchNorm statistics) go to every rank after each optimizer step
+  (:func:`broadcast_buffers`), as DDP's ``broadcast_buffers`` does before each forward, so
+  validation and checkpoints see the same statistics on every rank;
 * ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) shards parameters, gradients and
   optimizer state; the repeated blocks that activation checkpointing finds are the units that are
   gathered one at a time.
@@ -162,6 +171,40 @@ def shard_model(
     return [*blocks, ""]
 
 
+def resolve_gradient_sync(setting: str, *, budgeted: bool) -> str:
+    """``overlap`` or ``after_accumulation``: what ``distributed.gradient_sync`` means for a ddp run.
+
+    ``auto`` is ``after_accumulation`` when a rank has a memory ``budget`` (``budgeted``: a run
+    expecting to meet its limit, whose ranks must be able to agree on an out-of-memory error),
+    else ``overlap``.
+    """
+    if setting != "auto":
+        return setting
+    return "after_accumulation" if budgeted else "overlap"
+
+
+def wrap_data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under ``DistributedDataParallel`` (rank 0's parameters and buffers copied to all).
+
+    DDP's gradient buckets live through the whole step beside the gradients (the per-rank plan
+    adds them, ``memory/distributed.py``); buffers are broadcast by :func:`broadcast_buffers` after
+    each step rather than by DDP before each forward, so every rank ends a step with the same ones.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch 2.14 renamed broadcast_buffers (buffers are still synced once at construction)
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index or 0] if device.type == "cuda" else None,
+        bucket_cap_mb=BUCKET_BYTES / 2**20,
+        gradient_as_bucket_view=True,
+        **{"forward_sync_buffers" if renamed else "broadcast_buffers": False},
+    )
+
+
 def replicate_model(model: nn.Module) -> None:
     """Give every rank rank 0's parameters and buffers (the start of a ``ddp`` run)."""
     with torch.no_grad():
@@ -173,18 +216,22 @@ def gradient_sync_context(model: nn.Module, last_micro_batch: bool) -> contextli
     """The context one micro-batch's forward and backward run in, for gradient accumulation.
 
     Under FSDP2 the gradients are reduce-scattered only in the last micro-batch of a step (the
-    others accumulate unsharded gradients locally, as ``no_sync`` does for DDP). Under ``ddp``
-    and in one process nothing communicates during backward (:func:`average_gradients` runs after
-    the micro-batches), so the context is empty.
+    others accumulate unsharded gradients locally); under ``DistributedDataParallel`` the other
+    micro-batches run in ``no_sync``. With ``after_accumulation`` and in one process nothing
+    communicates during backward (:func:`average_gradients` runs after the micro-batches), so the
+    context is empty.
 
     Args:
         model: the model as trained (sharded in place for FSDP).
         last_micro_batch: whether this micro-batch is the step's last.
     """
     from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, FSDPModule):
         return _fsdp_gradient_sync(model, last_micro_batch)
+    if isinstance(model, DistributedDataParallel) and not last_micro_batch:
+        return model.no_sync()
     return contextlib.nullcontext()
 
 
@@ -235,10 +282,23 @@ def _average_bucket(bucket: list[nn.Parameter], info: ProcessInfo) -> None:
 
 
 def broadcast_buffers(model: nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm statistics) to every rank, as DDP does before each forward."""
+    """Rank 0's buffers (BatchNorm statistics) to every rank, one flat broadcast per dtype.
+
+    DDP's ``broadcast_buffers`` does this before each forward; after each optimizer step (the
+    trainer's place for it) the statistics are the same on every rank also when validation and
+    checkpoints read them. One broadcast per buffer would cost a round trip each (resnet18 has 60).
+    """
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for buffer in model.buffers():
+        by_dtype.setdefault((buffer.dtype, buffer.device), []).append(buffer)
     with torch.no_grad():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+        for buffers in by_dtype.values():
+            flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for buffer in buffers:
+                buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+                offset += buffer.numel()
 
 
 # ------------------------------------------------------------------------------ agreeing

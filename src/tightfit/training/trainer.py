@@ -121,6 +121,9 @@ class Trainer:
         )
         self.device = resolve_device(config.device, local_rank=self.process.local_rank if self.process.distributed else None)
         self.strategy = distributed.resolve_strategy(config.distributed.strategy, self.process)
+        # any rank's budget: every rank must average its gradients the same way
+        budgeted = distributed.any_across_processes(config.budget is not None, self.device, self.process)
+        self.gradient_sync = distributed.resolve_gradient_sync(config.distributed.gradient_sync, budgeted=budgeted)
         self.threads_before = torch.get_num_threads()
         if config.threads is not None:
             torch.set_num_threads(config.threads)  # restored when fit() ends: a notebook keeps its setting
@@ -369,8 +372,10 @@ class Trainer:
         if not self.process.distributed:
             return model
         if self.strategy == "ddp":
+            self.console.print(f"distributed: ddp over {self.process.world_size} processes, gradients averaged {self.gradient_sync}")
+            if self.gradient_sync == "overlap":
+                return distributed.wrap_data_parallel(model, self.device)
             distributed.replicate_model(model)
-            self.console.print(f"distributed: ddp over {self.process.world_size} processes")
         elif self.strategy == "fsdp":
             from tightfit.models.checkpointing import find_repeated_blocks
 
@@ -556,6 +561,8 @@ class Trainer:
                     raise
                 self._tell_other_ranks_out_of_memory(error)
                 self._recover_from_out_of_memory(error)
+        if self.strategy == "ddp" and self.process.distributed:
+            distributed.broadcast_buffers(self.model)  # BatchNorm statistics: rank 0's on every rank
         lr = self.optimizer.param_groups[0]["lr"]
         self.schedule.step()
         self.global_step += 1
@@ -579,11 +586,13 @@ class Trainer:
         return problem
 
     def _sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        """The step's ``sync_context`` under several processes: FSDP reduce-scatters on the last
-        micro-batch only; under ``ddp``, after the last micro-batch's backward, the ranks agree (out
-        of memory anywhere?) and average the gradients, before the step clips and checks them."""
+        """The step's ``sync_context`` under several processes: FSDP reduce-scatters and DDP
+        all-reduces during the last micro-batch's backward only; under ``ddp`` with
+        ``after_accumulation``, after the last micro-batch's backward, the ranks agree (out of
+        memory anywhere?) and average the gradients, before the step clips and checks them."""
         syncing = distributed.gradient_sync_context(self.train_model, last_micro_batch)
-        return self._agreeing_after(syncing) if last_micro_batch and self.strategy == "ddp" and self.process.distributed else syncing
+        agrees = self.strategy == "ddp" and self.gradient_sync == "after_accumulation" and self.process.distributed
+        return self._agreeing_after(syncing) if last_micro_batch and agrees else syncing
 
     @contextlib.contextmanager
     def _agreeing_after(self, syncing: contextlib.AbstractContextManager):
@@ -594,8 +603,7 @@ class Trainer:
         self._agreed = True
         if distributed.any_across_processes(False, self.device, self.process):
             raise distributed.OutOfMemoryOnAnotherRank()
-        if self.strategy == "ddp":
-            distributed.average_gradients(self.model, self.device, self.process)
+        distributed.average_gradients(self.model, self.device, self.process)
 
     @property
     def micro_batch_size(self) -> int:
@@ -628,13 +636,16 @@ class Trainer:
         last micro-batch (:meth:`_agreeing_after`), so all of them shrink the micro-batch."""
         if not self.process.distributed:
             return
-        if self.strategy == "fsdp":
-            # every FSDP forward and backward is a collective: the other ranks wait in one this rank
-            # will not join, so there is no agreeing; the launcher stops them when this rank exits
+        if self.strategy == "fsdp" or self.gradient_sync == "overlap":
+            # every FSDP forward and backward, and DDP's last backward, is a collective: the other
+            # ranks wait in one this rank will not join, so there is no agreeing; the launcher
+            # stops them when this rank exits
+            where = "fsdp" if self.strategy == "fsdp" else "ddp with distributed.gradient_sync=overlap"
             raise DistributedRunError(
-                f"rank {self.process.rank}: out of memory under fsdp, where ranks cannot agree mid-step; continue with "
+                f"rank {self.process.rank}: out of memory under {where}, where ranks cannot agree mid-step; continue with "
                 f"--resume {self.run_dir} batch.micro_batch_size={max(1, self.micro_batch_size // 2)} "
                 f"batch.effective_batch_size={self.effective_batch_size}"
+                + (" (or distributed.gradient_sync=after_accumulation, which recovers in place)" if self.strategy == "ddp" else "")
             ) from error
         if self._agreed:  # past the agreement (in the optimizer step): the others have moved on
             raise DistributedRunError(
@@ -769,6 +780,7 @@ class Trainer:
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
             "strategy": self.strategy,
+            "gradient_sync": self.gradient_sync if self.strategy == "ddp" else None,
         }
         if self.process.is_main:
             _write_json_atomically(self.run_dir / SUMMARY_FILE, summary)
