@@ -114,7 +114,7 @@ def test_generate_refuses_what_is_not_a_language_model(tmp_path, capsys):
 
 
 def test_lora_on_a_weightless_config_folder_says_what_is_missing(tmp_path, capsys):
-    code = main(["train", "recipes/qlora-7b.yaml", "data.tokenizer=src/tightfit/configs/tiny-llama", "--run-dir", str(tmp_path / "run")])
+    code = main(["train", "recipes/qlora-7b.yaml", "data.tokenizer=packaged:tiny-llama", "--run-dir", str(tmp_path / "run")])
     error = capsys.readouterr().err
     assert code == 2 and "no weights" in error and "llama-7b" in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()

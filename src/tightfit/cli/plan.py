@@ -23,7 +23,7 @@ feasibility table (see examples/pipelines/seed002-rtx3050.yaml).
 examples:
   tightfit plan --model torchvision:resnet50 --input 3x224x224 --device rtx3050-laptop-6gb
   tightfit plan --model builtin:digits-cnn --input 1x8x8 --batch-size 64 --measure
-  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:512 --lora-rank 8 --device a100-80gb --json
+  tightfit plan --model hf:packaged:llama-7b --input tokens:512 --lora-rank 8 --device a100-80gb --json
   tightfit plan --model torchvision:resnet50 --input 3x224x224 --inference --precision bf16 --device rtx3050-laptop-6gb
   tightfit plan recipes/lora-causal-lm.yaml --measure                   # the run train would do, then measured
   tightfit plan recipes/qlora-7b.yaml --device m1-16gb
@@ -34,8 +34,8 @@ inference mode) at --batch-size, or the largest batch that fits, and the time pe
 A study file (tightfit run's) is planned stage by stage, extract stages forward-only.
 
 several devices (per-rank peak, devices needed, tokens/s with communication; docs/distributed.md):
-  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices a100-40gb --strategy fsdp
-  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices 4xrtx4090-24gb --strategy ddp
+  tightfit plan --model hf:packaged:llama-7b --input tokens:2048 --devices a100-40gb --strategy fsdp
+  tightfit plan --model hf:packaged:llama-7b --input tokens:2048 --devices 4xrtx4090-24gb --strategy ddp
 """
 
 from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES

@@ -154,6 +154,21 @@ def find_batch_size(
     )
 
 
+def micro_batch_dividing(effective_batch_size: int, fits: int) -> int:
+    """The micro-batch ``micro_batch_size: auto`` takes for an effective batch, given the largest that fits.
+
+    The largest divisor of ``effective_batch_size`` up to ``fits``, so every accumulation window
+    is made of equal micro-batches; when that divisor is under half of ``fits`` (an effective
+    batch of 61 has only 1 and 61), ``fits`` itself, and the window's last micro-batch is smaller.
+
+    >>> micro_batch_dividing(64, 629), micro_batch_dividing(64, 40), micro_batch_dividing(61, 40)
+    (64, 32, 40)
+    """
+    fits = max(1, min(fits, effective_batch_size))
+    divisor = next(size for size in range(fits, 0, -1) if effective_batch_size % size == 0)
+    return divisor if 2 * divisor >= fits else fits
+
+
 def _confirm(trial, estimate, predicted: int, target_bytes: int, max_batch_size: int) -> tuple[int, int]:
     """Real trials from the prediction until the largest fitting batch size is known."""
     fits_at, fails_at = 0, max_batch_size + 1

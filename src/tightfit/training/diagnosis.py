@@ -53,6 +53,7 @@ def flat_loss_finding(
     base_lr: float | None = None,
     start_loss: float | None = None,
     num_classes: int | None = None,
+    batch_note: str | None = None,
 ) -> dict[str, str] | None:
     """The flat-loss finding for consecutive training losses, or None when the loss moves.
 
@@ -65,6 +66,8 @@ def flat_loss_finding(
             learnt already (during the warm-up) and is not called flat.
         num_classes: a classifier's class count; a loss flat below half the chance level
             ``ln(classes)`` has converged (a fine-tuned model) and is not called flat.
+        batch_note: how the run's batch came to differ from the recipe's, when it did
+            (:func:`batch_advice`); named before the learning rate is suspected.
     """
     values = np.array([loss for loss in losses if math.isfinite(loss)], dtype=np.float64)
     if len(values) < 20:
@@ -90,11 +93,24 @@ def flat_loss_finding(
             f"the training loss did not move over steps {first_step}-{last_step}: {values[:10].mean():.4g} -> {values[-10:].mean():.4g}, "
             f"a trend of {change:+.2g} against a batch-to-batch noise of {noise:.2g} (t = {t_decrease:.1f}) at learning rate {rate}"
         ),
-        "advice": "the learning rate is likely too low (find one with tightfit lr-find, or set optimizer.lr: auto), or the labels do not match the inputs",
+        "advice": batch_advice(
+            batch_note,
+            "the learning rate is likely too low (find one with tightfit lr-find, or set optimizer.lr: auto), or the labels do not match the inputs",
+        ),
     }
 
 
-def curve_findings(history: list[dict[str, float]], *, start_loss: float | None, num_classes: int | None, lr: float) -> list[dict[str, str]]:
+def batch_advice(batch_note: str | None, advice: str) -> str:
+    """``advice``, preceded by the batch when the run chose one the recipe did not state: a
+    changed effective batch changes the steps and the noise of training, and is checked first."""
+    if not batch_note:
+        return advice
+    return f"first check the batch, which the recipe did not set (effective batch from {batch_note}; set batch.effective_batch_size); then: {advice}"
+
+
+def curve_findings(
+    history: list[dict[str, float]], *, start_loss: float | None, num_classes: int | None, lr: float, batch_note: str | None = None
+) -> list[dict[str, str]]:
     """Over- and under-fitting read from the validation history.
 
     Args:
@@ -104,6 +120,7 @@ def curve_findings(history: list[dict[str, float]], *, start_loss: float | None,
             chance level is unknown).
         num_classes: the data's class count, or None.
         lr: the base learning rate, for the advice.
+        batch_note: see :func:`flat_loss_finding`.
     """
     records = [record for record in history if math.isfinite(record.get("val_loss", math.nan)) and math.isfinite(record.get("train_loss", math.nan))]
     findings = []
@@ -148,7 +165,7 @@ def curve_findings(history: list[dict[str, float]], *, start_loss: float | None,
                     f"train_loss {latest['train_loss']:.4g} and val_loss {latest['val_loss']:.4g} at step {latest['step']}: "
                     f"both above {reference_text}, and close together"
                 ),
-                "advice": f"train longer, with a higher learning rate than {lr:.2g} (tightfit lr-find), or a bigger model",
+                "advice": batch_advice(batch_note, f"train longer, with a higher learning rate than {lr:.2g} (tightfit lr-find), or a bigger model"),
             })
     return findings
 
@@ -162,13 +179,17 @@ class TrainingDiagnosis:
         warmup_steps: the schedule's warm-up steps; the flat-loss window starts after them.
         num_classes: the data's class count, or None.
         warn: called with each finding's line as soon as it is found.
+        batch_note: how the run's batch differs from what the recipe set, if it does.
     """
 
-    def __init__(self, flat_loss_steps: int | None, warmup_steps: int, num_classes: int | None, warn: Any = print):
+    def __init__(
+        self, flat_loss_steps: int | None, warmup_steps: int, num_classes: int | None, warn: Any = print, batch_note: str | None = None
+    ):
         self.flat_loss_steps = flat_loss_steps
         self.warmup_steps = warmup_steps
         self.num_classes = num_classes
         self.warn = warn
+        self.batch_note = batch_note
         self.findings: list[dict[str, str]] = []
         self.window: list[float] = []  # the flat-loss window's losses
         self.window_start: int | None = None
@@ -211,7 +232,8 @@ class TrainingDiagnosis:
         self.flat_checked = True
         start_loss = float(np.mean(self.start_losses)) if self.start_losses else None
         finding = flat_loss_finding(
-            self.window, first_step=self.window_start or 1, lr=self.last_lr, base_lr=self.base_lr, start_loss=start_loss, num_classes=self.num_classes
+            self.window, first_step=self.window_start or 1, lr=self.last_lr, base_lr=self.base_lr, start_loss=start_loss, num_classes=self.num_classes,
+            batch_note=self.batch_note,
         )
         self.window = []
         if finding is not None:  # news in the middle of a run: said at once, not only in the summary
@@ -225,7 +247,9 @@ class TrainingDiagnosis:
         if self.flat_loss_steps and not self.flat_checked and len(self.window) >= 20:
             self._check_flat()
         start_loss = float(np.mean(self.start_losses)) if self.start_losses else None
-        return self.findings + curve_findings(self.history, start_loss=start_loss, num_classes=self.num_classes, lr=base_lr)
+        return self.findings + curve_findings(
+            self.history, start_loss=start_loss, num_classes=self.num_classes, lr=base_lr, batch_note=self.batch_note
+        )
 
     def state_dict(self) -> dict:
         return {
