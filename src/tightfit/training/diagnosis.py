@@ -43,6 +43,7 @@ OVERFIT_RISE = 0.10  # the mean of the last validations must rise 10 % above the
 UNDERFIT_FRACTION = 0.5  # the training loss ends above half of its reference (start or chance level)
 UNDERFIT_GAP = 0.25  # ... with the validation loss within 25 % of it
 FLAT_T = 3.0  # a decrease with t >= 3 is real, however small
+RECENT_STEPS = 20  # the summary's train_loss: the mean over the run's last 20 optimizer steps
 
 
 def flat_loss_finding(
@@ -195,6 +196,7 @@ class TrainingDiagnosis:
         self.window_start: int | None = None
         self.flat_checked = False
         self.start_losses: list[float] = []  # the first steps' losses: the reference of "still high"
+        self.recent_losses: list[float] = []  # the last RECENT_STEPS losses: the summary's train_loss
         self.interval_loss_sum = 0.0  # training losses since the last validation
         self.interval_steps = 0
         self.history: list[dict[str, float]] = []
@@ -209,6 +211,7 @@ class TrainingDiagnosis:
             return
         if len(self.start_losses) < 10:
             self.start_losses.append(loss)
+        self.recent_losses = (self.recent_losses + [loss])[-RECENT_STEPS:]
         self.interval_loss_sum += loss
         self.interval_steps += 1
         if self.flat_loss_steps and not self.flat_checked and step > self.warmup_steps:
@@ -251,10 +254,15 @@ class TrainingDiagnosis:
             self.history, start_loss=start_loss, num_classes=self.num_classes, lr=base_lr, batch_note=self.batch_note
         )
 
+    @property
+    def recent_train_loss(self) -> float | None:
+        """The mean training loss of the last :data:`RECENT_STEPS` steps, or None before any."""
+        return float(np.mean(self.recent_losses)) if self.recent_losses else None
+
     def state_dict(self) -> dict:
         return {
             "findings": self.findings, "window": self.window, "window_start": self.window_start,
-            "flat_checked": self.flat_checked, "start_losses": self.start_losses,
+            "flat_checked": self.flat_checked, "start_losses": self.start_losses, "recent_losses": self.recent_losses,
             "interval_loss_sum": self.interval_loss_sum, "interval_steps": self.interval_steps,
             "history": self.history, "last_lr": self.last_lr, "base_lr": self.base_lr,
         }

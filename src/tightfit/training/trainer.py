@@ -770,6 +770,9 @@ class Trainer:
             "best_metric": {"name": saver.monitor, "value": saver.best} if saver.best is not None else None,
             "best_checkpoint": str(best_path) if best_path else None,
             "last_checkpoint": str(self.run_dir / "checkpoints" / "last"),
+            # without validation there is no best: the last checkpoint is the run's result
+            "result_checkpoint": str(best_path if best_path and restore_best else self.run_dir / "checkpoints" / "last"),
+            "train_loss": diagnosis.recent_train_loss,
             "wall_time_s": round(wall_time_s, 3),
             "steps": self.global_step,
             "epochs": self.epoch,
