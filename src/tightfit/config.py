@@ -23,7 +23,7 @@ from tightfit.data.config import DataConfig
 from tightfit.errors import ConfigError, SpecError
 from tightfit.models.lora_config import LoRAConfig
 from tightfit.paths import anchor, relative_inside
-from tightfit.names import DEVICE_KINDS, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES
+from tightfit.names import DEVICE_KINDS, OPTIMIZERS, PRECISIONS, canonical_precision, SCHEDULES, STRATEGIES
 from tightfit.settings import describe_validation_error, read_yaml
 from tightfit.trust import check_spec_from_file
 from tightfit.units import parse_memory
@@ -145,7 +145,7 @@ class EarlyStoppingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
 
 
 class LoggingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
-    """``logging:`` where metrics go (console, JSON lines, TensorBoard, MLflow)."""
+    """``logging:`` where metrics go (console, JSON lines, TensorBoard, MLflow, W&B)."""
 
     console: bool = True
     progress: bool = Field(default=True, description="rich progress bars (off when not a terminal)")
@@ -153,7 +153,9 @@ class LoggingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     tensorboard: bool = True
     mlflow: bool = False
     mlflow_tracking_uri: str | None = Field(default=None, description="default: a file store in RUN_DIR/mlruns")
-    experiment: str = "tightfit"
+    wandb: bool = Field(default=False, description="Weights & Biases (pip install 'tightfit[wandb]'); offline: RUN_DIR/wandb")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(default="offline", description="wandb.init(mode=...); offline sends nothing")
+    experiment: str = Field(default="tightfit", description="the MLflow experiment and the W&B project")
     every_n_steps: int = Field(default=10, ge=1, description="log training metrics every N optimizer steps")
     report: bool = Field(default=True, description="write RUN_DIR/report.html when the run ends (tightfit report)")
 
@@ -234,6 +236,12 @@ class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     def _checkpointing_shorthand(cls, value: Any) -> Any:
         # "checkpointing: auto" is the natural way to write it; it means the activation setting.
         return value if isinstance(value, Mapping) or isinstance(value, ActivationCheckpointingConfig) else {"activation": value}
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _lightning_precision_names(cls, value: Any) -> Any:
+        # "bf16-mixed", "16-mixed", "32-true", "bf16-true": Lightning's spelling of the same choices
+        return canonical_precision(value) if isinstance(value, (str, int)) else value
 
     @field_validator("budget")
     @classmethod

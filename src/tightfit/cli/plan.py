@@ -40,6 +40,7 @@ several devices (per-rank peak, devices needed, tokens/s with communication; doc
 
 from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
 from tightfit.names import PRECISIONS as PRECISION_CHOICES
+from tightfit.names import canonical_precision
 from tightfit.names import QUANTIZE_BASES
 from tightfit.names import STRATEGIES as STRATEGY_CHOICES
 
@@ -52,7 +53,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", metavar="SPEC", help="builtin:NAME, torchvision:NAME, hf:DIR, module.path:callable")
     parser.add_argument("--input", metavar="SHAPE", help="per-sample input: 3x224x224, tokens:512, or several, comma-separated")
     parser.add_argument("--batch-size", type=int, metavar="N", help="check this micro-batch size instead of recommending one")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, help="fix the precision (default: chosen; fp32 with --batch-size)")
+    parser.add_argument("--precision", type=canonical_precision, choices=PRECISION_CHOICES, help="fix the precision (default: chosen; fp32 with --batch-size)")
     parser.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, help="fix the optimizer (default: adamw)")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="force activation checkpointing of the repeated blocks on (or off with --no-checkpointing)")

@@ -37,7 +37,7 @@ from tightfit.training.callbacks import EarlyStopping, HtmlReport, ModelCheckpoi
 from tightfit.training.checkpoint_writer import CheckpointWriter
 from tightfit.training.diagnosis import TrainingDiagnosis
 from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
-from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
+from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, WandbLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
 from tightfit.training.metrics import MetricAccumulator
 from tightfit.training.monitor import ResourceMonitor
@@ -470,6 +470,8 @@ class Trainer:
         if settings.mlflow:
             uri = settings.mlflow_tracking_uri or (self.run_dir / "mlruns").resolve().as_uri()
             loggers.append(MLflowLogger(uri, settings.experiment, self.run_dir.name))
+        if settings.wandb:
+            loggers.append(WandbLogger(self.run_dir, settings.experiment, self.run_dir.name, mode=settings.wandb_mode))
         return loggers
 
     @property
