@@ -196,3 +196,19 @@ def test_the_wandb_logger_is_offline_by_default_and_logs_lightning_style_names(t
     assert calls["config"]["optimizer.lr"] == 0.003 and calls["finished"]
     logged = {key for _, metrics in calls["log"] for key in metrics}
     assert {"train/loss", "val/loss", "test/accuracy"} <= logged
+
+
+# ------------------------------------------------------------------ 4. one answer per question
+def test_equal_time_precisions_resolve_to_the_safer_one_in_training_and_inference_plans(capsys):
+    """m1-16gb runs fp16 and fp32 at the same rate: the plan used to recommend fp16 beside its own 1.00x."""
+    assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--device", "m1-16gb", "--json"]) == 0
+    training = json.loads(capsys.readouterr().out)
+    tied = [option for option in training["alternatives"] if option["precision"] == "fp16" and option["fits"]]
+    assert tied and tied[0]["note"] == "1.00x time per sample"
+    assert training["recommendation"]["precision"] == "fp32"
+    assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--inference", "--device", "m1-16gb", "--json"]) == 0
+    inference = json.loads(capsys.readouterr().out)
+    assert inference["precision"] == "fp32" and "ties to the safer" in inference["precision_reason"]
+    assert "fp16" in inference["precision_reason"]  # it was searched, not skipped
+    assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--inference", "--device", "rtx3050-laptop-6gb", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] in ("bf16", "fp16")  # a GPU where half precision is faster

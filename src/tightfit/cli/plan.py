@@ -148,26 +148,30 @@ def _run_inference(args, profile) -> int:
 
     from tightfit.cli._output import console, print_json
     from tightfit.errors import ConfigError
-    from tightfit.memory.inference import INFERENCE_PRECISIONS, plan_inference
+    from tightfit.memory.inference import INFERENCE_PRECISIONS, choose_inference_precision, plan_inference
     from tightfit.units import format_bytes, format_seconds
 
     if args.lora_rank or args.effective_batch or args.measure or args.optimizer or args.checkpointing is not None:
         raise ConfigError("--inference plans a forward pass: --lora-rank, --effective-batch, --optimizer, "
                           "--checkpointing and --measure do not apply")
-    precision = args.precision or "fp32"
-    if precision not in INFERENCE_PRECISIONS:
-        raise ConfigError(f"--precision: {precision} is not an inference precision ({', '.join(INFERENCE_PRECISIONS)})")
+    if args.precision and args.precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"--precision: {args.precision} is not an inference precision ({', '.join(INFERENCE_PRECISIONS)})")
+    settings = {"batch_size": args.batch_size, "profile": profile, "margin": args.margin, "samples": args.samples}
     with _status(args.json, f"planning a forward pass of {args.model} on {profile.name}"):
-        result = plan_inference(args.model, args.input, batch_size=args.batch_size, precision=precision,
-                                profile=profile, margin=args.margin, samples=args.samples)
+        if args.precision:
+            result, reason = plan_inference(args.model, args.input, precision=args.precision, **settings), "as given"
+        else:  # each precision the device runs; ties to the safer, as in training plans
+            result, reason = choose_inference_precision(args.model, args.input, **settings)
+    precision = result.precision
     if args.json:
-        print_json(result.to_dict())
+        print_json(result.to_dict() | {"precision_reason": reason})
         return 0
     out = console()
     colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}[result.verdict]
     out.print(f"[bold]{escape(result.model)}[/] on [bold]{escape(result.input)}[/], forward only, {precision} -> "
               f"[bold]{escape(result.device)}[/] ({result.parameters:,} parameters)")
     out.print(f"[bold {colour}]{result.verdict.upper()}[/]: {escape(result.why)}")
+    out.print(f"precision {precision}: {escape(reason)}")
     parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in result.breakdown.items() if value)
     out.print(f"peak {format_bytes(result.peak_bytes)} at batch {result.batch_size}: {parts}")
     if result.time_per_sample_s:
