@@ -44,6 +44,7 @@ from tightfit.compression.training import FinetuneSettings
 from tightfit.errors import ConfigError
 from tightfit.step.batch import count_samples, slice_batch
 from tightfit.step.loss import model_output_tensor, split_batch, task_loss
+from tightfit.units import plural
 
 
 @dataclass
@@ -373,7 +374,7 @@ class Pipeline:
         self.output.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(source.model).cpu().eval()
         self.float_model = model
-        self.say(f"measuring the original model ({threads} threads, {self.evaluator.split} split: {self.evaluator.samples} samples)")
+        self.say(f"measuring the original model ({plural(threads, 'thread')}, {self.evaluator.split} split: {self.evaluator.samples} samples)")
         self.records.append(self._measure_torch("original", "original", model, self.output / "00-original"))
         for index, step in enumerate(recipe.steps, start=1):
             directory = self.output / f"{index:02d}-{step.step}"

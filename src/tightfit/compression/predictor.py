@@ -96,7 +96,7 @@ def load_artifact(path: str | os.PathLike, *, threads: int | None = None, trust_
         from tightfit.compression.export import read_metadata
 
         try:
-            session = ort_session(path, threads=threads)
+            session = ort_session(path, threads=threads, best_device=True)
         except Exception as error:  # onnxruntime raises its own exception types
             raise ConfigError(f"predict: {path} cannot be loaded by ONNX Runtime: {str(error).splitlines()[0]}") from None
         inputs = session.get_inputs()

@@ -42,7 +42,7 @@ from tightfit.memory.bisect import largest_fitting
 from tightfit.memory.report import CATEGORIES, StepMemory
 from tightfit.step.optim import OPTIMIZERS
 from tightfit.step.precision import PRECISIONS
-from tightfit.units import format_bytes
+from tightfit.units import format_bytes, plural
 
 # Model FLOPs utilisation of eager PyTorch training: the share of the datasheet peak a training
 # step reaches. 35-45 % is typical for mid-size CNNs and transformers on NVIDIA GPUs without
@@ -615,7 +615,7 @@ class _Planner:
                 alternatives: list[dict], margin: float) -> PlanResult:
         memory = option.memory
         notes = list(self.notes)
-        notes.append(f"{self.estimates_made} estimates on fake tensors (no weights allocated)")
+        notes.append(f"{plural(self.estimates_made, 'estimate')} on fake tensors (no weights allocated)")
         notes.append(f"times are estimates: {UTILISATION_SOURCE}")
         notes.extend(memory.notes)
         return PlanResult(

@@ -34,7 +34,7 @@ from tightfit.memory.measure import measure_step, resolve_device
 from tightfit.memory.oom import is_out_of_memory
 from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.memory.report import StepMemory
-from tightfit.units import format_bytes
+from tightfit.units import format_bytes, plural
 
 CONFIRMED_TOLERANCE = 0.005  # a measurement within 0.5 % of the estimate confirms it
 
@@ -360,5 +360,5 @@ def describe(result: BatchSizeResult) -> str:
     return (
         f"batch size {result.batch_size}: peak {format_bytes(result.peak_bytes)} of "
         f"{format_bytes(result.target_bytes)} allowed ({format_bytes(result.budget_bytes)} less the margin), "
-        f"{len(result.trials)} trial step(s), {result.seconds:.1f} s"
+        f"{plural(len(result.trials), 'trial step')}, {result.seconds:.1f} s"
     )
