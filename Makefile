@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean docs-figures
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -p no:cacheprovider
+
+docs-figures: $(BIN)/.installed  # rewrite the command output quoted in docs/ (benchmarks/docs_figures.py)
+	$(BIN)/python benchmarks/docs_figures.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -212,3 +212,23 @@ def test_equal_time_precisions_resolve_to_the_safer_one_in_training_and_inferenc
     assert "fp16" in inference["precision_reason"]  # it was searched, not skipped
     assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--inference", "--device", "rtx3050-laptop-6gb", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["precision"] in ("bf16", "fp16")  # a GPU where half precision is faster
+
+
+# ------------------------------------------------------------------ 6. figures from one source
+def test_the_quoted_batch_size_output_in_the_docs_is_what_the_command_prints():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import docs_figures
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for doc, commands in docs_figures.QUOTED.items():
+        for command in commands:
+            assert docs_figures.drifted(doc, command, docs_figures.command_output(command)) is None, (doc, command)
+    assert docs_figures.masked("1 trial step, 3.7 s") == "1 trial step, <time>"
+
+
+def test_counts_have_the_right_plural():
+    from tightfit.units import plural
+
+    assert (plural(1, "estimate"), plural(8, "estimate"), plural(1, "data-loader worker")) == (
+        "1 estimate", "8 estimates", "1 data-loader worker")
