@@ -4,7 +4,7 @@ Every method runs real training steps (a warm-up and a measured step per trial, 
 trials do) under the memory tracker's simulated budget on CPU, and a trial "fits" when the step
 ran and its peak is within the budget less the 10 % margin — the same rule for all three:
 
-* ``tightfit``: :func:`tightfit.memory.search.find_batch_size` — estimate on fake tensors, confirm
+* ``tightfit``: :func:`tightfit.plan.search.find_batch_size` — estimate on fake tensors, confirm
   with real steps, bisect what remains.
 * ``doubling``: seed-000's recipe — 2, 4, 8, ... until a step fails; keep the last that fit.
 * ``power+binsearch``: Lightning's ``BatchSizeFinder(mode="binsearch")`` — double from 2 until a
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tightfit.memory.measure import measure_step
-from tightfit.memory.search import find_batch_size
+from tightfit.plan.search import find_batch_size
 from tightfit.units import format_bytes
 
 MARGIN = 0.1

@@ -2,7 +2,7 @@
 memory measured here, each beside its plan.
 
 Each variant is ``recipes/lora-causal-lm.yaml`` with overrides, planned and measured by
-``tightfit.memory.run_plan.plan_run(measure=True)``: the estimate on fake tensors, then real
+``tightfit.plan.run_plan.plan_run(measure=True)``: the estimate on fake tensors, then real
 training steps of the same configuration on this machine (warm-up, 3 timed steps, a tracked step
 for the peak). Tokens/s counts every position of the micro-batch (``batch x max_length``).
 
@@ -14,7 +14,7 @@ import argparse
 import json
 
 from tightfit.config import load_config
-from tightfit.memory.run_plan import plan_run
+from tightfit.plan.run_plan import plan_run
 
 VARIANTS = {
     "full fine-tuning": ["lora=null"],

@@ -9,7 +9,7 @@ activations). On CPU the target is a median error <= 1 % and a maximum <= 3 %.
 Inputs are kept small (64x64 images, 64-128 tokens, batches of 2-8) so that the real steps run on
 two CPU cores in a few minutes; the estimator's accuracy does not depend on the size.
 
-Forward-only rows (``tightfit.memory.inference``: feature extraction, prediction) compare the
+Forward-only rows (``tightfit.plan.inference``: feature extraction, prediction) compare the
 inference-mode estimate with the measurement the same way, against the same bar.
 
 Also timed: planning a 7B Llama-style decoder (32 layers, hidden 4096, built from a transformers
@@ -22,7 +22,7 @@ compared with ``torch.cuda.max_memory_allocated`` (tensor bytes rounded to 512-b
 
 With ``--distributed`` the script also launches itself on 2 gloo CPU ranks (torchrun) and, for
 ``ddp`` and ``fsdp``, compares each rank's tracked peak over the second step of a real ``Trainer``
-run with the per-rank estimate of ``tightfit.memory.distributed`` (docs/distributed.md).
+run with the per-rank estimate of ``tightfit.plan.distributed`` (docs/distributed.md).
 
 Run:
     .venv/bin/python benchmarks/memory_accuracy.py [--json results.json] [--only resnet18,gpt2] [--cuda] [--distributed]
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from tightfit.memory.estimator import EstimationError, estimate_step
-from tightfit.memory.inference import estimate_forward, measure_forward
+from tightfit.plan.inference import estimate_forward, measure_forward
 from tightfit.memory.measure import measure_step
 from tightfit.units import format_bytes
 
@@ -332,7 +332,7 @@ def distributed_worker(output: str, strategy: str) -> None:
 
     from torch.utils.data import TensorDataset
 
-    from tightfit.memory.distributed import model_shape, per_rank_memory
+    from tightfit.plan.distributed import model_shape, per_rank_memory
     from tightfit.models.checkpointing import find_repeated_blocks
     from tightfit.training.trainer import Trainer
 

@@ -44,7 +44,8 @@ def gib(n: int) -> str:
 def plan_rows(sequence_length: int, device: str, base_model, reuse: dict) -> list[dict]:
     from tightfit.errors import TightfitError
     from tightfit.hardware.profiles import get_profile
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
+    from tightfit.memory.overhead import device_overhead
     from tightfit.models.qlora import with_quantized_base
 
     profile = get_profile(device)
@@ -77,7 +78,10 @@ def plan_rows(sequence_length: int, device: str, base_model, reuse: dict) -> lis
     if lora_result is None:
         return rows
     for quantize_base, label in (("nf4", "QLoRA r=16, NF4 base"), ("int8", "LoRA r=16, int8 base")):
-        breakdown, notes = with_quantized_base(lora_result["breakdown"], base_model, quantize_base, profile=profile)
+        breakdown, notes = with_quantized_base(
+            lora_result["breakdown"], base_model, quantize_base,
+            overhead=lambda peak: device_overhead(profile, tensor_peak_bytes=peak).total_bytes,
+        )
         peak = sum(breakdown.values())
         # on the target device, not on this machine: NF4 needs bitsandbytes' CUDA kernels
         available = quantize_base != "nf4" or (profile.device_type == "cuda" and profile.supports_bitsandbytes)

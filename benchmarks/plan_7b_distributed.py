@@ -2,7 +2,7 @@
 
 Full fine-tuning of the shipped ``src/tightfit/configs/llama-7b`` (6.74B parameters, bf16 weights,
 gradients and AdamW state, activation checkpointing on every decoder layer, micro-batch 1 of 2048
-tokens per rank), planned per rank with ``tightfit.memory.distributed`` for FSDP2 and DDP on
+tokens per rank), planned per rank with ``tightfit.plan.distributed`` for FSDP2 and DDP on
 A100-40GB, H100-80GB and RTX 4090 24GB: the smallest count whose per-rank peak keeps the planner's
 10 % headroom, with the estimated step time and tokens/s including communication.
 
@@ -25,7 +25,7 @@ STRATEGIES = ("fsdp", "ddp")
 
 
 def rows() -> list[dict]:
-    from tightfit.memory.distributed import plan_distributed
+    from tightfit.plan.distributed import plan_distributed
 
     found = []
     for device in DEVICES:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from tightfit.hardware.profiles import get_profile
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
 
     repo = Path(__file__).resolve().parents[1]
     rows = []

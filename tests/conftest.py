@@ -38,13 +38,14 @@ def report_sources(tmp_path_factory) -> dict[str, Path]:
     """
     from tightfit.hardware.doctor import run_doctor
     from tightfit.hardware.profiles import resolve_target
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
+    from tightfit.report.callback import HtmlReport
     from tightfit.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("report-sources")
     run_dir = root / "run"
     Trainer({"epochs": 4, "run_dir": str(run_dir), "data": {"limit": 400}, "threads": 1,
-             "logging": {"console": False, "tensorboard": False, "every_n_steps": 1}}).fit()
+             "logging": {"console": False, "tensorboard": False, "every_n_steps": 1}}, callbacks=[HtmlReport()]).fit()
     sources = {"run": run_dir}
     result = plan("builtin:digits-cnn", "1x8x8", batch_size=32, precision="fp32", optimizer="adamw",
                   profile=resolve_target("rtx3050-laptop-6gb", None))

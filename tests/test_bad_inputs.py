@@ -199,7 +199,7 @@ CASES: dict[str, Case] = {
     # --- run (study files), export-checkpoint, generate -----------------------------------------
     "run missing study": Case(["run", "{w}/nowhere.yaml"], "does not exist"),
     "run invalid yaml": Case(["run", "{w}/broken.yaml"], "not valid YAML"),
-    "run study that is a list": Case(["run", "{w}/list.yaml"], "expected a mapping with 'stages'"),
+    "run study that is a list": Case(["run", "{w}/list.yaml"], "expected a mapping of settings"),
     "export-checkpoint missing run": Case(["export-checkpoint", "{w}/nowhere"], "does not exist"),
     "export-checkpoint empty folder": Case(["export-checkpoint", "{w}/empty-folder"], "checkpoints here: none"),
     "generate missing run": Case(["generate", "{w}/nowhere", "--prompt", "hi"], "no such run directory or model folder"),

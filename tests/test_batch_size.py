@@ -12,7 +12,7 @@ from torch import nn
 from tightfit.cli import main
 from tightfit.errors import ConfigError
 from tightfit.memory.measure import measure_step
-from tightfit.memory.search import find_batch_size
+from tightfit.plan.search import find_batch_size
 
 
 def mlp():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tightfit.training import checkpoint as checkpoint_files
+from tightfit.runs import checkpoint as checkpoint_files
 from tightfit.training.callbacks import EarlyStopping, is_improvement
 from tightfit.training.trainer import Trainer
 

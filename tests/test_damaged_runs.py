@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from tightfit.cli import main
 from tightfit.errors import ConfigError
-from tightfit.training import checkpoint as checkpoint_files
-from tightfit.training.run_folder import RUN_MARKER
+from tightfit.runs import checkpoint as checkpoint_files
+from tightfit.runs.run_folder import RUN_MARKER
 
 QUICK = ["epochs=2", "--limit", "100", "batch.micro_batch_size=32", "logging.tensorboard=false",
          "logging.console=false", "logging.jsonl=false", "monitor.enabled=false", "checkpoint.keep_top_k=2"]

@@ -136,7 +136,7 @@ def test_recipe_trains_end_to_end_with_validation_images(pipeline_dir, captioned
     # merged: a plain diffusers pipeline folder whose UNet predicts what the trained LoRA UNet does
     from diffusers import UNet2DConditionModel
 
-    from tightfit.models.lora import merge_run
+    from tightfit.runs.model import merge_run
 
     result = merge_run(run_dir)
     merged_dir = Path(result["output"])

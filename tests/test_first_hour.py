@@ -12,7 +12,7 @@ import torch
 
 from tightfit.cli import main
 from tightfit.config import load_config
-from tightfit.memory.search import micro_batch_dividing
+from tightfit.plan.search import micro_batch_dividing
 from tightfit.training.diagnosis import flat_loss_finding
 
 ROOT = Path(__file__).resolve().parents[1]

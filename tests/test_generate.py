@@ -13,7 +13,8 @@ pytest.importorskip("transformers")
 
 from tightfit.cli import main  # noqa: E402
 from tightfit.configs import config_dir  # noqa: E402
-from tightfit.models.generate import generate_text, generate_token_ids, load_for_generation, next_token  # noqa: E402
+from tightfit.models.generate import generate_text, generate_token_ids, next_token  # noqa: E402
+from tightfit.runs.model import load_for_generation  # noqa: E402
 
 TINY_LLAMA = str(config_dir("tiny-llama"))
 
@@ -86,7 +87,7 @@ def test_lora_run_on_an_int8_base_generates_streamed_text(pirate_run, capsys):
 def test_merged_lora_run_loads_with_plain_transformers(pirate_run, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from tightfit.models.lora import load_lora_run
+    from tightfit.runs.model import load_lora_run
 
     output = tmp_path / "merged"
     assert main(["lora", "merge", str(pirate_run), "--output", str(output), "--json"]) == 0

@@ -120,8 +120,8 @@ def _fit(run_dir: Path, **changes) -> Trainer:
 
 
 def test_adapters_only_checkpoint_refuses_another_base_and_merges_into_a_full_precision_one(tmp_path):
-    from tightfit.models.lora import load_lora_run
-    from tightfit.training.checkpoint import load_weights
+    from tightfit.runs.model import load_lora_run
+    from tightfit.runs.checkpoint import load_weights
 
     trainer = _fit(tmp_path / "run", lora=CONFIG["lora"] | {"quantize_base": None})
     checkpoint = tmp_path / "run" / "checkpoints" / "last" / "model.safetensors"

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("peft")
 
 from tightfit.cli import main  # noqa: E402
-from tightfit.models.lora import load_lora_run, merge_run  # noqa: E402
+from tightfit.runs.model import load_lora_run, merge_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_info_reports_the_adapters(lora_run, capsys):
 def test_merge_writes_a_plain_model_with_the_same_outputs(lora_run, tmp_path, capsys):
     from tightfit.config import load_config
     from tightfit.models.spec import build_model
-    from tightfit.training.checkpoint import load_weights
+    from tightfit.runs.checkpoint import load_weights
 
     run_dir, _, trained = lora_run
     inputs = torch.randn(16, 1, 8, 8)

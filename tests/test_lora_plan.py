@@ -11,6 +11,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from tightfit.models.lora import LoRAConfig, apply_lora  # noqa: E402
+from tightfit.memory.overhead import device_overhead  # noqa: E402
 from tightfit.models.qlora import quantizable_linears, with_quantized_base  # noqa: E402
 from tightfit.models.spec import build_model  # noqa: E402
 
@@ -43,7 +44,10 @@ def test_quantized_base_adjustment_on_the_7b_config():
     assert len(names) == 32 * 7 and "lm_head" not in names  # q,k,v,o,gate,up,down; lm_head stays 16-bit
     linear_weights = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     breakdown = {"parameters": 2 * 6_738_415_616, "gradients": 0, "optimizer": 0, "activations": 10**9, "overhead": 0}
-    adjusted, notes = with_quantized_base(breakdown, base, "nf4", profile=get_profile("rtx3050-laptop-6gb"))
+    profile = get_profile("rtx3050-laptop-6gb")
+    adjusted, notes = with_quantized_base(
+        breakdown, base, "nf4", overhead=lambda peak: device_overhead(profile, tensor_peak_bytes=peak).total_bytes
+    )
     saved = breakdown["parameters"] - adjusted["parameters"]
     # 16 bits -> ~4.13 bits per linear weight (NF4 + double-quantized constants)
     assert 0.73 * 2 * linear_weights < saved < 0.75 * 2 * linear_weights
@@ -53,7 +57,7 @@ def test_quantized_base_adjustment_on_the_7b_config():
 
 def test_planner_plans_a_lora_decoder_on_fake_tensors():
     from tightfit.hardware.profiles import get_profile
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
 
     before = _rss()
     # the 7B architecture at 2 layers keeps the test fast; the estimate runs the real step on fake tensors
@@ -74,7 +78,7 @@ def test_planner_plans_a_lora_decoder_on_fake_tensors():
 def test_planner_quantized_base_option():
     from tightfit.errors import ConfigError
     from tightfit.hardware.profiles import get_profile
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
 
     settings = dict(batch_size=1, precision="bf16-pure", checkpointing=False, lora_rank=8,
                     profile=get_profile("rtx3050-laptop-6gb"), model_kwargs={"num_hidden_layers": 2})

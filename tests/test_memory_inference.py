@@ -7,7 +7,7 @@ import torch
 
 from tightfit.cli import main
 from tightfit.memory.estimator import estimate_step
-from tightfit.memory.inference import estimate_forward, find_inference_batch_size, largest_batch, measure_forward
+from tightfit.plan.inference import estimate_forward, find_inference_batch_size, largest_batch, measure_forward
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
 
@@ -72,7 +72,7 @@ def test_cli_plan_and_batch_size_inference(capsys):
 
 
 def test_pipeline_extract_stage_is_planned_forward_only(tmp_path):
-    from tightfit.memory.pipeline import load_pipeline, plan_pipeline
+    from tightfit.plan.pipeline import load_pipeline, plan_pipeline
 
     path = tmp_path / "pipeline.yaml"
     path.write_text(

@@ -12,8 +12,8 @@ import torch
 
 from tightfit.hardware.profiles import get_profile, with_budget
 from tightfit.memory.estimator import estimate_step
-from tightfit.memory.pipeline import SVM_KERNEL_CACHE_BYTES
-from tightfit.memory.planner import plan
+from tightfit.plan.pipeline import SVM_KERNEL_CACHE_BYTES
+from tightfit.plan.planner import plan
 from tightfit.memory.report import CATEGORIES
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
@@ -266,3 +266,20 @@ def test_diffusion_directory_is_planned(tmp_path):
                   profile=_budget(2**30))
     assert result.fits and 0 < result.trainable_parameters < result.parameters
     assert result.breakdown["gradients"] <= 4 * result.trainable_parameters < result.breakdown["parameters"]
+
+
+def test_one_plan_entry_dispatches_on_the_request_kind():
+    from tightfit.hardware.profiles import resolve_target
+    from tightfit.plan import InferenceRequest, ModelRequest, plan
+    from tightfit.plan.inference import InferencePlan
+    from tightfit.plan.planner import PlanResult
+    from tightfit.plan.planner import plan as plan_model
+
+    options = {"batch_size": 32, "precision": "fp32", "optimizer": "adamw", "profile": resolve_target("rtx3050-laptop-6gb", None)}
+    result = plan(ModelRequest("builtin:digits-cnn", "1x8x8", options))
+    assert isinstance(result, PlanResult)
+    assert result.to_dict()["breakdown"] == plan_model("builtin:digits-cnn", "1x8x8", **options).to_dict()["breakdown"]
+    forward = plan(InferenceRequest("builtin:digits-cnn", "1x8x8", {"batch_size": 32, "profile": options["profile"]}))
+    assert isinstance(forward, InferencePlan) and forward.breakdown.get("gradients", 0) == 0
+    with pytest.raises(TypeError, match="not a plan request"):
+        plan({"model": "builtin:digits-cnn"})

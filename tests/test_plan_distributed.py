@@ -1,11 +1,11 @@
-"""Per-rank planning (tightfit.memory.distributed): the arithmetic, the devices-needed search, the CLI."""
+"""Per-rank planning (tightfit.plan.distributed): the arithmetic, the devices-needed search, the CLI."""
 
 import json
 
 import pytest
 
 from tightfit.errors import ConfigError
-from tightfit.memory.distributed import ModelShape, parse_devices, per_rank_memory, plan_distributed
+from tightfit.plan.distributed import ModelShape, parse_devices, per_rank_memory, plan_distributed
 from tightfit.memory.report import StepMemory
 
 GIB = 2**30
@@ -66,7 +66,7 @@ def test_plan_cli_answers_per_rank_as_json(capsys):
 
 
 def test_a_pipeline_stage_plans_per_rank_with_devices(tmp_path):
-    from tightfit.memory.pipeline import load_pipeline, plan_pipeline
+    from tightfit.plan.pipeline import load_pipeline, plan_pipeline
 
     path = tmp_path / "pipeline.yaml"
     path.write_text(

@@ -53,11 +53,14 @@ def test_run_page_shows_the_summary_numbers_and_the_curves(report_sources):
 
 
 def test_training_writes_the_report_by_default_and_not_when_switched_off(report_sources, tmp_path):
-    from tightfit.training.trainer import Trainer
+    from tightfit.api import train
 
-    assert (report_sources["run"] / "report.html").is_file()  # the fixture's run: written by fit()
-    summary = Trainer({"epochs": 1, "max_steps": 2, "run_dir": str(tmp_path / "off"), "data": {"limit": 200},
-                       "logging": {"console": False, "tensorboard": False, "report": False}}).fit()
+    assert (report_sources["run"] / "report.html").is_file()  # the fixture's run: written by HtmlReport
+    settings = {"epochs": 1, "max_steps": 2, "data": {"limit": 200}, "logging": {"console": False, "tensorboard": False}}
+    summary = train({**settings, "run_dir": str(tmp_path / "on")})
+    assert summary["report"] == str(tmp_path / "on" / "report.html") and (tmp_path / "on" / "report.html").is_file()
+    settings["logging"]["report"] = False
+    summary = train({**settings, "run_dir": str(tmp_path / "off")})
     assert "report" not in summary and not (tmp_path / "off" / "report.html").exists()
 
 
@@ -262,3 +265,36 @@ def test_scatter_labels_of_points_at_the_same_height_do_not_overlap():
     svg = charts.scatter(points, x_axis=charts.Axis("x"), y_axis=charts.Axis("y"))
     baselines = re.findall(r'<text class="label" x="[\d.]+" y="([\d.]+)" text-anchor="\w+">artifact', svg)
     assert len(baselines) == 4 and len(set(baselines)) == 4  # four points on one spot: four label rows
+
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+# values a page looks up in its own tables (tones, orders): a hostile one is refused, not shown
+ENUMERATED = {"verdict", "status", "severity", "kind", "mode", "tone", "layout", "precision", "optimizer", "strategy",
+              "device_type", "task", "format", "type", "metric_name", "direction", "unit"}
+
+
+def _poison(value, key=""):
+    if isinstance(value, dict):
+        return {name: _poison(item, name) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_poison(item, key) for item in value]
+    if isinstance(value, str) and key not in ENUMERATED:
+        return HOSTILE
+    if key in ("micro_batch_size", "accumulation_steps"):  # the plan page's batch cells (issue 19)
+        return HOSTILE
+    return value
+
+
+@pytest.mark.parametrize("kind", ["plan", "pipeline", "study", "compression", "doctor"])
+def test_a_hostile_value_in_every_text_field_is_escaped_on_every_page(tmp_path, report_sources, kind):
+    source = report_sources[kind]
+    path = source / ("results.json" if kind == "study" else "report.json") if source.is_dir() else source
+    poisoned = tmp_path / kind / path.name
+    poisoned.parent.mkdir()
+    poisoned.write_text(json.dumps(_poison(json.loads(path.read_text()))))
+    try:
+        _, html = render(poisoned if kind not in ("study", "compression") else poisoned.parent)
+    except (KeyError, TypeError, ValueError, ConfigError) as error:
+        pytest.fail(f"{kind}: a hostile value broke the page: {error!r}")
+    assert "<img" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html

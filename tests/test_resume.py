@@ -3,6 +3,7 @@ uninterrupted run; checkpoints survive a crash mid-write and load without unpick
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tightfit.step.rng import rng_state, set_rng_state
-from tightfit.training import checkpoint as checkpoint_files
+from tightfit.runs import checkpoint as checkpoint_files
 
 # The run: dropout (RNG), AdamW (optimizer state), cosine with warm-up (schedule), shuffled data
 # (sampler position), 3 epochs of 8 steps, a resumable checkpoint every 3 steps. A callback slows
@@ -154,3 +155,75 @@ def test_resume_of_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         checkpoint_files.load_checkpoint(tmp_path / "checkpoints" / "last", torch.nn.Linear(1, 1))
+
+
+# The run above, with a hook on checkpoint writes: the moment a `best` is complete on disk while an
+# older `last` is the newest full-state checkpoint (validation writes best, then the epoch's end
+# writes last), the process is SIGKILLed. No periodic checkpoints, so last and best are the pair.
+KILL_HOOK = textwrap.dedent(
+    """
+    import os, signal
+    from pathlib import Path
+
+    original_save = Trainer.save_checkpoint
+
+    def save_then_maybe_die(self, name, *args, **kwargs):
+        path = original_save(self, name, *args, **kwargs)
+        if mode == "kill" and name == "best" and (Path(run_dir) / "checkpoints" / "last").is_dir():
+            self.checkpoint_writer.wait()  # best is whole on disk; this epoch's last is not written yet
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    Trainer.save_checkpoint = save_then_maybe_die
+    """
+)
+KILL_BETWEEN_BEST_AND_LAST = RUN_SCRIPT.replace('"checkpoint": {"every_n_steps": 3},', "").replace(
+    "trainer = Trainer(", KILL_HOOK + "trainer = Trainer(", 1
+)
+
+
+def test_a_kill_between_best_and_last_of_one_epoch_resumes_exactly(tmp_path):
+    """Resume takes the newest checkpoint with the whole training state (the older last), not the
+    newer weights-only best; from a weights-only one only when no full-state one is intact."""
+    script = tmp_path / "between.py"
+    script.write_text(KILL_BETWEEN_BEST_AND_LAST)
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+
+    def launch(run_dir: Path, mode: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), str(run_dir), mode, "0"], stderr=subprocess.PIPE, text=True)
+
+    reference, victim = launch(uninterrupted, "fresh"), launch(killed, "kill")
+    assert victim.wait(timeout=120) == -signal.SIGKILL, victim.stderr.read()
+    checkpoints = killed / "checkpoints"
+    step = {name: json.loads((checkpoints / name / checkpoint_files.META_FILE).read_text())["step"] for name in ("last", "best")}
+    assert step["last"] < step["best"]  # the window: best of the epoch written, its last not yet
+    # the same folder with last damaged: weights only from best, with a warning that says why
+    damaged = tmp_path / "damaged"
+    shutil.copytree(killed, damaged)
+    (damaged / "checkpoints" / "last" / checkpoint_files.STATE_FILE).write_bytes(b"damaged")
+    resumed, fallback = launch(killed, "resume"), launch(damaged, "resume")
+    _, warnings = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, warnings
+    assert "weights only" not in warnings and "warning" not in warnings
+    _, fallback_warnings = fallback.communicate(timeout=120)
+    assert fallback.returncode == 0, fallback_warnings
+    assert "best (weights only)" in fallback_warnings
+    assert "no intact checkpoint holds the whole training state (last damaged" in fallback_warnings
+    assert reference.wait(timeout=120) == 0, reference.stderr.read()
+
+    expected, actual = final_weights(uninterrupted), final_weights(killed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name  # bit for bit
+    expected_state, actual_state = (
+        torch.load(run / "checkpoints" / "last" / checkpoint_files.STATE_FILE, weights_only=True) for run in (uninterrupted, killed)
+    )
+    for index, moments in expected_state["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(actual_state["optimizer"]["state"][index][key], value), (index, key)
+    expected_summary, actual_summary = (json.loads((run / "summary.json").read_text()) for run in (uninterrupted, killed))
+    for key in ("steps", "samples_seen", "best_metric", "final_metrics"):
+        if key in expected_summary:
+            assert actual_summary[key] == expected_summary[key], key
+    assert json.loads((checkpoints / "last" / "meta.json").read_text())["metrics"] == json.loads(
+        (uninterrupted / "checkpoints" / "last" / "meta.json").read_text())["metrics"]

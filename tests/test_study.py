@@ -337,3 +337,20 @@ def test_seed002_study_runs_end_to_end_on_generated_volumes(tmp_path):
     arms = ("mim-features", "contrastive-features", "vit-pure-features", "slice-features", "sparse-codes")
     assert rows == {(arm, classifier) for arm in arms for classifier in ("svm", "src")}
     assert "friedman" in results["evaluations"]["statistics"]["comparisons"]["svm"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "results.md is not from a study run here"),
+    (["--resume"], "is not a study folder"),
+])
+def test_a_folder_with_the_users_files_is_refused_and_left_byte_identical(tmp_path, capsys, argv, expected):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "results.md").write_text("# my own results\n")
+    (folder / "notes.txt").write_text("keep me")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    path = write(tmp_path / "study.yaml", tiny_study(tmp_path / "elsewhere"))
+    assert main(["run", str(path), "--folder", str(folder), *argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert expected in error and "\n" not in error and "Traceback" not in error
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before

@@ -115,7 +115,7 @@ KILLER = textwrap.dedent(
 
 
 def _weights(run_dir: Path) -> dict:
-    from tightfit.training.distributed_checkpoint import read_sharded_weights
+    from tightfit.runs.distributed_checkpoint import read_sharded_weights
 
     return read_sharded_weights(run_dir / "checkpoints" / "last")
 
@@ -154,7 +154,7 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
 
     # 2 -> 1: one process loads both ranks' shards: weights and optimizer state whole
     from tightfit.config import load_config
-    from tightfit.training.distributed_checkpoint import read_sharded_weights
+    from tightfit.runs.distributed_checkpoint import read_sharded_weights
     from tightfit.training.trainer import Trainer
 
     newest = one_process / "checkpoints" / "step-3"  # what a resume continues from
@@ -233,7 +233,7 @@ def test_lora_under_fsdp_trains_and_checkpoints_only_the_adapters(tmp_path):
 def test_fsdp_gathers_in_the_run_precision_except_beside_batch_norm_under_autocast():
     from torch import nn
 
-    from tightfit.training.distributed import fsdp_param_dtype
+    from tightfit.plan.distributed import fsdp_param_dtype
 
     plain, normed = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     assert fsdp_param_dtype("auto", "bf16", plain) == "bf16" and fsdp_param_dtype("auto", "fp32", plain) == "fp32"

@@ -5,6 +5,7 @@ command exits 2 with one line naming the opt-in, and the files already on disk a
 """
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -284,3 +285,79 @@ def test_an_unwritable_trust_record_warns_but_does_not_fail_the_export(tmp_path,
     with pytest.warns(UserWarning, match="--trust-pt2"):
         record_program(archive)
     assert not is_recorded_program(archive)
+
+
+# --- sharded (DCP) checkpoints ------------------------------------------------------------
+
+DIGITS = str(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml")
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory) -> Path:
+    """A one-process ``distributed.strategy=fsdp`` run: its checkpoints are DCP shards."""
+    run_dir = tmp_path_factory.mktemp("sharded") / "run"
+    code = main(["train", DIGITS, "distributed.strategy=fsdp", "checkpointing=auto", "max_steps=1", "data.limit=32",
+                 "logging.progress=false", "logging.tensorboard=false", "monitor.enabled=false", "--run-dir", str(run_dir)])
+    assert code == 0
+    return run_dir
+
+
+def _plant_metadata(run_dir: Path, marker: Path) -> None:
+    import pickle
+
+    for name in ("best", "last"):
+        (run_dir / "checkpoints" / name / "shards" / ".metadata").write_bytes(pickle.dumps(_ShellPayload(marker)))
+
+
+def test_a_sharded_checkpoint_exports_and_resumes_through_the_safe_reader(sharded_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tightfit.runs.distributed_checkpoint import read_sharded_weights
+
+    assert main(["export-checkpoint", str(sharded_run), "--checkpoint", "last", "--output", str(tmp_path / "m.safetensors")]) == 0
+    exported = load_file(str(tmp_path / "m.safetensors"))
+    assert exported.keys() == read_sharded_weights(sharded_run / "checkpoints" / "last").keys() and len(exported) > 4
+    optimizer = read_sharded_weights(sharded_run / "checkpoints" / "last", part="optimizer")
+    assert any(name.endswith(".exp_avg") for name in optimizer)  # the tensors and the non-tensor items load
+    resumed = tmp_path / "resumed"
+    shutil.copytree(sharded_run, resumed)
+    assert main(["train", "--resume", str(resumed), "max_steps=2"]) == 0
+    assert json.loads((resumed / "checkpoints" / "last" / "meta.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("command", ["export-checkpoint", "train --resume"])
+def test_a_planted_dcp_metadata_pickle_runs_nothing(sharded_run, tmp_path, capsys, command):
+    import shutil
+
+    marker = tmp_path / "PWNED"
+    planted = tmp_path / "received"
+    shutil.copytree(sharded_run, planted)
+    _plant_metadata(planted, marker)
+    before = snapshot(planted)
+    code, err = run_cli(capsys, *command.split(), str(planted))
+    assert_one_line_refusal(code, err, ".metadata", "not checkpoint metadata a safe load accepts")
+    assert not marker.exists()
+    if command == "export-checkpoint":
+        assert snapshot(planted) == before
+
+
+def test_a_planted_dcp_item_pickle_runs_nothing(tmp_path):
+    """DCP's default planner loads non-tensor items with ``weights_only=False``; ours does not."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from tightfit.runs.distributed_checkpoint import read_sharded_weights
+
+    marker = tmp_path / "PWNED"
+    folder = tmp_path / "checkpoints" / "last"
+    dcp.save({"model": {"w": torch.ones(2)}, "optimizer": {"lr": _ShellPayload(marker)}}, checkpoint_id=folder / "shards")
+    torch.save({"counters": {}}, folder / "state.pt")
+    (folder / "meta.json").write_text('{"step": 1}')
+    assert torch.equal(read_sharded_weights(folder)["w"], torch.ones(2))
+    with pytest.raises(ConfigError, match="optimizer.lr holds Python objects a safe load refuses"):
+        read_sharded_weights(folder, part="optimizer")
+    assert not marker.exists()
+    dcp.load({"optimizer": {"lr": 0.0}}, checkpoint_id=folder / "shards")  # torch's own planner runs the payload
+    assert marker.exists()

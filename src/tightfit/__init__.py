@@ -7,11 +7,10 @@ are loaded on first use so that ``tightfit --help`` answers at once.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": ("tightfit.training.api", "train"),
+    "train": ("tightfit.api", "train"),
     "Trainer": ("tightfit.training.trainer", "Trainer"),
-    "lr_find": ("tightfit.training.lr_finder", "lr_find"),
-    "find_batch_size": ("tightfit.memory.search", "find_batch_size"),
-    "plan": ("tightfit.memory.planner", "plan"),
+    "lr_find": ("tightfit.api", "lr_find"),
+    "find_batch_size": ("tightfit.plan.search", "find_batch_size"),
 }
 
 

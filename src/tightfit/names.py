@@ -32,12 +32,16 @@ DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
 # Python module (``module.path:callable``), which runs code (see tightfit/trust.py).
 MODEL_PREFIXES = ("builtin", "torchvision", "hf", "diffusion")
 
+# Precisions of a forward-only pass (plan/inference.py, a study's extraction stages): no bf16-pure,
+# which is a training setting (bf16 weights and optimizer state).
+INFERENCE_PRECISIONS = ("fp32", "fp16", "bf16")
+
 # Post-training quantization methods of `compress` (compression/quantize.py).
 QUANTIZE_METHODS = ("auto", "dynamic", "static", "weight-only")
 
 # How a LoRA run's frozen base may be quantized (models/qlora.py): QLoRA's nf4, or int8.
 QUANTIZE_BASES = ("nf4", "int8")
 
-# How several processes share a model (training/distributed.py, memory/distributed.py); a run
+# How several processes share a model (training/distributed.py, plan/distributed.py); a run
 # config also takes "auto" (one process alone, ddp under torchrun).
 STRATEGIES = ("ddp", "fsdp")

@@ -58,17 +58,11 @@ def run(args) -> int:
             "batch-size runs real steps -- to plan for a device profile use tightfit plan --device"
         )
 
-    import torch
-
-    from tightfit.memory.measure import resolve_device
-    from tightfit.memory.search import find_batch_size
+    from tightfit.hardware.detect import resolve_device
+    from tightfit.plan import BatchSizeRequest, plan
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
     device = resolve_device(device_name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps: the MPS backend is not available on this machine")
     if device.type == "cpu" and budget_bytes is None:
         raise ConfigError("--memory: required on CPU (the budget to simulate, e.g. --memory 2GiB)")
     inputs = parse_input_spec(args.input)
@@ -78,11 +72,11 @@ def run(args) -> int:
     if args.inference:
         return _run_inference(args, model, batch_factory, budget_bytes, device)
     with _status(args.json, f"searching the batch size of {args.model} on {device}"):
-        result = find_batch_size(
-            model, batch_factory, budget_bytes=budget_bytes, device=device, precision=args.precision,
+        result = plan(BatchSizeRequest(model, batch_factory, options=dict(
+            budget_bytes=budget_bytes, device=device, precision=args.precision,
             optimizer=args.optimizer, checkpointing=args.checkpointing, margin=args.margin,
             max_batch_size=args.max_batch_size, accumulation_steps=args.accumulation,
-        )
+        )))
     if args.json:
         from tightfit.cli._output import print_json
 
@@ -94,7 +88,8 @@ def run(args) -> int:
 
 def _run_inference(args, model, batch_factory, budget_bytes, device) -> int:
     from tightfit.errors import ConfigError
-    from tightfit.memory.inference import INFERENCE_PRECISIONS, find_inference_batch_size
+    from tightfit.names import INFERENCE_PRECISIONS
+    from tightfit.plan import BatchSizeRequest, plan
 
     if args.precision not in INFERENCE_PRECISIONS:
         raise ConfigError(f"--precision: {args.precision} is not an inference precision ({', '.join(INFERENCE_PRECISIONS)})")
@@ -105,8 +100,9 @@ def _run_inference(args, model, batch_factory, budget_bytes, device) -> int:
     if budget_bytes is None:
         raise ConfigError("--memory: required with --inference on this device (the budget, e.g. --memory 4GiB)")
     with _status(args.json, f"searching the forward batch size of {args.model} on {device}"):
-        result = find_inference_batch_size(model, batch_factory, budget_bytes=budget_bytes, device=device,
-                                           precision=args.precision, margin=args.margin, max_batch_size=args.max_batch_size)
+        result = plan(BatchSizeRequest(model, batch_factory, inference=True, options=dict(
+            budget_bytes=budget_bytes, device=device, precision=args.precision, margin=args.margin,
+            max_batch_size=args.max_batch_size)))
     if args.json:
         from tightfit.cli._output import print_json
 
@@ -139,7 +135,7 @@ def _render(result) -> None:
     from rich.table import Table
 
     from tightfit.cli._output import console
-    from tightfit.memory.search import describe
+    from tightfit.plan.search import describe
     from tightfit.units import format_bytes
 
     table = Table(title="trial steps (real tensors)")

@@ -26,7 +26,7 @@ def _unsharded_weights(args):
     import shutil
     from pathlib import Path
 
-    from tightfit.training import checkpoint as checkpoint_files
+    from tightfit.runs import checkpoint as checkpoint_files
 
     found = checkpoint_files.complete_checkpoint(Path(args.run_dir) / "checkpoints" / args.checkpoint)
     if found is None or checkpoint_files.is_sharded(found) or not (found / checkpoint_files.WEIGHTS_FILE).is_file():
@@ -45,7 +45,7 @@ def _unsharded_weights(args):
 def run(args) -> int:
     from safetensors import safe_open
 
-    from tightfit.training.distributed_checkpoint import export_weights
+    from tightfit.runs.distributed_checkpoint import export_weights
 
     path = _unsharded_weights(args)
     verb = "wrote" if path is None or args.output else "its weights:"

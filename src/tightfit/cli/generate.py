@@ -40,9 +40,10 @@ def run(args) -> int:
     import sys
 
     from tightfit.cli._output import print_json
-    from tightfit.models.generate import generate_images, generate_text, load_for_generation
+    from tightfit.models.generate import generate_images, generate_text
+    from tightfit.runs.model import load_for_generation
 
-    from tightfit.memory.measure import resolve_device
+    from tightfit.hardware.detect import resolve_device
 
     device = resolve_device(args.device)  # the best device of this machine unless told
     loaded = load_for_generation(args.path, device=str(device), trust_code=args.trust_code)

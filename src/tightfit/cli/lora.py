@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from tightfit.cli._output import console, print_json
-    from tightfit.models.lora import describe_adapters, merge_run
+    from tightfit.runs.model import describe_adapters, merge_run
 
     if args.action == "info":
         info = describe_adapters(args.run_dir)

@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--plot {args.plot}: the folder {plot_path.parent} does not exist")
 
     from tightfit.cli._output import console
-    from tightfit.training.lr_finder import lr_find, plot_lr_find
+    from tightfit.api import lr_find
+    from tightfit.training.lr_finder import plot_lr_find
 
     if args.json:
         config = config.model_copy(update={"logging": config.logging.model_copy(update={"console": False})})

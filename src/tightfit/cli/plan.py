@@ -108,14 +108,14 @@ def run(args) -> int:
     profile = resolve_target(args.device, args.memory)
     if args.inference:
         return _run_inference(args, profile)
-    from tightfit.memory.planner import plan
+    from tightfit.plan import ModelRequest, plan
 
     with _status(args.json, f"planning {args.model} on {profile.name}"):
-        result = plan(
-            args.model, args.input, batch_size=args.batch_size, precision=args.precision, optimizer=args.optimizer,
+        result = plan(ModelRequest(args.model, args.input, dict(
+            batch_size=args.batch_size, precision=args.precision, optimizer=args.optimizer,
             checkpointing=args.checkpointing, lora_rank=args.lora_rank, quantize_base=args.quantize_base, profile=profile,
             effective_batch_size=args.effective_batch, margin=args.margin, samples=args.samples, measure=args.measure,
-        )
+        )))
     if args.json:
         from tightfit.cli._output import print_json
 
@@ -128,11 +128,11 @@ def run(args) -> int:
 
 def _run_config(args, path: str, overrides: list[str]) -> int:
     from tightfit.config import load_config
-    from tightfit.memory.run_plan import plan_run
+    from tightfit.plan import RunRequest, plan
 
     config = load_config(path, overrides, trust_code=args.trust_code)
     with _status(args.json, f"planning {path}"):
-        result = plan_run(config, device=args.device, memory=args.memory, margin=args.margin, measure=args.measure)
+        result = plan(RunRequest(config, dict(device=args.device, memory=args.memory, margin=args.margin, measure=args.measure)))
     if args.json:
         from tightfit.cli._output import print_json
 
@@ -148,7 +148,9 @@ def _run_inference(args, profile) -> int:
 
     from tightfit.cli._output import console, print_json
     from tightfit.errors import ConfigError
-    from tightfit.memory.inference import INFERENCE_PRECISIONS, choose_inference_precision, plan_inference
+    from tightfit.names import INFERENCE_PRECISIONS
+    from tightfit.plan import InferenceRequest, plan
+    from tightfit.plan.inference import choose_inference_precision
     from tightfit.units import format_bytes, format_seconds
 
     if args.lora_rank or args.effective_batch or args.measure or args.optimizer or args.checkpointing is not None:
@@ -159,7 +161,7 @@ def _run_inference(args, profile) -> int:
     settings = {"batch_size": args.batch_size, "profile": profile, "margin": args.margin, "samples": args.samples}
     with _status(args.json, f"planning a forward pass of {args.model} on {profile.name}"):
         if args.precision:
-            result, reason = plan_inference(args.model, args.input, precision=args.precision, **settings), "as given"
+            result, reason = plan(InferenceRequest(args.model, args.input, dict(settings, precision=args.precision))), "as given"
         else:  # each precision the device runs; ties to the safer, as in training plans
             result, reason = choose_inference_precision(args.model, args.input, **settings)
     precision = result.precision
@@ -282,22 +284,22 @@ def _run_pipeline(args) -> int:
     from rich.table import Table
 
     from tightfit.cli._output import console, print_json
-    from tightfit.memory.pipeline import plan_pipeline
+    from tightfit.plan import PipelineRequest, plan
     from tightfit.units import format_bytes, format_seconds
 
     config = _pipeline_config(args.pipeline, trust_code=args.trust_code)
     if args.json:
-        result = plan_pipeline(config, device=args.device, memory=args.memory)
+        result = plan(PipelineRequest(config, dict(device=args.device, memory=args.memory)))
         print_json(result.to_dict())
         _write_html(args, result.to_dict())
         return 0
     from rich.console import Console
 
     with Console(stderr=True).status("planning ...") as status:
-        result = plan_pipeline(
-            config, device=args.device, memory=args.memory,
+        result = plan(PipelineRequest(config, dict(
+            device=args.device, memory=args.memory,
             on_stage=lambda name: status.update(f"planning stage {name} (estimating on fake tensors) ..."),
-        )
+        )))
     out = console()
     out.print(
         f"[bold]{escape(result.name)}[/] on [bold]{escape(result.device)}[/] "
@@ -332,7 +334,7 @@ def _run_pipeline(args) -> int:
 
 def _pipeline_config(path, *, trust_code: bool = False):
     """A pipeline file, or a study file (``tightfit run``'s) turned into the pipeline that plans it."""
-    from tightfit.memory.pipeline import load_pipeline
+    from tightfit.plan.pipeline import load_pipeline
     from tightfit.study.spec import is_study_file, read_study_yaml
 
     if not is_study_file(read_study_yaml(path)):
@@ -351,17 +353,17 @@ def _run_distributed(args) -> int:
 
     from tightfit.cli._output import console, print_json
     from tightfit.errors import ConfigError
-    from tightfit.memory.distributed import plan_distributed
+    from tightfit.plan import DistributedRequest, plan
     from tightfit.units import format_seconds
 
     if args.device or args.memory or args.measure or args.html:
         raise ConfigError("--devices: names the device itself; drop --device/--memory/--measure (and --html, not drawn for per-rank plans yet)")
     with _status(args.json, f"planning {args.model} on {args.devices} ({args.strategy})"):
-        result = plan_distributed(
-            args.model, args.input, devices=args.devices, strategy=args.strategy, batch_size=args.batch_size or 1,
+        result = plan(DistributedRequest(args.model, args.input, dict(
+            devices=args.devices, strategy=args.strategy, batch_size=args.batch_size or 1,
             precision=args.precision or "bf16-pure", optimizer=args.optimizer or "adamw",
             checkpointing=True if args.checkpointing is None else args.checkpointing, lora_rank=args.lora_rank, margin=args.margin,
-        )
+        )))
     if args.json:
         print_json(result.to_dict())
         return 0

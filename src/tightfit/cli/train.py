@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             print(config_to_yaml(config), end="")
         return 0
     if not args.resume and config.run_dir:
-        from tightfit.training.run_folder import check_new_run_folder
+        from tightfit.runs.run_folder import check_new_run_folder
 
         check_new_run_folder(config.run_dir)
 
@@ -83,11 +83,12 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
         return _launch(args)  # the configuration is valid: now start the processes
+    from tightfit.report.callback import report_callbacks
     from tightfit.training.trainer import Trainer
 
     if args.json:
         config = config.model_copy(update={"logging": config.logging.model_copy(update={"console": False})})
-    summary = Trainer(config).fit(resume_from=args.resume)
+    summary = Trainer(config, callbacks=report_callbacks(config)).fit(resume_from=args.resume)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun rank 0 reports for every rank (the summary holds each rank's peak)
     metrics_file = Path(summary["run_dir"]) / "metrics.jsonl"

@@ -94,7 +94,8 @@ def load_source(
     """
     from tightfit.data.build import build_datasets
     from tightfit.models.spec import build_model_for_data
-    from tightfit.training import checkpoint as checkpoint_files
+    from tightfit.runs import checkpoint as checkpoint_files
+    from tightfit.runs.model import build_run_model, load_run_model
 
     path = Path(source)
     if path.is_dir():
@@ -107,13 +108,14 @@ def load_source(
         if config.lora is not None:
             raise ConfigError(f"compress: {path} is a LoRA run; merge the adapters first (tightfit lora merge)")
         bundle = build_datasets(config.data, seed=config.seed)
-        model, _ = build_model_for_data(config.model, config.model_options, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
         spec, name, weights, notes = config.model, path.name, checkpoint, []
         if checkpoint is None:  # the best weights, or the newest intact checkpoint when best is damaged
-            restored = checkpoint_files.load_newest_intact(path / "checkpoints", model, first="best")
+            model, restored = load_run_model(path, config=config, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
             notes = [f"skipped a damaged checkpoint: {problem}" for problem in restored.skipped]
             if restored.skipped:
                 notes.append(f"compressing the weights of {restored.directory} instead")
+        else:
+            model, _ = build_run_model(config, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
     else:
         if ":" not in str(source):
             raise ConfigError(f"compress: {source} is neither a run directory nor a model spec (builtin:NAME, hf:DIR, ...)")
@@ -425,87 +427,114 @@ class Pipeline:
                              metadata=self.source.metadata, program=program)
 
     def _apply(self, step: Any, model: nn.Module, directory: Path, index: int) -> nn.Module:
+        """Run one step of the recipe through the registry of step kinds (:attr:`steps`)."""
         tag = f"{index:02d}-{step.step}"
+        run = self.steps.get(step.step)
+        if run is None:
+            raise ConfigError(f"compress: unknown step {step!r}")
+        return run(step, model, directory, tag)
+
+    @property
+    def steps(self) -> dict[str, Any]:
+        """Each step kind of a recipe (the ``step:`` tag of ``compression/recipe.py``'s union) and the
+        method that runs it; a new kind is a recipe model and one entry here."""
+        return {
+            "prune": self._step_prune,
+            "finetune": self._step_finetune,
+            "distill": self._step_distill,
+            "qat": self._step_qat,
+            "quantize": self._step_quantize,
+            "export": self._step_export,
+        }
+
+    def _step_prune(self, step: PruneStep, model: nn.Module, directory: Path, tag: str) -> nn.Module:
         data = self.source.data
-        if isinstance(step, PruneStep):
-            model = copy.deepcopy(model).train()
-            settings = _settings(step.finetune, self.recipe)
-            schedule = None
-            if step.method == "magnitude":
-                planned = settings.planned_steps(len(data.train))
-                end = step.end_step or max(step.begin_step + 1, (2 * planned) // 3)
-                schedule = PolynomialSchedule(
-                    step.initial_sparsity, step.sparsity, step.begin_step, end,
-                    frequency=step.frequency or max(1, (end - step.begin_step) // 10),
-                )
-            # Tracing inputs for Torch-Pruning: several samples (BatchNorm in train mode cannot
-            # normalise one), keyword inputs for HF-style models.
-            args, kwargs, _ = split_batch(self.evaluator.large)
-            kwargs = {key: value for key, value in kwargs.items() if key != "labels"}
-            example_inputs = kwargs or (args[0] if len(args) == 1 else args)
-            result = prune(
-                model, data, method=step.method, sparsity=step.sparsity, scope=step.scope, schedule=schedule,
-                exclude=step.exclude, example_inputs=example_inputs,
-                num_classes=getattr(data, "num_classes", None), importance=step.importance,
-                finetune=settings, run_dir=directory / "train", progress=self.progress,
+        model = copy.deepcopy(model).train()
+        settings = _settings(step.finetune, self.recipe)
+        schedule = None
+        if step.method == "magnitude":
+            planned = settings.planned_steps(len(data.train))
+            end = step.end_step or max(step.begin_step + 1, (2 * planned) // 3)
+            schedule = PolynomialSchedule(
+                step.initial_sparsity, step.sparsity, step.begin_step, end,
+                frequency=step.frequency or max(1, (end - step.begin_step) // 10),
             )
-            record = self._measure_torch(f"{tag} {step.method} {step.sparsity:.0%}", tag, model, directory)
-            record.details.update(result.details, sparsity_table=result.table)
-            self.records.append(record)
-            self.float_model = model
-            return model
-        if isinstance(step, FinetuneStep):
-            from tightfit.compression.training import finetune
+        # Tracing inputs for Torch-Pruning: several samples (BatchNorm in train mode cannot
+        # normalise one), keyword inputs for HF-style models.
+        args, kwargs, _ = split_batch(self.evaluator.large)
+        kwargs = {key: value for key, value in kwargs.items() if key != "labels"}
+        example_inputs = kwargs or (args[0] if len(args) == 1 else args)
+        result = prune(
+            model, data, method=step.method, sparsity=step.sparsity, scope=step.scope, schedule=schedule,
+            exclude=step.exclude, example_inputs=example_inputs,
+            num_classes=getattr(data, "num_classes", None), importance=step.importance,
+            finetune=settings, run_dir=directory / "train", progress=self.progress,
+        )
+        record = self._measure_torch(f"{tag} {step.method} {step.sparsity:.0%}", tag, model, directory)
+        record.details.update(result.details, sparsity_table=result.table)
+        self.records.append(record)
+        self.float_model = model
+        return model
 
-            model = copy.deepcopy(model).train()
-            finetune(model, data, _settings(step, self.recipe), run_dir=directory / "train", progress=self.progress)
-            self.records.append(self._measure_torch(tag, tag, model, directory))
-            self.float_model = model
-            return model
-        if isinstance(step, DistillStep):
-            from tightfit.compression.distill import distill
+    def _step_finetune(self, step: FinetuneStep, model: nn.Module, directory: Path, tag: str) -> nn.Module:
+        data = self.source.data
+        from tightfit.compression.training import finetune
 
-            teacher = self._teacher(step)
-            student = copy.deepcopy(model).train()
-            distill(student, teacher, data, temperature=step.temperature, alpha=step.alpha,
-                    settings=_settings(step.finetune, self.recipe), run_dir=directory / "train", progress=self.progress)
-            record = self._measure_torch(f"{tag} T={step.temperature:g} a={step.alpha:g}", tag, student, directory)
-            self.records.append(record)
-            self.float_model = student
-            return student
-        if isinstance(step, QatStep):
-            from tightfit.compression.qat import qat
+        model = copy.deepcopy(model).train()
+        finetune(model, data, _settings(step, self.recipe), run_dir=directory / "train", progress=self.progress)
+        self.records.append(self._measure_torch(tag, tag, model, directory))
+        self.float_model = model
+        return model
 
-            args, _, _ = split_batch(self.evaluator.example)
-            quantized = qat(model, data, args, settings=_settings(step.finetune, self.recipe),
-                            run_dir=directory / "train", progress=self.progress)
-            self.records.append(self._measure_torch(f"{tag} int8", tag, quantized, directory))
-            return quantized
-        if isinstance(step, QuantizeStep):
-            if is_quantized(model):
-                self.say("  quantize: the model is already int8 (after qat); nothing to do")
-                return model
-            result = quantize(
-                model, step.method, example_batch=self.evaluator.example,
-                calibration_batches=_calibration(data, step.calibration_batches),
-                evaluate=lambda candidate: self.evaluator.torch_metric(candidate).value,
-                higher_is_better=self.evaluator.classification, tolerance=self.recipe.tolerance,
-                threads=self.measure.threads,
-            )
-            self.say(f"  quantize: {result.reason}")
-            if result.method == "none":  # the model is unchanged: no new artifact to measure
-                self.decisions.append({"step": tag, "method": "none", "reason": result.reason,
-                                       "candidates": result.candidates, "warnings": result.warnings})
-                return model
-            record = self._measure_torch(f"{tag} {result.method}", tag, result.model, directory)
-            record.details.update(method=result.method, reason=result.reason, candidates=result.candidates,
-                                  warnings=result.warnings)
-            self.records.append(record)
-            return result.model
-        if isinstance(step, ExportStep):
-            self._export(step, model, directory, tag)
+    def _step_distill(self, step: DistillStep, model: nn.Module, directory: Path, tag: str) -> nn.Module:
+        data = self.source.data
+        from tightfit.compression.distill import distill
+
+        teacher = self._teacher(step)
+        student = copy.deepcopy(model).train()
+        distill(student, teacher, data, temperature=step.temperature, alpha=step.alpha,
+                settings=_settings(step.finetune, self.recipe), run_dir=directory / "train", progress=self.progress)
+        record = self._measure_torch(f"{tag} T={step.temperature:g} a={step.alpha:g}", tag, student, directory)
+        self.records.append(record)
+        self.float_model = student
+        return student
+
+    def _step_qat(self, step: QatStep, model: nn.Module, directory: Path, tag: str) -> nn.Module:
+        data = self.source.data
+        from tightfit.compression.qat import qat
+
+        args, _, _ = split_batch(self.evaluator.example)
+        quantized = qat(model, data, args, settings=_settings(step.finetune, self.recipe),
+                        run_dir=directory / "train", progress=self.progress)
+        self.records.append(self._measure_torch(f"{tag} int8", tag, quantized, directory))
+        return quantized
+
+    def _step_quantize(self, step: QuantizeStep, model: nn.Module, directory: Path, tag: str) -> nn.Module:
+        data = self.source.data
+        if is_quantized(model):
+            self.say("  quantize: the model is already int8 (after qat); nothing to do")
             return model
-        raise ConfigError(f"compress: unknown step {step!r}")
+        result = quantize(
+            model, step.method, example_batch=self.evaluator.example,
+            calibration_batches=_calibration(data, step.calibration_batches),
+            evaluate=lambda candidate: self.evaluator.torch_metric(candidate).value,
+            higher_is_better=self.evaluator.classification, tolerance=self.recipe.tolerance,
+            threads=self.measure.threads,
+        )
+        self.say(f"  quantize: {result.reason}")
+        if result.method == "none":  # the model is unchanged: no new artifact to measure
+            self.decisions.append({"step": tag, "method": "none", "reason": result.reason,
+                                   "candidates": result.candidates, "warnings": result.warnings})
+            return model
+        record = self._measure_torch(f"{tag} {result.method}", tag, result.model, directory)
+        record.details.update(method=result.method, reason=result.reason, candidates=result.candidates,
+                              warnings=result.warnings)
+        self.records.append(record)
+        return result.model
+
+    def _step_export(self, step: ExportStep, model: nn.Module, directory: Path, tag: str) -> nn.Module:
+        self._export(step, model, directory, tag)
+        return model
 
     def _teacher(self, step: DistillStep) -> nn.Module:
         """The teacher: the source model, another run directory, or a model spec + weights."""
@@ -514,7 +543,7 @@ class Pipeline:
         if Path(step.teacher).is_dir():
             return load_source(step.teacher, trust_code=self.trust_code).model
         from tightfit.models.spec import build_model
-        from tightfit.training import checkpoint as checkpoint_files
+        from tightfit.runs import checkpoint as checkpoint_files
 
         if step.teacher_checkpoint is None or not Path(step.teacher_checkpoint).is_file():
             raise ConfigError(f"distill: teacher {step.teacher} needs teacher_checkpoint, an existing weights file")

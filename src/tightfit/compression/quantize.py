@@ -39,7 +39,6 @@ from tightfit.errors import ConfigError
 from tightfit.names import QUANTIZE_METHODS
 
 QuantizeMethod = Literal[QUANTIZE_METHODS]
-METHODS = ("auto", "dynamic", "static", "weight-only")
 
 
 @dataclass
@@ -217,8 +216,8 @@ def quantize(
     from tightfit.compression.benchmark import cpu_int8_support
     from tightfit.step.loss import split_batch
 
-    if method not in METHODS:
-        raise ConfigError(f"quantize: method must be one of {list(METHODS)}; got {method!r}")
+    if method not in QUANTIZE_METHODS:
+        raise ConfigError(f"quantize: method must be one of {list(QUANTIZE_METHODS)}; got {method!r}")
     notes = [w for w in [cpu_int8_support()["warning"]] if w]
     example_inputs = None
     if example_batch is not None:

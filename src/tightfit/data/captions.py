@@ -141,7 +141,7 @@ def _tokenize_captions(captions: list[str], tokenizer, tokenizer_dir: Path, max_
 
 def build_captioned_images(config: DataConfig, seed: int):
     """The ``captioned-images`` source (see the module doc)."""
-    from tightfit.data.build import DataBundle
+    from tightfit.data.bundle import DataBundle
     from tightfit.data.transforms import build_augmentation
 
     if config.path is None:

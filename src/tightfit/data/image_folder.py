@@ -238,7 +238,7 @@ def _channel_stats(dataset: ImageFolderDataset, seed: int) -> tuple[list[float],
 
 def build_image_folder(config: DataConfig, seed: int):
     """The ``image-folder`` source (see the module doc)."""
-    from tightfit.data.build import DataBundle
+    from tightfit.data.bundle import DataBundle
     from tightfit.data.transforms import build_augmentation
 
     if config.path is None:

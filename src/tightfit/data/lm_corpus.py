@@ -305,7 +305,7 @@ def length_histogram(lengths: list[int], max_length: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------------- the source
 def build_text_corpus(config: DataConfig, seed: int):
     """The ``text-corpus`` source (see the module doc)."""
-    from tightfit.data.build import DataBundle
+    from tightfit.data.bundle import DataBundle
 
     if config.augment:
         raise ConfigError(f"data.augment: {config.augment} are image augmentations; the text-corpus source takes none")

@@ -118,7 +118,7 @@ def bundle_from_arrays(
     Raises:
         DataError: mismatched lengths, negative class indices.
     """
-    from tightfit.data.build import DataBundle
+    from tightfit.data.bundle import DataBundle
     from tightfit.data.transforms import build_augmentation
 
     inputs = _as_tensor(inputs, "inputs")

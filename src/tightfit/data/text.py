@@ -191,7 +191,7 @@ def _sorted_labels(values: list[str]) -> list[str]:
 
 def build_text_csv(config: DataConfig, seed: int):
     """The ``text-csv`` source (see the module doc)."""
-    from tightfit.data.build import DataBundle
+    from tightfit.data.bundle import DataBundle
 
     if config.augment:
         raise ConfigError(f"data.augment: {config.augment} are image augmentations; the text-csv source takes none")

@@ -14,6 +14,37 @@ from pathlib import Path
 from typing import Any
 
 
+def resolve_device(device: Any = None, *, local_rank: int | None = None):
+    """The ``torch.device`` a setting names, the one resolution the trainer, the planners and the
+    commands share.
+
+    Args:
+        device: ``None`` or ``"auto"`` (CUDA if present, else MPS, else CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"``, ``"mps"`` or a ``torch.device``.
+        local_rank: under torchrun, this process's local rank: a plain ``cuda`` becomes ``cuda:RANK``.
+
+    Raises:
+        ConfigError: a device this machine does not have, or a name torch does not know.
+    """
+    import torch
+
+    from tightfit.errors import ConfigError
+
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} was asked for but torch sees no CUDA device (try device=auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device: mps was asked for but this torch build or machine has no MPS")
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"device: cannot use {device!r} ({error})") from None
+
+
 def cpu_info() -> dict[str, Any]:
     """The CPU: model name, physical/logical cores, max clock, vector extensions.
 

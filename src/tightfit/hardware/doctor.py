@@ -294,7 +294,7 @@ def run_smoke_test(device_type: str) -> dict[str, Any]:
     try:
         import torch
 
-        from tightfit.step.loss import forward_and_loss
+        from tightfit.step.step import TrainingStep
 
         start = time.perf_counter()  # time the device, not the (first) import
 
@@ -327,17 +327,13 @@ def run_smoke_test(device_type: str) -> dict[str, Any]:
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(device)
         inputs = torch.randn(32, 16, generator=generator).to(device)
         targets = torch.randint(0, 4, (32,), generator=generator).to(device)
+        # the trainer's own step (forward, backward, optimizer), so the check proves what a run needs
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = TrainingStep(model, optimizer, device=device, precision="fp32", micro_batch_size=len(inputs))
         losses, step_seconds = [], []
         for _ in range(5):
-            _output, loss = forward_and_loss(model, (inputs, targets))
-            model.zero_grad(set_to_none=True)
-            loss.backward()
-            # A plain SGD update: the first torch.optim optimizer of a process imports
-            # torch._dynamo (seconds), which says nothing about the device.
-            with torch.no_grad():
-                for parameter in model.parameters():
-                    parameter -= 0.1 * parameter.grad
-            losses.append(float(loss.detach().cpu()))  # .cpu() waits for the device
+            outcome = step((inputs, targets))
+            losses.append(float(outcome.loss.detach().cpu()))  # .cpu() waits for the device
             step_seconds.append(time.perf_counter() - begin)
             begin = time.perf_counter()
         # The first step pays for kernel selection and lazy initialisation; report it apart.

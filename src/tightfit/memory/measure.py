@@ -13,26 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tightfit.errors import ConfigError
+from tightfit.hardware.detect import resolve_device
 from tightfit.memory.counted_step import BatchFactory, StepSettings, apply_checkpointing, counted_step, make_step
 from tightfit.memory.report import StepMemory
 from tightfit.models.checkpointing import disable_kv_cache
 from tightfit.step.optim import build_optimizer
 from tightfit.units import format_bytes
-
-
-def resolve_device(device: Any = None) -> torch.device:
-    """``None``/``"auto"``: CUDA if present, else MPS, else CPU; otherwise ``torch.device(device)``."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ConfigError(f"device: cannot use {device!r} ({error})") from None
 
 
 def measure_step(

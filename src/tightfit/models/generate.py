@@ -142,66 +142,6 @@ class LoadedModel:
     source: str = ""
 
 
-def load_for_generation(path: str | Path, *, device: str = "cpu", trust_code: bool = False) -> LoadedModel:
-    """The model at ``path`` (a run directory, a transformers folder or a diffusers folder);
-    ``trust_code`` lets a run's ``config.yaml`` name a ``module.path:callable`` model.
-
-    Raises:
-        ConfigError: nothing there, a run or folder that is neither a causal LM nor a diffusion
-            model, a missing tokenizer.
-    """
-    path = Path(path).expanduser()
-    if (path / "config.yaml").is_file():
-        loaded = _load_run(path, trust_code)
-    elif (path / "model_index.json").is_file():
-        from tightfit.models.diffusion import build_diffusion_model
-
-        loaded = LoadedModel(build_diffusion_model(path), "diffusion", source=str(path))
-    elif (path / "config.json").is_file():
-        from tightfit.data.text import load_tokenizer, resolve_tokenizer_dir
-        from tightfit.models.spec import build_model
-
-        model = build_model(f"hf:{path}")
-        require_causal_lm(model, str(path))
-        tokenizer = load_tokenizer(resolve_tokenizer_dir(str(path)))
-        loaded = LoadedModel(model, "causal-lm", tokenizer, template=bool(getattr(tokenizer, "chat_template", None)), source=str(path))
-    elif not path.exists():
-        raise ConfigError(f"{path}: no such run directory or model folder")
-    else:
-        raise ConfigError(f"{path}: neither a tightfit run (config.yaml) nor a model folder (config.json or model_index.json)")
-    loaded.model.to(device).eval()
-    return loaded
-
-
-def _load_run(run_dir: Path, trust_code: bool) -> LoadedModel:
-    from tightfit.config import load_config
-    from tightfit.models.spec import build_run_model
-    from tightfit.training.checkpoint import load_weights, resolve_weights_file
-
-    config = load_config(run_dir / "config.yaml", trust_code=trust_code)
-    if config.model.startswith("diffusion:"):
-        from tightfit.models.lora import load_lora_run
-
-        model = load_lora_run(run_dir, trust_code=trust_code) if config.lora is not None else build_run_model(config)[0]
-        return LoadedModel(model, "diffusion", source=str(run_dir))
-    if config.data.source != "text-corpus":
-        raise ConfigError(f"{run_dir}: this run trained {config.model} on {config.data.source} data, not a language model on a text corpus")
-    if config.lora is not None:
-        from tightfit.models.lora import load_lora_run
-
-        model = load_lora_run(run_dir, merged=True, trust_code=trust_code)
-    else:
-        model, _ = build_run_model(config)
-        load_weights(model, resolve_weights_file(run_dir, where=str(run_dir)))
-    require_causal_lm(model, str(run_dir))
-    from tightfit.data.lm_corpus import corpus_files
-    from tightfit.data.text import load_tokenizer, resolve_tokenizer_dir
-
-    tokenizer = load_tokenizer(resolve_tokenizer_dir(config.data.tokenizer))
-    conversations = any(file.suffix == ".jsonl" for file in corpus_files(config.data.path))
-    return LoadedModel(model, "causal-lm", tokenizer, template=conversations, source=str(run_dir))
-
-
 # ---------------------------------------------------------------------------------- text and images
 def generate_text(
     loaded: LoadedModel,

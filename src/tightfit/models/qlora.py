@@ -146,7 +146,7 @@ def with_quantized_base(
     model: nn.Module,
     quantize_base: str,
     *,
-    profile=None,
+    overhead: Callable[[int], int] | None = None,
     skip: Iterable[str] = (),
     base_weight_bytes: int = 2,
 ) -> tuple[dict[str, int], list[str]]:
@@ -162,14 +162,14 @@ def with_quantized_base(
         breakdown: ``parameters, gradients, optimizer, activations, overhead`` in bytes.
         model: the model the breakdown was estimated for (meta is fine).
         quantize_base: ``"nf4"`` or ``"int8"``.
-        profile: the target ``DeviceProfile`` (its overhead is recomputed); None: no overhead.
+        overhead: the device overhead in bytes for a tensor peak (the planner passes its target's
+            ``memory.overhead.device_overhead``), recomputed for the new peak; None: no overhead.
         skip: modules kept in 16 bits (trainable heads).
         base_weight_bytes: bytes per base weight in the estimate (2 for a bf16 base).
 
     Returns:
         ``(breakdown, notes)``: the new breakdown (same keys) and what was changed, in words.
     """
-    from tightfit.memory.overhead import device_overhead
     from tightfit.units import format_bytes
 
     modules = dict(model.named_modules())
@@ -184,7 +184,7 @@ def with_quantized_base(
     adjusted["parameters"] = breakdown["parameters"] - sixteen_bit + quantized
     adjusted["activations"] = breakdown["activations"] + largest
     tensor_peak = sum(value for key, value in adjusted.items() if key != "overhead")
-    adjusted["overhead"] = device_overhead(profile, tensor_peak_bytes=tensor_peak).total_bytes if profile else 0
+    adjusted["overhead"] = overhead(tensor_peak) if overhead is not None else 0
     notes = [
         f"{quantize_base} base: {len(names)} Linear weights {format_bytes(sixteen_bit)} -> "
         f"{format_bytes(quantized)} (constants included); +{format_bytes(largest)} for the largest "

@@ -34,14 +34,14 @@ import torch
 from torch import nn
 
 from tightfit._optional import require
-from tightfit.errors import ConfigError, SpecError
+from tightfit.errors import SpecError
 from tightfit.paths import model_folder
 from tightfit.models.builtin import BUILTINS, FROM_INPUT_SHAPE, WITHOUT_CLASSES
 from tightfit.models.inputs import InputSpec, make_batch_factory, parse_input_spec
 from tightfit.trust import function_module_allowed, refuse_non_model_module
 
 __all__ = [
-    "InputSpec", "PREFIXES", "build_model", "build_model_for_data", "build_run_model", "make_batch_factory", "parse_input_spec",
+    "InputSpec", "PREFIXES", "build_model", "build_model_for_data", "make_batch_factory", "parse_input_spec",
 ]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -295,37 +295,3 @@ def build_model_for_data(
                 if options[option] != defaults[option].default:
                     inferred[option] = options[option]
     return build_model(spec, num_classes=num_classes, **options), inferred
-
-
-def build_run_model(
-    config, *, num_classes: int | None = None, input_shape: tuple[int, ...] | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The model a training config names, built exactly as the trainer builds it: torch seeded with
-    ``config.seed`` first (a randomly initialised base comes out the same every time, which is
-    what lets a LoRA run store its adapters only), fitted to the data (:func:`build_model_for_data`),
-    then ``init_weights`` loaded when set.
-
-    Args:
-        config: a ``TrainConfig`` (``model``, ``model_options``, ``seed``, ``init_weights``).
-        num_classes: classes of the data's task, for models with a classifier.
-        input_shape: the shape of one input sample, or None.
-
-    Returns:
-        ``(model, inferred)`` as :func:`build_model_for_data` returns them.
-
-    Raises:
-        SpecError: the spec cannot be built. ConfigError: ``init_weights`` is not a checkpoint.
-    """
-    prefix, _, folder = config.model.partition(":")
-    if config.lora is not None and not config.init_weights and prefix == "hf" and not any((_model_folder(folder, config.model) / name).is_file() for name in _WEIGHT_FILES):
-        raise ConfigError(
-            f"model {config.model}: the folder has the architecture (config.json) but no weights; LoRA on random weights "
-            "learns nothing useful: point model= at a local folder with the *.safetensors (or set init_weights)"
-        )
-    torch.manual_seed(config.seed)
-    model, inferred = build_model_for_data(config.model, config.model_options, num_classes=num_classes, input_shape=input_shape)
-    if config.init_weights:
-        from tightfit.training.checkpoint import load_weights, resolve_weights_file
-
-        load_weights(model, resolve_weights_file(config.init_weights, where="init_weights"))
-    return model, inferred

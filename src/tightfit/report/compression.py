@@ -122,7 +122,8 @@ def _table(data: dict) -> str:
             page.Cell(f"{artifact['metric_change']:+.2f}" if artifact.get("metric_change") is not None else "-",
                       sort=artifact.get("metric_change") or 0, numeric=True),
             page.Cell(page.badge("good", "best") if artifact["name"] == best else
-                      " ".join(page.badge("bad", "slower" if flag.startswith("slower") else "metric") for flag in artifact.get("flags", []))),
+                      page.Html(" ".join(page.badge("bad", "slower" if flag.startswith("slower") else "metric")
+                                         for flag in artifact.get("flags", [])))),
         ])
         classes.append("best" if artifact["name"] == best else "flagged" if artifact.get("flags") else "")
     larger_batch = max(data["artifacts"][0]["latency"].values(), key=lambda entry: entry["batch_size"])["batch_size"]

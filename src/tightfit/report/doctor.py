@@ -86,7 +86,8 @@ def _packages(packages: list[dict]) -> str:
                   "outdated": page.badge("bad", f"{row['version']} < {row['minimum']}"),
                   }.get(row["status"], page.badge("warn", "missing"))
         kind = "required" if row["required"] else (f"[{row['extra']}]" if row["extra"] else "optional")
-        needed = page.escape(row["needed_for"]) + (f" <code>{page.escape(row['install'])}</code>" if row.get("install") and row["status"] != "installed" else "")
+        install = row.get("install") if row["status"] != "installed" else None
+        needed = page.markup("{} <code>{}</code>", row["needed_for"], install) if install else page.escape(row["needed_for"])
         rows.append([row["name"], page.Cell(status, sort=row["status"]), kind, page.Cell(needed)])
         classes.append("flagged" if row["status"] == "outdated" or (row["required"] and row["status"] != "installed") else "")
     return page.table(["package", "version", "kind", "needed for"], rows, row_classes=classes, table_id="packages")
@@ -100,7 +101,8 @@ def _dataset(dataset: dict) -> str:
         classes = split.get("classes")
         per_class = ", ".join(f"{label} {count}" for label, count in classes.items()) if classes else "-"
         rows.append([name, split["images"], per_class, len(split["corrupt"])])
-    problems = [f"{page.badge('bad' if problem['severity'] == 'error' else 'warn', problem['severity'])} {page.escape(problem['message'])}"
+    problems = [page.Html(page.badge("bad" if problem["severity"] == "error" else "warn", problem["severity"])
+                          + page.markup(" {}", problem["message"]))
                 for problem in dataset.get("problems", [])]
     return (f"<p><code>{page.escape(dataset['path'])}</code> ({page.escape(dataset['layout'])})</p>"
-            + page.table(["split", "images", "per class", "corrupt"], rows, numeric=(1, 3)) + (page.lines(problems, raw=True) if problems else ""))
+            + page.table(["split", "images", "per class", "corrupt"], rows, numeric=(1, 3)) + (page.lines(problems) if problems else ""))

@@ -128,9 +128,23 @@ document.querySelectorAll("table.sortable th").forEach(function (th, _) {
 """
 
 
-def escape(value: object) -> str:
-    """``value`` as text safe inside HTML (``None`` shows as a dash)."""
-    return "-" if value is None else html.escape(str(value), quote=True)
+class Html(str):
+    """Markup built by this module's own functions (or :func:`markup`): the one kind of text a page
+    emits unescaped. Every other value reaching a cell, tile or list item is escaped, so raw user
+    text cannot come out as HTML whichever of them it is handed to. Joined pieces are plain ``str``
+    again: wrap a join of :class:`Html` pieces in ``Html(...)`` to hand it to a cell."""
+
+
+def markup(template: str, *values: object) -> Html:
+    """``template`` (fixed markup written in tightfit's code) with ``values`` escaped into its ``{}``."""
+    return Html(template.format(*(escape(value) for value in values)))
+
+
+def escape(value: object) -> Html:
+    """``value`` as text safe inside HTML (``None`` shows as a dash); :class:`Html` passes as it is."""
+    if isinstance(value, Html):
+        return value
+    return Html("-" if value is None else html.escape(str(value), quote=True))
 
 
 def document(*, title: str, kind: str, verdict_html: str, sections: Iterable[str], source: str = "") -> str:
@@ -158,11 +172,11 @@ def document(*, title: str, kind: str, verdict_html: str, sections: Iterable[str
     )
 
 
-def tile(label: str, value: str, *, key: str, sub: str = "") -> str:
+def tile(label: str, value: str, *, key: str, sub: str = "") -> Html:
     """One key figure of the banner; ``key`` names it in the DOM (``data-key``) for scripts and tests."""
     sub_html = f"<div class=\"sub\">{escape(sub)}</div>" if sub else ""
     size = " text" if len(value) > 12 else ""  # a name, not a number: smaller, so the tile stays one line high
-    return (f"<div class=\"tile\" data-key=\"{escape(key)}\"><div class=\"label\">{escape(label)}</div>"
+    return Html(f"<div class=\"tile\" data-key=\"{escape(key)}\"><div class=\"label\">{escape(label)}</div>"
             f"<div class=\"value{size}\">{escape(value)}</div>{sub_html}</div>")
 
 
@@ -172,37 +186,37 @@ def verdict(tone: str, headline: str, why: str = "", tiles: Sequence[str] = ()) 
         raise ValueError(f"tone must be one of {TONES}, not {tone!r}")
     why_html = f"<div class=\"why\">{escape(why)}</div>" if why else ""
     tiles_html = f"<div class=\"tiles\">{''.join(tiles)}</div>" if tiles else ""
-    return (f"<div class=\"verdict {tone}\" data-verdict=\"{tone}\"><div class=\"headline\">{escape(headline)}</div>"
+    return Html(f"<div class=\"verdict {tone}\" data-verdict=\"{tone}\"><div class=\"headline\">{escape(headline)}</div>"
             f"{why_html}{tiles_html}</div>")
 
 
-def section(title: str, *body: str, note: str = "", section_id: str = "") -> str:
+def section(title: str, *body: str, note: str = "", section_id: str = "") -> Html:
     """A titled card; ``note`` is a muted sentence under the body (what a chart shows, a caveat)."""
     id_html = f" id=\"{escape(section_id)}\"" if section_id else ""
     note_html = f"<p class=\"note\">{escape(note)}</p>" if note else ""
-    return f"<section{id_html}><h2>{escape(title)}</h2>{''.join(body)}{note_html}</section>"
+    return Html(f"<section{id_html}><h2>{escape(title)}</h2>{''.join(body)}{note_html}</section>")
 
 
-def grid(*sections: str) -> str:
+def grid(*sections: str) -> Html:
     """Sections side by side on a wide screen, stacked on a narrow one."""
-    return f"<div class=\"grid2\">{''.join(sections)}</div>"
+    return Html(f"<div class=\"grid2\">{''.join(sections)}</div>")
 
 
-def badge(tone: str, text: str) -> str:
-    return f"<span class=\"badge {tone}\">{escape(text)}</span>"
+def badge(tone: str, text: str) -> Html:
+    return Html(f"<span class=\"badge {escape(tone)}\">{escape(text)}</span>")
 
 
 class Cell:
-    """A table cell whose shown HTML differs from its sort key or needs a class.
+    """A table cell whose shown content differs from its sort key or needs a class.
 
     Args:
-        html_text: the cell's content, already HTML (use :func:`escape` for text).
+        content: what the cell shows: text (escaped here) or :class:`Html` from this module.
         sort: the value the column sorts by (a number sorts numerically).
         numeric: right-aligned.
     """
 
-    def __init__(self, html_text: str, *, sort: object = None, numeric: bool = False):
-        self.html_text = html_text
+    def __init__(self, content: object, *, sort: object = None, numeric: bool = False):
+        self.html_text = escape(content)
         self.sort = sort
         self.numeric = numeric
 
@@ -239,19 +253,19 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, row_class
         body.append(f"<tr{class_html}>{''.join(cells)}</tr>")
     classes = " class=\"sortable\"" if sortable else ""
     id_html = f" id=\"{escape(table_id)}\"" if table_id else ""
-    return (f"<div class=\"table-wrap\"><table{classes}{id_html}><thead><tr>{head}</tr></thead>"
+    return Html(f"<div class=\"table-wrap\"><table{classes}{id_html}><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def facts(pairs: Iterable[tuple[str, object]]) -> str:
+def facts(pairs: Iterable[tuple[str, object]]) -> Html:
     """A two-column list of name / value (values escaped)."""
     items = "".join(f"<dt>{escape(name)}</dt><dd>{escape(value)}</dd>" for name, value in pairs)
-    return f"<dl class=\"facts\">{items}</dl>"
+    return Html(f"<dl class=\"facts\">{items}</dl>")
 
 
-def lines(items: Iterable[str], *, raw: bool = False) -> str:
-    """A bulleted list (items escaped unless ``raw``)."""
-    return "<ul class=\"lines\">" + "".join(f"<li>{item if raw else escape(item)}</li>" for item in items) + "</ul>"
+def lines(items: Iterable[object]) -> Html:
+    """A bulleted list (items escaped unless :class:`Html`)."""
+    return Html("<ul class=\"lines\">" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>")
 
 
 def percent(value: float | None, digits: int = 1) -> str:

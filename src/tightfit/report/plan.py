@@ -83,7 +83,7 @@ def _breakdown_table(data: dict) -> str:
     rows = [[name, page.Cell(format_bytes(data["breakdown"][name]), sort=data["breakdown"][name], numeric=True),
              page.Cell(page.percent(data["breakdown"][name] / peak, 0), sort=data["breakdown"][name], numeric=True)]
             for name in CATEGORIES]
-    rows.append([page.Cell("<b>peak</b>"), page.Cell(f"<b>{format_bytes(data['peak_bytes'])}</b>", sort=data["peak_bytes"], numeric=True),
+    rows.append([page.Cell(page.Html("<b>peak</b>")), page.Cell(page.markup("<b>{}</b>", format_bytes(data['peak_bytes'])), sort=data["peak_bytes"], numeric=True),
                  page.Cell("100 %", sort=data["peak_bytes"], numeric=True)])
     return page.table(["category", "bytes", "share"], rows, sortable=False, table_id="breakdown-table")
 
@@ -155,9 +155,9 @@ def _render_pipeline(data: dict, source: str) -> str:
                            page.Cell(format_seconds(stage.get("step_time_s")), sort=stage.get("step_time_s") or 0, numeric=True),
                            page.Cell(format_seconds(stage.get("epoch_time_s")), sort=stage.get("epoch_time_s") or 0, numeric=True)])
         classes.append("flagged" if stage["verdict"] == "does not fit" else "")
-    why = page.lines([f"<b>{page.escape(stage['name'])}</b>: {page.escape(stage['why'])}"
-                      + (f" <span class=\"note\">({page.escape(stage['note'])})</span>" if stage.get("note") else "")
-                      for stage in stages], raw=True)
+    why = page.lines([page.Html(page.markup("<b>{}</b>: {}", stage["name"], stage["why"])
+                                + (page.markup(" <span class=\"note\">({})</span>", stage["note"]) if stage.get("note") else ""))
+                      for stage in stages])
     sections = [
         page.section("Memory per stage", chart),
         page.section("Feasibility", page.table(["stage", "verdict", "model", "batch", "precision", "ckpt", "peak", "est. step", "est. epoch"],

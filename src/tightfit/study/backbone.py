@@ -96,18 +96,18 @@ class FeatureExtractor(nn.Module):
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a ``.safetensors`` file, a tensor-only ``torch.save`` file, or a tightfit run folder.
 
-    A run folder gives its best checkpoint, else its last. Nothing is unpickled
+    A run folder gives its best checkpoint, else its newest intact one. Nothing is unpickled
     (``weights_only=True``).
     """
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_dir():
-        for candidate in ("checkpoints/best", "checkpoints/last", "."):
-            weights = path / candidate / "model.safetensors"
-            if weights.is_file():
-                return load_file(str(weights))
-        raise ConfigError(f"weights: {path} has no checkpoints/best or checkpoints/last with model.safetensors")
+        if (path / "model.safetensors").is_file():
+            return load_file(str(path / "model.safetensors"))
+        from tightfit.runs.checkpoint import read_newest_intact
+
+        return read_newest_intact(path / "checkpoints", first="best")[0]
     if path.suffix == ".safetensors":
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)

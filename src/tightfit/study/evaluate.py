@@ -22,7 +22,7 @@ def evaluate_classification(classify_dir: Path, out_dir: Path, *, class_names: l
                             confidence: float = 0.95, posthoc: str = "holm", seed: int = 0) -> dict:
     """Compute the statistics of a classify stage's outputs; write ``statistics.json`` and plots to ``out_dir``."""
     summary = json.loads((classify_dir / "classification.json").read_text())
-    arrays = np.load(classify_dir / "predictions.npz")
+    arrays = np.load(classify_dir / "predictions.npz", allow_pickle=False)
     labels = np.asarray(summary["labels"])
     arms, classifiers = summary["arms"], summary["classifiers"]
     train_size, test_size = np.mean(summary["fold_sizes"], axis=0)

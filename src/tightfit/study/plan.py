@@ -5,7 +5,7 @@ Each model stage becomes a plan row against the study's ``plan_device`` (default
 * ``pretrain`` / ``train``: a training step of the backbone at the stage's batch size
   (``contrastive`` at twice the batch: two views of every image go through the encoder; ``mim``
   planned as the full image, an upper bound, since MAE's encoder sees only the visible patches);
-* ``extract``: forward-only (``tightfit.memory.inference``), the largest batch that fits when
+* ``extract``: forward-only (``tightfit.plan.inference``), the largest batch that fits when
   ``batch_size: auto``;
 * ``sparse-code``, ``classify``, ``evaluate``: CPU stages, against the host's RAM.
 
@@ -15,7 +15,7 @@ Input shapes come from the stage's ``input``, else the study's ``input``, else t
 from __future__ import annotations
 
 from tightfit.errors import ConfigError
-from tightfit.memory.pipeline import PipelineConfig, StageConfig
+from tightfit.plan.pipeline import PipelineConfig, StageConfig
 from tightfit.study.spec import VALIDATION_SHARE, StudyConfig, model_of, topological_order
 
 

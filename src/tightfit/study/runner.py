@@ -47,6 +47,32 @@ def stage_keys(config: StudyConfig) -> dict[str, str]:
     return keys
 
 
+# What a study writes at its folder's top level (besides stages/, its MLflow store and record)
+WRITTEN_FILES = ("study.yaml", "results.md", "results.json", "report.html")
+
+
+def check_study_folder(folder: Path, *, resume: bool) -> None:
+    """Refuse a folder this study would damage: a study writes ``WRITTEN_FILES`` at the top of its
+    folder, so one that holds such a file but no ``stages/`` is the user's, not a study's; and
+    ``--resume`` needs a folder a study has run in.
+
+    Raises:
+        ConfigError: naming the folder and, for a foreign file, the file.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"study folder: {folder} is a file, not a folder")
+    is_study = (folder / STAGES_FOLDER).is_dir()
+    if resume and not is_study:
+        raise ConfigError(f"--resume: {folder} is not a study folder (no {STAGES_FOLDER}/ in it); run without --resume")
+    foreign = [name for name in WRITTEN_FILES if (folder / name).exists()] if not is_study else []
+    if foreign:
+        raise ConfigError(
+            f"study folder: {folder / foreign[0]} is not from a study run here (no {STAGES_FOLDER}/ beside it) and would "
+            "be overwritten; choose another folder with --folder or folder: in the study file"
+        )
+
+
 def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = None, console: Any = None) -> dict:
     """Run a study (see the module doc).
 
@@ -70,14 +96,14 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
     from tightfit.study.report import write_results
     from tightfit.study.stages import RUNNERS, StageContext
     from tightfit.study.tracking import StudyTracker
-    from tightfit.training.trainer import resolve_device
-    from tightfit.training.distributed import ProcessInfo
+    from tightfit.hardware.detect import resolve_device
 
     console = console or Console(stderr=True)
     order = topological_order(config)
     if only is not None and only not in order:
         raise ConfigError(f"--only: no stage named {only!r} (stages: {', '.join(order)})")
     folder = Path(config.folder)
+    check_study_folder(folder, resume=resume)
     keys = stage_keys(config)
     stage_dirs = {name: folder / STAGES_FOLDER / name for name in order}
     if only is not None:
@@ -88,10 +114,10 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
     if config.tracking.mlflow:  # a missing extra is reported before anything is written
         require("mlflow", extra="mlflow", purpose="tracking a study in MLflow (tracking.mlflow: true)")
     samples = load_samples(config.data, config.seed)
-    device = resolve_device(config.device, ProcessInfo())
+    device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STAGES_FOLDER).mkdir(parents=True, exist_ok=True)  # first: it marks the folder as a study's
     (folder / "study.yaml").write_text(_resolved_yaml(config))
     profile = None
     if device.type != "cpu" and any(getattr(config.stage(name), "batch_size", None) == "auto" for name in order):

@@ -40,15 +40,14 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 
 from tightfit.errors import ConfigError
+from tightfit.names import INFERENCE_PRECISIONS
 
 STAGE_KINDS = ("pretrain", "train", "extract", "sparse-code", "classify", "evaluate")
 CLASSIFIERS = ("svm", "src", "logreg", "knn")
 OBJECTIVES = ("mim", "contrastive")
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 # kind -> the kinds its ``from`` may name (an empty tuple: it takes no input).
 ALLOWED_FROM: dict[str, tuple[str, ...]] = {
@@ -81,7 +80,7 @@ class _ModelStage(_Stage):
     model: str | None = Field(None, description="a model spec; default: the model of the stage named in from")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     input: str | None = Field(None, description="per-sample input shape for the plan; default: the study's")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision: Literal[("auto", *INFERENCE_PRECISIONS)] = "auto"
 
 
 class _TrainingStage(_ModelStage):
@@ -248,19 +247,10 @@ def is_study_file(raw: Any) -> bool:
 
 
 def read_study_yaml(path: str | Path) -> dict:
-    """Read a study file into a dict, or raise a one-line ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'stages', got {type(raw).__name__}")
-    return raw
+    """Read a study file into a dict through the shared settings reader, or raise a one-line ConfigError."""
+    from tightfit.settings import read_yaml
+
+    return read_yaml(path, what="study file")
 
 
 def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool = False) -> StudyConfig:

@@ -128,7 +128,7 @@ def _input_shape(context: StageContext, stage) -> tuple[int, ...]:
 def _forward_seconds_per_sample(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, precision: str,
                                 batch_size: int = 32) -> float:
     """Seconds per sample of a forward pass of ``model`` on this machine (median of 3 batches after a warm-up)."""
-    from tightfit.memory.inference import forward_time_per_sample
+    from tightfit.plan.inference import forward_time_per_sample
 
     def factory(batch: int, where: Any) -> torch.Tensor:
         return torch.rand(batch, *shape, device=where)
@@ -170,7 +170,8 @@ def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
     from tightfit.config import build_config
     from tightfit.step.precision import resolve_precision
     from tightfit.study.ssl import wrap_for_objective
-    from tightfit.training.checkpoint import complete_checkpoint
+    from tightfit.runs.checkpoint import complete_checkpoint
+    from tightfit.report.callback import report_callbacks
     from tightfit.training.trainer import Trainer
 
     config = context.config
@@ -203,7 +204,7 @@ def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
     resume_from = run_dir if context.resume and complete_checkpoint(run_dir / "checkpoints" / "last") else None
     trainer = Trainer(
         train_config, model=model, datasets=(train_set, val_set, None),
-        callbacks=[TrainerMetrics(context.tracker, context.run_id)],
+        callbacks=[TrainerMetrics(context.tracker, context.run_id), *report_callbacks(train_config)],
     )
     summary = trainer.fit(resume_from=resume_from)
     metrics = {key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
@@ -287,7 +288,7 @@ def _extract_batch_size(context: StageContext, stage, backbone: torch.nn.Module,
     """
     if stage.batch_size != "auto":
         return stage.batch_size
-    from tightfit.memory.inference import largest_batch
+    from tightfit.plan.inference import largest_batch
 
     slices = context.samples.input_shape[stage.slices.axis + 1] if stage.slices else 1
 

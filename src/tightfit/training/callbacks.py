@@ -226,22 +226,3 @@ class ModelCheckpoint:
             for child in top_dir.iterdir():
                 if child.name not in kept and child.is_dir():
                     shutil.rmtree(child, ignore_errors=True)
-
-
-class HtmlReport:
-    """Write ``RUN_DIR/report.html`` when the run ends (``logging.report``), after ``summary.json``.
-
-    The page is made from the files the run wrote (see :mod:`tightfit.report.run`), in about
-    40 ms for the digits recipe, and its path is added to the summary that ``fit`` returns as
-    ``report``. A page that cannot be written is a warning, not a failed run: the model and the
-    summary are already on disk.
-    """
-
-    def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
-        from tightfit.report import write_report
-
-        try:
-            summary["report"] = str(write_report(trainer.run_dir))
-        except Exception as error:  # noqa: BLE001 - the run itself succeeded; say why the page is missing
-            trainer.console.print(f"[yellow]warning:[/] report.html not written: {error}")
-

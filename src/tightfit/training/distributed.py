@@ -119,21 +119,6 @@ def resolve_strategy(strategy: str, info: ProcessInfo) -> str:
 
 
 # ------------------------------------------------------------------------------ sharing the model
-def fsdp_param_dtype(param_dtype: str, precision: str, model: nn.Module | None = None) -> str:
-    """The dtype FSDP gathers parameters in: ``auto`` follows the run's precision.
-
-    Except under autocast (``bf16``, ``fp16``) for a model with BatchNorm: its running statistics
-    stay fp32 and the batch-norm kernel refuses low-precision weights beside them, so ``auto``
-    gathers in fp32 there (autocast still runs the matrix products in low precision).
-    """
-    if param_dtype != "auto":
-        return param_dtype
-    has_batch_norm = model is not None and any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
-    if has_batch_norm and precision in ("bf16", "fp16"):
-        return "fp32"
-    return {"bf16": "bf16", "bf16-pure": "bf16", "fp16": "fp16"}.get(precision, "fp32")
-
-
 def shard_model(
     model: nn.Module, blocks: list[str], *, param_dtype: str = "fp32", reduce_dtype: str = "fp32", cpu_offload: bool = False
 ) -> list[str]:

@@ -185,50 +185,6 @@ def find_learning_rate(
     )
 
 
-def lr_find(config: Any, *, progress: bool = False) -> LRFindResult:
-    """The range test on a recipe, without training it: ``tightfit lr-find`` from Python.
-
-    A trainer is set up in a scratch run folder (removed afterwards) with its loggers and monitor
-    off, the sweep runs with ``config.lr_find``'s settings, and nothing is kept.
-
-    Args:
-        config: a ``TrainConfig`` (or a dict of settings validated into one).
-        progress: draw a progress bar.
-
-    Returns:
-        The :class:`LRFindResult`.
-
-    Example:
-        >>> result = tightfit.lr_find({"model": "builtin:mlp"})
-        >>> result.suggestion
-    """
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from tightfit.config import TrainConfig, build_config
-    from tightfit.training.trainer import Trainer
-
-    config = config if isinstance(config, TrainConfig) else build_config(config or {}, source="the Python config")
-    scratch = Path(tempfile.mkdtemp(prefix="tightfit-lr-find-"))
-    off = {"progress": False, "jsonl": False, "tensorboard": False, "mlflow": False, "report": False}
-    config = config.model_copy(
-        update={
-            "run_dir": str(scratch / "run"),
-            "logging": config.logging.model_copy(update={**off, "console": config.logging.console and progress}),
-            "monitor": config.monitor.model_copy(update={"enabled": False}),
-            "optimizer": config.optimizer.model_copy(update={"lr": config.lr_find.min_lr}),  # not "auto": this is the search
-        }
-    )
-    try:
-        trainer = Trainer(config)
-        trainer.setup()
-        with sweep_progress(config.lr_find.num_steps, enabled=progress) as on_step:
-            return find_learning_rate(trainer, **config.lr_find.model_dump(), on_step=on_step)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def sweep_progress(total: int, enabled: bool = True):
     """A transient rich progress bar for a sweep; yields the ``on_step`` callable to pass on.

@@ -27,16 +27,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from tightfit.config import DEFAULT_MICRO_BATCH_SIZE, TrainConfig, build_config, config_to_yaml
 from tightfit.errors import ConfigError, DistributedRunError, TightfitError
+from tightfit.hardware.detect import resolve_device
 from tightfit.memory.oom import is_out_of_memory
+from tightfit.plan.distributed import fsdp_param_dtype
 from tightfit.step.batch import count_samples, move_to_device
 from tightfit.step.rng import rng_state, seed_everything, set_rng_state
 from tightfit.step.step import TrainingStep
-from tightfit.training import checkpoint as checkpoint_files
+from tightfit.runs import checkpoint as checkpoint_files
 from tightfit.training import distributed
-from tightfit.training.callbacks import EarlyStopping, HtmlReport, ModelCheckpoint, callback_states, load_callback_states
-from tightfit.training.checkpoint_writer import CheckpointWriter
+from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, callback_states, load_callback_states
+from tightfit.runs.checkpoint_writer import CheckpointWriter
 from tightfit.training.diagnosis import TrainingDiagnosis
-from tightfit.training.distributed import ProcessInfo, setup_process, teardown_process
+from tightfit.training.distributed import setup_process, teardown_process
 from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, WandbLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
 from tightfit.training.metrics import MetricAccumulator
@@ -44,7 +46,7 @@ from tightfit.training.monitor import ResourceMonitor
 from tightfit.training.numerics import NumericsGuard
 from tightfit.step.optim import build_optimizer
 from tightfit.step.precision import autocast, needs_grad_scaler, parameter_dtype, resolve_precision
-from tightfit.training.run_folder import mark_run_folder
+from tightfit.runs.run_folder import mark_run_folder
 from tightfit.training.sampler import ResumableSampler
 from tightfit.training.schedules import LRSchedule
 from tightfit.units import plural
@@ -52,19 +54,6 @@ from tightfit.units import plural
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 LR_FIND_FILE = "lr_find.json"
-
-
-def resolve_device(name: str, process: ProcessInfo) -> torch.device:
-    """``auto`` is CUDA, else MPS, else CPU; under torchrun each rank takes its local GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name} was asked for but torch sees no CUDA device (try device=auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device: mps was asked for but this torch build or machine has no MPS")
-    if name == "cuda" and process.distributed:
-        name = f"cuda:{process.local_rank}"
-    return torch.device(name)
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
@@ -131,7 +120,7 @@ class Trainer:
             "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu",
             timeout_s=config.distributed.timeout_s,
         )
-        self.device = resolve_device(config.device, self.process)
+        self.device = resolve_device(config.device, local_rank=self.process.local_rank if self.process.distributed else None)
         self.strategy = distributed.resolve_strategy(config.distributed.strategy, self.process)
         self.threads_before = torch.get_num_threads()
         if config.threads is not None:
@@ -220,7 +209,7 @@ class Trainer:
         if self.user_model is not None:
             model = self.user_model
         else:
-            from tightfit.models.spec import build_run_model
+            from tightfit.runs.model import build_run_model
 
             model, inferred = build_run_model(config, num_classes=self.num_classes, input_shape=self.input_shape)
             if inferred:
@@ -305,7 +294,7 @@ class Trainer:
         none stated, ``DEFAULT_MICRO_BATCH_SIZE x accumulation_steps``) and only its split into
         micro-batches and accumulation is searched. The line printed says which and why.
         """
-        from tightfit.memory.search import micro_batch_dividing
+        from tightfit.plan.search import micro_batch_dividing
 
         batch = self.config.batch
         train_size = len(self.data["train"])
@@ -342,7 +331,7 @@ class Trainer:
     def _find_micro_batch_size(self, effective: int) -> int:
         """The largest micro-batch up to ``effective`` whose step, as this run takes it, fits: the run's
         precision, optimizer, clipping and accumulation (two micro-batches already reach the peak of k)."""
-        from tightfit.memory.search import find_batch_size
+        from tightfit.plan import BatchSizeRequest, plan
 
         train = self.data["train"]
         accumulates = effective > 1
@@ -357,9 +346,7 @@ class Trainer:
             import psutil
 
             budget_bytes = psutil.virtual_memory().available  # no budget given: what the machine has free
-        result = find_batch_size(
-            self.model,
-            batch_factory,
+        result = plan(BatchSizeRequest(self.model, batch_factory, options=dict(
             budget_bytes=budget_bytes,
             device=self.device,
             precision=self.precision,
@@ -368,7 +355,7 @@ class Trainer:
             max_batch_size=max(1, effective),
             accumulation_steps=2 if accumulates else 1,
             clip_grad_norm=self.config.clip_grad_norm,
-        )
+        )))
         self.console.print(
             f"micro_batch_size auto: {result.batch_size} fits (peak {result.peak_bytes / 2**20:.1f} MiB, {plural(len(result.trials), 'trial step')})"
         )
@@ -414,7 +401,7 @@ class Trainer:
             from tightfit.models.checkpointing import find_repeated_blocks
 
             blocks = find_repeated_blocks(model)  # found again: LoRA's wrapper renames the modules
-            param_dtype = distributed.fsdp_param_dtype(settings.param_dtype, self.precision, model)
+            param_dtype = fsdp_param_dtype(settings.param_dtype, self.precision, model)
             distributed.shard_model(model, blocks, param_dtype=param_dtype, reduce_dtype=settings.reduce_dtype, cpu_offload=settings.cpu_offload)
             self.console.print(
                 f"distributed: fsdp over {self.process.world_size} processes, {len(blocks)} blocks sharded as units "
@@ -452,9 +439,8 @@ class Trainer:
             callback for module in self.model.modules() if hasattr(type(module), "training_callbacks")
             for callback in module.training_callbacks()
         ]
-        # the report comes last: it reads what the others wrote
-        report = [HtmlReport()] if config.logging.report and self.process.is_main else []
-        return callbacks + model_callbacks + self.extra_callbacks + report
+        # the caller's come last: a report (``tightfit.report.callback``) reads what the others wrote
+        return callbacks + model_callbacks + self.extra_callbacks
 
     def _build_loggers(self) -> list[Logger]:
         if self.user_loggers is not None:
@@ -837,7 +823,7 @@ class Trainer:
         }
         state = {"counters": self._counters()} if weights_only else self._training_state()
         if self.sharded_checkpoints:
-            from tightfit.training.distributed_checkpoint import save_sharded_checkpoint
+            from tightfit.runs.distributed_checkpoint import save_sharded_checkpoint
 
             state.pop("optimizer", None)  # in the shards
             optimizer = None if weights_only else self.optimizer
@@ -855,7 +841,7 @@ class Trainer:
     def _load_weights(self, directory: Path) -> None:
         """Load a checkpoint's weights (not the training state) into the model."""
         if self.sharded_checkpoints:
-            from tightfit.training.distributed_checkpoint import load_sharded_checkpoint
+            from tightfit.runs.distributed_checkpoint import load_sharded_checkpoint
 
             load_sharded_checkpoint(directory, self.model, trainable_only=self.config.lora is not None)
         else:
@@ -907,7 +893,7 @@ class Trainer:
         top-k), saying which file was damaged; from a weights-only one the run continues from its
         step with fresh optimizer state (see :meth:`_continue_from_weights`)."""
         if self.sharded_checkpoints:
-            from tightfit.training.distributed_checkpoint import load_sharded_checkpoint
+            from tightfit.runs.distributed_checkpoint import load_sharded_checkpoint
 
             newest = next(
                 (folder for folder in checkpoint_files.checkpoint_folders(run_dir / "checkpoints")
@@ -916,7 +902,7 @@ class Trainer:
             )
             restored = load_sharded_checkpoint(newest, self.model, self.optimizer, trainable_only=self.config.lora is not None)
         else:
-            restored = checkpoint_files.load_newest_intact(run_dir / "checkpoints", self.model)
+            restored = checkpoint_files.load_newest_intact(run_dir / "checkpoints", self.model, full_state_first=True)
         for problem in restored.skipped:
             self._warn(f"skipped a damaged checkpoint: {problem}")
         state = restored.state
@@ -952,16 +938,20 @@ class Trainer:
         )
 
     def _continue_from_weights(self, restored: checkpoint_files.Restored) -> None:
-        """Resume from a weights-only checkpoint (``best``, top-k) when no ``last`` is intact: the
+        """Resume from a weights-only checkpoint (``best``, top-k) when no full-state one is intact: the
         counters and weights are its own, the schedule is moved to its step, and the optimizer's
         moments and the random streams start afresh, so the run is no longer bit-exact."""
         with warnings.catch_warnings():  # torch warns of a schedule stepped before the optimizer
             warnings.simplefilter("ignore")
             for _ in range(self.global_step):
                 self.schedule.step()
+        full_state = [folder.name for folder in checkpoint_files.checkpoint_folders(self.run_dir / "checkpoints")
+                      if checkpoint_files.holds_full_state(folder)]
+        found = f"{', '.join(full_state)} damaged, see above" if full_state else "the run stopped before writing one"
         self._warn(
-            f"resumed from {restored.directory} (weights only) at step {self.global_step}: no intact 'last' "
-            "checkpoint, so the optimizer state restarts and the run will not match an uninterrupted one exactly"
+            f"resumed from {restored.directory} (weights only) at step {self.global_step}: no intact checkpoint "
+            f"holds the whole training state ({found}), so the optimizer state and random streams restart "
+            "and the run will not match an uninterrupted one exactly"
         )
 
     # ------------------------------------------------------------------------------ plumbing

@@ -24,13 +24,13 @@ document people otherwise write by hand (``reference/seed-002-rtx3050-feasibilit
         note: SVM on the extracted features
 
 An ``extract`` stage (a frozen backbone computing features) is planned forward-only
-(:mod:`tightfit.memory.inference`): no gradients, no optimizer state, activations freed layer by
+(:mod:`tightfit.plan.inference`): no gradients, no optimizer state, activations freed layer by
 layer; without ``batch_size`` it gets the largest batch that fits, and ``samples`` gives its time.
 A training stage takes ``model``, ``input`` and optionally ``batch_size`` (check exactly that),
 ``effective_batch_size``, ``precision``, ``optimizer``, ``checkpointing``, ``lora_rank``,
 ``quantize_base`` (with ``lora_rank``: ``nf4`` or ``int8``), ``samples``, ``model_kwargs`` and
 ``note``; ``devices: N`` and ``strategy: fsdp | ddp`` plan it per rank on N of the pipeline's
-devices (``tightfit.memory.distributed``; ``devices: auto`` finds how many are needed). A ``cpu`` stage is estimated as its feature matrix in
+devices (``tightfit.plan.distributed``; ``devices: auto`` finds how many are needed). A ``cpu`` stage is estimated as its feature matrix in
 float64 plus libsvm's kernel cache (scikit-learn's default ``cache_size=200`` MB) against the
 host's memory.
 """
@@ -44,7 +44,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from tightfit.errors import ConfigError, TightfitError
-from tightfit.names import OPTIMIZERS, PRECISIONS, QUANTIZE_BASES
+from tightfit.names import INFERENCE_PRECISIONS, OPTIMIZERS, PRECISIONS, QUANTIZE_BASES
 from tightfit.settings import describe_validation_error, read_yaml
 from tightfit.trust import check_spec_from_file
 from tightfit.units import format_bytes
@@ -172,7 +172,7 @@ def plan_pipeline(
     import time
 
     from tightfit.hardware.profiles import resolve_target
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
 
     started = time.perf_counter()
     profile = resolve_target(device or config.device, memory if memory is not None else config.memory)
@@ -239,7 +239,7 @@ def _extract_stage(stage: StageConfig, profile, margin: float, planned_before: d
     """
     import json
 
-    from tightfit.memory.inference import INFERENCE_PRECISIONS, plan_inference
+    from tightfit.plan.inference import plan_inference
 
     precision = stage.precision or "fp32"
     if precision not in INFERENCE_PRECISIONS:
@@ -266,8 +266,8 @@ def _extract_stage(stage: StageConfig, profile, margin: float, planned_before: d
 
 
 def _distributed_stage(stage: StageConfig, profile: Any, margin: float) -> StageResult:
-    """A stage shared by several devices: each rank's peak (``tightfit.memory.distributed``)."""
-    from tightfit.memory.distributed import plan_distributed
+    """A stage shared by several devices: each rank's peak (``tightfit.plan.distributed``)."""
+    from tightfit.plan.distributed import plan_distributed
 
     if stage.effective_batch_size or stage.quantize_base:
         raise ConfigError(f"stage {stage.name!r}: with devices, give batch_size per rank (no effective_batch_size, no quantize_base)")

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tightfit.errors import ConfigError
+from tightfit.names import STRATEGIES
 from tightfit.memory.report import StepMemory
 
-STRATEGIES = ("ddp", "fsdp")
 BUCKET_BYTES = 25 * 2**20  # tightfit.training.distributed.BUCKET_BYTES (not imported: it imports torch.distributed)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MAX_DEVICES = 1024
@@ -96,6 +96,23 @@ class ModelShape:
     largest_block_parameters: int  # parameter count of the largest repeated block
     root_parameters: int  # parameters outside every repeated block (FSDP's root unit)
     parameter_count: int
+
+
+def fsdp_param_dtype(param_dtype: str, precision: str, model: Any = None) -> str:
+    """The dtype FSDP gathers parameters in: ``auto`` follows the run's precision.
+
+    Except under autocast (``bf16``, ``fp16``) for a model with BatchNorm: its running statistics
+    stay fp32 and the batch-norm kernel refuses low-precision weights beside them, so ``auto``
+    gathers in fp32 there (autocast still runs the matrix products in low precision).
+    """
+    if param_dtype != "auto":
+        return param_dtype
+    from torch import nn
+
+    has_batch_norm = model is not None and any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    if has_batch_norm and precision in ("bf16", "fp16"):
+        return "fp32"
+    return {"bf16": "bf16", "bf16-pure": "bf16", "fp16": "fp16"}.get(precision, "fp32")
 
 
 def parse_devices(text: str) -> tuple[int | None, str]:
@@ -202,7 +219,7 @@ def step_time(
     accumulation_steps: int = 1, param_dtype: str = "bf16", reduce_dtype: str = "fp32",
 ) -> tuple[float | None, float | None, float | None, list[str]]:
     """``(step_s, compute_s, communication_s, notes)`` for one optimizer step (see the module doc)."""
-    from tightfit.memory.planner import UTILISATION
+    from tightfit.plan.planner import UTILISATION
 
     if single.flops is None:
         return None, None, None, ["no FLOP count: no time estimate"]
@@ -285,7 +302,7 @@ def plan_distributed(
     """Plan a step shared by several devices of one kind: each rank's peak, and how many are needed.
 
     Args:
-        model_spec, input_spec: as for :func:`tightfit.memory.planner.plan`.
+        model_spec, input_spec: as for :func:`tightfit.plan.planner.plan`.
         devices: ``NxPROFILE`` (plan exactly N ranks) or ``PROFILE`` (find the smallest N that fits);
             with ``profile`` given, the count N alone, or None (find it).
         strategy: ``fsdp`` or ``ddp``.
@@ -309,10 +326,9 @@ def plan_distributed(
 
     from tightfit.hardware.profiles import get_profile
     from tightfit.memory.estimator import estimate_step
-    from tightfit.memory.planner import COMPUTE_DTYPE
+    from tightfit.plan.planner import COMPUTE_DTYPE
     from tightfit.models.checkpointing import apply_activation_checkpointing, find_repeated_blocks
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
-    from tightfit.training.distributed import fsdp_param_dtype
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy: unknown value {strategy!r} (choose from {', '.join(STRATEGIES)})")

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from tightfit.errors import ConfigError, TightfitError
+from tightfit.names import INFERENCE_PRECISIONS
 from tightfit.memory.counted_step import _flop_counter
 from tightfit.memory.estimator import EstimationError, _fake_weights, _tracing_failure
-from tightfit.memory.measure import resolve_device
+from tightfit.hardware.detect import resolve_device
 from tightfit.memory.overhead import allocation_size, device_overhead
 from tightfit.memory.report import StepMemory
 from tightfit.memory.tracker import MemoryTracker
@@ -37,7 +38,6 @@ from tightfit.step.loss import split_batch
 from tightfit.step.precision import autocast
 from tightfit.units import format_bytes
 
-INFERENCE_PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_MAX_BATCH_SIZE = 4096
 
 
@@ -221,7 +221,7 @@ def plan_inference(
         SpecError, ConfigError: bad specs or settings.
     """
     from tightfit.hardware.profiles import resolve_target
-    from tightfit.memory.planner import COMPUTE_DTYPE, UTILISATION
+    from tightfit.plan.planner import COMPUTE_DTYPE, UTILISATION
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
     started = time.perf_counter()
@@ -274,7 +274,7 @@ def choose_inference_precision(model_spec: str, input_spec: str, *, profile: Any
     """:func:`plan_inference` for each precision the device runs; the fastest per sample that
     fits wins, and a tie (within ``TIME_TIE``) goes to the safer one (fp32, then bf16, then fp16),
     as the training planner breaks its ties. Returns ``(plan, reason)``."""
-    from tightfit.memory.planner import PRECISION_SAFETY, TIME_TIE
+    from tightfit.plan.planner import PRECISION_SAFETY, TIME_TIE
 
     plans = [plan_inference(model_spec, input_spec, precision=name, profile=profile, **settings) for name in inference_precisions(profile)]
     fitting = [plan for plan in plans if plan.fits and plan.time_per_sample_s] or [plan for plan in plans if plan.fits]

@@ -2,7 +2,7 @@
 
 Every rank writes its own shards of the weights and optimizer state into ``CHECKPOINT/shards/``;
 rank 0 adds ``state.pt`` (schedule, RNG, counters...) and ``meta.json`` as in an unsharded
-checkpoint (``training/checkpoint.py``). DCP records each tensor's global shape and every shard's
+checkpoint (``runs/checkpoint.py``). DCP records each tensor's global shape and every shard's
 offset, so the checkpoint loads on any number of processes: 2 ranks -> 1, 1 -> 2 (a one-process
 ``fsdp`` run trains the whole model and writes the same format). :func:`export_weights`
 consolidates it into one safetensors file for inference and ``tightfit compress``.
@@ -12,18 +12,145 @@ folder, and once all have finished rank 0 moves it into place.
 
 With LoRA only the trainable parameters (the adapters and task heads) and their optimizer state
 are written; the frozen base comes from the model's own source when the run resumes.
+
+Reading is safe for a run folder someone hands you: DCP's own ``FileSystemReader`` unpickles
+``shards/.metadata`` with plain ``pickle`` and its default load planner reads the non-tensor items
+(learning rates, step counts) with a ``torch.load`` that allows any pickle; either would run whatever a
+planted pickle says. Here ``.metadata`` goes through :class:`_MetadataUnpickler`, which builds only
+the metadata classes torch writes, and every item loads with ``weights_only=True``
+(docs/security.md).
 """
 
+import io
+import pickle
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tightfit.errors import ConfigError
-from tightfit.training import checkpoint as checkpoint_files
-from tightfit.training.distributed import ProcessInfo
+from tightfit.runs import checkpoint as checkpoint_files
+
+
+class ProcessInfo(Protocol):
+    """Where this process sits in the run (``training.distributed.ProcessInfo`` is one)."""
+
+    @property
+    def is_main(self) -> bool: ...
+
+    @property
+    def distributed(self) -> bool: ...
+
+
+# Every global a ``.metadata`` written by torch 2.x names (torch/distributed/checkpoint/metadata.py
+# and filesystem.py); dtypes and torch.Size come from ``torch``, layouts via ``_get_layout``.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file admitting only the classes torch writes into one."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if name in _METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def _read_metadata(shards: Path):
+    """``shards/.metadata`` through :class:`_MetadataUnpickler`.
+
+    Raises:
+        ConfigError: naming the file, when it is missing, damaged or names anything else.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    path = Path(shards) / ".metadata"
+    try:
+        with open(path, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+    except OSError as error:
+        raise ConfigError(f"checkpoint: cannot read {path}: {error.strerror or error}") from None
+    except Exception as error:  # noqa: BLE001 - a damaged pickle raises almost anything; none may pass
+        raise ConfigError(f"checkpoint: {path} is not checkpoint metadata a safe load accepts ({error})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise ConfigError(f"checkpoint: {path} is not checkpoint metadata (it holds a {type(metadata).__name__})")
+    if metadata.storage_meta is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
+def _safe_reader(shards: Path):
+    """A DCP storage reader for ``shards`` whose metadata is read (now, before DCP runs) by
+    :func:`_read_metadata`; DCP's own reader loads the tensors with ``weights_only=True``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = _read_metadata(shards)
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            # tightfit writes one global .metadata; DCP's fallback to per-rank files is never wanted
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+        def read_data(self, plan, planner):
+            try:
+                return super().read_data(plan, planner)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AssertionError, KeyError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ConfigError(f"checkpoint: a shard in {shards} is damaged or not plain tensors ({first})") from None
+
+    return SafeFileSystemReader(shards)
+
+
+def _safe_planner(base):
+    """``base`` (DCP's ``DefaultLoadPlanner`` or a subclass) with its non-tensor items loaded
+    ``weights_only``; what it does with a loaded item is torch's ``DefaultLoadPlanner.load_bytes``."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(base):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            # DCP writes non-tensor items (learning rates, betas, step counts) with torch.save
+            try:
+                loaded = torch.load(value, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ConfigError(
+                    f"checkpoint: the item {read_item.dest_index.fqn} holds Python objects a safe load refuses ({first})"
+                ) from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafePlanner
+
+
+def _safely(load, *args, **kwargs) -> None:
+    """Run a DCP load; a refusal raised inside it (DCP wraps every rank's failure in a
+    ``CheckpointException``) comes out as the ``ConfigError`` it was."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        load(*args, **kwargs)
+    except CheckpointException as wrapped:
+        for failure, _ in wrapped.failures.values():
+            if isinstance(failure, ConfigError):
+                raise failure from None
+        raise
 
 
 def _options(trainable_only: bool):
@@ -111,8 +238,11 @@ def load_sharded_checkpoint(
             f"checkpoint: {found} was written by a run without distributed.strategy=fsdp (one safetensors file); "
             "resume it with the strategy it was trained with"
         )
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
     wanted = _state_dicts(model, optimizer, trainable_only)
-    dcp.load(wanted, checkpoint_id=found / checkpoint_files.SHARDS_DIR)
+    shards = found / checkpoint_files.SHARDS_DIR
+    _safely(dcp.load, wanted, storage_reader=_safe_reader(shards), planner=_safe_planner(DefaultLoadPlanner)())
     options = _options(trainable_only)
     set_model_state_dict(model, wanted["model"], options=options)
     if optimizer is not None:
@@ -130,7 +260,6 @@ def read_sharded_weights(directory: Path, part: str = "model") -> dict[str, torc
         ConfigError: when ``directory`` holds no complete sharded checkpoint.
     """
     # What torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, kept in memory.
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -138,9 +267,9 @@ def read_sharded_weights(directory: Path, part: str = "model") -> dict[str, torc
     if found is None or not checkpoint_files.is_sharded(found):
         raise ConfigError(f"export: {directory} holds no complete sharded (DCP) checkpoint")
     state: dict = {}
-    _load_state_dict(
-        state, storage_reader=FileSystemReader(found / checkpoint_files.SHARDS_DIR),
-        planner=_EmptyStateDictLoadPlanner(keys={part}), no_dist=True,
+    _safely(
+        _load_state_dict, state, storage_reader=_safe_reader(found / checkpoint_files.SHARDS_DIR),
+        planner=_safe_planner(_EmptyStateDictLoadPlanner)(keys={part}), no_dist=True,
     )
     return {name: tensor.contiguous() for name, tensor in _flatten(state[part]).items() if isinstance(tensor, torch.Tensor)}
 

@@ -27,7 +27,7 @@ def check_new_run_folder(run_dir: str | os.PathLike) -> None:
         ConfigError: ``run_dir`` is a file, cannot be written, already holds checkpoints
             (continue it with ``--resume``), or holds files that are not a run's.
     """
-    from tightfit.training.checkpoint import checkpoint_folders
+    from tightfit.runs.checkpoint import checkpoint_folders
 
     path = Path(run_dir)
     if path.exists() and not path.is_dir():

@@ -69,7 +69,7 @@ def plan_run(config, *, device: str | None = None, memory: str | int | None = No
         The planner's ``PlanResult``; its ``notes`` say how the config was read.
     """
     from tightfit.hardware.profiles import resolve_target
-    from tightfit.memory.planner import plan
+    from tightfit.plan.planner import plan
     from tightfit.models.qlora import resolve_quantize_base
     from tightfit.step.precision import resolve_precision
 

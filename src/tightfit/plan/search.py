@@ -30,7 +30,8 @@ from torch import nn
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.memory.bisect import largest_fitting
 from tightfit.memory.estimator import EstimationError, estimate_step
-from tightfit.memory.measure import measure_step, resolve_device
+from tightfit.hardware.detect import resolve_device
+from tightfit.memory.measure import measure_step
 from tightfit.memory.oom import is_out_of_memory
 from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.memory.report import StepMemory

@@ -12,7 +12,7 @@ A checkpoint is a directory holding
 * ``meta.json``: step, epoch and metrics, for people and for ``--resume``.
 
 Under ``distributed.strategy: fsdp`` the weights and the optimizer state are in ``shards/``
-instead, written by every rank (``training/distributed_checkpoint.py``).
+instead, written by every rank (``runs/distributed_checkpoint.py``).
 
 The directory is written under a temporary name and moved into place with ``os.replace``; the
 previous version is moved aside first and removed last, so a crash at any moment leaves either
@@ -22,7 +22,8 @@ version in place; temporaries a killed process left behind are removed by
 :func:`remove_stale_temporaries` when the next run starts.
 
 Reading back, :func:`load_newest_intact` tries a run's checkpoints newest first (``last``, its
-moved-aside ``last.old``, ``best``, the top-k) and skips any whose files are truncated or refuse to
+moved-aside ``last.old``, ``best``, the top-k; for a resume every full-state one before the
+weights-only ones) and skips any whose files are truncated or refuse to
 load safely, saying which file and why, so a damaged ``last`` costs at most the steps since the
 next newest checkpoint.
 """
@@ -43,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tightfit.errors import ConfigError, TightfitError
+from tightfit.models.lora import adapter_checkpoint_metadata, adapter_state_dict, is_lora_model, load_adapter_state
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -77,8 +79,6 @@ def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Raises:
         TightfitError: a quantized tensor outside a LoRA run (it has no plain safetensors form).
     """
-    from tightfit.models.lora import adapter_state_dict, is_lora_model
-
     state = adapter_state_dict(model) if is_lora_model(model) else model.state_dict()
     for name, tensor in state.items():
         if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
@@ -99,8 +99,6 @@ def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def weights_metadata(model: torch.nn.Module) -> dict[str, str] | None:
     """The safetensors metadata written beside :func:`model_weights`: for a LoRA model
     ``weights: adapters-only`` with the base's spec and fingerprint; None otherwise."""
-    from tightfit.models.lora import adapter_checkpoint_metadata, is_lora_model
-
     return {WEIGHTS_KIND_KEY: ADAPTERS_ONLY, **adapter_checkpoint_metadata(model)} if is_lora_model(model) else None
 
 
@@ -290,8 +288,6 @@ def _file_metadata(weights_file: Path) -> dict[str, str]:
 def _apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], directory: Path, metadata: dict[str, str] | None = None) -> None:
     device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
     if (metadata or {}).get(WEIGHTS_KIND_KEY) == ADAPTERS_ONLY:
-        from tightfit.models.lora import load_adapter_state
-
         load_adapter_state(model, {name: tensor.to(device) for name, tensor in weights.items()}, metadata, where=str(directory))
         return
     try:
@@ -329,7 +325,7 @@ def complete_checkpoint(directory: Path) -> Path | None:
 
 
 def is_sharded(directory: Path) -> bool:
-    """Whether a checkpoint holds its weights as DCP shards (``training/distributed_checkpoint.py``)."""
+    """Whether a checkpoint holds its weights as DCP shards (``runs/distributed_checkpoint.py``)."""
     return (Path(directory) / SHARDS_DIR / ".metadata").is_file()
 
 
@@ -386,13 +382,60 @@ class Restored:
         return "optimizer" in self.state
 
 
-def load_newest_intact(checkpoints: Path, model: torch.nn.Module, *, first: str | None = None) -> Restored:
-    """Load the newest checkpoint of a run whose files are intact into ``model``.
+def read_newest_intact(
+    checkpoints: Path, *, first: str | None = None, full_state_first: bool = False
+) -> tuple[dict[str, torch.Tensor], Restored]:
+    """The weights of the newest checkpoint of a run whose files are intact, without a model to
+    load them into (the study's backbones load them under a prefix).
+
+    Args:
+        checkpoints: the run's ``checkpoints/`` folder.
+        first: a checkpoint name to try before the others (``"best"``).
+        full_state_first: try the checkpoints that hold the whole training state (newest first)
+            before weights-only ones, as a resume needs.
+
+    Returns:
+        ``(weights, restored)``: the tensors by name and the :class:`Restored` checkpoint.
+
+    Raises:
+        ConfigError: no checkpoint at all, or none intact (each damaged file named).
+    """
+    checkpoints = Path(checkpoints)
+    folders = checkpoint_folders(checkpoints)
+    if first is not None:
+        folders.sort(key=lambda folder: folder.name.removesuffix(_ASIDE_SUFFIX) != first)  # stable
+    if full_state_first:
+        folders.sort(key=lambda folder: not holds_full_state(folder))  # stable: newest first within each
+    skipped = []
+    for folder in folders:
+        try:
+            weights, state, meta = _read(folder)
+        except DamagedCheckpointError as error:
+            skipped.append(str(error))
+            continue
+        return weights, Restored(folder, state, meta, skipped)
+    if skipped:
+        raise ConfigError(f"no intact checkpoint in {checkpoints}: " + "; ".join(skipped))
+    raise ConfigError(
+        f"no complete checkpoint in {checkpoints} (the run stopped before its first checkpoint was written); "
+        "start it again without --resume, with the same --run-dir"
+    )
+
+
+def load_newest_intact(
+    checkpoints: Path, model: torch.nn.Module, *, first: str | None = None, full_state_first: bool = False
+) -> Restored:
+    """Load the newest checkpoint of a run whose files are intact into ``model``
+    (:func:`read_newest_intact`).
 
     Args:
         checkpoints: the run's ``checkpoints/`` folder.
         model: receives the weights.
         first: a checkpoint name to try before the others (``"best"`` for compression).
+        full_state_first: try every checkpoint holding the whole training state (``last``,
+            ``step-N``...) before any weights-only one (a resume: a run killed after writing
+            ``best`` of an epoch and before its ``last`` replays from the older ``last`` exactly,
+            instead of continuing inexactly from the newer ``best``).
 
     Returns:
         The :class:`Restored` checkpoint, with the damaged ones it skipped.
@@ -401,22 +444,6 @@ def load_newest_intact(checkpoints: Path, model: torch.nn.Module, *, first: str 
         ConfigError: no checkpoint at all, none intact (each damaged file named), or weights
             that do not fit ``model``.
     """
-    checkpoints = Path(checkpoints)
-    folders = checkpoint_folders(checkpoints)
-    if first is not None:
-        folders.sort(key=lambda folder: folder.name.removesuffix(_ASIDE_SUFFIX) != first)  # stable
-    skipped = []
-    for folder in folders:
-        try:
-            weights, state, meta = _read(folder)
-        except DamagedCheckpointError as error:
-            skipped.append(str(error))
-            continue
-        _apply_weights(model, weights, folder, _file_metadata(folder / WEIGHTS_FILE))
-        return Restored(folder, state, meta, skipped)
-    if skipped:
-        raise ConfigError(f"no intact checkpoint in {checkpoints}: " + "; ".join(skipped))
-    raise ConfigError(
-        f"no complete checkpoint in {checkpoints} (the run stopped before its first checkpoint was written); "
-        "start it again without --resume, with the same --run-dir"
-    )
+    weights, restored = read_newest_intact(checkpoints, first=first, full_state_first=full_state_first)
+    _apply_weights(model, weights, restored.directory, _file_metadata(restored.directory / WEIGHTS_FILE))
+    return restored

@@ -2,7 +2,7 @@
 
 ``save(directory, weights, state, meta)`` copies the tensors (weights, optimizer state) to host
 memory — a memory copy, the only part the step waits for — and queues the copy for a background
-thread, which serialises and writes it with :func:`tightfit.training.checkpoint.save_checkpoint`
+thread, which serialises and writes it with :func:`tightfit.runs.checkpoint.save_checkpoint`
 (temporary folder, then an atomic rename: never a half-written checkpoint, also when the process is
 killed mid-write). The thread works through its queue in order, removals (``remove``, for top-k)
 included, so a checkpoint is never removed before it is written. :meth:`wait` is called before
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from tightfit.training import checkpoint as checkpoint_files
+from tightfit.runs import checkpoint as checkpoint_files
 
 
 def _host_copy(value: Any) -> Any:

@@ -208,7 +208,7 @@ def plan(
         max_batch_size: the largest micro-batch the search considers.
         model_kwargs: passed to the model's constructor.
         lora: a whole ``LoRAConfig`` (targets, heads, alpha) instead of ``lora_rank`` alone, as a
-            run config's ``lora:`` section gives it (:func:`tightfit.memory.run_plan.plan_run`).
+            run config's ``lora:`` section gives it (:func:`tightfit.plan.run_plan.plan_run`).
 
     Returns:
         A :class:`PlanResult`.
@@ -327,10 +327,14 @@ class _Planner:
     def _on_quantized_base(self, memory: StepMemory, precision: str) -> StepMemory:
         """The same step with the frozen Linear weights stored quantized: nothing can be quantized
         on the meta device, so the 16/32-bit estimate's base bytes are swapped for quantized ones."""
+        from tightfit.memory.overhead import device_overhead
         from tightfit.models.qlora import with_quantized_base
 
+        def overhead(tensor_peak: int) -> int:
+            return device_overhead(self.profile, tensor_peak_bytes=tensor_peak).total_bytes
+
         breakdown, notes = with_quantized_base(
-            memory.breakdown, self.models[False], self.quantize_base, profile=self.profile,
+            memory.breakdown, self.models[False], self.quantize_base, overhead=overhead if self.profile else None,
             base_weight_bytes=2 if precision == "bf16-pure" else 4,
         )
         return dataclasses.replace(memory, peak_bytes=sum(breakdown.values()), breakdown=breakdown, notes=memory.notes + notes)
@@ -562,7 +566,8 @@ class _Planner:
         import psutil
 
         from tightfit.memory.counted_step import StepSettings, make_step
-        from tightfit.memory.measure import measure_step, resolve_device
+        from tightfit.hardware.detect import resolve_device
+        from tightfit.memory.measure import measure_step
         from tightfit.step.optim import build_optimizer
 
         if not option.micro_batch_size:
