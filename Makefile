@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all lint install clean
+.PHONY: demo test test-all lint install clean docs-figures
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test-all: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
+
+docs-figures: $(BIN)/.installed  # rewrite the command output quoted in docs/ (benchmarks/docs_figures.py)
+	$(BIN)/python benchmarks/docs_figures.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -7,7 +7,7 @@ training steps of the same configuration on this machine (warm-up, 3 timed steps
 for the peak). Tokens/s counts every position of the micro-batch (``batch x max_length``).
 
     python benchmarks/lm_finetune.py                                   # the tiny Llama of the recipe
-    python benchmarks/lm_finetune.py --model hf:src/tightfit/configs/llama-134m --max-length 256 --batch 1
+    python benchmarks/lm_finetune.py --model hf:packaged:llama-134m --max-length 256 --batch 1
 """
 
 import argparse
@@ -45,7 +45,7 @@ def measure(model: str, max_length: int, batch: int, checkpointing: bool) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="hf:src/tightfit/configs/tiny-llama")
+    parser.add_argument("--model", default="hf:packaged:tiny-llama")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--checkpointing", action="store_true")

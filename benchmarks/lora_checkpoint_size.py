@@ -22,7 +22,7 @@ def tensor_bytes(state: dict) -> int:
 
 
 def main() -> None:
-    config = load_config("recipes/lora-diffusion.yaml", ["model=diffusion:src/tightfit/configs/sd15-unet"])
+    config = load_config("recipes/lora-diffusion.yaml", ["model=diffusion:packaged:sd15-unet"])
     model = apply_lora(build_model(config.model, meta=True, **config.model_options), config.lora, verbose=False)
     before, after = tensor_bytes(model.state_dict()), tensor_bytes(adapter_state_dict(model))
     trainable = model.lora_summary.trainable_parameters

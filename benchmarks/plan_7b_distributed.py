@@ -10,7 +10,7 @@ A100-40GB, H100-80GB and RTX 4090 24GB: the smallest count whose per-rank peak k
 
 The same answer one row at a time:
 
-    tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices a100-40gb --strategy fsdp
+    tightfit plan --model hf:packaged:llama-7b --input tokens:2048 --devices a100-40gb --strategy fsdp
 """
 
 import argparse

@@ -8,7 +8,7 @@ weights: 84M + 123M parameters, 0.4 GiB in fp16 with cpu_offload off).
 
 Each row is one ``tightfit plan`` check (the command is printed with it)::
 
-    tightfit plan --model diffusion:src/tightfit/configs/sd15-unet \\
+    tightfit plan --model diffusion:packaged:sd15-unet \\
         --input latents=4x64x64,encoder_hidden_states=77x768 \\
         --lora-rank 8 --batch-size 2 --precision fp16 --checkpointing --device m2-max-32gb
 
@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-MODEL = "diffusion:src/tightfit/configs/sd15-unet"
+MODEL = "diffusion:packaged:sd15-unet"
 INPUT = "latents=4x64x64,encoder_hidden_states=77x768"
 SETTINGS = (  # (precision, checkpointing, micro-batch): seed-003's, then without checkpointing, then a bf16 base
     ("fp16", True, 2),

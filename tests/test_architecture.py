@@ -14,7 +14,7 @@ The layers, top to bottom (README "Layout"):
     models             specs, builtins, LoRA/QLoRA, checkpointing, generation, prepare_model
     data               sources, splits, cache
     step               the one training step and its primitives
-    leaves             settings, names, errors, units, trust, _optional, configs (model folders)
+    leaves             settings, names, errors, units, trust, paths, _optional, configs (model folders)
 
 Every import is read from the source with ``ast`` (nothing is imported), so an import inside a
 function counts as much as one at the top.
@@ -40,7 +40,7 @@ LAYERS = [
     ("models",),
     ("data",),
     ("step",),
-    ("settings", "names", "errors", "units", "trust", "_optional", "configs", "__init__"),
+    ("settings", "names", "errors", "units", "trust", "paths", "_optional", "configs", "__init__"),
 ]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 

@@ -2,6 +2,7 @@
 int8 base generates and merges into a folder plain transformers loads, bad targets exit 2."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,26 @@ def test_merged_lora_run_loads_with_plain_transformers(pirate_run, tmp_path, cap
         torch.testing.assert_close(plain(inputs).logits, load_lora_run(pirate_run, merged=True)(inputs).logits, atol=1e-5, rtol=1e-4)
 
 
+def test_a_merged_folder_is_what_transformers_pipeline_takes_and_it_can_move(pirate_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    output = tmp_path / "merged"
+    assert main(["lora", "merge", str(pirate_run), "--output", str(output), "--json"]) == 0
+    capsys.readouterr()
+    assert (output / "tokenizer.json").is_file() and (output / "generation_config.json").is_file()
+    moved = tmp_path / "elsewhere" / "merged"
+    moved.parent.mkdir()
+    shutil.move(output, moved)
+    tokenizer = AutoTokenizer.from_pretrained(str(moved), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(moved), local_files_only=True)
+    assert tokenizer("What colour is grass?")["input_ids"]
+    generated = pipeline("text-generation", model=str(moved), max_new_tokens=3, do_sample=False)("What colour is grass?")
+    assert generated[0]["generated_text"].startswith("What colour is grass?")
+    assert main(["generate", str(moved), "--prompt", "What colour is grass?", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] >= 1
+    assert model.config.use_cache is True
+
+
 def test_generate_refuses_what_is_not_a_language_model(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("model: builtin:digits-cnn\n")
@@ -115,7 +136,7 @@ def test_generate_refuses_what_is_not_a_language_model(tmp_path, capsys):
 
 
 def test_lora_on_a_weightless_config_folder_says_what_is_missing(tmp_path, capsys):
-    code = main(["train", "recipes/qlora-7b.yaml", "data.tokenizer=src/tightfit/configs/tiny-llama", "--run-dir", str(tmp_path / "run")])
+    code = main(["train", "recipes/qlora-7b.yaml", "data.tokenizer=packaged:tiny-llama", "--run-dir", str(tmp_path / "run")])
     error = capsys.readouterr().err
     assert code == 2 and "no weights" in error and "llama-7b" in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()

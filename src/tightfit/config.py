@@ -11,6 +11,7 @@ Example:
     0.01
 """
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,7 +22,16 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from tightfit.data.config import DataConfig
 from tightfit.errors import ConfigError, SpecError
 from tightfit.models.lora_config import LoRAConfig
-from tightfit.names import DEVICE_KINDS, GRADIENT_SYNCS, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES
+from tightfit.names import (
+    DEVICE_KINDS,
+    GRADIENT_SYNCS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    STRATEGIES,
+    canonical_precision,
+)
+from tightfit.paths import anchor, relative_inside
 from tightfit.settings import describe_validation_error, read_yaml
 from tightfit.trust import check_spec_from_file
 from tightfit.units import parse_memory
@@ -73,6 +83,9 @@ class ScheduleConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     patience: int = Field(default=2, ge=0, description="reduce-on-plateau: validations without improvement")
 
 
+DEFAULT_MICRO_BATCH_SIZE = 64  # also the effective batch of micro_batch_size: auto when none is stated
+
+
 class BatchConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``batch:`` samples per forward pass (micro-batch), and per optimizer step (effective batch).
 
@@ -80,7 +93,10 @@ class BatchConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     the accumulation follows from it (the last micro-batch of a window may be smaller).
     """
 
-    micro_batch_size: int | Literal["auto"] = Field(default=64, description="an integer, or auto (largest that fits)")
+    micro_batch_size: int | Literal["auto"] = Field(
+        default=DEFAULT_MICRO_BATCH_SIZE,
+        description="an integer, or auto (the largest that fits and divides the effective batch; the rest accumulates)",
+    )
     accumulation_steps: int = Field(default=1, ge=1)
     effective_batch_size: int | None = Field(default=None, ge=1)
 
@@ -137,7 +153,7 @@ class EarlyStoppingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
 
 
 class LoggingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
-    """``logging:`` where metrics go (console, JSON lines, TensorBoard, MLflow)."""
+    """``logging:`` where metrics go (console, JSON lines, TensorBoard, MLflow, W&B)."""
 
     console: bool = True
     progress: bool = Field(default=True, description="rich progress bars in a terminal; plain lines (every 30 s and per epoch) when not one")
@@ -145,7 +161,9 @@ class LoggingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     tensorboard: bool = True
     mlflow: bool = False
     mlflow_tracking_uri: str | None = Field(default=None, description="default: a file store in RUN_DIR/mlruns")
-    experiment: str = "tightfit"
+    wandb: bool = Field(default=False, description="Weights & Biases (pip install 'tightfit[wandb]'); offline: RUN_DIR/wandb")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(default="offline", description="wandb.init(mode=...); offline sends nothing")
+    experiment: str = Field(default="tightfit", description="the MLflow experiment and the W&B project")
     every_n_steps: int = Field(default=10, ge=1, description="log training metrics every N optimizer steps")
     report: bool = Field(default=True, description="write RUN_DIR/report.html when the run ends (tightfit report)")
 
@@ -232,6 +250,12 @@ class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
         # "checkpointing: auto" is the natural way to write it; it means the activation setting.
         return value if isinstance(value, Mapping) or isinstance(value, ActivationCheckpointingConfig) else {"activation": value}
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _lightning_precision_names(cls, value: Any) -> Any:
+        # "bf16-mixed", "16-mixed", "32-true", "bf16-true": Lightning's spelling of the same choices
+        return canonical_precision(value) if isinstance(value, (str, int)) else value
+
     @field_validator("budget")
     @classmethod
     def _budget_parses(cls, value: str | int | None) -> str | int | None:
@@ -281,6 +305,50 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+PATH_SETTINGS = ("model", "init_weights", "run_dir", "data.path", "data.tokenizer", "data.cache")
+"""Settings that hold a path (``model`` only after ``hf:`` or ``diffusion:``); see :mod:`tightfit.paths`."""
+MODEL_FOLDER_PREFIXES = ("hf:", "diffusion:")
+_MAY_BE_HUB_ID = ("model", "data.tokenizer")  # a Hugging Face repo id, resolved from the local hub cache
+
+
+def _convert_path(key: str, value: Any, convert) -> Any:
+    """``convert(path, key)`` applied to the path in one setting's value (the folder of a model spec)."""
+    if not isinstance(value, str) or not value:
+        return value
+    if key == "model":
+        prefix = next((prefix for prefix in MODEL_FOLDER_PREFIXES if value.startswith(prefix)), None)
+        return value if prefix is None else prefix + convert(value.removeprefix(prefix), key)
+    return convert(value, key)
+
+
+def map_paths(tree: Mapping[str, Any], convert) -> dict[str, Any]:
+    """A copy of a config tree with ``convert(path, key)`` applied to every path setting."""
+    tree = dict(tree)
+    for key in PATH_SETTINGS:
+        section, _, name = key.rpartition(".")
+        node = tree if not section else tree.get(section)
+        if not isinstance(node, Mapping) or name not in node:
+            continue
+        if section:
+            node = tree[section] = dict(node)
+        node[name] = _convert_path(key, node[name], convert)
+    return tree
+
+
+def anchor_paths(tree: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """A config tree with its relative paths made absolute against ``base`` (the file's folder)."""
+    return map_paths(tree, lambda path, key: anchor(path, base, may_be_hub_id=key in _MAY_BE_HUB_ID))
+
+
+def _anchor_override(text: str, base: Path) -> str:
+    """A ``key=value`` override with a relative path value made absolute against ``base``."""
+    key, value = parse_override(text)
+    if key not in PATH_SETTINGS or not isinstance(value, str):
+        return text
+    anchored = _convert_path(key, value, lambda path, key: anchor(path, base, may_be_hub_id=key in _MAY_BE_HUB_ID))
+    return text if anchored == value else f"{key}={json.dumps(anchored)}"
+
+
 def build_config(tree: Mapping[str, Any], *, source: str = "the defaults", overrides: list[str] = ()) -> TrainConfig:
     """Validate a config mapping with ``key=value`` overrides applied.
 
@@ -322,9 +390,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, trust_cod
         ConfigError: for a missing or malformed file, an unknown key, a wrong type or a bad value,
             or a Python-callable model spec in the file without ``trust_code``.
     """
+    # a path in the file is relative to the file, one on the command line to the current folder
+    overrides = [_anchor_override(text, Path.cwd()) for text in overrides]
     if path is None:
         return build_config({}, overrides=overrides)
-    tree = read_yaml(path)
+    tree = anchor_paths(read_yaml(path), Path(path).expanduser().absolute().parent)
     config = build_config(tree, source=str(path), overrides=overrides)
     if config.model == tree.get("model"):  # the file chose the model, not the command line
         check_spec_from_file(config.model, where=f"{path}: model", trust_code=trust_code)
@@ -338,6 +408,13 @@ def default_recipe() -> Path:
     return checkout if checkout.is_file() else Path(__file__).resolve().parent / "recipes" / "digits.yaml"
 
 
-def config_to_yaml(config: TrainConfig) -> str:
-    """The resolved configuration as YAML, every default filled in (saved next to every run)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+def config_to_yaml(config: TrainConfig, folder: Path | None = None) -> str:
+    """The resolved configuration as YAML, every default filled in (saved next to every run).
+
+    ``folder``: where the file goes; paths inside it are written relative to it (``run_dir: .``),
+    so the folder can move and :func:`load_config` still finds them.
+    """
+    tree = config.model_dump(mode="json")
+    if folder is not None:
+        tree = map_paths(tree, lambda path, key: relative_inside(path, folder))
+    return yaml.safe_dump(tree, sort_keys=False)

@@ -7,6 +7,17 @@ at once and ``tightfit --help`` stays torch-free.
 
 # Training precisions (step/precision.py); "auto" is a config value that resolves to one of them.
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure")
+# Lightning's names (Trainer(precision=...)) for the same choices, accepted wherever a precision is.
+PRECISION_ALIASES = {
+    "32-true": "fp32", "32": "fp32", "16-mixed": "fp16", "16": "fp16",
+    "bf16-mixed": "bf16", "bf16-true": "bf16-pure",
+}
+
+
+def canonical_precision(name: str) -> str:
+    """A precision name with Lightning's spelling mapped to tightfit's: ``"bf16-mixed"`` -> ``"bf16"``."""
+    return PRECISION_ALIASES.get(str(name), name)
+
 
 # Optimizers (step/optim.py builds them); adam8bit needs bitsandbytes.
 OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw", "adam8bit")

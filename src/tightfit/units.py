@@ -85,3 +85,11 @@ def format_seconds(value: float | None) -> str:
     if value < 7200:
         return f"{value / 60:.1f} min"
     return f"{value / 3600:.1f} h"
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """A count with its noun in the right number: ``plural(1, "estimate") == "1 estimate"``,
+    ``plural(8, "estimate") == "8 estimates"``; ``plural_form`` for irregular nouns."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {plural_form or noun + 's'}"

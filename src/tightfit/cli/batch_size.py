@@ -20,6 +20,7 @@ examples:
 
 from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
 from tightfit.names import PRECISIONS as PRECISION_CHOICES
+from tightfit.names import canonical_precision
 
 
 def add_arguments(parser) -> None:
@@ -27,7 +28,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input", required=True, metavar="SHAPE", help="per-sample input: 3x224x224, tokens:512, or several, comma-separated")
     parser.add_argument("--memory", metavar="SIZE", help="memory budget, e.g. 2GiB (simulated on CPU; required there)")
     parser.add_argument("--device", metavar="DEVICE", help="where the trial steps run: cpu, cuda, cuda:1, mps (default: cpu with --memory, else the best device)")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help="training precision (default fp32)")
+    parser.add_argument("--precision", type=canonical_precision, choices=PRECISION_CHOICES, default="fp32", help="training precision (default fp32)")
     parser.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, default="adamw", help="optimizer whose state must fit (default adamw)")
     parser.add_argument("--checkpointing", action="store_true", help="checkpoint the activations of the repeated blocks")
     parser.add_argument("--accumulation", type=int, default=1, metavar="K", help="gradient accumulation steps (gradients stay live; default 1)")

@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
     images.add_argument("--resolution", type=int, metavar="PX", help="image side (default: the UNet's)")
     images.add_argument("--output", default="generated", metavar="DIR", help="where the PNGs go (default ./generated)")
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--trust-code", action="store_true", help="let the run's config.yaml name a module.path:callable model (runs its code)")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
 
@@ -43,7 +43,10 @@ def run(args) -> int:
     from tightfit.models.generate import generate_images, generate_text
     from tightfit.runs.model import load_for_generation
 
-    loaded = load_for_generation(args.path, device=args.device, trust_code=args.trust_code)
+    from tightfit.hardware.detect import resolve_device
+
+    device = resolve_device(args.device)  # the best device of this machine unless told
+    loaded = load_for_generation(args.path, device=str(device), trust_code=args.trust_code)
     if loaded.kind == "diffusion":
         paths = generate_images(
             loaded, args.prompt, args.output, num_images=args.num_images, steps=args.steps,

@@ -23,7 +23,7 @@ feasibility table (see examples/pipelines/seed002-rtx3050.yaml).
 examples:
   tightfit plan --model torchvision:resnet50 --input 3x224x224 --device rtx3050-laptop-6gb
   tightfit plan --model builtin:digits-cnn --input 1x8x8 --batch-size 64 --measure
-  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:512 --lora-rank 8 --device a100-80gb --json
+  tightfit plan --model hf:packaged:llama-7b --input tokens:512 --lora-rank 8 --device a100-80gb --json
   tightfit plan --model torchvision:resnet50 --input 3x224x224 --inference --precision bf16 --device rtx3050-laptop-6gb
   tightfit plan recipes/lora-causal-lm.yaml --measure                   # the run train would do, then measured
   tightfit plan recipes/qlora-7b.yaml --device m1-16gb
@@ -34,12 +34,13 @@ inference mode) at --batch-size, or the largest batch that fits, and the time pe
 A study file (tightfit run's) is planned stage by stage, extract stages forward-only.
 
 several devices (per-rank peak, devices needed, tokens/s with communication; docs/distributed.md):
-  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices a100-40gb --strategy fsdp
-  tightfit plan --model hf:src/tightfit/configs/llama-7b --input tokens:2048 --devices 4xrtx4090-24gb --strategy ddp
+  tightfit plan --model hf:packaged:llama-7b --input tokens:2048 --devices a100-40gb --strategy fsdp
+  tightfit plan --model hf:packaged:llama-7b --input tokens:2048 --devices 4xrtx4090-24gb --strategy ddp
 """
 
 from tightfit.names import OPTIMIZERS as OPTIMIZER_CHOICES
 from tightfit.names import PRECISIONS as PRECISION_CHOICES
+from tightfit.names import canonical_precision
 from tightfit.names import QUANTIZE_BASES
 from tightfit.names import STRATEGIES as STRATEGY_CHOICES
 
@@ -52,7 +53,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", metavar="SPEC", help="builtin:NAME, torchvision:NAME, hf:DIR, module.path:callable")
     parser.add_argument("--input", metavar="SHAPE", help="per-sample input: 3x224x224, tokens:512, or several, comma-separated")
     parser.add_argument("--batch-size", type=int, metavar="N", help="check this micro-batch size instead of recommending one")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, help="fix the precision (default: chosen; fp32 with --batch-size)")
+    parser.add_argument("--precision", type=canonical_precision, choices=PRECISION_CHOICES, help="fix the precision (default: chosen; fp32 with --batch-size)")
     parser.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, help="fix the optimizer (default: adamw)")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="force activation checkpointing of the repeated blocks on (or off with --no-checkpointing)")
@@ -149,25 +150,30 @@ def _run_inference(args, profile) -> int:
     from tightfit.errors import ConfigError
     from tightfit.names import INFERENCE_PRECISIONS
     from tightfit.plan import InferenceRequest, plan
+    from tightfit.plan.inference import choose_inference_precision
     from tightfit.units import format_bytes, format_seconds
 
     if args.lora_rank or args.effective_batch or args.measure or args.optimizer or args.checkpointing is not None:
         raise ConfigError("--inference plans a forward pass: --lora-rank, --effective-batch, --optimizer, "
                           "--checkpointing and --measure do not apply")
-    precision = args.precision or "fp32"
-    if precision not in INFERENCE_PRECISIONS:
-        raise ConfigError(f"--precision: {precision} is not an inference precision ({', '.join(INFERENCE_PRECISIONS)})")
+    if args.precision and args.precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"--precision: {args.precision} is not an inference precision ({', '.join(INFERENCE_PRECISIONS)})")
+    settings = {"batch_size": args.batch_size, "profile": profile, "margin": args.margin, "samples": args.samples}
     with _status(args.json, f"planning a forward pass of {args.model} on {profile.name}"):
-        result = plan(InferenceRequest(args.model, args.input, dict(
-            batch_size=args.batch_size, precision=precision, profile=profile, margin=args.margin, samples=args.samples)))
+        if args.precision:
+            result, reason = plan(InferenceRequest(args.model, args.input, dict(settings, precision=args.precision))), "as given"
+        else:  # each precision the device runs; ties to the safer, as in training plans
+            result, reason = choose_inference_precision(args.model, args.input, **settings)
+    precision = result.precision
     if args.json:
-        print_json(result.to_dict())
+        print_json(result.to_dict() | {"precision_reason": reason})
         return 0
     out = console()
     colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}[result.verdict]
     out.print(f"[bold]{escape(result.model)}[/] on [bold]{escape(result.input)}[/], forward only, {precision} -> "
               f"[bold]{escape(result.device)}[/] ({result.parameters:,} parameters)")
     out.print(f"[bold {colour}]{result.verdict.upper()}[/]: {escape(result.why)}")
+    out.print(f"precision {precision}: {escape(reason)}")
     parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in result.breakdown.items() if value)
     out.print(f"peak {format_bytes(result.peak_bytes)} at batch {result.batch_size}: {parts}")
     if result.time_per_sample_s:

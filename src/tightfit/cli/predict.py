@@ -3,7 +3,10 @@
 HELP = "run an exported model (ONNX / .pt2) on images, tensor files or text, without the training code"
 DESCRIPTION = """\
 Run a model exported by `tightfit compress` (ONNX Runtime, or a torch.export .pt2 program) on new
-inputs and print the top classes, with their names when the run had them.
+inputs and print the top classes, with their names when the run had them. An image is prepared
+as the training data was (size, channels, range, polarity: a black-on-white drawing of a digit is
+inverted for the white-on-black digits model, cropped to its strokes), and an input still far from
+the training images' statistics gets a warning.
 
 examples:
   tightfit predict runs/digits/compressed/03-export/model.int8.onnx digit.png
@@ -28,10 +31,18 @@ def run(args) -> int:
     from tightfit.cli._output import console, print_json
     from tightfit.compression.predictor import load_artifact, predict
 
+    import sys
+    import warnings
+
     artifact = load_artifact(args.artifact, threads=args.threads, trust_pt2=args.trust_pt2)
-    results = predict(artifact, args.inputs, top_k=args.top_k, text=args.text, tokenizer=args.tokenizer)
+    with warnings.catch_warnings(record=True) as caught:  # inputs unlike the training data: said in one line each
+        warnings.simplefilter("always", UserWarning)
+        results = predict(artifact, args.inputs, top_k=args.top_k, text=args.text, tokenizer=args.tokenizer)
+    notes = [str(warning.message) for warning in caught if issubclass(warning.category, UserWarning)]
+    for note in notes:
+        print(f"tightfit predict: warning: {note}", file=sys.stderr)
     if args.json:
-        print_json({"artifact": str(artifact.path), "runtime": artifact.kind, "predictions": results})
+        print_json({"artifact": str(artifact.path), "runtime": artifact.kind, "predictions": results, "warnings": notes})
         return 0
     screen = console()
     screen.print(f"{artifact.path} ({'ONNX Runtime' if artifact.kind == 'onnx' else 'torch.export program'})")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -43,6 +44,7 @@ from tightfit.compression.training import FinetuneSettings
 from tightfit.errors import ConfigError
 from tightfit.step.batch import count_samples, slice_batch
 from tightfit.step.loss import model_output_tensor, split_batch, task_loss
+from tightfit.units import plural
 
 
 @dataclass
@@ -135,8 +137,49 @@ def load_source(
         "input_shape": list(bundle.input_shape) if bundle.input_shape else None,
         "task": getattr(bundle, "task", None),
         "normalization": getattr(bundle, "metadata", {}).get("normalization"),
+        "preprocessing": input_preprocessing(bundle),
     }
     return Source(model.cpu().eval(), bundle, name, spec, metadata, notes)
+
+
+PREPROCESSING_SAMPLES = 256  # training samples the input statistics are taken over
+
+
+def input_preprocessing(bundle) -> dict | None:
+    """What ``predict`` must do to an image so the model sees what it was trained on, read from
+    the training split: ``size`` and ``channels`` (C, H, W), the value ``range`` after the data's
+    normalisation, the ``polarity`` (``light-on-dark`` when the background, the median value, is
+    in the lower half of the range: digits are white strokes on black), the ``ink_extent`` (the
+    median share of the frame the non-background pixels span; 1.0 for digits, centred and scaled
+    to fill it) and the per-sample ``mean`` and ``std`` over up to 256 samples, against which an
+    input far outside the training distribution is warned about. None for non-image data."""
+    train = getattr(bundle, "train", None)
+    shape = list(bundle.input_shape) if getattr(bundle, "input_shape", None) else None
+    if train is None or not shape or len(shape) != 3 or len(train) == 0:
+        return None
+    count = min(len(train), PREPROCESSING_SAMPLES)
+    images = torch.stack([torch.as_tensor(train[index][0], dtype=torch.float32) for index in range(count)])
+    low, high = float(images.min()), float(images.max())
+    background = images.flatten(1).median(dim=1).values
+    light_on_dark = float(background.median()) < (low + high) / 2
+    extents = [_ink_extent(image, float(level)) for image, level in zip(images, background)]
+    means = images.flatten(1).mean(dim=1)
+    return {
+        "channels": shape[0], "size": shape[1:], "range": [low, high],
+        "polarity": "light-on-dark" if light_on_dark else "dark-on-light",
+        "ink_extent": float(np.median(extents)),
+        "mean": float(means.mean()), "mean_spread": float(means.std()) if count > 1 else 0.0,
+        "std": float(images.flatten(1).std(dim=1).mean()),
+    }
+
+
+def _ink_extent(image: torch.Tensor, background: float) -> float:
+    """The larger side of the box around the pixels that differ from the background, over the frame's."""
+    ink = (image - background).abs().amax(dim=0) > 0.25 * float((image - background).abs().max() or 1)
+    rows, columns = torch.nonzero(ink.any(dim=1)).flatten(), torch.nonzero(ink.any(dim=0)).flatten()
+    if len(rows) == 0:
+        return 0.0
+    return max((rows[-1] - rows[0] + 1) / ink.shape[0], (columns[-1] - columns[0] + 1) / ink.shape[1]).item()
 
 
 def _data_config(data: str | Path):
@@ -333,7 +376,7 @@ class Pipeline:
         self.output.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(source.model).cpu().eval()
         self.float_model = model
-        self.say(f"measuring the original model ({threads} threads, {self.evaluator.split} split: {self.evaluator.samples} samples)")
+        self.say(f"measuring the original model ({plural(threads, 'thread')}, {self.evaluator.split} split: {self.evaluator.samples} samples)")
         self.records.append(self._measure_torch("original", "original", model, self.output / "00-original"))
         for index, step in enumerate(recipe.steps, start=1):
             directory = self.output / f"{index:02d}-{step.step}"

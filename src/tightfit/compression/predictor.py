@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def load_artifact(path: str | os.PathLike, *, threads: int | None = None, trust_
         from tightfit.compression.export import read_metadata
 
         try:
-            session = ort_session(path, threads=threads)
+            session = ort_session(path, threads=threads, best_device=True)
         except Exception as error:  # onnxruntime raises its own exception types
             raise ConfigError(f"predict: {path} cannot be loaded by ONNX Runtime: {str(error).splitlines()[0]}") from None
         inputs = session.get_inputs()
@@ -190,23 +191,73 @@ def load_inputs(artifact: Artifact, inputs: list[str], *, text: bool = False, to
 
 
 def _read_image(path: Path, metadata: dict[str, Any]) -> np.ndarray:
+    """An image file as the model's input: the artifact's preprocessing (``metadata["preprocessing"]``,
+    written by ``compress`` from the training data) applied, the way the training data looked.
+
+    Greyscale or RGB as the model takes it; the polarity flipped when the model learnt light
+    strokes on a dark background and the image is the other way round (a pen drawing); cropped to
+    the strokes and padded square when the training images' strokes fill the frame and the
+    image's do not; reduced to the model's size by area averaging; scaled as in training. An
+    input whose statistics still lie far outside the training ones gets a warning.
+    """
     from PIL import Image, UnidentifiedImageError
 
     shape = metadata.get("input_shape") or [3, 224, 224]
     channels, height, width = shape[-3], shape[-2], shape[-1]
+    preprocessing = metadata.get("preprocessing") or {}
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.float32) / 255.0  # "unit" normalisation, as in training
+            image = image.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(image, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as error:
         raise ConfigError(f"predict: {path} is not a readable image ({error})") from None
+    if preprocessing.get("polarity") == "light-on-dark" and np.median(array) > 0.5:
+        array = 1.0 - array  # dark strokes on a light page: the model learnt the opposite
+    if preprocessing.get("ink_extent", 0) >= 0.8:
+        array = _fit_strokes(array, preprocessing["ink_extent"])
+    resized = Image.fromarray(np.uint8(np.clip(array, 0, 1) * 255))
+    resized = resized.resize((width, height), Image.BOX if resized.width >= width else Image.BILINEAR)
+    array = np.asarray(resized, dtype=np.float32) / 255.0  # "unit" normalisation, as in training
     array = array[None] if channels == 1 else array.transpose(2, 0, 1)
     normalization = metadata.get("normalization") or {}
     if normalization.get("mode") == "standard" and "mean" in normalization and "std" in normalization:
         mean = np.asarray(normalization["mean"], dtype=np.float32).reshape(-1, 1, 1)
         std = np.asarray(normalization["std"], dtype=np.float32).reshape(-1, 1, 1)
         array = (array - mean) / std
+    _warn_if_unlike_training(path, array, preprocessing)
     return array
+
+
+OUT_OF_DISTRIBUTION_SPREADS = 4  # an image mean this many training spreads from the training mean is warned about
+
+
+def _fit_strokes(array: np.ndarray, extent: float) -> np.ndarray:
+    """Crop to the strokes (pixels above a quarter of the brightest) and pad square, so they span
+    ``extent`` of the frame as in training."""
+    grey = array if array.ndim == 2 else array.mean(axis=2)
+    ink = grey > 0.25 * grey.max() if grey.max() > 0 else grey > 1
+    rows, columns = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
+    if len(rows) == 0:
+        return array
+    cropped = array[rows[0]: rows[-1] + 1, columns[0]: columns[-1] + 1]
+    side = int(round(max(cropped.shape[:2]) / extent))
+    padded = np.zeros((side, side) + cropped.shape[2:], dtype=array.dtype)
+    top, left = (side - cropped.shape[0]) // 2, (side - cropped.shape[1]) // 2
+    padded[top: top + cropped.shape[0], left: left + cropped.shape[1]] = cropped
+    return padded
+
+
+def _warn_if_unlike_training(path: Path, array: np.ndarray, preprocessing: dict) -> None:
+    if not preprocessing.get("mean_spread"):
+        return
+    mean, spread = preprocessing["mean"], preprocessing["mean_spread"]
+    distance = abs(float(array.mean()) - mean) / spread
+    if distance > OUT_OF_DISTRIBUTION_SPREADS:
+        warnings.warn(
+            f"{path}: after preprocessing its mean value is {array.mean():.3g}, {distance:.0f} spreads from the "
+            f"training images' {mean:.3g} (spread {spread:.2g}): the prediction is likely unreliable",
+            stacklevel=3,
+        )
 
 
 def _read_tensor(path: Path) -> np.ndarray:

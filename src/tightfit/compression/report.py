@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tightfit.units import plural
+
 # An artifact counts as slower/faster only beyond this relative margin: timings of identical
 # models differ by a few percent from run to run.
 LATENCY_NOISE = 0.05
@@ -197,7 +199,7 @@ def plot_tradeoffs(directory: Path, records: list[ArtifactRecord]) -> dict[str, 
         axes.set_xlabel(label)
         axes.set_ylabel(f"{metric_name} ({records[0].metric['split']})")
         threads = records[0].latency["batch_1"]["threads"]
-        axes.set_title(f"{metric_name} vs {label.split(' (')[0]} — red: flagged; {threads} threads", fontsize=9)
+        axes.set_title(f"{metric_name} vs {label.split(' (')[0]} — red: flagged; {plural(threads, 'thread')}", fontsize=9)
         axes.grid(alpha=0.3)
         figure.tight_layout()
         path = directory / f"{key}.png"
@@ -216,7 +218,7 @@ def render_table(records: list[ArtifactRecord], best: dict[str, Any]) -> Any:
     first = records[0]
     batches = list(first.latency)
     threads = first.latency[batches[0]]["threads"]
-    table = Table(title=f"compression report — latency on CPU, {threads} threads, median (p90)")
+    table = Table(title=f"compression report — latency on CPU, {plural(threads, 'thread')}, median (p90)")
     for column in ("artifact", "format", "size", "gzip", "params", "non-zero"):
         table.add_column(column, justify="left" if column in ("artifact", "format") else "right")
     for batch in batches:

@@ -51,6 +51,7 @@ from torch.utils.data import Dataset
 from tightfit.data.cache import TensorCache, describe, hash_file, resolve_cache_dir
 from tightfit.data.config import DataConfig, DataError
 from tightfit.data.splits import limit_indices, split_indices
+from tightfit.paths import local_path
 from tightfit.data.text import PACKAGED_PREFIX, load_tokenizer, resolve_tokenizer_dir, tokenizer_fingerprint
 from tightfit.errors import ConfigError
 
@@ -61,7 +62,7 @@ ROLES = ("system", "user", "assistant")
 PLAIN_ROLE_HEADER = "### {role}:\n"
 """The plain template's header before each message (``### User:``); the message follows, then a
 newline, or ``<eos>`` after an assistant message."""
-PACKAGED_CORPORA = {"replies": "replies.jsonl", "pirate-replies": "pirate_replies.jsonl", "facts": "facts.txt"}
+PACKAGED_CORPORA = ("replies", "pirate-replies", "facts")  # packaged:NAME, in tightfit.paths.PACKAGED
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -76,12 +77,10 @@ def corpus_files(path: str | None) -> list[Path]:
             "data.path: the text-corpus source needs a .jsonl or .txt file or a folder of them "
             f"(or {PACKAGED_PREFIX}NAME, one of: {', '.join(PACKAGED_CORPORA)})"
         )
-    if path.startswith(PACKAGED_PREFIX):
-        name = path.removeprefix(PACKAGED_PREFIX)
-        if name not in PACKAGED_CORPORA:
-            raise ConfigError(f"data.path: no packaged corpus {name!r} (packaged: {', '.join(PACKAGED_CORPORA)})")
-        return [Path(__file__).resolve().parent / "files" / PACKAGED_CORPORA[name]]
-    resolved = Path(path).expanduser()
+    try:
+        resolved = local_path(path, "data.path", kinds=PACKAGED_CORPORA)
+    except ValueError as error:
+        raise ConfigError(str(error).replace("no packaged", "no packaged corpus")) from None
     if resolved.is_dir():
         files = sorted(item for item in resolved.rglob("*") if item.suffix in SUFFIXES and item.is_file())
         if not files:

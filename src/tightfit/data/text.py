@@ -27,12 +27,12 @@ from tightfit.data.config import DataConfig, DataError
 from tightfit.data.csv_table import check_columns, read_csv
 from tightfit.data.splits import limit_indices, split_indices
 from tightfit.errors import ConfigError
+from tightfit.paths import PACKAGED_PREFIX, local_path, model_folder
 
 DEFAULT_MAX_LENGTH = 128
 PAD_TO_MULTIPLE_OF = 8  # tensor cores and most kernels prefer sequence lengths that are multiples of 8
-PACKAGED_PREFIX = "packaged:"
-PACKAGED_DATASETS = {"support-messages": "support_messages.csv"}
-"""Data sets shipped inside tightfit (``data/files/``), usable as ``path: packaged:NAME``."""
+PACKAGED_DATASETS = ("support-messages",)
+"""Data sets shipped inside tightfit (``data/files/``), usable as ``path: packaged:NAME`` (:mod:`tightfit.paths`)."""
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
     "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
@@ -50,14 +50,10 @@ def resolve_data_path(path: str | None, source: str) -> Path:
             f"data.path: the {source} source needs a .csv file "
             f"(or {PACKAGED_PREFIX}NAME, one of: {', '.join(PACKAGED_DATASETS)})"
         )
-    if path.startswith(PACKAGED_PREFIX):
-        name = path.removeprefix(PACKAGED_PREFIX)
-        if name not in PACKAGED_DATASETS:
-            raise ConfigError(
-                f"data.path: no packaged data set {name!r} (packaged: {', '.join(PACKAGED_DATASETS)})"
-            )
-        return Path(__file__).resolve().parent / "files" / PACKAGED_DATASETS[name]
-    resolved = Path(path).expanduser()
+    try:
+        resolved = local_path(path, "data.path", kinds=PACKAGED_DATASETS)
+    except ValueError as error:
+        raise ConfigError(str(error).replace("no packaged", "no packaged data set")) from None
     if not resolved.is_file():
         raise ConfigError(f"data.path: no such file {resolved}")
     return resolved
@@ -80,7 +76,10 @@ def resolve_tokenizer_dir(tokenizer: str | None) -> Path:
     """
     if tokenizer is None:
         return default_tokenizer_dir()
-    folder = Path(tokenizer).expanduser()
+    try:
+        folder = model_folder(tokenizer, "data.tokenizer")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if not folder.is_dir():
         raise ConfigError(f"data.tokenizer: no such folder {folder}")
     if (folder / "tokenizer").is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):

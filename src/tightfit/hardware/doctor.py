@@ -21,7 +21,7 @@ from typing import Any
 
 from tightfit import __version__
 from tightfit.hardware import detect
-from tightfit.units import format_bytes
+from tightfit.units import format_bytes, plural
 
 GIB = 2**30
 MIN_PYTHON = (3, 10)
@@ -600,7 +600,7 @@ def recommend(report: dict[str, Any]) -> list[str]:
         cores = report["cpu"].get("physical_cores") if "error" not in report["cpu"] else None
         advice.append("No GPU: training runs on the CPU. Start with small models (builtin:digits-cnn, builtin:mlp); "
                       "`tightfit plan --device rtx3050-laptop-6gb` plans for a GPU you could use."
-                      + (f" Use at most {max(1, cores - 1)} data-loader worker(s) on {cores} cores." if cores else ""))
+                      + (f" Use at most {plural(max(1, cores - 1), 'data-loader worker')} on {plural(cores, 'core')}." if cores else ""))
     if "error" not in memory:
         available = memory["available_bytes"]
         if available < 8 * GIB:

@@ -35,6 +35,7 @@ from torch import nn
 
 from tightfit._optional import require
 from tightfit.errors import SpecError
+from tightfit.paths import model_folder
 from tightfit.models.builtin import BUILTINS, FROM_INPUT_SHAPE, WITHOUT_CLASSES
 from tightfit.models.inputs import InputSpec, make_batch_factory, parse_input_spec
 from tightfit.trust import function_module_allowed, refuse_non_model_module
@@ -93,7 +94,7 @@ def _build_torchvision(name: str, *, num_classes: int | None, **kwargs) -> nn.Mo
 
 def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **kwargs) -> nn.Module:
     transformers = require("transformers", extra="hf", purpose=f"the model spec 'hf:{directory}'")
-    path = Path(directory).expanduser()
+    path = _model_folder(directory, f"hf:{directory}")
     config_path = path / "config.json"
     if not config_path.is_file():
         raise SpecError(f"model spec 'hf:{directory}': no config.json in {path} (need a local model directory)")
@@ -145,7 +146,15 @@ def _build_diffusion(directory: str, *, num_classes: int | None, meta: bool = Fa
         if error.name != "tightfit.models.diffusion":
             raise
         raise SpecError(f"model spec 'diffusion:{directory}': diffusion models are not available in this build") from None
-    return diffusion.build_diffusion_model(directory, meta=meta, **kwargs)
+    return diffusion.build_diffusion_model(str(_model_folder(directory, f"diffusion:{directory}")), meta=meta, **kwargs)
+
+
+def _model_folder(directory: str, spec: str) -> Path:
+    """The local folder of an ``hf:`` or ``diffusion:`` spec (:func:`tightfit.paths.model_folder`)."""
+    try:
+        return model_folder(directory, where=f"model spec {spec!r}")
+    except ValueError as error:
+        raise SpecError(str(error)) from None
 
 
 def _build_callable(module_name: str, attribute: str, *, num_classes: int | None, **kwargs) -> nn.Module:
@@ -216,7 +225,7 @@ def build_model(spec: str, *, num_classes: int | None = None, meta: bool = False
 
     Example:
         >>> model = build_model("builtin:digits-cnn")
-        >>> llama = build_model("hf:src/tightfit/configs/llama-7b", meta=True)
+        >>> llama = build_model("hf:packaged:llama-7b", meta=True)
     """
     if not isinstance(spec, str) or ":" not in spec:
         hint = ""

@@ -343,7 +343,7 @@ def plan_distributed(
         ConfigError: bad settings; SpecError: bad model or input spec or profile name.
 
     Example:
-        >>> plan_distributed("hf:src/tightfit/configs/llama-7b", "tokens:2048", devices="a100-40gb").devices_needed
+        >>> plan_distributed("hf:packaged:llama-7b", "tokens:2048", devices="a100-40gb").devices_needed
     """
     import torch
 

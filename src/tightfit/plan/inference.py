@@ -260,6 +260,37 @@ def plan_inference(
     )
 
 
+def inference_precisions(profile: Any) -> list[str]:
+    """The forward precisions a device runs: fp32, bf16 where it has bf16, fp16 on GPUs (and MPS)."""
+    found = ["fp32"]
+    if profile.supports_bf16:
+        found.append("bf16")
+    if profile.device_type in ("cuda", "mps") and profile.supports_fp16_autocast:
+        found.append("fp16")
+    return found
+
+
+def choose_inference_precision(model_spec: str, input_spec: str, *, profile: Any, **settings) -> tuple[InferencePlan, str]:
+    """:func:`plan_inference` for each precision the device runs; the fastest per sample that
+    fits wins, and a tie (within ``TIME_TIE``) goes to the safer one (fp32, then bf16, then fp16),
+    as the training planner breaks its ties. Returns ``(plan, reason)``."""
+    from tightfit.plan.planner import PRECISION_SAFETY, TIME_TIE
+
+    plans = [plan_inference(model_spec, input_spec, precision=name, profile=profile, **settings) for name in inference_precisions(profile)]
+    fitting = [plan for plan in plans if plan.fits and plan.time_per_sample_s] or [plan for plan in plans if plan.fits]
+    if not fitting:
+        return min(plans, key=lambda plan: plan.peak_bytes), "none fits: the smallest peak"
+    fastest = min(plan.time_per_sample_s or math.inf for plan in fitting)
+    tied = [plan for plan in fitting if (plan.time_per_sample_s or math.inf) <= fastest * (1 + TIME_TIE)]
+    best = min(tied, key=lambda plan: PRECISION_SAFETY[plan.precision])
+    others = ", ".join(
+        f"{plan.precision} {plan.time_per_sample_s / best.time_per_sample_s:.2f}x" for plan in plans
+        if plan is not best and plan.time_per_sample_s and best.time_per_sample_s
+    )
+    reason = "fastest per sample" + (", ties to the safer" if len(tied) > 1 else "") + (f" (time per sample: {others})" if others else "")
+    return best, reason
+
+
 def forward_time_per_sample(model: nn.Module, batch_factory: Callable[[int, Any], Any], *, batch_size: int,
                             precision: str, device: torch.device, batches: int = 3) -> float:
     """Seconds per sample of a real forward pass on this machine (median of ``batches`` after a warm-up)."""

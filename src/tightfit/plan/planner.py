@@ -42,7 +42,7 @@ from tightfit.memory.bisect import largest_fitting
 from tightfit.memory.report import CATEGORIES, StepMemory
 from tightfit.step.optim import OPTIMIZERS
 from tightfit.step.precision import PRECISIONS
-from tightfit.units import format_bytes
+from tightfit.units import format_bytes, plural
 
 # Model FLOPs utilisation of eager PyTorch training: the share of the datasheet peak a training
 # step reaches. 35-45 % is typical for mid-size CNNs and transformers on NVIDIA GPUs without
@@ -58,7 +58,10 @@ COMPUTE_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "bf16-pure": "b
 # Optimizer state per trainable parameter, in parameter-sized slots (Adam: exp_avg + exp_avg_sq).
 OPTIMIZER_SLOTS = {"sgd": 0, "sgd-momentum": 1, "adam": 2, "adamw": 2, "adam8bit": 0.5}
 DEFAULT_MAX_BATCH_SIZE = 4096
-TIME_TIE = 0.05  # configurations within 5 % of each other's time are ties, broken by preference
+TIME_TIE = 0.05  # configurations within 5 % of each other's time are ties, broken by safety, then preference
+# Ties go to the safer precision: fp32 loses nothing, bf16 autocast keeps fp32 weights and range,
+# fp16 autocast can overflow (it needs a gradient scaler), bf16-pure loses small updates.
+PRECISION_SAFETY = {"fp32": 0, "bf16": 1, "fp16": 2, "bf16-pure": 3}
 
 
 @dataclass(frozen=True)
@@ -442,7 +445,7 @@ class _Planner:
             fastest = min(option.seconds_per_sample for option in fitting)
             best = min(
                 (option for option in fitting if option.seconds_per_sample <= fastest * (1 + TIME_TIE)),
-                key=lambda option: preference[option.settings],
+                key=lambda option: (PRECISION_SAFETY[option.settings.precision], preference[option.settings]),
             )
         else:
             estimated = [option for option in options if option.memory is not None]
@@ -645,7 +648,7 @@ class _Planner:
                 alternatives: list[dict], margin: float) -> PlanResult:
         memory = option.memory
         notes = list(self.notes)
-        notes.append(f"{self.estimates_made} estimates on fake tensors (no weights allocated)")
+        notes.append(f"{plural(self.estimates_made, 'estimate')} on fake tensors (no weights allocated)")
         notes.append(f"times are estimates: {UTILISATION_SOURCE}")
         notes.extend(memory.notes)
         return PlanResult(

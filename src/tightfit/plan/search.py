@@ -35,7 +35,7 @@ from tightfit.memory.measure import measure_step
 from tightfit.memory.oom import is_out_of_memory
 from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.memory.report import StepMemory
-from tightfit.units import format_bytes
+from tightfit.units import format_bytes, plural
 
 CONFIRMED_TOLERANCE = 0.005  # a measurement within 0.5 % of the estimate confirms it
 
@@ -153,6 +153,21 @@ def find_batch_size(
         target_bytes=target_bytes,
         notes=notes,
     )
+
+
+def micro_batch_dividing(effective_batch_size: int, fits: int) -> int:
+    """The micro-batch ``micro_batch_size: auto`` takes for an effective batch, given the largest that fits.
+
+    The largest divisor of ``effective_batch_size`` up to ``fits``, so every accumulation window
+    is made of equal micro-batches; when that divisor is under half of ``fits`` (an effective
+    batch of 61 has only 1 and 61), ``fits`` itself, and the window's last micro-batch is smaller.
+
+    >>> micro_batch_dividing(64, 629), micro_batch_dividing(64, 40), micro_batch_dividing(61, 40)
+    (64, 32, 40)
+    """
+    fits = max(1, min(fits, effective_batch_size))
+    divisor = next(size for size in range(fits, 0, -1) if effective_batch_size % size == 0)
+    return divisor if 2 * divisor >= fits else fits
 
 
 def _confirm(trial, estimate, predicted: int, target_bytes: int, max_batch_size: int) -> tuple[int, int]:
@@ -346,5 +361,5 @@ def describe(result: BatchSizeResult) -> str:
     return (
         f"batch size {result.batch_size}: peak {format_bytes(result.peak_bytes)} of "
         f"{format_bytes(result.target_bytes)} allowed ({format_bytes(result.budget_bytes)} less the margin), "
-        f"{len(result.trials)} trial step(s), {result.seconds:.1f} s"
+        f"{plural(len(result.trials), 'trial step')}, {result.seconds:.1f} s"
     )

@@ -28,7 +28,7 @@ from tightfit.models.lora import (
     merge_adapters,
 )
 from tightfit.config import load_config
-from tightfit.models.spec import _WEIGHT_FILES, build_model, build_model_for_data
+from tightfit.models.spec import _WEIGHT_FILES, _model_folder, build_model, build_model_for_data
 from tightfit.runs.checkpoint import WEIGHTS_FILE, Restored, load_newest_intact, load_weights, resolve_weights_file, save_weights
 
 
@@ -52,7 +52,7 @@ def build_run_model(
         SpecError: the spec cannot be built. ConfigError: ``init_weights`` is not a checkpoint.
     """
     prefix, _, folder = config.model.partition(":")
-    if config.lora is not None and not config.init_weights and prefix == "hf" and not any((Path(folder).expanduser() / name).is_file() for name in _WEIGHT_FILES):
+    if config.lora is not None and not config.init_weights and prefix == "hf" and not any((_model_folder(folder, config.model) / name).is_file() for name in _WEIGHT_FILES):
         raise ConfigError(
             f"model {config.model}: the folder has the architecture (config.json) but no weights; LoRA on random weights "
             "learns nothing useful: point model= at a local folder with the *.safetensors (or set init_weights)"
@@ -194,6 +194,23 @@ def _load_final_checkpoint(model: nn.Module, run_dir: Path, config) -> None:
         load_weights(model, found)
 
 
+def _copy_tokenizer(config, output: Path) -> Path | None:
+    """Copy the run's tokenizer files (``data.tokenizer``) beside the merged weights, so that
+    ``AutoTokenizer.from_pretrained(output)`` and ``transformers.pipeline`` take the folder as it is.
+    Returns the source folder, or None when the run named no tokenizer."""
+    import shutil
+
+    from tightfit.data.text import TOKENIZER_FILES, resolve_tokenizer_dir
+
+    if not config.data.tokenizer:
+        return None
+    source = resolve_tokenizer_dir(config.data.tokenizer)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, output / name)
+    return source
+
+
 def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: bool = False, trust_code: bool = False) -> dict:
     """Merge a LoRA run's adapters into its base and write the result (``tightfit lora merge``).
 
@@ -201,7 +218,9 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: b
 
     * a diffusion run: a complete Stable Diffusion directory (the source pipeline's VAE, text
       encoder, tokenizer and scheduler, and the merged ``unet/``), loadable by diffusers alone;
-    * a transformers model: ``save_pretrained`` (``config.json`` + ``model.safetensors``);
+    * a transformers model: ``save_pretrained`` (``config.json``, ``model.safetensors``,
+      ``generation_config.json``) and the run's tokenizer files, so ``AutoTokenizer``,
+      ``AutoModelForCausalLM`` and ``transformers.pipeline`` load the folder as it is;
     * any other model: ``model.safetensors`` (its ``state_dict``);
 
     and ``config.yaml``: the run's config without its ``lora:`` section, which rebuilds the merged
@@ -251,13 +270,22 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: b
         kind = "transformers"
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = True  # off while training; the merged model is for inference
-        model.save_pretrained(str(output))
+        model.save_pretrained(str(output))  # config.json, model.safetensors and generation_config.json
+        tokenizer_copied = _copy_tokenizer(config, output) is not None
     else:
         kind = "state_dict"
         save_weights(model, output / "model.safetensors")
+    from tightfit.config import map_paths
+    from tightfit.paths import relative_inside
+
     tree = config.model_dump(mode="json")
     tree["lora"] = None
     tree["run_dir"] = None
+    if kind == "transformers":  # the folder is the model now: config.json and weights, its tokenizer beside them
+        tree["model"], tree["init_weights"] = f"hf:{output.absolute()}", None
+        if tokenizer_copied:
+            tree["data"]["tokenizer"] = str(output.absolute())
+    tree = map_paths(tree, lambda path, key: relative_inside(path, output))  # so the merged folder can move
     (output / "config.yaml").write_text(
         "# the merged model of " + str(run_dir) + " (LoRA folded into the base weights)\n"
         + yaml.safe_dump(tree, sort_keys=False)

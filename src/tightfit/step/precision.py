@@ -9,7 +9,7 @@ import contextlib
 import torch
 
 from tightfit.errors import ConfigError
-from tightfit.names import PRECISIONS
+from tightfit.names import PRECISIONS, canonical_precision
 
 
 def resolve_precision(requested: str, device_type: str, supports_bf16: bool | None = None) -> tuple[str, str]:
@@ -25,6 +25,7 @@ def resolve_precision(requested: str, device_type: str, supports_bf16: bool | No
     Raises:
         ConfigError: for an unknown name or a precision the device cannot run.
     """
+    requested = canonical_precision(requested)  # Lightning's "bf16-mixed" is bf16
     if requested not in (*PRECISIONS, "auto"):
         raise ConfigError(f"precision: unknown value {requested!r} (choose from auto, {', '.join(PRECISIONS)})")
     if requested == "fp16" and device_type == "cpu":

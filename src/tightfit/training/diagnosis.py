@@ -43,6 +43,7 @@ OVERFIT_RISE = 0.10  # the mean of the last validations must rise 10 % above the
 UNDERFIT_FRACTION = 0.5  # the training loss ends above half of its reference (start or chance level)
 UNDERFIT_GAP = 0.25  # ... with the validation loss within 25 % of it
 FLAT_T = 3.0  # a decrease with t >= 3 is real, however small
+RECENT_STEPS = 20  # the summary's train_loss: the mean over the run's last 20 optimizer steps
 
 
 def flat_loss_finding(
@@ -53,6 +54,7 @@ def flat_loss_finding(
     base_lr: float | None = None,
     start_loss: float | None = None,
     num_classes: int | None = None,
+    batch_note: str | None = None,
 ) -> dict[str, str] | None:
     """The flat-loss finding for consecutive training losses, or None when the loss moves.
 
@@ -65,6 +67,8 @@ def flat_loss_finding(
             learnt already (during the warm-up) and is not called flat.
         num_classes: a classifier's class count; a loss flat below half the chance level
             ``ln(classes)`` has converged (a fine-tuned model) and is not called flat.
+        batch_note: how the run's batch came to differ from the recipe's, when it did
+            (:func:`batch_advice`); named before the learning rate is suspected.
     """
     values = np.array([loss for loss in losses if math.isfinite(loss)], dtype=np.float64)
     if len(values) < 20:
@@ -90,11 +94,24 @@ def flat_loss_finding(
             f"the training loss did not move over steps {first_step}-{last_step}: {values[:10].mean():.4g} -> {values[-10:].mean():.4g}, "
             f"a trend of {change:+.2g} against a batch-to-batch noise of {noise:.2g} (t = {t_decrease:.1f}) at learning rate {rate}"
         ),
-        "advice": "the learning rate is likely too low (find one with tightfit lr-find, or set optimizer.lr: auto), or the labels do not match the inputs",
+        "advice": batch_advice(
+            batch_note,
+            "the learning rate is likely too low (find one with tightfit lr-find, or set optimizer.lr: auto), or the labels do not match the inputs",
+        ),
     }
 
 
-def curve_findings(history: list[dict[str, float]], *, start_loss: float | None, num_classes: int | None, lr: float) -> list[dict[str, str]]:
+def batch_advice(batch_note: str | None, advice: str) -> str:
+    """``advice``, preceded by the batch when the run chose one the recipe did not state: a
+    changed effective batch changes the steps and the noise of training, and is checked first."""
+    if not batch_note:
+        return advice
+    return f"first check the batch, which the recipe did not set (effective batch from {batch_note}; set batch.effective_batch_size); then: {advice}"
+
+
+def curve_findings(
+    history: list[dict[str, float]], *, start_loss: float | None, num_classes: int | None, lr: float, batch_note: str | None = None
+) -> list[dict[str, str]]:
     """Over- and under-fitting read from the validation history.
 
     Args:
@@ -104,6 +121,7 @@ def curve_findings(history: list[dict[str, float]], *, start_loss: float | None,
             chance level is unknown).
         num_classes: the data's class count, or None.
         lr: the base learning rate, for the advice.
+        batch_note: see :func:`flat_loss_finding`.
     """
     records = [record for record in history if math.isfinite(record.get("val_loss", math.nan)) and math.isfinite(record.get("train_loss", math.nan))]
     findings = []
@@ -148,7 +166,7 @@ def curve_findings(history: list[dict[str, float]], *, start_loss: float | None,
                     f"train_loss {latest['train_loss']:.4g} and val_loss {latest['val_loss']:.4g} at step {latest['step']}: "
                     f"both above {reference_text}, and close together"
                 ),
-                "advice": f"train longer, with a higher learning rate than {lr:.2g} (tightfit lr-find), or a bigger model",
+                "advice": batch_advice(batch_note, f"train longer, with a higher learning rate than {lr:.2g} (tightfit lr-find), or a bigger model"),
             })
     return findings
 
@@ -162,18 +180,23 @@ class TrainingDiagnosis:
         warmup_steps: the schedule's warm-up steps; the flat-loss window starts after them.
         num_classes: the data's class count, or None.
         warn: called with each finding's line as soon as it is found.
+        batch_note: how the run's batch differs from what the recipe set, if it does.
     """
 
-    def __init__(self, flat_loss_steps: int | None, warmup_steps: int, num_classes: int | None, warn: Any = print):
+    def __init__(
+        self, flat_loss_steps: int | None, warmup_steps: int, num_classes: int | None, warn: Any = print, batch_note: str | None = None
+    ):
         self.flat_loss_steps = flat_loss_steps
         self.warmup_steps = warmup_steps
         self.num_classes = num_classes
         self.warn = warn
+        self.batch_note = batch_note
         self.findings: list[dict[str, str]] = []
         self.window: list[float] = []  # the flat-loss window's losses
         self.window_start: int | None = None
         self.flat_checked = False
         self.start_losses: list[float] = []  # the first steps' losses: the reference of "still high"
+        self.recent_losses: list[float] = []  # the last RECENT_STEPS losses: the summary's train_loss
         self.interval_loss_sum = 0.0  # training losses since the last validation
         self.interval_steps = 0
         self.history: list[dict[str, float]] = []
@@ -188,6 +211,7 @@ class TrainingDiagnosis:
             return
         if len(self.start_losses) < 10:
             self.start_losses.append(loss)
+        self.recent_losses = (self.recent_losses + [loss])[-RECENT_STEPS:]
         self.interval_loss_sum += loss
         self.interval_steps += 1
         if self.flat_loss_steps and not self.flat_checked and step > self.warmup_steps:
@@ -211,7 +235,8 @@ class TrainingDiagnosis:
         self.flat_checked = True
         start_loss = float(np.mean(self.start_losses)) if self.start_losses else None
         finding = flat_loss_finding(
-            self.window, first_step=self.window_start or 1, lr=self.last_lr, base_lr=self.base_lr, start_loss=start_loss, num_classes=self.num_classes
+            self.window, first_step=self.window_start or 1, lr=self.last_lr, base_lr=self.base_lr, start_loss=start_loss, num_classes=self.num_classes,
+            batch_note=self.batch_note,
         )
         self.window = []
         if finding is not None:  # news in the middle of a run: said at once, not only in the summary
@@ -225,12 +250,19 @@ class TrainingDiagnosis:
         if self.flat_loss_steps and not self.flat_checked and len(self.window) >= 20:
             self._check_flat()
         start_loss = float(np.mean(self.start_losses)) if self.start_losses else None
-        return self.findings + curve_findings(self.history, start_loss=start_loss, num_classes=self.num_classes, lr=base_lr)
+        return self.findings + curve_findings(
+            self.history, start_loss=start_loss, num_classes=self.num_classes, lr=base_lr, batch_note=self.batch_note
+        )
+
+    @property
+    def recent_train_loss(self) -> float | None:
+        """The mean training loss of the last :data:`RECENT_STEPS` steps, or None before any."""
+        return float(np.mean(self.recent_losses)) if self.recent_losses else None
 
     def state_dict(self) -> dict:
         return {
             "findings": self.findings, "window": self.window, "window_start": self.window_start,
-            "flat_checked": self.flat_checked, "start_losses": self.start_losses,
+            "flat_checked": self.flat_checked, "start_losses": self.start_losses, "recent_losses": self.recent_losses,
             "interval_loss_sum": self.interval_loss_sum, "interval_steps": self.interval_steps,
             "history": self.history, "last_lr": self.last_lr, "base_lr": self.base_lr,
         }

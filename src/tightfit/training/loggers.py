@@ -1,4 +1,4 @@
-"""Where metrics go: the console, JSON lines, TensorBoard and MLflow, behind one small protocol.
+"""Where metrics go: the console, JSON lines, TensorBoard, MLflow and W&B, behind one small protocol.
 
 Every logger receives the same calls; the trainer builds the ones the ``logging:`` section asks
 for, on rank 0 only. ``stage`` says which part of the run the numbers come from: ``train``
@@ -166,3 +166,40 @@ class MLflowLogger:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+class WandbLogger:
+    """Weights & Biases, offline by default: the run is written under ``RUN_DIR/wandb`` and sent
+    only by ``wandb sync`` (or logged live with ``logging.wandb_mode: online``). Metric names as
+    Lightning's ``WandbLogger`` writes them (``train/loss``, ``val/accuracy``).
+
+    Args:
+        directory: the run directory (W&B writes its ``wandb/`` folder there).
+        project: the W&B project (``logging.experiment``).
+        run_name: the W&B run's name (the run directory's name).
+        mode: ``offline``, ``online`` or ``disabled`` (``wandb.init(mode=...)``).
+    """
+
+    def __init__(self, directory: Path, project: str, run_name: str, mode: str = "offline"):
+        wandb = require("wandb", extra="wandb", purpose="logging to Weights & Biases")
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=run_name, dir=str(directory), mode=mode, reinit=True)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.run.config.update(params, allow_val_change=True)
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int, stage: str) -> None:
+        self.run.log({metric_tag(key, stage, "/"): float(value) for key, value in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        path = Path(path)
+        artifact = self.wandb.Artifact(name=f"{self.run.name or 'run'}-{path.name}".replace("/", "-"), type="model")
+        if path.is_dir():
+            artifact.add_dir(str(path))
+        else:
+            artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def close(self) -> None:
+        self.run.finish()

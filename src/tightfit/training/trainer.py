@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tightfit.config import TrainConfig, build_config, config_to_yaml
+from tightfit.config import DEFAULT_MICRO_BATCH_SIZE, TrainConfig, build_config, config_to_yaml
 from tightfit.errors import ConfigError, DistributedRunError, TightfitError
 from tightfit.hardware.detect import resolve_device
 from tightfit.memory.oom import is_out_of_memory
@@ -39,7 +39,7 @@ from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, callback
 from tightfit.runs.checkpoint_writer import CheckpointWriter
 from tightfit.training.diagnosis import TrainingDiagnosis
 from tightfit.training.distributed import setup_process, teardown_process
-from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, flatten
+from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, WandbLogger, flatten
 from tightfit.step.loss import batch_target, forward_and_loss
 from tightfit.training.metrics import MetricAccumulator
 from tightfit.training.monitor import ResourceMonitor
@@ -49,6 +49,7 @@ from tightfit.step.precision import autocast, needs_grad_scaler, parameter_dtype
 from tightfit.runs.run_folder import mark_run_folder
 from tightfit.training.sampler import ResumableSampler
 from tightfit.training.schedules import LRSchedule
+from tightfit.units import plural
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
@@ -178,7 +179,7 @@ class Trainer:
             checkpoint_files.remove_stale_temporaries(self.run_dir / "checkpoints")  # left by killed writes
         self.loggers = self._build_loggers() if self.process.is_main else []
         if self.process.is_main:
-            (self.run_dir / CONFIG_FILE).write_text(config_to_yaml(config))
+            (self.run_dir / CONFIG_FILE).write_text(config_to_yaml(config, self.run_dir))
             if self.lr_find_result is not None:
                 _write_json_atomically(self.run_dir / LR_FIND_FILE, self.lr_find_result.to_dict())
             for logger in self.loggers:
@@ -291,29 +292,54 @@ class Trainer:
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.budget_bytes / total), self.device)
 
     def _batch_sizes(self) -> tuple[int, int, int]:
-        """``(micro_batch_size, accumulation_steps, effective_batch_size)``, searching ``auto``."""
-        batch = self.config.batch
-        micro = batch.micro_batch_size
-        if micro == "auto":
-            # each rank searches on its own; all take the smallest, so they step together
-            micro = distributed.min_across_processes(self._find_micro_batch_size(), self.device, self.process)
-        train_size = len(self.data["train"])
-        micro = min(micro, train_size)
-        if batch.effective_batch_size is not None:
-            effective = min(batch.effective_batch_size, train_size)
-        else:
-            effective = min(micro * batch.accumulation_steps, train_size)
-        return micro, math.ceil(effective / micro), effective
+        """``(micro_batch_size, accumulation_steps, effective_batch_size)``, searching ``auto``.
 
-    def _find_micro_batch_size(self) -> int:
-        """The largest micro-batch whose step, as this run takes it, fits: the run's precision,
-        optimizer, clipping and accumulation (two micro-batches already reach the peak of k)."""
+        ``auto`` fits memory, it does not change what is trained (Lightning's and Composer's
+        automatic batch alike): the effective batch stays the one the recipe states (or, with
+        none stated, ``DEFAULT_MICRO_BATCH_SIZE x accumulation_steps``) and only its split into
+        micro-batches and accumulation is searched. The line printed says which and why.
+        """
+        from tightfit.plan.search import micro_batch_dividing
+
+        batch = self.config.batch
+        train_size = len(self.data["train"])
+        if batch.effective_batch_size is not None:
+            effective, stated = batch.effective_batch_size, f"batch.effective_batch_size {batch.effective_batch_size}"
+        elif batch.micro_batch_size == "auto":
+            effective = DEFAULT_MICRO_BATCH_SIZE * batch.accumulation_steps
+            stated = f"none stated: the default micro-batch {DEFAULT_MICRO_BATCH_SIZE} x accumulation_steps {batch.accumulation_steps}"
+        else:
+            effective, stated = batch.micro_batch_size * batch.accumulation_steps, "micro_batch_size x accumulation_steps"
+        # what the diagnosis names before it suspects the learning rate: a batch the recipe did not set
+        self.batch_change = stated if batch.micro_batch_size == "auto" and batch.effective_batch_size is None else None
+        if effective > train_size:
+            stated += f", capped at the {train_size} training samples"
+            effective = train_size
+            self.batch_change = stated
+        if batch.micro_batch_size == "auto":
+            # each rank searches on its own; all take the smallest, so they step together
+            fits = distributed.min_across_processes(self._find_micro_batch_size(effective), self.device, self.process)
+            micro = micro_batch_dividing(effective, fits)
+            divides = f", {micro} the largest that divides the effective batch" if micro != fits else ""
+            why = (
+                f"micro_batch_size auto: {fits} fits in memory (searched up to the effective batch){divides}; "
+                f"effective batch from {stated}"
+            )
+        else:
+            micro = min(batch.micro_batch_size, train_size)
+            why = f"effective batch from {stated}"
+        accumulation = math.ceil(effective / micro)
+        self.batch_reason = why
+        self.console.print(f"batch: micro {micro} x accumulation {accumulation} = effective {effective} ({why})", soft_wrap=True, markup=False)
+        return micro, accumulation, effective
+
+    def _find_micro_batch_size(self, effective: int) -> int:
+        """The largest micro-batch up to ``effective`` whose step, as this run takes it, fits: the run's
+        precision, optimizer, clipping and accumulation (two micro-batches already reach the peak of k)."""
         from tightfit.plan import BatchSizeRequest, plan
 
-        batch = self.config.batch
         train = self.data["train"]
-        largest = min(len(train), batch.effective_batch_size or len(train))
-        accumulates = batch.accumulation_steps > 1 or (batch.effective_batch_size or 1) > 1
+        accumulates = effective > 1
         collate = self.collate_fn or torch.utils.data.default_collate
 
         def batch_factory(batch_size: int, device: torch.device) -> Any:
@@ -331,11 +357,13 @@ class Trainer:
             precision=self.precision,
             optimizer=self.config.optimizer.name,
             checkpointing=False,  # already applied to the model by _build_model
-            max_batch_size=max(1, largest),
+            max_batch_size=max(1, effective),
             accumulation_steps=2 if accumulates else 1,
             clip_grad_norm=self.config.clip_grad_norm,
         )))
-        self.console.print(f"micro_batch_size auto: {result.batch_size} (peak {result.peak_bytes / 2**20:.1f} MiB, {len(result.trials)} trials)")
+        self.console.print(
+            f"micro_batch_size auto: {result.batch_size} fits (peak {result.peak_bytes / 2**20:.1f} MiB, {plural(len(result.trials), 'trial step')})"
+        )
         self.batch_search_peak_bytes = result.peak_bytes
         return result.batch_size
 
@@ -405,7 +433,7 @@ class Trainer:
         callbacks.append(
             TrainingDiagnosis(
                 config.numerics.flat_loss_steps, self.schedule.warmup_steps, self.num_classes,
-                warn=lambda line: self.console.print(line, soft_wrap=True, markup=False),
+                warn=lambda line: self.console.print(line, soft_wrap=True, markup=False), batch_note=self.batch_change,
             )
         )
         if config.logging.progress and config.logging.console and self.process.is_main:
@@ -435,6 +463,8 @@ class Trainer:
         if settings.mlflow:
             uri = settings.mlflow_tracking_uri or (self.run_dir / "mlruns").resolve().as_uri()
             loggers.append(MLflowLogger(uri, settings.experiment, self.run_dir.name))
+        if settings.wandb:
+            loggers.append(WandbLogger(self.run_dir, settings.experiment, self.run_dir.name, mode=settings.wandb_mode))
         return loggers
 
     @property
@@ -756,6 +786,9 @@ class Trainer:
             "best_metric": {"name": saver.monitor, "value": saver.best} if saver.best is not None else None,
             "best_checkpoint": str(best_path) if best_path else None,
             "last_checkpoint": str(self.run_dir / "checkpoints" / "last"),
+            # without validation there is no best: the last checkpoint is the run's result
+            "result_checkpoint": str(best_path if best_path and restore_best else self.run_dir / "checkpoints" / "last"),
+            "train_loss": diagnosis.recent_train_loss,
             "wall_time_s": round(wall_time_s, 3),
             "steps": self.global_step,
             "epochs": self.epoch,
@@ -769,6 +802,7 @@ class Trainer:
             "micro_batch_size": self.micro_batch_size,
             "accumulation_steps": self.accumulation_steps,
             "effective_batch_size": self.effective_batch_size,
+            "batch_reason": self.batch_reason,
             "oom_recoveries": self.oom_recoveries,
             "batch_search_peak_bytes": self.batch_search_peak_bytes,
             "skipped_steps": self.guard.skipped_steps,
