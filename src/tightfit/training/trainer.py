@@ -219,7 +219,8 @@ class Trainer:
                 model.config.use_cache = False  # training keeps keys and values for backward anyway; a cache only adds copies
         from tightfit.models.prepare import prepare_model
 
-        prepared = prepare_model(model, **preparation(config, self.precision, self.device, verbose=self.process.is_main))
+        settings = preparation(config, self.precision, self.device, verbose=self.process.is_main)
+        prepared = prepare_model(model, **settings)
         self.checkpointed_blocks = prepared.checkpointed_blocks
         if config.checkpointing.activation:
             blocks = self.checkpointed_blocks
