@@ -284,47 +284,49 @@ class _Planner:
 
     def __init__(self, model_spec: str, input_spec: str, profile: Any, *, lora_rank: int | None, model_kwargs: dict,
                  quantize_base: str | None = None, lora: Any = None):
+        from tightfit.models.lora import LoRAConfig
         from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
         self.model_spec = model_spec
         self.input_spec = input_spec
         self.profile = profile
-        # the meta model cannot be quantized (its quantized bytes are counted instead); the real
-        # one measured by --measure is, so the measurement is of the run train would do
-        self.lora = lora.model_copy(update={"quantize_base": None}) if lora is not None else None
-        self.real_lora = lora.model_copy(update={"quantize_base": quantize_base}) if lora is not None else None
+        self.model_kwargs = model_kwargs
         self.lora_rank = lora.rank if lora is not None else lora_rank
-        self.quantize_base = quantize_base
+        # the run's LoRA section, with the quantized base the caller resolved for the device: the
+        # meta model gets its adapters but no quantized base (counted instead, _on_quantized_base);
+        # the real one measured by --measure is quantized, so the measurement is of the run train would do
+        self.lora = None
+        if self.lora_rank is not None:
+            self.lora = (lora or LoRAConfig(rank=self.lora_rank)).model_copy(update={"quantize_base": quantize_base})
         self.inputs = parse_input_spec(input_spec)
         self.notes: list[str] = []
-        model = build_model(model_spec, meta=True, **model_kwargs)
         # The batch factory probes the base model: adapters do not change inputs or outputs.
-        self.batch_factory = make_batch_factory(self.inputs, model)
+        self.batch_factory = make_batch_factory(self.inputs, build_model(model_spec, meta=True, **model_kwargs))
         self._build_real = lambda: build_model(model_spec, **model_kwargs)
+        self.models: dict[bool, nn.Module] = {}
+        model = self.model_for(False)
+        self.quantize_base = self._quantize_base
         if self.lora_rank is not None:
-            model = self._with_lora(model)
             self.notes.append(f"LoRA rank {self.lora_rank}: base frozen, only adapters (and task heads) train")
-        if quantize_base is not None:
-            self.notes.append(f"{quantize_base} base: frozen Linear weights counted at their quantized size")
-        self.models = {False: model}
+        if self.quantize_base is not None:
+            self.notes.append(f"{self.quantize_base} base: frozen Linear weights counted at their quantized size")
         self.blocks = _repeated_blocks(model)
         self.parameters = sum(parameter.numel() for parameter in model.parameters())
         self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._cache: dict[tuple[Settings, int, int], StepMemory] = {}  # (settings, batch, accumulation)
 
-    def _with_lora(self, model: nn.Module) -> nn.Module:
-        from tightfit.models.lora import LoRAConfig, apply_lora
-
-        return apply_lora(model, self.lora or LoRAConfig(rank=self.lora_rank), verbose=False)
-
     def model_for(self, checkpointing: bool) -> nn.Module:
-        """The meta model, with activation checkpointing applied to a copy when asked for."""
+        """The meta model the run would train, prepared as the trainer prepares it
+        (:func:`tightfit.models.prepare.prepare_model`), with activation checkpointing or without."""
         if checkpointing not in self.models:
-            from tightfit.models.checkpointing import apply_activation_checkpointing
+            from tightfit.models.prepare import prepare_model
 
-            model = copy.deepcopy(self.models[False])
-            apply_activation_checkpointing(model, self.blocks)
-            self.models[True] = model
+            prepared = prepare_model(
+                self.model_spec, model_kwargs=self.model_kwargs, checkpointing=checkpointing, lora=self.lora,
+                base_model=self.model_spec, for_planning=True, device_type=_device_type(self.profile, self.lora),
+            )
+            self._quantize_base = prepared.quantize_base
+            self.models[checkpointing] = prepared.module
         return self.models[checkpointing]
 
     def estimate(self, settings: Settings, batch_size: int, accumulation_steps: int = 1) -> StepMemory:
@@ -396,12 +398,9 @@ class _Planner:
         )
 
     def _real_model(self) -> nn.Module:
-        from tightfit.models.lora import apply_lora
+        from tightfit.models.prepare import prepare_model
 
-        model = self._build_real()
-        if self.real_lora is not None:
-            return apply_lora(model, self.real_lora, verbose=False)
-        return self._with_lora(model) if self.lora_rank is not None else model
+        return prepare_model(self._build_real(), lora=self.lora, base_model=self.model_spec).module
 
     @property
     def estimates_made(self) -> int:
@@ -677,6 +676,13 @@ class _Planner:
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+
+def _device_type(profile: Any, lora: Any) -> str:
+    """The device type the planned run trains on, for resolving its quantized base."""
+    if profile is not None and getattr(profile, "device_type", None):
+        return profile.device_type
+    return "cuda" if lora is not None and lora.quantize_base == "nf4" else "cpu"  # no target: as asked
 
 
 def _repeated_blocks(model: nn.Module) -> list[str]:

@@ -135,12 +135,9 @@ class Trainer:
         self.run_dir = Path(resume_from or config.run_dir or distributed.broadcast_object(new_run_dir(), self.process)).absolute()
         self.data = self._build_data()
         self.precision, precision_reason = resolve_precision(config.precision, self.device.type)
-        self.model = self._build_model()  # after the precision: a quantized base is built for it
+        self.model = self._build_model()
         self.console.print(f"precision: {self.precision} ({precision_reason})")
         self.precision_reason = precision_reason
-        if self.precision == "bf16-pure":
-            self.model.to(dtype=parameter_dtype(self.precision))
-        self.model.to(self.device)
         self._check_contract()
         self._apply_budget()
         micro_batch_size, self.accumulation_steps, self.effective_batch_size = self._batch_sizes()
@@ -225,20 +222,16 @@ class Trainer:
             require_causal_lm(model, f"model {config.model if self.user_model is None else type(model).__name__}")
             if getattr(getattr(model, "config", None), "use_cache", False):
                 model.config.use_cache = False  # training keeps keys and values for backward anyway; a cache only adds copies
-        activation = config.checkpointing.activation
-        self.checkpointed_blocks: list[str] = []
-        if activation:
-            from tightfit.models.checkpointing import apply_activation_checkpointing
+        from tightfit.models.prepare import prepare_model
 
-            self.checkpointed_blocks = apply_activation_checkpointing(model, "auto" if activation is True else activation)
-            found = f"{len(self.checkpointed_blocks)} blocks ({', '.join(self.checkpointed_blocks[:3])}...)" if self.checkpointed_blocks else "no repeated blocks found"
+        settings = preparation(config, self.precision, self.device, verbose=self.process.is_main)
+        prepared = prepare_model(model, **settings)
+        self.checkpointed_blocks = prepared.checkpointed_blocks
+        if config.checkpointing.activation:
+            blocks = self.checkpointed_blocks
+            found = f"{len(blocks)} blocks ({', '.join(blocks[:3])}...)" if blocks else "no repeated blocks found"
             self.console.print(f"activation checkpointing: {found}")
-        if config.lora is not None:
-            from tightfit.models.lora import apply_lora
-
-            model = apply_lora(model, config.lora, verbose=self.process.is_main, base_model=config.model,
-                               device=self.device, precision=self.precision)
-        return model
+        return prepared.module
 
     def _find_learning_rate(self, resuming: bool) -> None:
         """``optimizer.lr: auto``: the range test (``training/lr_finder.py``) on this run's own
@@ -1007,6 +1000,16 @@ class Trainer:
     def _barrier(self) -> None:
         if self.process.distributed:
             torch.distributed.barrier()
+
+
+def preparation(config: TrainConfig, precision: str, device: torch.device, *, verbose: bool = False) -> dict[str, Any]:
+    """The :func:`tightfit.models.prepare.prepare_model` settings of a run (its device and precision
+    resolved): checkpointing, LoRA, parameter dtype, device. The trainer prepares its model with them."""
+    return dict(
+        checkpointing=config.checkpointing.activation, lora=config.lora, base_model=config.model,
+        dtype=parameter_dtype(precision) if precision == "bf16-pure" else None, device=device, verbose=verbose,
+        precision=precision,
+    )
 
 
 def _console(enabled: bool):
