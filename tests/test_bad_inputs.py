@@ -9,6 +9,8 @@ subprocess.
 """
 
 import json
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 
 from tightfit.cli import main
 
+TINY_LLAMA = Path(__file__).resolve().parents[1] / "src" / "tightfit" / "configs" / "tiny-llama"
 W = "{w}"  # replaced by the workspace folder in every argument
 
 
@@ -36,6 +39,16 @@ def write(path: Path, content: str | bytes) -> None:
 
 BINARY = bytes(range(256)) * 4
 PNG_HEADER = b"\x89PNG\r\n\x1a\n" + b"\0" * 40
+
+
+def study(data: str, *, folds: int, weights: str | None = None) -> str:
+    """A one-extract, one-classify study on ``data`` (relative paths resolve in the workspace)."""
+    weights = f", weights: {weights}" if weights else ""
+    return (f"name: bad\nfolder: study-out\ndevice: cpu\ninput: 1x8x8\n{data}\ncv: {{folds: {folds}, repeats: 1}}\n"
+            "tracking: {mlflow: false}\nstages:\n"
+            "  - {name: feats, kind: extract, model: builtin:vit, batch_size: 16, model_kwargs: {image_size: 8, "
+            f"patch_size: 4, in_channels: 1, dim: 16, depth: 1, heads: 2}}{weights}}}\n"
+            "  - {name: classify, kind: classify, from: [feats], classifiers: [logreg]}\n")
 
 
 def populate(workspace: Path) -> None:
@@ -89,6 +102,25 @@ def populate(workspace: Path) -> None:
     write(workspace / "binary.json", BINARY)
     # data
     write(workspace / "data.csv", "a,b,label\n1,2,x\n")
+    write(workspace / "corpus-binary.txt", BINARY)
+    write(workspace / "corpus-latin1.jsonl", '{"response": "caf\xe9"}\n'.encode("latin-1"))
+    # studies (issue 19, item 6): refused before any stage runs
+    for name in ("a", "b"):
+        write(workspace / "volumes" / name / "1.nii.gz", "not a NIfTI file")
+    write(workspace / "pickle.pt", pickle.dumps({"not": "tensors", "call": os.getcwd}))
+    write(workspace / "study-folds.yaml", study("data: {source: digits, limit: 30, development_fraction: 0.4}", folds=5))
+    write(workspace / "study-volumes.yaml", study("data: {source: volumes, path: volumes}", folds=2))
+    write(workspace / "study-pickle.yaml", study("data: {source: digits, limit: 60}", folds=2, weights="pickle.pt"))
+    # adapters and hf configs
+    write(workspace / "bin-adapters" / "adapters" / "adapter_config.json", '{"r": 4}')
+    write(workspace / "bin-adapters" / "adapters" / "adapter_model.bin", BINARY)
+    write(workspace / "cut-adapters" / "adapters" / "adapter_config.json", '{"r": 4}')
+    write(workspace / "cut-adapters" / "adapters" / "adapter_model.safetensors", b"\x10\0\0\0\0\0\0\0{\"a\": {\"dtype\":")
+    write(workspace / "hf-function" / "config.json", json.dumps({"model_type": "bert", "architectures": ["set_seed"]}))
+    # report sources and outputs
+    write(workspace / "partial-run" / "summary.json", '{"steps": 3, "epochs": 1}')
+    write(workspace / "partial-run" / "config.yaml", "epochs: 1\n")
+    write(workspace / "plot.png" / ".keep", "")
     write(workspace / "images" / "cat" / "1.png", PNG_HEADER)
     populate_medical(workspace)
 
@@ -168,7 +200,11 @@ CASES: dict[str, Case] = {
     "train mlp input width": Case(["train", "model=builtin:mlp", "model_options.in_features=13", "--limit", "20"], "leave out model_options.in_features"),
     "train every_n_epochs zero": Case(["train", "checkpoint.every_n_epochs=0"], "checkpoint.every_n_epochs"),
     "train lr auto empty sweep": Case(["train", "optimizer.lr=auto", "lr_find.max_lr=0"], "lr_find.max_lr"),
+    "train binary text corpus": Case(["train", "data.source=text-corpus", "data.path={w}/corpus-binary.txt", f"data.tokenizer={TINY_LLAMA}"], "corpus-binary.txt: not UTF-8"),
+    "train latin-1 text corpus": Case(["train", "data.source=text-corpus", "data.path={w}/corpus-latin1.jsonl", f"data.tokenizer={TINY_LLAMA}"], "corpus-latin1.jsonl: not UTF-8"),
     # --- lr-find ----------------------------------------------------------------------------
+    "lr-find plot is a folder": Case(["lr-find", "--plot", "{w}/plot.png"], "plot.png: is a folder"),
+    "lr-find code model in file": Case(["lr-find", "{w}/code-model.yaml"], "--trust-code"),
     "lr-find missing config": Case(["lr-find", "{w}/nowhere.yaml"], "nowhere.yaml does not exist"),
     "lr-find min above max": Case(["lr-find", "lr_find.min_lr=2"], "min_lr 2.0 must be below max_lr 1.0"),
     "lr-find too few steps": Case(["lr-find", "lr_find.num_steps=3"], "lr_find.num_steps"),
@@ -203,6 +239,8 @@ CASES: dict[str, Case] = {
     "plan hf config is a list": Case(["plan", "--model", "hf:{w}/hf-list", "--input", "tokens:8"], "holds a JSON list"),
     "plan hf config is binary": Case(["plan", "--model", "hf:{w}/hf-binary", "--input", "tokens:8"], "not valid JSON"),
     "plan hf unknown model type": Case(["plan", "--model", "hf:{w}/hf-unknown", "--input", "tokens:8"], "no-such-model"),
+    "plan hf architecture not a model": Case(["plan", "--model", "hf:{w}/hf-function", "--input", "tokens:8"], "'set_seed' in"),
+    "plan ddp without devices": Case(["plan", "--model", "builtin:mlp", "--input", "64", "--strategy", "ddp"], "give them with --devices"),
     "plan hf without config": Case(["plan", "--model", "hf:{w}/hf-empty", "--input", "tokens:8"], "no config.json"),
     "plan missing pipeline": Case(["plan", "{w}/nowhere.yaml"], "nowhere.yaml does not exist"),
     "plan binary pipeline": Case(["plan", "{w}/binary.yaml"], "not a text file"),
@@ -247,6 +285,9 @@ CASES: dict[str, Case] = {
     "run medical file that is not NIfTI": Case(["run", "{w}/med-not-nifti.yaml"], "is not a readable NIfTI file"),
     "run named pretrained file missing": Case(["run", "{w}/missing-weights.yaml"], "put resnet50-11ad3fa6.pth"),
     "run medical DICOM folder with two series": Case(["run", "{w}/med-dicom.yaml"], "holds 2 series"),
+    "run folds above the smallest class": Case(["run", "{w}/study-folds.yaml"], "cv.folds: 5 folds, but class"),
+    "run volume not nifti": Case(["run", "{w}/study-volumes.yaml"], "1.nii.gz is not a readable NIfTI volume"),
+    "run pickled extractor weights": Case(["run", "{w}/study-pickle.yaml"], "pickle.pt holds pickled Python objects"),
     "export-checkpoint missing run": Case(["export-checkpoint", "{w}/nowhere"], "does not exist"),
     "export-checkpoint empty folder": Case(["export-checkpoint", "{w}/empty-folder"], "checkpoints here: none"),
     "generate missing run": Case(["generate", "{w}/nowhere", "--prompt", "hi"], "no such run directory or model folder"),
@@ -265,9 +306,13 @@ CASES: dict[str, Case] = {
     "report damaged run summary": Case(["report", "{w}/damaged-run", "-o", "{w}/out.html"], "summary.json is damaged"),
     "report json list": Case(["report", "{w}/list.json", "-o", "{w}/out.html"], "not a tightfit report source"),
     "report binary json": Case(["report", "{w}/binary.json", "-o", "{w}/out.html"], "not valid JSON"),
+    "report summary missing fields": Case(["report", "{w}/partial-run", "-o", "{w}/out.html"], "missing wall_time_s"),
     "report folder of something else": Case(["report", "{w}/empty-folder", "-o", "{w}/out.html"], "not a training run"),
     # --- lora, doctor, devices, the shell ---------------------------------------------------
     "lora info without adapters": Case(["lora", "info", "{w}/empty-folder"], "adapter"),
+    "lora info adapters as bin": Case(["lora", "info", "{w}/bin-adapters"], "adapter_model.bin: refused: a .bin is a pickle"),
+    "lora info truncated adapters": Case(["lora", "info", "{w}/cut-adapters"], "adapter_model.safetensors: not a readable safetensors"),
+    "lora merge adapters as bin": Case(["lora", "merge", "{w}/bin-adapters"], "refused: a .bin is a pickle"),
     "lora merge without adapters": Case(["lora", "merge", "{w}/empty-folder"], "adapter"),
     "lora unknown action": Case(["lora", "split", "{w}/empty-folder"], "invalid choice"),
     "doctor missing data": Case(["doctor", "--data", "{w}/nowhere", "--no-smoke-test"], "does not exist"),

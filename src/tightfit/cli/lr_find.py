@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="an override (repeatable)")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the loss against the rate, with the suggestion, to this PNG")
     parser.add_argument("--json", action="store_true", help="print the sweep and the suggestion as JSON")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let the recipe name a module.path:callable model (runs its Python code)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from tightfit.config import default_recipe, load_config
 
     config_path, overrides = _split_items(args.items)
-    config = load_config(config_path or default_recipe(), overrides + args.overrides)
+    config = load_config(config_path or default_recipe(), overrides + args.overrides, trust_code=args.trust_code)
     plot_path = Path(args.plot) if args.plot else None
     if plot_path is not None:
         from tightfit.errors import ConfigError
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--plot {args.plot}: expected a .png file name")
         if not plot_path.parent.is_dir():
             raise ConfigError(f"--plot {args.plot}: the folder {plot_path.parent} does not exist")
+        if plot_path.is_dir():
+            raise ConfigError(f"--plot {args.plot}: is a folder; give the name of the .png file to write")
 
     from tightfit.cli._output import console
     from tightfit.api import lr_find

@@ -70,7 +70,7 @@ def add_arguments(parser) -> None:
                         help="plan a forward-only pass (feature extraction, prediction): no gradients, no optimizer state")
     parser.add_argument("--devices", metavar="[N x]PROFILE",
                         help="plan per rank on N devices (4xa100-40gb), or find how many are needed (a100-40gb)")
-    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fsdp", help="with --devices: how ranks share the model (default fsdp)")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, help="with --devices: how ranks share the model (default fsdp)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--html", metavar="FILE", help="also write the plan as a self-contained HTML page")
     parser.add_argument("--trust-code", action="store_true",
@@ -103,6 +103,8 @@ def run(args) -> int:
         raise ConfigError("--model and --input are required (or give a PIPELINE.yaml)")
     if args.devices:
         return _run_distributed(args)
+    if args.strategy:
+        raise ConfigError(f"--strategy {args.strategy}: plans several devices; give them with --devices (4xa100-40gb)")
     from tightfit.hardware.profiles import resolve_target
 
     profile = resolve_target(args.device, args.memory)
@@ -368,6 +370,7 @@ def _run_distributed(args) -> int:
 
     if args.device or args.memory or args.measure or args.html:
         raise ConfigError("--devices: names the device itself; drop --device/--memory/--measure (and --html, not drawn for per-rank plans yet)")
+    args.strategy = args.strategy or "fsdp"
     with _status(args.json, f"planning {args.model} on {args.devices} ({args.strategy})"):
         result = plan(DistributedRequest(args.model, args.input, dict(
             devices=args.devices, strategy=args.strategy, batch_size=args.batch_size or 1,

@@ -70,6 +70,8 @@ def read_csv(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
         header, rows, lines = _read_rows(path)
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from None
     if not rows:
         raise DataError(f"{path}: a header but no rows")
     return header, rows, lines

@@ -97,10 +97,15 @@ def read_documents(path: Path) -> list[list[dict[str, str]] | str]:
     """The documents of one file: a list of messages per JSONL record, a string per ``.txt`` paragraph.
 
     Raises:
-        DataError: an empty file, a line that is not JSON, a record without ``response`` (or
+        DataError: a file that is not UTF-8 text, an empty file, a line that is not JSON, a record without ``response`` (or
             ``prompt``, or usable ``messages``), naming the file and line.
     """
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    if "\0" in text:
+        raise DataError(f"{path}: holds NUL bytes, a binary file rather than text")
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     if path.suffix == ".txt":

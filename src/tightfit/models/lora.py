@@ -498,17 +498,41 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], metadat
 
 # ---------------------------------------------------------------------------------- run directories
 ADAPTERS_DIR = "adapters"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's name; the only adapter file tightfit reads
+
+
+def _check_adapter_weights(directory: Path) -> None:
+    """Refuse adapters whose weights are not a readable ``adapter_model.safetensors`` (a ``.bin`` is a pickle)."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise TightfitError(
+                f"{directory / 'adapter_model.bin'}: refused: a .bin is a pickle, and unpickling a file someone handed "
+                f"you can run code; tightfit reads adapters only from {ADAPTER_WEIGHTS} (re-save them with "
+                "save_pretrained(..., safe_serialization=True))"
+            )
+        raise TightfitError(f"{directory}: adapter_config.json but no {ADAPTER_WEIGHTS} beside it")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TightfitError(f"{weights}: not a readable safetensors file ({text}); the adapters are damaged") from None
 
 
 def adapter_dir(path: str | Path) -> Path:
     """The adapter folder of a run directory (``RUN_DIR/adapters``) or the folder itself.
 
     Raises:
-        TightfitError: when neither holds ``adapter_config.json``.
+        TightfitError: when neither holds ``adapter_config.json``, or its weights are missing,
+            damaged or a pickle (``adapter_model.bin``).
     """
     path = Path(path).expanduser()
     for candidate in (path / ADAPTERS_DIR, path):
         if (candidate / "adapter_config.json").is_file():
+            _check_adapter_weights(candidate)
             return candidate
     if not path.exists():
         raise TightfitError(f"{path}: no such run directory")

@@ -115,6 +115,11 @@ def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **
                 f"model spec 'hf:{directory}': architecture {architectures[0]!r} in {config_path} "
                 f"is not a class of transformers {transformers.__version__}"
             )
+        if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+            raise SpecError(
+                f"model spec 'hf:{directory}': architecture {architectures[0]!r} in {config_path} "
+                "is not a model class of transformers (it names a function or a non-model class)"
+            )
     config_kwargs = dict(kwargs)
     if num_classes is not None:
         config_kwargs["num_labels"] = num_classes

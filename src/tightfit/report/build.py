@@ -10,6 +10,7 @@ What ``write_report`` accepts:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -115,6 +116,8 @@ def check_output(output: str | os.PathLike, where: str = "output") -> Path:
         raise ConfigError(f"{where}: {output} is a folder; give a file name such as {output / REPORT_FILE}")
     if not output.parent.is_dir():
         raise ConfigError(f"{where}: {output}: the folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise ConfigError(f"{where}: {output}: cannot write there (permission denied)")
     return output
 
 
@@ -122,8 +125,13 @@ def write_html(text: str, output: str | os.PathLike) -> Path:
     """Write a page atomically (a half-written page never replaces a good one); returns its path."""
     output = check_output(output)
     temporary = output.with_name(output.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(output)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(output)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise ConfigError(f"{output}: cannot write the page: {error.strerror or error}") from None
     return output
 
 

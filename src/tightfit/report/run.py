@@ -39,6 +39,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+# the summary fields the page reads without a default (the trainer always writes them)
+SUMMARY_FIELDS = ("steps", "epochs", "wall_time_s", "samples_per_s", "micro_batch_size", "accumulation_steps",
+                  "effective_batch_size", "precision", "device")
+
+
 def _read_file(path: Path, parse) -> Any:
     """``parse(text)`` of a run file, or a one-line error naming the damaged file."""
     import yaml
@@ -65,6 +70,9 @@ def render(run_dir: Path) -> str:
     config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
     if not isinstance(summary, (dict, type(None))) or not isinstance(config, dict):
         raise ConfigError(f"{run_dir}: summary.json or config.yaml does not hold a mapping")
+    missing = [key for key in SUMMARY_FIELDS if summary is not None and key not in summary]
+    if missing:
+        raise ConfigError(f"{summary_path} is damaged (missing {', '.join(missing)}): not a summary tightfit wrote")
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [record for record in records if record.get("stage") == "train"]
     val = [record for record in records if record.get("stage") == "val"]

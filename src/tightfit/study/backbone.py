@@ -167,19 +167,36 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     A run folder gives its best checkpoint, else its newest intact one. Nothing is unpickled
     (``weights_only=True``).
+
+    Raises:
+        ConfigError: a file that is damaged or holds pickled objects, naming it.
     """
+    import pickle
+    import warnings
+
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_dir():
         if (path / "model.safetensors").is_file():
-            return load_file(str(path / "model.safetensors"))
-        from tightfit.runs.checkpoint import read_newest_intact
+            path = path / "model.safetensors"
+        else:
+            from tightfit.runs.checkpoint import read_newest_intact
 
-        return read_newest_intact(path / "checkpoints", first="best")[0]
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return read_newest_intact(path / "checkpoints", first="best")[0]
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would add lines to the refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"weights: {path} holds pickled Python objects, which a safe load refuses to build; "
+                          "give a .safetensors file or a tensor-only torch.save file") from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"weights: {path} is not a readable weights file ({text})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

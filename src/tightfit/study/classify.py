@@ -19,7 +19,24 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from tightfit.errors import ConfigError
 from tightfit.study.spec import ClassifierConfig
+
+
+def check_folds(labels: np.ndarray, folds: int, class_names: list[str]) -> None:
+    """Refuse, before any stage runs, a fold count the smallest class cannot fill.
+
+    Raises:
+        ConfigError: some class has fewer samples than ``folds`` (a test fold would lack it).
+    """
+    counts = np.bincount(labels, minlength=len(class_names))
+    smallest = int(np.argmin(counts))
+    if counts[smallest] < folds:
+        raise ConfigError(
+            f"cv.folds: {folds} folds, but class {class_names[smallest]!r} has {counts[smallest]} evaluation samples; "
+            + (f"lower cv.folds to at most {counts[smallest]}, or add samples of that class" if counts[smallest] >= 2
+               else "a class needs at least 2; add samples (raise data.limit) or lower data.development_fraction")
+        )
 
 
 def shared_folds(labels: np.ndarray, groups: np.ndarray, folds: int, repeats: int,

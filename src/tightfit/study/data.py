@@ -22,6 +22,7 @@ Every volume must have the same shape (resample beforehand); a volume is read as
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,19 +87,30 @@ class VolumeFolder(Dataset):
         return read_volume(self.files[index])
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def read_volume(path: Path) -> torch.Tensor:
     """One volume as a float32 tensor ``C x D x H x W``.
 
     Raises:
-        ConfigError: the file is not a 3D or 4D array (naming the file).
+        ConfigError: the file is not a readable volume, or not a 3D or 4D array (naming the file).
     """
     path = Path(path)
     if path.name.endswith(".npy"):
-        array = np.load(path, allow_pickle=False)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, EOFError, ValueError) as error:
+            raise ConfigError(f"data: {path} is not a readable .npy array ({_first_line(error)})") from None
         channels_last = False
     else:
         nibabel = require("nibabel", extra="medical", purpose=f"reading the NIfTI volume {path}")
-        array = np.asarray(nibabel.load(str(path)).dataobj)
+        try:
+            array = np.asarray(nibabel.load(str(path)).dataobj)
+        except (nibabel.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as error:
+            raise ConfigError(f"data: {path} is not a readable NIfTI volume ({_first_line(error)})") from None
         channels_last = True
     if array.ndim == 3:
         array = array[None]

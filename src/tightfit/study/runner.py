@@ -115,6 +115,16 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
     if config.tracking.mlflow:  # a missing extra is reported before anything is written
         require("mlflow", extra="mlflow", purpose="tracking a study in MLflow (tracking.mlflow: true)")
     samples = load_samples(config.data, config.seed, cache_dir=folder / CACHE_FOLDER)
+    if any(config.stage(name).kind == "classify" for name in order):  # before minutes of extraction
+        from tightfit.study.classify import check_folds
+
+        check_folds(samples.labels[samples.evaluation], config.cv.folds, samples.class_names)
+    for name in order:  # a damaged or pickled weights file is refused now, not after the stages before it
+        weights = getattr(config.stage(name), "weights", None)
+        if weights is not None:
+            from tightfit.study.backbone import read_state_dict
+
+            read_state_dict(weights)
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
