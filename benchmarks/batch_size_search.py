@@ -96,8 +96,12 @@ class Trial:
         self.count += 1
         try:
             peak = measure_step(
-                copy.deepcopy(self.model), self.batch_factory, batch_size=batch_size, device="cpu",
-                optimizer=self.optimizer, budget_bytes=self.budget_bytes,
+                copy.deepcopy(self.model),
+                self.batch_factory,
+                batch_size=batch_size,
+                device="cpu",
+                optimizer=self.optimizer,
+                budget_bytes=self.budget_bytes,
             ).peak_bytes
         except torch.OutOfMemoryError:
             return False
@@ -149,7 +153,9 @@ def main(argv=None) -> int:
             model = model_factory()
             results = {}
             started = time.perf_counter()
-            found = find_batch_size(model, batch_factory, budget_bytes=budget, device="cpu", optimizer=optimizer, margin=MARGIN)
+            found = find_batch_size(
+                model, batch_factory, budget_bytes=budget, device="cpu", optimizer=optimizer, margin=MARGIN
+            )
             results["tightfit"] = (found.batch_size, len(found.trials), time.perf_counter() - started)
             for method, search in (("doubling", doubling), ("power+binsearch", power_binsearch)):
                 trial = Trial(model, batch_factory, optimizer, budget)
@@ -159,12 +165,23 @@ def main(argv=None) -> int:
             maximum = results["power+binsearch"][0]
             for method, (batch_size, trials, seconds) in results.items():
                 gap = 100 * (batch_size - maximum) / maximum if maximum else 0.0
-                rows.append({
-                    "model": name, "budget_bytes": budget, "method": method, "batch_size": batch_size,
-                    "trials": trials, "seconds": seconds, "percent_of_max": 100 + gap,
-                    "predicted_batch_size": found.predicted_batch_size if method == "tightfit" else None,
-                })
-                print(f"{name:<20} {format_bytes(budget):>10} {method:<16} {batch_size:>6} {trials:>6} {seconds:>8.2f} {gap:>+7.1f}%", flush=True)
+                rows.append(
+                    {
+                        "model": name,
+                        "budget_bytes": budget,
+                        "method": method,
+                        "batch_size": batch_size,
+                        "trials": trials,
+                        "seconds": seconds,
+                        "percent_of_max": 100 + gap,
+                        "predicted_batch_size": found.predicted_batch_size if method == "tightfit" else None,
+                    }
+                )
+                print(
+                    f"{name:<20} {format_bytes(budget):>10} {method:<16} {batch_size:>6} {trials:>6} {seconds:>8.2f} "
+                    f"{gap:>+7.1f}%",
+                    flush=True,
+                )
     print()
     for method in ("tightfit", "doubling", "power+binsearch"):
         mine = [row for row in rows if row["method"] == method]

@@ -59,21 +59,51 @@ def digits_part(out: Path, settings: MeasureSettings, console) -> tuple[list, So
     source = Source(model, bundle, "digits-cnn", "builtin:digits-cnn", metadata)
     evaluator = Evaluator(bundle, latency_batch_size=64)
     example = evaluator.example[0]
-    records = [measure_torch("original fp32", "original", model, out / "d-original", evaluator, settings, metadata=metadata)]
+    records = [
+        measure_torch("original fp32", "original", model, out / "d-original", evaluator, settings, metadata=metadata)
+    ]
 
     pruned = copy.deepcopy(model)
-    prune(pruned, bundle, method="magnitude", sparsity=0.5, finetune=FinetuneSettings(epochs=3, lr=1e-3), run_dir=out / "d-prune")
-    records.append(measure_torch("magnitude 50% + ft", "prune", pruned, out / "d-prune", evaluator, settings, metadata=metadata))
+    prune(
+        pruned,
+        bundle,
+        method="magnitude",
+        sparsity=0.5,
+        finetune=FinetuneSettings(epochs=3, lr=1e-3),
+        run_dir=out / "d-prune",
+    )
+    records.append(
+        measure_torch("magnitude 50% + ft", "prune", pruned, out / "d-prune", evaluator, settings, metadata=metadata)
+    )
 
-    calibration = list(torch.utils.data.DataLoader(bundle.train, batch_size=32, shuffle=True,
-                                                   generator=torch.Generator().manual_seed(0)))[:32]
+    calibration = list(
+        torch.utils.data.DataLoader(
+            bundle.train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
+    )[:32]
     static = quantize(model, "static", example_batch=(example, None), calibration_batches=calibration).model
-    records.append(measure_torch("static int8 (torch.ao FX)", "quantize", static, out / "d-static", evaluator, settings, metadata=metadata))
+    records.append(
+        measure_torch(
+            "static int8 (torch.ao FX)", "quantize", static, out / "d-static", evaluator, settings, metadata=metadata
+        )
+    )
 
     structured = copy.deepcopy(model)
-    prune(structured, bundle, method="structured", sparsity=0.5, example_inputs=torch.cat([example, example]),
-          num_classes=10, finetune=FinetuneSettings(epochs=6, lr=3e-3), run_dir=out / "d-structured")
-    records.append(measure_torch("structured 50% + ft", "prune", structured, out / "d-structured", evaluator, settings, metadata=metadata))
+    prune(
+        structured,
+        bundle,
+        method="structured",
+        sparsity=0.5,
+        example_inputs=torch.cat([example, example]),
+        num_classes=10,
+        finetune=FinetuneSettings(epochs=6, lr=3e-3),
+        run_dir=out / "d-structured",
+    )
+    records.append(
+        measure_torch(
+            "structured 50% + ft", "prune", structured, out / "d-structured", evaluator, settings, metadata=metadata
+        )
+    )
 
     feeds = [onnx_feeds(_one(batch, i)) for batch in calibration[:4] for i in range(len(batch[0]))]
     onnx_paths = []
@@ -103,11 +133,23 @@ def retime(records, runners, evaluator, settings, rounds: int = 3) -> None:
         for record, runner in zip(records, runners):
             for batch in (evaluator.example, evaluator.large):
                 if isinstance(runner, Path):
-                    latency = measure_onnx_latency(runner, onnx_feeds(batch), threads=settings.threads,
-                                                   warmup=settings.warmup, repeats=settings.repeats, min_seconds=0.2)
+                    latency = measure_onnx_latency(
+                        runner,
+                        onnx_feeds(batch),
+                        threads=settings.threads,
+                        warmup=settings.warmup,
+                        repeats=settings.repeats,
+                        min_seconds=0.2,
+                    )
                 else:
-                    latency = measure_torch_latency(runner, batch, threads=settings.threads,
-                                                    warmup=settings.warmup, repeats=settings.repeats, min_seconds=0.2)
+                    latency = measure_torch_latency(
+                        runner,
+                        batch,
+                        threads=settings.threads,
+                        warmup=settings.warmup,
+                        repeats=settings.repeats,
+                        min_seconds=0.2,
+                    )
                 key = f"batch_{latency.batch_size}"
                 if latency.median_ms < record.latency[key]["median_ms"]:
                     record.latency[key] = latency.to_dict()
@@ -129,8 +171,11 @@ def torchao_pt2e(model, example, calibration, evaluator, settings, out, metadata
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         started = time.perf_counter()
-        exported = torch.export.export(copy.deepcopy(model).eval(), (torch.cat([example, example]),),
-                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},)).module()
+        exported = torch.export.export(
+            copy.deepcopy(model).eval(),
+            (torch.cat([example, example]),),
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+        ).module()
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(exported, quantizer)
         with torch.no_grad():
@@ -144,10 +189,20 @@ def torchao_pt2e(model, example, calibration, evaluator, settings, out, metadata
             compiled(evaluator.large[0])
         console.print(f"torchao PT2E + torch.compile ready in {time.perf_counter() - started:.0f} s")
     except Exception as error:  # report, do not hide: the side-by-side row is then missing
-        console.print(f"[yellow]torchao PT2E path failed:[/] {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        console.print(
+            f"[yellow]torchao PT2E path failed:[/] {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        )
         return None, None
-    record = measure_torch("static int8 (torchao PT2E + compile)", "torchao", compiled, out / "d-torchao", evaluator,
-                           settings, metadata=metadata, program=False)
+    record = measure_torch(
+        "static int8 (torchao PT2E + compile)",
+        "torchao",
+        compiled,
+        out / "d-torchao",
+        evaluator,
+        settings,
+        metadata=metadata,
+        program=False,
+    )
     # The compiled wrapper's state dict lists the converted graph's tensors twice: size and counts
     # would not describe a deployable file, so they are left out of the comparison.
     record.parameters = record.nonzero_parameters = None
@@ -156,17 +211,69 @@ def torchao_pt2e(model, example, calibration, evaluator, settings, out, metadata
 
 
 # ----------------------------------------------------------------------------------- part 2
-SUBJECTS = ["The committee", "My neighbour", "A small startup", "The old lighthouse keeper", "Our football team",
-            "The research group", "A curious child", "The city council", "Her grandmother", "The new manager",
-            "A stray cat", "The orchestra", "This laptop", "The river", "An engineer from Lisbon"]
-VERBS = ["approved", "rejected", "painted", "repaired", "celebrated", "forgot", "described", "measured",
-         "borrowed", "questioned", "built", "ignored", "recommended", "translated", "cooked"]
-OBJECTS = ["the budget for next year", "a bright blue fence", "the broken bicycle", "an unusual victory",
-           "the results of the experiment", "a recipe for fish soup", "the train timetable", "a map of the coast",
-           "the noisy printer", "a letter from abroad", "the quarterly report", "a wooden boat",
-           "the contract terms", "a forgotten song", "the data centre cooling system"]
-ENDINGS = ["", " yesterday", " after a long debate", " without telling anyone", " in the rain",
-           " before lunch", " for the third time", " with great enthusiasm", " despite the cost", " at midnight"]
+SUBJECTS = [
+    "The committee",
+    "My neighbour",
+    "A small startup",
+    "The old lighthouse keeper",
+    "Our football team",
+    "The research group",
+    "A curious child",
+    "The city council",
+    "Her grandmother",
+    "The new manager",
+    "A stray cat",
+    "The orchestra",
+    "This laptop",
+    "The river",
+    "An engineer from Lisbon",
+]
+VERBS = [
+    "approved",
+    "rejected",
+    "painted",
+    "repaired",
+    "celebrated",
+    "forgot",
+    "described",
+    "measured",
+    "borrowed",
+    "questioned",
+    "built",
+    "ignored",
+    "recommended",
+    "translated",
+    "cooked",
+]
+OBJECTS = [
+    "the budget for next year",
+    "a bright blue fence",
+    "the broken bicycle",
+    "an unusual victory",
+    "the results of the experiment",
+    "a recipe for fish soup",
+    "the train timetable",
+    "a map of the coast",
+    "the noisy printer",
+    "a letter from abroad",
+    "the quarterly report",
+    "a wooden boat",
+    "the contract terms",
+    "a forgotten song",
+    "the data centre cooling system",
+]
+ENDINGS = [
+    "",
+    " yesterday",
+    " after a long debate",
+    " without telling anyone",
+    " in the rain",
+    " before lunch",
+    " for the third time",
+    " with great enthusiasm",
+    " despite the cost",
+    " at midnight",
+]
 
 
 def sentences(count: int = 300, seed: int = 0) -> list[str]:
@@ -203,7 +310,11 @@ def minilm_part(out: Path, threads: int, console) -> list[dict]:
     model = SentenceEmbedder(AutoModel.from_pretrained(directory)).eval()
     texts = sentences(300)
     encoded = tokenizer(texts, padding=True, return_tensors="pt")
-    batch1 = {key: value[:1] for key, value in dict(tokenizer(texts[:1], return_tensors="pt")).items() if key != "token_type_ids"}
+    batch1 = {
+        key: value[:1]
+        for key, value in dict(tokenizer(texts[:1], return_tensors="pt")).items()
+        if key != "token_type_ids"
+    }
     batch32 = {key: value[:32] for key, value in dict(encoded).items() if key != "token_type_ids"}
     full = {key: value for key, value in dict(encoded).items() if key != "token_type_ids"}
     with torch.inference_mode():
@@ -215,7 +326,8 @@ def minilm_part(out: Path, threads: int, console) -> list[dict]:
         with torch.inference_mode():
             embeddings = candidate(**full)
         return {
-            "name": name, "size_bytes": path.stat().st_size,
+            "name": name,
+            "size_bytes": path.stat().st_size,
             "b1": measure_torch_latency(candidate, batch1, threads=threads, repeats=30, min_seconds=1.0).to_dict(),
             "b32": measure_torch_latency(candidate, batch32, threads=threads, repeats=10, min_seconds=1.0).to_dict(),
             "cosine": float(nn.functional.cosine_similarity(embeddings, reference, dim=-1).mean()),
@@ -225,8 +337,10 @@ def minilm_part(out: Path, threads: int, console) -> list[dict]:
 
     rows = [torch_row("fp32 (PyTorch eager)", model)]
     rows.append(torch_row("dynamic int8 (torch.ao: quantize step)", quantize_dynamic(model)))
-    for name, config_name in (("torchao int8 dyn-act int8 weight (eager)", "Int8DynamicActivationInt8WeightConfig"),
-                              ("torchao int8 weight-only (eager)", "Int8WeightOnlyConfig")):
+    for name, config_name in (
+        ("torchao int8 dyn-act int8 weight (eager)", "Int8DynamicActivationInt8WeightConfig"),
+        ("torchao int8 weight-only (eager)", "Int8WeightOnlyConfig"),
+    ):
         try:
             import torchao.quantization as tq
 
@@ -243,12 +357,21 @@ def minilm_part(out: Path, threads: int, console) -> list[dict]:
         session = ort_session(path, threads=threads)
         embeddings = torch.from_numpy(session.run(None, onnx_feeds(full))[0])
         cosine = nn.functional.cosine_similarity(embeddings, reference, dim=-1)
-        rows.append({
-            "name": name, "size_bytes": path.stat().st_size,
-            "b1": measure_onnx_latency(path, onnx_feeds(batch1), threads=threads, repeats=30, min_seconds=1.0).to_dict(),
-            "b32": measure_onnx_latency(path, onnx_feeds(batch32), threads=threads, repeats=10, min_seconds=1.0).to_dict(),
-            "cosine": float(cosine.mean()), "cosine_min": float(cosine.min()), "note": "",
-        })
+        rows.append(
+            {
+                "name": name,
+                "size_bytes": path.stat().st_size,
+                "b1": measure_onnx_latency(
+                    path, onnx_feeds(batch1), threads=threads, repeats=30, min_seconds=1.0
+                ).to_dict(),
+                "b32": measure_onnx_latency(
+                    path, onnx_feeds(batch32), threads=threads, repeats=10, min_seconds=1.0
+                ).to_dict(),
+                "cosine": float(cosine.mean()),
+                "cosine_min": float(cosine.min()),
+                "note": "",
+            }
+        )
     base = rows[0]
     for row in rows:
         row["speedup_b1"] = base["b1"]["median_ms"] / row["b1"]["median_ms"]
@@ -261,13 +384,26 @@ def minilm_table(rows, threads):
     from rich.table import Table
 
     table = Table(title=f"MiniLM-L6 sentence embeddings, 300 sentences — CPU, {threads} thread(s), median (p90)")
-    for column in ("variant", "size MB", "smaller", "b1 ms", "b1 speed-up", "b32 ms", "b32 speed-up", "cosine mean / min"):
+    for column in (
+        "variant",
+        "size MB",
+        "smaller",
+        "b1 ms",
+        "b1 speed-up",
+        "b32 ms",
+        "b32 speed-up",
+        "cosine mean / min",
+    ):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for row in rows:
         table.add_row(
-            row["name"], f"{row['size_bytes'] / 1e6:.1f}", f"{row['size_ratio']:.2f}x",
-            f"{row['b1']['median_ms']:.2f} ({row['b1']['p90_ms']:.2f})", f"{row['speedup_b1']:.2f}x",
-            f"{row['b32']['median_ms']:.1f} ({row['b32']['p90_ms']:.1f})", f"{row['speedup_b32']:.2f}x",
+            row["name"],
+            f"{row['size_bytes'] / 1e6:.1f}",
+            f"{row['size_ratio']:.2f}x",
+            f"{row['b1']['median_ms']:.2f} ({row['b1']['p90_ms']:.2f})",
+            f"{row['speedup_b1']:.2f}x",
+            f"{row['b32']['median_ms']:.1f} ({row['b32']['p90_ms']:.1f})",
+            f"{row['speedup_b32']:.2f}x",
             f"{row['cosine']:.4f} / {row['cosine_min']:.4f}",
         )
     return table
@@ -286,7 +422,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)  # training too: on a shared box more threads only contend
-    results = {"threads": args.threads, "cpu": cpu_int8_support(), "torch": torch.__version__, "load_before": machine_load()}
+    results = {
+        "threads": args.threads,
+        "cpu": cpu_int8_support(),
+        "torch": torch.__version__,
+        "load_before": machine_load(),
+    }
     console.print(f"threads: {args.threads}; cpu int8 flags: {results['cpu']['flags']}")
     settings = MeasureSettings(threads=args.threads, warmup=20, repeats=200)
     source = None
@@ -300,11 +441,19 @@ def main() -> None:
         console.print(minilm_table(rows, args.threads))
         results["minilm"] = rows
     if "recipe" not in args.skip and source is not None:
-        report = compress(source, Path(__file__).parent.parent / "recipes" / "compress-digits.yaml",
-                          out / "recipe", console=console, overwrite=True)
+        report = compress(
+            source,
+            Path(__file__).parent.parent / "recipes" / "compress-digits.yaml",
+            out / "recipe",
+            console=console,
+            overwrite=True,
+        )
         results["recipe"] = {"best": report["best"], "plots": report["plots"]}
     results["load_after"] = machine_load()
-    console.print(f"machine load before/after: {results['load_before']['load_1min']} / {results['load_after']['load_1min']} on {results['load_after']['cores']} cores")
+    console.print(
+        f"machine load before/after: {results['load_before']['load_1min']} / {results['load_after']['load_1min']} on "
+        f"{results['load_after']['cores']} cores"
+    )
     (out / "compression.json").write_text(json.dumps(results, indent=2, default=str))
     console.print(f"figures: {out / 'compression.json'}")
 

@@ -54,11 +54,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "images"
         write_images(root, args.images, args.source_size)
-        print(f"image folder: {args.images} PNGs of {args.source_size}x{args.source_size}, read at {args.image_size}x{args.image_size}")
+        print(
+            f"image folder: {args.images} PNGs of {args.source_size}x{args.source_size}, read at "
+            f"{args.image_size}x{args.image_size}"
+        )
         print(f"{'workers':>8} {'no cache':>12} {'cache fill':>12} {'cache hit':>12}  (samples/s)")
         for workers in (0, 2):
-            base = dict(source="image-folder", path=str(root), image_size=args.image_size, val_fraction=0.0,
-                        test_fraction=0.0, num_workers=workers)
+            base = dict(
+                source="image-folder",
+                path=str(root),
+                image_size=args.image_size,
+                val_fraction=0.0,
+                test_fraction=0.0,
+                num_workers=workers,
+            )
             cache = DataConfig(**base, cache=str(Path(scratch) / f"cache{workers}"))
             plain = samples_per_second(DataConfig(**base))
             fill = samples_per_second(cache)
@@ -66,7 +75,9 @@ def main() -> None:
             print(f"{workers:>8} {plain:>12.0f} {fill:>12.0f} {hit:>12.0f}")
 
     bundle = build_datasets({"source": "text-csv", "path": "packaged:support-messages"}, seed=0)
-    padded_per_batch = sum(batch["input_ids"].numel() for batch in DataLoader(bundle.train, batch_size=16, collate_fn=bundle.collate_fn))
+    padded_per_batch = sum(
+        batch["input_ids"].numel() for batch in DataLoader(bundle.train, batch_size=16, collate_fn=bundle.collate_fn)
+    )
     padded_to_max = len(bundle.train) * bundle.metadata["max_length"]
     real = int(sum(len(bundle.train[i]["input_ids"]) for i in range(len(bundle.train))))
     print("\ntext (packaged:support-messages, train split, batch 16)")

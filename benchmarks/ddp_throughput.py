@@ -44,10 +44,15 @@ def worker(output: str, gradient_sync: str, steps: int) -> None:
     data = TensorDataset(inputs, torch.randint(0, 10, (samples,)))
     clock = Clock()
     config = {
-        "run_dir": f"{output}.run", "epochs": 1, "device": "cpu", "threads": 1,
+        "run_dir": f"{output}.run",
+        "epochs": 1,
+        "device": "cpu",
+        "threads": 1,
         "batch": {"micro_batch_size": MICRO_BATCH, "accumulation_steps": ACCUMULATION},
         "distributed": {"gradient_sync": gradient_sync},
-        "optimizer": {"name": "adamw"}, "schedule": {"name": "constant"}, "monitor": {"enabled": False},
+        "optimizer": {"name": "adamw"},
+        "schedule": {"name": "constant"},
+        "monitor": {"enabled": False},
         "logging": {"console": False, "tensorboard": False, "jsonl": False, "report": False},
     }
     Trainer(config, model=model, datasets=(data, None, None), callbacks=[clock]).fit()
@@ -73,15 +78,28 @@ def main(argv=None) -> int:
         for repeat in range(args.repeats):
             for gradient_sync, rates in results.items():
                 output = os.path.join(folder, f"{gradient_sync}.{repeat}")
-                command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           __file__, "--worker", output, gradient_sync, str(args.steps)]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc-per-node",
+                    "2",
+                    __file__,
+                    "--worker",
+                    output,
+                    gradient_sync,
+                    str(args.steps),
+                ]
                 subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
                 with open(output) as handle:
                     row = json.load(handle)
                 rates.append(row["samples_per_s"])
                 parameters = row["parameters"]
-    print(f"MLP {parameters:,} parameters ({parameters * 4 / 2**20:.1f} MiB of fp32 gradients), BatchNorm, AdamW, "
-          f"micro-batch {MICRO_BATCH} x {ACCUMULATION} per rank, 2 gloo ranks, {args.repeats} interleaved launches")
+    print(
+        f"MLP {parameters:,} parameters ({parameters * 4 / 2**20:.1f} MiB of fp32 gradients), BatchNorm, AdamW, "
+        f"micro-batch {MICRO_BATCH} x {ACCUMULATION} per rank, 2 gloo ranks, {args.repeats} interleaved launches"
+    )
     print("| gradient_sync | samples/s (best) | samples/s (median) |")
     print("|---|---:|---:|")
     for gradient_sync, values in results.items():

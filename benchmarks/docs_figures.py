@@ -60,7 +60,7 @@ def drifted(doc: str, command: str, output: list[str]) -> tuple[list[str], list[
     text = (ROOT / doc).read_text()
     start, end = quoted_block(text, command)
     quoted = text.splitlines()[start:end]
-    current = output[-len(quoted):]
+    current = output[-len(quoted) :]
     return None if [masked(line) for line in quoted] == [masked(line) for line in current] else (quoted, current)
 
 
@@ -68,7 +68,7 @@ def rewrite(doc: str, command: str, output: list[str]) -> None:
     text = (ROOT / doc).read_text()
     lines = text.splitlines()
     start, end = quoted_block(text, command)
-    lines[start:end] = output[-(end - start):]
+    lines[start:end] = output[-(end - start) :]
     (ROOT / doc).write_text("\n".join(lines) + "\n")
 
 

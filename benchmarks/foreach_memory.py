@@ -42,8 +42,10 @@ def main() -> None:
         common = dict(batch_size=batch_size, optimizer=optimizer, profile=CUDA_TENSORS_ONLY, count_flops=False)
         loop = estimate_step(model, batch, foreach=False, **common).peak_bytes
         foreach = estimate_step(model, batch, **common).peak_bytes
-        print(f"| {name} | {optimizer} | {format_bytes(loop)} | {format_bytes(foreach)} | "
-              f"{format_bytes(foreach - loop)} ({(foreach - loop) / loop:+.1%}) |")
+        print(
+            f"| {name} | {optimizer} | {format_bytes(loop)} | {format_bytes(foreach)} | "
+            f"{format_bytes(foreach - loop)} ({(foreach - loop) / loop:+.1%}) |"
+        )
     print("\nfp32, tensor bytes only (CUDA's 512-byte rounding, no context or fragmentation), fake tensors")
 
 

@@ -26,20 +26,27 @@ VARIANTS = {
 def measure(model: str, max_length: int, batch: int, checkpointing: bool) -> list[dict]:
     rows = []
     for name, overrides in VARIANTS.items():
-        settings = [f"model={model}", f"data.max_length={max_length}", f"batch.micro_batch_size={batch}",
-                    f"checkpointing={'auto' if checkpointing else 'false'}", *overrides]
+        settings = [
+            f"model={model}",
+            f"data.max_length={max_length}",
+            f"batch.micro_batch_size={batch}",
+            f"checkpointing={'auto' if checkpointing else 'false'}",
+            *overrides,
+        ]
         result = plan_run(load_config("recipes/lora-causal-lm.yaml", settings), device="cpu", measure=True)
         measured = result.measured
         tokens = batch * max_length
-        rows.append({
-            "variant": name,
-            "trainable_parameters": result.trainable_parameters,
-            "planned_peak_bytes": result.peak_bytes,
-            "measured_peak_bytes": measured["peak_bytes"],
-            "peak_error": round(result.peak_bytes / measured["peak_bytes"] - 1, 4),
-            "planned_tokens_per_s": round(tokens / result.step_time_s, 1) if result.step_time_s else None,
-            "measured_tokens_per_s": round(tokens / measured["micro_step_time_s"], 1),
-        })
+        rows.append(
+            {
+                "variant": name,
+                "trainable_parameters": result.trainable_parameters,
+                "planned_peak_bytes": result.peak_bytes,
+                "measured_peak_bytes": measured["peak_bytes"],
+                "peak_error": round(result.peak_bytes / measured["peak_bytes"] - 1, 4),
+                "planned_tokens_per_s": round(tokens / result.step_time_s, 1) if result.step_time_s else None,
+                "measured_tokens_per_s": round(tokens / measured["micro_step_time_s"], 1),
+            }
+        )
     return rows
 
 
@@ -53,14 +60,23 @@ def main() -> None:
     args = parser.parse_args()
     rows = measure(args.model, args.max_length, args.batch, args.checkpointing)
     print(f"{args.model}, {args.batch} x {args.max_length} tokens, CPU, fp32")
-    print(f"{'variant':<18} {'trainable':>12} {'peak plan':>11} {'peak meas.':>11} {'error':>7} {'tok/s plan':>11} {'tok/s meas.':>12}")
+    print(
+        f"{'variant':<18} {'trainable':>12} {'peak plan':>11} {'peak meas.':>11} {'error':>7} {'tok/s plan':>11} "
+        f"{'tok/s meas.':>12}"
+    )
     for row in rows:
-        print(f"{row['variant']:<18} {row['trainable_parameters']:>12,} {row['planned_peak_bytes'] / 2**20:>9.1f}Mi "
-              f"{row['measured_peak_bytes'] / 2**20:>9.1f}Mi {100 * row['peak_error']:>6.1f}% "
-              f"{row['planned_tokens_per_s'] or float('nan'):>11.0f} {row['measured_tokens_per_s']:>12.0f}")
+        print(
+            f"{row['variant']:<18} {row['trainable_parameters']:>12,} {row['planned_peak_bytes'] / 2**20:>9.1f}Mi "
+            f"{row['measured_peak_bytes'] / 2**20:>9.1f}Mi {100 * row['peak_error']:>6.1f}% "
+            f"{row['planned_tokens_per_s'] or float('nan'):>11.0f} {row['measured_tokens_per_s']:>12.0f}"
+        )
     if args.output:
         with open(args.output, "w") as handle:
-            json.dump({"model": args.model, "max_length": args.max_length, "batch": args.batch, "rows": rows}, handle, indent=2)
+            json.dump(
+                {"model": args.model, "max_length": args.max_length, "batch": args.batch, "rows": rows},
+                handle,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -26,15 +26,20 @@ def main() -> None:
     model = apply_lora(build_model(config.model, meta=True, **config.model_options), config.lora, verbose=False)
     before, after = tensor_bytes(model.state_dict()), tensor_bytes(adapter_state_dict(model))
     trainable = model.lora_summary.trainable_parameters
-    print(json.dumps({
-        "model": config.model,
-        "lora": config.lora.model_dump(),
-        "full_state_dict_bytes": before,
-        "adapters_only_bytes": after,
-        "optimizer_state_bytes": 2 * 4 * trainable,
-        "trainable_parameters": trainable,
-        "ratio": round(before / after, 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": config.model,
+                "lora": config.lora.model_dump(),
+                "full_state_dict_bytes": before,
+                "adapters_only_bytes": after,
+                "optimizer_state_bytes": 2 * 4 * trainable,
+                "trainable_parameters": trainable,
+                "ratio": round(before / after, 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

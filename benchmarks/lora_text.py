@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=15, help="epochs for every run (the recipe's 15)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
-    parser.add_argument("--baseline-lrs", default="0.001,0.01,0.03", help="learning rates tried for the head-only baseline")
+    parser.add_argument(
+        "--baseline-lrs", default="0.001,0.01,0.03", help="learning rates tried for the head-only baseline"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -101,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         for seed in [int(s) for s in args.seeds.split(",")]:
             baselines = [
-                run("frozen encoder + head", ["lora=null", "model_options.freeze_encoder=true", f"optimizer.lr={lr}"], args.epochs, seed, workdir)
+                run(
+                    "frozen encoder + head",
+                    ["lora=null", "model_options.freeze_encoder=true", f"optimizer.lr={lr}"],
+                    args.epochs,
+                    seed,
+                    workdir,
+                )
                 for lr in [float(value) for value in args.baseline_lrs.split(",")]
             ]
             best = max(baselines, key=lambda row: row["val_accuracy"])
@@ -115,9 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
-    print(f"support messages: {rows[0]['samples']} samples, {args.epochs} epochs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'variant':<24}{'lr':>8}{'seed':>6}{'trainable':>12}{'val acc':>9}{'test acc':>10}{'test loss':>11}{'time s':>9}")
+    print(
+        f"support messages: {rows[0]['samples']} samples, {args.epochs} epochs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'variant':<24}{'lr':>8}{'seed':>6}{'trainable':>12}"
+        f"{'val acc':>9}{'test acc':>10}{'test loss':>11}{'time s':>9}"
+    )
     for row in rows:
         mark = " *" if row.get("chosen_by_val") else ""
         print(

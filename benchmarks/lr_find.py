@@ -39,7 +39,11 @@ GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 def run_config(model: str, seed: int, lr: float, epochs: int, run_dir: str) -> dict:
     return {
-        "model": model, "seed": seed, "epochs": epochs, "run_dir": run_dir, "threads": 1,
+        "model": model,
+        "seed": seed,
+        "epochs": epochs,
+        "run_dir": run_dir,
+        "threads": 1,
         "optimizer": {"name": "adamw", "lr": lr, "weight_decay": 1e-4},
         "lr_find": SWEEP,
         "logging": {"console": False, "jsonl": False, "tensorboard": False},
@@ -83,14 +87,28 @@ def lightning_suggestion(model_spec: str, seed: int) -> tuple[float | None, floa
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1e-4)
 
-    loader = torch.utils.data.DataLoader(bundle.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        bundle.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     with tempfile.TemporaryDirectory() as scratch:
         trainer = pl.Trainer(
-            accelerator="cpu", devices=1, max_epochs=1000, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, default_root_dir=scratch,
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1000,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=scratch,
         )
         start = time.perf_counter()
-        finder = Tuner(trainer).lr_find(Module(), train_dataloaders=loader, num_training=SWEEP["num_steps"], min_lr=SWEEP["min_lr"], max_lr=SWEEP["max_lr"])
+        finder = Tuner(trainer).lr_find(
+            Module(),
+            train_dataloaders=loader,
+            num_training=SWEEP["num_steps"],
+            min_lr=SWEEP["min_lr"],
+            max_lr=SWEEP["max_lr"],
+        )
         return finder.suggestion(), time.perf_counter() - start
 
 
@@ -120,7 +138,10 @@ def main() -> None:
         rows = []
         for seed in args.seeds:
             row = {"seed": seed}
-            for finder, suggest in (("tightfit", tightfit_suggestion), ("lightning", lightning_suggestion if has_lightning else None)):
+            for finder, suggest in (
+                ("tightfit", tightfit_suggestion),
+                ("lightning", lightning_suggestion if has_lightning else None),
+            ):
                 if suggest is None:
                     continue
                 lr, seconds = suggest(model, seed)
@@ -140,23 +161,46 @@ def main() -> None:
 
 def markdown(results: dict) -> str:
     finders = ["tightfit"] + (["lightning"] if results["lightning"] else [])
-    lines = [f"Sweep {results['sweep']}; training: the digits recipe, {results['epochs']} epochs, cosine schedule, at each rate.", ""]
+    lines = [
+        f"Sweep {results['sweep']}; training: the digits recipe, {results['epochs']} epochs, cosine schedule, at each "
+        "rate.",
+        "",
+    ]
     for model, found in results["models"].items():
-        lines += [f"### {model}", "", "| finder | seed | suggested lr | best val_loss | test accuracy |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {model}",
+            "",
+            "| finder | seed | suggested lr | best val_loss | test accuracy |",
+            "|---|---|---|---|---|",
+        ]
         for finder in finders:
             for row in found["seeds"]:
                 entry = row[finder]
                 if entry["suggestion"] is None:
                     lines.append(f"| {finder} | {row['seed']} | none | | |")
                 else:
-                    lines.append(f"| {finder} | {row['seed']} | {entry['suggestion']:.3g} | {entry['best_val_loss']:.4f} | {entry['test_accuracy']:.4f} |")
+                    lines.append(
+                        f"| {finder} | {row['seed']} | {entry['suggestion']:.3g} | {entry['best_val_loss']:.4f} | "
+                        f"{entry['test_accuracy']:.4f} |"
+                    )
             values = [row[finder]["best_val_loss"] for row in found["seeds"] if row[finder]["suggestion"] is not None]
-            suggestions = [math.log10(row[finder]["suggestion"]) for row in found["seeds"] if row[finder]["suggestion"] is not None]
+            suggestions = [
+                math.log10(row[finder]["suggestion"]) for row in found["seeds"] if row[finder]["suggestion"] is not None
+            ]
             if values:
                 spread = f"{max(suggestions) - min(suggestions):.2f}" if len(suggestions) > 1 else "-"
                 lines.append(f"| {finder} | median | spread {spread} decades | {statistics.median(values):.4f} | |")
-        lines += ["", f"fixed rates (seed {found['seeds'][0]['seed']}):", "", "| lr | best val_loss | test accuracy |", "|---|---|---|"]
-        lines += [f"| {entry['lr']:g} | {entry['best_val_loss']:.4f} | {entry['test_accuracy']:.4f} |" for entry in found["grid"]]
+        lines += [
+            "",
+            f"fixed rates (seed {found['seeds'][0]['seed']}):",
+            "",
+            "| lr | best val_loss | test accuracy |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {entry['lr']:g} | {entry['best_val_loss']:.4f} | {entry['test_accuracy']:.4f} |"
+            for entry in found["grid"]
+        ]
         lines.append("")
     return "\n".join(lines)
 

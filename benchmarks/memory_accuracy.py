@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from tightfit.memory.estimator import EstimationError, estimate_step
-from tightfit.plan.inference import estimate_forward, measure_forward
 from tightfit.memory.measure import measure_step
+from tightfit.plan.inference import estimate_forward, measure_forward
 from tightfit.units import format_bytes
 
 
@@ -73,7 +73,9 @@ def unet_batch(batch_size, device):
 
 
 def mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * 32 * 32, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
 
 
 def small_cnn():
@@ -95,8 +97,13 @@ def bert():
     import transformers
 
     config = transformers.BertConfig(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-        vocab_size=8000, max_position_embeddings=256, num_labels=2,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        vocab_size=8000,
+        max_position_embeddings=256,
+        num_labels=2,
     )
     return transformers.BertForSequenceClassification(config)
 
@@ -112,9 +119,14 @@ def unet():
     import diffusers
 
     return diffusers.UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64),
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
     )
 
 
@@ -128,23 +140,51 @@ def minilm_lora():
 IMAGES_64 = images(3, 64)
 ZOO = [
     # name, model factory, batch factory, [(batch size, settings), ...]
-    ("mlp", mlp, images(3, 32), [(8, dict(optimizer="sgd")), (8, dict(optimizer="adamw")), (8, dict(precision="bf16"))]),
+    (
+        "mlp",
+        mlp,
+        images(3, 32),
+        [(8, dict(optimizer="sgd")), (8, dict(optimizer="adamw")), (8, dict(precision="bf16"))],
+    ),
     ("small-cnn", small_cnn, images(3, 32), [(8, dict()), (8, dict(precision="bf16-pure", optimizer="sgd-momentum"))]),
-    ("resnet18", torchvision_model("resnet18", num_classes=10), IMAGES_64,
-     [(4, dict()), (8, dict(optimizer="sgd")), (4, dict(checkpointing=True)), (4, dict(accumulation_steps=4))]),
-    ("resnet50", torchvision_model("resnet50", num_classes=10), IMAGES_64,
-     [(2, dict()), (2, dict(precision="bf16")), (2, dict(checkpointing=True, optimizer="sgd-momentum"))]),
-    ("mobilenet_v3_large", torchvision_model("mobilenet_v3_large", num_classes=10), IMAGES_64,
-     [(4, dict()), (4, dict(precision="bf16-pure"))]),
-    ("vit_b_16", torchvision_model("vit_b_16", num_classes=10, image_size=64), IMAGES_64,
-     [(2, dict()), (2, dict(checkpointing=True)), (2, dict(precision="bf16", optimizer="sgd"))]),
-    ("bert-style", bert, tokens(128, 8000, labels="classes"),
-     [(4, dict()), (4, dict(precision="bf16")), (4, dict(checkpointing=True))]),
-    ("gpt2-style", gpt2, tokens(128, 8000),
-     [(4, dict()), (4, dict(precision="bf16-pure")), (4, dict(checkpointing=True, accumulation_steps=2))]),
+    (
+        "resnet18",
+        torchvision_model("resnet18", num_classes=10),
+        IMAGES_64,
+        [(4, dict()), (8, dict(optimizer="sgd")), (4, dict(checkpointing=True)), (4, dict(accumulation_steps=4))],
+    ),
+    (
+        "resnet50",
+        torchvision_model("resnet50", num_classes=10),
+        IMAGES_64,
+        [(2, dict()), (2, dict(precision="bf16")), (2, dict(checkpointing=True, optimizer="sgd-momentum"))],
+    ),
+    (
+        "mobilenet_v3_large",
+        torchvision_model("mobilenet_v3_large", num_classes=10),
+        IMAGES_64,
+        [(4, dict()), (4, dict(precision="bf16-pure"))],
+    ),
+    (
+        "vit_b_16",
+        torchvision_model("vit_b_16", num_classes=10, image_size=64),
+        IMAGES_64,
+        [(2, dict()), (2, dict(checkpointing=True)), (2, dict(precision="bf16", optimizer="sgd"))],
+    ),
+    (
+        "bert-style",
+        bert,
+        tokens(128, 8000, labels="classes"),
+        [(4, dict()), (4, dict(precision="bf16")), (4, dict(checkpointing=True))],
+    ),
+    (
+        "gpt2-style",
+        gpt2,
+        tokens(128, 8000),
+        [(4, dict()), (4, dict(precision="bf16-pure")), (4, dict(checkpointing=True, accumulation_steps=2))],
+    ),
     ("unet (diffusers)", unet, unet_batch, [(4, dict()), (4, dict(precision="bf16"))]),
-    ("minilm + lora", minilm_lora, tokens(64, 30522, labels="classes"),
-     [(8, dict()), (8, dict(precision="bf16"))]),
+    ("minilm + lora", minilm_lora, tokens(64, 30522, labels="classes"), [(8, dict()), (8, dict(precision="bf16"))]),
 ]
 
 
@@ -189,9 +229,11 @@ def run_forward_case(name, model_factory, batch_factory, batch_size, precision) 
     measured = measure_forward(model_factory(), batch_factory, batch_size=batch_size, precision=precision, device="cpu")
     row["measure_seconds"] = time.perf_counter() - started
     row.update(
-        estimated_bytes=estimate.peak_bytes, measured_bytes=measured.peak_bytes,
+        estimated_bytes=estimate.peak_bytes,
+        measured_bytes=measured.peak_bytes,
         error_percent=100 * (estimate.peak_bytes - measured.peak_bytes) / measured.peak_bytes,
-        parameters_bytes=measured.breakdown["parameters"], activations_bytes=measured.breakdown["activations"],
+        parameters_bytes=measured.breakdown["parameters"],
+        activations_bytes=measured.breakdown["activations"],
     )
     return row
 
@@ -268,25 +310,41 @@ def time_llama_7b() -> list[dict]:
     from tightfit.models.lora import LoRAConfig, apply_lora
 
     config = transformers.LlamaConfig(
-        num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+        num_hidden_layers=32,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
     )
     batch = tokens(512, 32000)
     rows = []
     for label, factory, settings in [
-        ("llama-7b full bf16-pure adamw ckpt", lambda: transformers.LlamaForCausalLM(config),
-         dict(precision="bf16-pure", optimizer="adamw", checkpointing=True)),
-        ("llama-7b lora r16 bf16-pure ckpt", lambda: apply_lora(transformers.LlamaForCausalLM(config), LoRAConfig(rank=16), verbose=False),
-         dict(precision="bf16-pure", optimizer="adamw", checkpointing=True)),
+        (
+            "llama-7b full bf16-pure adamw ckpt",
+            lambda: transformers.LlamaForCausalLM(config),
+            dict(precision="bf16-pure", optimizer="adamw", checkpointing=True),
+        ),
+        (
+            "llama-7b lora r16 bf16-pure ckpt",
+            lambda: apply_lora(transformers.LlamaForCausalLM(config), LoRAConfig(rank=16), verbose=False),
+            dict(precision="bf16-pure", optimizer="adamw", checkpointing=True),
+        ),
     ]:
         resident = psutil.Process().memory_info().rss
         started = time.perf_counter()
         memory = estimate_step(factory, batch, batch_size=1, **settings)
-        rows.append({
-            "case": label, "seconds": time.perf_counter() - started, "peak_bytes": memory.peak_bytes,
-            "breakdown": memory.breakdown, "tflops_per_step": (memory.flops or 0) / 1e12,
-            "process_growth_bytes": psutil.Process().memory_info().rss - resident,
-        })
+        rows.append(
+            {
+                "case": label,
+                "seconds": time.perf_counter() - started,
+                "peak_bytes": memory.peak_bytes,
+                "breakdown": memory.breakdown,
+                "tflops_per_step": (memory.flops or 0) / 1e12,
+                "process_growth_bytes": psutil.Process().memory_info().rss - resident,
+            }
+        )
     return rows
 
 
@@ -297,7 +355,9 @@ DISTRIBUTED_WIDTH, DISTRIBUTED_BLOCKS, DISTRIBUTED_BATCH = 256, 4, 16
 def distributed_model():
     """Four repeated blocks between an input and an output layer: FSDP's units and a root."""
     torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(DISTRIBUTED_WIDTH, DISTRIBUTED_WIDTH), nn.GELU()) for _ in range(DISTRIBUTED_BLOCKS)]
+    blocks = [
+        nn.Sequential(nn.Linear(DISTRIBUTED_WIDTH, DISTRIBUTED_WIDTH), nn.GELU()) for _ in range(DISTRIBUTED_BLOCKS)
+    ]
     return nn.Sequential(nn.Linear(32, DISTRIBUTED_WIDTH), *blocks, nn.Linear(DISTRIBUTED_WIDTH, 10))
 
 
@@ -323,6 +383,7 @@ class _TrackSecondStep:
 
         self.buckets = {}
         if isinstance(trainer.train_model, DistributedDataParallel):
+
             def hook(state, bucket):
                 self.buckets.setdefault(id(bucket.buffer().untyped_storage()), bucket.buffer())
                 return allreduce_hook(None, bucket)
@@ -348,31 +409,59 @@ def distributed_worker(output: str, strategy: str) -> None:  # strategy: fsdp, d
 
     from torch.utils.data import TensorDataset
 
-    from tightfit.plan.distributed import model_shape, per_rank_memory
     from tightfit.models.checkpointing import find_repeated_blocks
+    from tightfit.plan.distributed import model_shape, per_rank_memory
     from tightfit.training.trainer import Trainer
 
     rank = int(os.environ["RANK"])
     inputs, targets = distributed_batch(DISTRIBUTED_BATCH * 4, "cpu")
     rows = []
-    for strategy in (strategy,):  # one per launch: a run leaves the process group when it ends
-        gradient_sync = "after_accumulation" if strategy == "ddp-after" else "overlap"
-        strategy = strategy.removesuffix("-after")
+    for launched in (strategy,):  # one per launch: a run leaves the process group when it ends
+        gradient_sync = "after_accumulation" if launched == "ddp-after" else "overlap"
+        strategy = launched.removesuffix("-after")
         tracking = _TrackSecondStep()
         config = {
-            "run_dir": f"{output}.{strategy}", "max_steps": 2, "device": "cpu", "threads": 1,
-            "batch": {"micro_batch_size": DISTRIBUTED_BATCH}, "optimizer": {"name": "adamw"},
-            "distributed": {"strategy": strategy, "timeout_s": 120, "gradient_sync": gradient_sync}, "logging": {"console": False, "tensorboard": False, "jsonl": False},
-            "monitor": {"enabled": False}, "schedule": {"name": "constant"},
+            "run_dir": f"{output}.{strategy}",
+            "max_steps": 2,
+            "device": "cpu",
+            "threads": 1,
+            "batch": {"micro_batch_size": DISTRIBUTED_BATCH},
+            "optimizer": {"name": "adamw"},
+            "distributed": {"strategy": strategy, "timeout_s": 120, "gradient_sync": gradient_sync},
+            "logging": {"console": False, "tensorboard": False, "jsonl": False},
+            "monitor": {"enabled": False},
+            "schedule": {"name": "constant"},
         }
-        Trainer(config, model=distributed_model(), datasets=(TensorDataset(inputs, targets), None, None), callbacks=[tracking]).fit()
+        Trainer(
+            config,
+            model=distributed_model(),
+            datasets=(TensorDataset(inputs, targets), None, None),
+            callbacks=[tracking],
+        ).fit()
         model = distributed_model()
         single = estimate_step(model, distributed_batch, batch_size=DISTRIBUTED_BATCH, optimizer="adamw")
         shape = model_shape(model, find_repeated_blocks(model))
-        estimate, breakdown, _ = per_rank_memory(single, shape, strategy=strategy, devices=int(os.environ["WORLD_SIZE"]),
-                                                 profile=None, param_dtype="fp32", reduce_dtype="fp32", gradient_sync=gradient_sync)
-        rows.append({"strategy": strategy if strategy == "fsdp" else f"ddp ({gradient_sync})", "rank": rank, "measured_bytes": tracking.peak_bytes, "measured": tracking.breakdown,
-                     "estimated_bytes": estimate, "estimated": breakdown, "one_device_bytes": single.peak_bytes})
+        estimate, breakdown, _ = per_rank_memory(
+            single,
+            shape,
+            strategy=strategy,
+            devices=int(os.environ["WORLD_SIZE"]),
+            profile=None,
+            param_dtype="fp32",
+            reduce_dtype="fp32",
+            gradient_sync=gradient_sync,
+        )
+        rows.append(
+            {
+                "strategy": strategy if strategy == "fsdp" else f"ddp ({gradient_sync})",
+                "rank": rank,
+                "measured_bytes": tracking.peak_bytes,
+                "measured": tracking.breakdown,
+                "estimated_bytes": estimate,
+                "estimated": breakdown,
+                "one_device_bytes": single.peak_bytes,
+            }
+        )
     with open(f"{output}.rank{rank}", "w") as handle:
         json.dump(rows, handle)
 
@@ -387,8 +476,18 @@ def distributed_rows() -> list[dict]:
         output = os.path.join(folder, "peaks")
         rows = []
         for strategy in ("ddp", "ddp-after", "fsdp"):
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                       __file__, "--distributed-worker", output, strategy]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                __file__,
+                "--distributed-worker",
+                output,
+                strategy,
+            ]
             subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
             for rank in range(2):
                 with open(f"{output}.rank{rank}") as handle:
@@ -402,11 +501,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="PATH", help="also write every row to this JSON file")
     parser.add_argument("--only", metavar="NAMES", help="comma-separated model names from the zoo")
-    parser.add_argument("--cuda", action="store_true", help="also compare with torch.cuda.max_memory_allocated/reserved")
+    parser.add_argument(
+        "--cuda", action="store_true", help="also compare with torch.cuda.max_memory_allocated/reserved"
+    )
     parser.add_argument("--skip-7b", action="store_true", help="do not time the 7B planning")
-    parser.add_argument("--mode", choices=("training", "inference", "both"), default="both",
-                        help="training steps, forward-only passes, or both (default)")
-    parser.add_argument("--distributed", action="store_true", help="also compare per-rank peaks on 2 gloo ranks (ddp, fsdp)")
+    parser.add_argument(
+        "--mode",
+        choices=("training", "inference", "both"),
+        default="both",
+        help="training steps, forward-only passes, or both (default)",
+    )
+    parser.add_argument(
+        "--distributed", action="store_true", help="also compare per-rank peaks on 2 gloo ranks (ddp, fsdp)"
+    )
     parser.add_argument("--distributed-worker", nargs=2, metavar=("OUTPUT", "STRATEGY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.distributed_worker:
@@ -417,7 +524,10 @@ def main(argv=None) -> int:
         args.cuda = False
     wanted = set(args.only.split(",")) if args.only else None
     rows = []
-    print(f"{'model':<20} {'settings':<28} {'estimated':>11} {'measured':>11} {'error':>8} {'params-only':>11} {'its error':>9} {'est s':>6} {'meas s':>6}")
+    print(
+        f"{'model':<20} {'settings':<28} {'estimated':>11} {'measured':>11} {'error':>8} {'params-only':>11} "
+        f"{'its error':>9} {'est s':>6} {'meas s':>6}"
+    )
     for name, model_factory, batch_factory, cases in ZOO if args.mode != "inference" else []:
         if wanted and name not in wanted:
             continue
@@ -438,7 +548,8 @@ def main(argv=None) -> int:
                 print(
                     f"{'':<20} cuda: predicted allocated {format_bytes(row['cuda_predicted_allocated_bytes'])}, "
                     f"max_memory_allocated {format_bytes(row['cuda_max_memory_allocated'])} "
-                    f"({row['cuda_allocated_error_percent']:+.2f}%), reserved {format_bytes(row['cuda_max_memory_reserved'])} "
+                    f"({row['cuda_allocated_error_percent']:+.2f}%), reserved "
+                    f"{format_bytes(row['cuda_max_memory_reserved'])} "
                     f"(fragmentation {100 * row['cuda_fragmentation']:.1f}%)"
                 )
     errors = [abs(row["error_percent"]) for row in rows if "error_percent" in row]
@@ -460,7 +571,10 @@ def main(argv=None) -> int:
         )
     forward_rows = []
     if args.mode != "training":
-        print(f"\n{'model':<20} {'settings':<28} {'estimated':>11} {'measured':>11} {'error':>8} {'activations':>11} {'est s':>6} {'meas s':>6}")
+        print(
+            f"\n{'model':<20} {'settings':<28} {'estimated':>11} {'measured':>11} {'error':>8} {'activations':>11} "
+            f"{'est s':>6} {'meas s':>6}"
+        )
     for name, model_factory, batch_factory, cases in FORWARD_ZOO if args.mode != "training" else []:
         if wanted and name not in wanted:
             continue
@@ -473,18 +587,23 @@ def main(argv=None) -> int:
             print(
                 f"{name:<20} {row['settings']:<28} {format_bytes(row['estimated_bytes']):>11} "
                 f"{format_bytes(row['measured_bytes']):>11} {row['error_percent']:>7.3f}% "
-                f"{format_bytes(row['activations_bytes']):>11} {row['estimate_seconds']:>6.2f} {row['measure_seconds']:>6.2f}",
+                f"{format_bytes(row['activations_bytes']):>11} {row['estimate_seconds']:>6.2f} "
+                f"{row['measure_seconds']:>6.2f}",
                 flush=True,
             )
     forward_errors = [abs(row["error_percent"]) for row in forward_rows if "error_percent" in row]
     if forward_errors:
         summary["forward_only"] = {
-            "cases": len(forward_rows), "median_abs_error_percent": statistics.median(forward_errors),
-            "max_abs_error_percent": max(forward_errors), "exact_cases": sum(error == 0 for error in forward_errors),
+            "cases": len(forward_rows),
+            "median_abs_error_percent": statistics.median(forward_errors),
+            "max_abs_error_percent": max(forward_errors),
+            "exact_cases": sum(error == 0 for error in forward_errors),
         }
         print(
-            f"\n{len(forward_rows)} forward-only cases: median |error| {summary['forward_only']['median_abs_error_percent']:.3f}%, "
-            f"max {summary['forward_only']['max_abs_error_percent']:.3f}%, {summary['forward_only']['exact_cases']} exact to the byte"
+            f"\n{len(forward_rows)} forward-only cases: median |error| "
+            f"{summary['forward_only']['median_abs_error_percent']:.3f}%, "
+            f"max {summary['forward_only']['max_abs_error_percent']:.3f}%, {summary['forward_only']['exact_cases']} "
+            "exact to the byte"
         )
     llama = [] if args.skip_7b else time_llama_7b()
     for row in llama:
@@ -499,12 +618,17 @@ def main(argv=None) -> int:
     for row in distributed:
         print(
             f"{row['strategy']:<9} {row['rank']:>4} {format_bytes(row['estimated_bytes']):>11} "
-            f"{format_bytes(row['measured_bytes']):>11} {row['error_percent']:>7.2f}%   {format_bytes(row['one_device_bytes'])}"
+            f"{format_bytes(row['measured_bytes']):>11} {row['error_percent']:>7.2f}%   "
+            f"{format_bytes(row['one_device_bytes'])}"
         )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"rows": rows, "forward_rows": forward_rows, "summary": summary, "llama_7b": llama}, handle, indent=2)
-            json.dump({"rows": rows, "summary": summary, "llama_7b": llama, "distributed": distributed}, handle, indent=2)
+            json.dump(
+                {"rows": rows, "forward_rows": forward_rows, "summary": summary, "llama_7b": llama}, handle, indent=2
+            )
+            json.dump(
+                {"rows": rows, "summary": summary, "llama_7b": llama, "distributed": distributed}, handle, indent=2
+            )
     return 0
 
 

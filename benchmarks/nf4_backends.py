@@ -62,19 +62,31 @@ def run(name: str, overrides: list[str], steps: int, base_run: Path, workdir: Pa
     from tightfit.models.spec import make_batch_factory, parse_input_spec
     from tightfit.training.trainer import Trainer
 
-    config = load_config(str(RECIPE), overrides + [
-        f"init_weights={base_run}", f"max_steps={steps}", "epochs=1000", f"run_dir={workdir / name.replace(' ', '_')}",
-        "checkpoint.every_n_steps=null", "logging.progress=false", "logging.console=false",
-        "logging.tensorboard=false", "monitor.enabled=false", "device=cpu",
-    ])
+    config = load_config(
+        str(RECIPE),
+        overrides
+        + [
+            f"init_weights={base_run}",
+            f"max_steps={steps}",
+            "epochs=1000",
+            f"run_dir={workdir / name.replace(' ', '_')}",
+            "checkpoint.every_n_steps=null",
+            "logging.progress=false",
+            "logging.console=false",
+            "logging.tensorboard=false",
+            "monitor.enabled=false",
+            "device=cpu",
+        ],
+    )
     clock = StepClock()
     trainer = Trainer(config, callbacks=[clock])
     trainer.fit()
     window = clock.losses[-10:]
     model = trainer.model
     factory = make_batch_factory(parse_input_spec(f"tokens:{config.data.max_length}"), model)
-    memory = measure_step(model, factory, batch_size=config.batch.micro_batch_size, precision=trainer.precision,
-                          device="cpu")
+    memory = measure_step(
+        model, factory, batch_size=config.batch.micro_batch_size, precision=trainer.precision, device="cpu"
+    )
     return {
         "variant": name,
         "step_ms": round(1000 * statistics.median(clock.times[5:]), 1),
@@ -104,12 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"| base ({args.steps} steps, micro-batch 8, 128 tokens) | step (ms) | tensor peak (MiB) "
-          "| of which weights (MiB) | loss, step 1 | loss, mean of last 10 |")
+    print(
+        f"| base ({args.steps} steps, micro-batch 8, 128 tokens) | step (ms) | tensor peak (MiB) "
+        "| of which weights (MiB) | loss, step 1 | loss, mean of last 10 |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['variant']} | {row['step_ms']} | {row['tensor_peak_mib']} | {row['parameters_mib']} "
-              f"| {row['loss_first']} | {row['loss_last10']} |")
+        print(
+            f"| {row['variant']} | {row['step_ms']} | {row['tensor_peak_mib']} | {row['parameters_mib']} "
+            f"| {row['loss_first']} | {row['loss_last10']} |"
+        )
     return 0
 
 

@@ -44,9 +44,9 @@ def gib(n: int) -> str:
 def plan_rows(sequence_length: int, device: str, base_model, reuse: dict) -> list[dict]:
     from tightfit.errors import TightfitError
     from tightfit.hardware.profiles import get_profile
-    from tightfit.plan.planner import plan
     from tightfit.memory.overhead import device_overhead
     from tightfit.models.qlora import with_quantized_base
+    from tightfit.plan.planner import plan
 
     profile = get_profile(device)
     rows = []
@@ -60,34 +60,57 @@ def plan_rows(sequence_length: int, device: str, base_model, reuse: dict) -> lis
         started = time.perf_counter()
         try:
             result = plan(
-                MODEL, f"tokens:{sequence_length}", batch_size=1, precision="bf16-pure", checkpointing=True,
-                optimizer="adamw", lora_rank=lora_rank, profile=profile, margin=MARGIN,
+                MODEL,
+                f"tokens:{sequence_length}",
+                batch_size=1,
+                precision="bf16-pure",
+                checkpointing=True,
+                optimizer="adamw",
+                lora_rank=lora_rank,
+                profile=profile,
+                margin=MARGIN,
             ).to_dict()
         except TightfitError as error:
             rows.append({"method": method, "sequence_length": sequence_length, "device": device, "error": str(error)})
             continue
-        rows.append({
-            "method": method, "sequence_length": sequence_length, "device": device,
-            "peak_bytes": result["peak_bytes"], "breakdown": result["breakdown"],
-            "budget_bytes": result["budget_bytes"], "verdict": result["verdict"], "why": result["why"],
-            "trainable_parameters": result["trainable_parameters"], "parameters": result["parameters"],
-            "step_time_s": result["step_time_s"], "seconds": round(time.perf_counter() - started, 1),
-        })
+        rows.append(
+            {
+                "method": method,
+                "sequence_length": sequence_length,
+                "device": device,
+                "peak_bytes": result["peak_bytes"],
+                "breakdown": result["breakdown"],
+                "budget_bytes": result["budget_bytes"],
+                "verdict": result["verdict"],
+                "why": result["why"],
+                "trainable_parameters": result["trainable_parameters"],
+                "parameters": result["parameters"],
+                "step_time_s": result["step_time_s"],
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
         if lora_rank is not None:
             lora_result = result
     if lora_result is None:
         return rows
     for quantize_base, label in (("nf4", "QLoRA r=16, NF4 base"), ("int8", "LoRA r=16, int8 base")):
         breakdown, notes = with_quantized_base(
-            lora_result["breakdown"], base_model, quantize_base,
+            lora_result["breakdown"],
+            base_model,
+            quantize_base,
             overhead=lambda peak: device_overhead(profile, tensor_peak_bytes=peak).total_bytes,
         )
         peak = sum(breakdown.values())
         row = {
-            "method": label, "sequence_length": sequence_length, "device": device,
-            "peak_bytes": peak, "breakdown": breakdown, "budget_bytes": lora_result["budget_bytes"],
+            "method": label,
+            "sequence_length": sequence_length,
+            "device": device,
+            "peak_bytes": peak,
+            "breakdown": breakdown,
+            "budget_bytes": lora_result["budget_bytes"],
             "verdict": verdict(peak, lora_result["budget_bytes"]),
-            "trainable_parameters": lora_result["trainable_parameters"], "notes": notes,
+            "trainable_parameters": lora_result["trainable_parameters"],
+            "notes": notes,
         }
         largest = max((key for key in breakdown if key != "overhead"), key=breakdown.get)
         row["why"] = (
@@ -100,14 +123,19 @@ def plan_rows(sequence_length: int, device: str, base_model, reuse: dict) -> lis
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| method | seq | device | peak GiB | usable GiB | verdict | params / grads / optim / activations / overhead GiB |",
+        "| method | seq | device | peak GiB | usable GiB | verdict | params / grads / optim / activations / overhead "
+        "GiB |",
         "|---|---:|---|---:|---:|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['method']} | {row['sequence_length']} | {row['device']} | | | error | {row['error']} |")
+            lines.append(
+                f"| {row['method']} | {row['sequence_length']} | {row['device']} | | | error | {row['error']} |"
+            )
             continue
-        parts = " / ".join(gib(row["breakdown"][key]) for key in ("parameters", "gradients", "optimizer", "activations", "overhead"))
+        parts = " / ".join(
+            gib(row["breakdown"][key]) for key in ("parameters", "gradients", "optimizer", "activations", "overhead")
+        )
         lines.append(
             f"| {row['method']} | {row['sequence_length']} | {row['device']} | {gib(row['peak_bytes'])} | "
             f"{gib(row['budget_bytes'])} | {row['verdict']} | {parts} |"
@@ -125,12 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reuse = {}
     if args.reuse and args.reuse.is_file():
-        reuse = {(row["method"], row["sequence_length"], row["device"]): row for row in json.loads(args.reuse.read_text())}
+        reuse = {
+            (row["method"], row["sequence_length"], row["device"]): row for row in json.loads(args.reuse.read_text())
+        }
 
     from tightfit.models.spec import build_model
 
     base_model = build_model(MODEL, meta=True)
-    print(f"{sum(p.numel() for p in base_model.parameters()):,} parameters (meta device, nothing allocated)", file=sys.stderr)
+    print(
+        f"{sum(p.numel() for p in base_model.parameters()):,} parameters (meta device, nothing allocated)",
+        file=sys.stderr,
+    )
     rows = []
     for sequence_length in [int(value) for value in args.sequence_lengths.split(",")]:
         for device in args.devices.split(","):
@@ -138,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(new_rows)
             for row in new_rows:
                 status = row.get("verdict", "error")
-                print(f"  {row['method']:<26} {sequence_length:>5} {device:<20} "
-                      f"{gib(row['peak_bytes']) if 'peak_bytes' in row else '-':>6} GiB  {status}", file=sys.stderr)
+                print(
+                    f"  {row['method']:<26} {sequence_length:>5} {device:<20} "
+                    f"{gib(row['peak_bytes']) if 'peak_bytes' in row else '-':>6} GiB  {status}",
+                    file=sys.stderr,
+                )
             if args.output:  # keep what is done so far
                 args.output.parent.mkdir(parents=True, exist_ok=True)
                 args.output.write_text(json.dumps(rows, indent=2) + "\n")

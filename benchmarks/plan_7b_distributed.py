@@ -32,34 +32,51 @@ def rows() -> list[dict]:
         for strategy in STRATEGIES:
             result = plan_distributed(MODEL, "tokens:2048", devices=device, strategy=strategy)
             last = result.rows[-1]
-            found.append({
-                "device": device, "strategy": strategy, "devices_needed": result.devices_needed,
-                "devices": last.devices, "peak_bytes": last.peak_bytes, "breakdown": last.breakdown,
-                "usable_bytes": last.usable_bytes, "step_time_s": last.step_time_s, "compute_s": last.compute_s,
-                "communication_s": last.communication_s, "tokens_per_s": last.tokens_per_s,
-                "one_device_peak_bytes": result.single["peak_bytes"],
-            })
-            print(f"{device} {strategy}: needed {result.devices_needed}, per-rank peak {last.peak_bytes / 2**30:.1f} GiB", flush=True)
+            found.append(
+                {
+                    "device": device,
+                    "strategy": strategy,
+                    "devices_needed": result.devices_needed,
+                    "devices": last.devices,
+                    "peak_bytes": last.peak_bytes,
+                    "breakdown": last.breakdown,
+                    "usable_bytes": last.usable_bytes,
+                    "step_time_s": last.step_time_s,
+                    "compute_s": last.compute_s,
+                    "communication_s": last.communication_s,
+                    "tokens_per_s": last.tokens_per_s,
+                    "one_device_peak_bytes": result.single["peak_bytes"],
+                }
+            )
+            print(
+                f"{device} {strategy}: needed {result.devices_needed}, per-rank peak {last.peak_bytes / 2**30:.1f} GiB",
+                flush=True,
+            )
     return found
 
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| device | strategy | devices needed | per-rank peak GiB (usable) | peak during | states / gathered / buffers GiB | est. step | tokens/s |",
+        "| device | strategy | devices needed | per-rank peak GiB (usable) | peak during | states / gathered / "
+        "buffers GiB | est. step | tokens/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         parts = row["breakdown"]
         states = (parts["parameters"] + parts["gradients"] + parts["optimizer"]) / 2**30
-        needed = row["devices_needed"] if row["devices_needed"] is not None else f"none (at {row['devices']}: replicated)"
+        needed = (
+            row["devices_needed"] if row["devices_needed"] is not None else f"none (at {row['devices']}: replicated)"
+        )
         step = f"{row['step_time_s']:.2f} s" if row["step_time_s"] else "-"
         tokens = f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] else "-"
         # a sharded rank without units in flight is at its peak in the optimizer's update
         sharded = row["strategy"] == "fsdp" and row["devices"] > 1
         phase = ("backward" if parts["units_in_flight"] else "update") if sharded else "one device's peak"
         lines.append(
-            f"| {row['device']} | {row['strategy']} | {needed} | {row['peak_bytes'] / 2**30:.1f} ({row['usable_bytes'] / 2**30:.1f}) "
-            f"| {phase} | {states:.1f} / {parts['units_in_flight'] / 2**30:.2f} / {parts['communication'] / 2**30:.2f} | {step} | {tokens} |"
+            f"| {row['device']} | {row['strategy']} | {needed} | {row['peak_bytes'] / 2**30:.1f} "
+            f"({row['usable_bytes'] / 2**30:.1f}) "
+            f"| {phase} | {states:.1f} / {parts['units_in_flight'] / 2**30:.2f} / "
+            f"{parts['communication'] / 2**30:.2f} | {step} | {tokens} |"
         )
     return "\n".join(lines) + "\n"
 

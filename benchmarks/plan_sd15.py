@@ -40,28 +40,62 @@ def main(argv: list[str] | None = None) -> int:
 
     repo = Path(__file__).resolve().parents[1]
     rows = []
-    print("| device | precision | checkpointing | micro-batch | peak GiB | usable GiB | verdict | params / grads / optim / activations / overhead GiB | est. step s |")
+    print(
+        "| device | precision | checkpointing | micro-batch | peak GiB | usable GiB | verdict | params / grads / "
+        "optim / activations / overhead GiB | est. step s |"
+    )
     print("|---|---|---|---:|---:|---:|---|---|---:|")
     for device in args.devices.split(","):
         for precision, checkpointing, batch_size in SETTINGS:
             result = plan(
-                f"diffusion:{repo / 'src' / 'tightfit' / 'configs' / 'sd15-unet'}", INPUT, batch_size=batch_size,
-                precision=precision, checkpointing=checkpointing, lora_rank=8, profile=get_profile(device),
+                f"diffusion:{repo / 'src' / 'tightfit' / 'configs' / 'sd15-unet'}",
+                INPUT,
+                batch_size=batch_size,
+                precision=precision,
+                checkpointing=checkpointing,
+                lora_rank=8,
+                profile=get_profile(device),
             ).to_dict()
-            row = {"device": device, "precision": precision, "checkpointing": checkpointing, "batch_size": batch_size,
-                   "command": f"tightfit plan --model {MODEL} --input {INPUT} --lora-rank 8 --batch-size {batch_size} "
-                              f"--precision {precision} --{'' if checkpointing else 'no-'}checkpointing --device {device}",
-                   **{key: result[key] for key in ("peak_bytes", "breakdown", "budget_bytes", "verdict", "why",
-                                                     "step_time_s", "trainable_parameters", "parameters")}}
+            row = {
+                "device": device,
+                "precision": precision,
+                "checkpointing": checkpointing,
+                "batch_size": batch_size,
+                "command": f"tightfit plan --model {MODEL} --input {INPUT} --lora-rank 8 --batch-size {batch_size} "
+                f"--precision {precision} --{'' if checkpointing else 'no-'}checkpointing --device {device}",
+                **{
+                    key: result[key]
+                    for key in (
+                        "peak_bytes",
+                        "breakdown",
+                        "budget_bytes",
+                        "verdict",
+                        "why",
+                        "step_time_s",
+                        "trainable_parameters",
+                        "parameters",
+                    )
+                },
+            }
             rows.append(row)
-            parts = " / ".join(f"{row['breakdown'][key] / 2**30:.2f}" for key in ("parameters", "gradients", "optimizer", "activations", "overhead"))
+            parts = " / ".join(
+                f"{row['breakdown'][key] / 2**30:.2f}"
+                for key in ("parameters", "gradients", "optimizer", "activations", "overhead")
+            )
             step = f"{row['step_time_s']:.2f}" if row["step_time_s"] else "-"
-            print(f"| {device} | {precision} | {'on' if checkpointing else 'off'} | {batch_size} | {row['peak_bytes'] / 2**30:.2f} | "
-                  f"{row['budget_bytes'] / 2**30:.2f} | {row['verdict']} | {parts} | {step} |", flush=True)
+            print(
+                f"| {device} | {precision} | {'on' if checkpointing else 'off'} | {batch_size} | "
+                f"{row['peak_bytes'] / 2**30:.2f} | "
+                f"{row['budget_bytes'] / 2**30:.2f} | {row['verdict']} | {parts} | {step} |",
+                flush=True,
+            )
             if args.output:
                 args.output.parent.mkdir(parents=True, exist_ok=True)
                 args.output.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\n{rows[0]['parameters']:,} parameters, {rows[0]['trainable_parameters']:,} trainable (LoRA r=8)", file=sys.stderr)
+    print(
+        f"\n{rows[0]['parameters']:,} parameters, {rows[0]['trainable_parameters']:,} trainable (LoRA r=8)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -41,14 +41,19 @@ def raw_pixel_reference(config) -> dict:
         for _, train, test in folds:
             fold = fit_fold(classifier, pixels, labels, train, test, num_classes=10, seed=config.cv.seed, n_jobs=1)
             accuracies.append(float(np.mean(fold["predictions"] == labels[test])))
-        rows[classifier.name] = {"mean": float(np.mean(accuracies)), "std": float(np.std(accuracies, ddof=1)),
-                                 "seconds": time.perf_counter() - started}
+        rows[classifier.name] = {
+            "mean": float(np.mean(accuracies)),
+            "std": float(np.std(accuracies, ddof=1)),
+            "seconds": time.perf_counter() - started,
+        }
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--folder", default="studies/digits-study", help="the study folder (default: studies/digits-study)")
+    parser.add_argument(
+        "--folder", default="studies/digits-study", help="the study folder (default: studies/digits-study)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -66,16 +71,27 @@ def main(argv=None) -> int:
     for row in statistics["table"]:
         by_arm.setdefault(row["arm"], {})[row["classifier"]] = row
 
-    print(f"fold accuracy (mean +- sd over {config.cv.folds} folds x {config.cv.repeats} repeats, "
-          f"{statistics['samples']} evaluation samples, the same folds everywhere)")
+    print(
+        f"fold accuracy (mean +- sd over {config.cv.folds} folds x {config.cv.repeats} repeats, "
+        f"{statistics['samples']} evaluation samples, the same folds everywhere)"
+    )
     print(f"{'arm':<22}" + "".join(f"{name:>18}" for name in classifiers))
     for arm, rows in by_arm.items():
-        print(f"{arm:<22}" + "".join(f"{rows[name]['fold_accuracy_mean']:>11.3f} +- {rows[name]['fold_accuracy_std']:.3f}"
-                                     for name in classifiers))
+        print(
+            f"{arm:<22}"
+            + "".join(
+                f"{rows[name]['fold_accuracy_mean']:>11.3f} +- {rows[name]['fold_accuracy_std']:.3f}"
+                for name in classifiers
+            )
+        )
     reference = raw_pixel_reference(config)
-    print(f"{'raw pixels (reference)':<22}" + "".join(
-        f"{reference[name]['mean']:>11.3f} +- {reference[name]['std']:.3f}" if name in reference else f"{'-':>18}"
-        for name in classifiers))
+    print(
+        f"{'raw pixels (reference)':<22}"
+        + "".join(
+            f"{reference[name]['mean']:>11.3f} +- {reference[name]['std']:.3f}" if name in reference else f"{'-':>18}"
+            for name in classifiers
+        )
+    )
 
     print("\nstage times on this machine (estimated before the stage ran vs measured)")
     print(f"{'stage':<22}{'kind':<13}{'estimated':>11}{'measured':>11}")
@@ -85,8 +101,9 @@ def main(argv=None) -> int:
         print(f"{stage['name']:<22}{stage['kind']:<13}{estimated:>11}{measured:>11}")
     print(f"\nthis call: {wall:.1f} s (completed stages are skipped); results in {args.folder}/results.md")
     if args.json:
-        Path(args.json).write_text(json.dumps({"table": statistics["table"], "raw_pixels": reference,
-                                               "stages": results["stages"]}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"table": statistics["table"], "raw_pixels": reference, "stages": results["stages"]}, indent=1)
+        )
     return 0
 
 

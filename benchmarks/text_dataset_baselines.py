@@ -47,10 +47,17 @@ def finetune(bundle, epochs: int) -> tuple[int, float, float]:
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(default_tokenizer_dir()), num_labels=bundle.num_classes)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(default_tokenizer_dir()), num_labels=bundle.num_classes
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
-    shuffled = DataLoader(bundle.train, batch_size=16, shuffle=True, collate_fn=bundle.collate_fn,
-                          generator=torch.Generator().manual_seed(0))
+    shuffled = DataLoader(
+        bundle.train,
+        batch_size=16,
+        shuffle=True,
+        collate_fn=bundle.collate_fn,
+        generator=torch.Generator().manual_seed(0),
+    )
 
     def accuracy(split) -> float:
         model.eval()
@@ -107,12 +114,18 @@ def main() -> None:
     frozen = [embed(split) for split in (bundle.train, bundle.val, bundle.test)]
     print(f"packaged:support-messages, {bundle.sizes()}, classes {bundle.class_names}")
     print(f"{'baseline':<40} {'C':>6} {'val acc':>8} {'test acc':>9}")
-    for name, data in (("TF-IDF words+pairs, logistic regression", tfidf), ("frozen MiniLM mean-pool, logistic reg.", frozen)):
+    for name, data in (
+        ("TF-IDF words+pairs, logistic regression", tfidf),
+        ("frozen MiniLM mean-pool, logistic reg.", frozen),
+    ):
         c, val_accuracy, test_accuracy = best_on_validation(*data)
         print(f"{name:<40} {c:>6g} {val_accuracy:>8.3f} {test_accuracy:>9.3f}")
     if args.finetune_epochs:
         epoch, val_accuracy, test_accuracy = finetune(bundle, args.finetune_epochs)
-        print(f"{'MiniLM fully fine-tuned (epoch ' + str(epoch) + ')':<40} {'-':>6} {val_accuracy:>8.3f} {test_accuracy:>9.3f}")
+        print(
+            f"{'MiniLM fully fine-tuned (epoch ' + str(epoch) + ')':<40} {'-':>6} {val_accuracy:>8.3f} "
+            f"{test_accuracy:>9.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -134,8 +134,13 @@ def lightning_loop(epochs: int, batch_size: int, lr: float, seed: int, width: in
 
     with tempfile.TemporaryDirectory() as root:
         trainer = lightning.Trainer(
-            max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=root, enable_progress_bar=False,
-            enable_model_summary=False, logger=False,
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=root,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            logger=False,
         )
         module = Module()
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -150,7 +155,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the CI box has 2 cores)")
-    parser.add_argument("--width", type=int, default=32, help="digits-cnn width (32: the recipe; larger: heavier steps)")
+    parser.add_argument(
+        "--width", type=int, default=32, help="digits-cnn width (32: the recipe; larger: heavier steps)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     plain, tightfit, lightning = [], [], []
@@ -175,11 +182,17 @@ def main() -> None:
     if lightning:
         lightning_wall = statistics.median(run[0] for run in lightning)
         lightning_cpu = statistics.median(run[1] for run in lightning)
-        print(f"| Lightning {_version('lightning')} | {lightning_wall:.0f} | {lightning_wall / wall[0]:.2f} | {lightning_cpu:.0f} | {lightning_cpu / cpu[0]:.2f} |")
+        print(
+            f"| Lightning {_version('lightning')} | {lightning_wall:.0f} | {lightning_wall / wall[0]:.2f} | "
+            f"{lightning_cpu:.0f} | {lightning_cpu / cpu[0]:.2f} |"
+        )
     else:
         print("| Lightning | not installed (pip install lightning) | - | - | - |")
     print(f"(medians of {args.repeats} alternating runs; CPU seconds are the process's, all threads)")
-    print(f"\njob: digits-cnn width {args.width}, {args.epochs} epochs, batch 64, AdamW, cosine, fp32, CPU, {args.threads} threads, torch {torch.__version__}")
+    print(
+        f"\njob: digits-cnn width {args.width}, {args.epochs} epochs, batch 64, AdamW, cosine, fp32, CPU, "
+        f"{args.threads} threads, torch {torch.__version__}"
+    )
 
 
 def _version(package: str) -> str:

@@ -19,7 +19,12 @@ def run_tightfit(*args: str, timeout: float = 300, cwd: str | Path | None = None
     machine run 10-20x slower with two competing threads. ``env`` adds to (or overrides) the environment."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "tightfit", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=environment
+        [sys.executable, "-m", "tightfit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=environment,
     )
 
 
@@ -69,11 +74,25 @@ def report_sources(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("report-sources")
     run_dir = root / "run"
-    Trainer({"epochs": 4, "run_dir": str(run_dir), "data": {"limit": 400}, "threads": 1,
-             "logging": {"console": False, "tensorboard": False, "every_n_steps": 1}}, callbacks=[HtmlReport()]).fit()
+    Trainer(
+        {
+            "epochs": 4,
+            "run_dir": str(run_dir),
+            "data": {"limit": 400},
+            "threads": 1,
+            "logging": {"console": False, "tensorboard": False, "every_n_steps": 1},
+        },
+        callbacks=[HtmlReport()],
+    ).fit()
     sources = {"run": run_dir}
-    result = plan("builtin:digits-cnn", "1x8x8", batch_size=32, precision="fp32", optimizer="adamw",
-                  profile=resolve_target("rtx3050-laptop-6gb", None))
+    result = plan(
+        "builtin:digits-cnn",
+        "1x8x8",
+        batch_size=32,
+        precision="fp32",
+        optimizer="adamw",
+        profile=resolve_target("rtx3050-laptop-6gb", None),
+    )
     sources["plan"] = root / "plan.json"
     sources["plan"].write_text(json.dumps(result.to_dict()))
     sources["pipeline"] = root / "pipeline.json"

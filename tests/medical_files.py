@@ -9,12 +9,15 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None)
     import nibabel
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    nibabel.Nifti1Image(np.asarray(array, dtype=np.float32), np.eye(4) if affine is None else affine).to_filename(str(path))
+    nibabel.Nifti1Image(np.asarray(array, dtype=np.float32), np.eye(4) if affine is None else affine).to_filename(
+        str(path)
+    )
     return path
 
 
-def write_dicom_series(folder: Path, volume: np.ndarray, spacing=(1.0, 1.0, 2.0), series_uid: str | None = None,
-                       prefix: str = "") -> Path:
+def write_dicom_series(
+    folder: Path, volume: np.ndarray, spacing=(1.0, 1.0, 2.0), series_uid: str | None = None, prefix: str = ""
+) -> Path:
     """``volume[k, row, column]`` as one MR series: slice k at z = k * spacing[2], rows along +y, columns along +x
     (patient LPS). File names are shuffled against slice order, so a reader must sort by position."""
     from pydicom.dataset import Dataset, FileMetaDataset

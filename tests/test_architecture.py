@@ -65,7 +65,9 @@ def _imports(path: Path, module: str | None = None) -> list[tuple[int, str]]:
             else:
                 target = node.module or ""
             # ``from tightfit import plan`` names a submodule: count it as one
-            found += [(node.lineno, f"{target}.{alias.name}" if target == "tightfit" else target) for alias in node.names]
+            found += [
+                (node.lineno, f"{target}.{alias.name}" if target == "tightfit" else target) for alias in node.names
+            ]
     return found
 
 
@@ -144,7 +146,9 @@ def test_no_import_circle_inside_a_layer(package):
 def test_the_checker_sees_a_lazy_upward_import(tmp_path):
     """A checker that read only top-level imports would miss the arrows the issue found."""
     file = tmp_path / "lazy.py"
-    file.write_text("import torch\n\n\ndef build():\n    from ..training.trainer import Trainer\n\n    return Trainer\n")
+    file.write_text(
+        "import torch\n\n\ndef build():\n    from ..training.trainer import Trainer\n\n    return Trainer\n"
+    )
     imports = _imports(file, module="tightfit.models.lazy")
     assert imports == [(1, "torch"), (5, "tightfit.training.trainer")]
     assert RANK[_layer(imports[1][1])] < RANK["models"]

@@ -29,8 +29,14 @@ def brute_force_max(model, factory, budget_bytes, target_bytes, start, optimizer
     batch_size = start
     while True:
         try:
-            peak = measure_step(copy.deepcopy(model), factory, batch_size=batch_size, device="cpu",
-                                      budget_bytes=budget_bytes, optimizer=optimizer).peak_bytes
+            peak = measure_step(
+                copy.deepcopy(model),
+                factory,
+                batch_size=batch_size,
+                device="cpu",
+                budget_bytes=budget_bytes,
+                optimizer=optimizer,
+            ).peak_bytes
         except torch.OutOfMemoryError:
             peak = None
         if peak is None or peak > target_bytes:
@@ -53,7 +59,10 @@ def test_finds_the_true_maximum_with_few_trials(model):
     assert result.predicted_batch_size is not None
     assert result.peak_bytes <= result.target_bytes
     # The truth, by brute force from a few below the answer (every size below fits if these do).
-    assert brute_force_max(model, batch_factory, budget, result.target_bytes, start=max(1, result.batch_size - 2)) == result.batch_size
+    assert (
+        brute_force_max(model, batch_factory, budget, result.target_bytes, start=max(1, result.batch_size - 2))
+        == result.batch_size
+    )
     assert result.batch_size > 20  # the budget holds a real batch, not a degenerate one
 
 
@@ -70,7 +79,9 @@ def test_state_is_restored_and_the_random_streams_continue(model):
     find_batch_size(model, batch_factory, budget_bytes=1_500_000, device="cpu")
 
     after_search = (torch.rand(3), random.random(), numpy.random.rand())
-    torch.set_rng_state(state[0]); random.setstate(state[1]); numpy.random.set_state(state[2])
+    torch.set_rng_state(state[0])
+    random.setstate(state[1])
+    numpy.random.set_state(state[2])
     expected = (torch.rand(3), random.random(), numpy.random.rand())
     assert torch.equal(after_search[0], expected[0]) and after_search[1:] == expected[1:]
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
@@ -97,7 +108,10 @@ def test_untraceable_models_fall_back_to_doubling():
     result = find_batch_size(model, batch_factory, budget_bytes=budget, device="cpu", max_batch_size=512)
     assert result.predicted_batch_size is None
     assert any("doubling" in note for note in result.notes)
-    assert brute_force_max(model, batch_factory, budget, result.target_bytes, start=max(1, result.batch_size - 1)) == result.batch_size
+    assert (
+        brute_force_max(model, batch_factory, budget, result.target_bytes, start=max(1, result.batch_size - 1))
+        == result.batch_size
+    )
 
 
 def test_a_budget_too_small_for_one_sample_gives_zero(model):
@@ -116,7 +130,9 @@ def test_bad_arguments_are_config_errors(model):
 
 
 def test_cli_json(capsys):
-    code = main(["batch-size", "--model", "builtin:mlp", "--input", "64", "--memory", "4MiB", "--optimizer", "sgd", "--json"])
+    code = main(
+        ["batch-size", "--model", "builtin:mlp", "--input", "64", "--memory", "4MiB", "--optimizer", "sgd", "--json"]
+    )
     payload = json.loads(capsys.readouterr().out)
     assert code == 0
     assert payload["batch_size"] >= 1

@@ -82,7 +82,13 @@ def test_exception_event_fires_when_a_step_raises(tmp_path):
 
 @pytest.mark.parametrize(
     "value, best, mode, min_delta, expected",
-    [(0.5, None, "min", 0.0, True), (0.5, 0.6, "min", 0.0, True), (0.59, 0.6, "min", 0.05, False), (0.7, 0.6, "max", 0.05, True), (float("nan"), 1.0, "min", 0.0, False)],
+    [
+        (0.5, None, "min", 0.0, True),
+        (0.5, 0.6, "min", 0.0, True),
+        (0.59, 0.6, "min", 0.05, False),
+        (0.7, 0.6, "max", 0.05, True),
+        (float("nan"), 1.0, "min", 0.0, False),
+    ],
 )
 def test_is_improvement(value, best, mode, min_delta, expected):
     assert is_improvement(value, best, mode, min_delta) is expected
@@ -113,7 +119,9 @@ def test_early_stopping_stops_the_run_and_restores_the_best_weights(tmp_path):
                         parameter.add_(0.5 * trainer.epoch)
 
     settings = {"early_stopping": {"enabled": True, "monitor": "val_loss", "patience": 2}, "epochs": 20}
-    trainer = Trainer(config(tmp_path, **settings), model=make_model(), datasets=(data, data, None), callbacks=[Diverge()])
+    trainer = Trainer(
+        config(tmp_path, **settings), model=make_model(), datasets=(data, data, None), callbacks=[Diverge()]
+    )
     summary = trainer.fit()
     assert summary["epochs"] < 20 and "early stopping" in summary["stop_reason"]
     best_loss = summary["best_metric"]["value"]
@@ -132,8 +140,14 @@ def test_top_k_keeps_the_k_best_and_every_n_steps_keeps_step_checkpoints_beside_
             if meta.exists():
                 seen_last_steps.append(json.loads(meta.read_text())["step"])
 
-    settings = {"checkpoint": {"every_n_steps": 3, "keep_top_k": 2, "monitor": "val_accuracy", "mode": "max"}, "epochs": 4, "eval_every_n_steps": 2}
-    trainer = Trainer(config(tmp_path, **settings), model=make_model(), datasets=(data, data, None), callbacks=[WatchLast()])
+    settings = {
+        "checkpoint": {"every_n_steps": 3, "keep_top_k": 2, "monitor": "val_accuracy", "mode": "max"},
+        "epochs": 4,
+        "eval_every_n_steps": 2,
+    }
+    trainer = Trainer(
+        config(tmp_path, **settings), model=make_model(), datasets=(data, data, None), callbacks=[WatchLast()]
+    )
     trainer.fit()
     # every_n_steps keeps step-N checkpoints (mid-epoch: 8 steps an epoch) and leaves "last" to the epoch ends
     assert seen_last_steps and all(step % 8 == 0 for step in seen_last_steps)
@@ -169,7 +183,9 @@ def test_resume_continues_from_a_step_checkpoint_newer_than_last(tmp_path):
     shutil.rmtree(tmp_path / "checkpoints" / "last")  # as if killed after step-12, before the run's end
     (tmp_path / "summary.json").unlink()
     assert checkpoint_files.checkpoint_folders(tmp_path / "checkpoints")[0].name == "step-12"
-    resumed = Trainer(config(tmp_path, **{**settings, "max_steps": 16}), model=make_model(), datasets=(data, data, None))
+    resumed = Trainer(
+        config(tmp_path, **{**settings, "max_steps": 16}), model=make_model(), datasets=(data, data, None)
+    )
     summary = resumed.fit(resume_from=tmp_path)
     assert summary["steps"] == 16
 
@@ -177,11 +193,26 @@ def test_resume_continues_from_a_step_checkpoint_newer_than_last(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("checkpoint.every_n_epochs=0", "checkpoint.every_n_epochs (on the command line): should be greater than or equal to 1 (got 0)"),
-        ("checkpoint.keep_periodic=0", "checkpoint.keep_periodic (on the command line): should be greater than or equal to 1 (got 0)"),
-        ("checkpoint.every_n_epoch=2", "checkpoint.every_n_epoch (on the command line): unknown key; did you mean 'every_n_epochs'?"),
-        ("numerics.flat_loss_steps=5", "numerics.flat_loss_steps (on the command line): should be greater than or equal to 20 (got 5)"),
-        ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio (on the command line): should be less than or equal to 1 (got 2)"),
+        (
+            "checkpoint.every_n_epochs=0",
+            "checkpoint.every_n_epochs (on the command line): should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            "checkpoint.keep_periodic=0",
+            "checkpoint.keep_periodic (on the command line): should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            "checkpoint.every_n_epoch=2",
+            "checkpoint.every_n_epoch (on the command line): unknown key; did you mean 'every_n_epochs'?",
+        ),
+        (
+            "numerics.flat_loss_steps=5",
+            "numerics.flat_loss_steps (on the command line): should be greater than or equal to 20 (got 5)",
+        ),
+        (
+            "schedule.min_lr_ratio=2",
+            "schedule.min_lr_ratio (on the command line): should be less than or equal to 1 (got 2)",
+        ),
     ],
 )
 def test_bad_periodic_and_diagnosis_settings_are_one_line(tmp_path, capsys, override, message):
@@ -213,8 +244,15 @@ class Counter:
 def test_callback_state_is_restored_by_name_when_the_callback_set_changes(tmp_path):
     data = make_data(32)  # four steps an epoch
     first = Trainer(
-        config(tmp_path, epochs=1, early_stopping={"enabled": True, "patience": 5}, logging={"console": True, "progress": True, "tensorboard": False}),
-        model=make_model(), datasets=(data, data, None), callbacks=[Counter()],
+        config(
+            tmp_path,
+            epochs=1,
+            early_stopping={"enabled": True, "patience": 5},
+            logging={"console": True, "progress": True, "tensorboard": False},
+        ),
+        model=make_model(),
+        datasets=(data, data, None),
+        callbacks=[Counter()],
     )
     first.fit()
     saver = next(callback for callback in first.callbacks if type(callback).__name__ == "ModelCheckpoint")

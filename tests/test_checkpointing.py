@@ -34,10 +34,19 @@ def test_finds_transformer_layers():
 
 
 def test_finds_hf_layers(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["BertForSequenceClassification"], "model_type": "bert", "hidden_size": 32,
-        "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 50,
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["BertForSequenceClassification"],
+                "model_type": "bert",
+                "hidden_size": 32,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "vocab_size": 50,
+            }
+        )
+    )
     model = build_model(f"hf:{tmp_path}", meta=True)
     assert find_repeated_blocks(model) == ["bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.2"]
 
@@ -120,8 +129,13 @@ def test_checkpointing_turns_off_the_kv_cache_of_transformers_models():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, use_cache=True,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        use_cache=True,
     )
     model = LlamaForCausalLM(config)
     assert model.config.use_cache is True

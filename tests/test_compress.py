@@ -9,8 +9,19 @@ from torch import nn
 
 from conftest import run_tightfit
 from tightfit.compression import (
-    FinetuneSettings, MagnitudePruner, PolynomialSchedule, Source, compress, distill, export, finetune, prune,
-    qat, quantize, sparsity_table, structured_prune,
+    FinetuneSettings,
+    MagnitudePruner,
+    PolynomialSchedule,
+    Source,
+    compress,
+    distill,
+    export,
+    finetune,
+    prune,
+    qat,
+    quantize,
+    sparsity_table,
+    structured_prune,
 )
 from tightfit.compression.distill import distillation_loss
 from tightfit.compression.export import VerificationError, export_onnx, onnx_feeds, verify_onnx
@@ -86,7 +97,9 @@ def test_global_magnitude_pruning_reaches_exact_sparsity_and_masks_only_grow():
     model = tiny_cnn(8)
     pruner = MagnitudePruner(model, scope="global")
     pruner.set_sparsity(0.3)
-    zeros_at_30 = {row["layer"]: (dict(model.named_modules())[row["layer"]].weight == 0).clone() for row in sparsity_table(model)}
+    zeros_at_30 = {
+        row["layer"]: (dict(model.named_modules())[row["layer"]].weight == 0).clone() for row in sparsity_table(model)
+    }
     pruner.set_sparsity(0.6)
     rows = sparsity_table(model)
     total = sum(row["parameters"] for row in rows)
@@ -143,7 +156,9 @@ def test_magnitude_pruning_with_schedule_during_finetuning_keeps_accuracy(traine
 
     model = copy.deepcopy(trained)
     baseline = accuracy(model, digits)
-    result = prune(model, digits, method="magnitude", sparsity=0.5, finetune=FinetuneSettings(epochs=2, lr=1e-3), run_dir=tmp_path)
+    result = prune(
+        model, digits, method="magnitude", sparsity=0.5, finetune=FinetuneSettings(epochs=2, lr=1e-3), run_dir=tmp_path
+    )
     updates = result.details["schedule"]["updates"]
     assert updates[0][1] == 0.0 and updates[-1][1] == 0.5 and len(updates) > 3  # sparsity grew in steps
     zeros = sum(row["zeros"] for row in result.table)
@@ -158,8 +173,16 @@ def test_structured_pruning_with_finetune_keeps_accuracy(trained, digits, tmp_pa
 
     model = copy.deepcopy(trained)
     baseline = accuracy(model, digits)
-    result = prune(model, digits, method="structured", sparsity=0.5, example_inputs=torch.randn(2, 1, 8, 8),
-                   num_classes=10, finetune=FinetuneSettings(epochs=5, lr=3e-3), run_dir=tmp_path)
+    result = prune(
+        model,
+        digits,
+        method="structured",
+        sparsity=0.5,
+        example_inputs=torch.randn(2, 1, 8, 8),
+        num_classes=10,
+        finetune=FinetuneSettings(epochs=5, lr=3e-3),
+        run_dir=tmp_path,
+    )
     assert result.details["parameters_after"] < 0.4 * result.details["parameters_before"]
     assert result.details["batchnorm_batches"] > 0
     # measured drop (points), seeds 0-4 x 1 and 2 threads: 0.74-1.86 here, and 2.23 once in a fresh
@@ -182,7 +205,9 @@ def test_static_quantization_of_the_cnn_keeps_accuracy(trained, digits):
     calibration = list(torch.utils.data.DataLoader(digits.train, batch_size=64))[:8]
     example = (held_out(digits)[0][:1], None)
     result = quantize(trained, "static", example_batch=example, calibration_batches=calibration)
-    quantized_convs = [m for m in result.model.modules() if "quantized" in type(m).__module__ and "Conv" in type(m).__name__]
+    quantized_convs = [
+        m for m in result.model.modules() if "quantized" in type(m).__module__ and "Conv" in type(m).__name__
+    ]
     assert quantized_convs and is_quantized(result.model)
     assert accuracy(result.model, digits) >= accuracy(trained, digits) - 1.0
 
@@ -197,7 +222,9 @@ def test_weight_only_quantization_stores_int8_weights():
 
 def test_auto_quantization_never_keeps_a_slower_model(trained, digits):
     calibration = list(torch.utils.data.DataLoader(digits.train, batch_size=64))[:4]
-    result = quantize(trained, "auto", example_batch=(held_out(digits)[0][:1], None), calibration_batches=calibration, threads=1)
+    result = quantize(
+        trained, "auto", example_batch=(held_out(digits)[0][:1], None), calibration_batches=calibration, threads=1
+    )
     assert model_kind(trained) == "conv" and result.candidates[1]["method"] == "static"
     timings = {row["method"]: row.get("median_ms") for row in result.candidates}
     if result.method == "none":
@@ -220,7 +247,9 @@ def test_distillation_loss_is_kl_times_t_squared_plus_hard_loss():
     p_teacher = torch.softmax(teacher / t, 1)
     kl = (p_teacher * (p_teacher.log() - torch.log_softmax(student / t, 1))).sum(1).mean()
     expected = alpha * kl * t * t + (1 - alpha) * nn.functional.cross_entropy(student, labels)
-    assert distillation_loss(student, teacher, labels, temperature=t, alpha=alpha) == pytest.approx(float(expected), rel=1e-5)
+    assert distillation_loss(student, teacher, labels, temperature=t, alpha=alpha) == pytest.approx(
+        float(expected), rel=1e-5
+    )
     assert float(distillation_loss(teacher, teacher, None, temperature=t)) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -235,7 +264,15 @@ def test_distillation_through_the_trainer_brings_the_student_to_the_teacher(trai
             return float(distillation_loss(student(inputs), trained(inputs), None, temperature=4.0))
 
     before = gap()
-    distill(student, trained, digits, temperature=4.0, alpha=0.7, settings=FinetuneSettings(epochs=6, lr=1e-2), run_dir=tmp_path)
+    distill(
+        student,
+        trained,
+        digits,
+        temperature=4.0,
+        alpha=0.7,
+        settings=FinetuneSettings(epochs=6, lr=1e-2),
+        run_dir=tmp_path,
+    )
     assert gap() < 0.2 * before
     assert accuracy(student, digits) > 90.0
     assert all(p.requires_grad for p in student.parameters())
@@ -243,7 +280,13 @@ def test_distillation_through_the_trainer_brings_the_student_to_the_teacher(trai
 
 
 def test_qat_converts_to_int8_and_keeps_accuracy(trained, digits, tmp_path):
-    quantized = qat(trained, digits, (torch.randn(2, 1, 8, 8),), settings=FinetuneSettings(epochs=1, lr=1e-4, max_steps=10), run_dir=tmp_path)
+    quantized = qat(
+        trained,
+        digits,
+        (torch.randn(2, 1, 8, 8),),
+        settings=FinetuneSettings(epochs=1, lr=1e-4, max_steps=10),
+        run_dir=tmp_path,
+    )
     assert is_quantized(quantized)
     assert accuracy(quantized, digits) >= accuracy(trained, digits) - 2.0
 
@@ -251,8 +294,13 @@ def test_qat_converts_to_int8_and_keeps_accuracy(trained, digits, tmp_path):
 # ------------------------------------------------------------------------------------- export
 def test_onnx_export_agrees_with_pytorch_at_any_batch_size(trained, digits, tmp_path):
     inputs, _ = held_out(digits)
-    files = export(trained, (inputs[:1], None), tmp_path, verify_batches=[(inputs, None)],
-                   calibration_batches=list(torch.utils.data.DataLoader(digits.train, batch_size=32))[:3])
+    files = export(
+        trained,
+        (inputs[:1], None),
+        tmp_path,
+        verify_batches=[(inputs, None)],
+        calibration_batches=list(torch.utils.data.DataLoader(digits.train, batch_size=32))[:3],
+    )
     check = files["onnx_verification"]
     assert check["max_abs_diff"] < 1e-4 and check["top1_agreement"] == 1.0 and check["samples"] == len(inputs)
     assert files["onnx_int8_verification"]["top1_agreement"] >= 0.95
@@ -277,13 +325,23 @@ def test_an_exported_model_that_disagrees_is_deleted(tmp_path):
 
 # ------------------------------------------------------------------------------------- pipeline + report
 def test_pipeline_report_has_every_field_and_flags_correctly(trained, digits, tmp_path):
-    source = Source(trained, digits, "digits-test", "builtin:digits-cnn",
-                    {"class_names": digits.class_names, "input_shape": [1, 8, 8]})
+    source = Source(
+        trained,
+        digits,
+        "digits-test",
+        "builtin:digits-cnn",
+        {"class_names": digits.class_names, "input_shape": [1, 8, 8]},
+    )
     recipe = {
-        "steps": [{"step": "prune", "sparsity": 0.5, "finetune": {"epochs": 1, "lr": 1e-3}},
-                  {"step": "quantize", "method": "static", "calibration_batches": 4},
-                  {"step": "export", "calibration_batches": 4}],
-        "repeats": 5, "warmup": 2, "threads": 1, "latency_batch_size": 16,
+        "steps": [
+            {"step": "prune", "sparsity": 0.5, "finetune": {"epochs": 1, "lr": 1e-3}},
+            {"step": "quantize", "method": "static", "calibration_batches": 4},
+            {"step": "export", "calibration_batches": 4},
+        ],
+        "repeats": 5,
+        "warmup": 2,
+        "threads": 1,
+        "latency_batch_size": 16,
     }
     report = compress(source, recipe, tmp_path / "out")
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -314,11 +372,17 @@ def test_pipeline_report_has_every_field_and_flags_correctly(trained, digits, tm
 def test_pipeline_structured_distill_qat_branches(trained, digits, tmp_path):
     source = Source(trained, digits, "digits-test")
     recipe = {
-        "steps": [{"step": "prune", "method": "structured", "sparsity": 0.5},
-                  {"step": "distill", "temperature": 2.0, "alpha": 0.5},
-                  {"step": "qat", "finetune": {"epochs": 1, "max_steps": 5, "lr": 1e-4}},
-                  {"step": "quantize"}],
-        "finetune": {"epochs": 1, "lr": 3e-3}, "repeats": 5, "warmup": 2, "threads": 1, "latency_batch_size": 8,
+        "steps": [
+            {"step": "prune", "method": "structured", "sparsity": 0.5},
+            {"step": "distill", "temperature": 2.0, "alpha": 0.5},
+            {"step": "qat", "finetune": {"epochs": 1, "max_steps": 5, "lr": 1e-4}},
+            {"step": "quantize"},
+        ],
+        "finetune": {"epochs": 1, "lr": 3e-3},
+        "repeats": 5,
+        "warmup": 2,
+        "threads": 1,
+        "latency_batch_size": 8,
     }
     report = compress(source, recipe, tmp_path / "out")
     original, structured, distilled, quantized = report["artifacts"]  # quantize: already int8, no new row
@@ -370,7 +434,17 @@ def test_shipped_recipe_is_valid():
 def test_bad_recipes_get_one_line_errors_and_exit_2(tmp_path, recipe_text, message, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_text)
-    code, stderr = run_in_process(capsys, "compress", "builtin:digits-cnn", "--data", "digits", "--output", str(tmp_path / "o"), "--recipe", str(recipe))
+    code, stderr = run_in_process(
+        capsys,
+        "compress",
+        "builtin:digits-cnn",
+        "--data",
+        "digits",
+        "--output",
+        str(tmp_path / "o"),
+        "--recipe",
+        str(recipe),
+    )
     assert code == 2, stderr
     assert message in stderr and str(recipe) in stderr
     assert len(stderr.strip().splitlines()) == 1
@@ -381,9 +455,18 @@ def test_bad_recipes_get_one_line_errors_and_exit_2(tmp_path, recipe_text, messa
     "args, message",
     [
         (["runs-that-do-not-exist"], "neither a run directory nor a model spec"),
-        (["builtin:digits-cnn", "--data", "digits", "--output", "o", "--recipe", "missing.yaml"], "missing.yaml does not exist"),
-        (["builtin:digits-cnn", "--data", "digits", "--output", "o", "--checkpoint", "missing.safetensors"], "missing.safetensors does not exist"),
-        (["builtin:digits-cnn", "--data", "digits", "--output", "o", "--steps", "prune,quantise"], "unknown step 'quantise'; did you mean 'quantize'?"),
+        (
+            ["builtin:digits-cnn", "--data", "digits", "--output", "o", "--recipe", "missing.yaml"],
+            "missing.yaml does not exist",
+        ),
+        (
+            ["builtin:digits-cnn", "--data", "digits", "--output", "o", "--checkpoint", "missing.safetensors"],
+            "missing.safetensors does not exist",
+        ),
+        (
+            ["builtin:digits-cnn", "--data", "digits", "--output", "o", "--steps", "prune,quantise"],
+            "unknown step 'quantise'; did you mean 'quantize'?",
+        ),
         (["builtin:digits-cnn", "--output", "o"], "give the data too"),
     ],
 )
@@ -399,11 +482,21 @@ def test_compress_command_on_a_run_directory(tmp_path, capsys):
     from tightfit.training.trainer import Trainer
 
     run_dir = tmp_path / "run"
-    config = {"model": "builtin:digits-cnn", "model_options": {"width": 8}, "epochs": 2, "run_dir": str(run_dir),
-              "device": "cpu", "logging": {"console": False, "tensorboard": False}, "monitor": {"enabled": False},
-              "optimizer": {"lr": 0.01}, "data": {"limit": 400}}
+    config = {
+        "model": "builtin:digits-cnn",
+        "model_options": {"width": 8},
+        "epochs": 2,
+        "run_dir": str(run_dir),
+        "device": "cpu",
+        "logging": {"console": False, "tensorboard": False},
+        "monitor": {"enabled": False},
+        "optimizer": {"lr": 0.01},
+        "data": {"limit": 400},
+    }
     Trainer(config).fit()
-    result = run_tightfit("compress", str(run_dir), "--steps", "prune,export", "--epochs", "1", "--threads", "1", "--json")
+    result = run_tightfit(
+        "compress", str(run_dir), "--steps", "prune,export", "--epochs", "1", "--threads", "1", "--json"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert [a["step"] for a in report["artifacts"]] == ["original", "01-prune", "02-export", "02-export"]
@@ -416,8 +509,9 @@ def test_compress_command_on_a_run_directory(tmp_path, capsys):
 def test_structured_pruning_removes_attention_heads_of_a_transformer():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3
+    )
     model = transformers.BertForSequenceClassification(config).eval()
     batch = {"input_ids": torch.randint(0, 100, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
     result = structured_prune(model, batch, ratio=0.5, num_classes=3)

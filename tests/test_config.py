@@ -25,7 +25,9 @@ def test_the_digits_recipe_is_the_default_and_starts_with_its_command():
 
 
 def test_overrides_are_typed_and_dotted():
-    config = load_config(RECIPE, ["optimizer.lr=0.01", "epochs=5", "checkpointing=auto", "batch.micro_batch_size=auto", "budget=64MiB"])
+    config = load_config(
+        RECIPE, ["optimizer.lr=0.01", "epochs=5", "checkpointing=auto", "batch.micro_batch_size=auto", "budget=64MiB"]
+    )
     assert config.optimizer.lr == 0.01 and config.epochs == 5
     assert config.checkpointing.activation == "auto"
     assert config.batch.micro_batch_size == "auto" and config.budget_bytes == 64 * 2**20
@@ -44,14 +46,26 @@ def write(tmp_path: Path, text: str) -> Path:
         ("optimzer:\n  lr: 0.1\n", [], r"optimzer \(in .*run.yaml\): unknown key; did you mean 'optimizer'\?"),
         ("optimizer:\n  lrr: 0.1\n", [], r"optimizer.lrr \(in .*run.yaml\): unknown key; did you mean 'lr'\?"),
         ("data:\n  sorce: digits\n", [], r"data.sorce \(in .*run.yaml\): unknown key; did you mean 'source'\?"),
-        ("epochs: 3\n", ["early_stoping.patience=2"], r"early_stoping \(on the command line\): unknown key; did you mean 'early_stopping'\?"),
+        (
+            "epochs: 3\n",
+            ["early_stoping.patience=2"],
+            r"early_stoping \(on the command line\): unknown key; did you mean 'early_stopping'\?",
+        ),
         ("epochs: many\n", [], r"epochs \(in .*run.yaml\): .*valid integer"),
-        ("epochs: 3\n", ["batch.micro_batch_size=0"], r"batch.micro_batch_size \(on the command line\): must be a positive integer or 'auto'"),
+        (
+            "epochs: 3\n",
+            ["batch.micro_batch_size=0"],
+            r"batch.micro_batch_size \(on the command line\): must be a positive integer or 'auto'",
+        ),
         ("precision: fp8\n", [], r"precision \(in .*run.yaml\): .*'auto', 'fp32'"),
         ("budget: 6XB\n", [], r"budget \(in .*run.yaml\): unknown unit 'XB'"),
         ("device: gpu\n", [], r"device .*unknown device 'gpu'"),
         ("optimizer:\n  lr: -1\n", [], r"optimizer.lr .*greater than 0"),
-        ("batch:\n  micro_batch_size: 8\n  accumulation_steps: 2\n  effective_batch_size: 20\n", [], r"8 x accumulation_steps 2 != effective_batch_size 20"),
+        (
+            "batch:\n  micro_batch_size: 8\n  accumulation_steps: 2\n  effective_batch_size: 20\n",
+            [],
+            r"8 x accumulation_steps 2 != effective_batch_size 20",
+        ),
         ("schedule:\n  name: cosin\n", [], r"schedule.name .*'cosine'"),
         ("lora:\n  rank: x\n", [], r"lora.rank .*valid integer"),
     ],

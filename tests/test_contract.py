@@ -31,7 +31,9 @@ class Detached(nn.Module):
 
 
 def check(model: nn.Module, batch, num_classes=None) -> list[str]:
-    return check_model_data_contract(model, batch, model_name="the model", num_classes=num_classes, precision="fp32", device=torch.device("cpu"))
+    return check_model_data_contract(
+        model, batch, model_name="the model", num_classes=num_classes, precision="fp32", device=torch.device("cpu")
+    )
 
 
 def test_contract_passes_a_matching_classifier_and_leaves_the_model_and_rng_as_they_were():
@@ -49,13 +51,43 @@ def test_contract_passes_a_matching_classifier_and_leaves_the_model_and_rng_as_t
 @pytest.mark.parametrize(
     "model, batch, num_classes, message",
     [
-        (nn.Conv2d(1, 1, 3, padding=1), (torch.randn(1, 1, 8, 8), torch.tensor([4])), 10, "targets are class indices (10 classes) but the model outputs shape (1, 1, 8, 8)"),
-        (nn.Linear(4, 2), (torch.randn(1, 4), torch.tensor([1])), 3, "outputs 2 classes but the data has 3; give its last layer 3 outputs"),
-        (nn.Linear(4, 2), (torch.randn(1, 4), torch.randn(1, 3)), None, "the targets have shape (1, 3) but the model outputs (1, 2)"),
-        (nn.Linear(64, 2), (torch.randn(1, 13), torch.tensor([1])), 2, "the forward pass fails: mat1 and mat2 shapes cannot be multiplied"),
+        (
+            nn.Conv2d(1, 1, 3, padding=1),
+            (torch.randn(1, 1, 8, 8), torch.tensor([4])),
+            10,
+            "targets are class indices (10 classes) but the model outputs shape (1, 1, 8, 8)",
+        ),
+        (
+            nn.Linear(4, 2),
+            (torch.randn(1, 4), torch.tensor([1])),
+            3,
+            "outputs 2 classes but the data has 3; give its last layer 3 outputs",
+        ),
+        (
+            nn.Linear(4, 2),
+            (torch.randn(1, 4), torch.randn(1, 3)),
+            None,
+            "the targets have shape (1, 3) but the model outputs (1, 2)",
+        ),
+        (
+            nn.Linear(64, 2),
+            (torch.randn(1, 13), torch.tensor([1])),
+            2,
+            "the forward pass fails: mat1 and mat2 shapes cannot be multiplied",
+        ),
         (nn.Linear(4, 2), torch.randn(1, 4), None, "the data has no targets and the model computes no loss of its own"),
-        (nn.Linear(4, 2).requires_grad_(False), (torch.randn(1, 4), torch.tensor([1])), 2, "no trainable parameter reaches the loss: every parameter is frozen"),
-        (Detached(), (torch.randn(1, 4), torch.tensor([1])), 2, "no trainable parameter reaches the loss: the forward pass detaches its output"),
+        (
+            nn.Linear(4, 2).requires_grad_(False),
+            (torch.randn(1, 4), torch.tensor([1])),
+            2,
+            "no trainable parameter reaches the loss: every parameter is frozen",
+        ),
+        (
+            Detached(),
+            (torch.randn(1, 4), torch.tensor([1])),
+            2,
+            "no trainable parameter reaches the loss: the forward pass detaches its output",
+        ),
     ],
 )
 def test_contract_refuses_what_would_train_on_the_wrong_loss_or_crash(model, batch, num_classes, message):
@@ -80,7 +112,9 @@ def test_builtin_mlp_takes_its_input_width_and_class_count_from_the_data():
 def test_num_classes_in_model_options_may_repeat_the_data_but_not_contradict_it():
     model, _ = build_model_for_data("builtin:mlp", {"num_classes": 3}, num_classes=3, input_shape=(4,))
     assert model.layers[-1].out_features == 3
-    with pytest.raises(SpecError, match="model_options.num_classes: 5, but the data has 3 classes; remove model_options.num_classes"):
+    with pytest.raises(
+        SpecError, match="model_options.num_classes: 5, but the data has 3 classes; remove model_options.num_classes"
+    ):
         build_model_for_data("builtin:mlp", {"num_classes": 5}, num_classes=3, input_shape=(4,))
 
 
@@ -88,14 +122,33 @@ def test_trainer_refuses_a_mismatched_model_before_writing_anything(tmp_path):
     run_dir = tmp_path / "run"
     per_position = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)))  # (batch, 2, 3): no class axis
     with pytest.raises(ConfigError, match=r"model Sequential on one training sample .* outputs shape \(1, 2, 3\)"):
-        Trainer({"run_dir": str(run_dir), "logging": {"console": False}}, model=per_position, datasets=(classification_data(), None, None)).setup()
+        Trainer(
+            {"run_dir": str(run_dir), "logging": {"console": False}},
+            model=per_position,
+            datasets=(classification_data(), None, None),
+        ).setup()
     assert not run_dir.exists()
 
 
 def test_cli_unet_on_digits_labels_is_one_line_exit_2_and_mlp_trains_on_a_13_column_csv(tmp_path, capsys):
-    assert main(["train", "model=builtin:unet-small", "epochs=1", "data.limit=64", *QUIET, "--run-dir", str(tmp_path / "unet")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "model=builtin:unet-small",
+                "epochs=1",
+                "data.limit=64",
+                *QUIET,
+                "--run-dir",
+                str(tmp_path / "unet"),
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err.strip()
-    assert error.startswith("tightfit train: error: model builtin:unet-small on one training sample") and "\n" not in error
+    assert (
+        error.startswith("tightfit train: error: model builtin:unet-small on one training sample") and "\n" not in error
+    )
     assert "use a classifier" in error and not (tmp_path / "unet").exists()
 
     table = tmp_path / "table.csv"

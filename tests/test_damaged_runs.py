@@ -18,8 +18,17 @@ from tightfit.errors import ConfigError
 from tightfit.runs import checkpoint as checkpoint_files
 from tightfit.runs.run_folder import RUN_MARKER
 
-QUICK = ["epochs=2", "--limit", "100", "batch.micro_batch_size=32", "logging.tensorboard=false",
-         "logging.console=false", "logging.jsonl=false", "monitor.enabled=false", "checkpoint.keep_top_k=2"]
+QUICK = [
+    "epochs=2",
+    "--limit",
+    "100",
+    "batch.micro_batch_size=32",
+    "logging.tensorboard=false",
+    "logging.console=false",
+    "logging.jsonl=false",
+    "monitor.enabled=false",
+    "checkpoint.keep_top_k=2",
+]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -51,7 +60,9 @@ def truncate(path: Path) -> None:
 
 
 def newest_weights_only(run_dir: Path) -> Path:
-    folders = [folder for folder in checkpoint_files.checkpoint_folders(run_dir / "checkpoints") if folder.name != "last"]
+    folders = [
+        folder for folder in checkpoint_files.checkpoint_folders(run_dir / "checkpoints") if folder.name != "last"
+    ]
     return folders[0]
 
 
@@ -79,6 +90,7 @@ def test_a_damaged_last_resumes_from_the_newest_intact_checkpoint(run_copy, dama
         truncate(last / "state.pt")
         damaged, reason = "state.pt", "is damaged"
     else:
+
         class Payload:
             def __reduce__(self):
                 return (os.system, (f"touch {marker}",))
@@ -186,15 +198,22 @@ def test_a_plain_file_or_unwritable_run_dir_is_one_line(tmp_path, capsys, monkey
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
     directory = tmp_path / "checkpoints" / "last"
     model = torch.nn.Linear(8, 4)
-    checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 1}}, {"step": 1})
+    checkpoint_files.save_checkpoint(
+        directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 1}}, {"step": 1}
+    )
     before = snapshot(directory)
 
     def full_disk(state, path):  # what torch's zip writer raises when the disk fills mid-file
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs 4344")
 
     monkeypatch.setattr(checkpoint_files.torch, "save", full_disk)
-    with pytest.raises(checkpoint_files.DiskFullError, match=r"disk full at .*checkpoint last needs about .* MiB, .* free; the previous checkpoint is intact") as error:
-        checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 2}}, {"step": 2})
+    with pytest.raises(
+        checkpoint_files.DiskFullError,
+        match=r"disk full at .*checkpoint last needs about .* MiB, .* free; the previous checkpoint is intact",
+    ) as error:
+        checkpoint_files.save_checkpoint(
+            directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 2}}, {"step": 2}
+        )
     assert "\n" not in str(error.value)
     assert snapshot(directory) == before
     assert [path.name for path in directory.parent.iterdir()] == ["last"]  # no temporary left
@@ -203,16 +222,22 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, mon
 def test_a_real_full_tmpfs(tmp_path):
     mount_point = tmp_path / "tiny"
     mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, check=False).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, check=False
+    ).returncode:
         pytest.skip("mounting a tmpfs needs root")
     try:
         directory = mount_point / "last"
         small = torch.nn.Linear(16, 16)
-        checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(small), {"counters": {"global_step": 1}}, {"step": 1})
+        checkpoint_files.save_checkpoint(
+            directory, checkpoint_files.model_weights(small), {"counters": {"global_step": 1}}, {"step": 1}
+        )
         before = snapshot(directory)
         big = torch.nn.Linear(1024, 512)  # 2 MiB of weights on a 1 MiB disk
         with pytest.raises(checkpoint_files.DiskFullError, match="disk full at"):
-            checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(big), {"counters": {"global_step": 2}}, {"step": 2})
+            checkpoint_files.save_checkpoint(
+                directory, checkpoint_files.model_weights(big), {"counters": {"global_step": 2}}, {"step": 2}
+            )
         assert snapshot(directory) == before
         assert [path.name for path in mount_point.iterdir()] == ["last"]
     finally:
@@ -221,14 +246,18 @@ def test_a_real_full_tmpfs(tmp_path):
 
 def test_load_checkpoint_names_a_tampered_state_file(tmp_path):
     directory = tmp_path / "last"
-    checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(torch.nn.Linear(2, 2)), {"counters": {}}, {"step": 1})
+    checkpoint_files.save_checkpoint(
+        directory, checkpoint_files.model_weights(torch.nn.Linear(2, 2)), {"counters": {}}, {"step": 1}
+    )
     buffer = io.BytesIO()
     torch.save({"counters": {}, "extra": Path("x")}, buffer)  # an object a weights-only load refuses
     (directory / "state.pt").write_bytes(buffer.getvalue())
     with pytest.raises(checkpoint_files.DamagedCheckpointError, match="state.pt holds Python objects"):
         checkpoint_files.load_checkpoint(directory, torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="do not fit the model"):
-        checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(torch.nn.Linear(2, 2)), {"counters": {}}, {"step": 1})
+        checkpoint_files.save_checkpoint(
+            directory, checkpoint_files.model_weights(torch.nn.Linear(2, 2)), {"counters": {}}, {"step": 1}
+        )
         checkpoint_files.load_checkpoint(directory, torch.nn.Linear(3, 2))
 
 

@@ -70,8 +70,16 @@ def test_a_missing_array_names_the_key_and_what_the_file_holds(tmp_path):
     np.savez(path, x=np.zeros((4, 2)), y=np.zeros(4))
     with pytest.raises(ConfigError, match=r"data.columns.inputs: no array 'inputs'.*holds: x, y"):
         build_datasets({"source": "tensors", "path": str(path)})
-    bundle = build_datasets({"source": "tensors", "path": str(path), "columns": {"inputs": "x", "target": "y"},
-                             "task": "regression", "val_fraction": 0, "test_fraction": 0})
+    bundle = build_datasets(
+        {
+            "source": "tensors",
+            "path": str(path),
+            "columns": {"inputs": "x", "target": "y"},
+            "task": "regression",
+            "val_fraction": 0,
+            "test_fraction": 0,
+        }
+    )
     assert bundle.train.targets.shape == (4, 1)  # regression targets match a (batch, 1) prediction
 
 
@@ -141,8 +149,16 @@ def test_greyscale_resize_and_centre_crop(tmp_path):
     pixels[:, 10:30] = 255  # a white band in the middle of a black image
     Image.fromarray(pixels).save(root / "a" / "wide.png")
     Image.fromarray(pixels[:, :20]).save(root / "a" / "square.png")
-    bundle = build_datasets({"source": "image-folder", "path": str(root), "color_mode": "L", "image_size": 8,
-                             "val_fraction": 0, "test_fraction": 0})
+    bundle = build_datasets(
+        {
+            "source": "image-folder",
+            "path": str(root),
+            "color_mode": "L",
+            "image_size": 8,
+            "val_fraction": 0,
+            "test_fraction": 0,
+        }
+    )
     assert bundle.input_shape == (1, 8, 8)
     wide = next(bundle.train[i][0] for i, (p, _) in enumerate(bundle.train.items) if p.name == "wide.png")
     assert wide.shape == (1, 8, 8)
@@ -170,8 +186,9 @@ def test_truncated_image_fails_at_decode_naming_the_file(tmp_path):
     index = next(i for i, (path, _) in enumerate(bundle.train.items) if path == target)
     with pytest.raises(DataError, match=r"cat/000\.png: cannot decode"):
         bundle.train[index]
-    skipping = build_datasets({"source": "image-folder", "path": str(root), "val_fraction": 0, "test_fraction": 0,
-                               "on_corrupt": "skip"})
+    skipping = build_datasets(
+        {"source": "image-folder", "path": str(root), "val_fraction": 0, "test_fraction": 0, "on_corrupt": "skip"}
+    )
     with pytest.warns(UserWarning, match="000.png"):
         image, label = skipping.train[index]
     assert image.shape == (3, 12, 16)
@@ -210,8 +227,9 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = image.getexif()
     exif[0x0112] = 6  # tagged "rotate 90° clockwise to display": a portrait photo, white on top
     image.save(root / "photo.jpg", exif=exif, quality=95)
-    bundle = build_datasets({"source": "image-folder", "path": str(tmp_path / "images"), "val_fraction": 0,
-                             "test_fraction": 0})
+    bundle = build_datasets(
+        {"source": "image-folder", "path": str(tmp_path / "images"), "val_fraction": 0, "test_fraction": 0}
+    )
     assert bundle.input_shape == (3, 20, 10)  # the displayed size, not the stored one
     decoded = bundle.train[0][0]
     assert decoded.shape == (3, 20, 10)
@@ -255,8 +273,14 @@ def test_image_folder_streams_through_worker_processes(tmp_path):
 def test_image_cache_hits_on_second_build_and_misses_on_changes(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "images", per_class=3)
     cache = tmp_path / "cache"
-    settings = {"source": "image-folder", "path": str(root), "cache": str(cache), "val_fraction": 0,
-                "test_fraction": 0, "image_size": 8}
+    settings = {
+        "source": "image-folder",
+        "path": str(root),
+        "cache": str(cache),
+        "val_fraction": 0,
+        "test_fraction": 0,
+        "image_size": 8,
+    }
     first = build_datasets(settings)
     decoded = [first.train[i][0] for i in range(len(first.train))]
     assert len(list(cache.rglob("*.safetensors"))) == 9
@@ -291,8 +315,13 @@ def test_image_cache_hits_on_second_build_and_misses_on_changes(tmp_path, monkey
 
 def test_a_damaged_cache_entry_is_recomputed(tmp_path):
     root = write_image_folder(tmp_path / "images", classes=("a",), per_class=1)
-    settings = {"source": "image-folder", "path": str(root), "cache": str(tmp_path / "cache"),
-                "val_fraction": 0, "test_fraction": 0}
+    settings = {
+        "source": "image-folder",
+        "path": str(root),
+        "cache": str(tmp_path / "cache"),
+        "val_fraction": 0,
+        "test_fraction": 0,
+    }
     expected = build_datasets(settings).train[0][0]
     (entry,) = (tmp_path / "cache").rglob("*.safetensors")
     entry.write_bytes(b"garbage")
@@ -413,12 +442,24 @@ def test_text_csv_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match=r"no packaged data set 'nope'.*support-messages"):
         build_datasets({"source": "text-csv", "path": "packaged:nope"})
     with pytest.raises(ConfigError, match="data.tokenizer: no such folder"):
-        build_datasets({"source": "text-csv", "path": str(path), "columns": {"text": "sentence"},
-                        "tokenizer": str(tmp_path / "tok")})
+        build_datasets(
+            {
+                "source": "text-csv",
+                "path": str(path),
+                "columns": {"text": "sentence"},
+                "tokenizer": str(tmp_path / "tok"),
+            }
+        )
     (tmp_path / "empty_tok").mkdir()
     with pytest.raises(ConfigError, match="holds no tokenizer files"):
-        build_datasets({"source": "text-csv", "path": str(path), "columns": {"text": "sentence"},
-                        "tokenizer": str(tmp_path / "empty_tok")})
+        build_datasets(
+            {
+                "source": "text-csv",
+                "path": str(path),
+                "columns": {"text": "sentence"},
+                "tokenizer": str(tmp_path / "empty_tok"),
+            }
+        )
 
 
 # ---------------------------------------------------------------- captioned images
@@ -450,8 +491,16 @@ def tokenizer_dir():
 def test_captioned_images_give_pixel_values_in_minus_one_one_and_padded_ids(tmp_path, tokenizer_dir):
     write_captioned(tmp_path, "train", 8)
     write_captioned(tmp_path, "val", 2, as_text_files=True, seed=1)
-    bundle = build_datasets({"source": "captioned-images", "path": str(tmp_path), "tokenizer": tokenizer_dir,
-                             "image_size": 16, "max_length": 12, "test_fraction": 0.25})
+    bundle = build_datasets(
+        {
+            "source": "captioned-images",
+            "path": str(tmp_path),
+            "tokenizer": tokenizer_dir,
+            "image_size": 16,
+            "max_length": 12,
+            "test_fraction": 0.25,
+        }
+    )
     assert bundle.sizes() == {"train": 6, "val": 2, "test": 2}
     assert bundle.input_shape == (3, 16, 16) and bundle.task == "text-to-image"
     sample = bundle.train[0]
@@ -472,8 +521,14 @@ def test_captioned_images_list_format_and_integrity_errors(tmp_path, tokenizer_d
         Image.new("RGB", (8, 8), "white").save(images / name)
     records = [{"file_name": "a.png", "text": "white square"}, {"image": "b.png", "caption": "another one"}]
     (tmp_path / "captions.json").write_text(json.dumps(records))
-    settings = {"source": "captioned-images", "path": str(tmp_path), "tokenizer": tokenizer_dir,
-                "val_fraction": 0, "test_fraction": 0, "max_length": 8}
+    settings = {
+        "source": "captioned-images",
+        "path": str(tmp_path),
+        "tokenizer": tokenizer_dir,
+        "val_fraction": 0,
+        "test_fraction": 0,
+        "max_length": 8,
+    }
     bundle = build_datasets(settings)
     assert len(bundle.train) == 2 and float(bundle.train[0]["pixel_values"].min()) == 1.0
     Image.new("RGB", (8, 8)).save(images / "c.png")
@@ -494,8 +549,10 @@ def test_csv_reading_edge_cases(tmp_path):
         build_datasets({"source": "text-csv", "path": str(latin)})
     # Semicolons inside sentences do not confuse the delimiter; a quoted cell may span lines,
     # and an error after it names the line an editor shows.
-    quoted = write_csv(tmp_path / "q.csv", ["text,label", '"one; two; three",a', '"first line', 'second line",b',
-                                            '"fine; really",a', ",b"])
+    quoted = write_csv(
+        tmp_path / "q.csv",
+        ["text,label", '"one; two; three",a', '"first line', 'second line",b', '"fine; really",a', ",b"],
+    )
     with pytest.raises(DataError, match=r"q.csv, line 6: empty text"):
         build_datasets({"source": "text-csv", "path": str(quoted)})
 
@@ -522,7 +579,8 @@ def test_without_torchvision_augmentation_is_skipped_with_a_warning(monkeypatch)
 def test_cache_true_uses_the_cache_directory_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TIGHTFIT_CACHE_DIR", str(tmp_path / "shared-cache"))
     root = write_image_folder(tmp_path / "images", classes=("a",), per_class=2)
-    bundle = build_datasets({"source": "image-folder", "path": str(root), "cache": True,
-                             "val_fraction": 0, "test_fraction": 0})
+    bundle = build_datasets(
+        {"source": "image-folder", "path": str(root), "cache": True, "val_fraction": 0, "test_fraction": 0}
+    )
     bundle.train[0]
     assert len(list((tmp_path / "shared-cache" / "images").rglob("*.safetensors"))) == 1

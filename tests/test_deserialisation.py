@@ -49,6 +49,7 @@ def refused_in_one_line(capsys, argv: list[str], *words: str) -> None:
 
 # --- YAML: yaml.safe_load builds only plain data; python tags are refused -------------------
 
+
 def yaml_payload(marker: Path) -> str:
     return f'!!python/object/apply:os.system ["touch {marker}"]\n'
 
@@ -59,7 +60,16 @@ def test_yaml_python_tags_are_refused(reader, tmp_path, marker, capsys):
     path.write_text(yaml_payload(marker))
     argv = {
         "train recipe": ["train", str(path)],
-        "compression recipe": ["compress", "builtin:digits-cnn", "--data", "digits", "--recipe", str(path), "-o", str(tmp_path / "o")],
+        "compression recipe": [
+            "compress",
+            "builtin:digits-cnn",
+            "--data",
+            "digits",
+            "--recipe",
+            str(path),
+            "-o",
+            str(tmp_path / "o"),
+        ],
         "pipeline": ["plan", str(path)],
         "compress --data": ["compress", "builtin:digits-cnn", "--data", str(path), "-o", str(tmp_path / "o")],
     }[reader]
@@ -68,11 +78,15 @@ def test_yaml_python_tags_are_refused(reader, tmp_path, marker, capsys):
 
 # --- checkpoints: weights through safetensors, state through torch.load(weights_only=True) ---
 
+
 def test_a_pickle_posing_as_safetensors_weights_is_refused(tmp_path, marker, capsys):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(pickled_payload(marker))
-    refused_in_one_line(capsys, ["compress", "builtin:digits-cnn", "--data", "digits", "--checkpoint", str(weights),
-                                 "-o", str(tmp_path / "o")], "not a safetensors file")
+    refused_in_one_line(
+        capsys,
+        ["compress", "builtin:digits-cnn", "--data", "digits", "--checkpoint", str(weights), "-o", str(tmp_path / "o")],
+        "not a safetensors file",
+    )
 
 
 # state.pt: tests/test_damaged_runs.py::test_a_damaged_last_resumes_from_the_newest_intact_checkpoint[malicious state]
@@ -80,15 +94,20 @@ def test_a_pickle_posing_as_safetensors_weights_is_refused(tmp_path, marker, cap
 
 # --- data files: np.load(allow_pickle=False), torch.load(weights_only=True), safetensors -----
 
+
 def test_a_pickled_data_file_is_refused(tmp_path, marker, capsys):
     path = tmp_path / "data.pt"
     path.write_bytes(pickled_payload(marker, wrap=lambda payload: {"inputs": payload}))
-    refused_in_one_line(capsys, ["train", "data.source=tensors", f"data.path={path}", "--run-dir", str(tmp_path / "r")],
-                        "Python objects")
+    refused_in_one_line(
+        capsys,
+        ["train", "data.source=tensors", f"data.path={path}", "--run-dir", str(tmp_path / "r")],
+        "Python objects",
+    )
     objects = tmp_path / "data.npz"
     np.savez(objects, inputs=np.array([ShellPayload(marker)], dtype=object), targets=np.zeros(1))
-    refused_in_one_line(capsys, ["train", "data.source=tensors", f"data.path={objects}", "--run-dir", str(tmp_path / "r")],
-                        "data.npz")
+    refused_in_one_line(
+        capsys, ["train", "data.source=tensors", f"data.path={objects}", "--run-dir", str(tmp_path / "r")], "data.npz"
+    )
 
 
 def test_a_pickle_in_the_data_cache_is_a_miss_not_a_load(tmp_path, marker):
@@ -102,6 +121,7 @@ def test_a_pickle_in_the_data_cache_is_a_miss_not_a_load(tmp_path, marker):
 
 
 # --- predict inputs: .npy without pickle, .pt with weights_only ------------------------------
+
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory) -> Path:
@@ -123,6 +143,7 @@ def test_pickled_predict_inputs_are_refused(onnx_model, tmp_path, marker, capsys
 
 # --- ONNX: protobuf, no code --------------------------------------------------------------
 
+
 def test_a_pickle_posing_as_onnx_is_refused(tmp_path, marker, capsys):
     path = tmp_path / "model.onnx"
     path.write_bytes(pickled_payload(marker))
@@ -136,15 +157,29 @@ def test_a_pickle_posing_as_onnx_is_refused(tmp_path, marker, capsys):
 
 # --- Hugging Face, PEFT and diffusers folders ---------------------------------------------
 
+
 def hf_folder(tmp_path: Path, marker: Path, *, remote_code: bool) -> Path:
     folder = tmp_path / "hf"
     folder.mkdir()
-    config = {"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 30, "max_position_embeddings": 16}
+    config = {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 16,
+        "vocab_size": 30,
+        "max_position_embeddings": 16,
+    }
     if remote_code:  # a folder asking to run its own Python (transformers' auto_map)
-        config = {"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
-                                                     "AutoModel": "modeling_evil.EvilModel",
-                                                     "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}
+        config = {
+            "model_type": "evil",
+            "auto_map": {
+                "AutoConfig": "configuration_evil.EvilConfig",
+                "AutoModel": "modeling_evil.EvilModel",
+                "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None],
+            },
+        }
         code = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
         for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
             (folder / name).write_text(code)
@@ -184,7 +219,9 @@ def test_a_peft_adapter_pickle_is_refused(tmp_path, marker):
         save_adapters,
     )
 
-    model = apply_lora(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), LoRAConfig(target_modules=["0"]))
+    model = apply_lora(
+        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), LoRAConfig(target_modules=["0"])
+    )
     directory = tmp_path / "adapters"
     save_adapters(model, directory)
     (directory / "adapter_model.safetensors").unlink()
@@ -214,7 +251,17 @@ def test_the_shipped_loaders_are_the_safe_ones():
     no trust_remote_code=True, YAML only through safe_load."""
     source = Path(__file__).resolve().parents[1] / "src" / "tightfit"
     text = "\n".join(path.read_text() for path in source.rglob("*.py"))
-    for unsafe in ("pickle.load(", "pickle.loads(", "weights_only=False", "allow_pickle=True", "trust_remote_code=True",
-                   "yaml.load(", "yaml.unsafe_load", "joblib.load", "dill.load", "marshal.load"):
+    for unsafe in (
+        "pickle.load(",
+        "pickle.loads(",
+        "weights_only=False",
+        "allow_pickle=True",
+        "trust_remote_code=True",
+        "yaml.load(",
+        "yaml.unsafe_load",
+        "joblib.load",
+        "dill.load",
+        "marshal.load",
+    ):
         assert unsafe not in text, unsafe
     assert text.count("torch.load(") == text.count("weights_only=True)")

@@ -141,7 +141,9 @@ def test_recipe_trains_end_to_end_with_validation_images(pipeline_dir, captioned
     result = merge_run(run_dir)
     merged_dir = Path(result["output"])
     assert result["kind"] == "diffusers pipeline"
-    assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= {p.name for p in merged_dir.iterdir()}
+    assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= {
+        p.name for p in merged_dir.iterdir()
+    }
     merged_unet = UNet2DConditionModel.from_pretrained(str(merged_dir / "unet")).eval()
     torch.manual_seed(3)
     sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)

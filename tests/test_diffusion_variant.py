@@ -39,7 +39,18 @@ def test_variant_only_folders_load_with_their_weights(variant_pipeline, tmp_path
 
 def test_generate_draws_pngs_and_never_overwrites(variant_pipeline, tmp_path, capsys):
     output = tmp_path / "images"
-    command = ["generate", str(variant_pipeline), "--prompt", "a red shoe", "--steps", "2", "--num-images", "2", "--output", str(output)]
+    command = [
+        "generate",
+        str(variant_pipeline),
+        "--prompt",
+        "a red shoe",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--output",
+        str(output),
+    ]
     assert main(command) == 0
     pngs = sorted(path.name for path in output.glob("*.png"))
     assert pngs == ["image-0000.png", "image-0001.png"]
@@ -50,7 +61,9 @@ def test_generate_draws_pngs_and_never_overwrites(variant_pipeline, tmp_path, ca
     assert (output / "image-0000.png").read_bytes() == before
 
 
-def test_lora_run_on_a_variant_folder_checkpoints_adapters_and_merges_for_plain_diffusers(variant_pipeline, tmp_path, capsys):
+def test_lora_run_on_a_variant_folder_checkpoints_adapters_and_merges_for_plain_diffusers(
+    variant_pipeline, tmp_path, capsys
+):
     from diffusers import StableDiffusionPipeline
     from PIL import Image
     from safetensors import safe_open
@@ -64,12 +77,25 @@ def test_lora_run_on_a_variant_folder_checkpoints_adapters_and_merges_for_plain_
     (data / "captions.json").write_text('{"0.png": "a red shoe", "1.png": "a blue shoe"}')
     run_dir = tmp_path / "run"
     config = {
-        "model": f"diffusion:{variant_pipeline}", "model_options": {"resolution": 16},
-        "data": {"source": "captioned-images", "path": str(tmp_path / "data"), "tokenizer": str(variant_pipeline),
-                 "image_size": 16, "val_fraction": 0.0, "test_fraction": 0.0},
-        "lora": {"rank": 4}, "batch": {"micro_batch_size": 2}, "max_steps": 1, "epochs": 1,
-        "device": "cpu", "precision": "fp32", "run_dir": str(run_dir),
-        "logging": {"console": False, "tensorboard": False}, "monitor": {"enabled": False},
+        "model": f"diffusion:{variant_pipeline}",
+        "model_options": {"resolution": 16},
+        "data": {
+            "source": "captioned-images",
+            "path": str(tmp_path / "data"),
+            "tokenizer": str(variant_pipeline),
+            "image_size": 16,
+            "val_fraction": 0.0,
+            "test_fraction": 0.0,
+        },
+        "lora": {"rank": 4},
+        "batch": {"micro_batch_size": 2},
+        "max_steps": 1,
+        "epochs": 1,
+        "device": "cpu",
+        "precision": "fp32",
+        "run_dir": str(run_dir),
+        "logging": {"console": False, "tensorboard": False},
+        "monitor": {"enabled": False},
     }
     trainer = Trainer(config)
     trainer.fit()
@@ -80,7 +106,22 @@ def test_lora_run_on_a_variant_folder_checkpoints_adapters_and_merges_for_plain_
     unet_bytes = sum(p.numel() * p.element_size() for p in trainer.model.get_base_model().unet.parameters())
     assert checkpoint.stat().st_size < unet_bytes / 5
 
-    assert main(["generate", str(run_dir), "--prompt", "a red shoe", "--steps", "2", "--output", str(tmp_path / "out"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--prompt",
+                "a red shoe",
+                "--steps",
+                "2",
+                "--output",
+                str(tmp_path / "out"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "out" / "image-0000.png").is_file()
     capsys.readouterr()
     assert main(["lora", "merge", str(run_dir), "--output", str(tmp_path / "merged")]) == 0

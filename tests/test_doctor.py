@@ -17,8 +17,23 @@ from tightfit.hardware import doctor
 from tightfit.hardware.doctor import build_checks, recommend, run_doctor, run_smoke_test, verdict
 
 GIB = 2**30
-SECTIONS = ("tightfit_version", "system", "torch", "cuda", "mps", "cpu", "memory", "disk", "packages",
-            "smoke_test", "dataset", "best_device", "checks", "recommendations", "verdict")
+SECTIONS = (
+    "tightfit_version",
+    "system",
+    "torch",
+    "cuda",
+    "mps",
+    "cpu",
+    "memory",
+    "disk",
+    "packages",
+    "smoke_test",
+    "dataset",
+    "best_device",
+    "checks",
+    "recommendations",
+    "verdict",
+)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +203,7 @@ def test_missing_or_outdated_required_package_fails(monkeypatch, base_report):
     required = next(check for check in checks if check["name"] == "required packages")
     assert required["status"] == "fail" and "rich outdated" in required["summary"]
     assert verdict(checks)["failed"] == ["required packages"]
-    assert any('tightfit[hf]' in advice and "peft" in advice for advice in recommend(report))
+    assert any("tightfit[hf]" in advice and "peft" in advice for advice in recommend(report))
 
 
 def test_low_disk_fails_and_is_advised(base_report):
@@ -200,15 +215,29 @@ def test_low_disk_fails_and_is_advised(base_report):
 
 
 def fake_gpu(bf16: bool, total=6 * GIB, free=6 * GIB - 300 * 2**20):
-    return {"index": 0, "name": "NVIDIA GeForce RTX 3050 6GB Laptop GPU", "total_bytes": total, "free_bytes": free,
-            "used_by_others_bytes": total - free, "compute_capability": "8.6" if bf16 else "7.5",
-            "multiprocessors": 20, "bf16": bf16, "tf32": bf16, "max_clock_hz": None}
+    return {
+        "index": 0,
+        "name": "NVIDIA GeForce RTX 3050 6GB Laptop GPU",
+        "total_bytes": total,
+        "free_bytes": free,
+        "used_by_others_bytes": total - free,
+        "compute_capability": "8.6" if bf16 else "7.5",
+        "multiprocessors": 20,
+        "bf16": bf16,
+        "tf32": bf16,
+        "max_clock_hz": None,
+    }
 
 
 def test_recommendations_follow_the_gpu(base_report):
     report = copy.deepcopy(base_report)
-    report["cuda"] = {"available": True, "device_count": 1, "driver_version": "535.274.02", "nvml": True,
-                      "devices": [fake_gpu(bf16=True)]}
+    report["cuda"] = {
+        "available": True,
+        "device_count": 1,
+        "driver_version": "535.274.02",
+        "nvml": True,
+        "devices": [fake_gpu(bf16=True)],
+    }
     advice = " ".join(recommend(report))
     assert "supports bf16" in advice and "tightfit plan" in advice
     assert "No GPU" not in advice
@@ -236,8 +265,13 @@ def test_unified_memory_advice_on_mps(base_report):
 
 def test_low_memory_and_swapping_are_flagged(base_report):
     report = copy.deepcopy(base_report)
-    report["memory"].update(total_bytes=16 * GIB, available_bytes=3 * GIB, swap_total_bytes=8 * GIB,
-                            swap_used_bytes=4 * GIB, used_percent=81.0)
+    report["memory"].update(
+        total_bytes=16 * GIB,
+        available_bytes=3 * GIB,
+        swap_total_bytes=8 * GIB,
+        swap_used_bytes=4 * GIB,
+        used_percent=81.0,
+    )
     checks = {check["name"]: check for check in build_checks(report)}
     assert checks["memory"]["status"] == "warn" and checks["swap"]["status"] == "warn"
     assert not checks["memory"]["critical"]
@@ -249,8 +283,13 @@ def test_verdict_levels():
     ok = {"name": "a", "status": "ok", "critical": True, "summary": "."}
     warn = {"name": "b", "status": "warn", "critical": False, "summary": "."}
     fail = {"name": "c", "status": "fail", "critical": True, "summary": "."}
-    assert verdict([ok]) == {"ready": True, "status": "ready", "failed": [], "warnings": [],
-                             "summary": "ready to train"}
+    assert verdict([ok]) == {
+        "ready": True,
+        "status": "ready",
+        "failed": [],
+        "warnings": [],
+        "summary": "ready to train",
+    }
     assert verdict([ok, warn])["status"] == "ready, with warnings" and verdict([ok, warn])["warnings"] == ["b"]
     assert verdict([ok, warn, fail])["ready"] is False and verdict([ok, warn, fail])["failed"] == ["c"]
 
@@ -291,9 +330,14 @@ def test_broken_torch_is_a_failed_check_not_a_crash(monkeypatch):
 def test_sd_stack_is_imported_as_seed_003_does_and_a_failure_is_named(monkeypatch, base_report):
     pytest.importorskip("diffusers")
     stack = doctor.sd_stack_report()
-    assert [item["name"] for item in stack["imports"]][:2] == ["diffusers.StableDiffusionPipeline", "diffusers.UNet2DConditionModel"]
+    assert [item["name"] for item in stack["imports"]][:2] == [
+        "diffusers.StableDiffusionPipeline",
+        "diffusers.UNet2DConditionModel",
+    ]
     assert all(item["ok"] for item in stack["imports"]) and stack["lora_config"]["ok"]
-    check = next(check for check in build_checks(base_report | {"sd_stack": stack}) if check["name"] == "stable diffusion stack")
+    check = next(
+        check for check in build_checks(base_report | {"sd_stack": stack}) if check["name"] == "stable diffusion stack"
+    )
     assert check["status"] == "ok" and "8 classes imported" in check["summary"]
 
     real_import = importlib.import_module
@@ -307,5 +351,7 @@ def test_sd_stack_is_imported_as_seed_003_does_and_a_failure_is_named(monkeypatc
     stack = doctor.sd_stack_report()
     failed = [item["name"] for item in stack["imports"] if not item["ok"]]
     assert failed == ["transformers.CLIPTextModel", "transformers.CLIPTokenizer"]
-    check = next(check for check in build_checks(base_report | {"sd_stack": stack}) if check["name"] == "stable diffusion stack")
+    check = next(
+        check for check in build_checks(base_report | {"sd_stack": stack}) if check["name"] == "stable diffusion stack"
+    )
     assert check["status"] == "warn" and "transformers.CLIPTextModel (ImportError: libtorch_cpu.so" in check["summary"]

@@ -8,7 +8,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 from tightfit.cli import main
 from tightfit.config import load_config
@@ -27,7 +26,13 @@ def test_readme_auto_example_keeps_the_effective_batch_and_the_accuracy(tmp_path
     0.9888, 0.9926 (min 0.9888), so 0.98 holds with margin."""
     from tightfit.training.trainer import Trainer
 
-    overrides = ["optimizer.lr=0.01", "batch.micro_batch_size=auto", "budget=64MiB", f"run_dir={tmp_path / 'run'}", *QUIET]
+    overrides = [
+        "optimizer.lr=0.01",
+        "batch.micro_batch_size=auto",
+        "budget=64MiB",
+        f"run_dir={tmp_path / 'run'}",
+        *QUIET,
+    ]
     summary = Trainer(load_config(RECIPES / "digits.yaml", overrides)).fit()
     assert summary["effective_batch_size"] == 64
     assert summary["micro_batch_size"] * summary["accumulation_steps"] == 64
@@ -63,7 +68,17 @@ def test_shipped_recipes_plan_from_another_folder(recipe, tmp_path, monkeypatch,
 def test_a_recipe_trains_from_another_folder_and_the_moved_run_generates_and_resumes(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
-    code = main(["train", str(RECIPES / "causal-lm-base.yaml"), "max_steps=2", "data.limit=16", "--run-dir", "runs/base", *QUIET])
+    code = main(
+        [
+            "train",
+            str(RECIPES / "causal-lm-base.yaml"),
+            "max_steps=2",
+            "data.limit=16",
+            "--run-dir",
+            "runs/base",
+            *QUIET,
+        ]
+    )
     assert code == 0
     capsys.readouterr()
     saved = (tmp_path / "runs" / "base" / "config.yaml").read_text()
@@ -157,14 +172,28 @@ def test_a_run_without_validation_ends_on_last_with_a_train_loss(tmp_path, capsy
     assert "best checkpoint: None" not in out and "result:" in out and "train_loss" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["result_checkpoint"].endswith("last") and summary["train_loss"] > 0
-    assert main(["export-checkpoint", str(tmp_path / "run"), "--checkpoint", "last", "--output", str(tmp_path / "w.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "export-checkpoint",
+                str(tmp_path / "run"),
+                "--checkpoint",
+                "last",
+                "--output",
+                str(tmp_path / "w.safetensors"),
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out and (tmp_path / "w.safetensors").is_file()
     assert main(["export-checkpoint", str(tmp_path / "run"), "--checkpoint", "last"]) == 0
     assert "already one safetensors file" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ 7. what the anchors' users expect
-@pytest.mark.parametrize(("alias", "name"), [("16-mixed", "fp16"), ("bf16-mixed", "bf16"), ("32-true", "fp32"), ("bf16-true", "bf16-pure")])
+@pytest.mark.parametrize(
+    ("alias", "name"), [("16-mixed", "fp16"), ("bf16-mixed", "bf16"), ("32-true", "fp32"), ("bf16-true", "bf16-pure")]
+)
 def test_lightning_precision_names_are_aliases(alias, name):
     assert load_config(None, [f"precision={alias}"]).precision == name
 
@@ -191,7 +220,11 @@ def test_the_wandb_logger_is_offline_by_default_and_logs_lightning_style_names(t
     fake.init = lambda **kwargs: calls["init"].append(kwargs) or Run()
     fake.Artifact = lambda name, type: types.SimpleNamespace(add_dir=lambda path: None, add_file=lambda path: None)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    Trainer(load_config(None, ["epochs=1", "data.limit=100", "threads=1", "logging.wandb=true", f"run_dir={tmp_path}", *QUIET])).fit()
+    Trainer(
+        load_config(
+            None, ["epochs=1", "data.limit=100", "threads=1", "logging.wandb=true", f"run_dir={tmp_path}", *QUIET]
+        )
+    ).fit()
     assert calls["init"][0]["mode"] == "offline" and calls["init"][0]["dir"] == str(tmp_path)
     assert calls["config"]["optimizer.lr"] == 0.003 and calls["finished"]
     logged = {key for _, metrics in calls["log"] for key in metrics}
@@ -206,11 +239,41 @@ def test_equal_time_precisions_resolve_to_the_safer_one_in_training_and_inferenc
     tied = [option for option in training["alternatives"] if option["precision"] == "fp16" and option["fits"]]
     assert tied and tied[0]["note"] == "1.00x time per sample"
     assert training["recommendation"]["precision"] == "fp32"
-    assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--inference", "--device", "m1-16gb", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "builtin:digits-cnn",
+                "--input",
+                "1x8x8",
+                "--inference",
+                "--device",
+                "m1-16gb",
+                "--json",
+            ]
+        )
+        == 0
+    )
     inference = json.loads(capsys.readouterr().out)
     assert inference["precision"] == "fp32" and "ties to the safer" in inference["precision_reason"]
     assert "fp16" in inference["precision_reason"]  # it was searched, not skipped
-    assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--inference", "--device", "rtx3050-laptop-6gb", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "builtin:digits-cnn",
+                "--input",
+                "1x8x8",
+                "--inference",
+                "--device",
+                "rtx3050-laptop-6gb",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["precision"] in ("bf16", "fp16")  # a GPU where half precision is faster
 
 
@@ -231,4 +294,7 @@ def test_counts_have_the_right_plural():
     from tightfit.units import plural
 
     assert (plural(1, "estimate"), plural(8, "estimate"), plural(1, "data-loader worker")) == (
-        "1 estimate", "8 estimates", "1 data-loader worker")
+        "1 estimate",
+        "8 estimates",
+        "1 data-loader worker",
+    )

@@ -32,7 +32,9 @@ def test_sampling_is_greedy_at_zero_seeded_otherwise_and_top_p_keeps_the_head():
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
     assert next_token(logits, 0.0, 1.0, torch.Generator()) == 1
     draws = [next_token(logits, 1.0, 1.0, torch.Generator().manual_seed(seed)) for seed in range(40)]
-    assert set(draws) >= {1, 2} and draws == [next_token(logits, 1.0, 1.0, torch.Generator().manual_seed(s)) for s in range(40)]
+    assert set(draws) >= {1, 2} and draws == [
+        next_token(logits, 1.0, 1.0, torch.Generator().manual_seed(s)) for s in range(40)
+    ]
     # top_p 0.5: token 1 alone carries more than half the mass, so only it remains
     assert {next_token(logits, 1.0, 0.5, torch.Generator().manual_seed(seed)) for seed in range(40)} == {1}
 
@@ -40,11 +42,10 @@ def test_sampling_is_greedy_at_zero_seeded_otherwise_and_top_p_keeps_the_head():
 @pytest.fixture(scope="module")
 def pirate_run(tmp_path_factory) -> Path:
     pytest.importorskip("torchao")
-    from tightfit.training.trainer import Trainer
-
     import shutil
 
     from tightfit.models.spec import build_model
+    from tightfit.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("generate")
     base = root / "tiny-llama"  # a model folder with weights, as a user's would be
@@ -57,12 +58,25 @@ def pirate_run(tmp_path_factory) -> Path:
     run_dir = root / "pirate"
     config = {
         "model": f"hf:{base}",
-        "data": {"source": "text-corpus", "path": "packaged:pirate-replies", "tokenizer": str(base), "max_length": 64,
-                 "val_fraction": 0.0, "test_fraction": 0.0, "limit": 16},
+        "data": {
+            "source": "text-corpus",
+            "path": "packaged:pirate-replies",
+            "tokenizer": str(base),
+            "max_length": 64,
+            "val_fraction": 0.0,
+            "test_fraction": 0.0,
+            "limit": 16,
+        },
         "lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"], "quantize_base": "int8"},
-        "optimizer": {"lr": 0.01}, "batch": {"micro_batch_size": 8}, "epochs": 1, "max_steps": 2,
-        "device": "cpu", "precision": "fp32", "run_dir": str(run_dir),
-        "logging": {"console": False, "tensorboard": False}, "monitor": {"enabled": False},
+        "optimizer": {"lr": 0.01},
+        "batch": {"micro_batch_size": 8},
+        "epochs": 1,
+        "max_steps": 2,
+        "device": "cpu",
+        "precision": "fp32",
+        "run_dir": str(run_dir),
+        "logging": {"console": False, "tensorboard": False},
+        "monitor": {"enabled": False},
     }
     Trainer(config).fit()
     return run_dir
@@ -77,7 +91,9 @@ def test_lora_run_on_an_int8_base_generates_streamed_text(pirate_run, capsys):
     assert main(["generate", str(pirate_run), "--prompt", "What colour is grass?", "--max-new-tokens", "6"]) == 0
     streamed = capsys.readouterr()
     assert "6 tokens" in streamed.err or "stopped: eos" in streamed.err
-    assert main(["generate", str(pirate_run), "--prompt", "What colour is grass?", "--max-new-tokens", "6", "--json"]) == 0
+    assert (
+        main(["generate", str(pirate_run), "--prompt", "What colour is grass?", "--max-new-tokens", "6", "--json"]) == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["new_tokens"] >= 1 and result["settings"]["kv_cache"] is True
     assert streamed.out.strip() == result["text"].strip()  # the streamed pieces add up to the text
@@ -95,7 +111,9 @@ def test_merged_lora_run_loads_with_plain_transformers(pirate_run, tmp_path, cap
     plain = AutoModelForCausalLM.from_pretrained(str(output), local_files_only=True).eval()
     inputs = torch.tensor([[1, 261, 277, 28, 201]])
     with torch.no_grad():
-        torch.testing.assert_close(plain(inputs).logits, load_lora_run(pirate_run, merged=True)(inputs).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            plain(inputs).logits, load_lora_run(pirate_run, merged=True)(inputs).logits, atol=1e-5, rtol=1e-4
+        )
 
 
 def test_a_merged_folder_is_what_transformers_pipeline_takes_and_it_can_move(pirate_run, tmp_path, capsys):
@@ -111,7 +129,9 @@ def test_a_merged_folder_is_what_transformers_pipeline_takes_and_it_can_move(pir
     tokenizer = AutoTokenizer.from_pretrained(str(moved), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(moved), local_files_only=True)
     assert tokenizer("What colour is grass?")["input_ids"]
-    generated = pipeline("text-generation", model=str(moved), max_new_tokens=3, do_sample=False)("What colour is grass?")
+    generated = pipeline("text-generation", model=str(moved), max_new_tokens=3, do_sample=False)(
+        "What colour is grass?"
+    )
     assert generated[0]["generated_text"].startswith("What colour is grass?")
     assert main(["generate", str(moved), "--prompt", "What colour is grass?", "--max-new-tokens", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] >= 1
@@ -125,18 +145,31 @@ def test_generate_refuses_what_is_not_a_language_model(tmp_path, capsys):
     assert "not a language model" in capsys.readouterr().err
     classifier = tmp_path / "bert"
     classifier.mkdir()
-    (classifier / "config.json").write_text(json.dumps({
-        "architectures": ["BertForSequenceClassification"], "model_type": "bert", "vocab_size": 64, "hidden_size": 16,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-    }))
+    (classifier / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["BertForSequenceClassification"],
+                "model_type": "bert",
+                "vocab_size": 64,
+                "hidden_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 32,
+            }
+        )
+    )
     assert main(["generate", str(classifier), "--prompt", "hi"]) == 2
     error = capsys.readouterr().err
-    assert "BertForSequenceClassification is not a causal language model" in error and len(error.strip().splitlines()) == 1
+    assert (
+        "BertForSequenceClassification is not a causal language model" in error and len(error.strip().splitlines()) == 1
+    )
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
 
 
 def test_lora_on_a_weightless_config_folder_says_what_is_missing(tmp_path, capsys):
-    code = main(["train", "recipes/qlora-7b.yaml", "data.tokenizer=packaged:tiny-llama", "--run-dir", str(tmp_path / "run")])
+    code = main(
+        ["train", "recipes/qlora-7b.yaml", "data.tokenizer=packaged:tiny-llama", "--run-dir", str(tmp_path / "run")]
+    )
     error = capsys.readouterr().err
     assert code == 2 and "no weights" in error and "llama-7b" in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()

@@ -19,7 +19,13 @@ TOKENIZER = str(config_dir("tiny-llama"))
 
 
 def _build(path, **settings):
-    config = {"source": "text-corpus", "path": str(path), "tokenizer": TOKENIZER, "val_fraction": 0.0, "test_fraction": 0.0} | settings
+    config = {
+        "source": "text-corpus",
+        "path": str(path),
+        "tokenizer": TOKENIZER,
+        "val_fraction": 0.0,
+        "test_fraction": 0.0,
+    } | settings
     return build_datasets(config, seed=0)
 
 
@@ -44,7 +50,10 @@ def test_messages_use_the_chat_template_and_train_on_assistant_turns_only(tmp_pa
     folder = tmp_path / "tokenizer"
     shutil.copytree(TOKENIZER, folder)
     settings = json.loads((folder / "tokenizer_config.json").read_text())
-    settings["chat_template"] = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    settings["chat_template"] = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt "
+        "%}<assistant>{% endif %}"
+    )
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -54,13 +63,20 @@ def test_messages_use_the_chat_template_and_train_on_assistant_turns_only(tmp_pa
         {"role": "assistant", "content": "Farewell."},
     ]
     corpus = _write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])
-    bundle = build_datasets({"source": "text-corpus", "path": str(corpus), "tokenizer": str(folder), "val_fraction": 0, "test_fraction": 0}, seed=0)
+    bundle = build_datasets(
+        {"source": "text-corpus", "path": str(corpus), "tokenizer": str(folder), "val_fraction": 0, "test_fraction": 0},
+        seed=0,
+    )
     assert bundle.metadata["template"] == "chat template"
     sample = bundle.train[0]
     tokenizer = load_tokenizer(folder)
-    trained = [token for token, label in zip(sample["input_ids"].tolist(), sample["labels"].tolist()) if label != IGNORE_INDEX]
+    trained = [
+        token for token, label in zip(sample["input_ids"].tolist(), sample["labels"].tolist()) if label != IGNORE_INDEX
+    ]
     assert tokenizer.decode(trained) == "Hello.</s>Farewell.</s>"
-    assert tokenizer.decode(sample["input_ids"].tolist()).startswith("<system>Be brief.</s><user>Hi</s><assistant>Hello.")
+    assert tokenizer.decode(sample["input_ids"].tolist()).startswith(
+        "<system>Be brief.</s><user>Hi</s><assistant>Hello."
+    )
 
 
 def test_text_files_pack_whole_documents_and_never_predict_across_a_boundary(tmp_path):
@@ -82,10 +98,13 @@ def test_text_files_pack_whole_documents_and_never_predict_across_a_boundary(tmp
 
 
 def test_overlong_documents_are_truncated_or_dropped_and_counted(tmp_path):
-    corpus = _write_jsonl(tmp_path / "c.jsonl", [
-        {"prompt": "Hi", "response": "Short."},
-        {"prompt": "Tell me", "response": "word " * 60},
-    ])
+    corpus = _write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"prompt": "Hi", "response": "Short."},
+            {"prompt": "Tell me", "response": "word " * 60},
+        ],
+    )
     truncated = _build(corpus, max_length=32, packing=False)
     assert truncated.metadata["overlong"] == {"documents": 1, "action": "truncated"}
     assert max(len(truncated.train[i]["input_ids"]) for i in range(len(truncated.train))) == 32
@@ -97,7 +116,11 @@ def test_overlong_documents_are_truncated_or_dropped_and_counted(tmp_path):
 
 def test_histogram_and_packing_units():
     assert length_histogram([3, 20, 40, 300], 128) == {"1-16": 1, "17-32": 1, "33-64": 1, "65-128": 0, ">128": 1}
-    documents = [(torch.arange(5), torch.arange(5)), (torch.arange(4), torch.arange(4)), (torch.arange(3), torch.arange(3))]
+    documents = [
+        (torch.arange(5), torch.arange(5)),
+        (torch.arange(4), torch.arange(4)),
+        (torch.arange(3), torch.arange(3)),
+    ]
     rows = pack_documents(documents, max_length=8, packing=True)
     assert [len(ids) for ids, _ in rows] == [5, 7]
     assert rows[1][1].tolist() == [IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX, 1, 2]
@@ -124,7 +147,17 @@ def test_bad_corpus_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, cont
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(content)
     run_dir = tmp_path / "run"
-    code = main(["train", "model=builtin:tiny-gpt", "data.source=text-corpus", f"data.path={corpus}", f"data.tokenizer={TOKENIZER}", "--run-dir", str(run_dir)])
+    code = main(
+        [
+            "train",
+            "model=builtin:tiny-gpt",
+            "data.source=text-corpus",
+            f"data.path={corpus}",
+            f"data.tokenizer={TOKENIZER}",
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2 and message in error and len(error.strip().splitlines()) == 1
     assert not run_dir.exists()
@@ -132,10 +165,31 @@ def test_bad_corpus_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, cont
 
 def test_missing_tokenizer_and_non_causal_model_are_one_line_errors(tmp_path, capsys):
     corpus = _write_jsonl(tmp_path / "c.jsonl", [{"prompt": "a", "response": "b"}])
-    code = main(["train", "model=builtin:tiny-gpt", "data.source=text-corpus", f"data.path={corpus}", f"data.tokenizer={tmp_path / 'nope'}", "--run-dir", str(tmp_path / "r1")])
+    code = main(
+        [
+            "train",
+            "model=builtin:tiny-gpt",
+            "data.source=text-corpus",
+            f"data.path={corpus}",
+            f"data.tokenizer={tmp_path / 'nope'}",
+            "--run-dir",
+            str(tmp_path / "r1"),
+        ]
+    )
     assert code == 2 and "data.tokenizer: no such folder" in capsys.readouterr().err
-    code = main(["train", "model=builtin:tiny-bert", "data.source=text-corpus", f"data.path={corpus}", f"data.tokenizer={TOKENIZER}",
-                 "data.val_fraction=0", "data.test_fraction=0", "--run-dir", str(tmp_path / "r2")])
+    code = main(
+        [
+            "train",
+            "model=builtin:tiny-bert",
+            "data.source=text-corpus",
+            f"data.path={corpus}",
+            f"data.tokenizer={TOKENIZER}",
+            "data.val_fraction=0",
+            "data.test_fraction=0",
+            "--run-dir",
+            str(tmp_path / "r2"),
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2 and "TinyBERT is not a causal language model" in error
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
@@ -146,5 +200,8 @@ def test_a_generation_prompt_is_tokenised_exactly_as_the_training_conversations_
 
     tokenizer = load_tokenizer(Path(TOKENIZER))
     prompt = render_prompt(tokenizer, "What colour is grass?")
-    ids, trained = tokenize_document(tokenizer, [{"role": "user", "content": "What colour is grass?"}, {"role": "assistant", "content": "Grass is green."}])
+    ids, trained = tokenize_document(
+        tokenizer,
+        [{"role": "user", "content": "What colour is grass?"}, {"role": "assistant", "content": "Grass is green."}],
+    )
     assert ids[: len(prompt)] == prompt and not any(trained[: len(prompt)]) and trained[len(prompt)]

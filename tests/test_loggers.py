@@ -40,7 +40,15 @@ def test_tensorboard_event_files_hold_loss_lr_metrics_memory_and_throughput(fini
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/samples_per_s", "val/loss", "val/accuracy", "test/accuracy", "memory/rss_bytes"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/samples_per_s",
+        "val/loss",
+        "val/accuracy",
+        "test/accuracy",
+        "memory/rss_bytes",
+    } <= tags
     train_steps = [event.step for event in events.Scalars("train/loss")]
     assert train_steps == [1, 2, 4, 6, 8, 10, 12]
     assert [event.step for event in events.Scalars("val/loss")] == [6, 12]

@@ -101,7 +101,7 @@ def test_save_load_merge_give_the_same_outputs(tmp_path):
     model = apply_lora(TinyAttentionClassifier(), LoRAConfig(rank=4), verbose=False)
     # LoRA B starts at zero; make the adapters non-trivial so the test can fail
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     model.eval()

@@ -25,7 +25,13 @@ from tightfit.training.trainer import Trainer  # noqa: E402
 CONFIG = {
     "model": "builtin:mlp",
     "data": {"source": "digits", "limit": 48},
-    "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "quantize_base": "int8", "target_modules": ["layers.1", "layers.3"]},
+    "lora": {
+        "rank": 4,
+        "alpha": 8,
+        "dropout": 0.1,
+        "quantize_base": "int8",
+        "target_modules": ["layers.1", "layers.3"],
+    },
     "optimizer": {"name": "adamw", "lr": 0.01},
     "schedule": {"name": "cosine", "warmup_steps": 2},
     "batch": {"micro_batch_size": 8},
@@ -77,7 +83,9 @@ def test_int8_lora_run_checkpoints_adapters_only_and_resumes_after_sigkill(tmp_p
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         # every_n_steps writes the periodic checkpoints step-N (resumable) beside last
-        periodic = sorted((interrupted / "checkpoints").glob("step-*/meta.json"), key=lambda path: int(path.parent.name[5:]))
+        periodic = sorted(
+            (interrupted / "checkpoints").glob("step-*/meta.json"), key=lambda path: int(path.parent.name[5:])
+        )
         meta = json.loads(periodic[-1].read_text()) if periodic else None
         if meta and meta["step"] >= 9 and not meta["epoch_finished"]:  # mid-way through the second epoch
             break
@@ -120,15 +128,17 @@ def _fit(run_dir: Path, **changes) -> Trainer:
 
 
 def test_adapters_only_checkpoint_refuses_another_base_and_merges_into_a_full_precision_one(tmp_path):
-    from tightfit.runs.model import load_lora_run
     from tightfit.runs.checkpoint import load_weights
+    from tightfit.runs.model import load_lora_run
 
     trainer = _fit(tmp_path / "run", lora=CONFIG["lora"] | {"quantize_base": None})
     checkpoint = tmp_path / "run" / "checkpoints" / "last" / "model.safetensors"
     base_bytes = sum(p.numel() * 4 for n, p in trainer.model.named_parameters() if not p.requires_grad)
     assert checkpoint.stat().st_size < base_bytes
 
-    other = Trainer(CONFIG | {"run_dir": str(tmp_path / "other"), "seed": 4, "lora": CONFIG["lora"] | {"quantize_base": None}})
+    other = Trainer(
+        CONFIG | {"run_dir": str(tmp_path / "other"), "seed": 4, "lora": CONFIG["lora"] | {"quantize_base": None}}
+    )
     other.setup()
     with pytest.raises(TightfitError, match="differs from the one"):
         load_weights(other.model, checkpoint)
@@ -143,6 +153,7 @@ def test_adapters_only_checkpoint_refuses_another_base_and_merges_into_a_full_pr
 def _nf4_resume_matches(tmp_path, device: str, backend: str) -> None:
     lora = CONFIG["lora"] | {"quantize_base": "nf4", "quant_backend": backend}
     settings = CONFIG | {"device": device, "lora": lora, "checkpoint": {"every_n_steps": 3}, "threads": None}
+
     class Crash(Exception):
         pass
 

@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from tightfit.models.lora import LoRAConfig, apply_lora  # noqa: E402
 from tightfit.memory.overhead import device_overhead  # noqa: E402
+from tightfit.models.lora import LoRAConfig, apply_lora  # noqa: E402
 from tightfit.models.qlora import quantizable_linears, with_quantized_base  # noqa: E402
 from tightfit.models.spec import build_model  # noqa: E402
 
@@ -62,8 +62,14 @@ def test_planner_plans_a_lora_decoder_on_fake_tensors():
     before = _rss()
     # the 7B architecture at 2 layers keeps the test fast; the estimate runs the real step on fake tensors
     result = plan(
-        LLAMA_7B, "tokens:64", batch_size=1, precision="bf16-pure", checkpointing=False, lora_rank=8,
-        profile=get_profile("a100-40gb"), model_kwargs={"num_hidden_layers": 2},
+        LLAMA_7B,
+        "tokens:64",
+        batch_size=1,
+        precision="bf16-pure",
+        checkpointing=False,
+        lora_rank=8,
+        profile=get_profile("a100-40gb"),
+        model_kwargs={"num_hidden_layers": 2},
     ).to_dict()
     assert _rss() - before < 500 * 2**20
     parameters = result["parameters"]
@@ -80,8 +86,14 @@ def test_planner_quantized_base_option():
     from tightfit.hardware.profiles import get_profile
     from tightfit.plan.planner import plan
 
-    settings = dict(batch_size=1, precision="bf16-pure", checkpointing=False, lora_rank=8,
-                    profile=get_profile("rtx3050-laptop-6gb"), model_kwargs={"num_hidden_layers": 2})
+    settings = dict(
+        batch_size=1,
+        precision="bf16-pure",
+        checkpointing=False,
+        lora_rank=8,
+        profile=get_profile("rtx3050-laptop-6gb"),
+        model_kwargs={"num_hidden_layers": 2},
+    )
     bf16 = plan(LLAMA_7B, "tokens:64", **settings).to_dict()
     nf4 = plan(LLAMA_7B, "tokens:64", quantize_base="nf4", **settings).to_dict()
     linear_weights = 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008)

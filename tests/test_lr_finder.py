@@ -20,11 +20,20 @@ def make_trainer(tmp_path, **settings) -> Trainer:
     inputs = torch.randn(128, 6, generator=generator)
     data = TensorDataset(inputs, (inputs[:, 0] + inputs[:, 1] > 0).long())
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))  # buffers, RNG
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2)
+    )  # buffers, RNG
     config = {
-        "run_dir": str(tmp_path), "epochs": 2, "seed": 3, "threads": 1, "batch": {"micro_batch_size": 16},
-        "schedule": {"name": "cosine", "warmup_steps": 2}, "lr_find": {"num_steps": 30, "max_lr": 10.0},
-        "logging": {"console": False, "tensorboard": False}, "monitor": {"enabled": False}, **settings,
+        "run_dir": str(tmp_path),
+        "epochs": 2,
+        "seed": 3,
+        "threads": 1,
+        "batch": {"micro_batch_size": 16},
+        "schedule": {"name": "cosine", "warmup_steps": 2},
+        "lr_find": {"num_steps": 30, "max_lr": 10.0},
+        "logging": {"console": False, "tensorboard": False},
+        "monitor": {"enabled": False},
+        **settings,
     }
     return Trainer(config, model=model, datasets=(data, data, None))
 
@@ -85,13 +94,21 @@ def test_the_suggestion_is_the_steepest_point_of_a_lag_free_smoothing():
         average = 0.98 * average + 0.02 * value
         running.append(average / (1 - 0.98 ** (step + 1)))
     at_true_steepest = int(np.argmin(np.abs(log_lrs + 2.5)))
-    assert abs(smoothed[at_true_steepest] - clean[at_true_steepest]) < 0.1 < running[at_true_steepest] - clean[at_true_steepest]
+    assert (
+        abs(smoothed[at_true_steepest] - clean[at_true_steepest])
+        < 0.1
+        < running[at_true_steepest] - clean[at_true_steepest]
+    )
     assert smooth_losses([1.0, 1.0, 1.0, 1.0]) == pytest.approx([1.0] * 4)  # normalised at the edges
 
 
 def test_no_suggestion_when_the_loss_never_falls():
     rates = list(np.logspace(-6, 0, 50))
-    assert suggest_learning_rate(rates, list(np.linspace(1, 3, 50)))[:3] == (None, None, "the loss rose from the first steps: lower min_lr (now 1e-06)")
+    assert suggest_learning_rate(rates, list(np.linspace(1, 3, 50)))[:3] == (
+        None,
+        None,
+        "the loss rose from the first steps: lower min_lr (now 1e-06)",
+    )
     assert "the loss never changed" in suggest_learning_rate(rates, [0.7] * 50)[2]
     assert "only 5 steps" in suggest_learning_rate([1e-6, 1e-5, 1e-4, 1e-3, 1e-2], [1, 1, 1, 1, 1])[2]
 
@@ -125,10 +142,23 @@ def test_cli_lr_find_bad_input_is_one_line(tmp_path, monkeypatch, capsys, argume
 
 def test_cli_train_with_lr_auto_draws_the_sweep_beside_the_curves(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    arguments = ["train", "optimizer.lr=auto", "epochs=1", *QUIET, "logging.tensorboard=false", "--run-dir", str(run_dir), "--json"]
+    arguments = [
+        "train",
+        "optimizer.lr=auto",
+        "epochs=1",
+        *QUIET,
+        "logging.tensorboard=false",
+        "--run-dir",
+        str(run_dir),
+        "--json",
+    ]
     assert main(arguments) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["lr"] == summary["lr_find"]["suggestion"] == json.loads((run_dir / "lr_find.json").read_text())["suggestion"]
+    assert (
+        summary["lr"]
+        == summary["lr_find"]["suggestion"]
+        == json.loads((run_dir / "lr_find.json").read_text())["suggestion"]
+    )
     assert (run_dir / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -144,7 +174,9 @@ def test_lr_auto_without_a_suggestion_is_a_one_line_error_before_anything_is_wri
         def forward(self, inputs):
             return self.frozen(inputs) + 0 * self.stuck
 
-    trainer = make_trainer(tmp_path / "run", optimizer={"lr": "auto"}, batch={"micro_batch_size": 128})  # one window: no batch noise
+    trainer = make_trainer(
+        tmp_path / "run", optimizer={"lr": "auto"}, batch={"micro_batch_size": 128}
+    )  # one window: no batch noise
     trainer.user_model = Stuck()
     with pytest.raises(ConfigError, match="optimizer.lr: auto found no rate: the loss never changed"):
         trainer.setup()

@@ -35,8 +35,15 @@ class Blocks(nn.Module):
 
 def small_cnn():
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     )
 
 
@@ -136,14 +143,22 @@ def test_lora_adapters_alone_carry_gradients_and_state():
     assert trainable_bytes < total_bytes / 5
     assert memory.breakdown["optimizer"] == 2 * trainable_bytes + 4 * len(trainable)
     assert memory.breakdown["parameters"] >= total_bytes
-    assert measure_step(with_lora, token_batch, batch_size=2, optimizer="adamw", device="cpu").peak_bytes == memory.peak_bytes
+    assert (
+        measure_step(with_lora, token_batch, batch_size=2, optimizer="adamw", device="cpu").peak_bytes
+        == memory.peak_bytes
+    )
 
 
 def test_llama_decoder_is_planned_without_allocating_weights():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=512,
+        num_hidden_layers=2,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=512,
     )
     with torch.device("meta"):
         parameter_count = sum(p.numel() for p in transformers.LlamaForCausalLM(config).parameters())
@@ -178,11 +193,16 @@ def test_data_dependent_models_raise_estimation_error():
     with pytest.raises(EstimationError, match="data-dependent.*measure"):
         estimate_step(DataDependent, lambda b, d: torch.randn(b, 32, device=d), batch_size=4)
     # measuring works: the fallback callers use
-    assert measure_step(DataDependent, lambda b, d: torch.randn(b, 32, device=d), batch_size=4, device="cpu").peak_bytes > 0
+    assert (
+        measure_step(DataDependent, lambda b, d: torch.randn(b, 32, device=d), batch_size=4, device="cpu").peak_bytes
+        > 0
+    )
 
 
 def test_flops_of_a_linear_layer_are_counted_exactly():
-    memory = estimate_step(lambda: nn.Linear(64, 32, bias=False), lambda b, d: torch.randn(b, 64, device=d), batch_size=8)
+    memory = estimate_step(
+        lambda: nn.Linear(64, 32, bias=False), lambda b, d: torch.randn(b, 64, device=d), batch_size=8
+    )
     # forward 2*B*64*32; backward: only the weight gradient (the input needs none), as much again
     assert memory.flops == 2 * (2 * 8 * 64 * 32)
 
@@ -199,7 +219,8 @@ def test_existing_models_are_estimated_in_place_and_left_untouched():
 
 def test_cuda_profile_adds_the_overhead_model():
     profile = SimpleNamespace(
-        name="test-gpu", device_type="cuda",
+        name="test-gpu",
+        device_type="cuda",
         overhead={"context_bytes": 300_000_000, "workspace_bytes": 8_000_000, "fragmentation": 0.1},
     )
     cpu = estimate_step(Blocks, vector_batch, batch_size=3)

@@ -7,15 +7,20 @@ import torch
 
 from tightfit.cli import main
 from tightfit.memory.estimator import estimate_step
-from tightfit.plan.inference import estimate_forward, find_inference_batch_size, largest_batch, measure_forward
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
+from tightfit.plan.inference import estimate_forward, find_inference_batch_size, largest_batch, measure_forward
 
 
 @pytest.mark.parametrize(
     "spec, shape, kwargs, precision",
     [
         ("builtin:digits-cnn", "1x8x8", {}, "fp32"),
-        ("builtin:vit", "1x16x16", {"image_size": 16, "patch_size": 4, "in_channels": 1, "dim": 32, "depth": 2, "heads": 2}, "bf16"),
+        (
+            "builtin:vit",
+            "1x16x16",
+            {"image_size": 16, "patch_size": 4, "in_channels": 1, "dim": 32, "depth": 2, "heads": 2},
+            "bf16",
+        ),
         ("builtin:vit3d", "1x16x16x16", {"image_size": 16, "patch_size": 8, "dim": 32, "depth": 1, "heads": 2}, "fp32"),
     ],
 )
@@ -28,7 +33,8 @@ def test_forward_estimate_equals_measurement_on_cpu(spec, shape, kwargs, precisi
     assert estimated.peak_bytes == measured.peak_bytes
     assert estimated.breakdown["gradients"] == estimated.breakdown["optimizer"] == 0
     assert estimated.breakdown["parameters"] == sum(p.numel() * 4 for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers())
+        b.numel() * b.element_size() for b in model.buffers()
+    )
     assert estimated.flops == measured.flops > 0
     assert model.training  # put back as it was
 
@@ -54,20 +60,69 @@ def test_largest_batch_is_the_boundary_and_the_search_confirms_it():
 
 
 def test_cli_plan_and_batch_size_inference(capsys):
-    assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--inference", "--batch-size", "32",
-                 "--device", "cpu", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "builtin:digits-cnn",
+                "--input",
+                "1x8x8",
+                "--inference",
+                "--batch-size",
+                "32",
+                "--device",
+                "cpu",
+                "--json",
+            ]
+        )
+        == 0
+    )
     planned = json.loads(capsys.readouterr().out)
     assert planned["mode"] == "inference" and planned["batch_size"] == 32 and planned["breakdown"]["optimizer"] == 0
-    assert main(["batch-size", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--memory", "8MiB", "--inference", "--json"]) == 0
+    assert (
+        main(
+            [
+                "batch-size",
+                "--model",
+                "builtin:digits-cnn",
+                "--input",
+                "1x8x8",
+                "--memory",
+                "8MiB",
+                "--inference",
+                "--json",
+            ]
+        )
+        == 0
+    )
     searched = json.loads(capsys.readouterr().out)
     assert searched["mode"] == "inference" and searched["batch_size"] > 0
     assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--inference", "--optimizer", "sgd"]) == 2
     capsys.readouterr()
-    assert main(["plan", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--inference", "--samples", "1000",
-                 "--device", "rtx3050-laptop-6gb"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "builtin:digits-cnn",
+                "--input",
+                "1x8x8",
+                "--inference",
+                "--samples",
+                "1000",
+                "--device",
+                "rtx3050-laptop-6gb",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "FITS" in text and "forward only" in text and "for 1000 samples" in text
-    assert main(["batch-size", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--memory", "8MiB", "--inference"]) == 0
+    assert (
+        main(["batch-size", "--model", "builtin:digits-cnn", "--input", "1x8x8", "--memory", "8MiB", "--inference"])
+        == 0
+    )
     assert "largest forward batch" in capsys.readouterr().out
 
 
@@ -77,7 +132,8 @@ def test_pipeline_extract_stage_is_planned_forward_only(tmp_path):
     path = tmp_path / "pipeline.yaml"
     path.write_text(
         "device: rtx3050-laptop-6gb\nstages:\n"
-        "  - {name: features, kind: extract, model: torchvision:resnet18, input: 3x64x64, batch_size: 32, samples: 1000}\n"
+        "  - {name: features, kind: extract, model: torchvision:resnet18, input: 3x64x64, batch_size: 32, samples: "
+        "1000}\n"
         "  - {name: finetune, model: torchvision:resnet18, input: 3x64x64, batch_size: 32}\n"
     )
     result = plan_pipeline(load_pipeline(path))

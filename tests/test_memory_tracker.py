@@ -168,8 +168,14 @@ def test_is_out_of_memory_on_real_and_synthetic_errors():
     assert is_out_of_memory(real_cpu.value)
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
-    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 0 bytes)"))
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to allocate 8 bytes"))
+    assert is_out_of_memory(
+        RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 0 bytes)")
+    )
+    assert is_out_of_memory(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to allocate 8 bytes"
+        )
+    )
     assert is_out_of_memory(MemoryError())
     try:
         try:
@@ -184,7 +190,14 @@ def test_is_out_of_memory_on_real_and_synthetic_errors():
 
 
 def test_step_memory_checks_its_breakdown():
-    breakdown = {"parameters": 1, "gradients": 2, "optimizer": 3, "optimizer_temporaries": 0, "activations": 4, "overhead": 5}
+    breakdown = {
+        "parameters": 1,
+        "gradients": 2,
+        "optimizer": 3,
+        "optimizer_temporaries": 0,
+        "activations": 4,
+        "overhead": 5,
+    }
     memory = StepMemory(peak_bytes=15, breakdown=breakdown, method="measured")
     assert memory.tensor_bytes == 10
     assert memory.to_dict()["breakdown"] == breakdown

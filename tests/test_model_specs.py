@@ -22,6 +22,7 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 # name -> (input spec, kwargs that keep it small)
 BUILTIN_CASES = {
     "digits-cnn": ("1x8x8", {}),
@@ -113,8 +114,14 @@ def _write_config(directory, **config):
 
 def test_hf_config_only_directory_builds_the_named_architecture(tmp_path):
     directory = _write_config(
-        tmp_path / "gpt2", architectures=["GPT2LMHeadModel"], model_type="gpt2", n_layer=2, n_embd=32, n_head=2,
-        vocab_size=100, n_positions=64,
+        tmp_path / "gpt2",
+        architectures=["GPT2LMHeadModel"],
+        model_type="gpt2",
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=100,
+        n_positions=64,
     )
     model = build_model(f"hf:{directory}")
     assert type(model).__name__ == "GPT2LMHeadModel"
@@ -129,8 +136,13 @@ def test_hf_config_only_directory_builds_the_named_architecture(tmp_path):
 
 def test_hf_without_architectures_uses_automodel(tmp_path):
     directory = _write_config(
-        tmp_path / "bert", model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, vocab_size=100,
+        tmp_path / "bert",
+        model_type="bert",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
     )
     assert type(build_model(f"hf:{directory}")).__name__ == "BertModel"
 
@@ -163,7 +175,9 @@ def test_parse_input_specs():
     assert str(specs[1]) == "input_ids=tokens:16"
 
 
-@pytest.mark.parametrize("text", ["", "3x", "x3", "3x0x4", "tokens:", "tokens:0", "tokens:12x", "3x224,,1x2", "1-2", "9a=3x3", "a=1x2,a=1x2"])
+@pytest.mark.parametrize(
+    "text", ["", "3x", "x3", "3x0x4", "tokens:", "tokens:0", "tokens:12x", "3x224,,1x2", "1-2", "9a=3x3", "a=1x2,a=1x2"]
+)
 def test_bad_input_specs(text):
     with pytest.raises(SpecError, match="input spec"):
         parse_input_spec(text)
@@ -242,9 +256,24 @@ def test_digits_cnn_reaches_97_percent():
 
 def test_cli_bad_model_spec_exits_2():
     completed = subprocess.run(
-        [sys.executable, "-m", "tightfit", "plan", "--model", "builtin:nope", "--input", "1x8x8", "--batch-size", "2",
-         "--device", "cpu", "--json"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "tightfit",
+            "plan",
+            "--model",
+            "builtin:nope",
+            "--input",
+            "1x8x8",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 2
     assert "builtin:nope" in completed.stderr and "Traceback" not in completed.stderr

@@ -10,10 +10,10 @@ import torch
 from conftest import run_tightfit
 from tightfit.hardware.profiles import get_profile, with_budget
 from tightfit.memory.estimator import estimate_step
-from tightfit.plan.pipeline import SVM_KERNEL_CACHE_BYTES
-from tightfit.plan.planner import plan
 from tightfit.memory.report import CATEGORIES
 from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
+from tightfit.plan.pipeline import SVM_KERNEL_CACHE_BYTES
+from tightfit.plan.planner import plan
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 LLAMA_7B = REPOSITORY / "src" / "tightfit" / "configs" / "llama-7b"
@@ -38,8 +38,19 @@ def _budget(nbytes):
 
 
 def test_check_json_fields():
-    completed = _cli("--model", "builtin:mlp", "--input", "1x8x8", "--batch-size", "16", "--device", "cpu",
-                     "--memory", "64MiB", "--json")
+    completed = _cli(
+        "--model",
+        "builtin:mlp",
+        "--input",
+        "1x8x8",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--memory",
+        "64MiB",
+        "--json",
+    )
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout)
     assert set(result["breakdown"]) == set(CATEGORIES)
@@ -75,9 +86,14 @@ def test_recommended_micro_batch_is_the_largest_that_fits():
     batch_factory = make_batch_factory(parse_input_spec("1x8x8"), build_model("builtin:mlp"))
 
     def peak(batch):
-        return estimate_step(lambda: build_model("builtin:mlp"), batch_factory, batch_size=batch,
-                             precision=recommendation["precision"], optimizer=recommendation["optimizer"],
-                             profile=profile).peak_bytes
+        return estimate_step(
+            lambda: build_model("builtin:mlp"),
+            batch_factory,
+            batch_size=batch,
+            precision=recommendation["precision"],
+            optimizer=recommendation["optimizer"],
+            profile=profile,
+        ).peak_bytes
 
     assert peak(micro) <= threshold < peak(micro + 1)
     assert result.peak_bytes == peak(micro)
@@ -101,12 +117,24 @@ def test_nothing_fits():
 
 def test_checkpointing_is_chosen_when_it_is_what_fits():
     kwargs = {"dim": 64, "depth": 4, "heads": 2, "vocab_size": 128, "max_length": 256}
-    roomy = plan("builtin:tiny-gpt", "tokens:256", profile=_budget(2**30), precision="fp32", effective_batch_size=8,
-                 model_kwargs=kwargs)
+    roomy = plan(
+        "builtin:tiny-gpt",
+        "tokens:256",
+        profile=_budget(2**30),
+        precision="fp32",
+        effective_batch_size=8,
+        model_kwargs=kwargs,
+    )
     assert roomy.recommendation["checkpointing"] is False
     plain_peak = roomy.peak_bytes  # batch 8 without checkpointing
-    squeezed = plan("builtin:tiny-gpt", "tokens:256", profile=_budget(plain_peak * 0.8 / 0.9), precision="fp32",
-                    effective_batch_size=8, model_kwargs=kwargs)
+    squeezed = plan(
+        "builtin:tiny-gpt",
+        "tokens:256",
+        profile=_budget(plain_peak * 0.8 / 0.9),
+        precision="fp32",
+        effective_batch_size=8,
+        model_kwargs=kwargs,
+    )
     recommendation = squeezed.recommendation
     # Either checkpointing reaches batch 8 in one micro-batch, or accumulation does it; both keep 8.
     assert recommendation["micro_batch_size"] * recommendation["accumulation_steps"] == 8
@@ -138,8 +166,21 @@ def test_bad_input_exits_2_with_one_line(arguments, fragment):
 @pytest.mark.slow
 def test_7b_lora_is_planned_without_allocating_its_weights():
     """27 GB of fp32 weights, planned in a process that stays far below that (meta + fake tensors)."""
-    completed = _cli("--model", f"hf:{LLAMA_7B}", "--input", "tokens:32", "--batch-size", "1", "--lora-rank", "8",
-                     "--precision", "bf16-pure", "--device", "a100-80gb", "--json")
+    completed = _cli(
+        "--model",
+        f"hf:{LLAMA_7B}",
+        "--input",
+        "tokens:32",
+        "--batch-size",
+        "1",
+        "--lora-rank",
+        "8",
+        "--precision",
+        "bf16-pure",
+        "--device",
+        "a100-80gb",
+        "--json",
+    )
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout)
     assert result["parameters"] > 6.7e9 and result["trainable_parameters"] < 0.01 * result["parameters"]
@@ -159,7 +200,9 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_pipeline_table(tmp_path):
-    pipeline = _write(tmp_path / "pipeline.yaml", """
+    pipeline = _write(
+        tmp_path / "pipeline.yaml",
+        """
 name: small pipeline
 device: cpu
 memory: 64MiB
@@ -179,7 +222,8 @@ stages:
     kind: cpu
     features: 512
     samples: 1000
-""")
+""",
+    )
     completed = _cli(str(pipeline), "--json")
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout)
@@ -195,15 +239,19 @@ stages:
 @pytest.mark.parametrize(
     "text, fragment",
     [
-        ("stages:\n  - name: a\n    model: builtin:mlp\n    input: 1x8x8\n    batchsize: 4\n",
-         "stages[0].batchsize: unknown key; did you mean 'batch_size'?"),
+        (
+            "stages:\n  - name: a\n    model: builtin:mlp\n    input: 1x8x8\n    batchsize: 4\n",
+            "stages[0].batchsize: unknown key; did you mean 'batch_size'?",
+        ),
         ("devise: cpu\nstages:\n  - name: a\n    kind: cpu\n", "devise: unknown key; did you mean 'device'?"),
         ("stages: []\n", "stages"),
         ("stages:\n  - name: a\n    model: builtin:mlp\n    input: [1, 8\n", "not valid YAML"),
         ("stages:\n  - name: a\n    precision: fp8\n    model: builtin:mlp\n    input: 1x8x8\n", "stages[0].precision"),
         ("stages:\n  - name: a\n    input: 1x8x8\n", "needs 'model' and 'input'"),
-        ("stages:\n  - name: q\n    model: builtin:mlp\n    input: 1x8x8\n    quantize_base: nf4\n",
-         "needs a LoRA rank"),
+        (
+            "stages:\n  - name: q\n    model: builtin:mlp\n    input: 1x8x8\n    quantize_base: nf4\n",
+            "needs a LoRA rank",
+        ),
         ("stages:\n  - name: broken\n    model: builtin:nope\n    input: 1x8x8\n", "stage 'broken'"),
     ],
 )
@@ -256,8 +304,9 @@ def test_diffusion_directory_is_planned(tmp_path):
     from tiny_diffusion import write_tiny_pipeline
 
     directory = write_tiny_pipeline(tmp_path / "sd")
-    result = plan(f"diffusion:{directory}", "pixel_values=3x16x16,input_ids=tokens:77", batch_size=2,
-                  profile=_budget(2**30))
+    result = plan(
+        f"diffusion:{directory}", "pixel_values=3x16x16,input_ids=tokens:77", batch_size=2, profile=_budget(2**30)
+    )
     assert result.fits and 0 < result.trainable_parameters < result.parameters
     assert result.breakdown["gradients"] <= 4 * result.trainable_parameters < result.breakdown["parameters"]
 
@@ -269,7 +318,12 @@ def test_one_plan_entry_dispatches_on_the_request_kind():
     from tightfit.plan.planner import PlanResult
     from tightfit.plan.planner import plan as plan_model
 
-    options = {"batch_size": 32, "precision": "fp32", "optimizer": "adamw", "profile": resolve_target("rtx3050-laptop-6gb", None)}
+    options = {
+        "batch_size": 32,
+        "precision": "fp32",
+        "optimizer": "adamw",
+        "profile": resolve_target("rtx3050-laptop-6gb", None),
+    }
     result = plan(ModelRequest("builtin:digits-cnn", "1x8x8", options))
     assert isinstance(result, PlanResult)
     assert result.to_dict()["breakdown"] == plan_model("builtin:digits-cnn", "1x8x8", **options).to_dict()["breakdown"]

@@ -17,10 +17,14 @@ def test_plan_of_a_recipe_plans_its_model_batch_and_lora(capsys):
     from tightfit.models.lora import apply_lora
     from tightfit.models.spec import build_model
 
-    assert main(["plan", "recipes/lora-causal-lm.yaml", "batch.micro_batch_size=2", "--device", "m1-16gb", "--json"]) == 0
+    assert (
+        main(["plan", "recipes/lora-causal-lm.yaml", "batch.micro_batch_size=2", "--device", "m1-16gb", "--json"]) == 0
+    )
     result = json.loads(capsys.readouterr().out)
     config = load_config("recipes/lora-causal-lm.yaml")
-    trained = apply_lora(build_model(config.model), config.lora.model_copy(update={"quantize_base": None}), verbose=False)
+    trained = apply_lora(
+        build_model(config.model), config.lora.model_copy(update={"quantize_base": None}), verbose=False
+    )
     assert result["trainable_parameters"] == trained.lora_summary.trainable_parameters  # the recipe's targets, not auto
     assert result["batch_size"] == 2 and result["input"] == "tokens:128"
     assert any("int8 base" in note for note in result["notes"])  # the recipe's int8 base, counted as such
@@ -79,8 +83,14 @@ def test_plan_answers_for_the_target_whatever_the_planning_host_has(capsys, monk
 
     import tightfit.models.nf4 as nf4
 
-    args = ["recipes/lora-causal-lm.yaml", "precision=auto", "checkpointing=auto", "lora.quantize_base=nf4",
-            "--device", "rtx3050-laptop-6gb"]
+    args = [
+        "recipes/lora-causal-lm.yaml",
+        "precision=auto",
+        "checkpointing=auto",
+        "lora.quantize_base=nf4",
+        "--device",
+        "rtx3050-laptop-6gb",
+    ]
     # a CPU laptop without bitsandbytes plans for the RTX 3050 ...
     with monkeypatch.context() as patched:
         patched.setattr(torch.cuda, "is_available", lambda: False)

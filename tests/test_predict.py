@@ -13,8 +13,12 @@ from tightfit.compression.export import export_onnx, export_program
 from tightfit.compression.predictor import predict
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-METADATA = {"class_names": CLASS_NAMES, "input_shape": [1, 8, 8], "task": "classification",
-            "normalization": {"mode": "unit", "scale": 16}}
+METADATA = {
+    "class_names": CLASS_NAMES,
+    "input_shape": [1, 8, 8],
+    "task": "classification",
+    "normalization": {"mode": "unit", "scale": 16},
+}
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +95,14 @@ def test_a_compress_output_folder_resolves_to_its_best_onnx_artifact(artifacts, 
     step = tmp_path / "03-export"
     step.mkdir()
     shutil.copy(artifacts["onnx"], step / "model.onnx")
-    (tmp_path / "report.json").write_text(json.dumps({
-        "best": {"fastest": "03-export onnx fp32"},
-        "artifacts": [{"name": "03-export onnx fp32", "format": "onnx", "artifact": str(step / "model.onnx")}],
-    }))
+    (tmp_path / "report.json").write_text(
+        json.dumps(
+            {
+                "best": {"fastest": "03-export onnx fp32"},
+                "artifacts": [{"name": "03-export onnx fp32", "format": "onnx", "artifact": str(step / "model.onnx")}],
+            }
+        )
+    )
     np.save(tmp_path / "x.npy", samples.numpy())
     results = predict(tmp_path, [str(tmp_path / "x.npy")])
     assert len(results) == 5
@@ -119,12 +127,22 @@ def test_text_models_are_tokenized_with_a_local_tokenizer(tmp_path):
     tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+    )
     model = BertForSequenceClassification(config).eval()
     batch = dict(tokenizer(["a good film", "very bad"], padding=True, return_tensors="pt"))
-    path = export_onnx(model, batch, tmp_path / "text.onnx",
-                       metadata={"class_names": ["negative", "positive"], "tokenizer": str(tmp_path / "tokenizer")})
+    path = export_onnx(
+        model,
+        batch,
+        tmp_path / "text.onnx",
+        metadata={"class_names": ["negative", "positive"], "tokenizer": str(tmp_path / "tokenizer")},
+    )
     results = predict(path, ["a good film", "very bad"], text=True)
     with torch.no_grad():
         expected = model(**batch).logits.argmax(1).tolist()
@@ -137,8 +155,14 @@ def test_text_models_are_tokenized_with_a_local_tokenizer(tmp_path):
     [
         (lambda d: str(d / "missing.png"), "missing.png does not exist"),
         (lambda d: (d / "notes.txt").write_text("x") and str(d / "notes.txt"), "unsupported type .txt"),
-        (lambda d: np.save(d / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32)) or str(d / "wrong.npy"), "inputs of shape [1, 8, 8]; got [3, 8, 8]"),
-        (lambda d: torch.save({"weights": torch.zeros(2)}, d / "dict.pt") or str(d / "dict.pt"), "holds a dict, not a tensor"),
+        (
+            lambda d: np.save(d / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32)) or str(d / "wrong.npy"),
+            "inputs of shape [1, 8, 8]; got [3, 8, 8]",
+        ),
+        (
+            lambda d: torch.save({"weights": torch.zeros(2)}, d / "dict.pt") or str(d / "dict.pt"),
+            "holds a dict, not a tensor",
+        ),
         (lambda d: (d / "broken.png").write_bytes(b"not an image") and str(d / "broken.png"), "not a readable image"),
     ],
 )
@@ -151,7 +175,11 @@ def test_bad_inputs_get_one_line_errors_and_exit_2(artifacts, tmp_path, capsys, 
 
 @pytest.mark.parametrize(
     "artifact, message",
-    [("nowhere.onnx", "does not exist"), ("weights.safetensors", "is not an .onnx or .pt2 file"), ("bad.onnx", "cannot be loaded")],
+    [
+        ("nowhere.onnx", "does not exist"),
+        ("weights.safetensors", "is not an .onnx or .pt2 file"),
+        ("bad.onnx", "cannot be loaded"),
+    ],
 )
 def test_bad_artifacts_get_one_line_errors(tmp_path, capsys, artifact, message, samples):
     (tmp_path / "weights.safetensors").write_bytes(b"x")

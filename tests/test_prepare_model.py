@@ -60,8 +60,15 @@ def _planner(config) -> _Planner:
     if config.lora is not None and config.lora.quantize_base is not None:
         quantize_base, _ = resolve_quantize_base(config.lora.quantize_base, "cpu")
     model_kwargs = dict(config.model_options, **({"num_classes": num_classes} if num_classes is not None else {}))
-    return _Planner(config.model, input_spec, profile, lora_rank=None, model_kwargs=model_kwargs,
-                    quantize_base=quantize_base, lora=config.lora)
+    return _Planner(
+        config.model,
+        input_spec,
+        profile,
+        lora_rank=None,
+        model_kwargs=model_kwargs,
+        quantize_base=quantize_base,
+        lora=config.lora,
+    )
 
 
 def _shape(module: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, tuple[torch.dtype, bool]]:
@@ -85,8 +92,13 @@ def test_the_planned_module_is_the_module_the_trainer_trains(recipe: Path):
     cast = parameter_dtype(precision) if precision == "bf16-pure" else None
     if recipe.name in META_ONLY:
         settings = preparation(config, precision, torch.device("meta"))
-        run = prepare_model(config.model, model_kwargs=config.model_options, for_planning=True, device_type="cpu",
-                            **{key: value for key, value in settings.items() if key != "device"}).module
+        run = prepare_model(
+            config.model,
+            model_kwargs=config.model_options,
+            for_planning=True,
+            device_type="cpu",
+            **{key: value for key, value in settings.items() if key != "device"},
+        ).module
     else:
         _, num_classes = input_spec_for(config)
         base = _trainer_base(config, num_classes)

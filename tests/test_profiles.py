@@ -17,8 +17,17 @@ from tightfit.hardware.profiles import (
 )
 
 REQUIRED = {
-    "rtx3050-laptop-6gb", "m1-16gb", "m2-max-32gb", "t4-16gb", "rtx3060-12gb", "rtx4090-24gb",
-    "a100-40gb", "a100-80gb", "h100-80gb", "v100-16gb", "cpu",
+    "rtx3050-laptop-6gb",
+    "m1-16gb",
+    "m2-max-32gb",
+    "t4-16gb",
+    "rtx3060-12gb",
+    "rtx4090-24gb",
+    "a100-40gb",
+    "a100-80gb",
+    "h100-80gb",
+    "v100-16gb",
+    "cpu",
 }
 GIB = 2**30
 
@@ -30,8 +39,14 @@ def test_every_required_profile_is_present():
 
 @pytest.mark.parametrize("profile", list_profiles(), ids=lambda profile: profile.name)
 def test_every_figure_has_a_source(profile: DeviceProfile):
-    figures = ["memory_bytes", "usable_bytes", "memory_bandwidth", "supports_bf16",
-               "supports_fp16_autocast", "supports_bitsandbytes"]
+    figures = [
+        "memory_bytes",
+        "usable_bytes",
+        "memory_bandwidth",
+        "supports_bf16",
+        "supports_fp16_autocast",
+        "supports_bitsandbytes",
+    ]
     figures += [f"peak_flops.{dtype}" for dtype in profile.peak_flops]
     figures += [f"overhead.{key}" for key in ("context_bytes", "workspace_bytes", "fragmentation")]
     for figure in figures:
@@ -89,8 +104,13 @@ def test_profiles_are_frozen_and_serializable():
 
 @pytest.mark.parametrize(
     ("typo", "expected"),
-    [("rtx3050", "rtx3050-laptop-6gb"), ("a100", "a100-40gb"), ("m1-16", "m1-16gb"), ("h100", "h100-80gb"),
-     ("t4", "t4-16gb")],
+    [
+        ("rtx3050", "rtx3050-laptop-6gb"),
+        ("a100", "a100-40gb"),
+        ("m1-16", "m1-16gb"),
+        ("h100", "h100-80gb"),
+        ("t4", "t4-16gb"),
+    ],
 )
 def test_unknown_name_suggests_the_closest(typo: str, expected: str):
     with pytest.raises(SpecError, match=expected) as error:
@@ -109,8 +129,15 @@ def test_names_are_case_insensitive():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("6GiB", 6 * GIB), ("6 GiB", 6 * GIB), ("6GB", 6 * 10**9), ("512MiB", 512 * 2**20), ("512MB", 512 * 10**6),
-     ("1.5g", int(1.5 * GIB)), (5 * GIB, 5 * GIB)],
+    [
+        ("6GiB", 6 * GIB),
+        ("6 GiB", 6 * GIB),
+        ("6GB", 6 * 10**9),
+        ("512MiB", 512 * 2**20),
+        ("512MB", 512 * 10**6),
+        ("1.5g", int(1.5 * GIB)),
+        (5 * GIB, 5 * GIB),
+    ],
 )
 def test_resolve_target_budget(text, expected):
     target = resolve_target("rtx3050-laptop-6gb", memory=text)
@@ -175,9 +202,18 @@ def test_detected_cuda_profile_matches_torch():
 
 
 def test_unmatched_gpu_gets_derived_figures(monkeypatch):
-    device = {"index": 0, "name": "NVIDIA Imaginary X1", "total_bytes": 8 * GIB, "free_bytes": 7 * GIB,
-              "used_by_others_bytes": GIB // 2, "compute_capability": "8.6", "multiprocessors": 10,
-              "bf16": True, "tf32": True, "max_clock_hz": 1.5e9}
+    device = {
+        "index": 0,
+        "name": "NVIDIA Imaginary X1",
+        "total_bytes": 8 * GIB,
+        "free_bytes": 7 * GIB,
+        "used_by_others_bytes": GIB // 2,
+        "compute_capability": "8.6",
+        "multiprocessors": 10,
+        "bf16": True,
+        "tf32": True,
+        "max_clock_hz": 1.5e9,
+    }
     profile = profiles._cuda_profile(device, "535.0")
     assert profile.usable_bytes == 8 * GIB - GIB // 2
     assert profile.peak_flops["fp32"] == pytest.approx(10 * 128 * 2 * 1.5e9)
@@ -215,11 +251,14 @@ def test_devices_table_and_one_profile_with_sources(capsys):
     assert "peak_flops.fp16" in detail and "65.00 TFLOP/s" in detail and "nvidia.com" in detail
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["devices", "rtx3050"], "did you mean rtx3050-laptop-6gb"),
-    (["devices", "--memory", "lots"], "--memory"),
-    (["devices", "cpu", "--memory", "6XB"], "unknown unit"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["devices", "rtx3050"], "did you mean rtx3050-laptop-6gb"),
+        (["devices", "--memory", "lots"], "--memory"),
+        (["devices", "cpu", "--memory", "6XB"], "unknown unit"),
+    ],
+)
 def test_devices_bad_input_exits_2_with_one_line(argv, message, capsys):
     from tightfit.cli import main
 
@@ -239,8 +278,16 @@ def fake_cuda(monkeypatch, name="NVIDIA GeForce RTX 3050 6GB Laptop GPU", total=
 
     from tightfit.hardware import detect
 
-    properties = SimpleNamespace(name=name, total_memory=total, major=8, minor=6, multi_processor_count=20,
-                                 clock_rate=1_500_000, memory_clock_rate=7_000_000, memory_bus_width=96)
+    properties = SimpleNamespace(
+        name=name,
+        total_memory=total,
+        major=8,
+        minor=6,
+        multi_processor_count=20,
+        clock_rate=1_500_000,
+        memory_clock_rate=7_000_000,
+        memory_bus_width=96,
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
@@ -283,8 +330,9 @@ def test_detected_mps_uses_metal_working_set(monkeypatch):
     from tightfit.hardware import detect
 
     monkeypatch.setattr(detect, "cuda_devices", lambda: {"available": False, "devices": []})
-    monkeypatch.setattr(detect, "mps_info",
-                        lambda: {"built": True, "available": True, "recommended_max_bytes": int(10.67 * GIB)})
+    monkeypatch.setattr(
+        detect, "mps_info", lambda: {"built": True, "available": True, "recommended_max_bytes": int(10.67 * GIB)}
+    )
     monkeypatch.setattr(detect, "chip_name", lambda: "Apple M1")
     profile = resolve_target("auto")
     assert profile.name == "current-mps" and profile.device_type == "mps" and profile.unified_memory

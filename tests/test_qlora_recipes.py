@@ -23,7 +23,9 @@ def test_readme_qlora_table_is_regenerated_by_plan_and_every_row_fits():
     module = _table_module()
     generated = module.table()
     readme = module.README.read_text()
-    assert module.with_table(readme, generated) == readme, "README's QLoRA table is stale: benchmarks/qlora_recipes_table.py --write"
+    assert module.with_table(readme, generated) == readme, (
+        "README's QLoRA table is stale: benchmarks/qlora_recipes_table.py --write"
+    )
     rows = [line for line in generated.splitlines()[2:]]
     assert len(rows) == len(module.ROWS) and all("| ✓ |" in line for line in rows)
     rtx3050 = next(line for line in rows if line.startswith("| rtx3050-laptop-6gb "))

@@ -44,19 +44,27 @@ def test_run_page_shows_the_summary_numbers_and_the_curves(report_sources):
     assert f"Trained: {summary['test_accuracy'] * 100:.1f} % test accuracy" in html
     for chart in ("loss curves", "accuracy curves", "memory over the run", "learning rate", "samples/s"):
         assert f'aria-label="{chart}"' in html
-    train_steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                   if json.loads(line)["stage"] == "train"]
+    train_steps = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["stage"] == "train"
+    ]
     # one dot per logged training step on the loss curve (the series is short enough for dots)
     loss_chart = html.split('aria-label="loss curves"')[1].split("</svg>")[0]
     assert loss_chart.count("<title>train loss at") == len(train_steps)
-    assert 'id="checkpoints"' in html and "<tr class=\"best\"><td>best</td>" in html
+    assert 'id="checkpoints"' in html and '<tr class="best"><td>best</td>' in html
 
 
 def test_training_writes_the_report_by_default_and_not_when_switched_off(report_sources, tmp_path):
     from tightfit.api import train
 
     assert (report_sources["run"] / "report.html").is_file()  # the fixture's run: written by HtmlReport
-    settings = {"epochs": 1, "max_steps": 2, "data": {"limit": 200}, "logging": {"console": False, "tensorboard": False}}
+    settings = {
+        "epochs": 1,
+        "max_steps": 2,
+        "data": {"limit": 200},
+        "logging": {"console": False, "tensorboard": False},
+    }
     summary = train({**settings, "run_dir": str(tmp_path / "on")})
     assert summary["report"] == str(tmp_path / "on" / "report.html") and (tmp_path / "on" / "report.html").is_file()
     settings["logging"]["report"] = False
@@ -86,7 +94,11 @@ def test_a_run_whose_loss_did_not_move_is_a_warning_not_a_success(report_sources
     (run_dir / "summary.json").write_text(json.dumps(old_summary))
     _, html = render(run_dir)
     assert 'data-verdict="warn"' in html and "the loss barely moved" in html
-    flat = {"finding": "flat loss", "evidence": "the training loss did not move over steps 13-112", "advice": "the learning rate is likely too low"}
+    flat = {
+        "finding": "flat loss",
+        "evidence": "the training loss did not move over steps 13-112",
+        "advice": "the learning rate is likely too low",
+    }
     (run_dir / "summary.json").write_text(json.dumps({**summary, "diagnosis": [flat]}))
     _, html = render(run_dir)  # the run's own diagnosis is what the page says
     assert 'data-verdict="warn"' in html and "flat loss: the training loss did not move over steps 13-112" in html
@@ -103,11 +115,23 @@ def test_memory_chart_draws_the_device_memory_against_the_planned_peak_and_the_b
     assert "\nbudget: null\n" in config
     (run_dir / "config.yaml").write_text(config.replace("\nbudget: null\n", "\nbudget: 6GiB\n"))
     summary = json.loads((report_sources["run"] / "summary.json").read_text())
-    summary.update(device="cuda:0", batch_search_peak_bytes=3 * 2**30,
-                   peak_memory_bytes={"process_rss": 2**30, "cuda_allocated": 3 * 2**30 + 5, "cuda_reserved": 4 * 2**30})
+    summary.update(
+        device="cuda:0",
+        batch_search_peak_bytes=3 * 2**30,
+        peak_memory_bytes={"process_rss": 2**30, "cuda_allocated": 3 * 2**30 + 5, "cuda_reserved": 4 * 2**30},
+    )
     (run_dir / "summary.json").write_text(json.dumps(summary))
-    lines = [{"stage": "train", "step": step, "train_loss": 2.0 / step, "memory/rss_bytes": 2**30,
-              "memory/cuda_allocated_bytes": step * 2**28, "memory/cuda_reserved_bytes": 4 * 2**30} for step in (1, 2, 3)]
+    lines = [
+        {
+            "stage": "train",
+            "step": step,
+            "train_loss": 2.0 / step,
+            "memory/rss_bytes": 2**30,
+            "memory/cuda_allocated_bytes": step * 2**28,
+            "memory/cuda_reserved_bytes": 4 * 2**30,
+        }
+        for step in (1, 2, 3)
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     _, html = render(run_dir)
     assert _value(html, "peak_bytes") == format_bytes(3 * 2**30 + 5)
@@ -161,7 +185,9 @@ def test_doctor_page_with_a_broken_dataset_is_red_and_names_the_file(tmp_path):
         for label in ("cat", "dog"):
             (tmp_path / split / label).mkdir(parents=True)
             for index in range(2):
-                Image.new("RGB", (8, 8), (index * 90, 40 if label == "cat" else 200, 0)).save(tmp_path / split / label / f"{index}.png")
+                Image.new("RGB", (8, 8), (index * 90, 40 if label == "cat" else 200, 0)).save(
+                    tmp_path / split / label / f"{index}.png"
+                )
     (tmp_path / "train" / "cat" / "broken.png").write_text("not an image")
     html = render_data("doctor", run_doctor(data_dir=tmp_path, run_dir=tmp_path, smoke_test=False))
     assert 'data-verdict="bad"' in html
@@ -177,11 +203,14 @@ def test_study_page_ranks_results_with_intervals_and_the_paired_tests(report_sou
     assert _value(html, "best_result") == f"{best['arm']} / {best['classifier']}"
     low, high = best["accuracy_ci"]
     assert f"{best['accuracy'] * 100:.1f} % [{low * 100:.1f}, {high * 100:.1f}]" in html
-    assert html.split('id="results"')[1].split("<tbody>")[1].split("</table>")[0].count("<tr") == len(statistics["table"])
+    assert html.split('id="results"')[1].split("<tbody>")[1].split("</table>")[0].count("<tr") == len(
+        statistics["table"]
+    )
     assert html.count('aria-label="confusion matrix of') == len(statistics["confusion"])
     assert html.count('aria-label="paired-test p-values') == len(statistics["comparisons"])
     assert 'data-verdict="good"' in html and "7 / 7" in html
-    # a significant pair turns green in its matrix (twice: above and below the diagonal); a stage not run turns the verdict amber
+    # a significant pair turns green in its matrix (twice: above and below the diagonal); a stage not run turns the
+    # verdict amber
     statistics["comparisons"]["svm"]["pairs"][0]["corrected_t"]["p_value"] = 0.01
     study["stages"][-1]["status"] = "running"
     (tmp_path / "results.json").write_text(json.dumps(study))
@@ -207,12 +236,15 @@ def test_the_report_command_writes_beside_the_source_or_where_told(report_source
     assert json.loads(capsys.readouterr().out) == {"kind": "compression", "path": str(tmp_path / "c.html")}
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda path: path.mkdir(), "not a training run, a compression run or a study"),
-    (lambda path: path.write_text('{"hello": 1}'), "not a tightfit report source"),
-    (lambda path: path.write_text("{not json"), "not valid JSON"),
-    (lambda path: None, "no such file or folder"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda path: path.mkdir(), "not a training run, a compression run or a study"),
+        (lambda path: path.write_text('{"hello": 1}'), "not a tightfit report source"),
+        (lambda path: path.write_text("{not json"), "not valid JSON"),
+        (lambda path: None, "no such file or folder"),
+    ],
+)
 def test_bad_sources_are_one_line_errors_and_write_nothing(tmp_path, capsys, make, message):
     source = tmp_path / "source.json"
     make(source)
@@ -227,22 +259,48 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(tmp_path, capsys, mak
 
 def test_plan_html_and_doctor_html_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "plan.html"
-    assert main(["plan", "--model", "builtin:mlp", "--input", "64", "--batch-size", "8", "--precision", "fp32",
-                 "--device", "rtx3050-laptop-6gb", "--json", "--html", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "builtin:mlp",
+                "--input",
+                "64",
+                "--batch-size",
+                "8",
+                "--precision",
+                "fp32",
+                "--device",
+                "rtx3050-laptop-6gb",
+                "--json",
+                "--html",
+                str(out),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     plan = json.loads(captured.out)  # --json output stays one document: the page's path went to stderr
     assert str(out) in captured.err
     assert f'<div class="value">{format_bytes(plan["peak_bytes"])}</div>' in out.read_text()
-    assert main(["doctor", "--no-smoke-test", "--run-dir", str(tmp_path), "--html", str(tmp_path / "doctor.html")]) in (0, 1)
+    assert main(["doctor", "--no-smoke-test", "--run-dir", str(tmp_path), "--html", str(tmp_path / "doctor.html")]) in (
+        0,
+        1,
+    )
     assert "doctor report" in (tmp_path / "doctor.html").read_text()
     # a page that cannot be written is refused before the work
-    assert main(["plan", "--model", "builtin:mlp", "--input", "64", "--html", str(tmp_path / "missing" / "p.html")]) == 2
+    assert (
+        main(["plan", "--model", "builtin:mlp", "--input", "64", "--html", str(tmp_path / "missing" / "p.html")]) == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_report_module_does_not_import_torch(report_sources):
-    code = (f"import sys; from tightfit.report import render; render({str(report_sources['run'])!r}); "
-            f"render({str(report_sources['compression'])!r}); print('torch' in sys.modules)")
+    code = (
+        f"import sys; from tightfit.report import render; render({str(report_sources['run'])!r}); "
+        f"render({str(report_sources['compression'])!r}); print('torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -269,8 +327,25 @@ def test_scatter_labels_of_points_at_the_same_height_do_not_overlap():
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 # values a page looks up in its own tables (tones, orders): a hostile one is refused, not shown
-ENUMERATED = {"verdict", "status", "severity", "kind", "mode", "tone", "layout", "precision", "optimizer", "strategy",
-              "device_type", "task", "format", "type", "metric_name", "direction", "unit"}
+ENUMERATED = {
+    "verdict",
+    "status",
+    "severity",
+    "kind",
+    "mode",
+    "tone",
+    "layout",
+    "precision",
+    "optimizer",
+    "strategy",
+    "device_type",
+    "task",
+    "format",
+    "type",
+    "metric_name",
+    "direction",
+    "unit",
+}
 
 
 def _poison(value, key=""):

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.runs import checkpoint as checkpoint_files
+from tightfit.step.rng import rng_state, set_rng_state
 
 # The run: dropout (RNG), AdamW (optimizer state), cosine with warm-up (schedule), shuffled data
 # (sampler position), 3 epochs of 8 steps, a resumable checkpoint every 3 steps. A callback slows
@@ -58,7 +58,9 @@ RUN_SCRIPT = textwrap.dedent(
 def run_script(tmp_path: Path, run_dir: Path, mode: str, delay: float = 0.0) -> subprocess.Popen:
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT)
-    return subprocess.Popen([sys.executable, str(script), str(run_dir), mode, str(delay)], stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), mode, str(delay)], stderr=subprocess.PIPE, text=True
+    )
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -103,7 +105,9 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
 def test_checkpoint_survives_a_crash_between_the_two_renames(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     directory = tmp_path / "last"
-    checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 1}}, {"step": 1})
+    checkpoint_files.save_checkpoint(
+        directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 1}}, {"step": 1}
+    )
     first_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -118,7 +122,9 @@ def test_checkpoint_survives_a_crash_between_the_two_renames(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoint_files.os, "replace", crash_on_second_replace)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint_files.save_checkpoint(directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 2}}, {"step": 2})
+        checkpoint_files.save_checkpoint(
+            directory, checkpoint_files.model_weights(model), {"counters": {"global_step": 2}}, {"step": 2}
+        )
     monkeypatch.undo()
     assert not directory.exists()  # the crash left only the moved-aside copy ...
     restored = torch.nn.Linear(3, 2)
@@ -190,12 +196,17 @@ def test_a_kill_between_best_and_last_of_one_epoch_resumes_exactly(tmp_path):
     uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
 
     def launch(run_dir: Path, mode: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(script), str(run_dir), mode, "0"], stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(run_dir), mode, "0"], stderr=subprocess.PIPE, text=True
+        )
 
     reference, victim = launch(uninterrupted, "fresh"), launch(killed, "kill")
     assert victim.wait(timeout=120) == -signal.SIGKILL, victim.stderr.read()
     checkpoints = killed / "checkpoints"
-    step = {name: json.loads((checkpoints / name / checkpoint_files.META_FILE).read_text())["step"] for name in ("last", "best")}
+    step = {
+        name: json.loads((checkpoints / name / checkpoint_files.META_FILE).read_text())["step"]
+        for name in ("last", "best")
+    }
     assert step["last"] < step["best"]  # the window: best of the epoch written, its last not yet
     # the same folder with last damaged: weights only from best, with a warning that says why
     damaged = tmp_path / "damaged"
@@ -216,17 +227,22 @@ def test_a_kill_between_best_and_last_of_one_epoch_resumes_exactly(tmp_path):
     for name in expected:
         assert torch.equal(actual[name], expected[name]), name  # bit for bit
     expected_state, actual_state = (
-        torch.load(run / "checkpoints" / "last" / checkpoint_files.STATE_FILE, weights_only=True) for run in (uninterrupted, killed)
+        torch.load(run / "checkpoints" / "last" / checkpoint_files.STATE_FILE, weights_only=True)
+        for run in (uninterrupted, killed)
     )
     for index, moments in expected_state["optimizer"]["state"].items():
         for key, value in moments.items():
             assert torch.equal(actual_state["optimizer"]["state"][index][key], value), (index, key)
-    expected_summary, actual_summary = (json.loads((run / "summary.json").read_text()) for run in (uninterrupted, killed))
+    expected_summary, actual_summary = (
+        json.loads((run / "summary.json").read_text()) for run in (uninterrupted, killed)
+    )
     for key in ("steps", "samples_seen", "best_metric", "final_metrics"):
         if key in expected_summary:
             assert actual_summary[key] == expected_summary[key], key
-    assert json.loads((checkpoints / "last" / "meta.json").read_text())["metrics"] == json.loads(
-        (uninterrupted / "checkpoints" / "last" / "meta.json").read_text())["metrics"]
+    assert (
+        json.loads((checkpoints / "last" / "meta.json").read_text())["metrics"]
+        == json.loads((uninterrupted / "checkpoints" / "last" / "meta.json").read_text())["metrics"]
+    )
 
 
 def test_checkpoint_writer_close_finishes_the_queue_joins_its_thread_and_reraises(tmp_path):

@@ -41,7 +41,9 @@ class Net(nn.Module):
 
 def dataset() -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(SAMPLES, WIDTH, generator=generator), torch.randint(0, CLASSES, (SAMPLES,), generator=generator))
+    return TensorDataset(
+        torch.randn(SAMPLES, WIDTH, generator=generator), torch.randint(0, CLASSES, (SAMPLES,), generator=generator)
+    )
 
 
 def batch_factory(batch_size: int, device) -> tuple:
@@ -56,8 +58,11 @@ CASES = {
     "checkpointing": {"checkpointing": "auto"},
     "lora": {"lora": {"rank": 4, "target_modules": ["up", "down"]}},
     "everything": {
-        "batch": {"micro_batch_size": 4, "accumulation_steps": 3}, "precision": "bf16", "clip_grad_norm": 0.5,
-        "checkpointing": "auto", "lora": {"rank": 4, "target_modules": ["up", "down"]},
+        "batch": {"micro_batch_size": 4, "accumulation_steps": 3},
+        "precision": "bf16",
+        "clip_grad_norm": 0.5,
+        "checkpointing": "auto",
+        "lora": {"rank": 4, "target_modules": ["up", "down"]},
     },
 }
 
@@ -66,9 +71,14 @@ CASES = {
 def test_trainer_step_peak_equals_the_estimate(tmp_path, settings):
     torch.manual_seed(0)
     config = {
-        "run_dir": str(tmp_path), "epochs": 1, "threads": 1, "batch": {"micro_batch_size": 8},
-        "optimizer": {"name": "adamw", "lr": 1e-3}, "schedule": {"name": "constant"},
-        "logging": {"console": False, "tensorboard": False, "jsonl": False}, "monitor": {"enabled": False},
+        "run_dir": str(tmp_path),
+        "epochs": 1,
+        "threads": 1,
+        "batch": {"micro_batch_size": 8},
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "schedule": {"name": "constant"},
+        "logging": {"console": False, "tensorboard": False, "jsonl": False},
+        "monitor": {"enabled": False},
         **settings,
     }
     data = dataset()
@@ -81,8 +91,13 @@ def test_trainer_step_peak_equals_the_estimate(tmp_path, settings):
         trainer.train_step(window)
 
     estimate = estimate_step(
-        trainer.model, batch_factory, batch_size=trainer.micro_batch_size, precision=trainer.precision,
-        optimizer="adamw", accumulation_steps=trainer.accumulation_steps, clip_grad_norm=trainer.config.clip_grad_norm,
+        trainer.model,
+        batch_factory,
+        batch_size=trainer.micro_batch_size,
+        precision=trainer.precision,
+        optimizer="adamw",
+        accumulation_steps=trainer.accumulation_steps,
+        clip_grad_norm=trainer.config.clip_grad_norm,
     )
     assert estimate.peak_bytes == tracker.peak_bytes
     assert estimate.breakdown == tracker.breakdown

@@ -28,21 +28,48 @@ def fast_trainer() -> dict:
 
 def tiny_study(folder: Path, **changes) -> dict:
     study = {
-        "name": "tiny", "folder": str(folder), "device": "cpu", "threads": 1, "input": "1x8x8",
+        "name": "tiny",
+        "folder": str(folder),
+        "device": "cpu",
+        "threads": 1,
+        "input": "1x8x8",
         "data": {"source": "digits", "limit": 150, "development_fraction": 0.4},
         "cv": {"folds": 3, "repeats": 1, "seed": 0},
         "tracking": {"mlflow": False},
         "stages": [
-            {"name": "mim", "kind": "pretrain", "objective": "mim", "model": "builtin:vit", "model_kwargs": dict(TINY_VIT),
-             "epochs": 1, "batch_size": 32, "trainer": fast_trainer()},
-            {"name": "simclr", "kind": "pretrain", "objective": "contrastive", "model": "builtin:vit",
-             "model_kwargs": dict(TINY_VIT), "epochs": 1, "batch_size": 32, "trainer": fast_trainer()},
+            {
+                "name": "mim",
+                "kind": "pretrain",
+                "objective": "mim",
+                "model": "builtin:vit",
+                "model_kwargs": dict(TINY_VIT),
+                "epochs": 1,
+                "batch_size": 32,
+                "trainer": fast_trainer(),
+            },
+            {
+                "name": "simclr",
+                "kind": "pretrain",
+                "objective": "contrastive",
+                "model": "builtin:vit",
+                "model_kwargs": dict(TINY_VIT),
+                "epochs": 1,
+                "batch_size": 32,
+                "trainer": fast_trainer(),
+            },
             {"name": "mim-features", "kind": "extract", "from": "mim", "batch_size": 16},
             {"name": "simclr-features", "kind": "extract", "from": "simclr", "batch_size": 16},
             {"name": "codes", "kind": "sparse-code", "from": "mim-features", "n_components": 8, "max_iter": 3},
-            {"name": "classify", "kind": "classify", "from": ["mim-features", "simclr-features", "codes"],
-             "classifiers": [{"name": "svm", "C": [1.0], "gamma": ["scale"], "inner_folds": 2},
-                             {"name": "src", "n_nonzero": 5}, "logreg"]},
+            {
+                "name": "classify",
+                "kind": "classify",
+                "from": ["mim-features", "simclr-features", "codes"],
+                "classifiers": [
+                    {"name": "svm", "C": [1.0], "gamma": ["scale"], "inner_folds": 2},
+                    {"name": "src", "n_nonzero": 5},
+                    "logreg",
+                ],
+            },
             {"name": "statistics", "kind": "evaluate", "from": "classify", "bootstrap": 100},
         ],
     }
@@ -65,14 +92,35 @@ def _broken(tmp_path, mutate) -> tuple[Path, Path]:
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda s: s["stages"][2].update({"from": "mimm"}), "stage 'mim-features': from: unknown stage 'mimm' (did you mean 'mim'?)"),
-        (lambda s: s["stages"][5].update({"from": ["mim"]}), "stage 'classify': from: 'mim' is a pretrain stage; a classify stage takes extract or sparse-code"),
-        (lambda s: s["stages"][0].update({"from": "simclr"}) or s["stages"][1].update({"from": "mim"}), "the stages form a cycle"),
-        (lambda s: s["data"].update({"source": "volumes", "path": "/no/such/folder"}), "data.path: /no/such/folder does not exist"),
-        (lambda s: s["stages"][3].update({"batchsize": 4}), "stage 'simclr-features': batchsize: unknown key (did you mean 'batch_size'?)"),
+        (
+            lambda s: s["stages"][2].update({"from": "mimm"}),
+            "stage 'mim-features': from: unknown stage 'mimm' (did you mean 'mim'?)",
+        ),
+        (
+            lambda s: s["stages"][5].update({"from": ["mim"]}),
+            "stage 'classify': from: 'mim' is a pretrain stage; a classify stage takes extract or sparse-code",
+        ),
+        (
+            lambda s: s["stages"][0].update({"from": "simclr"}) or s["stages"][1].update({"from": "mim"}),
+            "the stages form a cycle",
+        ),
+        (
+            lambda s: s["data"].update({"source": "volumes", "path": "/no/such/folder"}),
+            "data.path: /no/such/folder does not exist",
+        ),
+        (
+            lambda s: s["stages"][3].update({"batchsize": 4}),
+            "stage 'simclr-features': batchsize: unknown key (did you mean 'batch_size'?)",
+        ),
         (lambda s: s["stages"][0].update({"objective": "jigsaw"}), "stage 'mim': objective:"),
-        (lambda s: s["stages"][2].update({"from": None, "weights": "/no/such.safetensors", "model": "builtin:vit"}), "stage 'mim-features': weights: /no/such.safetensors does not exist"),
-        (lambda s: s["stages"][0]["trainer"].update({"epocs": 2}), "stage 'mim': trainer.epocs: unknown setting (did you mean 'epochs'?)"),
+        (
+            lambda s: s["stages"][2].update({"from": None, "weights": "/no/such.safetensors", "model": "builtin:vit"}),
+            "stage 'mim-features': weights: /no/such.safetensors does not exist",
+        ),
+        (
+            lambda s: s["stages"][0]["trainer"].update({"epocs": 2}),
+            "stage 'mim': trainer.epocs: unknown setting (did you mean 'epochs'?)",
+        ),
     ],
 )
 def test_bad_study_is_one_line_exit_2_nothing_written(tmp_path, capsys, mutate, expected):
@@ -87,7 +135,13 @@ def test_graph_order_puts_inputs_first(tmp_path):
     study = tiny_study(tmp_path)
     study["stages"] = list(reversed(study["stages"]))
     order = topological_order(load_study(write(tmp_path / "s.yaml", study)))
-    assert order.index("mim") < order.index("mim-features") < order.index("codes") < order.index("classify") < order.index("statistics")
+    assert (
+        order.index("mim")
+        < order.index("mim-features")
+        < order.index("codes")
+        < order.index("classify")
+        < order.index("statistics")
+    )
 
 
 # ------------------------------------------------------------------------------ objectives
@@ -119,7 +173,10 @@ def test_objectives_return_a_loss_the_trainer_uses():
     for wrapper in (MaskedImageModeling(vit, 0.5, 16), ContrastiveLearning(vit, 8)):
         _, loss = forward_and_loss(wrapper, torch.rand(4, 1, 8, 8))  # a bare-image batch: no target
         assert loss.ndim == 0 and loss.requires_grad and torch.isfinite(loss)
-        assert all(key.startswith(("encoder.", "decoder", "mask_token", "prediction", "projection")) for key in wrapper.state_dict())
+        assert all(
+            key.startswith(("encoder.", "decoder", "mask_token", "prediction", "projection"))
+            for key in wrapper.state_dict()
+        )
     volume_vit = build_model("builtin:vit3d", num_classes=2, image_size=8, patch_size=4, dim=16, depth=1, heads=2)
     _, loss = forward_and_loss(MaskedImageModeling(volume_vit, 0.5, 16), torch.rand(2, 1, 8, 8, 8))
     assert torch.isfinite(loss)
@@ -135,7 +192,9 @@ def test_tiny_study_end_to_end_then_skipped(tmp_path, capsys):
     markdown = (folder / "results.md").read_text()
     table = results["evaluations"]["statistics"]["table"]
     assert {(row["arm"], row["classifier"]) for row in table} == {
-        (arm, classifier) for arm in ("mim-features", "simclr-features", "codes") for classifier in ("svm", "src", "logreg")
+        (arm, classifier)
+        for arm in ("mim-features", "simclr-features", "codes")
+        for classifier in ("svm", "src", "logreg")
     }
     for row in table:
         low, high = row["accuracy_ci"]
@@ -171,7 +230,7 @@ def test_tiny_study_end_to_end_then_skipped(tmp_path, capsys):
     assert changed == {"classify", "statistics"}
 
 
-SLOW_MODEL = '''
+SLOW_MODEL = """
 import time
 import torch
 
@@ -187,7 +246,7 @@ class Slow(torch.nn.Module):
 
 def slow(num_classes=10):
     return Slow(num_classes)
-'''
+"""
 
 
 def test_sigkill_during_extraction_then_resume_gives_identical_features(tmp_path, monkeypatch):
@@ -202,7 +261,9 @@ def test_sigkill_during_extraction_then_resume_gives_identical_features(tmp_path
     command = [sys.executable, "-m", "tightfit", "run", "--trust-code"]  # the model is Python code from a file
     killed = tmp_path / "killed"
     assert main(["run", str(study(killed)), "--dry-run"]) == 2  # refused without --trust-code
-    process = subprocess.Popen(command + [str(study(killed))], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command + [str(study(killed))], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     shard_folder = killed / "stages/features/features"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(shard_folder.glob("shard-*.safetensors"))) < 3:
@@ -245,17 +306,38 @@ def test_volumes_study_with_3d_mim_and_slices(tmp_path):
     root = tmp_path / "volumes"
     make_volumes(root, 8)
     study = {
-        "name": "volumes", "folder": str(tmp_path / "study"), "device": "cpu", "threads": 1,
+        "name": "volumes",
+        "folder": str(tmp_path / "study"),
+        "device": "cpu",
+        "threads": 1,
         "data": {"source": "volumes", "path": str(root), "development_fraction": 0.5},
-        "cv": {"folds": 2, "seed": 0}, "tracking": {"mlflow": False},
+        "cv": {"folds": 2, "seed": 0},
+        "tracking": {"mlflow": False},
         "stages": [
-            {"name": "mim3d", "kind": "pretrain", "objective": "mim", "model": "builtin:vit3d",
-             "model_kwargs": {"image_size": 8, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2},
-             "epochs": 1, "batch_size": 4, "trainer": fast_trainer()},
+            {
+                "name": "mim3d",
+                "kind": "pretrain",
+                "objective": "mim",
+                "model": "builtin:vit3d",
+                "model_kwargs": {"image_size": 8, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2},
+                "epochs": 1,
+                "batch_size": 4,
+                "trainer": fast_trainer(),
+            },
             {"name": "mim3d-features", "kind": "extract", "from": "mim3d"},
-            {"name": "slice-features", "kind": "extract", "model": "builtin:vit",
-             "model_kwargs": {**TINY_VIT}, "slices": {"axis": 0, "aggregate": "all"}},
-            {"name": "classify", "kind": "classify", "from": ["mim3d-features", "slice-features"], "classifiers": ["logreg"]},
+            {
+                "name": "slice-features",
+                "kind": "extract",
+                "model": "builtin:vit",
+                "model_kwargs": {**TINY_VIT},
+                "slices": {"axis": 0, "aggregate": "all"},
+            },
+            {
+                "name": "classify",
+                "kind": "classify",
+                "from": ["mim3d-features", "slice-features"],
+                "classifiers": ["logreg"],
+            },
             {"name": "statistics", "kind": "evaluate", "from": "classify", "bootstrap": 100},
         ],
     }
@@ -263,7 +345,9 @@ def test_volumes_study_with_3d_mim_and_slices(tmp_path):
     slices = read_features(tmp_path / "study/stages/slice-features/features")
     assert slices.features.shape == (8, 8 * 16)  # 8 slices x 16 features each, kept ("all")
     volumes = read_features(tmp_path / "study/stages/mim3d-features/features")
-    assert volumes.features.shape == (8, 16) and all(sample.startswith(("healthy/", "lesion/")) for sample in volumes.ids)
+    assert volumes.features.shape == (8, 16) and all(
+        sample.startswith(("healthy/", "lesion/")) for sample in volumes.ids
+    )
     assert "slice-features | logreg" in (tmp_path / "study/results.md").read_text()
 
 
@@ -314,8 +398,14 @@ def test_seed002_study_runs_end_to_end_on_generated_volumes(tmp_path):
     make_volumes(tmp_path / "volumes", 12)
     study = yaml.safe_load((REPO / "examples/pipelines/seed002-rtx3050.yaml").read_text())
     tiny3d = {"image_size": 8, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2}
-    study.update(folder=str(tmp_path / "study"), device="cpu", threads=1, input="1x8x8x8",
-                 cv={"folds": 2, "repeats": 1, "seed": 0}, tracking={"mlflow": False})
+    study.update(
+        folder=str(tmp_path / "study"),
+        device="cpu",
+        threads=1,
+        input="1x8x8x8",
+        cv={"folds": 2, "repeats": 1, "seed": 0},
+        tracking={"mlflow": False},
+    )
     study["data"]["path"] = str(tmp_path / "volumes")
     for stage in study["stages"]:
         if stage["kind"] == "pretrain":
@@ -328,7 +418,9 @@ def test_seed002_study_runs_end_to_end_on_generated_volumes(tmp_path):
         if stage["kind"] == "sparse-code":
             stage["n_components"] = 4
         if stage["kind"] == "classify":
-            stage.update(n_jobs=1, classifiers=[{"name": "svm", "C": [1.0], "gamma": ["scale"], "inner_folds": 2}, "src"])
+            stage.update(
+                n_jobs=1, classifiers=[{"name": "svm", "C": [1.0], "gamma": ["scale"], "inner_folds": 2}, "src"]
+            )
         if stage["kind"] == "evaluate":
             stage["bootstrap"] = 100
     assert main(["run", str(write(tmp_path / "seed002.yaml", study))]) == 0
@@ -344,20 +436,42 @@ def test_every_arm_reproduces_to_the_last_digit_from_scratch(tmp_path):
     study): the same weights, features and fold accuracies, bit for bit, for every arm."""
     outcomes = []
     for run in ("first", "second"):
-        study = tiny_study(tmp_path / run, data={"source": "digits", "limit": 120, "development_fraction": 0.4}, threads=2)
-        cnn = {"name": "cnn", "kind": "train", "model": "builtin:digits-cnn", "epochs": 1, "batch_size": 32,
-               "trainer": fast_trainer()}
-        study["stages"] = [cnn, *study["stages"][:2], {"name": "cnn-features", "kind": "extract", "from": "cnn"},
-                           *study["stages"][2:4],
-                           {"name": "classify", "kind": "classify", "from": ["cnn-features", "mim-features", "simclr-features"],
-                            "classifiers": ["logreg", {"name": "svm", "C": [1.0], "gamma": ["scale"], "inner_folds": 2}]}]
+        study = tiny_study(
+            tmp_path / run, data={"source": "digits", "limit": 120, "development_fraction": 0.4}, threads=2
+        )
+        cnn = {
+            "name": "cnn",
+            "kind": "train",
+            "model": "builtin:digits-cnn",
+            "epochs": 1,
+            "batch_size": 32,
+            "trainer": fast_trainer(),
+        }
+        study["stages"] = [
+            cnn,
+            *study["stages"][:2],
+            {"name": "cnn-features", "kind": "extract", "from": "cnn"},
+            *study["stages"][2:4],
+            {
+                "name": "classify",
+                "kind": "classify",
+                "from": ["cnn-features", "mim-features", "simclr-features"],
+                "classifiers": ["logreg", {"name": "svm", "C": [1.0], "gamma": ["scale"], "inner_folds": 2}],
+            },
+        ]
         assert main(["run", str(write(tmp_path / f"{run}.yaml", study))]) == 0
         folder = tmp_path / run / "stages"
-        features = {arm: read_features(folder / arm / "features").features
-                    for arm in ("cnn-features", "mim-features", "simclr-features")}
+        features = {
+            arm: read_features(folder / arm / "features").features
+            for arm in ("cnn-features", "mim-features", "simclr-features")
+        }
         accuracies = json.loads((folder / "classify" / "classification.json").read_text())["results"]
-        outcomes.append((features, {arm: {name: record["fold_accuracy"] for name, record in by.items()}
-                                    for arm, by in accuracies.items()}))
+        outcomes.append(
+            (
+                features,
+                {arm: {name: record["fold_accuracy"] for name, record in by.items()} for arm, by in accuracies.items()},
+            )
+        )
     (first_features, first_accuracy), (second_features, second_accuracy) = outcomes
     for arm in first_features:
         assert np.array_equal(first_features[arm], second_features[arm]), arm
@@ -385,10 +499,13 @@ def test_the_plan_gives_every_stage_a_time_and_the_study_a_total_on_the_target(t
     assert classify["time_s"] > knn  # knn plus the svm's nested grid
 
 
-@pytest.mark.parametrize("argv, expected", [
-    ([], "results.md is not from a study run here"),
-    (["--resume"], "is not a study folder"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], "results.md is not from a study run here"),
+        (["--resume"], "is not a study folder"),
+    ],
+)
 def test_a_folder_with_the_users_files_is_refused_and_left_byte_identical(tmp_path, capsys, argv, expected):
     folder = tmp_path / "mine"
     folder.mkdir()

@@ -49,7 +49,6 @@ def test_vit_patch_embedding_takes_four_modalities(tmp_path):
 
 def test_a_study_arm_on_one_channel_slices_from_local_weights_and_one_from_random(tmp_path):
     from medical_files import write_nifti
-
     from tightfit.cli import main
     from tightfit.study.features import read_features
 
@@ -63,13 +62,28 @@ def test_a_study_arm_on_one_channel_slices_from_local_weights_and_one_from_rando
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
     study = {
-        "name": "weights", "folder": str(tmp_path / "study"), "device": "cpu", "threads": 1,
-        "data": {"source": "medical", "path": str(root), "labels": str(root / "labels.csv"), "development_fraction": 0,
-                 "modalities": ["*_t1.nii.gz"]},
-        "cv": {"folds": 2}, "tracking": {"mlflow": False},
+        "name": "weights",
+        "folder": str(tmp_path / "study"),
+        "device": "cpu",
+        "threads": 1,
+        "data": {
+            "source": "medical",
+            "path": str(root),
+            "labels": str(root / "labels.csv"),
+            "development_fraction": 0,
+            "modalities": ["*_t1.nii.gz"],
+        },
+        "cv": {"folds": 2},
+        "tracking": {"mlflow": False},
         "stages": [
-            {"name": "pretrained", "kind": "extract", "model": "torchvision:resnet18", "weights": str(tmp_path / "resnet18.pth"),
-             "slices": {"axis": 2, "aggregate": "mean"}, "normalize": "imagenet"},
+            {
+                "name": "pretrained",
+                "kind": "extract",
+                "model": "torchvision:resnet18",
+                "weights": str(tmp_path / "resnet18.pth"),
+                "slices": {"axis": 2, "aggregate": "mean"},
+                "normalize": "imagenet",
+            },
             {"name": "random", "kind": "extract", "model": "torchvision:resnet18", "slices": {"axis": 2}},
             {"name": "classify", "kind": "classify", "from": ["pretrained", "random"], "classifiers": ["logreg"]},
         ],

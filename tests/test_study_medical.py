@@ -12,7 +12,6 @@ pytest.importorskip("nibabel")
 pytest.importorskip("pydicom")
 
 from medical_files import write_dicom_series, write_nifti
-
 from tightfit.cli import main
 from tightfit.study.classify import shared_folds
 from tightfit.study.data import load_samples
@@ -54,8 +53,9 @@ def test_1mm_and_2mm_scans_resampled_to_one_spacing_agree_to_interpolation_toler
     fine = write_nifti(tmp_path / "fine.nii.gz", smooth_scan(grid(1.0, SIDE)))
     coarse = write_nifti(tmp_path / "coarse.nii.gz", smooth_scan(grid(2.0, SIDE // 2)), np.diag([2.0, 2.0, 2.0, 1.0]))
     # 1.5 mm lies on neither grid: both scans are interpolated, each from its own samples, onto one world grid
-    samples = PreprocessedSamples([[fine], [coarse]], settings(spacing=[1.5] * 3, shape=None, zscore=False), None,
-                                  spatial_dims=3)
+    samples = PreprocessedSamples(
+        [[fine], [coarse]], settings(spacing=[1.5] * 3, shape=None, zscore=False), None, spatial_dims=3
+    )
     first, second = samples[0].numpy(), samples[1].numpy()
     # the fine scan spans 31 mm, the coarse one 30 mm: 22 against 21 voxels of 1.5 mm from the same origin
     assert first.shape == (1, 22, 22, 22) and second.shape == (1, 21, 21, 21)
@@ -106,8 +106,14 @@ def write_brats_like(root: Path, subjects: int, modalities=("t1", "flair")) -> t
 
 def test_medical_source_stacks_modalities_as_channels_with_csv_labels(tmp_path):
     root, labels = write_brats_like(tmp_path / "brats", 6)
-    data = StudyData(source="medical", path=str(root), labels=str(labels), modalities=["*_t1.nii.gz", "*_flair.nii.gz"],
-                     preprocess={"shape": None}, development_fraction=0.5)
+    data = StudyData(
+        source="medical",
+        path=str(root),
+        labels=str(labels),
+        modalities=["*_t1.nii.gz", "*_flair.nii.gz"],
+        preprocess={"shape": None},
+        development_fraction=0.5,
+    )
     samples = load_samples(data, seed=0, cache_dir=tmp_path / "cache")
     assert samples.ids == [f"case-{number:02d}" for number in range(6)]
     assert samples.class_names == ["healthy", "tumour"] and samples.labels.tolist() == [0, 1, 0, 1, 0, 1]
@@ -139,8 +145,9 @@ def write_image_subjects(root: Path, subjects: int, per_subject: int, labels_of)
 def test_images_source_keeps_every_subject_on_one_side_of_the_split_and_the_folds(tmp_path):
     root = tmp_path / "images"
     labels = write_image_subjects(root, 12, 5, lambda number: "ab"[number % 2])
-    samples = load_samples(StudyData(source="images", path=str(root), labels=str(labels), development_fraction=0.5),
-                           seed=0)
+    samples = load_samples(
+        StudyData(source="images", path=str(root), labels=str(labels), development_fraction=0.5), seed=0
+    )
     assert len(samples.ids) == 60 and samples.dataset[0].shape == (1, 8, 8)
     assert not set(samples.groups[samples.development]) & set(samples.groups[samples.evaluation])
     groups = samples.groups[samples.evaluation]
@@ -160,14 +167,28 @@ def test_labels_shuffled_across_subjects_give_chance_through_the_whole_study(tmp
     shuffled = np.random.default_rng(3).permutation(np.repeat(["healthy", "tumour"], 20))
     labels = write_image_subjects(root, 40, 4, lambda number: shuffled[number])
     study = {
-        "name": "shuffled", "folder": str(tmp_path / "study"), "device": "cpu", "threads": 1,
+        "name": "shuffled",
+        "folder": str(tmp_path / "study"),
+        "device": "cpu",
+        "threads": 1,
         "data": {"source": "images", "path": str(root), "labels": str(labels), "development_fraction": 0},
-        "cv": {"folds": 4, "repeats": 1, "seed": 0}, "tracking": {"mlflow": False},
+        "cv": {"folds": 4, "repeats": 1, "seed": 0},
+        "tracking": {"mlflow": False},
         "stages": [
-            {"name": "features", "kind": "extract", "model": "builtin:digits-cnn", "model_kwargs": {"in_channels": 1},
-             "layer": "features.2", "pooling": "flatten"},  # the 4x4 maps after the pooling: the pattern survives
-            {"name": "classify", "kind": "classify", "from": ["features"],
-             "classifiers": [{"name": "knn", "neighbours": 1}, "logreg"]},
+            {
+                "name": "features",
+                "kind": "extract",
+                "model": "builtin:digits-cnn",
+                "model_kwargs": {"in_channels": 1},
+                "layer": "features.2",
+                "pooling": "flatten",
+            },  # the 4x4 maps after the pooling: the pattern survives
+            {
+                "name": "classify",
+                "kind": "classify",
+                "from": ["features"],
+                "classifiers": [{"name": "knn", "neighbours": 1}, "logreg"],
+            },
             {"name": "statistics", "kind": "evaluate", "from": "classify", "bootstrap": 100},
         ],
     }
@@ -181,8 +202,9 @@ def test_labels_shuffled_across_subjects_give_chance_through_the_whole_study(tmp
         assert row["accuracy"] < 0.72, row  # 160 slices of 40 subjects: chance is 0.5, sd ~0.08 by subject
     # the same features split by slice instead of by subject: the subjects' patterns are memorised
     features = read_features(tmp_path / "study/stages/features/features")
-    leaky = cross_val_score(KNeighborsClassifier(1), features.features, features.labels,
-                            cv=StratifiedKFold(4, shuffle=True, random_state=0)).mean()
+    leaky = cross_val_score(
+        KNeighborsClassifier(1), features.features, features.labels, cv=StratifiedKFold(4, shuffle=True, random_state=0)
+    ).mean()
     assert leaky > 0.9, leaky
     assert "grouped by subject" in (tmp_path / "study" / "results.md").read_text()
 

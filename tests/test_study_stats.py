@@ -22,7 +22,9 @@ def test_classification_metrics_match_sklearn():
     assert result["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy_score(LABELS, PREDICTIONS))
     assert result["macro_f1"] == pytest.approx(metrics.f1_score(LABELS, PREDICTIONS, average="macro"))
     assert result["per_class"]["recall"] == pytest.approx(list(metrics.recall_score(LABELS, PREDICTIONS, average=None)))
-    assert result["per_class"]["precision"] == pytest.approx(list(metrics.precision_score(LABELS, PREDICTIONS, average=None)))
+    assert result["per_class"]["precision"] == pytest.approx(
+        list(metrics.precision_score(LABELS, PREDICTIONS, average=None))
+    )
     assert result["confusion"] == metrics.confusion_matrix(LABELS, PREDICTIONS).tolist()
     assert result["roc_auc_ovr"] == pytest.approx(metrics.roc_auc_score(LABELS, PROBABILITIES, multi_class="ovr"))
 
@@ -30,13 +32,16 @@ def test_classification_metrics_match_sklearn():
 def test_bootstrap_interval_agrees_with_scipy_percentile_bootstrap():
     low, high = stats.bootstrap_interval(LABELS, PREDICTIONS, resamples=2000, seed=1)
     correct = (LABELS == PREDICTIONS).astype(float)
-    reference = scipy_stats.bootstrap((correct,), np.mean, n_resamples=2000, method="percentile",
-                                      random_state=np.random.default_rng(1)).confidence_interval
+    reference = scipy_stats.bootstrap(
+        (correct,), np.mean, n_resamples=2000, method="percentile", random_state=np.random.default_rng(1)
+    ).confidence_interval
     assert low < correct.mean() < high
     assert low == pytest.approx(reference.low, abs=0.012)
     assert high == pytest.approx(reference.high, abs=0.012)
     # a custom metric goes through the per-resample path and gives the same interval for accuracy
-    assert stats.bootstrap_interval(LABELS, PREDICTIONS, metrics.accuracy_score, resamples=2000, seed=1) == pytest.approx((low, high))
+    assert stats.bootstrap_interval(
+        LABELS, PREDICTIONS, metrics.accuracy_score, resamples=2000, seed=1
+    ) == pytest.approx((low, high))
 
 
 def test_wilcoxon_is_scipys_and_rank_biserial_is_signed():
@@ -44,9 +49,13 @@ def test_wilcoxon_is_scipys_and_rank_biserial_is_signed():
     reference = scipy_stats.wilcoxon(FOLD_A, FOLD_B, method=result["method"])
     assert result["method"] == "approx"  # FOLD_A - FOLD_B has tied differences
     assert result["p_value"] == pytest.approx(reference.pvalue)
-    untied = stats.wilcoxon_signed_rank(FOLD_A, FOLD_A - np.linspace(0.01, 0.001, 10) * [1, -1, 1, 1, 1, 1, -1, 1, 1, 1])
+    untied = stats.wilcoxon_signed_rank(
+        FOLD_A, FOLD_A - np.linspace(0.01, 0.001, 10) * [1, -1, 1, 1, 1, 1, -1, 1, 1, 1]
+    )
     assert untied["method"] == "exact"
-    assert untied["p_value"] == pytest.approx(scipy_stats.wilcoxon(FOLD_A, FOLD_A - np.linspace(0.01, 0.001, 10) * [1, -1, 1, 1, 1, 1, -1, 1, 1, 1]).pvalue)
+    assert untied["p_value"] == pytest.approx(
+        scipy_stats.wilcoxon(FOLD_A, FOLD_A - np.linspace(0.01, 0.001, 10) * [1, -1, 1, 1, 1, 1, -1, 1, 1, 1]).pvalue
+    )
     assert result["statistic"] == pytest.approx(reference.statistic)
     differences = FOLD_A - FOLD_B
     ranks = scipy_stats.rankdata(np.abs(differences))
@@ -125,7 +134,9 @@ def test_src_classifies_separable_classes_by_residual(solver):
     assert scores.shape == (60, 3) and np.all(scores <= 0)  # minus residuals
     assert np.mean(model.predict(features[1::2]) == labels[1::2]) > 0.95
     # chunking does not change the answer
-    whole = SparseRepresentationClassifier(solver=solver, n_nonzero=5, alpha=0.01, chunk_size=1000).fit(features[::2], labels[::2])
+    whole = SparseRepresentationClassifier(solver=solver, n_nonzero=5, alpha=0.01, chunk_size=1000).fit(
+        features[::2], labels[::2]
+    )
     assert np.allclose(whole.decision_function(features[1::2]), scores, atol=1e-6)
 
 
@@ -144,7 +155,9 @@ def test_convergence_warnings_are_counted_once_not_printed_each():
         for _ in range(3):
             with counter:
                 Lasso(alpha=1e-4, max_iter=1).fit(features, target)
-                warnings.warn("something else", UserWarning)
+                warnings.warn("something else", UserWarning, stacklevel=1)
     assert counter.count == 3
     assert [str(record.message) for record in shown] == ["something else"] * 3  # other warnings still show
-    assert counter.note() == ["3 scikit-learn fits stopped at their iteration limit (ConvergenceWarning); kept as fitted"]
+    assert counter.note() == [
+        "3 scikit-learn fits stopped at their iteration limit (ConvergenceWarning); kept as fitted"
+    ]

@@ -12,9 +12,9 @@ from torch.utils.data import TensorDataset
 import tightfit
 from tightfit.cli import main
 from tightfit.errors import ConfigError
+from tightfit.step.batch import count_samples, slice_batch
 from tightfit.training.numerics import NumericsError, NumericsGuard, likely_cause
 from tightfit.training.schedules import lr_factor_function
-from tightfit.step.batch import count_samples, slice_batch
 from tightfit.training.trainer import Trainer
 
 
@@ -72,10 +72,14 @@ def test_default_recipe_trains_digits_to_97_percent_and_writes_the_run(tmp_path,
 
 def test_accumulation_gives_the_same_weights_as_one_large_batch(tmp_path):
     data = make_data(samples=25)  # windows of 10, 10 and a last partial window of 5
-    large = Trainer(quiet(tmp_path / "large", batch={"micro_batch_size": 10}), model=make_mlp(), datasets=(data, None, None))
+    large = Trainer(
+        quiet(tmp_path / "large", batch={"micro_batch_size": 10}), model=make_mlp(), datasets=(data, None, None)
+    )
     large.fit()
     accumulated = Trainer(
-        quiet(tmp_path / "small", batch={"micro_batch_size": 3, "effective_batch_size": 10}), model=make_mlp(), datasets=(data, None, None)
+        quiet(tmp_path / "small", batch={"micro_batch_size": 3, "effective_batch_size": 10}),
+        model=make_mlp(),
+        datasets=(data, None, None),
     )
     accumulated.fit()
     assert accumulated.accumulation_steps == 4 and accumulated.global_step == large.global_step == 6
@@ -96,13 +100,17 @@ def test_batch_helpers_keep_the_batch_form():
 
 @pytest.mark.parametrize("name", ["constant", "constant-warmup", "linear", "cosine", "exponential", "step"])
 def test_schedules_have_the_documented_shape(name):
-    factor = lr_factor_function(name, total_steps=100, warmup_steps=10 if name != "constant" else 0, min_lr_ratio=0.1, gamma=0.5, step_size=20)
+    factor = lr_factor_function(
+        name, total_steps=100, warmup_steps=10 if name != "constant" else 0, min_lr_ratio=0.1, gamma=0.5, step_size=20
+    )
     if name != "constant":
         assert factor(0) == pytest.approx(0.1) and factor(4) == pytest.approx(0.5) and factor(9) == pytest.approx(1.0)
     if name in ("constant", "constant-warmup"):
         assert factor(50) == factor(99) == 1.0
     if name == "linear":
-        assert factor(10) == pytest.approx(1.0) and factor(55) == pytest.approx(0.55) and factor(100) == pytest.approx(0.1)
+        assert (
+            factor(10) == pytest.approx(1.0) and factor(55) == pytest.approx(0.55) and factor(100) == pytest.approx(0.1)
+        )
     if name == "cosine":
         assert factor(55) == pytest.approx(0.55) and factor(100) == pytest.approx(0.1) and factor(30) > factor(31)
     if name == "step":
@@ -212,7 +220,9 @@ class OutOfMemoryAbove(nn.Module):
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path):
     data = make_data(40)
-    reference = Trainer(quiet(tmp_path / "reference", batch={"micro_batch_size": 16}), model=make_mlp(), datasets=(data, None, None))
+    reference = Trainer(
+        quiet(tmp_path / "reference", batch={"micro_batch_size": 16}), model=make_mlp(), datasets=(data, None, None)
+    )
     reference.fit()
     model = OutOfMemoryAbove(limit=5)
     trainer = Trainer(quiet(tmp_path / "oom", batch={"micro_batch_size": 16}), model=model, datasets=(data, None, None))
@@ -231,10 +241,16 @@ def test_out_of_memory_under_a_simulated_cpu_budget_is_survived(tmp_path):
     model = nn.Sequential(nn.Linear(32, 4096), nn.ReLU(), nn.Linear(4096, 4))
     # The memory tracker counts ~1.8 MiB of weights, gradients and momentum; activations take
     # ~48 KiB a sample: 64 samples (4.2 MiB) pass a 3.5 MiB budget, 32 (2.7 MiB) do not.
-    config = quiet(tmp_path, budget="3.5MiB", batch={"micro_batch_size": 64}, optimizer={"name": "sgd-momentum"}, epochs=2)
+    config = quiet(
+        tmp_path, budget="3.5MiB", batch={"micro_batch_size": 64}, optimizer={"name": "sgd-momentum"}, epochs=2
+    )
     summary = Trainer(config, model=model, datasets=(data, None, None)).fit()
     assert summary["oom_recoveries"] == 1
-    assert summary["micro_batch_size"] == 32 and summary["accumulation_steps"] == 2 and summary["effective_batch_size"] == 64
+    assert (
+        summary["micro_batch_size"] == 32
+        and summary["accumulation_steps"] == 2
+        and summary["effective_batch_size"] == 64
+    )
     assert summary["steps"] == 2 and summary["samples_seen"] == 128
 
 
@@ -307,7 +323,13 @@ def test_resource_monitor_samples_and_warns_before_memory_runs_out():
 
 def test_python_api_train_with_overrides(tmp_path):
     summary = tightfit.train(
-        None, run_dir=str(tmp_path), epochs=2, data__limit=200, logging__console=False, logging__tensorboard=False, threads=1
+        None,
+        run_dir=str(tmp_path),
+        epochs=2,
+        data__limit=200,
+        logging__console=False,
+        logging__tensorboard=False,
+        threads=1,
     )
     assert summary["steps"] == 2 * math.ceil(200 / 64) and summary["run_dir"] == str(tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == summary["steps"]
@@ -317,7 +339,9 @@ def test_python_api_train_with_overrides(tmp_path):
 
 def test_max_steps_stops_mid_epoch_and_still_tests(tmp_path):
     data = make_data(64)
-    trainer = Trainer(quiet(tmp_path, max_steps=3, batch={"micro_batch_size": 8}), model=make_mlp(), datasets=(data, data, data))
+    trainer = Trainer(
+        quiet(tmp_path, max_steps=3, batch={"micro_batch_size": 8}), model=make_mlp(), datasets=(data, data, data)
+    )
     summary = trainer.fit()
     assert summary["steps"] == 3 and "test_accuracy" in summary and summary["best_checkpoint"]
     meta = json.loads((tmp_path / "checkpoints" / "last" / "meta.json").read_text())
@@ -330,12 +354,18 @@ def test_micro_batch_size_auto_uses_the_memory_engine_and_fits_the_budget(tmp_pa
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 4096), nn.ReLU(), nn.Linear(4096, 4))
     config = quiet(
-        tmp_path, budget="3.5MiB", batch={"micro_batch_size": "auto", "effective_batch_size": 64}, optimizer={"name": "sgd-momentum"}, epochs=1
+        tmp_path,
+        budget="3.5MiB",
+        batch={"micro_batch_size": "auto", "effective_batch_size": 64},
+        optimizer={"name": "sgd-momentum"},
+        epochs=1,
     )
     summary = Trainer(config, model=model, datasets=(data, None, None)).fit()
     # 64 samples take 4.2 MiB of the tracker's count (see the test above): auto must stay below
     assert 1 <= summary["micro_batch_size"] < 64 and summary["oom_recoveries"] == 0
-    assert summary["effective_batch_size"] == 64 and summary["accumulation_steps"] == math.ceil(64 / summary["micro_batch_size"])
+    assert summary["effective_batch_size"] == 64 and summary["accumulation_steps"] == math.ceil(
+        64 / summary["micro_batch_size"]
+    )
     assert summary["steps"] == 1
 
 
@@ -348,7 +378,9 @@ def test_lora_section_trains_only_adapters_and_saves_them(tmp_path):
     trainer.fit()
     trainable = [name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad]
     assert trainable and all("lora_" in name or "modules_to_save" in name for name in trainable)
-    base_weight = next(parameter for name, parameter in trainer.model.named_parameters() if name.endswith("0.base_layer.weight"))
+    base_weight = next(
+        parameter for name, parameter in trainer.model.named_parameters() if name.endswith("0.base_layer.weight")
+    )
     assert torch.equal(base_weight, frozen_before)  # the base stays frozen
     assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
 
@@ -367,7 +399,22 @@ def test_grad_scaler_path_skips_a_nan_step_and_keeps_training(tmp_path):
 
 
 def test_cli_json_prints_only_the_summary(tmp_path, capsys):
-    assert main(["train", "--json", "--run-dir", str(tmp_path), "--limit", "60", "epochs=1", "threads=1", "logging.tensorboard=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--json",
+                "--run-dir",
+                str(tmp_path),
+                "--limit",
+                "60",
+                "epochs=1",
+                "threads=1",
+                "logging.tensorboard=false",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)  # nothing but the JSON document on stdout
     assert summary["steps"] == 1 and summary["run_dir"] == str(tmp_path) and 0 <= summary["test_accuracy"] <= 1
 
@@ -376,7 +423,9 @@ def test_cli_json_prints_only_the_summary(tmp_path, capsys):
 @pytest.mark.gpu
 def test_cuda_fp16_uses_a_grad_scaler_and_auto_picks_a_half_precision(tmp_path):
     data = make_data(64)
-    fp16 = Trainer(quiet(tmp_path / "fp16", precision="fp16", device="cuda"), model=make_mlp(), datasets=(data, data, None))
+    fp16 = Trainer(
+        quiet(tmp_path / "fp16", precision="fp16", device="cuda"), model=make_mlp(), datasets=(data, data, None)
+    )
     summary = fp16.fit()
     assert fp16.scaler is not None and summary["precision"] == "fp16" and math.isfinite(summary["best_metric"]["value"])
     assert summary["peak_memory_bytes"]["cuda_allocated"] > 0
@@ -412,5 +461,7 @@ def test_progress_in_a_captured_stdout_is_plain_lines_not_a_bar(tmp_path, capsys
     printed = capsys.readouterr().out  # pytest's capture is not a terminal
     lines = [line for line in printed.splitlines() if line.startswith("epoch ") and " step " in line]
     assert [line.split(" loss ")[0] for line in lines] == ["epoch 1/2 step 4/4", "epoch 2/2 step 4/4"]
-    assert all(re.fullmatch(r"epoch \d/2 step 4/4 loss \d+\.\d{4} \d+\.\d it/s eta 0:00", line) for line in lines), lines
+    assert all(re.fullmatch(r"epoch \d/2 step 4/4 loss \d+\.\d{4} \d+\.\d it/s eta 0:00", line) for line in lines), (
+        lines
+    )
     assert "━" not in printed and "\r" not in printed  # no redrawn bar

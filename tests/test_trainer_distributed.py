@@ -75,14 +75,20 @@ def test_two_ranks_match_one_process_with_the_combined_batch_also_when_one_rank_
     single_summary = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert ddp_summary["world_size"] == 2 and ddp_summary["steps"] == single_summary["steps"] == 4
     # rank 0 (whose summary this is) had memory enough, yet shrank with rank 1; the effective batch stayed
-    assert (ddp_summary["micro_batch_size"], ddp_summary["accumulation_steps"], ddp_summary["effective_batch_size"]) == (8, 2, 16)
+    assert (
+        ddp_summary["micro_batch_size"],
+        ddp_summary["accumulation_steps"],
+        ddp_summary["effective_batch_size"],
+    ) == (8, 2, 16)
     assert ddp_summary["oom_recoveries"] == 1 and len(ddp_summary["peak_memory_bytes_per_rank"]) == 2
     assert ddp_summary["best_metric"]["value"] == pytest.approx(single_summary["best_metric"]["value"], rel=1e-5)
     expected = load_file(str(tmp_path / "single" / "checkpoints" / "last" / "model.safetensors"))
     actual = load_file(str(tmp_path / "ddp" / "checkpoints" / "last" / "model.safetensors"))
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
-    validation_lines = [line for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    validation_lines = [
+        line for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"val"' in line
+    ]
     assert len(validation_lines) == 2  # rank 0 alone wrote the log
 
 
@@ -108,7 +114,8 @@ BATCH_NORM_SCRIPT = textwrap.dedent(
 
         def on_step_end(self, trainer, metrics):
             norm = trainer.model[1]
-            self.steps.append(torch.cat([norm.running_mean, norm.running_var, norm.num_batches_tracked.float().view(1)]))
+            stats = [norm.running_mean, norm.running_var, norm.num_batches_tracked.float().view(1)]
+            self.steps.append(torch.cat(stats))
 
         def on_fit_end(self, trainer, summary):
             torch.save(torch.stack(self.steps), f"{run_dir}.rank{os.environ['RANK']}.pt")
@@ -148,8 +155,14 @@ DIGITS = str(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml")
 # 200 samples per split: 2 steps per epoch on 2 ranks; AdamW, cosine schedule, BatchNorm buffers,
 # and the two repeated conv blocks sharded as FSDP units with activation checkpointing composed
 FSDP_RUN = [
-    DIGITS, "distributed.strategy=fsdp", "checkpointing=auto", "checkpoint.every_n_steps=1",
-    "logging.progress=false", "logging.tensorboard=false", "monitor.enabled=false", "data.limit=200",
+    DIGITS,
+    "distributed.strategy=fsdp",
+    "checkpointing=auto",
+    "checkpoint.every_n_steps=1",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "monitor.enabled=false",
+    "data.limit=200",
 ]
 KILLER = textwrap.dedent(
     """
@@ -196,10 +209,24 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
     # rank 1 dies (SIGKILL) in step 4's forward: the launcher stops rank 0 and says what happened
     monkeypatch.setenv("KILL_RANK", "1")
     monkeypatch.setenv("KILL_AT_FORWARD", "4")
-    launch = [sys.executable, "-m", "tightfit", "train", *FSDP_RUN, "model=killer:build", "max_steps=6", "--run-dir", str(killed), "--trust-code"]
+    launch = [
+        sys.executable,
+        "-m",
+        "tightfit",
+        "train",
+        *FSDP_RUN,
+        "model=killer:build",
+        "max_steps=6",
+        "--run-dir",
+        str(killed),
+        "--trust-code",
+    ]
     failed = _run([*launch, "--nproc-per-node", "2"])
     assert failed.returncode == 1
-    assert "tightfit train: error: rank 1 failed first (killed by SIGKILL)" in failed.stderr and "--resume" in failed.stderr
+    assert (
+        "tightfit train: error: rank 1 failed first (killed by SIGKILL)" in failed.stderr
+        and "--resume" in failed.stderr
+    )
     # checkpoint.every_n_steps=1: the periodic checkpoint of step 3 is the newest complete one
     assert json.loads((killed / "checkpoints" / "step-3" / "meta.json").read_text())["step"] == 3
     assert not (killed / "checkpoints" / "step-4").exists()
@@ -221,7 +248,9 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
     trainer = Trainer(load_config(one_process / "config.yaml", trust_code=True))
     trainer.setup(resume_from=one_process)
     assert trainer.global_step == 3 and trainer.process.world_size == 1
-    _assert_same({name: tensor.detach() for name, tensor in trainer.model.state_dict().items()}, read_sharded_weights(newest))
+    _assert_same(
+        {name: tensor.detach() for name, tensor in trainer.model.state_dict().items()}, read_sharded_weights(newest)
+    )
     names = dict((parameter, name) for name, parameter in trainer.model.named_parameters())
     for parameter, state in trainer.optimizer.state.items():
         assert torch.equal(state["exp_avg"], saved_optimizer[f"state.{names[parameter]}.exp_avg"])
@@ -236,7 +265,19 @@ def test_fsdp_killed_rank_stops_the_job_and_resumes_exactly_on_two_processes_one
 
     from tightfit.cli import main
 
-    assert main(["export-checkpoint", str(straight), "--checkpoint", "last", "--output", str(tmp_path / "model.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "export-checkpoint",
+                str(straight),
+                "--checkpoint",
+                "last",
+                "--output",
+                str(tmp_path / "model.safetensors"),
+            ]
+        )
+        == 0
+    )
     _assert_same(load_file(str(tmp_path / "model.safetensors")), _weights(straight))
 
 
@@ -297,16 +338,30 @@ def test_fsdp_gathers_in_the_run_precision_except_beside_batch_norm_under_autoca
     plain, normed = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     assert fsdp_param_dtype("auto", "bf16", plain) == "bf16" and fsdp_param_dtype("auto", "fp32", plain) == "fp32"
     assert fsdp_param_dtype("auto", "bf16", normed) == "fp32"  # its fp32 running statistics refuse bf16 weights
-    assert fsdp_param_dtype("auto", "bf16-pure", normed) == "bf16" and fsdp_param_dtype("fp16", "bf16", normed) == "fp16"
+    assert (
+        fsdp_param_dtype("auto", "bf16-pure", normed) == "bf16" and fsdp_param_dtype("fp16", "bf16", normed) == "fp16"
+    )
 
 
 def test_lr_auto_under_two_processes_picks_the_rate_one_process_with_the_combined_batch_picks(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)
     environment = {**_environment(), "TEST_LR_AUTO": "1"}
-    distributed = subprocess.run([*TORCHRUN, str(script), str(tmp_path / "ddp"), "8"], capture_output=True, text=True, timeout=300, env=environment)
+    distributed = subprocess.run(
+        [*TORCHRUN, str(script), str(tmp_path / "ddp"), "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+    )
     assert distributed.returncode == 0, distributed.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "16"], capture_output=True, text=True, timeout=300, env=environment)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "single"), "16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     ddp_summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     single_summary = json.loads((tmp_path / "single" / "summary.json").read_text())

@@ -47,6 +47,7 @@ def assert_one_line_refusal(code: int, err: str, *words: str) -> None:
 
 # --- module:callable specs from files --------------------------------------------------------
 
+
 def test_a_recipe_naming_os_system_runs_nothing(tmp_path, capsys):
     marker = tmp_path / "PWNED"
     recipe = tmp_path / "recipe.yaml"
@@ -96,7 +97,9 @@ def test_a_pipeline_file_and_a_compression_recipe_need_trust_for_code(tmp_path, 
     assert_one_line_refusal(code, err, "stages[0].model", "mylab.models:Net", "--trust-code")
     recipe = tmp_path / "compress.yaml"
     recipe.write_text(yaml.safe_dump({"steps": [{"step": "distill", "teacher": "mylab.models:Big"}]}))
-    code, err = run_cli(capsys, "compress", "builtin:digits-cnn", "--data", "digits", "--recipe", str(recipe), "-o", str(tmp_path / "o"))
+    code, err = run_cli(
+        capsys, "compress", "builtin:digits-cnn", "--data", "digits", "--recipe", str(recipe), "-o", str(tmp_path / "o")
+    )
     assert_one_line_refusal(code, err, "steps[0].teacher", "--trust-code")
     assert not (tmp_path / "o").exists()
 
@@ -105,7 +108,11 @@ def test_plan_model_os_abort_is_one_line_not_a_crash(tmp_path):
     # in a subprocess: if os.abort were called it would take pytest down with it
     result = subprocess.run(
         [sys.executable, "-m", "tightfit", "plan", "--model", "os:abort", "--input", "4"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and "holds no model" in result.stderr
@@ -182,6 +189,7 @@ def test_the_spec_builders_and_the_torch_free_prefix_list_agree():
 
 
 # --- .pt2 archives ------------------------------------------------------------------------
+
 
 class _ShellPayload:
     def __init__(self, marker: Path):
@@ -270,7 +278,9 @@ def test_shipped_recipes_need_no_opt_in_but_the_rest_of_tightfit_does(tmp_path):
     recipes = default_recipe().parent
     assert load_config(recipes / "lora-text-classification.yaml").model == "tightfit.models.text:minilm_classifier"
     recipe = tmp_path / "sneaky.yaml"
-    recipe.write_text(yaml.safe_dump({"model": "tightfit.models.spec:build_model", "model_options": {"spec": "evil:run"}}))
+    recipe.write_text(
+        yaml.safe_dump({"model": "tightfit.models.spec:build_model", "model_options": {"spec": "evil:run"}})
+    )
     with pytest.raises(ConfigError, match="--trust-code"):
         load_config(recipe)
 
@@ -296,8 +306,21 @@ DIGITS = str(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml")
 def sharded_run(tmp_path_factory) -> Path:
     """A one-process ``distributed.strategy=fsdp`` run: its checkpoints are DCP shards."""
     run_dir = tmp_path_factory.mktemp("sharded") / "run"
-    code = main(["train", DIGITS, "distributed.strategy=fsdp", "checkpointing=auto", "max_steps=1", "data.limit=32",
-                 "logging.progress=false", "logging.tensorboard=false", "monitor.enabled=false", "--run-dir", str(run_dir)])
+    code = main(
+        [
+            "train",
+            DIGITS,
+            "distributed.strategy=fsdp",
+            "checkpointing=auto",
+            "max_steps=1",
+            "data.limit=32",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "monitor.enabled=false",
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
     assert code == 0
     return run_dir
 
@@ -316,7 +339,12 @@ def test_a_sharded_checkpoint_exports_and_resumes_through_the_safe_reader(sharde
 
     from tightfit.runs.distributed_checkpoint import read_sharded_weights
 
-    assert main(["export-checkpoint", str(sharded_run), "--checkpoint", "last", "--output", str(tmp_path / "m.safetensors")]) == 0
+    assert (
+        main(
+            ["export-checkpoint", str(sharded_run), "--checkpoint", "last", "--output", str(tmp_path / "m.safetensors")]
+        )
+        == 0
+    )
     exported = load_file(str(tmp_path / "m.safetensors"))
     assert exported.keys() == read_sharded_weights(sharded_run / "checkpoints" / "last").keys() and len(exported) > 4
     optimizer = read_sharded_weights(sharded_run / "checkpoints" / "last", part="optimizer")
@@ -352,7 +380,9 @@ def test_a_planted_dcp_item_pickle_runs_nothing(tmp_path):
 
     marker = tmp_path / "PWNED"
     folder = tmp_path / "checkpoints" / "last"
-    dcp.save({"model": {"w": torch.ones(2)}, "optimizer": {"lr": _ShellPayload(marker)}}, checkpoint_id=folder / "shards")
+    dcp.save(
+        {"model": {"w": torch.ones(2)}, "optimizer": {"lr": _ShellPayload(marker)}}, checkpoint_id=folder / "shards"
+    )
     torch.save({"counters": {}}, folder / "state.pt")
     (folder / "meta.json").write_text('{"step": 1}')
     assert torch.equal(read_sharded_weights(folder)["w"], torch.ones(2))

@@ -75,25 +75,33 @@ def write_tiny_pipeline(directory: str | Path, *, seed: int = 0, sample_size: in
     text_encoder.save_pretrained(str(directory / "text_encoder"))
     tokenizer.save_pretrained(str(tokenizer_dir))
     scheduler.save_pretrained(str(directory / "scheduler"))
-    (directory / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }, indent=2) + "\n")
+    (directory / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": diffusers.__version__,
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return directory
 
 
 def _write_byte_level_clip_vocabulary(directory: Path) -> None:
     """A CLIP BPE vocabulary with no merges: every byte is a token (with and without ``</w>``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     characters = [chr(byte) for byte in printable]
     extra = 0
     for byte in range(256):  # GPT-2's byte-to-unicode map: unprintable bytes move above 255

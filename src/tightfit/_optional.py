@@ -38,8 +38,7 @@ def require(module_name: str, extra: str, purpose: str) -> ModuleType:
         return importlib.import_module(module_name)
     except ImportError as error:
         raise MissingExtraError(
-            f"{purpose} needs {module_name}, which is not installed ({error}): "
-            f'pip install "tightfit[{extra}]"'
+            f'{purpose} needs {module_name}, which is not installed ({error}): pip install "tightfit[{extra}]"'
         ) from None
 
 

@@ -17,7 +17,10 @@ from tightfit.training.trainer import Trainer
 
 
 def train(
-    config: TrainConfig | dict | str | Path | None = None, *, resume: str | Path | None = None, trust_code: bool = False,
+    config: TrainConfig | dict | str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    trust_code: bool = False,
     **overrides: Any,
 ) -> dict:
     """Train as ``config`` says and return the summary (also written to ``RUN_DIR/summary.json``).
@@ -78,7 +81,9 @@ def lr_find(config: Any, *, progress: bool = False) -> LRFindResult:
             "run_dir": str(scratch / "run"),
             "logging": config.logging.model_copy(update={**off, "console": config.logging.console and progress}),
             "monitor": config.monitor.model_copy(update={"enabled": False}),
-            "optimizer": config.optimizer.model_copy(update={"lr": config.lr_find.min_lr}),  # not "auto": this is the search
+            "optimizer": config.optimizer.model_copy(
+                update={"lr": config.lr_find.min_lr}
+            ),  # not "auto": this is the search
         }
     )
     try:

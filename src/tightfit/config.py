@@ -59,7 +59,9 @@ class LRFindConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     min_lr: float = Field(default=1e-7, gt=0, description="the sweep's first rate")
     max_lr: float = Field(default=1.0, gt=0, description="the sweep's last rate")
     num_steps: int = Field(default=100, ge=10, description="optimizer steps of the sweep")
-    divergence: float = Field(default=4.0, gt=1, description="stop when the smoothed loss passes this multiple of its minimum")
+    divergence: float = Field(
+        default=4.0, gt=1, description="stop when the smoothed loss passes this multiple of its minimum"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> "LRFindConfig":
@@ -74,7 +76,9 @@ class ScheduleConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     name: Literal[SCHEDULES] = "cosine"
     warmup_steps: int | None = Field(default=None, ge=0, description="default: warmup_fraction of all steps")
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
-    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="final lr / base lr for linear and cosine; the floor of reduce-on-plateau")
+    min_lr_ratio: float = Field(
+        default=0.0, ge=0, le=1, description="final lr / base lr for linear and cosine; the floor of reduce-on-plateau"
+    )
     gamma: float = Field(default=0.5, gt=0, le=1, description="decay per step_size for exponential and step")
     step_size: int | None = Field(default=None, ge=1, description="optimizer steps per decay; default one epoch")
     monitor: str = Field(default="val_loss", description="reduce-on-plateau: the validation metric to watch")
@@ -133,9 +137,15 @@ class ActivationCheckpointingConfig(BaseModel, extra="forbid", allow_inf_nan=Fal
 class CheckpointConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``checkpoint:`` which checkpoint files the run writes (``last`` always, ``best`` with validation)."""
 
-    every_n_steps: int | None = Field(default=None, ge=1, description="also write a kept, resumable step-N every N optimizer steps")
-    every_n_epochs: int | None = Field(default=None, ge=1, description="also write a kept, resumable epoch-N every N epochs")
-    keep_periodic: int | None = Field(default=None, ge=1, description="how many step-N/epoch-N checkpoints to keep (default: all)")
+    every_n_steps: int | None = Field(
+        default=None, ge=1, description="also write a kept, resumable step-N every N optimizer steps"
+    )
+    every_n_epochs: int | None = Field(
+        default=None, ge=1, description="also write a kept, resumable epoch-N every N epochs"
+    )
+    keep_periodic: int | None = Field(
+        default=None, ge=1, description="how many step-N/epoch-N checkpoints to keep (default: all)"
+    )
     keep_top_k: int = Field(default=0, ge=0, description="keep the k best checkpoints by monitor under top-k/")
     monitor: str = "val_loss"
     mode: Mode = "min"
@@ -156,13 +166,20 @@ class LoggingConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """``logging:`` where metrics go (console, JSON lines, TensorBoard, MLflow, W&B)."""
 
     console: bool = True
-    progress: bool = Field(default=True, description="rich progress bars in a terminal; plain lines (every 30 s and per epoch) when not one")
+    progress: bool = Field(
+        default=True,
+        description="rich progress bars in a terminal; plain lines (every 30 s and per epoch) when not one",
+    )
     jsonl: bool = True
     tensorboard: bool = True
     mlflow: bool = False
     mlflow_tracking_uri: str | None = Field(default=None, description="default: a file store in RUN_DIR/mlruns")
-    wandb: bool = Field(default=False, description="Weights & Biases (pip install 'tightfit[wandb]'); offline: RUN_DIR/wandb")
-    wandb_mode: Literal["offline", "online", "disabled"] = Field(default="offline", description="wandb.init(mode=...); offline sends nothing")
+    wandb: bool = Field(
+        default=False, description="Weights & Biases (pip install 'tightfit[wandb]'); offline: RUN_DIR/wandb"
+    )
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        default="offline", description="wandb.init(mode=...); offline sends nothing"
+    )
     experiment: str = Field(default="tightfit", description="the MLflow experiment and the W&B project")
     every_n_steps: int = Field(default=10, ge=1, description="log training metrics every N optimizer steps")
     report: bool = Field(default=True, description="write RUN_DIR/report.html when the run ends (tightfit report)")
@@ -182,7 +199,10 @@ class NumericsConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_consecutive_skips: int = Field(default=10, ge=1)
     flat_loss_steps: int | None = Field(
-        default=100, ge=20, description="warn when the loss has not moved, against its noise, in the first N steps after warm-up (null: off)"
+        default=100,
+        ge=20,
+        description="warn when the loss has not moved, against its noise, in the first N steps after warm-up (null: "
+        "off)",
     )
 
 
@@ -194,29 +214,43 @@ class DistributedConfig(BaseModel, extra="forbid"):
     """
 
     strategy: Literal[("auto", *STRATEGIES)] = Field(
-        default="auto", description="auto: DDP when launched with several processes; fsdp: shard parameters, gradients, optimizer state"
+        default="auto",
+        description="auto: DDP when launched with several processes; fsdp: shard parameters, gradients, optimizer "
+        "state",
     )
     gradient_sync: Literal[("auto", *GRADIENT_SYNCS)] = Field(
         default="auto",
         description="ddp: overlap (DistributedDataParallel, communication during backward) or after_accumulation "
-        "(averaged after the micro-batches: out-of-memory recovery across ranks); auto: after_accumulation under a budget",
+        "(averaged after the micro-batches: out-of-memory recovery across ranks); auto: after_accumulation under a "
+        "budget",
     )
     param_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="fsdp: dtype of the gathered parameters in forward/backward; auto follows precision"
     )
-    reduce_dtype: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="fsdp: dtype gradients are reduced in")
-    cpu_offload: bool = Field(default=False, description="fsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
-    timeout_s: float = Field(default=600, gt=0, description="a collective waiting longer than this ends every rank with an error")
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="fsdp: dtype gradients are reduced in"
+    )
+    cpu_offload: bool = Field(
+        default=False, description="fsdp: keep sharded parameters, gradients and optimizer state in CPU memory"
+    )
+    timeout_s: float = Field(
+        default=600, gt=0, description="a collective waiting longer than this ends every rank with an error"
+    )
 
 
 class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     """A whole training run. The defaults are the digits recipe."""
 
-    model: str = Field(default="builtin:digits-cnn", description="builtin:NAME, torchvision:NAME, hf:DIR, module:callable")
-    model_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model's constructor")
+    model: str = Field(
+        default="builtin:digits-cnn", description="builtin:NAME, torchvision:NAME, hf:DIR, module:callable"
+    )
+    model_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the model's constructor"
+    )
     init_weights: str | None = Field(
         default=None,
-        description="start from these weights: a run directory (its best, else last checkpoint), a checkpoint folder or a .safetensors file",
+        description="start from these weights: a run directory (its best, else last checkpoint), a checkpoint folder "
+        "or a .safetensors file",
     )
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -248,7 +282,11 @@ class TrainConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     @classmethod
     def _checkpointing_shorthand(cls, value: Any) -> Any:
         # "checkpointing: auto" is the natural way to write it; it means the activation setting.
-        return value if isinstance(value, Mapping) or isinstance(value, ActivationCheckpointingConfig) else {"activation": value}
+        return (
+            value
+            if isinstance(value, Mapping) or isinstance(value, ActivationCheckpointingConfig)
+            else {"activation": value}
+        )
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -364,9 +402,11 @@ def build_config(tree: Mapping[str, Any], *, source: str = "the defaults", overr
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as error:
+
         def where(key: str) -> str:
             from_command_line = any(
-                key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".") for set_key in overridden
+                key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".")
+                for set_key in overridden
             )
             return " (on the command line)" if from_command_line else f" (in {source})"
 

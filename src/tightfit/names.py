@@ -9,8 +9,12 @@ at once and ``tightfit --help`` stays torch-free.
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure")
 # Lightning's names (Trainer(precision=...)) for the same choices, accepted wherever a precision is.
 PRECISION_ALIASES = {
-    "32-true": "fp32", "32": "fp32", "16-mixed": "fp16", "16": "fp16",
-    "bf16-mixed": "bf16", "bf16-true": "bf16-pure",
+    "32-true": "fp32",
+    "32": "fp32",
+    "16-mixed": "fp16",
+    "16": "fp16",
+    "bf16-mixed": "bf16",
+    "bf16-true": "bf16-pure",
 }
 
 

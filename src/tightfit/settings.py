@@ -165,12 +165,16 @@ def describe_validation_error(
             tag_name = item.get("ctx", {}).get("discriminator", "'kind'")
             field_name = tag_name.strip("'")
             tags = [
-                str(value) for member in members if field_name in member.model_fields
+                str(value)
+                for member in members
+                if field_name in member.model_fields
                 for value in typing.get_args(member.model_fields[field_name].annotation)
             ]
             given = item["input"].get(field_name) if isinstance(item.get("input"), dict) else None
             got = f"got {given!r}" if given is not None else f"no {tag_name} key"
-            problem.messages.append(f"{tag_name} must be one of {', '.join(tags)}{closest(given, tags) if given else ''} ({got})")
+            problem.messages.append(
+                f"{tag_name} must be one of {', '.join(tags)}{closest(given, tags) if given else ''} ({got})"
+            )
         elif kind == "value_error":  # our own validators say what is wrong and quote the value
             problem.messages.append(message.removeprefix("Value error, "))
         else:
@@ -188,4 +192,3 @@ def describe_validation_error(
         suffix = where(key) if where is not None else ""
         lines.append(f"{key}{suffix}: {'; '.join(messages)}")
     return "; ".join(lines)
-

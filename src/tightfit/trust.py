@@ -102,10 +102,16 @@ def refuse_non_model_module(module_name: str, spec: str) -> None:
 def function_module_allowed(function_module: str | None) -> bool:
     """Whether a plain function defined in ``function_module`` may be called as a model factory."""
     root = (function_module or "").split(".")[0]
-    return bool(root) and root not in sys.stdlib_module_names and root not in _NOT_MODEL_PACKAGES and root not in _CLASSES_ONLY_PACKAGES
+    return (
+        bool(root)
+        and root not in sys.stdlib_module_names
+        and root not in _NOT_MODEL_PACKAGES
+        and root not in _CLASSES_ONLY_PACKAGES
+    )
 
 
 # --- torch.export archives -------------------------------------------------------------------
+
 
 def trust_home() -> Path:
     """The folder of tightfit's local trust record (``$TIGHTFIT_HOME`` or the XDG data folder)."""

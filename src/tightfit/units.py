@@ -51,9 +51,7 @@ def parse_memory(text: str | int | float, where: str = "memory") -> int:
         raise SpecError(f"{where}: cannot read {text!r} as a memory size (examples: 6GiB, 512MB, 16G)")
     number, unit = float(match.group(1)), match.group(2).lower()
     if unit not in _UNITS:
-        raise SpecError(
-            f"{where}: unknown unit {match.group(2)!r} in {text!r} (use B, KB, MB, GB, KiB, MiB or GiB)"
-        )
+        raise SpecError(f"{where}: unknown unit {match.group(2)!r} in {text!r} (use B, KB, MB, GB, KiB, MiB or GiB)")
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise SpecError(f"{where}: memory size must be positive, got {text!r}")

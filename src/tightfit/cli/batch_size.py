@@ -24,20 +24,56 @@ from tightfit.names import canonical_precision
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, metavar="SPEC", help="builtin:NAME, torchvision:NAME, hf:DIR, module.path:callable")
-    parser.add_argument("--input", required=True, metavar="SHAPE", help="per-sample input: 3x224x224, tokens:512, or several, comma-separated")
+    parser.add_argument(
+        "--model", required=True, metavar="SPEC", help="builtin:NAME, torchvision:NAME, hf:DIR, module.path:callable"
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        metavar="SHAPE",
+        help="per-sample input: 3x224x224, tokens:512, or several, comma-separated",
+    )
     parser.add_argument("--memory", metavar="SIZE", help="memory budget, e.g. 2GiB (simulated on CPU; required there)")
-    parser.add_argument("--device", metavar="DEVICE", help="where the trial steps run: cpu, cuda, cuda:1, mps (default: cpu with --memory, else the best device)")
-    parser.add_argument("--precision", type=canonical_precision, choices=PRECISION_CHOICES, default="fp32", help="training precision (default fp32)")
-    parser.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, default="adamw", help="optimizer whose state must fit (default adamw)")
-    parser.add_argument("--checkpointing", action="store_true", help="checkpoint the activations of the repeated blocks")
-    parser.add_argument("--accumulation", type=int, default=1, metavar="K", help="gradient accumulation steps (gradients stay live; default 1)")
+    parser.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="where the trial steps run: cpu, cuda, cuda:1, mps (default: cpu with --memory, else the best device)",
+    )
+    parser.add_argument(
+        "--precision",
+        type=canonical_precision,
+        choices=PRECISION_CHOICES,
+        default="fp32",
+        help="training precision (default fp32)",
+    )
+    parser.add_argument(
+        "--optimizer", choices=OPTIMIZER_CHOICES, default="adamw", help="optimizer whose state must fit (default adamw)"
+    )
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="checkpoint the activations of the repeated blocks"
+    )
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        default=1,
+        metavar="K",
+        help="gradient accumulation steps (gradients stay live; default 1)",
+    )
     parser.add_argument("--margin", type=float, default=0.1, help="fraction of the budget kept free (default 0.1)")
-    parser.add_argument("--max-batch-size", type=int, default=4096, metavar="N", help="largest batch size considered (default 4096)")
-    parser.add_argument("--num-classes", type=int, metavar="N", help="classes of the model's head, when the spec takes it")
-    parser.add_argument("--inference", action="store_true",
-                        help="forward-only passes (feature extraction): no gradients, no optimizer state")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (batch_size, peak_bytes, trials, ...)")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=4096, metavar="N", help="largest batch size considered (default 4096)"
+    )
+    parser.add_argument(
+        "--num-classes", type=int, metavar="N", help="classes of the model's head, when the spec takes it"
+    )
+    parser.add_argument(
+        "--inference",
+        action="store_true",
+        help="forward-only passes (feature extraction): no gradients, no optimizer state",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object (batch_size, peak_bytes, trials, ...)"
+    )
 
 
 def run(args) -> int:
@@ -59,8 +95,8 @@ def run(args) -> int:
         )
 
     from tightfit.hardware.detect import resolve_device
-    from tightfit.plan import BatchSizeRequest, plan
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
+    from tightfit.plan import BatchSizeRequest, plan
 
     device = resolve_device(device_name)
     if device.type == "cpu" and budget_bytes is None:
@@ -72,11 +108,22 @@ def run(args) -> int:
     if args.inference:
         return _run_inference(args, model, batch_factory, budget_bytes, device)
     with _status(args.json, f"searching the batch size of {args.model} on {device}"):
-        result = plan(BatchSizeRequest(model, batch_factory, options=dict(
-            budget_bytes=budget_bytes, device=device, precision=args.precision,
-            optimizer=args.optimizer, checkpointing=args.checkpointing, margin=args.margin,
-            max_batch_size=args.max_batch_size, accumulation_steps=args.accumulation,
-        )))
+        result = plan(
+            BatchSizeRequest(
+                model,
+                batch_factory,
+                options=dict(
+                    budget_bytes=budget_bytes,
+                    device=device,
+                    precision=args.precision,
+                    optimizer=args.optimizer,
+                    checkpointing=args.checkpointing,
+                    margin=args.margin,
+                    max_batch_size=args.max_batch_size,
+                    accumulation_steps=args.accumulation,
+                ),
+            )
+        )
     if args.json:
         from tightfit.cli._output import print_json
 
@@ -92,7 +139,9 @@ def _run_inference(args, model, batch_factory, budget_bytes, device) -> int:
     from tightfit.plan import BatchSizeRequest, plan
 
     if args.precision not in INFERENCE_PRECISIONS:
-        raise ConfigError(f"--precision: {args.precision} is not an inference precision ({', '.join(INFERENCE_PRECISIONS)})")
+        raise ConfigError(
+            f"--precision: {args.precision} is not an inference precision ({', '.join(INFERENCE_PRECISIONS)})"
+        )
     if budget_bytes is None:
         import torch
 
@@ -100,9 +149,20 @@ def _run_inference(args, model, batch_factory, budget_bytes, device) -> int:
     if budget_bytes is None:
         raise ConfigError("--memory: required with --inference on this device (the budget, e.g. --memory 4GiB)")
     with _status(args.json, f"searching the forward batch size of {args.model} on {device}"):
-        result = plan(BatchSizeRequest(model, batch_factory, inference=True, options=dict(
-            budget_bytes=budget_bytes, device=device, precision=args.precision, margin=args.margin,
-            max_batch_size=args.max_batch_size)))
+        result = plan(
+            BatchSizeRequest(
+                model,
+                batch_factory,
+                inference=True,
+                options=dict(
+                    budget_bytes=budget_bytes,
+                    device=device,
+                    precision=args.precision,
+                    margin=args.margin,
+                    max_batch_size=args.max_batch_size,
+                ),
+            )
+        )
     if args.json:
         from tightfit.cli._output import print_json
 
@@ -115,8 +175,10 @@ def _run_inference(args, model, batch_factory, budget_bytes, device) -> int:
         for trial in result.trials:
             peak = format_bytes(trial["peak_bytes"]) if trial["peak_bytes"] is not None else "out of memory"
             out.print(f"  forward pass at batch {trial['batch_size']}: {peak} ({trial['seconds']:.2f} s)")
-        out.print(f"predicted: {result.predicted_batch_size}; largest forward batch: {result.batch_size} "
-                  f"(budget {format_bytes(result.budget_bytes)}, margin {args.margin:.0%})")
+        out.print(
+            f"predicted: {result.predicted_batch_size}; largest forward batch: {result.batch_size} "
+            f"(budget {format_bytes(result.budget_bytes)}, margin {args.margin:.0%})"
+        )
     return 0 if result.batch_size > 0 else 1
 
 

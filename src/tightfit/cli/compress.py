@@ -21,21 +21,32 @@ from tightfit.names import QUANTIZE_METHODS
 def add_arguments(parser) -> None:
     parser.add_argument("source", help="a tightfit run directory, or a model spec (with --checkpoint and --data)")
     parser.add_argument("--recipe", help="a compression recipe YAML (default: prune -> quantize -> export)")
-    parser.add_argument("--steps", help="comma-separated steps instead of a recipe: prune,finetune,distill,qat,quantize,export")
+    parser.add_argument(
+        "--steps", help="comma-separated steps instead of a recipe: prune,finetune,distill,qat,quantize,export"
+    )
     parser.add_argument("--sparsity", type=float, help="prune steps: final sparsity / channel ratio (default 0.5)")
-    parser.add_argument("--structured", action="store_true", help="prune steps: remove channels/heads instead of zeroing weights")
+    parser.add_argument(
+        "--structured", action="store_true", help="prune steps: remove channels/heads instead of zeroing weights"
+    )
     parser.add_argument("--quantize-method", choices=QUANTIZE_METHODS, help="quantize steps: the method")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs inside steps (default 3)")
-    parser.add_argument("--tolerance", type=float, help="metric points a step may lose before it is flagged (default 1)")
+    parser.add_argument(
+        "--tolerance", type=float, help="metric points a step may lose before it is flagged (default 1)"
+    )
     parser.add_argument("--threads", type=int, help="threads for latency measurement (default: physical cores)")
     parser.add_argument("--device", help="where fine-tuning runs (cpu, cuda, mps); measuring is always on CPU")
-    parser.add_argument("--checkpoint", help="with a model spec: its weights (model.safetensors or a checkpoint folder)")
+    parser.add_argument(
+        "--checkpoint", help="with a model spec: its weights (model.safetensors or a checkpoint folder)"
+    )
     parser.add_argument("--data", help="with a model spec: a data YAML file or a data source name (digits)")
     parser.add_argument("--output", "-o", help="output folder (default: SOURCE/compressed for a run directory)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in the output folder")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    parser.add_argument("--trust-code", action="store_true",
-                        help="let the run's config.yaml or the recipe name a module.path:callable model (runs its Python code)")
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let the run's config.yaml or the recipe name a module.path:callable model (runs its Python code)",
+    )
 
 
 def _recipe_tree(args) -> dict:
@@ -46,7 +57,11 @@ def _recipe_tree(args) -> dict:
 
     if args.recipe and args.steps:
         raise ConfigError("compress: give either --recipe or --steps, not both")
-    tree = load_recipe(args.recipe, trust_code=args.trust_code).model_dump(mode="json", exclude_unset=False) if args.recipe else Recipe().model_dump(mode="json")
+    tree = (
+        load_recipe(args.recipe, trust_code=args.trust_code).model_dump(mode="json", exclude_unset=False)
+        if args.recipe
+        else Recipe().model_dump(mode="json")
+    )
     if args.steps:
         tree["steps"] = steps_from_names(args.steps)
     for step in tree["steps"]:
@@ -76,7 +91,9 @@ def run(args) -> int:
     recipe = build_recipe(_recipe_tree(args), source=args.recipe or "(command line)")
     source_path = Path(args.source)
     if not source_path.is_dir() and ":" not in args.source:
-        raise ConfigError(f"compress: {args.source} is neither a run directory nor a model spec (builtin:NAME, hf:DIR, ...)")
+        raise ConfigError(
+            f"compress: {args.source} is neither a run directory nor a model spec (builtin:NAME, hf:DIR, ...)"
+        )
     if source_path.is_dir():
         output = Path(args.output) if args.output else source_path / "compressed"
     elif args.output:
@@ -89,8 +106,15 @@ def run(args) -> int:
     screen = None if args.json else console()
     if screen is not None and not screen.is_terminal:
         screen.width = max(screen.width, 180)  # the table is wide; do not wrap it in logs
-    report = compress(source, recipe, output, console=screen, progress=screen is not None and screen.is_terminal,
-                      overwrite=args.overwrite, trust_code=args.trust_code)
+    report = compress(
+        source,
+        recipe,
+        output,
+        console=screen,
+        progress=screen is not None and screen.is_terminal,
+        overwrite=args.overwrite,
+        trust_code=args.trust_code,
+    )
     if args.json:
         import sys
 

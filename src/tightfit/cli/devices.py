@@ -15,7 +15,9 @@ examples:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("name", nargs="?", help="show one profile (a name, or auto/cpu/cuda/mps) with the source of each figure")
+    parser.add_argument(
+        "name", nargs="?", help="show one profile (a name, or auto/cpu/cuda/mps) with the source of each figure"
+    )
     parser.add_argument("--memory", metavar="SIZE", help="a memory budget that replaces the usable memory, e.g. 6GiB")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -42,9 +44,11 @@ def run(args) -> int:
     out.print(_table("This machine", [detected]))
     out.print()
     out.print(_table("Named profiles" + (" (with the budget)" if budget else ""), named))
-    out.print("[dim]Memory in GiB; fp32..bf16 are dense peak TFLOP/s (no sparsity), '-' where the dtype has no "
-              "fast path and runs at the fp32 rate; amp = fp16 autocast, bnb = bitsandbytes. m1/m2 and cpu "
-              "memory is unified (shared with the OS). `tightfit devices NAME` gives the source of every figure.[/]")
+    out.print(
+        "[dim]Memory in GiB; fp32..bf16 are dense peak TFLOP/s (no sparsity), '-' where the dtype has no "
+        "fast path and runs at the fp32 rate; amp = fp16 autocast, bnb = bitsandbytes. m1/m2 and cpu "
+        "memory is unified (shared with the OS). `tightfit devices NAME` gives the source of every figure.[/]"
+    )
     return 0
 
 
@@ -59,14 +63,23 @@ def _table(title: str, profiles):
     from rich.table import Table
 
     # Compact enough for an 80-column terminal: sizes in GiB, throughput in TFLOP/s.
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False)
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False
+    )
     table.add_column("Name", no_wrap=True)
     for column in ("GiB", "Usable", "fp32", "tf32", "fp16", "bf16", "GB/s"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("Supports", no_wrap=True)
     for profile in profiles:
-        supports = [label for label, flag in (("bf16", profile.supports_bf16), ("amp", profile.supports_fp16_autocast),
-                                              ("bnb", profile.supports_bitsandbytes)) if flag]
+        supports = [
+            label
+            for label, flag in (
+                ("bf16", profile.supports_bf16),
+                ("amp", profile.supports_fp16_autocast),
+                ("bnb", profile.supports_bitsandbytes),
+            )
+            if flag
+        ]
         table.add_row(
             escape(profile.name),
             f"{profile.memory_bytes / 2**30:.1f}",

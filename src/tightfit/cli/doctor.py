@@ -23,10 +23,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON (same facts as the table)")
     parser.add_argument("--html", metavar="FILE", help="also write the report as a self-contained HTML page")
     parser.add_argument("--data", metavar="DIR", help="also check this dataset folder")
-    parser.add_argument("--run-dir", metavar="DIR", default="runs",
-                        help="where runs will be written; its free disk space is checked (default: runs)")
-    parser.add_argument("--no-smoke-test", action="store_true",
-                        help="skip the allocate/matmul/train-step test on the best device")
+    parser.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        default="runs",
+        help="where runs will be written; its free disk space is checked (default: runs)",
+    )
+    parser.add_argument(
+        "--no-smoke-test", action="store_true", help="skip the allocate/matmul/train-step test on the best device"
+    )
 
 
 def run(args) -> int:
@@ -75,8 +80,14 @@ class _Progress:
     def __init__(self, console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                  MofNCompleteColumn(), console=console, transient=True)
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=True,
+        )
         self._stage = None
         self._images = None
 
@@ -124,8 +135,11 @@ def render(report: dict, console) -> None:
             if row["status"] == "installed":
                 version = row["version"]
             else:
-                version = (f"[red]{row['version']} < {row['minimum']}[/]" if row["status"] == "outdated"
-                           else "[yellow]missing[/]")
+                version = (
+                    f"[red]{row['version']} < {row['minimum']}[/]"
+                    if row["status"] == "outdated"
+                    else "[yellow]missing[/]"
+                )
                 needed_for += f" [yellow]({escape(row['install'])})[/]"
             kind = "required" if row["required"] else (escape(f"[{row['extra']}]") if row["extra"] else "optional")
             table.add_row(row["name"], version, kind, needed_for)
@@ -156,13 +170,19 @@ def _render_dataset(dataset: dict, console) -> None:
     if "error" in dataset:
         console.print(f"[red]Dataset: {escape(dataset['error'])}[/]")
         return
-    table = Table(title=escape(f"Dataset {dataset['path']} ({dataset['layout']})"), title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title=escape(f"Dataset {dataset['path']} ({dataset['layout']})"),
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for column in ("Split", "Images", "Per class", "Corrupt", "Captions"):
         table.add_column(column)
     for name, split in dataset["splits"].items():
         classes = split["classes"]
-        per_class = escape(", ".join(f"{cls} {count}" for cls, count in classes.items())) if classes is not None else "-"
+        per_class = (
+            escape(", ".join(f"{cls} {count}" for cls, count in classes.items())) if classes is not None else "-"
+        )
         captions = split["captions"]
         if captions["source"]:
             caption_text = escape(f"{captions['count']} from {captions['source']}")

@@ -1,6 +1,8 @@
 """``tightfit export-checkpoint``: one safetensors file from a run's sharded (FSDP) checkpoint."""
 
-HELP = "one safetensors file of a run's checkpoint (consolidated from FSDP/DCP shards, or the file an unsharded run has)"
+HELP = (
+    "one safetensors file of a run's checkpoint (consolidated from FSDP/DCP shards, or the file an unsharded run has)"
+)
 DESCRIPTION = """\
 A run trained with distributed.strategy=fsdp writes its checkpoints as shards, one set per rank
 (torch.distributed.checkpoint). This reads them in one process and writes the whole model as one
@@ -15,8 +17,12 @@ examples:
 
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
-    parser.add_argument("--checkpoint", default="best", help="best (default), last, or a top-k/NAME under RUN_DIR/checkpoints")
-    parser.add_argument("--output", metavar="FILE", help="where to write (default: model.safetensors inside the checkpoint)")
+    parser.add_argument(
+        "--checkpoint", default="best", help="best (default), last, or a top-k/NAME under RUN_DIR/checkpoints"
+    )
+    parser.add_argument(
+        "--output", metavar="FILE", help="where to write (default: model.safetensors inside the checkpoint)"
+    )
     parser.add_argument("--json", action="store_true", help="print {path, tensors, bytes} as JSON")
 
 

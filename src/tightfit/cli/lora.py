@@ -21,8 +21,11 @@ def add_arguments(parser) -> None:
     merge.add_argument("--output", metavar="DIR", help="where to write the merged model (default RUN_DIR/merged)")
     merge.add_argument("--force", action="store_true", help="replace files already in the output folder")
     merge.add_argument("--json", action="store_true", help="print JSON")
-    merge.add_argument("--trust-code", action="store_true",
-                       help="let the run's config.yaml name a module.path:callable model (runs its Python code)")
+    merge.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let the run's config.yaml name a module.path:callable model (runs its Python code)",
+    )
 
 
 def run(args) -> int:
@@ -37,13 +40,18 @@ def run(args) -> int:
         out = console()
         out.print(f"adapters        {info['adapters']}")
         out.print(f"base model      {info['base_model'] or '(unknown: no config.yaml beside the adapters)'}")
-        out.print(f"rank / alpha    {info['rank']} / {info['alpha']:g}  (dropout {info['dropout']}, bias {info['bias']})")
+        out.print(
+            f"rank / alpha    {info['rank']} / {info['alpha']:g}  (dropout {info['dropout']}, bias {info['bias']})"
+        )
         out.print(f"targets         {info['target_modules']} modules ({', '.join(info['target_kinds'])})")
         if info["modules_to_save"]:
             out.print(f"trained in full {', '.join(info['modules_to_save'])}")
         if info["trainable_parameters"] is not None:
             share = 100 * info["trainable_parameters"] / max(info["total_parameters"], 1)
-            out.print(f"parameters      {info['trainable_parameters']:,} trainable of {info['total_parameters']:,} ({share:.2f}%)")
+            out.print(
+                f"parameters      {info['trainable_parameters']:,} trainable of {info['total_parameters']:,} "
+                f"({share:.2f}%)"
+            )
         if info["quantize_base"]:
             out.print(f"base            {info['quantize_base']} (quantized during training)")
         if info["adapter_bytes"] is not None:

@@ -18,14 +18,23 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "items", nargs="*", metavar="CONFIG.yaml | key=value",
+        "items",
+        nargs="*",
+        metavar="CONFIG.yaml | key=value",
         help="a recipe file (first), then overrides such as lr_find.max_lr=0.1",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="an override (repeatable)")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw the loss against the rate, with the suggestion, to this PNG")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="an override (repeatable)"
+    )
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="draw the loss against the rate, with the suggestion, to this PNG"
+    )
     parser.add_argument("--json", action="store_true", help="print the sweep and the suggestion as JSON")
-    parser.add_argument("--trust-code", action="store_true",
-                        help="let the recipe name a module.path:callable model (runs its Python code)")
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let the recipe name a module.path:callable model (runs its Python code)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
         if plot_path.is_dir():
             raise ConfigError(f"--plot {args.plot}: is a folder; give the name of the .png file to write")
 
-    from tightfit.cli._output import console
     from tightfit.api import lr_find
+    from tightfit.cli._output import console
     from tightfit.training.lr_finder import plot_lr_find
 
     if args.json:
@@ -68,8 +77,14 @@ def run(args: argparse.Namespace) -> int:
     if result.suggestion is None:
         output.print(f"no suggestion: {result.reason}", soft_wrap=True, markup=False)
     else:
-        output.print(f"suggested learning rate: {result.suggestion:.3g} ({result.reason})", soft_wrap=True, markup=False)
-        output.print(f"use it: tightfit train {config_path or ''} optimizer.lr={result.suggestion:.3g}".replace("  ", " "), soft_wrap=True, markup=False)
+        output.print(
+            f"suggested learning rate: {result.suggestion:.3g} ({result.reason})", soft_wrap=True, markup=False
+        )
+        output.print(
+            f"use it: tightfit train {config_path or ''} optimizer.lr={result.suggestion:.3g}".replace("  ", " "),
+            soft_wrap=True,
+            markup=False,
+        )
     if plot_path is not None:
         output.print(f"plot: {plot_path}", soft_wrap=True)
     return 0 if result.suggestion is not None else 1

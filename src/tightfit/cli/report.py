@@ -24,8 +24,12 @@ examples:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("path", metavar="PATH", help="a run, compression or study folder, or a plan/doctor/compression/study JSON file")
-    parser.add_argument("-o", "--output", metavar="FILE", help="the page (default: PATH/report.html, or NAME.html beside a JSON file)")
+    parser.add_argument(
+        "path", metavar="PATH", help="a run, compression or study folder, or a plan/doctor/compression/study JSON file"
+    )
+    parser.add_argument(
+        "-o", "--output", metavar="FILE", help="the page (default: PATH/report.html, or NAME.html beside a JSON file)"
+    )
     parser.add_argument("--open", action="store_true", help="open the page in the default browser")
     parser.add_argument("--json", action="store_true", help='print {"kind": ..., "path": ...} instead of a sentence')
 

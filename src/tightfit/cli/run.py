@@ -23,15 +23,31 @@ examples:
 
 def add_arguments(parser) -> None:
     parser.add_argument("study", metavar="STUDY.yaml", help="the study file (see docs/study.md)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue interrupted stages (trainer checkpoints, extracted shards) instead of restarting them")
-    parser.add_argument("--only", metavar="STAGE", help="run only this stage, if its inputs changed (the stages it reads must be complete)")
-    parser.add_argument("--dry-run", action="store_true", help="check the file and print the plan (tightfit plan STUDY.yaml); run nothing")
-    parser.add_argument("--folder", metavar="DIR", help="the study folder (default: the file's folder: key, else studies/NAME)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue interrupted stages (trainer checkpoints, extracted shards) instead of restarting them",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="STAGE",
+        help="run only this stage, if its inputs changed (the stages it reads must be complete)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the file and print the plan (tightfit plan STUDY.yaml); run nothing",
+    )
+    parser.add_argument(
+        "--folder", metavar="DIR", help="the study folder (default: the file's folder: key, else studies/NAME)"
+    )
     parser.add_argument("--data", metavar="DIR", help="the data folder, in place of the file's data.path")
     parser.add_argument("--json", action="store_true", help="print results.json (or the plan, with --dry-run) as JSON")
-    parser.add_argument("--trust-code", action="store_true",
-                        help="let the study file name module.path:callable models (runs their Python code)")
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let the study file name module.path:callable models (runs their Python code)",
+    )
 
 
 def run(args) -> int:
@@ -42,7 +58,9 @@ def run(args) -> int:
 
         from tightfit.cli import plan as plan_command
 
-        load_study(args.study, trust_code=args.trust_code, data_path=args.data)  # the run's checks too (data, weights), before the plan
+        load_study(
+            args.study, trust_code=args.trust_code, data_path=args.data
+        )  # the run's checks too (data, weights), before the plan
         parser = argparse.ArgumentParser()
         plan_command.add_arguments(parser)
         flags = (["--json"] if args.json else []) + (["--trust-code"] if args.trust_code else [])

@@ -22,23 +22,37 @@ several machines: torchrun on each (--nnodes, --rdzv-endpoint); see docs/distrib
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "items", nargs="*", metavar="CONFIG.yaml | key=value",
+        "items",
+        nargs="*",
+        metavar="CONFIG.yaml | key=value",
         help="a recipe file (first), then overrides such as optimizer.lr=0.01",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="an override (repeatable)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="an override (repeatable)"
+    )
     parser.add_argument("--run-dir", help="where the run is written (default: a new folder under runs/)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, exactly")
-    parser.add_argument("--retest", action="store_true",
-                        help="with --resume on a finished run: test its result again (default: say it is complete and stop)")
-    parser.add_argument("--limit", type=int, metavar="N", help="use at most N samples per split (a quick trial; data.limit)")
+    parser.add_argument(
+        "--retest",
+        action="store_true",
+        help="with --resume on a finished run: test its result again (default: say it is complete and stop)",
+    )
+    parser.add_argument(
+        "--limit", type=int, metavar="N", help="use at most N samples per split (a quick trial; data.limit)"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
-        "--nproc-per-node", type=int, metavar="N",
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
         help="train with N processes on this machine (one per GPU), through torchrun's launcher",
     )
-    parser.add_argument("--trust-code", action="store_true",
-                        help="let the recipe or the run's config.yaml name a module.path:callable model (runs its Python code)")
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="let the recipe or the run's config.yaml name a module.path:callable model (runs its Python code)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,11 +262,16 @@ def _print_summary(summary: dict) -> None:
     output.print(table)
     # paths on their own lines: a narrow terminal would ellipsise them inside the table
     for finding in summary.get("diagnosis") or []:
-        output.print(f"diagnosis: {finding['finding']}: {finding['evidence']}; {finding['advice']}", soft_wrap=True, markup=False)
+        output.print(
+            f"diagnosis: {finding['finding']}: {finding['evidence']}; {finding['advice']}", soft_wrap=True, markup=False
+        )
     if summary.get("best_checkpoint"):
         output.print(f"best checkpoint: {summary['best_checkpoint']}", soft_wrap=True)
     else:
-        output.print(f"result: {summary['result_checkpoint']} (the last checkpoint: no validation split, so no best)", soft_wrap=True)
+        output.print(
+            f"result: {summary['result_checkpoint']} (the last checkpoint: no validation split, so no best)",
+            soft_wrap=True,
+        )
     output.print(f"run written to: {summary['run_dir']}", soft_wrap=True)
     if summary.get("report"):
         output.print(f"report: {summary['report']}", soft_wrap=True)

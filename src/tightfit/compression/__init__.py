@@ -20,7 +20,24 @@ from tightfit.compression.recipe import Recipe, load_recipe
 from tightfit.compression.training import FinetuneSettings, finetune
 
 __all__ = [
-    "FinetuneSettings", "MagnitudePruner", "PolynomialSchedule", "Recipe", "Source", "compress", "distill",
-    "export", "export_onnx", "export_program", "finetune", "load_recipe", "load_source", "prune", "qat",
-    "quantize", "quantize_onnx", "sparsity_table", "structured_prune", "verify_onnx",
+    "FinetuneSettings",
+    "MagnitudePruner",
+    "PolynomialSchedule",
+    "Recipe",
+    "Source",
+    "compress",
+    "distill",
+    "export",
+    "export_onnx",
+    "export_program",
+    "finetune",
+    "load_recipe",
+    "load_source",
+    "prune",
+    "qat",
+    "quantize",
+    "quantize_onnx",
+    "sparsity_table",
+    "structured_prune",
+    "verify_onnx",
 ]

@@ -254,7 +254,11 @@ def machine_load() -> dict[str, Any]:
         return {"load_1min": None, "cores": cores, "busy": False, "warning": None}
     busy = load > cores
     warning = (
-        f"the machine is busy (load {load:.1f} on {cores} cores): latency figures will be noisy; "
-        "measure on a quiet machine before trusting small differences"
-    ) if busy else None
+        (
+            f"the machine is busy (load {load:.1f} on {cores} cores): latency figures will be noisy; "
+            "measure on a quiet machine before trusting small differences"
+        )
+        if busy
+        else None
+    )
     return {"load_1min": round(load, 2), "cores": cores, "busy": busy, "warning": warning}

@@ -40,12 +40,15 @@ def distillation_loss(
     alpha: float = 0.7,
 ) -> torch.Tensor:
     """The distillation loss above (``alpha`` weighs the teacher's term; no labels: alpha = 1)."""
-    soft = F.kl_div(
-        F.log_softmax(student_logits.float() / temperature, dim=-1),
-        F.log_softmax(teacher_logits.float() / temperature, dim=-1),
-        reduction="batchmean",
-        log_target=True,
-    ) * temperature**2
+    soft = (
+        F.kl_div(
+            F.log_softmax(student_logits.float() / temperature, dim=-1),
+            F.log_softmax(teacher_logits.float() / temperature, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
     if labels is None:
         return soft
     hard = F.cross_entropy(student_logits.float(), labels)
@@ -81,7 +84,7 @@ class DistillationModel(nn.Module):
         self.temperature = temperature
         self.alpha = alpha
 
-    def train(self, mode: bool = True) -> "DistillationModel":
+    def train(self, mode: bool = True) -> DistillationModel:
         super().train(mode)
         self.teacher.eval()
         return self
@@ -91,9 +94,7 @@ class DistillationModel(nn.Module):
         student_logits = model_output_tensor(self.student(*call_args, **kwargs))
         with torch.no_grad():
             teacher_logits = model_output_tensor(self.teacher(*call_args, **kwargs))
-        loss = distillation_loss(
-            student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha
-        )
+        loss = distillation_loss(student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha)
         return DistillationOutput(loss=loss, logits=student_logits)
 
 

@@ -156,7 +156,9 @@ def export_onnx(
                 _run_exporter(model, args, kwargs, path, names, dynamo, opset_version)
                 break
             except Exception as error:  # exporters raise many types; report them all at the end
-                errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(error).__name__}: {error}".splitlines()[0])
+                errors.append(
+                    f"{'dynamo' if dynamo else 'torchscript'}: {type(error).__name__}: {error}".splitlines()[0]
+                )
         else:
             raise ConfigError(f"export: the model could not be exported to ONNX ({'; '.join(errors)})")
     proto = onnx.load(str(path))
@@ -199,9 +201,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     for entry in proto.metadata_props:
         if entry.key.startswith(METADATA_PREFIX):
             try:
-                found[entry.key[len(METADATA_PREFIX):]] = json.loads(entry.value)
+                found[entry.key[len(METADATA_PREFIX) :]] = json.loads(entry.value)
             except json.JSONDecodeError:
-                found[entry.key[len(METADATA_PREFIX):]] = entry.value
+                found[entry.key[len(METADATA_PREFIX) :]] = entry.value
     return found
 
 
@@ -270,7 +272,9 @@ def quantize_onnx(
                 )
             elif method == "dynamic":
                 quantization.quantize_dynamic(
-                    str(prepared), str(target), per_channel=per_channel,
+                    str(prepared),
+                    str(target),
+                    per_channel=per_channel,
                     weight_type=quantization.QuantType.QInt8,
                 )
             else:
@@ -346,16 +350,13 @@ def verify_onnx(
         produced = torch.from_numpy(session.run(None, onnx_feeds(batch))[0]).float()
         if produced.shape != expected.shape:
             raise VerificationError(
-                f"export: {Path(path).name} returns shape {tuple(produced.shape)}, "
-                f"the model {tuple(expected.shape)}"
+                f"export: {Path(path).name} returns shape {tuple(produced.shape)}, the model {tuple(expected.shape)}"
             )
         diffs.append(float((produced - expected).abs().max()))
         scale = max(scale, float(expected.abs().max()))
         if expected.ndim == 2:
             agreements.append((produced.argmax(1) == expected.argmax(1)).float())
-        cosines.append(
-            torch.nn.functional.cosine_similarity(produced.flatten(1), expected.flatten(1), dim=1)
-        )
+        cosines.append(torch.nn.functional.cosine_similarity(produced.flatten(1), expected.flatten(1), dim=1))
     if not diffs:
         raise VerificationError("export: no batch to verify the exported model with")
     agreement = float(torch.cat(agreements).mean()) if agreements else None

@@ -29,16 +29,36 @@ from torch.utils.data import DataLoader
 
 from tightfit.compression import benchmark
 from tightfit.compression.export import (
-    VerificationError, export_onnx, export_program, onnx_feeds, quantize_onnx, verify_onnx,
+    VerificationError,
+    export_onnx,
+    export_program,
+    onnx_feeds,
+    quantize_onnx,
+    verify_onnx,
 )
 from tightfit.compression.prune import PolynomialSchedule, count_parameters, prune
 from tightfit.compression.quantize import is_quantized, model_kind, quantize
 from tightfit.compression.recipe import (
-    DistillStep, ExportStep, FinetuneConfig, FinetuneStep, PruneStep, QatStep, QuantizeStep, Recipe,
-    build_recipe, load_recipe,
+    DistillStep,
+    ExportStep,
+    FinetuneConfig,
+    FinetuneStep,
+    PruneStep,
+    QatStep,
+    QuantizeStep,
+    Recipe,
+    build_recipe,
+    load_recipe,
 )
 from tightfit.compression.report import (
-    ArtifactRecord, Metric, choose_best, clean_directory, compare, file_sizes, render_table, write_report,
+    ArtifactRecord,
+    Metric,
+    choose_best,
+    clean_directory,
+    compare,
+    file_sizes,
+    render_table,
+    write_report,
 )
 from tightfit.compression.training import FinetuneSettings
 from tightfit.errors import ConfigError
@@ -110,7 +130,9 @@ def load_source(
         bundle = build_datasets(config.data, seed=config.seed)
         spec, name, weights, notes = config.model, path.name, checkpoint, []
         if checkpoint is None:  # the best weights, or the newest intact checkpoint when best is damaged
-            model, restored = load_run_model(path, config=config, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
+            model, restored = load_run_model(
+                path, config=config, num_classes=bundle.num_classes, input_shape=bundle.input_shape
+            )
             notes = [f"skipped a damaged checkpoint: {problem}" for problem in restored.skipped]
             if restored.skipped:
                 notes.append(f"compressing the weights of {restored.directory} instead")
@@ -118,7 +140,9 @@ def load_source(
             model, _ = build_run_model(config, num_classes=bundle.num_classes, input_shape=bundle.input_shape)
     else:
         if ":" not in str(source):
-            raise ConfigError(f"compress: {source} is neither a run directory nor a model spec (builtin:NAME, hf:DIR, ...)")
+            raise ConfigError(
+                f"compress: {source} is neither a run directory nor a model spec (builtin:NAME, hf:DIR, ...)"
+            )
         if data is None:
             raise ConfigError("compress: with a model spec, give the data too (--data digits or --data data.yaml)")
         bundle = build_datasets(_data_config(data), seed=0)
@@ -165,10 +189,13 @@ def input_preprocessing(bundle) -> dict | None:
     extents = [_ink_extent(image, float(level)) for image, level in zip(images, background)]
     means = images.flatten(1).mean(dim=1)
     return {
-        "channels": shape[0], "size": shape[1:], "range": [low, high],
+        "channels": shape[0],
+        "size": shape[1:],
+        "range": [low, high],
         "polarity": "light-on-dark" if light_on_dark else "dark-on-light",
         "ink_extent": float(np.median(extents)),
-        "mean": float(means.mean()), "mean_spread": float(means.std()) if count > 1 else 0.0,
+        "mean": float(means.mean()),
+        "mean_spread": float(means.std()) if count > 1 else 0.0,
         "std": float(images.flatten(1).std(dim=1).mean()),
     }
 
@@ -263,8 +290,15 @@ class MeasureSettings:
 
 
 def measure_torch(
-    name: str, step: str, model: nn.Module, directory: Path, evaluator: Evaluator,
-    settings: MeasureSettings, *, metadata: dict[str, Any], program: bool = True,
+    name: str,
+    step: str,
+    model: nn.Module,
+    directory: Path,
+    evaluator: Evaluator,
+    settings: MeasureSettings,
+    *,
+    metadata: dict[str, Any],
+    program: bool = True,
 ) -> ArtifactRecord:
     """Save a PyTorch model (state dict, and a ``.pt2`` program when it exports) and measure it."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -274,7 +308,9 @@ def measure_torch(
     details: dict[str, Any] = {}
     if program and not is_quantized(model):
         try:
-            details["program"] = str(export_program(model, evaluator.example, directory / "model.pt2", metadata=metadata))
+            details["program"] = str(
+                export_program(model, evaluator.example, directory / "model.pt2", metadata=metadata)
+            )
         except ConfigError as error:
             details["program_error"] = str(error)
     size, gzipped = file_sizes(weights)
@@ -282,37 +318,68 @@ def measure_torch(
     latency = {}
     for batch in (evaluator.example, evaluator.large):
         result = benchmark.measure_torch_latency(
-            model, batch, threads=settings.threads, warmup=settings.warmup, repeats=settings.repeats, min_seconds=0.2,
+            model,
+            batch,
+            threads=settings.threads,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            min_seconds=0.2,
         )
         latency[f"batch_{result.batch_size}"] = result.to_dict()
     metric = evaluator.torch_metric(model)
     return ArtifactRecord(
-        name=name, step=step, format="pytorch", artifact=str(weights), size_bytes=size, gzip_bytes=gzipped,
-        parameters=parameters, nonzero_parameters=nonzero, latency=latency,
+        name=name,
+        step=step,
+        format="pytorch",
+        artifact=str(weights),
+        size_bytes=size,
+        gzip_bytes=gzipped,
+        parameters=parameters,
+        nonzero_parameters=nonzero,
+        latency=latency,
         throughput=max(entry["throughput"] for entry in latency.values()),
-        metric=metric.__dict__, details=details,
+        metric=metric.__dict__,
+        details=details,
     )
 
 
 def measure_onnx(
-    name: str, step: str, path: Path, evaluator: Evaluator, settings: MeasureSettings,
-    *, parameters: tuple[int, int] | None = None, details: dict[str, Any] | None = None,
+    name: str,
+    step: str,
+    path: Path,
+    evaluator: Evaluator,
+    settings: MeasureSettings,
+    *,
+    parameters: tuple[int, int] | None = None,
+    details: dict[str, Any] | None = None,
 ) -> ArtifactRecord:
     """Measure an ONNX file under ONNX Runtime with the same batches and threads."""
     size, gzipped = file_sizes(path)
     latency = {}
     for batch in (evaluator.example, evaluator.large):
         result = benchmark.measure_onnx_latency(
-            path, onnx_feeds(batch), threads=settings.threads,
-            warmup=settings.warmup, repeats=settings.repeats, min_seconds=0.2,
+            path,
+            onnx_feeds(batch),
+            threads=settings.threads,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            min_seconds=0.2,
         )
         latency[f"batch_{result.batch_size}"] = result.to_dict()
     metric = evaluator.onnx_metric(path, settings.threads)
     return ArtifactRecord(
-        name=name, step=step, format="onnx", artifact=str(path), size_bytes=size, gzip_bytes=gzipped,
-        parameters=parameters[0] if parameters else None, nonzero_parameters=parameters[1] if parameters else None,
-        latency=latency, throughput=max(entry["throughput"] for entry in latency.values()),
-        metric=metric.__dict__, details=details or {},
+        name=name,
+        step=step,
+        format="onnx",
+        artifact=str(path),
+        size_bytes=size,
+        gzip_bytes=gzipped,
+        parameters=parameters[0] if parameters else None,
+        nonzero_parameters=parameters[1] if parameters else None,
+        latency=latency,
+        throughput=max(entry["throughput"] for entry in latency.values()),
+        metric=metric.__dict__,
+        details=details or {},
     )
 
 
@@ -320,16 +387,27 @@ def measure_onnx(
 def _settings(config: FinetuneConfig | None, recipe: Recipe) -> FinetuneSettings:
     chosen = config or recipe.finetune
     return FinetuneSettings(
-        epochs=chosen.epochs, max_steps=chosen.max_steps, lr=chosen.lr, optimizer=chosen.optimizer,
-        batch_size=chosen.batch_size, weight_decay=chosen.weight_decay, device=recipe.device, seed=recipe.seed,
+        epochs=chosen.epochs,
+        max_steps=chosen.max_steps,
+        lr=chosen.lr,
+        optimizer=chosen.optimizer,
+        batch_size=chosen.batch_size,
+        weight_decay=chosen.weight_decay,
+        device=recipe.device,
+        seed=recipe.seed,
     )
 
 
 def _calibration(data: Any, batches: int, batch_size: int = 32) -> list[Any]:
     """Batches drawn (shuffled, seeded) from the training split: what the model will really see."""
     generator = torch.Generator().manual_seed(0)
-    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=generator,
-                        collate_fn=getattr(data, "collate_fn", None))
+    loader = DataLoader(
+        data.train,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=getattr(data, "collate_fn", None),
+    )
     calibration = []
     for batch in loader:
         if len(calibration) >= batches:
@@ -342,7 +420,13 @@ class Pipeline:
     """Runs a recipe on a source; see the module doc for the order of things."""
 
     def __init__(
-        self, source: Source, recipe: Recipe, output: Path, *, console: Any = None, progress: bool = False,
+        self,
+        source: Source,
+        recipe: Recipe,
+        output: Path,
+        *,
+        console: Any = None,
+        progress: bool = False,
         trust_code: bool = False,
     ) -> None:
         self.source = source
@@ -376,7 +460,10 @@ class Pipeline:
         self.output.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(source.model).cpu().eval()
         self.float_model = model
-        self.say(f"measuring the original model ({plural(threads, 'thread')}, {self.evaluator.split} split: {self.evaluator.samples} samples)")
+        self.say(
+            f"measuring the original model ({plural(threads, 'thread')}, {self.evaluator.split} split: "
+            f"{self.evaluator.samples} samples)"
+        )
         self.records.append(self._measure_torch("original", "original", model, self.output / "00-original"))
         for index, step in enumerate(recipe.steps, start=1):
             directory = self.output / f"{index:02d}-{step.step}"
@@ -400,8 +487,12 @@ class Pipeline:
             "cpu": int8,
             "machine_load": {"before": load_before, "after": benchmark.machine_load()},
             "torch": torch.__version__,
-            "metric": {"name": self.records[0].metric["name"], "split": self.evaluator.split,
-                       "samples": self.evaluator.samples, "tolerance": recipe.tolerance},
+            "metric": {
+                "name": self.records[0].metric["name"],
+                "split": self.evaluator.split,
+                "samples": self.evaluator.samples,
+                "tolerance": recipe.tolerance,
+            },
             "decisions": self.decisions,
             "seconds": round(time.perf_counter() - started, 2),
         }
@@ -422,9 +513,12 @@ class Pipeline:
 
         return json.loads(path.read_text())
 
-    def _measure_torch(self, name: str, step: str, model: nn.Module, directory: Path, program: bool = True) -> ArtifactRecord:
-        return measure_torch(name, step, model, directory, self.evaluator, self.measure,
-                             metadata=self.source.metadata, program=program)
+    def _measure_torch(
+        self, name: str, step: str, model: nn.Module, directory: Path, program: bool = True
+    ) -> ArtifactRecord:
+        return measure_torch(
+            name, step, model, directory, self.evaluator, self.measure, metadata=self.source.metadata, program=program
+        )
 
     def _apply(self, step: Any, model: nn.Module, directory: Path, index: int) -> nn.Module:
         """Run one step of the recipe through the registry of step kinds (:attr:`steps`)."""
@@ -456,7 +550,10 @@ class Pipeline:
             planned = settings.planned_steps(len(data.train))
             end = step.end_step or max(step.begin_step + 1, (2 * planned) // 3)
             schedule = PolynomialSchedule(
-                step.initial_sparsity, step.sparsity, step.begin_step, end,
+                step.initial_sparsity,
+                step.sparsity,
+                step.begin_step,
+                end,
                 frequency=step.frequency or max(1, (end - step.begin_step) // 10),
             )
         # Tracing inputs for Torch-Pruning: several samples (BatchNorm in train mode cannot
@@ -465,10 +562,19 @@ class Pipeline:
         kwargs = {key: value for key, value in kwargs.items() if key != "labels"}
         example_inputs = kwargs or (args[0] if len(args) == 1 else args)
         result = prune(
-            model, data, method=step.method, sparsity=step.sparsity, scope=step.scope, schedule=schedule,
-            exclude=step.exclude, example_inputs=example_inputs,
-            num_classes=getattr(data, "num_classes", None), importance=step.importance,
-            finetune=settings, run_dir=directory / "train", progress=self.progress,
+            model,
+            data,
+            method=step.method,
+            sparsity=step.sparsity,
+            scope=step.scope,
+            schedule=schedule,
+            exclude=step.exclude,
+            example_inputs=example_inputs,
+            num_classes=getattr(data, "num_classes", None),
+            importance=step.importance,
+            finetune=settings,
+            run_dir=directory / "train",
+            progress=self.progress,
         )
         record = self._measure_torch(f"{tag} {step.method} {step.sparsity:.0%}", tag, model, directory)
         record.details.update(result.details, sparsity_table=result.table)
@@ -492,8 +598,16 @@ class Pipeline:
 
         teacher = self._teacher(step)
         student = copy.deepcopy(model).train()
-        distill(student, teacher, data, temperature=step.temperature, alpha=step.alpha,
-                settings=_settings(step.finetune, self.recipe), run_dir=directory / "train", progress=self.progress)
+        distill(
+            student,
+            teacher,
+            data,
+            temperature=step.temperature,
+            alpha=step.alpha,
+            settings=_settings(step.finetune, self.recipe),
+            run_dir=directory / "train",
+            progress=self.progress,
+        )
         record = self._measure_torch(f"{tag} T={step.temperature:g} a={step.alpha:g}", tag, student, directory)
         self.records.append(record)
         self.float_model = student
@@ -504,8 +618,14 @@ class Pipeline:
         from tightfit.compression.qat import qat
 
         args, _, _ = split_batch(self.evaluator.example)
-        quantized = qat(model, data, args, settings=_settings(step.finetune, self.recipe),
-                        run_dir=directory / "train", progress=self.progress)
+        quantized = qat(
+            model,
+            data,
+            args,
+            settings=_settings(step.finetune, self.recipe),
+            run_dir=directory / "train",
+            progress=self.progress,
+        )
         self.records.append(self._measure_torch(f"{tag} int8", tag, quantized, directory))
         return quantized
 
@@ -515,20 +635,31 @@ class Pipeline:
             self.say("  quantize: the model is already int8 (after qat); nothing to do")
             return model
         result = quantize(
-            model, step.method, example_batch=self.evaluator.example,
+            model,
+            step.method,
+            example_batch=self.evaluator.example,
             calibration_batches=_calibration(data, step.calibration_batches),
             evaluate=lambda candidate: self.evaluator.torch_metric(candidate).value,
-            higher_is_better=self.evaluator.classification, tolerance=self.recipe.tolerance,
+            higher_is_better=self.evaluator.classification,
+            tolerance=self.recipe.tolerance,
             threads=self.measure.threads,
         )
         self.say(f"  quantize: {result.reason}")
         if result.method == "none":  # the model is unchanged: no new artifact to measure
-            self.decisions.append({"step": tag, "method": "none", "reason": result.reason,
-                                   "candidates": result.candidates, "warnings": result.warnings})
+            self.decisions.append(
+                {
+                    "step": tag,
+                    "method": "none",
+                    "reason": result.reason,
+                    "candidates": result.candidates,
+                    "warnings": result.warnings,
+                }
+            )
             return model
         record = self._measure_torch(f"{tag} {result.method}", tag, result.model, directory)
-        record.details.update(method=result.method, reason=result.reason, candidates=result.candidates,
-                              warnings=result.warnings)
+        record.details.update(
+            method=result.method, reason=result.reason, candidates=result.candidates, warnings=result.warnings
+        )
         self.records.append(record)
         return result.model
 
@@ -554,43 +685,80 @@ class Pipeline:
     def _export(self, step: ExportStep, model: nn.Module, directory: Path, tag: str) -> None:
         reference = self.float_model if is_quantized(model) else model
         if reference is not model:
-            self.say("  export: the current model is torch int8, which ONNX cannot hold; exporting the last float model and quantizing it with ONNX Runtime")
+            self.say(
+                "  export: the current model is torch int8, which ONNX cannot hold; exporting the last float model "
+                "and quantizing it with ONNX Runtime"
+            )
         directory.mkdir(parents=True, exist_ok=True)
         verify_batches = self.evaluator.batches
         counts = count_parameters(reference)
         if step.program:
             try:
-                export_program(reference, self.evaluator.example, directory / "model.pt2", metadata=self.source.metadata)
+                export_program(
+                    reference, self.evaluator.example, directory / "model.pt2", metadata=self.source.metadata
+                )
             except ConfigError as error:
                 self.say(f"  export: no .pt2 program ({error})")
         if not step.onnx:
             return
-        fp32_path = export_onnx(reference, self.evaluator.example, directory / "model.onnx", metadata=self.source.metadata)
-        check = verify_onnx(
-            fp32_path, reference, verify_batches, max_abs_diff=step.max_abs_diff,
-            min_top1_agreement=step.min_top1_agreement, threads=self.measure.threads,
+        fp32_path = export_onnx(
+            reference, self.evaluator.example, directory / "model.onnx", metadata=self.source.metadata
         )
-        self.records.append(measure_onnx(f"{tag} onnx fp32", tag, fp32_path, self.evaluator, self.measure,
-                                         parameters=counts, details={"verification": check.to_dict()}))
+        check = verify_onnx(
+            fp32_path,
+            reference,
+            verify_batches,
+            max_abs_diff=step.max_abs_diff,
+            min_top1_agreement=step.min_top1_agreement,
+            threads=self.measure.threads,
+        )
+        self.records.append(
+            measure_onnx(
+                f"{tag} onnx fp32",
+                tag,
+                fp32_path,
+                self.evaluator,
+                self.measure,
+                parameters=counts,
+                details={"verification": check.to_dict()},
+            )
+        )
         method = step.int8
         if method == "auto":
             method = "static" if model_kind(reference) == "conv" else "dynamic"
         if method == "none":
             return
         int8_path = quantize_onnx(
-            fp32_path, directory / "model.int8.onnx", method=method,
-            calibration_feeds=[onnx_feeds(batch) for batch in _calibration(self.source.data, step.calibration_batches, batch_size=1)],
+            fp32_path,
+            directory / "model.int8.onnx",
+            method=method,
+            calibration_feeds=[
+                onnx_feeds(batch) for batch in _calibration(self.source.data, step.calibration_batches, batch_size=1)
+            ],
         )
         try:
             check = verify_onnx(
-                int8_path, reference, verify_batches, max_abs_diff=None,
-                min_top1_agreement=step.int8_min_top1_agreement, threads=self.measure.threads,
+                int8_path,
+                reference,
+                verify_batches,
+                max_abs_diff=None,
+                min_top1_agreement=step.int8_min_top1_agreement,
+                threads=self.measure.threads,
             )
         except VerificationError as error:
             self.say(f"  [yellow]export: ONNX int8 not kept:[/] {error}")
             return
-        self.records.append(measure_onnx(f"{tag} onnx int8 ({method})", tag, int8_path, self.evaluator, self.measure,
-                                         parameters=counts, details={"verification": check.to_dict(), "method": method}))
+        self.records.append(
+            measure_onnx(
+                f"{tag} onnx int8 ({method})",
+                tag,
+                int8_path,
+                self.evaluator,
+                self.measure,
+                parameters=counts,
+                details={"verification": check.to_dict(), "method": method},
+            )
+        )
 
 
 def compress(

@@ -70,7 +70,11 @@ def resolve_artifact(path: str | os.PathLike) -> Path:
                 f"(an .onnx under {path})"
             ) from None
         for record in records:
-            if record.get("name") == fastest and record.get("format") == "onnx" and Path(str(record.get("artifact"))).is_file():
+            if (
+                record.get("name") == fastest
+                and record.get("format") == "onnx"
+                and Path(str(record.get("artifact"))).is_file()
+            ):
                 return Path(record["artifact"])
     candidates = sorted(path.rglob("model.onnx")) or sorted(path.rglob("model.pt2"))
     if not candidates:
@@ -98,11 +102,17 @@ def load_artifact(path: str | os.PathLike, *, threads: int | None = None, trust_
         try:
             session = ort_session(path, threads=threads, best_device=True)
         except Exception as error:  # onnxruntime raises its own exception types
-            raise ConfigError(f"predict: {path} cannot be loaded by ONNX Runtime: {str(error).splitlines()[0]}") from None
+            raise ConfigError(
+                f"predict: {path} cannot be loaded by ONNX Runtime: {str(error).splitlines()[0]}"
+            ) from None
         inputs = session.get_inputs()
         types = [_ort_dtype(item.type) for item in inputs]
         return Artifact(
-            path, "onnx", [item.name for item in inputs], types, read_metadata(path),
+            path,
+            "onnx",
+            [item.name for item in inputs],
+            types,
+            read_metadata(path),
             lambda feeds: session.run(None, feeds)[0],
         )
     check_program(path, trust_pt2=trust_pt2)
@@ -118,7 +128,9 @@ def load_artifact(path: str | os.PathLike, *, threads: int | None = None, trust_
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as error:  # torch.export.load raises many types on bad archives
-        raise ConfigError(f"predict: {path} is not a readable torch.export program: {str(error).splitlines()[0]}") from None
+        raise ConfigError(
+            f"predict: {path} is not a readable torch.export program: {str(error).splitlines()[0]}"
+        ) from None
     finally:
         export_log.setLevel(level)
     module = program.module()
@@ -137,11 +149,18 @@ def load_artifact(path: str | os.PathLike, *, threads: int | None = None, trust_
 
 
 def _ort_dtype(type_name: str) -> str:
-    return {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
-            "tensor(double)": "float64", "tensor(float16)": "float16"}.get(type_name, "float32")
+    return {
+        "tensor(float)": "float32",
+        "tensor(int64)": "int64",
+        "tensor(int32)": "int32",
+        "tensor(double)": "float64",
+        "tensor(float16)": "float16",
+    }.get(type_name, "float32")
 
 
-def load_inputs(artifact: Artifact, inputs: list[str], *, text: bool = False, tokenizer: str | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+def load_inputs(
+    artifact: Artifact, inputs: list[str], *, text: bool = False, tokenizer: str | None = None
+) -> tuple[list[str], dict[str, np.ndarray]]:
     """Read the inputs into one batch of feeds.
 
     Args:
@@ -239,11 +258,11 @@ def _fit_strokes(array: np.ndarray, extent: float) -> np.ndarray:
     rows, columns = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
     if len(rows) == 0:
         return array
-    cropped = array[rows[0]: rows[-1] + 1, columns[0]: columns[-1] + 1]
+    cropped = array[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
     side = int(round(max(cropped.shape[:2]) / extent))
     padded = np.zeros((side, side) + cropped.shape[2:], dtype=array.dtype)
     top, left = (side - cropped.shape[0]) // 2, (side - cropped.shape[1]) // 2
-    padded[top: top + cropped.shape[0], left: left + cropped.shape[1]] = cropped
+    padded[top : top + cropped.shape[0], left : left + cropped.shape[1]] = cropped
     return padded
 
 
@@ -271,13 +290,17 @@ def _read_tensor(path: Path) -> np.ndarray:
     try:
         value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors of many kinds; weights_only refuses code
-        raise ConfigError(f"predict: {path} is not a tensor file torch can load safely ({str(error).splitlines()[0]})") from None
+        raise ConfigError(
+            f"predict: {path} is not a tensor file torch can load safely ({str(error).splitlines()[0]})"
+        ) from None
     if not isinstance(value, torch.Tensor):
         raise ConfigError(f"predict: {path} holds a {type(value).__name__}, not a tensor")
     return value.float().numpy() if value.is_floating_point() else value.numpy()
 
 
-def _text_feeds(artifact: Artifact, sentences: list[str], tokenizer: str | None) -> tuple[list[str], dict[str, np.ndarray]]:
+def _text_feeds(
+    artifact: Artifact, sentences: list[str], tokenizer: str | None
+) -> tuple[list[str], dict[str, np.ndarray]]:
     transformers = require("transformers", extra="hf", purpose="tokenizing text for prediction")
     directory = tokenizer or artifact.metadata.get("tokenizer")
     if not directory or not Path(directory).is_dir():
@@ -285,10 +308,10 @@ def _text_feeds(artifact: Artifact, sentences: list[str], tokenizer: str | None)
     try:  # the folder comes from the artifact's metadata: never run its Python files (auto_map)
         tokenizer_object = transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"predict: tokenizer {directory} cannot be loaded: {str(error).strip().splitlines()[0]}") from None
-    encoded = tokenizer_object(
-        sentences, padding=True, truncation=True, return_tensors="np"
-    )
+        raise ConfigError(
+            f"predict: tokenizer {directory} cannot be loaded: {str(error).strip().splitlines()[0]}"
+        ) from None
+    encoded = tokenizer_object(sentences, padding=True, truncation=True, return_tensors="np")
     feeds = {}
     for name, dtype in zip(artifact.input_names, artifact.input_types):
         if name not in encoded:
@@ -331,8 +354,11 @@ def predict(
             probabilities = shifted / shifted.sum()
             order = np.argsort(-probabilities)[:top_k]
             top = [
-                {"class": int(c), "name": names[c] if names and c < len(names) else str(int(c)),
-                 "probability": float(probabilities[c])}
+                {
+                    "class": int(c),
+                    "name": names[c] if names and c < len(names) else str(int(c)),
+                    "probability": float(probabilities[c]),
+                }
                 for c in order
             ]
             results.append({"input": label, "top": top})

@@ -59,9 +59,7 @@ class PolynomialSchedule:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"prune: {name} must be in [0, 1); got {value}")
         if self.end_step <= self.begin_step:
-            raise ConfigError(
-                f"prune: end_step ({self.end_step}) must be after begin_step ({self.begin_step})"
-            )
+            raise ConfigError(f"prune: end_step ({self.end_step}) must be after begin_step ({self.begin_step})")
         if self.frequency < 1:
             raise ConfigError(f"prune: frequency must be at least 1; got {self.frequency}")
 
@@ -307,11 +305,7 @@ def output_layers(model: nn.Module, num_classes: int | None = None) -> list[nn.M
     layers = [module for module in model.modules() if isinstance(module, PRUNABLE_TYPES)]
     keep = [layers[-1]] if layers else []
     if num_classes:
-        keep += [
-            module
-            for module in layers
-            if isinstance(module, nn.Linear) and module.out_features == num_classes
-        ]
+        keep += [module for module in layers if isinstance(module, nn.Linear) and module.out_features == num_classes]
     return list({id(module): module for module in keep}.values())
 
 
@@ -410,9 +404,7 @@ def _attention_heads(model: nn.Module) -> tuple[dict[nn.Module, int], list[tuple
     return num_heads, modules
 
 
-def _update_attention_modules(
-    modules: list[tuple[str, nn.Module]], num_heads: dict[nn.Module, int]
-) -> dict[str, int]:
+def _update_attention_modules(modules: list[tuple[str, nn.Module]], num_heads: dict[nn.Module, int]) -> dict[str, int]:
     """Tell each attention module its new head count and width after heads were removed."""
     pruned = {}
     for name, module in modules:
@@ -523,7 +515,8 @@ def prune(
         >>> result = prune(model, bundle, method="magnitude", sparsity=0.5)
         >>> result.table[0]["sparsity"]
     """
-    from tightfit.compression.training import FinetuneSettings, finetune as run_finetune
+    from tightfit.compression.training import FinetuneSettings
+    from tightfit.compression.training import finetune as run_finetune
 
     settings = finetune or FinetuneSettings()
     details: dict[str, Any] = {}
@@ -544,13 +537,13 @@ def prune(
     elif method == "structured":
         if example_inputs is None:
             raise ConfigError("prune: structured pruning needs example inputs (one batch)")
-        result = structured_prune(
-            model, example_inputs, ratio=sparsity, importance=importance, num_classes=num_classes
-        )
+        result = structured_prune(model, example_inputs, ratio=sparsity, importance=importance, num_classes=num_classes)
         details.update(result.to_dict())
         if data is not None:
             loader = torch.utils.data.DataLoader(
-                _train_split(data), batch_size=settings.batch_size, shuffle=True,
+                _train_split(data),
+                batch_size=settings.batch_size,
+                shuffle=True,
                 collate_fn=getattr(data, "collate_fn", None),
             )
             details["batchnorm_batches"] = recalibrate_batchnorm(model, loader)

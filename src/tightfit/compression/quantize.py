@@ -276,9 +276,8 @@ def quantize(
             f"({', '.join(_describe(r) for r in candidates)}); kept fp32"
         )
         return QuantizeResult(best_model, "none", reason, candidates, notes)
-    reason = (
-        f"{best['method']} int8 was the fastest for this {kind} model: "
-        + ", ".join(_describe(r) for r in candidates)
+    reason = f"{best['method']} int8 was the fastest for this {kind} model: " + ", ".join(
+        _describe(r) for r in candidates
     )
     return QuantizeResult(best_model, best["method"], reason, candidates, notes)
 
@@ -297,7 +296,9 @@ def _interleaved_medians(
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, candidate in models.items():
-            median = measure_torch_latency(candidate, example_batch, threads=threads, repeats=50, min_seconds=0.05).median_ms
+            median = measure_torch_latency(
+                candidate, example_batch, threads=threads, repeats=50, min_seconds=0.05
+            ).median_ms
             best[name] = min(median, best.get(name, float("inf")))
     return best
 

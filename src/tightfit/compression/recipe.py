@@ -17,7 +17,7 @@ Unknown keys are errors that name the key, the file and the closest valid key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -104,7 +104,7 @@ class ExportStep(BaseModel, extra="forbid", allow_inf_nan=False):
 
 
 Step = Annotated[
-    Union[PruneStep, FinetuneStep, DistillStep, QatStep, QuantizeStep, ExportStep],
+    PruneStep | FinetuneStep | DistillStep | QatStep | QuantizeStep | ExportStep,
     Field(discriminator="step"),
 ]
 
@@ -175,6 +175,8 @@ def steps_from_names(names: str) -> list[dict[str, Any]]:
     steps = []
     for name in (part.strip() for part in names.split(",")):
         if name not in STEP_NAMES:
-            raise ConfigError(f"--steps: unknown step {name!r}{closest(name, STEP_NAMES)} (valid: {', '.join(STEP_NAMES)})")
+            raise ConfigError(
+                f"--steps: unknown step {name!r}{closest(name, STEP_NAMES)} (valid: {', '.join(STEP_NAMES)})"
+            )
         steps.append({"step": name})
     return steps

@@ -23,9 +23,23 @@ from tightfit.units import plural
 # models differ by a few percent from run to run.
 LATENCY_NOISE = 0.05
 REPORT_FIELDS = (
-    "name", "step", "format", "artifact", "size_bytes", "gzip_bytes", "parameters",
-    "nonzero_parameters", "latency", "throughput", "metric", "metric_change", "speedup",
-    "size_ratio", "flags", "details", "seconds",
+    "name",
+    "step",
+    "format",
+    "artifact",
+    "size_bytes",
+    "gzip_bytes",
+    "parameters",
+    "nonzero_parameters",
+    "latency",
+    "throughput",
+    "metric",
+    "metric_change",
+    "speedup",
+    "size_ratio",
+    "flags",
+    "details",
+    "seconds",
 )
 
 
@@ -189,8 +203,13 @@ def plot_tradeoffs(directory: Path, records: list[ArtifactRecord]) -> dict[str, 
             colour = "tab:red" if record.flags else ("tab:gray" if record is records[0] else "tab:blue")
             axes.scatter(value_of(record), record.metric["value"], color=colour)
             # Staggered labels: compressed models often share the original's metric exactly.
-            axes.annotate(record.name, (value_of(record), record.metric["value"]), fontsize=7,
-                          xytext=(4, 4 - 11 * (index % 4)), textcoords="offset points")
+            axes.annotate(
+                record.name,
+                (value_of(record), record.metric["value"]),
+                fontsize=7,
+                xytext=(4, 4 - 11 * (index % 4)),
+                textcoords="offset points",
+            )
         values = [value_of(record) for record in records]
         if min(values) > 0 and max(values) / min(values) > 8:
             axes.set_xscale("log")  # latencies of eager PyTorch and ONNX Runtime differ tenfold
@@ -199,7 +218,9 @@ def plot_tradeoffs(directory: Path, records: list[ArtifactRecord]) -> dict[str, 
         axes.set_xlabel(label)
         axes.set_ylabel(f"{metric_name} ({records[0].metric['split']})")
         threads = records[0].latency["batch_1"]["threads"]
-        axes.set_title(f"{metric_name} vs {label.split(' (')[0]} — red: flagged; {plural(threads, 'thread')}", fontsize=9)
+        axes.set_title(
+            f"{metric_name} vs {label.split(' (')[0]} — red: flagged; {plural(threads, 'thread')}", fontsize=9
+        )
         axes.grid(alpha=0.3)
         figure.tight_layout()
         path = directory / f"{key}.png"
@@ -261,5 +282,3 @@ def clean_directory(path: Path) -> None:
     """Remove a step's partial output after a failure, so no half-written artifact is kept."""
     if path.exists():
         shutil.rmtree(path, ignore_errors=True)
-
-

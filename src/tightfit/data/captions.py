@@ -122,18 +122,22 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return {split: root / split for split in ("train", "val", "test") if (root / split / "images").is_dir()}
 
 
-def _tokenize_captions(captions: list[str], tokenizer, tokenizer_dir: Path, max_length: int, cache_dir: Path | None) -> torch.Tensor:
+def _tokenize_captions(
+    captions: list[str], tokenizer, tokenizer_dir: Path, max_length: int, cache_dir: Path | None
+) -> torch.Tensor:
     key = None
     if cache_dir is not None:
         cache = TensorCache(cache_dir, "tokens")
         content = hash_bytes(json.dumps(captions).encode())
-        key = TensorCache.key(content, describe(kind="captions", tokenizer=tokenizer_fingerprint(tokenizer_dir), max_length=max_length))
+        key = TensorCache.key(
+            content, describe(kind="captions", tokenizer=tokenizer_fingerprint(tokenizer_dir), max_length=max_length)
+        )
         cached = cache.load(key)
         if cached is not None:
             return cached["input_ids"]
-    input_ids = tokenizer(
-        captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-    )["input_ids"].to(torch.int64)
+    input_ids = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")[
+        "input_ids"
+    ].to(torch.int64)
     if key is not None:
         cache.save(key, {"input_ids": input_ids})
     return input_ids
@@ -171,7 +175,11 @@ def build_captioned_images(config: DataConfig, seed: int):
         test_fraction=0.0 if "test" in folders else config.test_fraction,
         seed=split_seed,
     )
-    pairs = {"train": [pool[i] for i in train_idx], "val": [pool[i] for i in val_idx], "test": [pool[i] for i in test_idx]}
+    pairs = {
+        "train": [pool[i] for i in train_idx],
+        "val": [pool[i] for i in val_idx],
+        "test": [pool[i] for i in test_idx],
+    }
     for split in ("val", "test"):
         if split in folders:
             pairs[split] = read_captions(folders[split])
@@ -186,10 +194,16 @@ def build_captioned_images(config: DataConfig, seed: int):
                 raise DataError(f"{path}: not a readable image ({problem})")
 
     if config.image_size is not None:
-        size = (config.image_size, config.image_size) if isinstance(config.image_size, int) else tuple(config.image_size)
+        size = (
+            (config.image_size, config.image_size) if isinstance(config.image_size, int) else tuple(config.image_size)
+        )
     else:
         size = display_size(pairs["train"][0][0])
-    limit = tokenizer.model_max_length if tokenizer.model_max_length and tokenizer.model_max_length < 10_000 else CLIP_CONTEXT_LENGTH
+    limit = (
+        tokenizer.model_max_length
+        if tokenizer.model_max_length and tokenizer.model_max_length < 10_000
+        else CLIP_CONTEXT_LENGTH
+    )
     max_length = config.max_length or limit
     cache_dir = resolve_cache_dir(config.cache)
     decoder = ImageDecoder("RGB", size, cache_dir)

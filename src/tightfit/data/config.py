@@ -49,9 +49,7 @@ class Columns(BaseModel, extra="forbid", allow_inf_nan=False):
         ),
     )
     text: str | None = Field(default=None, description="text-csv: the text column (default 'text')")
-    inputs: str | None = Field(
-        default=None, description="tensors: the key of the inputs array (default 'inputs')"
-    )
+    inputs: str | None = Field(default=None, description="tensors: the key of the inputs array (default 'inputs')")
 
 
 class DataConfig(BaseModel, extra="forbid", allow_inf_nan=False):
@@ -68,15 +66,13 @@ class DataConfig(BaseModel, extra="forbid", allow_inf_nan=False):
         "only through the Python API tightfit.data.from_arrays)",
     )
     val_fraction: float = Field(
-        default=0.15, ge=0.0, lt=1.0, description="share held out for validation when the data "
-        "has no val split of its own",
+        default=0.15,
+        ge=0.0,
+        lt=1.0,
+        description="share held out for validation when the data has no val split of its own",
     )
-    test_fraction: float = Field(
-        default=0.15, ge=0.0, lt=1.0, description="share held out for the final test"
-    )
-    stratify: bool = Field(
-        default=True, description="keep class proportions equal across splits (classification)"
-    )
+    test_fraction: float = Field(default=0.15, ge=0.0, lt=1.0, description="share held out for the final test")
+    stratify: bool = Field(default=True, description="keep class proportions equal across splits (classification)")
     seed: int | None = Field(
         default=None,
         description="seed of the split and of limit; default: the run's seed. Pin it to keep the "
@@ -107,8 +103,7 @@ class DataConfig(BaseModel, extra="forbid", allow_inf_nan=False):
     )
     cache: bool | str = Field(
         default=False,
-        description="preprocessing cache: false, true (~/.cache/tightfit/data or "
-        "$TIGHTFIT_CACHE_DIR), or a folder",
+        description="preprocessing cache: false, true (~/.cache/tightfit/data or $TIGHTFIT_CACHE_DIR), or a folder",
     )
     num_workers: int | Literal["auto"] = Field(
         default="auto", description="DataLoader worker processes; auto: 0 for in-memory data"
@@ -126,7 +121,9 @@ class DataConfig(BaseModel, extra="forbid", allow_inf_nan=False):
         "diffusers pipeline folder with tokenizer/); text-csv default: the packaged MiniLM; text-corpus: required",
     )
     max_length: int | None = Field(
-        default=None, ge=2, description="tokens per text; default 128 (text-csv), the "
+        default=None,
+        ge=2,
+        description="tokens per text; default 128 (text-csv), the "
         "tokenizer's limit (captioned-images), 256 tokens per packed row (text-corpus)",
     )
     packing: bool = Field(

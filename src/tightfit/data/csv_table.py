@@ -49,9 +49,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
-                raise DataError(
-                    f"{path}, line {reader.line_num}: {len(row)} cells but the header has {len(header)}"
-                )
+                raise DataError(f"{path}, line {reader.line_num}: {len(row)} cells but the header has {len(header)}")
             rows.append([cell.strip() for cell in row])
             lines.append(reader.line_num)
     return header, rows, lines
@@ -96,9 +94,7 @@ def check_columns(header: list[str], wanted: list[str], key: str, path: Path) ->
             lowered = {column.lower(): column for column in header}
             close = [lowered[name.lower()]] if name.lower() in lowered else difflib.get_close_matches(name, header, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"{key}: no column {name!r} in {path}{hint} (columns: {', '.join(header)})"
-            )
+            raise ConfigError(f"{key}: no column {name!r} in {path}{hint} (columns: {', '.join(header)})")
 
 
 def _encode_target(values: list[str], lines: list[int], task: str, path: Path, column: str):

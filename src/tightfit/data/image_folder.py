@@ -45,9 +45,7 @@ def _as_hw(size: int | tuple[int, int]) -> tuple[int, int]:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted so every machine lists the same order."""
-    return sorted(
-        path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def check_image_header(path: Path) -> str | None:
@@ -89,7 +87,9 @@ class ImageDecoder:
     def __init__(self, color_mode: str, size: tuple[int, int], cache_dir: Path | None):
         self.color_mode = color_mode
         self.size = size
-        self.description = describe(kind="image", mode=color_mode, size=list(size), resize="exif-cover-bicubic-center-crop")
+        self.description = describe(
+            kind="image", mode=color_mode, size=list(size), resize="exif-cover-bicubic-center-crop"
+        )
         self.cache = TensorCache(cache_dir, "images") if cache_dir is not None else None
 
     def decode_bytes(self, data: bytes, path: Path) -> torch.Tensor:
@@ -277,9 +277,7 @@ def build_image_folder(config: DataConfig, seed: int):
         if own[split] is not None:
             items[split] = _drop_corrupt(_list_split(own[split], class_index), config.on_corrupt, skipped)
     if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", stacklevel=2
-        )
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", stacklevel=2)
     items = {
         split: [entries[i] for i in limit_indices(np.arange(len(entries)), config.limit, split_seed)]
         for split, entries in items.items()

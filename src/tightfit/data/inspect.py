@@ -92,14 +92,19 @@ def inspect_dataset(
     for name, split in splits.items():
         problems.extend(_split_problems(name, split))
     if missing_splits and "train" not in missing_splits:
-        problems.append(_problem(
-            "warning", None, "missing_split",
-            f"no {' or '.join(missing_splits)} folder: tightfit carves those splits from train by fraction",
-            [],
-        ))
+        problems.append(
+            _problem(
+                "warning",
+                None,
+                "missing_split",
+                f"no {' or '.join(missing_splits)} folder: tightfit carves those splits from train by fraction",
+                [],
+            )
+        )
     if "train" in missing_splits and len(missing_splits) < len(SPLIT_FOLDERS):
-        problems.append(_problem("error", None, "missing_split",
-                                 "val/test folders but no train folder: nothing to train on", []))
+        problems.append(
+            _problem("error", None, "missing_split", "val/test folders but no train folder: nothing to train on", [])
+        )
     problems.extend(_class_mismatch_problems(splits))
 
     duplicates = [
@@ -109,17 +114,22 @@ def inspect_dataset(
     ]
     if duplicates:
         files = [" = ".join(group) for group in duplicates]
-        problems.append(_problem(
-            "warning", None, "duplicates_across_splits",
-            f"{len(duplicates)} image(s) have an identical copy in another split, so evaluation sees "
-            f"training data: {_names(files)}",
-            [name for group in duplicates for name in group],
-        ))
+        problems.append(
+            _problem(
+                "warning",
+                None,
+                "duplicates_across_splits",
+                f"{len(duplicates)} image(s) have an identical copy in another split, so evaluation sees "
+                f"training data: {_names(files)}",
+                [name for group in duplicates for name in group],
+            )
+        )
 
     total = sum(split["images"] for split in splits.values())
     if total == 0:
-        problems.append(_problem("error", None, "no_images",
-                                 f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}", []))
+        problems.append(
+            _problem("error", None, "no_images", f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}", [])
+        )
     layout = _layout(splits)
     return {
         "path": str(root.absolute()),
@@ -130,7 +140,8 @@ def inspect_dataset(
         "image_modes": modes,
         "size_range": (
             {"min_width": min(widths), "max_width": max(widths), "min_height": min(heights), "max_height": max(heights)}
-            if widths else None
+            if widths
+            else None
         ),
         "duplicates_across_splits": duplicates,
         "problems": problems,
@@ -197,7 +208,8 @@ def _scan_split(name: str, folder: Path) -> dict[str, Any]:
 def _list_images(folder: Path, recursive: bool) -> list[Path]:
     files = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
-        path for path in files
+        path
+        for path in files
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
     )
 
@@ -217,13 +229,19 @@ def _read_captions(folder: Path, images_dir: Path, images: list[Path]) -> dict[s
     """Match caption files to images; names the images without captions and the orphans."""
     report: dict[str, Any] = {"source": None, "count": 0, "missing": [], "orphaned": [], "empty": [], "error": None}
     caption_file = next(
-        (candidate for directory in (folder, images_dir) for name in CAPTION_FILES
-         if (candidate := directory / name).is_file()),
+        (
+            candidate
+            for directory in (folder, images_dir)
+            for name in CAPTION_FILES
+            if (candidate := directory / name).is_file()
+        ),
         None,
     )
     image_keys = {_relative(image, images_dir): image for image in images}
     if caption_file is not None:
-        report["source"] = str(caption_file.relative_to(folder)) if caption_file.is_relative_to(folder) else str(caption_file)
+        report["source"] = (
+            str(caption_file.relative_to(folder)) if caption_file.is_relative_to(folder) else str(caption_file)
+        )
         try:
             captions = _load_caption_file(caption_file)
         except (OSError, ValueError) as error:
@@ -301,8 +319,9 @@ def _load_caption_file(path: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------- images
 
 
-def _check_images(images: list[Path], decode: bool, workers: int | None,
-                  progress: Callable[[int, int], None] | None) -> list[dict[str, Any]]:
+def _check_images(
+    images: list[Path], decode: bool, workers: int | None, progress: Callable[[int, int], None] | None
+) -> list[dict[str, Any]]:
     total = len(images)
     if not total:
         return []
@@ -351,30 +370,64 @@ def _split_problems(name: str, split: dict[str, Any]) -> list[dict[str, Any]]:
     problems = []
     if split["corrupt"]:
         files = [entry["file"] for entry in split["corrupt"]]
-        problems.append(_problem("error", name, "corrupt_images",
-                                 f"{len(files)} unreadable or corrupt image(s): {_names(files)}", files))
+        problems.append(
+            _problem(
+                "error", name, "corrupt_images", f"{len(files)} unreadable or corrupt image(s): {_names(files)}", files
+            )
+        )
     if split["images"] == 0:
-        problems.append(_problem("error" if name in ("train", "all") else "warning", name, "empty_split",
-                                 f"split {name} has no images", []))
+        problems.append(
+            _problem(
+                "error" if name in ("train", "all") else "warning",
+                name,
+                "empty_split",
+                f"split {name} has no images",
+                [],
+            )
+        )
     if split["empty_classes"]:
-        problems.append(_problem("warning", name, "empty_classes",
-                                 f"{len(split['empty_classes'])} empty class folder(s): {_names(split['empty_classes'])}",
-                                 split["empty_classes"]))
+        problems.append(
+            _problem(
+                "warning",
+                name,
+                "empty_classes",
+                f"{len(split['empty_classes'])} empty class folder(s): {_names(split['empty_classes'])}",
+                split["empty_classes"],
+            )
+        )
     captions = split["captions"]
     if captions["error"]:
         problems.append(_problem("error", name, "caption_file", f"cannot read captions: {captions['error']}", []))
     if captions["missing"]:
-        problems.append(_problem("error", name, "missing_captions",
-                                 f"{len(captions['missing'])} image(s) without a caption: {_names(captions['missing'])}",
-                                 captions["missing"]))
+        problems.append(
+            _problem(
+                "error",
+                name,
+                "missing_captions",
+                f"{len(captions['missing'])} image(s) without a caption: {_names(captions['missing'])}",
+                captions["missing"],
+            )
+        )
     if captions["orphaned"]:
-        problems.append(_problem("error", name, "orphaned_captions",
-                                 f"{len(captions['orphaned'])} caption(s) for images that do not exist: "
-                                 f"{_names(captions['orphaned'])}", captions["orphaned"]))
+        problems.append(
+            _problem(
+                "error",
+                name,
+                "orphaned_captions",
+                f"{len(captions['orphaned'])} caption(s) for images that do not exist: {_names(captions['orphaned'])}",
+                captions["orphaned"],
+            )
+        )
     if captions["empty"]:
-        problems.append(_problem("warning", name, "empty_captions",
-                                 f"{len(captions['empty'])} empty caption(s): {_names(captions['empty'])}",
-                                 captions["empty"]))
+        problems.append(
+            _problem(
+                "warning",
+                name,
+                "empty_captions",
+                f"{len(captions['empty'])} empty caption(s): {_names(captions['empty'])}",
+                captions["empty"],
+            )
+        )
     return problems
 
 
@@ -390,12 +443,18 @@ def _class_mismatch_problems(splits: dict[str, dict[str, Any]]) -> list[dict[str
             continue
         only_here = sorted(set(split["classes"]) - train_classes)
         if only_here:
-            problems.append(_problem("error", name, "unknown_classes",
-                                     f"class folder(s) not in train: {_names(only_here)}", only_here))
+            problems.append(
+                _problem(
+                    "error", name, "unknown_classes", f"class folder(s) not in train: {_names(only_here)}", only_here
+                )
+            )
         absent = sorted(train_classes - set(split["classes"]))
         if absent:
-            problems.append(_problem("warning", name, "absent_classes",
-                                     f"train class(es) with no folder here: {_names(absent)}", absent))
+            problems.append(
+                _problem(
+                    "warning", name, "absent_classes", f"train class(es) with no folder here: {_names(absent)}", absent
+                )
+            )
     return problems
 
 

@@ -51,9 +51,9 @@ from torch.utils.data import Dataset
 from tightfit.data.cache import TensorCache, describe, hash_file, resolve_cache_dir
 from tightfit.data.config import DataConfig, DataError
 from tightfit.data.splits import limit_indices, split_indices
-from tightfit.paths import local_path
 from tightfit.data.text import PACKAGED_PREFIX, load_tokenizer, resolve_tokenizer_dir, tokenizer_fingerprint
 from tightfit.errors import ConfigError
+from tightfit.paths import local_path
 
 IGNORE_INDEX = -100  # the label transformers' cross-entropy skips
 DEFAULT_MAX_LENGTH = 256
@@ -97,7 +97,8 @@ def read_documents(path: Path) -> list[list[dict[str, str]] | str]:
     """The documents of one file: a list of messages per JSONL record, a string per ``.txt`` paragraph.
 
     Raises:
-        DataError: a file that is not UTF-8 text, an empty file, a line that is not JSON, a record without ``response`` (or
+        DataError: a file that is not UTF-8 text, an empty file, a line that is not JSON, a record without
+        ``response`` (or
             ``prompt``, or usable ``messages``), naming the file and line.
     """
     try:
@@ -130,7 +131,11 @@ def _messages(record: object, where: str) -> list[dict[str, str]]:
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
         for message in messages:
-            if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            if (
+                not isinstance(message, dict)
+                or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)
+            ):
                 raise DataError(f"{where}: every message needs a role ({', '.join(ROLES)}) and a content string")
         if not any(message["role"] == "assistant" for message in messages):
             raise DataError(f"{where}: no assistant message, so nothing to train on")
@@ -152,20 +157,28 @@ def _segments(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool
         pieces, rendered = [], ""
         for index, message in enumerate(messages):
             if message["role"] == "assistant":
-                prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True) if index else ""
-                pieces.append((prompt[len(rendered):], False))
+                prompt = (
+                    tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+                    if index
+                    else ""
+                )
+                pieces.append((prompt[len(rendered) :], False))
                 rendered = prompt
             full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
             if not full.startswith(rendered):
-                raise DataError("the tokenizer's chat template renders a conversation differently from its prefixes; "
-                                "use a plain template (remove chat_template) for this corpus")
-            pieces.append((full[len(rendered):], message["role"] == "assistant"))
+                raise DataError(
+                    "the tokenizer's chat template renders a conversation differently from its prefixes; "
+                    "use a plain template (remove chat_template) for this corpus"
+                )
+            pieces.append((full[len(rendered) :], message["role"] == "assistant"))
             rendered = full
         return pieces
     pieces = []
     for message in messages:
         pieces.append((PLAIN_ROLE_HEADER.format(role=message["role"].capitalize()), False))
-        pieces.append((message["content"] + ("" if message["role"] == "assistant" else "\n"), message["role"] == "assistant"))
+        pieces.append(
+            (message["content"] + ("" if message["role"] == "assistant" else "\n"), message["role"] == "assistant")
+        )
     return pieces
 
 
@@ -174,7 +187,9 @@ def render_prompt(tokenizer, prompt: str) -> list[int]:
     :func:`tokenize_document` tokenised the conversations it trained on (a BPE merges across piece
     boundaries differently, and the model has only seen the pieces)."""
     if _has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pieces = [text for text, _ in _segments(tokenizer, [{"role": "user", "content": prompt}])]
@@ -200,13 +215,20 @@ def tokenize_document(tokenizer, document: list[dict[str, str]] | str) -> tuple[
     return ids, trained
 
 
-def _tokenize_file(path: Path, tokenizer, tokenizer_dir: Path, cache: TensorCache | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def _tokenize_file(
+    path: Path, tokenizer, tokenizer_dir: Path, cache: TensorCache | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """``(token_ids, trained, offsets, cache_hit)`` of every document in ``path``."""
     key = None
     if cache is not None:
         key = TensorCache.key(
             hash_file(path),
-            describe(kind="text-corpus", tokenizer=tokenizer_fingerprint(tokenizer_dir), chat=getattr(tokenizer, "chat_template", None), header=PLAIN_ROLE_HEADER),
+            describe(
+                kind="text-corpus",
+                tokenizer=tokenizer_fingerprint(tokenizer_dir),
+                chat=getattr(tokenizer, "chat_template", None),
+                header=PLAIN_ROLE_HEADER,
+            ),
         )
         cached = cache.load(key)
         if cached is not None:
@@ -244,7 +266,9 @@ class CausalLMDataset(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def pack_documents(documents: list[tuple[torch.Tensor, torch.Tensor]], max_length: int, packing: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def pack_documents(
+    documents: list[tuple[torch.Tensor, torch.Tensor]], max_length: int, packing: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Lay whole documents end to end into rows of at most ``max_length`` tokens.
 
     Args:
@@ -316,7 +340,9 @@ def build_text_corpus(config: DataConfig, seed: int):
         raise ConfigError(f"data.augment: {config.augment} are image augmentations; the text-corpus source takes none")
     files = corpus_files(config.path)
     if config.tokenizer is None:
-        raise ConfigError("data.tokenizer: the text-corpus source needs the model's tokenizer folder (e.g. the hf: model directory)")
+        raise ConfigError(
+            "data.tokenizer: the text-corpus source needs the model's tokenizer folder (e.g. the hf: model directory)"
+        )
     tokenizer_dir = resolve_tokenizer_dir(config.tokenizer)
     tokenizer = load_tokenizer(tokenizer_dir)
     max_length = config.max_length or DEFAULT_MAX_LENGTH
@@ -339,10 +365,15 @@ def build_text_corpus(config: DataConfig, seed: int):
         documents = [(ids[:max_length], labels[:max_length]) for ids, labels in documents]
     documents = [document for document in documents if (document[1] != IGNORE_INDEX).any()]
     if not documents:
-        raise DataError(f"{config.path}: no document left with a token to train on (max_length {max_length}, overlong: {config.overlong})")
+        raise DataError(
+            f"{config.path}: no document left with a token to train on (max_length {max_length}, overlong: "
+            f"{config.overlong})"
+        )
 
     split_seed = config.seed if config.seed is not None else seed
-    splits = split_indices(len(documents), val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=split_seed)
+    splits = split_indices(
+        len(documents), val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=split_seed
+    )
     datasets = []
     split_rows = {}
     for name, indices in zip(("train", "val", "test"), splits):
@@ -372,15 +403,24 @@ def build_text_corpus(config: DataConfig, seed: int):
     metadata["summary"] = corpus_summary_line(metadata)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return DataBundle(
-        train=datasets[0], val=datasets[1], test=datasets[2], num_classes=None, input_shape=None, class_names=None,
-        collate_fn=CausalLMCollator(pad_token_id), task="causal-lm", metadata=metadata,
+        train=datasets[0],
+        val=datasets[1],
+        test=datasets[2],
+        num_classes=None,
+        input_shape=None,
+        class_names=None,
+        collate_fn=CausalLMCollator(pad_token_id),
+        task="causal-lm",
+        metadata=metadata,
     )
 
 
 def corpus_summary_line(metadata: dict) -> str:
     """One line for people: documents, tokens, the length histogram, what happened to long ones."""
     histogram = ", ".join(f"{bucket}: {count}" for bucket, count in metadata["length_histogram"].items() if count)
-    splits = ", ".join(f"{name} {info['documents']} docs -> {info['rows']} rows" for name, info in metadata["splits"].items())
+    splits = ", ".join(
+        f"{name} {info['documents']} docs -> {info['rows']} rows" for name, info in metadata["splits"].items()
+    )
     overlong = metadata["overlong"]
     return (
         f"text corpus: {metadata['documents']} documents, {metadata['tokens']:,} tokens "

@@ -146,12 +146,16 @@ def bundle_from_arrays(
 
     split_seed = config.seed if config.seed is not None else seed
     stratify_labels = targets.numpy() if (task == "classification" and config.stratify) else None
-    train, val, test = splits if splits is not None else split_indices(
-        len(inputs),
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        seed=split_seed,
-        labels=stratify_labels,
+    train, val, test = (
+        splits
+        if splits is not None
+        else split_indices(
+            len(inputs),
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=split_seed,
+            labels=stratify_labels,
+        )
     )
 
     stats: dict = {}
@@ -250,14 +254,11 @@ def load_tensor_file(path: Path, inputs_key: str, targets_key: str) -> tuple[tor
                 loaded = {inputs_key: loaded[0], targets_key: loaded[1]}
             if not isinstance(loaded, dict):
                 raise DataError(
-                    f"{path}: expected a dict of tensors or an (inputs, targets) pair, "
-                    f"found {type(loaded).__name__}"
+                    f"{path}: expected a dict of tensors or an (inputs, targets) pair, found {type(loaded).__name__}"
                 )
             arrays = loaded
         else:
-            raise ConfigError(
-                f"data.path: {path} is not a tensors file; use one of {', '.join(TENSOR_FILE_SUFFIXES)}"
-            )
+            raise ConfigError(f"data.path: {path} is not a tensors file; use one of {', '.join(TENSOR_FILE_SUFFIXES)}")
     except pickle.UnpicklingError:
         raise DataError(
             f"{path}: holds Python objects besides tensors, which only an unsafe (pickle) load could "
@@ -283,9 +284,7 @@ def build_tensors(config: DataConfig, seed: int):
     path = Path(config.path).expanduser()
     if not path.is_file():
         raise ConfigError(f"data.path: no such file {path}")
-    inputs, targets = load_tensor_file(
-        path, config.columns.inputs or "inputs", config.columns.target or "targets"
-    )
+    inputs, targets = load_tensor_file(path, config.columns.inputs or "inputs", config.columns.target or "targets")
     return bundle_from_arrays(
         inputs, targets, config, seed, normalize=_normalize_mode(inputs, config), source="tensors"
     )

@@ -34,8 +34,15 @@ PAD_TO_MULTIPLE_OF = 8  # tensor cores and most kernels prefer sequence lengths 
 PACKAGED_DATASETS = ("support-messages",)
 """Data sets shipped inside tightfit (``data/files/``), usable as ``path: packaged:NAME`` (:mod:`tightfit.paths`)."""
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
 )
 
 
@@ -219,7 +226,9 @@ def build_text_csv(config: DataConfig, seed: int):
         cache = TensorCache(cache_dir, "tokens")
         key = TensorCache.key(
             hash_file(path),
-            describe(kind="text-csv", text=text_column, tokenizer=tokenizer_fingerprint(tokenizer_dir), max_length=max_length),
+            describe(
+                kind="text-csv", text=text_column, tokenizer=tokenizer_fingerprint(tokenizer_dir), max_length=max_length
+            ),
         )
         cached = cache.load(key)
     if cached is not None:
@@ -239,8 +248,7 @@ def build_text_csv(config: DataConfig, seed: int):
         labels=labels.numpy() if config.stratify else None,
     )
     train, val, test = (
-        corpus.subset(limit_indices(indices, config.limit, split_seed)) if len(indices) else None
-        for indices in splits
+        corpus.subset(limit_indices(indices, config.limit, split_seed)) if len(indices) else None for indices in splits
     )
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return DataBundle(

@@ -38,9 +38,7 @@ def _split_name(spec: str) -> tuple[str, float | None]:
     try:
         return name, float(parameter)
     except ValueError:
-        raise ValueError(
-            f"augmentation {spec!r}: the part after ':' must be a number, e.g. 'rotation:15'"
-        ) from None
+        raise ValueError(f"augmentation {spec!r}: the part after ':' must be a number, e.g. 'rotation:15'") from None
 
 
 def check_augmentation_name(spec: str) -> None:
@@ -54,9 +52,7 @@ def check_augmentation_name(spec: str) -> None:
     if name not in AUGMENTATIONS:
         close = difflib.get_close_matches(name, list(AUGMENTATIONS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ValueError(
-            f"unknown augmentation {spec!r}{hint} (valid: {', '.join(AUGMENTATIONS)})"
-        )
+        raise ValueError(f"unknown augmentation {spec!r}{hint} (valid: {', '.join(AUGMENTATIONS)})")
 
 
 def _make_one(spec: str, size: tuple[int, int], v2: Any) -> Any:
@@ -103,8 +99,7 @@ def build_augmentation(specs: list[str], image_size: tuple[int, int]) -> Callabl
         check_augmentation_name(spec)
     if not is_available("torchvision"):
         warnings.warn(
-            f"augmentation {specs} skipped: torchvision is not installed "
-            '(pip install "tightfit[vision]")',
+            f'augmentation {specs} skipped: torchvision is not installed (pip install "tightfit[vision]")',
             stacklevel=2,
         )
         return None

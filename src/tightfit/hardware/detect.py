@@ -65,7 +65,9 @@ def cpu_info() -> dict[str, Any]:
         frequency = None
     if frequency is None and platform.system() == "Darwin":
         frequency = _sysctl_int("hw.cpufrequency_max")
-    extensions = [name for name in ("avx512f", "avx512_bf16", "amx_bf16", "avx2", "fma", "asimd", "neon") if name in flags]
+    extensions = [
+        name for name in ("avx512f", "avx512_bf16", "amx_bf16", "avx2", "fma", "asimd", "neon") if name in flags
+    ]
     if platform.machine().lower() in ("arm64", "aarch64") and "neon" not in extensions:
         extensions.append("neon")  # every 64-bit Arm core has Advanced SIMD
     return {
@@ -160,8 +162,12 @@ def disk_info(path: str | os.PathLike) -> dict[str, Any]:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     usage = shutil.disk_usage(probe)
-    return {"path": str(Path(path).expanduser().absolute()), "checked": str(probe),
-            "total_bytes": int(usage.total), "free_bytes": int(usage.free)}
+    return {
+        "path": str(Path(path).expanduser().absolute()),
+        "checked": str(probe),
+        "total_bytes": int(usage.total),
+        "free_bytes": int(usage.free),
+    }
 
 
 def system_info() -> dict[str, Any]:
@@ -215,8 +221,13 @@ def cuda_devices() -> dict[str, Any]:
     """
     import torch
 
-    report: dict[str, Any] = {"available": bool(torch.cuda.is_available()), "device_count": 0,
-                              "driver_version": None, "nvml": False, "devices": []}
+    report: dict[str, Any] = {
+        "available": bool(torch.cuda.is_available()),
+        "device_count": 0,
+        "driver_version": None,
+        "nvml": False,
+        "devices": [],
+    }
     if not report["available"]:
         return report
     nvml = _nvml_devices()
@@ -293,9 +304,15 @@ def _nvml_devices() -> list[dict[str, Any]] | None:
                 clock = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM) * 1e6
             except Exception:  # noqa: BLE001 - not supported on every board
                 clock = None
-            devices.append({"driver_version": driver, "free_bytes": int(memory.free),
-                            "used_bytes": int(memory.used) - own_bytes, "total_bytes": int(memory.total),
-                            "max_clock_hz": clock})
+            devices.append(
+                {
+                    "driver_version": driver,
+                    "free_bytes": int(memory.free),
+                    "used_bytes": int(memory.used) - own_bytes,
+                    "total_bytes": int(memory.total),
+                    "max_clock_hz": clock,
+                }
+            )
         return devices
     except Exception:  # noqa: BLE001
         return None

@@ -57,8 +57,19 @@ PACKAGES: dict[str, dict[str, Any]] = {
     "pynvml": {"for": "GPU memory and driver facts from NVML", "distributions": ("nvidia-ml-py", "pynvml")},
 }
 # Used when tightfit's own metadata is unavailable (running from a source tree without install).
-FALLBACK_REQUIRED = ("torch", "numpy", "pyyaml", "rich", "psutil", "pydantic", "safetensors", "scikit-learn",
-                     "pillow", "tensorboard", "matplotlib")
+FALLBACK_REQUIRED = (
+    "torch",
+    "numpy",
+    "pyyaml",
+    "rich",
+    "psutil",
+    "pydantic",
+    "safetensors",
+    "scikit-learn",
+    "pillow",
+    "tensorboard",
+    "matplotlib",
+)
 
 
 def run_doctor(
@@ -167,11 +178,15 @@ def sd_stack_report() -> dict[str, Any]:
             versions[package] = getattr(module, "__version__", "?")
             imports.append({"name": f"{package}.{name}", "ok": True, "error": None})
         except Exception as error:  # an import can fail with anything (a broken binary, a bad pin)
-            imports.append({"name": f"{package}.{name}", "ok": False, "error": f"{type(error).__name__}: {error}".splitlines()[0]})
+            imports.append(
+                {"name": f"{package}.{name}", "ok": False, "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+            )
     lora_config = {"ok": False, "error": "peft did not import"}
     if all(item["ok"] for item in imports if item["name"].startswith("peft.")):
         try:
-            importlib.import_module("peft").LoraConfig(r=8, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+            importlib.import_module("peft").LoraConfig(
+                r=8, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+            )
             lora_config = {"ok": True, "error": None}
         except Exception as error:
             lora_config = {"ok": False, "error": f"{type(error).__name__}: {error}".splitlines()[0]}
@@ -234,16 +249,18 @@ def package_report() -> list[dict[str, Any]]:
         else:
             status = "installed"
         install = f'pip install "tightfit[{extra}]"' if extra else f"pip install {distributions[0]}"
-        rows.append({
-            "name": name,
-            "version": version,
-            "required": required,
-            "minimum": minimum,
-            "extra": extra,
-            "status": status,
-            "needed_for": info["for"],
-            "install": install if status != "installed" else None,
-        })
+        rows.append(
+            {
+                "name": name,
+                "version": version,
+                "required": required,
+                "minimum": minimum,
+                "extra": extra,
+                "status": status,
+                "needed_for": info["for"],
+                "install": install if status != "installed" else None,
+            }
+        )
     return rows
 
 
@@ -287,8 +304,15 @@ def run_smoke_test(device_type: str) -> dict[str, Any]:
         "train_step"} (seconds; ``train_step`` is the median after the first),
         "loss_before", "loss_after", "error"}``.
     """
-    result: dict[str, Any] = {"device": device_type, "ok": False, "seconds": None, "steps": {},
-                              "loss_before": None, "loss_after": None, "error": None}
+    result: dict[str, Any] = {
+        "device": device_type,
+        "ok": False,
+        "seconds": None,
+        "steps": {},
+        "loss_before": None,
+        "loss_after": None,
+        "error": None,
+    }
     start = time.perf_counter()
     stage = "import torch"
     try:
@@ -366,12 +390,15 @@ def build_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         version = tuple(int(part) for part in system["python_version"].split(".")[:2])
         ok = version >= MIN_PYTHON
-        checks.append(_check(
-            "python", OK if ok else FAIL,
-            f"Python {system['python_version']} ({system['python_implementation']}) at {system['executable']}"
-            + ("" if ok else f"; tightfit needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}"),
-            critical=True,
-        ))
+        checks.append(
+            _check(
+                "python",
+                OK if ok else FAIL,
+                f"Python {system['python_version']} ({system['python_implementation']}) at {system['executable']}"
+                + ("" if ok else f"; tightfit needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}"),
+                critical=True,
+            )
+        )
         checks.append(_check("os", INFO, f"{system['os']} {system['os_release']} ({system['architecture']})"))
 
     checks.append(_torch_check(report))
@@ -381,12 +408,15 @@ def build_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         clock = f", up to {cpu['max_frequency_hz'] / 1e9:.2f} GHz" if cpu.get("max_frequency_hz") else ""
         load = cpu.get("load_average_1min")
         busy = load is not None and load > (cpu["logical_cores"] or 1)
-        checks.append(_check(
-            "cpu", WARN if busy else INFO,
-            f"{cpu['model']}: {cpu['physical_cores']} physical / {cpu['logical_cores']} logical cores{clock}"
-            + (f"; load {load:.1f}" if load is not None else "")
-            + ("; busy: other work competes for the cores, timings will be slower" if busy else ""),
-        ))
+        checks.append(
+            _check(
+                "cpu",
+                WARN if busy else INFO,
+                f"{cpu['model']}: {cpu['physical_cores']} physical / {cpu['logical_cores']} logical cores{clock}"
+                + (f"; load {load:.1f}" if load is not None else "")
+                + ("; busy: other work competes for the cores, timings will be slower" if busy else ""),
+            )
+        )
     checks.extend(_memory_checks(report))
     checks.append(_disk_check(report["disk"]))
     checks.extend(_package_checks(report["packages"]))
@@ -401,7 +431,11 @@ def _torch_check(report: dict[str, Any]) -> dict[str, Any]:
     info = report["torch"]
     if "error" in info:
         return _check("torch", FAIL, f"torch cannot be imported ({info['error']}): pip install torch", critical=True)
-    build = f"CUDA {info['cuda_build']}" if info["cuda_build"] else ("ROCm " + info["hip_build"] if info["hip_build"] else "CPU-only")
+    build = (
+        f"CUDA {info['cuda_build']}"
+        if info["cuda_build"]
+        else ("ROCm " + info["hip_build"] if info["hip_build"] else "CPU-only")
+    )
     extras = []
     if info["cudnn_version"]:
         extras.append(f"cuDNN {info['cudnn_version']}")
@@ -418,28 +452,53 @@ def _accelerator_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         for device in cuda["devices"]:
             free = format_bytes(device["free_bytes"]) if device["free_bytes"] is not None else "unknown"
             low = device["free_bytes"] is not None and device["free_bytes"] < GIB
-            checks.append(_check(
-                f"cuda:{device['index']}", WARN if low else OK,
-                f"{device['name']}: {format_bytes(device['total_bytes'])} total, {free} free, compute capability "
-                f"{device['compute_capability']}, bf16 {'yes' if device['bf16'] else 'no'}, "
-                f"TF32 {'yes' if device['tf32'] else 'no'}"
-                + (f", driver {cuda['driver_version']}" if cuda.get("driver_version") else "")
-                + ("; less than 1 GiB free: other processes hold this GPU" if low else ""),
-            ))
+            checks.append(
+                _check(
+                    f"cuda:{device['index']}",
+                    WARN if low else OK,
+                    f"{device['name']}: {format_bytes(device['total_bytes'])} total, {free} free, compute capability "
+                    f"{device['compute_capability']}, bf16 {'yes' if device['bf16'] else 'no'}, "
+                    f"TF32 {'yes' if device['tf32'] else 'no'}"
+                    + (f", driver {cuda['driver_version']}" if cuda.get("driver_version") else "")
+                    + ("; less than 1 GiB free: other processes hold this GPU" if low else ""),
+                )
+            )
     else:
-        checks.append(_check("cuda", INFO, "no CUDA GPU visible" + (
-            f" (torch is a CUDA {report['torch']['cuda_build']} build)" if report["torch"].get("cuda_build") else "")))
+        checks.append(
+            _check(
+                "cuda",
+                INFO,
+                "no CUDA GPU visible"
+                + (
+                    f" (torch is a CUDA {report['torch']['cuda_build']} build)"
+                    if report["torch"].get("cuda_build")
+                    else ""
+                ),
+            )
+        )
     if "error" not in mps and (mps.get("built") or mps.get("available")):
         if mps["available"]:
             recommended = mps.get("recommended_max_bytes")
-            checks.append(_check("mps", OK, "Apple MPS available" + (
-                f"; Metal recommends at most {format_bytes(recommended)} for the GPU" if recommended else "")))
+            checks.append(
+                _check(
+                    "mps",
+                    OK,
+                    "Apple MPS available"
+                    + (f"; Metal recommends at most {format_bytes(recommended)} for the GPU" if recommended else ""),
+                )
+            )
         else:
             checks.append(_check("mps", INFO, "torch has MPS built in, but MPS is not available on this machine"))
     best = report["best_device"]
     if "error" not in best:
-        checks.append(_check("best device", INFO, f"{best['device_type']}: {best['description']}; "
-                                                  f"{format_bytes(best['usable_bytes'])} usable for training"))
+        checks.append(
+            _check(
+                "best device",
+                INFO,
+                f"{best['device_type']}: {best['description']}; "
+                f"{format_bytes(best['usable_bytes'])} usable for training",
+            )
+        )
     return checks
 
 
@@ -449,8 +508,10 @@ def _memory_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         return [_check("memory", WARN, f"memory could not be read: {memory['error']}")]
     available = memory["available_bytes"]
     status = WARN if available < 4 * GIB else OK
-    summary = (f"{format_bytes(memory['total_bytes'])} total, {format_bytes(available)} available "
-               f"({memory['used_percent']:.0f}% used)")
+    summary = (
+        f"{format_bytes(memory['total_bytes'])} total, {format_bytes(available)} available "
+        f"({memory['used_percent']:.0f}% used)"
+    )
     if memory.get("unified_memory"):
         summary += "; unified memory: the GPU shares it with macOS and every open app"
     if available < 4 * GIB:
@@ -458,11 +519,14 @@ def _memory_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
     checks = [_check("memory", status, summary)]
     swap_total, swap_used = memory["swap_total_bytes"], memory["swap_used_bytes"]
     heavy_swap = swap_used > max(GIB, 0.1 * memory["total_bytes"])
-    checks.append(_check(
-        "swap", WARN if heavy_swap else INFO,
-        f"{format_bytes(swap_used)} used of {format_bytes(swap_total)}"
-        + ("; heavy swapping makes training very slow" if heavy_swap else ""),
-    ))
+    checks.append(
+        _check(
+            "swap",
+            WARN if heavy_swap else INFO,
+            f"{format_bytes(swap_used)} used of {format_bytes(swap_total)}"
+            + ("; heavy swapping makes training very slow" if heavy_swap else ""),
+        )
+    )
     return checks
 
 
@@ -471,8 +535,13 @@ def _disk_check(disk: dict[str, Any]) -> dict[str, Any]:
         return _check("disk", WARN, f"free space could not be read: {disk['error']}")
     free = disk["free_bytes"]
     status = FAIL if free < GIB else (WARN if free < 10 * GIB else OK)
-    return _check("disk", status, f"{format_bytes(free)} free at {disk['path']}"
-                  + ("; runs need room for checkpoints and logs" if status != OK else ""), critical=True)
+    return _check(
+        "disk",
+        status,
+        f"{format_bytes(free)} free at {disk['path']}"
+        + ("; runs need room for checkpoints and logs" if status != OK else ""),
+        critical=True,
+    )
 
 
 def _package_checks(packages: Any) -> list[dict[str, Any]]:
@@ -483,8 +552,8 @@ def _package_checks(packages: Any) -> list[dict[str, Any]]:
     required_count = sum(row["required"] for row in packages)
     if required_bad:
         described = ", ".join(
-            f"{row['name']} {row['status']}" + (f" (need >= {row['minimum']}, have {row['version']})"
-                                                if row["status"] == "outdated" else "")
+            f"{row['name']} {row['status']}"
+            + (f" (need >= {row['minimum']}, have {row['version']})" if row["status"] == "outdated" else "")
             for row in required_bad
         )
         summary = f"required: {described}; reinstall with pip install tightfit"
@@ -492,11 +561,14 @@ def _package_checks(packages: Any) -> list[dict[str, Any]]:
     else:
         checks = [_check("required packages", OK, f"all {required_count} installed", critical=True)]
     optional_count = len(packages) - required_count
-    checks.append(_check(
-        "optional packages", INFO,
-        f"{optional_count - len(optional_missing)} of {optional_count} installed"
-        + (f"; missing: {', '.join(optional_missing)}" if optional_missing else ""),
-    ))
+    checks.append(
+        _check(
+            "optional packages",
+            INFO,
+            f"{optional_count - len(optional_missing)} of {optional_count} installed"
+            + (f"; missing: {', '.join(optional_missing)}" if optional_missing else ""),
+        )
+    )
     return checks
 
 
@@ -509,8 +581,14 @@ def _sd_stack_check(stack: dict[str, Any] | None) -> dict[str, Any]:
         problems = [f"{item['name']} ({item['error']})" for item in failed]
         if not stack["lora_config"]["ok"]:
             problems.append(f"LoraConfig for the UNet ({stack['lora_config']['error']})")
-        return _check("stable diffusion stack", WARN, "cannot import " + "; ".join(problems) + ' (pip install "tightfit[hf]")')
-    return _check("stable diffusion stack", OK, f"{len(stack['imports'])} classes imported and a UNet LoraConfig built ({versions})")
+        return _check(
+            "stable diffusion stack", WARN, "cannot import " + "; ".join(problems) + ' (pip install "tightfit[hf]")'
+        )
+    return _check(
+        "stable diffusion stack",
+        OK,
+        f"{len(stack['imports'])} classes imported and a UNet LoraConfig built ({versions})",
+    )
 
 
 def _smoke_check(smoke: dict[str, Any]) -> dict[str, Any]:
@@ -518,12 +596,17 @@ def _smoke_check(smoke: dict[str, Any]) -> dict[str, Any]:
         return _check("smoke test", INFO, f"skipped ({smoke['reason']})")
     if smoke["ok"]:
         steps = smoke["steps"]
-        return _check("smoke test", OK, (
-            f"{smoke['device']}: allocate, matmul and 5 training steps in {smoke['seconds']:.2f} s "
-            f"(matmul {steps['matmul'] * 1e3:.1f} ms, first train step {steps['first_train_step']:.2f} s, "
-            f"then {steps['train_step'] * 1e3:.1f} ms each; "
-            f"loss {smoke['loss_before']:.3f} -> {smoke['loss_after']:.3f})"
-        ), critical=True)
+        return _check(
+            "smoke test",
+            OK,
+            (
+                f"{smoke['device']}: allocate, matmul and 5 training steps in {smoke['seconds']:.2f} s "
+                f"(matmul {steps['matmul'] * 1e3:.1f} ms, first train step {steps['first_train_step']:.2f} s, "
+                f"then {steps['train_step'] * 1e3:.1f} ms each; "
+                f"loss {smoke['loss_before']:.3f} -> {smoke['loss_after']:.3f})"
+            ),
+            critical=True,
+        )
     return _check("smoke test", FAIL, f"{smoke['device']}: failed at {smoke['error']}", critical=True)
 
 
@@ -547,11 +630,21 @@ def verdict(checks: list[dict[str, Any]]) -> dict[str, Any]:
     failed = [check["name"] for check in checks if check["critical"] and check["status"] == FAIL]
     warnings = [check["name"] for check in checks if check["status"] in (WARN, FAIL) and check["name"] not in failed]
     if failed:
-        return {"ready": False, "status": "not ready", "failed": failed, "warnings": warnings,
-                "summary": f"not ready: {', '.join(failed)} failed"}
+        return {
+            "ready": False,
+            "status": "not ready",
+            "failed": failed,
+            "warnings": warnings,
+            "summary": f"not ready: {', '.join(failed)} failed",
+        }
     if warnings:
-        return {"ready": True, "status": "ready, with warnings", "failed": [], "warnings": warnings,
-                "summary": f"ready, with warnings about {', '.join(warnings)}"}
+        return {
+            "ready": True,
+            "status": "ready, with warnings",
+            "failed": [],
+            "warnings": warnings,
+            "summary": f"ready, with warnings about {', '.join(warnings)}",
+        }
     return {"ready": True, "status": "ready", "failed": [], "warnings": [], "summary": "ready to train"}
 
 
@@ -566,53 +659,78 @@ def recommend(report: dict[str, Any]) -> list[str]:
     for device in gpus:
         name = f"cuda:{device['index']} ({device['name']})"
         if device["bf16"]:
-            advice.append(f"{name} supports bf16: prefer `precision: bf16` to fp16 (the range of fp32, no loss "
-                          "scaling); TF32 speeds up the fp32 matmuls that remain.")
+            advice.append(
+                f"{name} supports bf16: prefer `precision: bf16` to fp16 (the range of fp32, no loss "
+                "scaling); TF32 speeds up the fp32 matmuls that remain."
+            )
         else:
-            advice.append(f"{name} has no native bf16 (compute capability {device['compute_capability']}): use "
-                          "`precision: fp16`, which trains with a gradient scaler.")
+            advice.append(
+                f"{name} has no native bf16 (compute capability {device['compute_capability']}): use "
+                "`precision: fp16`, which trains with a gradient scaler."
+            )
         if device["total_bytes"] <= 8 * GIB:
-            advice.append(f"{name} has {format_bytes(device['total_bytes'])}: expect small batches. Run "
-                          "`tightfit plan` before training; activation checkpointing, gradient accumulation and "
-                          "8-bit Adam are the usual ways to fit.")
+            advice.append(
+                f"{name} has {format_bytes(device['total_bytes'])}: expect small batches. Run "
+                "`tightfit plan` before training; activation checkpointing, gradient accumulation and "
+                "8-bit Adam are the usual ways to fit."
+            )
         if device["free_bytes"] is not None and device["free_bytes"] < 0.8 * device["total_bytes"]:
-            advice.append(f"{name}: {format_bytes(device['total_bytes'] - device['free_bytes'])} already in use by "
-                          "other processes (nvidia-smi lists them); close them or plan with `--memory` set to the "
-                          "free amount.")
+            advice.append(
+                f"{name}: {format_bytes(device['total_bytes'] - device['free_bytes'])} already in use by "
+                "other processes (nvidia-smi lists them); close them or plan with `--memory` set to the "
+                "free amount."
+            )
     if gpus and not _installed(report, "bitsandbytes"):
-        advice.append("bitsandbytes is missing: `optimizer: adam8bit` and 4-bit QLoRA need it "
-                      "(pip install bitsandbytes).")
+        advice.append(
+            "bitsandbytes is missing: `optimizer: adam8bit` and 4-bit QLoRA need it (pip install bitsandbytes)."
+        )
     if "error" not in torch_info and not gpus:
         if torch_info.get("cuda_build") and not mps.get("available"):
-            advice.append(f"torch is a CUDA {torch_info['cuda_build']} build but sees no GPU: if this machine has an "
-                          "NVIDIA GPU, check the driver with `nvidia-smi`; otherwise this is fine.")
+            advice.append(
+                f"torch is a CUDA {torch_info['cuda_build']} build but sees no GPU: if this machine has an "
+                "NVIDIA GPU, check the driver with `nvidia-smi`; otherwise this is fine."
+            )
     if mps.get("available"):
         recommended = mps.get("recommended_max_bytes")
         advice.append(
             "Unified memory: the GPU shares " + format_bytes(memory.get("total_bytes")) + " with macOS and every open "
-            "app" + (f"; Metal recommends at most {format_bytes(recommended)} for it" if recommended else "")
+            "app"
+            + (f"; Metal recommends at most {format_bytes(recommended)} for it" if recommended else "")
             + ". Close memory-hungry apps before long runs; `precision: fp16` halves activation memory."
         )
         if not mps.get("fallback_enabled"):
-            advice.append("Set PYTORCH_ENABLE_MPS_FALLBACK=1 so an operation MPS lacks runs on the CPU instead of "
-                          "failing.")
+            advice.append(
+                "Set PYTORCH_ENABLE_MPS_FALLBACK=1 so an operation MPS lacks runs on the CPU instead of failing."
+            )
     if "error" not in torch_info and not gpus and not mps.get("available"):
         cores = report["cpu"].get("physical_cores") if "error" not in report["cpu"] else None
-        advice.append("No GPU: training runs on the CPU. Start with small models (builtin:digits-cnn, builtin:mlp); "
-                      "`tightfit plan --device rtx3050-laptop-6gb` plans for a GPU you could use."
-                      + (f" Use at most {plural(max(1, cores - 1), 'data-loader worker')} on {plural(cores, 'core')}." if cores else ""))
+        advice.append(
+            "No GPU: training runs on the CPU. Start with small models (builtin:digits-cnn, builtin:mlp); "
+            "`tightfit plan --device rtx3050-laptop-6gb` plans for a GPU you could use."
+            + (
+                f" Use at most {plural(max(1, cores - 1), 'data-loader worker')} on {plural(cores, 'core')}."
+                if cores
+                else ""
+            )
+        )
     if "error" not in memory:
         available = memory["available_bytes"]
         if available < 8 * GIB:
-            advice.append(f"{format_bytes(available)} of system memory available: expect small batches and keep "
-                          "`data.num_workers` low; see `tightfit plan`.")
+            advice.append(
+                f"{format_bytes(available)} of system memory available: expect small batches and keep "
+                "`data.num_workers` low; see `tightfit plan`."
+            )
         if memory["swap_used_bytes"] > max(GIB, 0.1 * memory["total_bytes"]):
-            advice.append(f"{format_bytes(memory['swap_used_bytes'])} of swap in use: the system is short of memory, "
-                          "and swapping makes training many times slower.")
+            advice.append(
+                f"{format_bytes(memory['swap_used_bytes'])} of swap in use: the system is short of memory, "
+                "and swapping makes training many times slower."
+            )
     disk = report["disk"]
     if "error" not in disk and disk["free_bytes"] < 10 * GIB:
-        advice.append(f"Only {format_bytes(disk['free_bytes'])} free at {disk['path']}: keep fewer checkpoints "
-                      "(`checkpoint.keep_top_k`) or write runs elsewhere (`run_dir`).")
+        advice.append(
+            f"Only {format_bytes(disk['free_bytes'])} free at {disk['path']}: keep fewer checkpoints "
+            "(`checkpoint.keep_top_k`) or write runs elsewhere (`run_dir`)."
+        )
     packages = report["packages"]
     if isinstance(packages, list):
         by_extra: dict[str, list[str]] = {}
@@ -624,8 +742,10 @@ def recommend(report: dict[str, Any]) -> list[str]:
             advice.append(f'pip install "tightfit[{extra}]" for {purposes} ({", ".join(names)} missing).')
     smoke = report["smoke_test"]
     if not smoke.get("skipped") and not smoke.get("ok"):
-        advice.append(f"The smoke test failed on {smoke['device']} ({smoke['error']}): reinstall torch for this "
-                      "platform, or train on the CPU (`device: cpu`) until it is fixed.")
+        advice.append(
+            f"The smoke test failed on {smoke['device']} ({smoke['error']}): reinstall torch for this "
+            "platform, or train on the CPU (`device: cpu`) until it is fixed."
+        )
     dataset = report.get("dataset")
     if dataset and "error" not in dataset:
         for problem in dataset["problems"]:
@@ -636,12 +756,13 @@ def recommend(report: dict[str, Any]) -> list[str]:
             elif problem["kind"] == "empty_classes":
                 advice.append(f"{problem['message']}: add images or delete the folders, or the class count is wrong.")
             elif problem["kind"] == "duplicates_across_splits":
-                advice.append("Some images appear in more than one split: remove the copies so the validation and "
-                              "test scores are honest.")
+                advice.append(
+                    "Some images appear in more than one split: remove the copies so the validation and "
+                    "test scores are honest."
+                )
     return advice
 
 
 def _installed(report: dict[str, Any], name: str) -> bool:
     packages = report["packages"]
     return isinstance(packages, list) and any(row["name"] == name and row["status"] == "installed" for row in packages)
-

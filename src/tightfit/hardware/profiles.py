@@ -143,15 +143,18 @@ def detect_profile(device_type: str | None = None, index: int | None = None) -> 
                 raise SpecError(f"cuda:{index}: this machine has {len(devices)} CUDA device(s)")
             return _cuda_profile(chosen, cuda.get("driver_version"))
         if device_type == "cuda":
-            raise SpecError("device 'cuda': no CUDA GPU is available here (name a profile such as "
-                            "rtx3050-laptop-6gb to plan for one)")
+            raise SpecError(
+                "device 'cuda': no CUDA GPU is available here (name a profile such as "
+                "rtx3050-laptop-6gb to plan for one)"
+            )
     if device_type in (None, "mps"):
         mps = detect.mps_info()
         if mps["available"]:
             return _mps_profile(mps)
         if device_type == "mps":
-            raise SpecError("device 'mps': Apple MPS is not available here (name a profile such as "
-                            "m1-16gb to plan for one)")
+            raise SpecError(
+                "device 'mps': Apple MPS is not available here (name a profile such as m1-16gb to plan for one)"
+            )
     return _cpu_profile()
 
 
@@ -206,12 +209,12 @@ def with_budget(profile: DeviceProfile, budget_bytes: int) -> DeviceProfile:
 # ----------------------------------------------------------------------------- loading the file
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _raw_data(path: Path = PROFILES_FILE) -> dict[str, Any]:
     return read_yaml(path, what="device profiles file")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_profiles(path: Path = PROFILES_FILE) -> dict[str, DeviceProfile]:
     data = _raw_data(path)
     documents = data.get("documents", {})
@@ -341,15 +344,19 @@ def _cuda_profile(device: dict[str, Any], driver_version: str | None) -> DeviceP
     else:
         usable = total
         usable_source = "torch.cuda.get_device_properties total_memory (free memory unknown)"
-    sources = {"memory_bytes": "measured: torch.cuda.get_device_properties total_memory",
-               "usable_bytes": usable_source}
+    sources = {"memory_bytes": "measured: torch.cuda.get_device_properties total_memory", "usable_bytes": usable_source}
     if matched is not None:
         peak_flops = dict(matched.peak_flops)
         bandwidth = matched.memory_bandwidth
         overhead = dict(matched.overhead)
         supports_bnb = matched.supports_bitsandbytes
-        sources.update({key: value for key, value in matched.sources.items()
-                        if key.startswith(("peak_flops", "memory_bandwidth", "overhead", "supports_bitsandbytes"))})
+        sources.update(
+            {
+                key: value
+                for key, value in matched.sources.items()
+                if key.startswith(("peak_flops", "memory_bandwidth", "overhead", "supports_bitsandbytes"))
+            }
+        )
         description = f"{device['name']} (this machine; figures of profile {matched.name})"
     else:
         major, minor = (int(part) for part in device["compute_capability"].split("."))
@@ -360,8 +367,11 @@ def _cuda_profile(device: dict[str, Any], driver_version: str | None) -> DeviceP
             peak_flops["fp32"] = fp32
             sources["peak_flops.fp32"] = "derived: SMs x FP32 lanes per SM x 2 FLOP x max SM clock"
         bandwidth = device.get("memory_bandwidth") or 0.0
-        sources["memory_bandwidth"] = ("derived: 2 x memory clock x bus width (torch device properties)"
-                                       if bandwidth else "unknown for this GPU (no matching profile)")
+        sources["memory_bandwidth"] = (
+            "derived: 2 x memory clock x bus width (torch device properties)"
+            if bandwidth
+            else "unknown for this GPU (no matching profile)"
+        )
         overhead = dict(_raw_data()["families"]["nvidia"]["overhead"])
         sources.update({f"overhead.{key}": "nvidia family default in profiles.yaml" for key in OVERHEAD_KEYS})
         supports_bnb = major >= 6
@@ -398,12 +408,20 @@ def _mps_profile(mps: dict[str, Any]) -> DeviceProfile:
     usable = min(recommended, memory["total_bytes"]) if recommended else int(memory["total_bytes"] * 2 / 3)
     sources = {
         "memory_bytes": "measured: psutil total system memory (unified)",
-        "usable_bytes": ("measured: torch.mps.recommended_max_memory() (Metal recommendedMaxWorkingSetSize)"
-                         if recommended else "2/3 of system memory (Metal's usual working-set share)"),
+        "usable_bytes": (
+            "measured: torch.mps.recommended_max_memory() (Metal recommendedMaxWorkingSetSize)"
+            if recommended
+            else "2/3 of system memory (Metal's usual working-set share)"
+        ),
     }
     base = matched or get_profile("m1-16gb")
-    sources.update({key: value for key, value in base.sources.items()
-                    if key.startswith(("peak_flops", "memory_bandwidth", "overhead", "supports_"))})
+    sources.update(
+        {
+            key: value
+            for key, value in base.sources.items()
+            if key.startswith(("peak_flops", "memory_bandwidth", "overhead", "supports_"))
+        }
+    )
     note = f"figures of profile {base.name}" if matched else f"throughput unknown for this chip; figures of {base.name}"
     return dataclasses.replace(
         base,
@@ -422,10 +440,12 @@ def _cpu_profile() -> DeviceProfile:
     memory = detect.memory_info()
     generic = get_profile("cpu")
     sources = dict(generic.sources)
-    sources.update({
-        "memory_bytes": "measured: psutil total system memory",
-        "usable_bytes": "measured: psutil available memory at detection",
-    })
+    sources.update(
+        {
+            "memory_bytes": "measured: psutil total system memory",
+            "usable_bytes": "measured: psutil available memory at detection",
+        }
+    )
     peak_flops = dict(generic.peak_flops)
     cores = cpu["physical_cores"] or cpu["logical_cores"]
     if cores and cpu["max_frequency_hz"]:

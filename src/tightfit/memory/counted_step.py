@@ -80,19 +80,36 @@ def apply_checkpointing(model: nn.Module, checkpointing: bool | str | list[str])
 
 
 def make_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, settings: StepSettings, device: torch.device, *,
-    transfer: Callable[[Any], Any] | None = None, foreach: bool | None = None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    settings: StepSettings,
+    device: torch.device,
+    *,
+    transfer: Callable[[Any], Any] | None = None,
+    foreach: bool | None = None,
 ) -> TrainingStep:
     """The trainer's step with these settings (a GradScaler where the trainer would use one)."""
     scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(settings.precision, device.type) else None
     return TrainingStep(
-        model, optimizer, device=device, precision=settings.precision, micro_batch_size=settings.batch_size,
-        scaler=scaler, clip_grad_norm=settings.clip_grad_norm, transfer=transfer, foreach=foreach,
+        model,
+        optimizer,
+        device=device,
+        precision=settings.precision,
+        micro_batch_size=settings.batch_size,
+        scaler=scaler,
+        clip_grad_norm=settings.clip_grad_norm,
+        transfer=transfer,
+        foreach=foreach,
     )
 
 
 def counted_step(
-    step: TrainingStep, window: Any, *, budget_bytes: int | None = None, allocation_size=None, count_flops: bool = False,
+    step: TrainingStep,
+    window: Any,
+    *,
+    budget_bytes: int | None = None,
+    allocation_size=None,
+    count_flops: bool = False,
 ) -> tuple[MemoryTracker, int | None]:
     """Run ``step`` on ``window`` counted by a tracker (the window itself is host data: not
     counted); the tracker and, when asked, the FLOPs of one micro-batch."""

@@ -102,7 +102,9 @@ def estimate_step(
             raise
         except Exception as error:  # noqa: BLE001 - tracing arbitrary models fails in many ways
             raise EstimationError(_tracing_failure(error)) from error
-    overhead = device_overhead(profile, tensor_peak_bytes=tracker.peak_bytes, allocated_peak_bytes=tracker.peak_allocated_bytes)
+    overhead = device_overhead(
+        profile, tensor_peak_bytes=tracker.peak_bytes, allocated_peak_bytes=tracker.peak_allocated_bytes
+    )
     notes = settings.notes(blocks)
     if overhead.total_bytes:
         notes.append(f"{overhead.describe()} (profile {getattr(profile, 'name', '?')})")
@@ -113,8 +115,14 @@ def estimate_step(
     return memory
 
 
-def _estimate(model: nn.Module, batch_factory: BatchFactory, settings: StepSettings, device_type: str,
-              count_flops: bool, foreach: bool | None):
+def _estimate(
+    model: nn.Module,
+    batch_factory: BatchFactory,
+    settings: StepSettings,
+    device_type: str,
+    count_flops: bool,
+    foreach: bool | None,
+):
     # Foreach kernels where the target runs them: the fake tensors live on the CPU, where torch
     # would pick the one-tensor-at-a-time loops.
     if foreach is None:
@@ -129,8 +137,13 @@ def _estimate(model: nn.Module, batch_factory: BatchFactory, settings: StepSetti
     step = make_step(model, optimizer, settings, torch.device("cpu"), transfer=transfer, foreach=foreach)
     tracker, flops = counted_step(step, window, allocation_size=allocation_size(device_type), count_flops=count_flops)
     memory = StepMemory(
-        peak_bytes=tracker.peak_bytes, breakdown=tracker.breakdown, by_module=tracker.by_module,
-        flops=flops, method="estimated", notes=[], **tracker.moments(),
+        peak_bytes=tracker.peak_bytes,
+        breakdown=tracker.breakdown,
+        by_module=tracker.by_module,
+        flops=flops,
+        method="estimated",
+        notes=[],
+        **tracker.moments(),
     )
     return memory, tracker
 
@@ -142,7 +155,9 @@ def _build_on_meta(model_factory: ModelFactory) -> nn.Module:
     except TightfitError:
         raise
     except Exception as error:  # noqa: BLE001 - any failure of user model code
-        raise EstimationError(f"building the model on the meta device failed: {type(error).__name__}: {error}") from error
+        raise EstimationError(
+            f"building the model on the meta device failed: {type(error).__name__}: {error}"
+        ) from error
 
 
 def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -208,5 +223,3 @@ def _tracing_failure(error: Exception) -> str:
         f"the training step cannot be traced on fake tensors ({kind}: {text[:300]}); "
         "measure it on real tensors instead (measure_step, or tightfit plan --measure)"
     )
-
-

@@ -85,6 +85,11 @@ def measure_step(
             "(the CUDA context is outside both)"
         )
     return StepMemory(
-        peak_bytes=sum(breakdown.values()), breakdown=breakdown, by_module=tracker.by_module,
-        flops=flops, method="measured", notes=notes, **tracker.moments(),
+        peak_bytes=sum(breakdown.values()),
+        breakdown=breakdown,
+        by_module=tracker.by_module,
+        flops=flops,
+        method="measured",
+        notes=notes,
+        **tracker.moments(),
     )

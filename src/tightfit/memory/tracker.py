@@ -29,10 +29,10 @@ The idea follows ``torch.distributed._tools.mem_tracker``; that module is privat
 repeated iterations, so tightfit has its own.
 """
 
-from collections.abc import Callable
-from typing import Any
-from functools import partial
 import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -119,8 +119,13 @@ class MemoryTracker(TorchDispatchMode):
         host_data: Any = None,
     ):
         super().__init__()
-        self._host_storages = [storage for value in tree_flatten(host_data)[0] if isinstance(value, torch.Tensor)
-                               for storage in [_storage_of(value)] if storage is not None]
+        self._host_storages = [
+            storage
+            for value in tree_flatten(host_data)[0]
+            if isinstance(value, torch.Tensor)
+            for storage in [_storage_of(value)]
+            if storage is not None
+        ]
         self._host_keys = {id(storage) for storage in self._host_storages}
         self.model = model
         self.optimizer = optimizer

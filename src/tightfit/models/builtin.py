@@ -231,9 +231,7 @@ class TransformerBlock(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim)
-        )
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
         self.residual_dropout = nn.Dropout(dropout)
 
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,7 +262,9 @@ class _TokenTransformer(nn.Module):
     The shared trunk of :class:`TinyGPT` and :class:`TinyBERT`; they add their heads.
     """
 
-    def __init__(self, vocab_size: int, max_length: int, dim: int, depth: int, heads: int, dropout: float, causal: bool):
+    def __init__(
+        self, vocab_size: int, max_length: int, dim: int, depth: int, heads: int, dropout: float, causal: bool
+    ):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, dim)
         self.position_embedding = nn.Embedding(max_length, dim)

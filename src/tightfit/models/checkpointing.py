@@ -93,7 +93,9 @@ def find_repeated_blocks(model: nn.Module) -> list[str]:
             start = end + 1
     if not blocks_by_class:
         return []
-    by_weight = sorted(blocks_by_class, key=lambda cls: (parameters_by_class[cls], len(blocks_by_class[cls])), reverse=True)
+    by_weight = sorted(
+        blocks_by_class, key=lambda cls: (parameters_by_class[cls], len(blocks_by_class[cls])), reverse=True
+    )
     best = by_weight[0]
     chosen = set(blocks_by_class[best])
     # Other classes of blocks that sit beside the winner, neither inside nor around its blocks, join
@@ -155,7 +157,7 @@ def disable_kv_cache(model: nn.Module) -> bool:
     """Turn off the key/value cache of transformers models, as ``gradient_checkpointing_enable`` does.
 
     A checkpointed block's recomputed forward would append its keys and values to the cache a
-    second time: the attention then sees twice the keys, and tracing fails on the shapes. 
+    second time: the attention then sees twice the keys, and tracing fails on the shapes.
     :func:`apply_activation_checkpointing` calls it, and the memory engine calls it again for models
     checkpointed before they reach it.
 
@@ -171,4 +173,3 @@ def disable_kv_cache(model: nn.Module) -> bool:
             config.use_cache = False
             changed = True
     return changed
-

@@ -99,7 +99,8 @@ class DiffusionTrainingModule(nn.Module):
         """The UNet's attention projections; the frozen VAE and text encoder are left alone."""
         suffixes = (".to_q", ".to_k", ".to_v", ".to_out.0")
         return [
-            f"unet.{name}" for name, module in self.unet.named_modules()
+            f"unet.{name}"
+            for name, module in self.unet.named_modules()
             if isinstance(module, nn.Linear) and name.endswith(suffixes)
         ]
 
@@ -119,8 +120,10 @@ class DiffusionTrainingModule(nn.Module):
             return {
                 "latents": torch.randn(batch_size, config.in_channels, latent_size, latent_size, device=device),
                 "encoder_hidden_states": torch.randn(
-                    batch_size, TEXT_CONTEXT_LENGTH if resolution else self._context_length(),
-                    config.cross_attention_dim, device=device,
+                    batch_size,
+                    TEXT_CONTEXT_LENGTH if resolution else self._context_length(),
+                    config.cross_attention_dim,
+                    device=device,
                 ),
             }
         pixels = latent_size * self.vae_scale_factor
@@ -260,9 +263,12 @@ class DiffusionTrainingModule(nn.Module):
         context = context.to(device, dtype)
         latent_size = resolution // self.vae_scale_factor if resolution else self.unet.config.sample_size
         generator = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn(
-            (len(prompts), self.unet.config.in_channels, latent_size, latent_size), generator=generator
-        ).to(device, dtype) * scheduler.init_noise_sigma
+        latents = (
+            torch.randn((len(prompts), self.unet.config.in_channels, latent_size, latent_size), generator=generator).to(
+                device, dtype
+            )
+            * scheduler.init_noise_sigma
+        )
         for timestep in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
             unconditional, conditional = self.unet(model_input, timestep, context).sample.chunk(2)
@@ -361,11 +367,18 @@ def weights_variant(directory: Path, requested: str | None = None) -> str | None
         SpecError: ``requested`` names a variant the folder does not have.
     """
     files = [path for pattern in ("*.safetensors", "*.bin") for path in directory.glob(pattern)]
-    variants = {path.name.split(".")[-2] for path in files if path.name.count(".") >= 2 and not path.name.endswith(".index.json")}
+    variants = {
+        path.name.split(".")[-2]
+        for path in files
+        if path.name.count(".") >= 2 and not path.name.endswith(".index.json")
+    }
     plain = [path for path in files if path.name.count(".") == 1]
     if requested is not None:
         if files and requested not in variants:
-            raise SpecError(f"{directory}: no {requested!r} variant weights (found: {', '.join(sorted(variants)) or 'plain weights only'})")
+            raise SpecError(
+                f"{directory}: no {requested!r} variant weights (found: "
+                f"{', '.join(sorted(variants)) or 'plain weights only'})"
+            )
         return requested if files else None
     if plain or not variants:
         return None
@@ -494,12 +507,22 @@ def build_diffusion_model(
         if validation_every_n_steps < 1 or validation_inference_steps < 1:
             raise SpecError("validation_every_n_steps and validation_inference_steps must be at least 1")
         validation = ValidationSettings(
-            list(validation_prompts), validation_every_n_steps, validation_inference_steps,
-            guidance_scale, validation_seed, resolution,
+            list(validation_prompts),
+            validation_every_n_steps,
+            validation_inference_steps,
+            guidance_scale,
+            validation_seed,
+            resolution,
         )
     return DiffusionTrainingModule(
-        unet, noise_scheduler, vae, text_encoder, tokenizer,
-        cpu_offload=cpu_offload, source=str(directory), validation=validation,
+        unet,
+        noise_scheduler,
+        vae,
+        text_encoder,
+        tokenizer,
+        cpu_offload=cpu_offload,
+        source=str(directory),
+        validation=validation,
     )
 
 

@@ -176,7 +176,9 @@ def generate_text(
     from tightfit.data.lm_corpus import render_prompt
 
     if loaded.kind != "causal-lm":
-        raise ConfigError(f"{loaded.source}: a {loaded.kind} model makes images; text generation needs a causal language model")
+        raise ConfigError(
+            f"{loaded.source}: a {loaded.kind} model makes images; text generation needs a causal language model"
+        )
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ConfigError("generate: max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1 are required")
     tokenizer = loaded.tokenizer
@@ -195,19 +197,33 @@ def generate_text(
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
         # a token may end mid-character (byte-level BPE): wait until the text is whole
         if on_text is not None and not text.endswith("\ufffd") and len(text) > len(printed):
-            on_text(text[len(printed):])
+            on_text(text[len(printed) :])
             printed = text
 
     start = time.perf_counter()
     _, stopped = generate_token_ids(
-        loaded.model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        eos_token_id=tokenizer.eos_token_id, use_cache=use_cache, max_length=max_length, on_token=stream,
+        loaded.model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=use_cache,
+        max_length=max_length,
+        on_token=stream,
     )
     seconds = time.perf_counter() - start
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     if on_text is not None and len(text) > len(printed):
-        on_text(text[len(printed):])
-    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "kv_cache": use_cache}
+        on_text(text[len(printed) :])
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "kv_cache": use_cache,
+    }
     return Generation(prompt, text, len(prompt_ids), len(new_ids), stopped, round(seconds, 3), settings)
 
 
@@ -240,10 +256,18 @@ def generate_images(
     if taken:
         raise ConfigError(f"--output: {taken[0]} already exists (choose another folder or seed)")
     module = find_diffusion_module(loaded.model)
-    images = torch.cat([
-        module.generate([prompt], num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed + index, resolution=resolution)
-        for index in range(num_images)
-    ])
+    images = torch.cat(
+        [
+            module.generate(
+                [prompt],
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                seed=seed + index,
+                resolution=resolution,
+            )
+            for index in range(num_images)
+        ]
+    )
     output.mkdir(parents=True, exist_ok=True)
     for path, image in zip(paths, images):
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)

@@ -214,9 +214,7 @@ def make_batch_factory(
     max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     for spec in inputs:
         if spec.kind == "tokens" and isinstance(max_positions, int) and spec.shape[0] > max_positions:
-            raise SpecError(
-                f"input spec 'tokens:{spec.shape[0]}': longer than the model's {max_positions} positions"
-            )
+            raise SpecError(f"input spec 'tokens:{spec.shape[0]}': longer than the model's {max_positions} positions")
 
     forward_parameters = _forward_parameters(model)
     takes_labels = "labels" in forward_parameters

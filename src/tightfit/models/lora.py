@@ -119,9 +119,7 @@ def find_task_heads(model: nn.Module) -> list[str]:
     named_heads = [name for name in HF_TASK_HEADS if name in children]
     if named_heads or _is_transformers_model(model):
         return named_heads
-    embedding_weights = {
-        id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)
-    }
+    embedding_weights = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
         return []
@@ -155,13 +153,15 @@ def find_lora_targets(model: nn.Module, heads: list[str] | None = None) -> list[
 
     named = [(name, module) for name, module in model.named_modules() if name and outside_heads(name)]
     diffusers = [
-        name for name, module in named
+        name
+        for name, module in named
         if isinstance(module, nn.Linear) and name.endswith(tuple("." + t for t in DIFFUSERS_ATTENTION_TARGETS))
     ]
     if diffusers:
         return diffusers
     attention = [
-        name for name, module in named
+        name
+        for name, module in named
         if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
         and any(_ATTENTION_PART.search(part) for part in name.split(".")[:-1])
     ]
@@ -237,8 +237,10 @@ def apply_lora(
     if isinstance(model, peft.PeftModel):
         raise ConfigError("this model already has LoRA adapters; apply_lora takes the base model")
 
-    heads = find_task_heads(model) if config.modules_to_save == "auto" else _resolve_names(
-        model, config.modules_to_save, "modules_to_save"
+    heads = (
+        find_task_heads(model)
+        if config.modules_to_save == "auto"
+        else _resolve_names(model, config.modules_to_save, "modules_to_save")
     )
     if config.target_modules == "auto":
         targets = find_lora_targets(model, heads)
@@ -253,16 +255,18 @@ def apply_lora(
         device = torch.device(device) if device is not None else _model_device(model)
         # a meta model is planned, not run: the backend is the target's, whatever is installed here
         target_type = "cpu" if device.type == "meta" else device.type
-        quantization = resolve_quantize_base(config.quantize_base, target_type, config.quant_backend,
-                                             check_installed=not is_meta)
+        quantization = resolve_quantize_base(
+            config.quantize_base, target_type, config.quant_backend, check_installed=not is_meta
+        )
         notes.append(quantization.line())
         if verbose:
             print(f"tightfit: {quantization.line()}")
         if is_meta:
             notes.append(f"meta model: the {quantization.method} base is counted by the planner, not built")
         else:
-            quantize_base_model(model, quantization.method, skip=heads, device=device,
-                                backend=quantization.backend, precision=precision)
+            quantize_base_model(
+                model, quantization.method, skip=heads, device=device, backend=quantization.backend, precision=precision
+            )
     quantize_base = quantization.method
 
     peft_config = peft.LoraConfig(
@@ -387,8 +391,12 @@ def load_adapters(base_model: nn.Module, directory: str | Path, *, trainable: bo
         peft_config = model.peft_config["default"]
         trainable, total = count_parameters(model)
         model.lora_summary = LoRASummary(
-            trainable, total, sorted(peft_config.target_modules or []), list(peft_config.modules_to_save or []),
-            peft_config.r, peft_config.lora_alpha,
+            trainable,
+            total,
+            sorted(peft_config.target_modules or []),
+            list(peft_config.modules_to_save or []),
+            peft_config.r,
+            peft_config.lora_alpha,
         )
     return model
 
@@ -454,9 +462,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     buffers = {name for name, _ in model.named_buffers()}
-    return {
-        name: tensor for name, tensor in model.state_dict().items() if name in trainable or name in buffers
-    }
+    return {name: tensor for name, tensor in model.state_dict().items() if name in trainable or name in buffers}
 
 
 def adapter_checkpoint_metadata(model: nn.Module) -> dict[str, str]:
@@ -477,21 +483,27 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], metadat
             trained on (fingerprints differ), or the keys do not match.
     """
     if not is_lora_model(model):
-        raise TightfitError(f"{where}: an adapters-only checkpoint needs the model with its LoRA adapters (a lora: section)")
+        raise TightfitError(
+            f"{where}: an adapters-only checkpoint needs the model with its LoRA adapters (a lora: section)"
+        )
     saved = metadata.get("base_fingerprint") or None
     current = model.lora_summary.base_fingerprint
     if saved and current and saved != current:
         raise TightfitError(
             f"{where}: the base model rebuilt from {metadata.get('base_model') or 'the config'} differs from the one "
-            f"these adapters were trained on (fingerprint {current[:12]} != {saved[:12]}); same spec, weights and seed needed"
+            f"these adapters were trained on (fingerprint {current[:12]} != {saved[:12]}); same spec, weights and "
+            "seed needed"
         )
     model_keys = set(model.state_dict())
     unexpected = sorted(set(state) - model_keys)
-    missing = sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad and name not in state)
+    missing = sorted(
+        name for name, parameter in model.named_parameters() if parameter.requires_grad and name not in state
+    )
     if unexpected or missing:
         example = unexpected[0] if unexpected else missing[0]
         raise TightfitError(
-            f"{where}: the adapters do not match the model ({len(unexpected)} unexpected, {len(missing)} missing keys, e.g. {example})"
+            f"{where}: the adapters do not match the model ({len(unexpected)} unexpected, {len(missing)} missing "
+            f"keys, e.g. {example})"
         )
     model.load_state_dict(state, strict=False)
 
@@ -537,5 +549,6 @@ def adapter_dir(path: str | Path) -> Path:
     if not path.exists():
         raise TightfitError(f"{path}: no such run directory")
     raise TightfitError(
-        f"{path}: no LoRA adapters (expected {ADAPTERS_DIR}/adapter_config.json; was the run trained with a lora: section?)"
+        f"{path}: no LoRA adapters (expected {ADAPTERS_DIR}/adapter_config.json; was the run trained with a lora: "
+        "section?)"
     )

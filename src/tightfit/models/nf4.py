@@ -35,8 +35,6 @@ NF4_BLOCK = 64  # weights per absmax constant (both backends)
 DOUBLE_QUANT_BLOCK = 256  # absmax constants per fp32 second-level constant
 
 
-
-
 def resolve_nf4_backend(requested: str, device_type: str, *, check_installed: bool = True) -> tuple[str, str]:
     """The NF4 backend for ``device_type`` and why it was chosen.
 
@@ -128,9 +126,13 @@ def quantize_nf4(
 def _bitsandbytes_layer(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
     bnb = import_bitsandbytes()
     quantized = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
         compress_statistics=True,  # double quantization of the absmax constants
-        quant_type="nf4", device="meta",
+        quant_type="nf4",
+        device="meta",
     )
     # Its CPU inference path repacks the weight in place at the first no-grad eval forward, after
     # which training steps fail (a validation pass between epochs would): keep one layout.
@@ -152,7 +154,11 @@ def scaler_block_size(blocks: int) -> int:
 
 
 def _torchao_layer(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
-    nf4tensor = require("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", extra="compress", purpose="an NF4 base through torchao")
+    nf4tensor = require(
+        "torchao.quantization.quantize_.workflows.nf4.nf4_tensor",
+        extra="compress",
+        purpose="an NF4 base through torchao",
+    )
     quantized = TorchaoNF4Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     weight = linear.weight.data.to(device)
     blocks, remainder = divmod(weight.numel(), NF4_BLOCK)
@@ -161,9 +167,7 @@ def _torchao_layer(linear: nn.Linear, device: torch.device, compute_dtype: torch
             f"lora.quant_backend: torchao's NF4 needs weights in whole blocks of {NF4_BLOCK}; {linear.in_features}x"
             f"{linear.out_features} is not: use quant_backend: bitsandbytes"
         )
-    quantized.weight = nn.Parameter(
-        nf4tensor.to_nf4(weight, NF4_BLOCK, scaler_block_size(blocks)), requires_grad=False
-    )
+    quantized.weight = nn.Parameter(nf4tensor.to_nf4(weight, NF4_BLOCK, scaler_block_size(blocks)), requires_grad=False)
     if linear.bias is not None:
         quantized.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
     quantized.compute_dtype = compute_dtype

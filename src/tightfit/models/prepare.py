@@ -101,14 +101,18 @@ def prepare_model(
         targets = "auto" if checkpointing is True else checkpointing
         prepared.checkpointed_blocks = apply_activation_checkpointing(model, targets)
     if lora is not None:
-        from tightfit.models.lora import apply_lora, _validated
+        from tightfit.models.lora import _validated, apply_lora
 
         lora = _validated(lora)
         if for_planning:
             prepared.quantize_base = _planned_quantize_base(lora, device_type, prepared.notes)
             lora = lora.model_copy(update={"quantize_base": None})  # counted by the planner, not built
         model = apply_lora(
-            model, lora, verbose=verbose, base_model=base_model, precision=precision,
+            model,
+            lora,
+            verbose=verbose,
+            base_model=base_model,
+            precision=precision,
             device=None if for_planning else device,  # the base is quantized on the run's device
         )
         summary = getattr(model, "lora_summary", None)

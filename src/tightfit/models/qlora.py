@@ -28,7 +28,6 @@ from tightfit.names import QUANTIZE_BASES
 QUANTIZE_BASE_CHOICES = (None, *QUANTIZE_BASES)
 
 
-
 @dataclass(frozen=True)
 class BaseQuantization:
     """How a LoRA run's frozen base is quantized: ``method`` (``nf4``/``int8``/None), the
@@ -68,16 +67,16 @@ def resolve_quantize_base(
         'nf4'
     """
     if requested not in QUANTIZE_BASE_CHOICES:
-        raise ConfigError(
-            f"lora.quantize_base must be one of null, nf4, int8; got {requested!r}"
-        )
+        raise ConfigError(f"lora.quantize_base must be one of null, nf4, int8; got {requested!r}")
     if requested is None:
         return BaseQuantization(None)
     if requested == "nf4":
         chosen, reason = resolve_nf4_backend(backend, device_type, check_installed=check_installed)
         return BaseQuantization("nf4", chosen, reason)
     if backend not in ("auto", "torchao"):
-        raise ConfigError(f"lora.quant_backend: int8 bases are quantized by torchao, not {backend}; use auto or torchao")
+        raise ConfigError(
+            f"lora.quant_backend: int8 bases are quantized by torchao, not {backend}; use auto or torchao"
+        )
     if check_installed and not is_available("torchao"):
         raise ConfigError(
             'lora.quantize_base: int8 needs torchao, which is not installed (pip install "tightfit[compress]"); '
@@ -116,9 +115,7 @@ def quantizable_linears(model: nn.Module, skip: Iterable[str] = ()) -> list[str]
     own adapter layers.
     """
     skip = tuple(skip)
-    embedding_weights = {
-        id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)
-    }
+    embedding_weights = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name, module in model.named_modules():
@@ -226,9 +223,7 @@ def quantize_base_model(
         ConfigError: for a meta model or an unknown method.
     """
     if any(parameter.is_meta for parameter in model.parameters()):
-        raise ConfigError(
-            "a meta-device model cannot be quantized; the planner counts quantized bytes instead"
-        )
+        raise ConfigError("a meta-device model cannot be quantized; the planner counts quantized bytes instead")
     names = quantizable_linears(model, skip)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -243,8 +238,9 @@ def quantize_base_model(
         return names
     if quantize_base == "nf4":
         device = torch.device(device)
-        quantize_nf4(model, names, backend=backend, device=device,
-                     compute_dtype=compute_dtype_for(precision, device.type))
+        quantize_nf4(
+            model, names, backend=backend, device=device, compute_dtype=compute_dtype_for(precision, device.type)
+        )
         return names
     raise ConfigError(f"unknown quantize_base {quantize_base!r} (expected nf4 or int8)")
 

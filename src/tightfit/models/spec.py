@@ -35,16 +35,26 @@ from torch import nn
 
 from tightfit._optional import require
 from tightfit.errors import SpecError
-from tightfit.paths import model_folder
 from tightfit.models.builtin import BUILTINS, FROM_INPUT_SHAPE, WITHOUT_CLASSES
 from tightfit.models.inputs import InputSpec, make_batch_factory, parse_input_spec
+from tightfit.paths import model_folder
 from tightfit.trust import function_module_allowed, refuse_non_model_module
 
 __all__ = [
-    "InputSpec", "PREFIXES", "build_model", "build_model_for_data", "make_batch_factory", "parse_input_spec",
+    "InputSpec",
+    "PREFIXES",
+    "build_model",
+    "build_model_for_data",
+    "make_batch_factory",
+    "parse_input_spec",
 ]
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _MODULE_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 
 
@@ -103,10 +113,15 @@ def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SpecError(f"model spec 'hf:{directory}': {config_path} is not valid JSON ({error})") from None
     if not isinstance(config_json, dict):
-        raise SpecError(f"model spec 'hf:{directory}': {config_path} holds a JSON {type(config_json).__name__}, not an object of settings")
+        raise SpecError(
+            f"model spec 'hf:{directory}': {config_path} holds a JSON {type(config_json).__name__}, not an object of "
+            "settings"
+        )
     architectures = config_json.get("architectures") or []
     if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
-        raise SpecError(f"model spec 'hf:{directory}': 'architectures' in {config_path} should be a list of class names")
+        raise SpecError(
+            f"model spec 'hf:{directory}': 'architectures' in {config_path} should be a list of class names"
+        )
     model_class = transformers.AutoModel
     if architectures:
         model_class = getattr(transformers, architectures[0], None)
@@ -127,12 +142,17 @@ def _build_hf(directory: str, *, num_classes: int | None, meta: bool = False, **
     try:
         if has_weights and not meta:
             return model_class.from_pretrained(
-                path, local_files_only=True, ignore_mismatched_sizes=num_classes is not None,
-                trust_remote_code=False, **config_kwargs,
+                path,
+                local_files_only=True,
+                ignore_mismatched_sizes=num_classes is not None,
+                trust_remote_code=False,
+                **config_kwargs,
             )
         # trust_remote_code=False, not None: with None transformers asks on the terminal whether to
         # run the folder's own Python files (auto_map); a model folder never runs code here.
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False, **config_kwargs)
+        config = transformers.AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, **config_kwargs
+        )
         # Under the meta device, parameters get shapes but no storage: a 7B config costs nothing.
         with torch.device("meta") if meta else contextlib.nullcontext():
             if model_class is transformers.AutoModel:
@@ -150,7 +170,9 @@ def _build_diffusion(directory: str, *, num_classes: int | None, meta: bool = Fa
     except ModuleNotFoundError as error:
         if error.name != "tightfit.models.diffusion":
             raise
-        raise SpecError(f"model spec 'diffusion:{directory}': diffusion models are not available in this build") from None
+        raise SpecError(
+            f"model spec 'diffusion:{directory}': diffusion models are not available in this build"
+        ) from None
     return diffusion.build_diffusion_model(str(_model_folder(directory, f"diffusion:{directory}")), meta=meta, **kwargs)
 
 
@@ -172,7 +194,8 @@ def _build_callable(module_name: str, attribute: str, *, num_classes: int | None
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise SpecError(
-            f"model spec {spec!r}: cannot import module {module_name!r} ({error}){_closest(module_name, list(PREFIXES))} "
+            f"model spec {spec!r}: cannot import module {module_name!r} "
+            f"({error}){_closest(module_name, list(PREFIXES))} "
             f"(valid prefixes: {', '.join(PREFIXES)}, or module.path:callable)"
         ) from None
     factory: Any = module
@@ -182,10 +205,13 @@ def _build_callable(module_name: str, attribute: str, *, num_classes: int | None
         raise SpecError(f"model spec {spec!r}: module {module_name!r} has no callable {attribute!r}")
     if inspect.isclass(factory):
         if not issubclass(factory, nn.Module):
-            raise SpecError(f"model spec {spec!r}: {attribute} is the class {factory.__name__}, not a subclass of torch.nn.Module")
+            raise SpecError(
+                f"model spec {spec!r}: {attribute} is the class {factory.__name__}, not a subclass of torch.nn.Module"
+            )
     elif not inspect.isfunction(factory) or not function_module_allowed(factory.__module__):
         raise SpecError(
-            f"model spec {spec!r}: {attribute} (from {getattr(factory, '__module__', None) or 'C code'}) is not a model "
+            f"model spec {spec!r}: {attribute} (from {getattr(factory, '__module__', None) or 'C code'}) is not a "
+            "model "
             "class or factory; name a subclass of torch.nn.Module or a Python function that returns one"
         )
     if num_classes is not None:

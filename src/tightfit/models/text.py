@@ -112,8 +112,8 @@ def sentence_classifier(
     return model
 
 
-def minilm_classifier(num_classes: int | None = None, *, freeze_encoder: bool = False, dropout: float = 0.1) -> SentenceClassifier:
+def minilm_classifier(
+    num_classes: int | None = None, *, freeze_encoder: bool = False, dropout: float = 0.1
+) -> SentenceClassifier:
     """:func:`sentence_classifier` on the packaged, pretrained MiniLM (all-MiniLM-L6-v2, 22.7M parameters)."""
-    return sentence_classifier(
-        packaged_minilm_dir(), num_classes, freeze_encoder=freeze_encoder, dropout=dropout
-    )
+    return sentence_classifier(packaged_minilm_dir(), num_classes, freeze_encoder=freeze_encoder, dropout=dropout)

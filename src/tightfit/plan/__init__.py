@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class BatchSizeRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-Request = Union[ModelRequest, RunRequest, PipelineRequest, InferenceRequest, DistributedRequest, BatchSizeRequest]
+Request = ModelRequest | RunRequest | PipelineRequest | InferenceRequest | DistributedRequest | BatchSizeRequest
 Plan = Any  # PlanResult, PipelineResult, InferencePlan, DistributedPlan, BatchSizeResult or InferenceBatchSearch
 
 

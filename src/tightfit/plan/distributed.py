@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tightfit.errors import ConfigError
-from tightfit.names import STRATEGIES
 from tightfit.memory.report import StepMemory
+from tightfit.names import STRATEGIES
 
 BUCKET_BYTES = 25 * 2**20  # tightfit.training.distributed.BUCKET_BYTES (not imported: it imports torch.distributed)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -114,7 +114,9 @@ def fsdp_param_dtype(param_dtype: str, precision: str, model: Any = None) -> str
         return param_dtype
     from torch import nn
 
-    has_batch_norm = model is not None and any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    has_batch_norm = model is not None and any(
+        isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()
+    )
     if has_batch_norm and precision in ("bf16", "fp16"):
         return "fp32"
     return {"bf16": "bf16", "bf16-pure": "bf16", "fp16": "fp16"}.get(precision, "fp32")
@@ -150,8 +152,15 @@ def model_shape(model: Any, blocks: list[str]) -> ModelShape:
 
 
 def per_rank_memory(
-    single: StepMemory, shape: ModelShape, *, strategy: str, devices: int, profile: Any,
-    param_dtype: str = "bf16", reduce_dtype: str = "fp32", backward_activations: int | None = None,
+    single: StepMemory,
+    shape: ModelShape,
+    *,
+    strategy: str,
+    devices: int,
+    profile: Any,
+    param_dtype: str = "bf16",
+    reduce_dtype: str = "fp32",
+    backward_activations: int | None = None,
     gradient_sync: str = "after_accumulation",
 ) -> tuple[int, dict[str, int], list[str]]:
     """The per-rank peak and breakdown from the one-device estimate (see the module doc).
@@ -177,21 +186,32 @@ def per_rank_memory(
         raise ConfigError(f"strategy: unknown value {strategy!r} (choose from {', '.join(STRATEGIES)})")
     parts = single.breakdown
     if strategy == "ddp" and gradient_sync == "overlap" and devices > 1:
-        breakdown = {**{name: parts[name] for name in TRACKED},
-                     "units_in_flight": 0, "communication": shape.trainable_bytes}
-        notes = ["ddp (overlap): DistributedDataParallel's gradient buckets, as large as the gradients, "
-                 "live through the step"]
+        breakdown = {
+            **{name: parts[name] for name in TRACKED},
+            "units_in_flight": 0,
+            "communication": shape.trainable_bytes,
+        }
+        notes = [
+            "ddp (overlap): DistributedDataParallel's gradient buckets, as large as the gradients, "
+            "live through the step"
+        ]
     elif strategy == "ddp":
         states = parts["parameters"] + parts["gradients"] + parts["optimizer"]
         bucket = min(BUCKET_BYTES, parts["gradients"]) if devices > 1 else 0
         after_backward = states + bucket
         if after_backward > single.tensor_bytes:
-            breakdown = {"parameters": parts["parameters"], "gradients": parts["gradients"], "optimizer": parts["optimizer"],
-                         "optimizer_temporaries": 0, "activations": 0, "units_in_flight": 0, "communication": bucket}
+            breakdown = {
+                "parameters": parts["parameters"],
+                "gradients": parts["gradients"],
+                "optimizer": parts["optimizer"],
+                "optimizer_temporaries": 0,
+                "activations": 0,
+                "units_in_flight": 0,
+                "communication": bucket,
+            }
             notes = ["ddp: the peak is while gradients are averaged (after backward), with one bucket copy live"]
         else:
-            breakdown = {**{name: parts[name] for name in TRACKED},
-                         "units_in_flight": 0, "communication": 0}
+            breakdown = {**{name: parts[name] for name in TRACKED}, "units_in_flight": 0, "communication": 0}
             notes = ["ddp: every rank holds the whole step; the gradient bucket fits under the backward peak"]
     else:
         gather = DTYPE_BYTES[param_dtype]
@@ -203,21 +223,28 @@ def per_rank_memory(
         during_backward = {
             **sharded,
             "optimizer_temporaries": 0,
-            "activations": parts["activations"] + parts["optimizer_temporaries"] if backward_activations is None else backward_activations,
+            "activations": parts["activations"] + parts["optimizer_temporaries"]
+            if backward_activations is None
+            else backward_activations,
             "units_in_flight": in_flight,
             "communication": buffers,
         }
         # the optimizer updates this rank's shards only: its temporaries (foreach kernels) shrink too
-        during_update = {**sharded, "optimizer_temporaries": math.ceil(parts["optimizer_temporaries"] / devices),
-                         "activations": math.ceil(parts["activations"] / devices), "units_in_flight": 0, "communication": 0}
+        during_update = {
+            **sharded,
+            "optimizer_temporaries": math.ceil(parts["optimizer_temporaries"] / devices),
+            "activations": math.ceil(parts["activations"] / devices),
+            "units_in_flight": 0,
+            "communication": 0,
+        }
         in_update = sum(during_update.values()) > sum(during_backward.values())
         breakdown = during_update if in_update else during_backward
         notes = [
             f"fsdp over {devices}: parameters, gradients and optimizer state / {devices}; "
             + (
                 "the peak is in the optimizer step, whose temporaries are sharded too"
-                if in_update else
-                f"gathered: the root unit ({shape.root_parameters:,} parameters) and three blocks "
+                if in_update
+                else f"gathered: the root unit ({shape.root_parameters:,} parameters) and three blocks "
                 f"({shape.largest_block_parameters:,} each) in {param_dtype}; reduce-scatter: two blocks' gradients "
                 f"in {reduce_dtype} (an upper bound: not all live at the peak)"
             )
@@ -229,8 +256,17 @@ def per_rank_memory(
 
 
 def step_time(
-    single: StepMemory, shape: ModelShape, *, strategy: str, devices: int, profile: Any, compute_dtype: str,
-    accumulation_steps: int = 1, param_dtype: str = "bf16", reduce_dtype: str = "fp32", gradient_sync: str = "after_accumulation",
+    single: StepMemory,
+    shape: ModelShape,
+    *,
+    strategy: str,
+    devices: int,
+    profile: Any,
+    compute_dtype: str,
+    accumulation_steps: int = 1,
+    param_dtype: str = "bf16",
+    reduce_dtype: str = "fp32",
+    gradient_sync: str = "after_accumulation",
 ) -> tuple[float | None, float | None, float | None, list[str]]:
     """``(step_s, compute_s, communication_s, notes)`` for one optimizer step (see the module doc)."""
     from tightfit.plan.planner import UTILISATION
@@ -243,12 +279,19 @@ def step_time(
         return compute_s, compute_s, 0.0, []
     bandwidth = getattr(profile, "interconnect_bandwidth", None)
     if not bandwidth:
-        return None, compute_s, None, [f"{profile.name} has no interconnect bandwidth in its profile: no communication time"]
+        return (
+            None,
+            compute_s,
+            None,
+            [f"{profile.name} has no interconnect bandwidth in its profile: no communication time"],
+        )
     share = (devices - 1) / devices
     trainable_count = shape.parameter_count * shape.trainable_bytes / max(shape.parameter_bytes, 1)
     if strategy == "fsdp":
-        traffic = share * (2 * accumulation_steps * shape.parameter_count * DTYPE_BYTES[param_dtype]
-                           + trainable_count * DTYPE_BYTES[reduce_dtype])
+        traffic = share * (
+            2 * accumulation_steps * shape.parameter_count * DTYPE_BYTES[param_dtype]
+            + trainable_count * DTYPE_BYTES[reduce_dtype]
+        )
         communication_s = traffic / bandwidth
         step_s = max(compute_s, communication_s)
         note = "fsdp: all-gathers and reduce-scatters overlap compute (step = the longer)"
@@ -263,9 +306,12 @@ def step_time(
         else:
             step_s = compute_s + communication_s
             note = "ddp: gradients averaged after backward (step = compute + all-reduce)"
-    return step_s, compute_s, communication_s, [
-        f"{note}; ring traffic over {bandwidth / 1e9:.0f} GB/s per device ({profile.name} interconnect)"
-    ]
+    return (
+        step_s,
+        compute_s,
+        communication_s,
+        [f"{note}; ring traffic over {bandwidth / 1e9:.0f} GB/s per device ({profile.name} interconnect)"],
+    )
 
 
 @dataclass
@@ -349,9 +395,9 @@ def plan_distributed(
 
     from tightfit.hardware.profiles import get_profile
     from tightfit.memory.estimator import estimate_step
-    from tightfit.plan.planner import COMPUTE_DTYPE
     from tightfit.models.checkpointing import apply_activation_checkpointing, find_repeated_blocks
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
+    from tightfit.plan.planner import COMPUTE_DTYPE
 
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy: unknown value {strategy!r} (choose from {', '.join(STRATEGIES)})")
@@ -378,8 +424,13 @@ def plan_distributed(
     shape = model_shape(model, blocks)
     gather_dtype = fsdp_param_dtype(param_dtype, precision, model)
     single = estimate_step(
-        model, batch_factory, batch_size=batch_size, precision=precision, optimizer=optimizer,
-        accumulation_steps=accumulation_steps, profile=profile,
+        model,
+        batch_factory,
+        batch_size=batch_size,
+        precision=precision,
+        optimizer=optimizer,
+        accumulation_steps=accumulation_steps,
+        profile=profile,
     )
     backward_activations = None
     if strategy == "fsdp" and optimizer != "sgd":
@@ -387,8 +438,14 @@ def plan_distributed(
         # forward/backward, so its activations are those a sharded rank holds there; the first
         # estimate's peak may be the optimizer's update, whose temporaries FSDP shards.
         backward_activations = estimate_step(
-            model, batch_factory, batch_size=batch_size, precision=precision, optimizer="sgd",
-            accumulation_steps=accumulation_steps, profile=profile, count_flops=False,
+            model,
+            batch_factory,
+            batch_size=batch_size,
+            precision=precision,
+            optimizer="sgd",
+            accumulation_steps=accumulation_steps,
+            profile=profile,
+            count_flops=False,
         ).breakdown
         backward_activations = backward_activations["activations"] + backward_activations["optimizer_temporaries"]
     tokens = _tokens_per_sample(input_spec)
@@ -396,18 +453,41 @@ def plan_distributed(
 
     def row(n: int) -> RankPlan:
         peak, breakdown, notes = per_rank_memory(
-            single, shape, strategy=strategy, devices=n, profile=profile, param_dtype=gather_dtype, reduce_dtype=reduce_dtype,
-            backward_activations=backward_activations, gradient_sync=gradient_sync,
+            single,
+            shape,
+            strategy=strategy,
+            devices=n,
+            profile=profile,
+            param_dtype=gather_dtype,
+            reduce_dtype=reduce_dtype,
+            backward_activations=backward_activations,
+            gradient_sync=gradient_sync,
         )
         step_s, compute_s, communication_s, time_notes = step_time(
-            single, shape, strategy=strategy, devices=n, profile=profile, compute_dtype=COMPUTE_DTYPE[precision],
-            accumulation_steps=accumulation_steps, param_dtype=gather_dtype, reduce_dtype=reduce_dtype, gradient_sync=gradient_sync,
+            single,
+            shape,
+            strategy=strategy,
+            devices=n,
+            profile=profile,
+            compute_dtype=COMPUTE_DTYPE[precision],
+            accumulation_steps=accumulation_steps,
+            param_dtype=gather_dtype,
+            reduce_dtype=reduce_dtype,
+            gradient_sync=gradient_sync,
         )
         samples = batch_size * accumulation_steps * n
         return RankPlan(
-            strategy=strategy, devices=n, device=profile.name, peak_bytes=peak, breakdown=breakdown,
-            usable_bytes=profile.usable_bytes, fits=peak <= budget, step_time_s=step_s, compute_s=compute_s,
-            communication_s=communication_s, tokens_per_s=samples * tokens / step_s if step_s else None,
+            strategy=strategy,
+            devices=n,
+            device=profile.name,
+            peak_bytes=peak,
+            breakdown=breakdown,
+            usable_bytes=profile.usable_bytes,
+            fits=peak <= budget,
+            step_time_s=step_s,
+            compute_s=compute_s,
+            communication_s=communication_s,
+            tokens_per_s=samples * tokens / step_s if step_s else None,
             notes=notes + time_notes,
         )
 
@@ -430,12 +510,26 @@ def plan_distributed(
         f"fits = per-rank peak <= {1 - margin:.0%} of {profile.usable_bytes / 2**30:.1f} GiB usable",
     ]
     if count is None and needed is None:
-        notes.append(f"no count up to {rows[-1].devices} fits with {strategy}" + (" (ddp replicates the whole step)" if strategy == "ddp" else ""))
+        notes.append(
+            f"no count up to {rows[-1].devices} fits with {strategy}"
+            + (" (ddp replicates the whole step)" if strategy == "ddp" else "")
+        )
     return DistributedPlan(
-        model=model_spec, input=input_spec, device=profile.name, strategy=strategy, micro_batch_size=batch_size,
-        precision=precision, checkpointing=checkpointing, optimizer=optimizer, devices_asked=count, devices_needed=needed,
-        rows=rows, single=single.to_dict() | {"by_module": {}}, parameters=shape.parameter_count,
-        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad), notes=notes,
+        model=model_spec,
+        input=input_spec,
+        device=profile.name,
+        strategy=strategy,
+        micro_batch_size=batch_size,
+        precision=precision,
+        checkpointing=checkpointing,
+        optimizer=optimizer,
+        devices_asked=count,
+        devices_needed=needed,
+        rows=rows,
+        single=single.to_dict() | {"by_module": {}},
+        parameters=shape.parameter_count,
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        notes=notes,
     )
 
 

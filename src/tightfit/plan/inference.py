@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from tightfit.errors import ConfigError, TightfitError
-from tightfit.names import INFERENCE_PRECISIONS
+from tightfit.hardware.detect import resolve_device
 from tightfit.memory.counted_step import _flop_counter
 from tightfit.memory.estimator import EstimationError, _fake_weights, _tracing_failure
-from tightfit.hardware.detect import resolve_device
 from tightfit.memory.overhead import allocation_size, device_overhead
 from tightfit.memory.report import StepMemory
 from tightfit.memory.tracker import MemoryTracker
+from tightfit.names import INFERENCE_PRECISIONS
 from tightfit.step.loss import split_batch
 from tightfit.step.precision import autocast
 from tightfit.units import format_bytes
@@ -48,7 +48,9 @@ def forward_inputs(batch: Any) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def forward_pass(model: nn.Module, make_batch: Callable[[], Any], *, precision: str, device_type: str, count_flops: bool = False) -> int | None:
+def forward_pass(
+    model: nn.Module, make_batch: Callable[[], Any], *, precision: str, device_type: str, count_flops: bool = False
+) -> int | None:
     """Run the forward-only step of the module doc; returns its FLOPs when ``count_flops``."""
     import contextlib
 
@@ -69,8 +71,13 @@ def _check(batch_size: int, precision: str) -> None:
 
 
 def estimate_forward(
-    model: nn.Module, batch_factory: Callable[[int, Any], Any], *, batch_size: int, precision: str = "fp32",
-    profile: Any = None, count_flops: bool = True,
+    model: nn.Module,
+    batch_factory: Callable[[int, Any], Any],
+    *,
+    batch_size: int,
+    precision: str = "fp32",
+    profile: Any = None,
+    count_flops: bool = True,
 ) -> StepMemory:
     """Estimate the peak of one forward-only pass on fake tensors (the model may be on meta).
 
@@ -99,7 +106,10 @@ def estimate_forward(
         with _fake_weights(model, fake_mode, precision), fake_mode:
             with MemoryTracker(model, allocation_size=allocation_size(device_type)) as tracker:
                 flops = forward_pass(
-                    model, lambda: batch_factory(batch_size, "cpu"), precision=precision, device_type="cpu",
+                    model,
+                    lambda: batch_factory(batch_size, "cpu"),
+                    precision=precision,
+                    device_type="cpu",
                     count_flops=count_flops,
                 )
     except TightfitError:
@@ -108,18 +118,27 @@ def estimate_forward(
         raise EstimationError(_tracing_failure(error).replace("training step", "forward pass")) from error
     finally:
         model.train(was_training)
-    overhead = device_overhead(profile, tensor_peak_bytes=tracker.peak_bytes, allocated_peak_bytes=tracker.peak_allocated_bytes)
+    overhead = device_overhead(
+        profile, tensor_peak_bytes=tracker.peak_bytes, allocated_peak_bytes=tracker.peak_allocated_bytes
+    )
     breakdown = tracker.breakdown
     breakdown["overhead"] = overhead.total_bytes
     notes = [f"forward only (inference mode), batch size {batch_size}, precision {precision}"]
     if overhead.total_bytes:
         notes.append(f"{overhead.describe()} (profile {getattr(profile, 'name', '?')})")
-    return StepMemory(tracker.peak_bytes + overhead.total_bytes, breakdown, tracker.by_module, flops, "estimated", notes)
+    return StepMemory(
+        tracker.peak_bytes + overhead.total_bytes, breakdown, tracker.by_module, flops, "estimated", notes
+    )
 
 
 def measure_forward(
-    model: nn.Module, batch_factory: Callable[[int, Any], Any], *, batch_size: int, precision: str = "fp32",
-    device: Any = None, budget_bytes: int | None = None,
+    model: nn.Module,
+    batch_factory: Callable[[int, Any], Any],
+    *,
+    batch_size: int,
+    precision: str = "fp32",
+    device: Any = None,
+    budget_bytes: int | None = None,
 ) -> StepMemory:
     """Measure the peak of one forward-only pass on real tensors (the model on ``device``).
 
@@ -132,18 +151,35 @@ def measure_forward(
     model.eval()
     try:
         with MemoryTracker(model, budget_bytes=budget_bytes) as tracker:
-            flops = forward_pass(model, lambda: batch_factory(batch_size, device), precision=precision,
-                                 device_type=device.type, count_flops=True)
+            flops = forward_pass(
+                model,
+                lambda: batch_factory(batch_size, device),
+                precision=precision,
+                device_type=device.type,
+                count_flops=True,
+            )
     finally:
         model.train(was_training)
     breakdown = tracker.breakdown
-    return StepMemory(sum(breakdown.values()), breakdown, tracker.by_module, flops, "measured",
-                      [f"forward only (inference mode), measured on {device} with real tensors"])
+    return StepMemory(
+        sum(breakdown.values()),
+        breakdown,
+        tracker.by_module,
+        flops,
+        "measured",
+        [f"forward only (inference mode), measured on {device} with real tensors"],
+    )
 
 
 def largest_batch(
-    model: nn.Module, batch_factory: Callable[[int, Any], Any], *, budget_bytes: int, precision: str = "fp32",
-    profile: Any = None, margin: float = 0.1, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    model: nn.Module,
+    batch_factory: Callable[[int, Any], Any],
+    *,
+    budget_bytes: int,
+    precision: str = "fp32",
+    profile: Any = None,
+    margin: float = 0.1,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 ) -> tuple[int, StepMemory | None]:
     """The largest batch whose estimated forward peak stays under ``budget_bytes * (1 - margin)``.
 
@@ -155,8 +191,9 @@ def largest_batch(
 
     def peak(batch: int) -> StepMemory:
         if batch not in cache:
-            cache[batch] = estimate_forward(model, batch_factory, batch_size=batch, precision=precision,
-                                            profile=profile, count_flops=False)
+            cache[batch] = estimate_forward(
+                model, batch_factory, batch_size=batch, precision=precision, profile=profile, count_flops=False
+            )
         return cache[batch]
 
     if peak(max_batch_size).peak_bytes <= threshold:  # the common case off the GPU: one estimate settles it
@@ -209,8 +246,16 @@ class InferencePlan:
 
 
 def plan_inference(
-    model_spec: str, input_spec: str, *, batch_size: int | None = None, precision: str = "fp32", profile: Any = None,
-    margin: float = 0.1, samples: int | None = None, model_kwargs: dict | None = None, num_classes: int | None = None,
+    model_spec: str,
+    input_spec: str,
+    *,
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    profile: Any = None,
+    margin: float = 0.1,
+    samples: int | None = None,
+    model_kwargs: dict | None = None,
+    num_classes: int | None = None,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 ) -> InferencePlan:
     """Plan a forward-only pass: the peak at ``batch_size`` (or the largest batch that fits) and the time.
@@ -221,8 +266,8 @@ def plan_inference(
         SpecError, ConfigError: bad specs or settings.
     """
     from tightfit.hardware.profiles import resolve_target
-    from tightfit.plan.planner import COMPUTE_DTYPE, UTILISATION
     from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
+    from tightfit.plan.planner import COMPUTE_DTYPE, UTILISATION
 
     started = time.perf_counter()
     if not 0 <= margin < 1:
@@ -234,8 +279,15 @@ def plan_inference(
     notes = []
     largest = None
     if batch_size is None:
-        largest, _ = largest_batch(model, factory, budget_bytes=budget, precision=precision, profile=profile,
-                                   margin=margin, max_batch_size=max_batch_size)
+        largest, _ = largest_batch(
+            model,
+            factory,
+            budget_bytes=budget,
+            precision=precision,
+            profile=profile,
+            margin=margin,
+            max_batch_size=max_batch_size,
+        )
         batch_size = max(largest, 1)
         notes.append(f"largest batch under {1 - margin:.0%} of {format_bytes(budget)}: {largest}")
     memory = estimate_forward(model, factory, batch_size=batch_size, precision=precision, profile=profile)
@@ -243,20 +295,40 @@ def plan_inference(
     if peak > budget:
         verdict, why = "does not fit", f"forward peak {format_bytes(peak)} > usable {format_bytes(budget)}"
     elif peak > budget * (1 - margin):
-        verdict, why = "tight", f"forward peak {format_bytes(peak)} leaves less than {margin:.0%} of {format_bytes(budget)} free"
+        verdict, why = (
+            "tight",
+            f"forward peak {format_bytes(peak)} leaves less than {margin:.0%} of {format_bytes(budget)} free",
+        )
     else:
-        verdict, why = "fits", f"forward peak {format_bytes(peak)} of usable {format_bytes(budget)} at batch {batch_size}"
+        verdict, why = (
+            "fits",
+            f"forward peak {format_bytes(peak)} of usable {format_bytes(budget)} at batch {batch_size}",
+        )
     flops_per_sample = memory.flops // batch_size if memory.flops else None
     rate = profile.flops_for(COMPUTE_DTYPE[precision]) * UTILISATION[profile.device_type]
     per_sample = flops_per_sample / rate if flops_per_sample and rate else None
     parameters = sum(parameter.numel() for parameter in model.parameters())
     notes += memory.notes
     return InferencePlan(
-        model=model_spec, input=input_spec, device=profile.name, precision=precision, batch_size=batch_size,
-        peak_bytes=peak, budget_bytes=budget, margin=margin, verdict=verdict, why=why, breakdown=memory.breakdown,
-        parameters=parameters, flops_per_sample=flops_per_sample, time_per_sample_s=per_sample, samples=samples,
-        total_time_s=per_sample * samples if per_sample and samples else None, largest_batch_size=largest,
-        notes=notes, seconds=round(time.perf_counter() - started, 2),
+        model=model_spec,
+        input=input_spec,
+        device=profile.name,
+        precision=precision,
+        batch_size=batch_size,
+        peak_bytes=peak,
+        budget_bytes=budget,
+        margin=margin,
+        verdict=verdict,
+        why=why,
+        breakdown=memory.breakdown,
+        parameters=parameters,
+        flops_per_sample=flops_per_sample,
+        time_per_sample_s=per_sample,
+        samples=samples,
+        total_time_s=per_sample * samples if per_sample and samples else None,
+        largest_batch_size=largest,
+        notes=notes,
+        seconds=round(time.perf_counter() - started, 2),
     )
 
 
@@ -270,13 +342,18 @@ def inference_precisions(profile: Any) -> list[str]:
     return found
 
 
-def choose_inference_precision(model_spec: str, input_spec: str, *, profile: Any, **settings) -> tuple[InferencePlan, str]:
+def choose_inference_precision(
+    model_spec: str, input_spec: str, *, profile: Any, **settings
+) -> tuple[InferencePlan, str]:
     """:func:`plan_inference` for each precision the device runs; the fastest per sample that
     fits wins, and a tie (within ``TIME_TIE``) goes to the safer one (fp32, then bf16, then fp16),
     as the training planner breaks its ties. Returns ``(plan, reason)``."""
     from tightfit.plan.planner import PRECISION_SAFETY, TIME_TIE
 
-    plans = [plan_inference(model_spec, input_spec, precision=name, profile=profile, **settings) for name in inference_precisions(profile)]
+    plans = [
+        plan_inference(model_spec, input_spec, precision=name, profile=profile, **settings)
+        for name in inference_precisions(profile)
+    ]
     fitting = [plan for plan in plans if plan.fits and plan.time_per_sample_s] or [plan for plan in plans if plan.fits]
     if not fitting:
         return min(plans, key=lambda plan: plan.peak_bytes), "none fits: the smallest peak"
@@ -284,15 +361,27 @@ def choose_inference_precision(model_spec: str, input_spec: str, *, profile: Any
     tied = [plan for plan in fitting if (plan.time_per_sample_s or math.inf) <= fastest * (1 + TIME_TIE)]
     best = min(tied, key=lambda plan: PRECISION_SAFETY[plan.precision])
     others = ", ".join(
-        f"{plan.precision} {plan.time_per_sample_s / best.time_per_sample_s:.2f}x" for plan in plans
+        f"{plan.precision} {plan.time_per_sample_s / best.time_per_sample_s:.2f}x"
+        for plan in plans
         if plan is not best and plan.time_per_sample_s and best.time_per_sample_s
     )
-    reason = "fastest per sample" + (", ties to the safer" if len(tied) > 1 else "") + (f" (time per sample: {others})" if others else "")
+    reason = (
+        "fastest per sample"
+        + (", ties to the safer" if len(tied) > 1 else "")
+        + (f" (time per sample: {others})" if others else "")
+    )
     return best, reason
 
 
-def forward_time_per_sample(model: nn.Module, batch_factory: Callable[[int, Any], Any], *, batch_size: int,
-                            precision: str, device: torch.device, batches: int = 3) -> float:
+def forward_time_per_sample(
+    model: nn.Module,
+    batch_factory: Callable[[int, Any], Any],
+    *,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    batches: int = 3,
+) -> float:
     """Seconds per sample of a real forward pass on this machine (median of ``batches`` after a warm-up)."""
     timings = []
     was_training = model.training
@@ -301,7 +390,7 @@ def forward_time_per_sample(model: nn.Module, batch_factory: Callable[[int, Any]
         for index in range(batches + 1):
             batch = batch_factory(batch_size, device)
             started = time.perf_counter()
-            forward_pass(model, lambda: batch, precision=precision, device_type=device.type)
+            forward_pass(model, lambda batch=batch: batch, precision=precision, device_type=device.type)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if index:
@@ -327,8 +416,14 @@ class InferenceBatchSearch:
 
 
 def find_inference_batch_size(
-    model: nn.Module, batch_factory: Callable[[int, Any], Any], *, budget_bytes: int, device: Any = None,
-    precision: str = "fp32", margin: float = 0.1, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    model: nn.Module,
+    batch_factory: Callable[[int, Any], Any],
+    *,
+    budget_bytes: int,
+    device: Any = None,
+    precision: str = "fp32",
+    margin: float = 0.1,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 ) -> InferenceBatchSearch:
     """``tightfit batch-size --inference``: predict the largest batch, then confirm it with real passes.
 
@@ -337,20 +432,35 @@ def find_inference_batch_size(
     """
     device = resolve_device(device)
     limit = int(budget_bytes * (1 - margin))
-    predicted, _ = largest_batch(model, batch_factory, budget_bytes=budget_bytes, precision=precision,
-                                 margin=margin, max_batch_size=max_batch_size)
+    predicted, _ = largest_batch(
+        model,
+        batch_factory,
+        budget_bytes=budget_bytes,
+        precision=precision,
+        margin=margin,
+        max_batch_size=max_batch_size,
+    )
     trials: list[dict] = []
 
     def fits(batch: int) -> int | None:
         started = time.perf_counter()
         try:
-            memory = measure_forward(model, batch_factory, batch_size=batch, precision=precision, device=device,
-                                     budget_bytes=limit)
+            memory = measure_forward(
+                model, batch_factory, batch_size=batch, precision=precision, device=device, budget_bytes=limit
+            )
         except torch.OutOfMemoryError:
-            trials.append({"batch_size": batch, "fits": False, "peak_bytes": None, "seconds": time.perf_counter() - started})
+            trials.append(
+                {"batch_size": batch, "fits": False, "peak_bytes": None, "seconds": time.perf_counter() - started}
+            )
             return None
-        trials.append({"batch_size": batch, "fits": True, "peak_bytes": memory.peak_bytes,
-                       "seconds": time.perf_counter() - started})
+        trials.append(
+            {
+                "batch_size": batch,
+                "fits": True,
+                "peak_bytes": memory.peak_bytes,
+                "seconds": time.perf_counter() - started,
+            }
+        )
         return memory.peak_bytes
 
     low, high = 0, predicted + 1
@@ -368,5 +478,7 @@ def find_inference_batch_size(
             low = middle
         else:
             high = middle
-    peak = next((trial["peak_bytes"] for trial in reversed(trials) if trial["batch_size"] == low and trial["fits"]), None)
+    peak = next(
+        (trial["peak_bytes"] for trial in reversed(trials) if trial["batch_size"] == low and trial["fits"]), None
+    )
     return InferenceBatchSearch(low, predicted, peak, budget_bytes, trials)

@@ -30,7 +30,8 @@ A training stage takes ``model``, ``input`` and optionally ``batch_size`` (check
 ``effective_batch_size``, ``precision``, ``optimizer``, ``checkpointing``, ``lora_rank``,
 ``quantize_base`` (with ``lora_rank``: ``nf4`` or ``int8``), ``samples``, ``model_kwargs`` and
 ``note``; ``devices: N`` and ``strategy: fsdp | ddp`` plan it per rank on N of the pipeline's
-devices (``tightfit.plan.distributed``; ``devices: auto`` finds how many are needed). A ``cpu`` stage is estimated as its feature matrix in
+devices (``tightfit.plan.distributed``; ``devices: auto`` finds how many are needed). A ``cpu`` stage is estimated as
+its feature matrix in
 float64 plus libsvm's kernel cache (scikit-learn's default ``cache_size=200`` MB) against the
 host's memory.
 """
@@ -136,8 +137,12 @@ class PipelineResult:
 
     def to_dict(self) -> dict:
         total = self.total_time_s
-        return {**asdict(self), "fits": self.fits, "total_time_s": total,
-                "total_time_h": round(total / 3600, 2) if total is not None else None}
+        return {
+            **asdict(self),
+            "fits": self.fits,
+            "total_time_s": total,
+            "total_time_h": round(total / 3600, 2) if total is not None else None,
+        }
 
 
 def load_pipeline(path: str | Path, *, trust_code: bool = False) -> PipelineConfig:
@@ -207,11 +212,19 @@ def plan_pipeline(
             continue
         try:
             planned = plan(
-                stage.model, stage.input, batch_size=stage.batch_size, precision=stage.precision,
-                optimizer=stage.optimizer, checkpointing=stage.checkpointing, lora_rank=stage.lora_rank,
+                stage.model,
+                stage.input,
+                batch_size=stage.batch_size,
+                precision=stage.precision,
+                optimizer=stage.optimizer,
+                checkpointing=stage.checkpointing,
+                lora_rank=stage.lora_rank,
                 quantize_base=stage.quantize_base,
-                profile=profile, effective_batch_size=stage.effective_batch_size, margin=config.margin,
-                samples=stage.samples, model_kwargs=stage.model_kwargs,
+                profile=profile,
+                effective_batch_size=stage.effective_batch_size,
+                margin=config.margin,
+                samples=stage.samples,
+                model_kwargs=stage.model_kwargs,
             )
         except TightfitError as error:
             raise type(error)(f"stage {stage.name!r}: {error}") from None
@@ -219,7 +232,8 @@ def plan_pipeline(
             "micro_batch_size": stage.batch_size,
             "accumulation_steps": (
                 math.ceil(stage.effective_batch_size / stage.batch_size)
-                if stage.batch_size and stage.effective_batch_size else 1
+                if stage.batch_size and stage.effective_batch_size
+                else 1
             ),
             "precision": stage.precision or "fp32",
             "checkpointing": bool(stage.checkpointing),
@@ -228,16 +242,24 @@ def plan_pipeline(
         fits = planned.fits
         result.stages.append(
             StageResult(
-                name=stage.name, kind="train", model=stage.model, input=stage.input,
-                verdict=planned.verdict, fits=fits,
+                name=stage.name,
+                kind="train",
+                model=stage.model,
+                input=stage.input,
+                verdict=planned.verdict,
+                fits=fits,
                 micro_batch_size=chosen["micro_batch_size"] if fits else None,
                 accumulation_steps=chosen["accumulation_steps"] if fits else None,
                 precision=chosen["precision"] if fits else None,
                 checkpointing=chosen["checkpointing"] if fits else None,
                 optimizer=chosen["optimizer"] if fits else None,
-                peak_bytes=planned.peak_bytes, budget_bytes=planned.budget_bytes or 0,
-                step_time_s=planned.step_time_s, epoch_time_s=planned.epoch_time_s,
-                why=planned.why, note=stage.note, plan=planned.to_dict(),
+                peak_bytes=planned.peak_bytes,
+                budget_bytes=planned.budget_bytes or 0,
+                step_time_s=planned.step_time_s,
+                epoch_time_s=planned.epoch_time_s,
+                why=planned.why,
+                note=stage.note,
+                plan=planned.to_dict(),
             )
         )
     for planned_stage, stage in zip(result.stages, config.stages):
@@ -270,25 +292,46 @@ def _extract_stage(stage: StageConfig, profile, margin: float, planned_before: d
     precision = stage.precision or "fp32"
     if precision not in INFERENCE_PRECISIONS:
         raise ConfigError(f"stage {stage.name!r}: precision: {precision} is not an inference precision")
-    key = json.dumps([stage.model, stage.input, stage.batch_size, precision, stage.samples, stage.model_kwargs],
-                     sort_keys=True, default=str)
+    key = json.dumps(
+        [stage.model, stage.input, stage.batch_size, precision, stage.samples, stage.model_kwargs],
+        sort_keys=True,
+        default=str,
+    )
     try:
         if key not in planned_before:
             planned_before[key] = plan_inference(
-                stage.model, stage.input, batch_size=stage.batch_size, precision=precision, profile=profile,
-                margin=margin, samples=stage.samples, model_kwargs=stage.model_kwargs,
+                stage.model,
+                stage.input,
+                batch_size=stage.batch_size,
+                precision=precision,
+                profile=profile,
+                margin=margin,
+                samples=stage.samples,
+                model_kwargs=stage.model_kwargs,
             )
     except TightfitError as error:
         raise type(error)(f"stage {stage.name!r}: {error}") from None
     planned = planned_before[key]
     step_time = planned.time_per_sample_s * planned.batch_size if planned.time_per_sample_s else None
     return StageResult(
-        name=stage.name, kind="extract", model=stage.model, input=stage.input, verdict=planned.verdict,
-        fits=planned.fits, micro_batch_size=planned.batch_size if planned.fits else None,
+        name=stage.name,
+        kind="extract",
+        model=stage.model,
+        input=stage.input,
+        verdict=planned.verdict,
+        fits=planned.fits,
+        micro_batch_size=planned.batch_size if planned.fits else None,
         accumulation_steps=1 if planned.fits else None,
-        precision=precision, checkpointing=None, optimizer=None, peak_bytes=planned.peak_bytes,
-        budget_bytes=planned.budget_bytes, step_time_s=step_time, epoch_time_s=planned.total_time_s,
-        why=planned.why, note=stage.note, plan=planned.to_dict(),
+        precision=precision,
+        checkpointing=None,
+        optimizer=None,
+        peak_bytes=planned.peak_bytes,
+        budget_bytes=planned.budget_bytes,
+        step_time_s=step_time,
+        epoch_time_s=planned.total_time_s,
+        why=planned.why,
+        note=stage.note,
+        plan=planned.to_dict(),
     )
 
 
@@ -297,31 +340,56 @@ def _distributed_stage(stage: StageConfig, profile: Any, margin: float) -> Stage
     from tightfit.plan.distributed import plan_distributed
 
     if stage.effective_batch_size or stage.quantize_base:
-        raise ConfigError(f"stage {stage.name!r}: with devices, give batch_size per rank (no effective_batch_size, no quantize_base)")
+        raise ConfigError(
+            f"stage {stage.name!r}: with devices, give batch_size per rank (no effective_batch_size, no quantize_base)"
+        )
     try:
         planned = plan_distributed(
-            stage.model, stage.input, devices=None if stage.devices == "auto" else stage.devices, strategy=stage.strategy,
-            batch_size=stage.batch_size or 1, precision=stage.precision or "bf16-pure", optimizer=stage.optimizer or "adamw",
-            checkpointing=True if stage.checkpointing is None else stage.checkpointing, lora_rank=stage.lora_rank,
-            margin=margin, model_kwargs=stage.model_kwargs, profile=profile,
+            stage.model,
+            stage.input,
+            devices=None if stage.devices == "auto" else stage.devices,
+            strategy=stage.strategy,
+            batch_size=stage.batch_size or 1,
+            precision=stage.precision or "bf16-pure",
+            optimizer=stage.optimizer or "adamw",
+            checkpointing=True if stage.checkpointing is None else stage.checkpointing,
+            lora_rank=stage.lora_rank,
+            margin=margin,
+            model_kwargs=stage.model_kwargs,
+            profile=profile,
         )
     except TightfitError as error:
         raise type(error)(f"stage {stage.name!r}: {error}") from None
     row = planned.rows[-1]
     fits = row.fits
-    steps = math.ceil(stage.samples / (planned.micro_batch_size * row.devices)) if stage.samples and row.step_time_s else None
+    steps = (
+        math.ceil(stage.samples / (planned.micro_batch_size * row.devices))
+        if stage.samples and row.step_time_s
+        else None
+    )
     why = (
         f"{row.devices} x {profile.name} with {stage.strategy}: {format_bytes(row.peak_bytes)} per rank of "
         f"{format_bytes(row.usable_bytes)}" + ("" if fits else f"; none up to {row.devices} fits")
     )
     return StageResult(
-        name=stage.name, kind="train", model=stage.model, input=stage.input,
-        verdict="fits" if fits else "does not fit", fits=fits,
-        micro_batch_size=planned.micro_batch_size if fits else None, accumulation_steps=1 if fits else None,
-        precision=planned.precision if fits else None, checkpointing=planned.checkpointing if fits else None,
-        optimizer=planned.optimizer if fits else None, peak_bytes=row.peak_bytes, budget_bytes=row.usable_bytes,
-        step_time_s=row.step_time_s, epoch_time_s=steps * row.step_time_s if steps else None,
-        why=why, note=stage.note or f"{row.devices} devices, {stage.strategy}", plan=planned.to_dict(),
+        name=stage.name,
+        kind="train",
+        model=stage.model,
+        input=stage.input,
+        verdict="fits" if fits else "does not fit",
+        fits=fits,
+        micro_batch_size=planned.micro_batch_size if fits else None,
+        accumulation_steps=1 if fits else None,
+        precision=planned.precision if fits else None,
+        checkpointing=planned.checkpointing if fits else None,
+        optimizer=planned.optimizer if fits else None,
+        peak_bytes=row.peak_bytes,
+        budget_bytes=row.usable_bytes,
+        step_time_s=row.step_time_s,
+        epoch_time_s=steps * row.step_time_s if steps else None,
+        why=why,
+        note=stage.note or f"{row.devices} devices, {stage.strategy}",
+        plan=planned.to_dict(),
     )
 
 
@@ -337,7 +405,10 @@ def _cpu_stage(stage: StageConfig, profile: Any) -> StageResult:
         host_bytes, host = psutil.virtual_memory().total, "this machine's"
     if stage.cpu_bytes is not None:
         peak_bytes = stage.cpu_bytes
-        why = f"{format_bytes(peak_bytes)} estimated from the samples and feature width, against {host} {format_bytes(host_bytes)} RAM"
+        why = (
+            f"{format_bytes(peak_bytes)} estimated from the samples and feature width, against {host} "
+            f"{format_bytes(host_bytes)} RAM"
+        )
     elif stage.samples and stage.features:
         matrix_bytes = stage.samples * stage.features * 8  # scikit-learn works in float64
         peak_bytes = matrix_bytes + SVM_KERNEL_CACHE_BYTES
@@ -350,9 +421,21 @@ def _cpu_stage(stage: StageConfig, profile: Any) -> StageResult:
         why = "CPU stage without samples/features: memory not estimated"
     fits = peak_bytes <= host_bytes
     return StageResult(
-        name=stage.name, kind="cpu", model=stage.model, input=stage.input,
-        verdict=("fits" if peak_bytes < 0.9 * host_bytes else "tight") if fits else "does not fit", fits=fits,
-        micro_batch_size=None, accumulation_steps=None, precision=None, checkpointing=None, optimizer=None,
-        peak_bytes=peak_bytes, budget_bytes=host_bytes, step_time_s=None, epoch_time_s=None,
-        why=why, note=stage.note or "CPU only: no GPU memory needed",
+        name=stage.name,
+        kind="cpu",
+        model=stage.model,
+        input=stage.input,
+        verdict=("fits" if peak_bytes < 0.9 * host_bytes else "tight") if fits else "does not fit",
+        fits=fits,
+        micro_batch_size=None,
+        accumulation_steps=None,
+        precision=None,
+        checkpointing=None,
+        optimizer=None,
+        peak_bytes=peak_bytes,
+        budget_bytes=host_bytes,
+        step_time_s=None,
+        epoch_time_s=None,
+        why=why,
+        note=stage.note or "CPU only: no GPU memory needed",
     )

@@ -27,7 +27,6 @@ in and out once per effective batch. ``flops`` is counted by ``torch.utils.flop_
 the estimate, so checkpointing's recomputation is included.
 """
 
-import copy
 import dataclasses
 import math
 import time
@@ -229,17 +228,32 @@ def plan(
         raise ConfigError(f"quantize base: {quantize_base!r} needs a LoRA rank and one of nf4, int8")
     profile = profile if profile is not None else resolve_target()
     resolved = _resolve_for_target(profile, optimizer, quantize_base, lora)
-    planner = _Planner(model_spec, input_spec, profile, lora_rank=lora_rank, model_kwargs=model_kwargs or {},
-                       quantize_base=quantize_base, lora=lora)
+    planner = _Planner(
+        model_spec,
+        input_spec,
+        profile,
+        lora_rank=lora_rank,
+        model_kwargs=model_kwargs or {},
+        quantize_base=quantize_base,
+        lora=lora,
+    )
     if batch_size is not None:
         result, chosen = planner.check(
             Settings(precision or "fp32", bool(checkpointing), optimizer or "adamw"),
-            batch_size=batch_size, effective_batch_size=effective_batch_size, margin=margin, samples=samples,
+            batch_size=batch_size,
+            effective_batch_size=effective_batch_size,
+            margin=margin,
+            samples=samples,
         )
     else:
         result, chosen = planner.recommend(
-            precision=precision, optimizer=optimizer, checkpointing=checkpointing,
-            effective_batch_size=effective_batch_size, margin=margin, samples=samples, max_batch_size=max_batch_size,
+            precision=precision,
+            optimizer=optimizer,
+            checkpointing=checkpointing,
+            effective_batch_size=effective_batch_size,
+            margin=margin,
+            samples=samples,
+            max_batch_size=max_batch_size,
         )
     if measure:
         result.measured = planner.measure(chosen)
@@ -264,8 +278,12 @@ def _resolve_for_target(profile: Any, optimizer: str | None, quantize_base: str 
 
 
 def _check_arguments(batch_size, precision, optimizer, effective_batch_size, margin, samples, lora_rank) -> None:
-    for name, value in (("batch size", batch_size), ("effective batch size", effective_batch_size),
-                        ("samples", samples), ("LoRA rank", lora_rank)):
+    for name, value in (
+        ("batch size", batch_size),
+        ("effective batch size", effective_batch_size),
+        ("samples", samples),
+        ("LoRA rank", lora_rank),
+    ):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
     if precision is not None and precision not in PRECISIONS:
@@ -282,8 +300,17 @@ def _check_arguments(batch_size, precision, optimizer, effective_batch_size, mar
 class _Planner:
     """One model, one input, one device; caches every estimate it makes."""
 
-    def __init__(self, model_spec: str, input_spec: str, profile: Any, *, lora_rank: int | None, model_kwargs: dict,
-                 quantize_base: str | None = None, lora: Any = None):
+    def __init__(
+        self,
+        model_spec: str,
+        input_spec: str,
+        profile: Any,
+        *,
+        lora_rank: int | None,
+        model_kwargs: dict,
+        quantize_base: str | None = None,
+        lora: Any = None,
+    ):
         from tightfit.models.lora import LoRAConfig
         from tightfit.models.spec import build_model, make_batch_factory, parse_input_spec
 
@@ -322,8 +349,13 @@ class _Planner:
             from tightfit.models.prepare import prepare_model
 
             prepared = prepare_model(
-                self.model_spec, model_kwargs=self.model_kwargs, checkpointing=checkpointing, lora=self.lora,
-                base_model=self.model_spec, for_planning=True, device_type=_device_type(self.profile, self.lora),
+                self.model_spec,
+                model_kwargs=self.model_kwargs,
+                checkpointing=checkpointing,
+                lora=self.lora,
+                base_model=self.model_spec,
+                for_planning=True,
+                device_type=_device_type(self.profile, self.lora),
             )
             self._quantize_base = prepared.quantize_base
             self.models[checkpointing] = prepared.module
@@ -336,9 +368,13 @@ class _Planner:
         if key not in self._cache:
             try:
                 memory = estimate_step(
-                    self.model_for(settings.checkpointing), self.batch_factory, batch_size=batch_size,
-                    precision=settings.precision, optimizer=settings.optimizer,
-                    accumulation_steps=accumulation_steps, profile=self.profile,
+                    self.model_for(settings.checkpointing),
+                    self.batch_factory,
+                    batch_size=batch_size,
+                    precision=settings.precision,
+                    optimizer=settings.optimizer,
+                    accumulation_steps=accumulation_steps,
+                    profile=self.profile,
                 )
             except EstimationError as error:
                 memory = self._measure_instead(settings, batch_size, accumulation_steps, error)
@@ -357,7 +393,10 @@ class _Planner:
             return device_overhead(self.profile, tensor_peak_bytes=tensor_peak).total_bytes
 
         breakdown, notes = with_quantized_base(
-            memory.breakdown, self.models[False], self.quantize_base, overhead=overhead if self.profile else None,
+            memory.breakdown,
+            self.models[False],
+            self.quantize_base,
+            overhead=overhead if self.profile else None,
             base_weight_bytes=2 if precision == "bf16-pure" else 4,
         )
         # the overhead was recomputed for the quantized peak: the estimate's own line is stale
@@ -368,8 +407,9 @@ class _Planner:
             notes.append(f"{recomputed.describe()} (profile {self.profile.name}, on the quantized peak)")
         return dataclasses.replace(memory, peak_bytes=sum(breakdown.values()), breakdown=breakdown, notes=kept + notes)
 
-    def _measure_instead(self, settings: Settings, batch_size: int, accumulation_steps: int,
-                         error: Exception) -> StepMemory:
+    def _measure_instead(
+        self, settings: Settings, batch_size: int, accumulation_steps: int, error: Exception
+    ) -> StepMemory:
         """When tracing on fake tensors fails, measure real tensors on the CPU, if the model is small enough.
 
         The CPU measurement gives the tensor peak; the target device's overhead is added to it
@@ -384,16 +424,26 @@ class _Planner:
         if 4 * self.parameters * 4 > psutil.virtual_memory().available:
             raise EstimationError(f"{error} (and the model is too large to measure on this machine)") from None
         measured = measure_step(
-            self._real_model, self.batch_factory, batch_size=batch_size, precision=settings.precision,
-            optimizer=settings.optimizer, checkpointing=self.blocks if settings.checkpointing else False,
-            accumulation_steps=accumulation_steps, device="cpu",
+            self._real_model,
+            self.batch_factory,
+            batch_size=batch_size,
+            precision=settings.precision,
+            optimizer=settings.optimizer,
+            checkpointing=self.blocks if settings.checkpointing else False,
+            accumulation_steps=accumulation_steps,
+            device="cpu",
         )
         overhead = device_overhead(self.profile, tensor_peak_bytes=measured.peak_bytes)
         breakdown = dict(measured.breakdown, overhead=overhead.total_bytes)
         notes = [f"fake-tensor estimate failed ({error}); measured on CPU with real tensors instead"]
         return StepMemory(
-            peak_bytes=sum(breakdown.values()), breakdown=breakdown, by_module=measured.by_module,
-            flops=measured.flops, method="measured", notes=notes + measured.notes, peak_moment=measured.peak_moment,
+            peak_bytes=sum(breakdown.values()),
+            breakdown=breakdown,
+            by_module=measured.by_module,
+            flops=measured.flops,
+            method="measured",
+            notes=notes + measured.notes,
+            peak_moment=measured.peak_moment,
             moment_peaks=measured.moment_peaks,
         )
 
@@ -408,8 +458,15 @@ class _Planner:
 
     # ------------------------------------------------------------------------- check one setting
 
-    def check(self, settings: Settings, *, batch_size: int, effective_batch_size: int | None, margin: float,
-              samples: int | None) -> PlanResult:
+    def check(
+        self,
+        settings: Settings,
+        *,
+        batch_size: int,
+        effective_batch_size: int | None,
+        margin: float,
+        samples: int | None,
+    ) -> PlanResult:
         if settings.checkpointing and not self.blocks:
             raise ConfigError(f"checkpointing: {self.model_spec} has no repeated blocks to checkpoint")
         accumulation_steps = math.ceil(effective_batch_size / batch_size) if effective_batch_size else 1
@@ -421,13 +478,23 @@ class _Planner:
         why = _why(memory, budget, verdict, batch_size)
         if verdict == "does not fit":
             why += "; run without --batch-size for a configuration that fits"
-        return self._result(option, batch_size, verdict, why, recommendation=None, alternatives=[], margin=margin), option
+        return self._result(
+            option, batch_size, verdict, why, recommendation=None, alternatives=[], margin=margin
+        ), option
 
     # -------------------------------------------------------------------- recommend a configuration
 
-    def recommend(self, *, precision: str | None, optimizer: str | None, checkpointing: bool | None,
-                  effective_batch_size: int | None, margin: float, samples: int | None,
-                  max_batch_size: int) -> PlanResult:
+    def recommend(
+        self,
+        *,
+        precision: str | None,
+        optimizer: str | None,
+        checkpointing: bool | None,
+        effective_batch_size: int | None,
+        margin: float,
+        samples: int | None,
+        max_batch_size: int,
+    ) -> PlanResult:
         primary, fallback = self._candidates(precision, optimizer, checkpointing)
         threshold = int(self.profile.usable_bytes * (1 - margin))
         limit = min(effective_batch_size or max_batch_size, max_batch_size)
@@ -451,9 +518,14 @@ class _Planner:
             if not estimated:
                 # Every configuration was ruled out by its weights alone: estimate the most frugal
                 # one at batch 1 so the answer still shows where the memory goes.
-                frugal = min(options, key=lambda option: (option.settings.precision != "bf16-pure",
-                                                          not option.settings.checkpointing,
-                                                          option.settings.optimizer != "sgd"))
+                frugal = min(
+                    options,
+                    key=lambda option: (
+                        option.settings.precision != "bf16-pure",
+                        not option.settings.checkpointing,
+                        option.settings.optimizer != "sgd",
+                    ),
+                )
                 frugal.memory = self.estimate(frugal.settings, 1)
                 estimated = [frugal]
             best = min(estimated, key=lambda option: option.memory.peak_bytes)
@@ -482,12 +554,13 @@ class _Planner:
             why = (
                 f"even batch 1 with {best.settings.label()} needs {format_bytes(memory.peak_bytes)} "
                 f"(with {margin:.0%} headroom: {format_bytes(threshold)} available): "
-                f"{_largest_category(memory)}"
-                + _suggestion(self.lora_rank, self.quantize_base)
+                f"{_largest_category(memory)}" + _suggestion(self.lora_rank, self.quantize_base)
             )
             recommendation = None
         alternatives = [option.to_dict() for option in options if option is not best]
-        return self._result(best, best.micro_batch_size or None, verdict, why, recommendation, alternatives, margin), best
+        return self._result(
+            best, best.micro_batch_size or None, verdict, why, recommendation, alternatives, margin
+        ), best
 
     def _candidates(self, precision, optimizer, checkpointing) -> tuple[list[Settings], list[Settings]]:
         """Configurations to search: the usual ones first, then fallbacks used only when none fits."""
@@ -518,12 +591,23 @@ class _Planner:
         fallback_optimizers = [] if optimizer or self.lora_rank else ["sgd"]
         primary = [Settings(p, c, o) for p in precisions for c in checkpointing_choices for o in optimizers]
         fallback = [Settings(p, c, o) for p in fallback_precisions for c in checkpointing_choices for o in optimizers]
-        fallback += [Settings(p, c, o) for p in precisions + fallback_precisions
-                     for c in checkpointing_choices for o in fallback_optimizers]
+        fallback += [
+            Settings(p, c, o)
+            for p in precisions + fallback_precisions
+            for c in checkpointing_choices
+            for o in fallback_optimizers
+        ]
         return primary, fallback
 
-    def _option(self, settings: Settings, threshold: int, limit: int, effective_batch_size: int | None,
-                samples: int | None, earlier: list[Option]) -> Option:
+    def _option(
+        self,
+        settings: Settings,
+        threshold: int,
+        limit: int,
+        effective_batch_size: int | None,
+        samples: int | None,
+        earlier: list[Option],
+    ) -> Option:
         # Checkpointing only trades time for memory: it is worth estimating when the same settings
         # without it fit no batch at all, or fall short of the effective batch in one micro-batch.
         if settings.checkpointing:
@@ -532,22 +616,31 @@ class _Planner:
                 reason = "reaches the effective batch" if effective_batch_size else "fits"
                 return Option(settings, 0, note=f"not needed ({reason} without)", skipped=True)
         # A lower bound of the weights alone (a quantized base stores most weights in 4 or 8 bits).
-        bytes_per_weight = {"nf4": 0.5, "int8": 1}.get(self.quantize_base) or (2 if settings.precision == "bf16-pure" else 4)
+        bytes_per_weight = {"nf4": 0.5, "int8": 1}.get(self.quantize_base) or (
+            2 if settings.precision == "bf16-pure" else 4
+        )
         weight_bytes = int(self.parameters * bytes_per_weight)
         if weight_bytes > threshold:
             return Option(settings, 0, note=f"weights alone {format_bytes(weight_bytes)} > budget")
         # Mixed precision first, then fp32: fp32 activations take at most twice the bytes, so half
         # the earlier answer is a good first probe.
-        previous = [o.micro_batch_size for o in earlier if o.fits and o.settings.checkpointing == settings.checkpointing
-                    and not o.capped]
+        previous = [
+            o.micro_batch_size
+            for o in earlier
+            if o.fits and o.settings.checkpointing == settings.checkpointing and not o.capped
+        ]
         hint = max(1, previous[-1] // 2) if previous else None
         micro_batch_size = self.largest_fitting(settings, threshold, limit, hint=hint)
         if micro_batch_size == 0:
             return Option(settings, 0, memory=self.estimate(settings, 1), note="batch 1 does not fit")
         accumulation_steps, micro_batch_size = _accumulation(micro_batch_size, effective_batch_size)
         option = Option(
-            settings, micro_batch_size, accumulation_steps, micro_batch_size * accumulation_steps,
-            memory=self.estimate(settings, micro_batch_size), capped=micro_batch_size >= limit,
+            settings,
+            micro_batch_size,
+            accumulation_steps,
+            micro_batch_size * accumulation_steps,
+            memory=self.estimate(settings, micro_batch_size),
+            capped=micro_batch_size >= limit,
         )
         self._time(option, samples)
         return option
@@ -592,8 +685,8 @@ class _Planner:
         """
         import psutil
 
-        from tightfit.memory.counted_step import StepSettings, make_step
         from tightfit.hardware.detect import resolve_device
+        from tightfit.memory.counted_step import StepSettings, make_step
         from tightfit.memory.measure import measure_step
         from tightfit.step.optim import build_optimizer
 
@@ -628,8 +721,12 @@ class _Planner:
         _synchronize(device)
         micro_step_s = (time.perf_counter() - started) / steps
         memory = measure_step(
-            model, self.batch_factory, batch_size=batch_size, precision=settings.precision,
-            optimizer=settings.optimizer, device=device,
+            model,
+            self.batch_factory,
+            batch_size=batch_size,
+            precision=settings.precision,
+            optimizer=settings.optimizer,
+            device=device,
         )
         return {
             "device": str(device),
@@ -643,8 +740,16 @@ class _Planner:
 
     # ------------------------------------------------------------------------------------ results
 
-    def _result(self, option: Option, batch_size: int | None, verdict: str, why: str, recommendation: dict | None,
-                alternatives: list[dict], margin: float) -> PlanResult:
+    def _result(
+        self,
+        option: Option,
+        batch_size: int | None,
+        verdict: str,
+        why: str,
+        recommendation: dict | None,
+        alternatives: list[dict],
+        margin: float,
+    ) -> PlanResult:
         memory = option.memory
         notes = list(self.notes)
         notes.append(f"{plural(self.estimates_made, 'estimate')} on fake tensors (no weights allocated)")
@@ -739,7 +844,10 @@ def _largest_category(memory: StepMemory) -> str:
 def _why(memory: StepMemory, budget: int, verdict: str, batch_size: int) -> str:
     headroom = budget - memory.peak_bytes
     if verdict == "does not fit":
-        head = f"peak {format_bytes(memory.peak_bytes)} exceeds the {format_bytes(budget)} usable by {format_bytes(-headroom)}"
+        head = (
+            f"peak {format_bytes(memory.peak_bytes)} exceeds the {format_bytes(budget)} usable by "
+            f"{format_bytes(-headroom)}"
+        )
     else:
         head = (
             f"peak {format_bytes(memory.peak_bytes)} of {format_bytes(budget)} usable "

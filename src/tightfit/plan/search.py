@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from tightfit.errors import ConfigError, TightfitError
+from tightfit.hardware.detect import resolve_device
 from tightfit.memory.bisect import largest_fitting
 from tightfit.memory.estimator import EstimationError, estimate_step
-from tightfit.hardware.detect import resolve_device
 from tightfit.memory.measure import measure_step
 from tightfit.memory.oom import is_out_of_memory
-from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.memory.report import StepMemory
+from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.units import format_bytes, plural
 
 CONFIRMED_TOLERANCE = 0.005  # a measurement within 0.5 % of the estimate confirms it
@@ -126,7 +126,9 @@ def find_batch_size(
 
     snapshot = _ModelSnapshot(model)
     random_state = rng_state()
-    settings = dict(precision=precision, optimizer=optimizer, accumulation_steps=accumulation_steps, clip_grad_norm=clip_grad_norm)
+    settings = dict(
+        precision=precision, optimizer=optimizer, accumulation_steps=accumulation_steps, clip_grad_norm=clip_grad_norm
+    )
     try:
         estimate = _Estimates(model, batch_factory, settings, profile=_profile_for(device))
         trial = _Trials(model, batch_factory, settings, device, budget_bytes, target_bytes, snapshot)
@@ -135,7 +137,9 @@ def find_batch_size(
             notes.append(f"estimates unavailable ({estimate.failure}); doubling from 2")
             fits_at, fails_at = _double(trial, max_batch_size)
         else:
-            notes.append(f"estimator predicted {predicted} ({sum(v is not None for v in estimate.cache.values())} estimates)")
+            notes.append(
+                f"estimator predicted {predicted} ({sum(v is not None for v in estimate.cache.values())} estimates)"
+            )
             fits_at, fails_at = _confirm(trial, estimate, max(predicted, 1), target_bytes, max_batch_size)
     finally:
         snapshot.restore()
@@ -229,7 +233,11 @@ class _Estimates:
         if batch_size not in self.cache:
             try:
                 self.cache[batch_size] = estimate_step(
-                    self.model, self.batch_factory, batch_size=batch_size, profile=self.profile, count_flops=False,
+                    self.model,
+                    self.batch_factory,
+                    batch_size=batch_size,
+                    profile=self.profile,
+                    count_flops=False,
                     **self.settings,
                 )
             except EstimationError as error:
@@ -270,8 +278,12 @@ class _Trials:
         simulated = self.device.type == "cpu"
         try:
             memory = measure_step(
-                self.model, self.batch_factory, batch_size=batch_size, device=self.device,
-                budget_bytes=self.budget_bytes if simulated else None, **self.settings,
+                self.model,
+                self.batch_factory,
+                batch_size=batch_size,
+                device=self.device,
+                budget_bytes=self.budget_bytes if simulated else None,
+                **self.settings,
             )
             peak_bytes = memory.peak_bytes
         except Exception as error:  # noqa: BLE001 - only out-of-memory is an answer; the rest re-raises

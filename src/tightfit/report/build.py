@@ -26,7 +26,9 @@ def _renderer(kind: str) -> Callable[..., str]:
     # imported on use: each page module is small, and a caller renders one kind
     from tightfit.report import compression, doctor, plan, study
 
-    return {"plan": plan.render, "compression": compression.render, "doctor": doctor.render, "study": study.render}[kind]
+    return {"plan": plan.render, "compression": compression.render, "doctor": doctor.render, "study": study.render}[
+        kind
+    ]
 
 
 def kind_of_data(data: object, where: str) -> str:
@@ -41,7 +43,8 @@ def kind_of_data(data: object, where: str) -> str:
         if ("breakdown" in data and "peak_bytes" in data) or ("stages" in data and "budget_bytes" in data):
             return "plan"
     raise ConfigError(
-        f"{where}: not a tightfit report source (expected the JSON of `tightfit plan --json`, `tightfit doctor --json`, "
+        f"{where}: not a tightfit report source (expected the JSON of `tightfit plan --json`, `tightfit doctor "
+        "--json`, "
         "a compression report.json or a study results.json)"
     )
 
@@ -56,12 +59,16 @@ def detect_kind(path: str | os.PathLike) -> tuple[str, Path]:
     if path.is_dir():
         if (path / "results.json").is_file():
             return "study", path / "results.json"
-        if (path / "summary.json").is_file() or ((path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()):
+        if (path / "summary.json").is_file() or (
+            (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
+        ):
             return "run", path
         if (path / "report.json").is_file():
             return "compression", path / "report.json"
-        raise ConfigError(f"{path}: a folder without summary.json, metrics.jsonl, report.json or results.json: "
-                          "not a training run, a compression run or a study")
+        raise ConfigError(
+            f"{path}: a folder without summary.json, metrics.jsonl, report.json or results.json: "
+            "not a training run, a compression run or a study"
+        )
     if not path.is_file():
         raise ConfigError(f"{path}: no such file or folder")
     if path.name in ("summary.json", "metrics.jsonl"):

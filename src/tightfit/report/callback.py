@@ -28,4 +28,3 @@ class HtmlReport:
             summary["report"] = str(write_report(trainer.run_dir))
         except Exception as error:  # noqa: BLE001 - the run itself succeeded; say why the page is missing
             trainer.console.print(f"[yellow]warning:[/] report.html not written: {error}")
-

@@ -73,8 +73,14 @@ class Axis:
 
 def bytes_axis(title: str, largest: float, *, from_zero: bool = True) -> Axis:
     """An axis of byte counts with ticks on round KiB, MiB or GiB, whichever suits ``largest``."""
-    scale, unit = next(((2.0**power, unit) for power, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"))
-                        if largest >= 2.0**power), (1.0, "B"))
+    scale, unit = next(
+        (
+            (2.0**power, unit)
+            for power, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"))
+            if largest >= 2.0**power
+        ),
+        (1.0, "B"),
+    )
     from tightfit.units import format_bytes
 
     return Axis(title, lambda value: f"{value / scale:g} {unit}", scale=scale, from_zero=from_zero, exact=format_bytes)
@@ -106,14 +112,21 @@ def _scaled_ticks(bounds: tuple[float, float], scale: float) -> list[float]:
 
 def _log_ticks(low: float, high: float) -> list[float]:
     first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
-    return [10.0 ** power for power in range(first, last + 1)]
+    return [10.0**power for power in range(first, last + 1)]
 
 
 class _Frame:
     """Maps data to the plot area and draws the axes, grid and tick labels."""
 
-    def __init__(self, x_range: tuple[float, float], y_range: tuple[float, float], x_axis: Axis, y_axis: Axis,
-                 width: int = WIDTH, height: int = HEIGHT):
+    def __init__(
+        self,
+        x_range: tuple[float, float],
+        y_range: tuple[float, float],
+        x_axis: Axis,
+        y_axis: Axis,
+        width: int = WIDTH,
+        height: int = HEIGHT,
+    ):
         self.width, self.height = width, height
         self.x_axis, self.y_axis = x_axis, y_axis
         self.x_ticks = _log_ticks(*x_range) if x_axis.log else _scaled_ticks(x_range, x_axis.scale)
@@ -130,32 +143,47 @@ class _Frame:
         return LEFT + self._scale(value, self.x_low, self.x_high, self.x_axis.log) * (self.width - LEFT - RIGHT)
 
     def y(self, value: float) -> float:
-        return self.height - BOTTOM - self._scale(value, self.y_low, self.y_high, self.y_axis.log) * (self.height - TOP - BOTTOM)
+        return (
+            self.height
+            - BOTTOM
+            - self._scale(value, self.y_low, self.y_high, self.y_axis.log) * (self.height - TOP - BOTTOM)
+        )
 
     def axes(self) -> str:
         parts = []
         for tick in self.y_ticks:
             y = self.y(tick)
-            parts.append(f"<line class=\"grid\" x1=\"{LEFT}\" x2=\"{self.width - RIGHT}\" y1=\"{y:.1f}\" y2=\"{y:.1f}\"/>")
-            parts.append(f"<text x=\"{LEFT - 6}\" y=\"{y + 4:.1f}\" text-anchor=\"end\">{escape(self.y_axis.format(tick))}</text>")
+            parts.append(f'<line class="grid" x1="{LEFT}" x2="{self.width - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
+            parts.append(
+                f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{escape(self.y_axis.format(tick))}</text>'
+            )
         for tick in self.x_ticks:
             x = self.x(tick)
-            parts.append(f"<text x=\"{x:.1f}\" y=\"{self.height - BOTTOM + 15}\" text-anchor=\"middle\">{escape(self.x_axis.format(tick))}</text>")
+            parts.append(
+                f'<text x="{x:.1f}" y="{self.height - BOTTOM + 15}" '
+                f'text-anchor="middle">{escape(self.x_axis.format(tick))}</text>'
+            )
         bottom = self.height - BOTTOM
-        parts.append(f"<line class=\"axis\" x1=\"{LEFT}\" x2=\"{self.width - RIGHT}\" y1=\"{bottom}\" y2=\"{bottom}\"/>")
-        parts.append(f"<line class=\"axis\" x1=\"{LEFT}\" x2=\"{LEFT}\" y1=\"{TOP}\" y2=\"{bottom}\"/>")
+        parts.append(f'<line class="axis" x1="{LEFT}" x2="{self.width - RIGHT}" y1="{bottom}" y2="{bottom}"/>')
+        parts.append(f'<line class="axis" x1="{LEFT}" x2="{LEFT}" y1="{TOP}" y2="{bottom}"/>')
         if self.x_axis.title:
-            parts.append(f"<text class=\"label\" x=\"{(LEFT + self.width - RIGHT) / 2:.0f}\" y=\"{self.height - 4}\" "
-                         f"text-anchor=\"middle\">{escape(self.x_axis.title)}</text>")
+            parts.append(
+                f'<text class="label" x="{(LEFT + self.width - RIGHT) / 2:.0f}" y="{self.height - 4}" '
+                f'text-anchor="middle">{escape(self.x_axis.title)}</text>'
+            )
         if self.y_axis.title:
-            parts.append(f"<text class=\"label\" transform=\"translate(11 {(TOP + bottom) / 2:.0f}) rotate(-90)\" "
-                         f"text-anchor=\"middle\">{escape(self.y_axis.title)}</text>")
+            parts.append(
+                f'<text class="label" transform="translate(11 {(TOP + bottom) / 2:.0f}) rotate(-90)" '
+                f'text-anchor="middle">{escape(self.y_axis.title)}</text>'
+            )
         return "".join(parts)
 
 
 def _svg(body: str, label: str, width: int = WIDTH, height: int = HEIGHT) -> str:
-    return (f"<svg class=\"chart\" viewBox=\"0 0 {width} {height}\" role=\"img\" aria-label=\"{escape(label)}\" "
-            f"xmlns=\"http://www.w3.org/2000/svg\">{body}</svg>")
+    return (
+        f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}" '
+        f'xmlns="http://www.w3.org/2000/svg">{body}</svg>'
+    )
 
 
 def _figure(svg: str, legend: Sequence[tuple[str, str, bool]] = (), caption: str = "") -> str:
@@ -164,25 +192,33 @@ def _figure(svg: str, legend: Sequence[tuple[str, str, bool]] = (), caption: str
     if legend:
         dash = ' stroke-dasharray="5 3"'
         entries = "".join(
-            f"<span><svg width=\"22\" height=\"10\" class=\"chart\" style=\"display:inline;width:22px\">"
-            f"<line class=\"{style}\" x1=\"1\" x2=\"21\" y1=\"5\" y2=\"5\" stroke-width=\"3\""
+            f'<span><svg width="22" height="10" class="chart" style="display:inline;width:22px">'
+            f'<line class="{style}" x1="1" x2="21" y1="5" y2="5" stroke-width="3"'
             f"{dash if dashed else ''}/></svg> {escape(name)}</span>"
             for name, style, dashed in legend
         )
-        legend_html = f"<div class=\"legend\">{entries}</div>"
+        legend_html = f'<div class="legend">{entries}</div>'
     caption_html = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
     return f"<figure>{svg}{legend_html}{caption_html}</figure>"
 
 
-def line_chart(series: Sequence[Series], *, x_axis: Axis, y_axis: Axis, limits: Sequence[Limit] = (),
-               caption: str = "", label: str = "line chart", width: int = WIDTH) -> str:
+def line_chart(
+    series: Sequence[Series],
+    *,
+    x_axis: Axis,
+    y_axis: Axis,
+    limits: Sequence[Limit] = (),
+    caption: str = "",
+    label: str = "line chart",
+    width: int = WIDTH,
+) -> str:
     """Lines over a shared x axis, with optional horizontal limits (a budget, a predicted peak).
 
     Series with no points are left out; with nothing to draw, a sentence says so.
     """
     series = [line for line in series if line.points]
     if not series:
-        return f"<p class=\"note\">No data for {escape(label)}.</p>"
+        return f'<p class="note">No data for {escape(label)}.</p>'
     xs = [x for line in series for x, _ in line.points]
     ys = [y for line in series for _, y in line.points if math.isfinite(y)] + [limit.value for limit in limits]
     if y_axis.log:
@@ -194,28 +230,43 @@ def line_chart(series: Sequence[Series], *, x_axis: Axis, y_axis: Axis, limits: 
     parts = [frame.axes()]
     for limit in limits:
         y = frame.y(limit.value)
-        parts.append(f"<line class=\"limit {limit.style}\" x1=\"{LEFT}\" x2=\"{width - RIGHT}\" y1=\"{y:.1f}\" y2=\"{y:.1f}\">"
-                     f"<title>{escape(limit.name)}: {escape(y_axis.value(limit.value))}</title></line>")
-        parts.append(f"<text class=\"{limit.style}\" x=\"{width - RIGHT - 4}\" y=\"{y - 5:.1f}\" text-anchor=\"end\">"
-                     f"{escape(limit.name)} {escape(y_axis.value(limit.value))}</text>")
+        parts.append(
+            f'<line class="limit {limit.style}" x1="{LEFT}" x2="{width - RIGHT}" y1="{y:.1f}" y2="{y:.1f}">'
+            f"<title>{escape(limit.name)}: {escape(y_axis.value(limit.value))}</title></line>"
+        )
+        parts.append(
+            f'<text class="{limit.style}" x="{width - RIGHT - 4}" y="{y - 5:.1f}" text-anchor="end">'
+            f"{escape(limit.name)} {escape(y_axis.value(limit.value))}</text>"
+        )
     for line in series:
         finite = [(x, y) for x, y in line.points if math.isfinite(y) and (y > 0 or not y_axis.log)]
-        path = " ".join(f"{'M' if index == 0 else 'L'}{frame.x(x):.1f},{frame.y(y):.1f}" for index, (x, y) in enumerate(finite))
-        dash = " stroke-dasharray=\"6 4\"" if line.dashed else ""
-        parts.append(f"<path class=\"line {line.style}\" d=\"{path}\"{dash}><title>{escape(line.name)}</title></path>")
+        path = " ".join(
+            f"{'M' if index == 0 else 'L'}{frame.x(x):.1f},{frame.y(y):.1f}" for index, (x, y) in enumerate(finite)
+        )
+        dash = ' stroke-dasharray="6 4"' if line.dashed else ""
+        parts.append(f'<path class="line {line.style}" d="{path}"{dash}><title>{escape(line.name)}</title></path>')
         if len(finite) <= 40:  # dots where they can be told apart
             parts.extend(
-                f"<circle class=\"{line.style}\" cx=\"{frame.x(x):.1f}\" cy=\"{frame.y(y):.1f}\" r=\"2.5\">"
+                f'<circle class="{line.style}" cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="2.5">'
                 f"<title>{escape(line.name)} at {escape(x_axis.value(x))}: {escape(y_axis.value(y))}</title></circle>"
                 for x, y in finite
             )
-    legend = [(line.name, line.style, line.dashed) for line in series] + [(limit.name, limit.style, True) for limit in limits]
+    legend = [(line.name, line.style, line.dashed) for line in series] + [
+        (limit.name, limit.style, True) for limit in limits
+    ]
     return _figure(_svg("".join(parts), label, width), legend if len(legend) > 1 else (), caption)
 
 
-def stacked_bars(rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, limits: Sequence[Limit] = (),
-                 format_value: Callable[[float], str] = lambda value: f"{value:g}", axis: Axis | None = None,
-                 caption: str = "", label: str = "stacked bars", width: int = WIDE) -> str:
+def stacked_bars(
+    rows: Sequence[tuple[str, Sequence[tuple[str, float]]]],
+    *,
+    limits: Sequence[Limit] = (),
+    format_value: Callable[[float], str] = lambda value: f"{value:g}",
+    axis: Axis | None = None,
+    caption: str = "",
+    label: str = "stacked bars",
+    width: int = WIDE,
+) -> str:
     """One horizontal bar per row, split into segments, against vertical limits.
 
     Args:
@@ -233,7 +284,9 @@ def stacked_bars(rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, lim
     label_width = min(220, 24 + 7 * max((len(row_label) for row_label, _ in rows), default=4))
     bar_height, gap = 22, 12
     height = TOP + len(rows) * (bar_height + gap) + BOTTOM
-    highest = max([sum(value for _, value in segments) for _, segments in rows] + [limit.value for limit in limits] + [1])
+    highest = max(
+        [sum(value for _, value in segments) for _, segments in rows] + [limit.value for limit in limits] + [1]
+    )
     axis = axis or Axis(format=format_value)
     ticks = _scaled_ticks((0, highest), axis.scale)
     scale_high = ticks[-1]
@@ -245,32 +298,46 @@ def stacked_bars(rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], *, lim
     parts = []
     for tick in ticks:
         x = x_of(tick)
-        parts.append(f"<line class=\"grid\" x1=\"{x:.1f}\" x2=\"{x:.1f}\" y1=\"{TOP}\" y2=\"{height - BOTTOM}\"/>")
-        parts.append(f"<text x=\"{x:.1f}\" y=\"{height - BOTTOM + 15}\" text-anchor=\"middle\">{escape(axis.format(tick))}</text>")
+        parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{height - BOTTOM}"/>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - BOTTOM + 15}" text-anchor="middle">{escape(axis.format(tick))}</text>'
+        )
     for index, (row_label, segments) in enumerate(rows):
         y = TOP + index * (bar_height + gap)
-        parts.append(f"<text class=\"label\" x=\"{label_width - 8}\" y=\"{y + bar_height / 2 + 4:.1f}\" text-anchor=\"end\">{escape(row_label)}</text>")
+        parts.append(
+            f'<text class="label" x="{label_width - 8}" y="{y + bar_height / 2 + 4:.1f}" '
+            f'text-anchor="end">{escape(row_label)}</text>'
+        )
         start = 0.0
         for name, value in segments:
             if value <= 0:
                 continue
             x0, x1 = x_of(start), x_of(start + value)
-            parts.append(f"<rect class=\"{styles[name]}\" x=\"{x0:.1f}\" y=\"{y}\" width=\"{max(x1 - x0, 0.5):.1f}\" height=\"{bar_height}\">"
-                         f"<title>{escape(row_label)}: {escape(name)} {escape(format_value(value))}</title></rect>")
+            parts.append(
+                f'<rect class="{styles[name]}" x="{x0:.1f}" y="{y}" width="{max(x1 - x0, 0.5):.1f}" '
+                f'height="{bar_height}">'
+                f"<title>{escape(row_label)}: {escape(name)} {escape(format_value(value))}</title></rect>"
+            )
             start += value
-        parts.append(f"<text x=\"{x_of(start) + 5:.1f}\" y=\"{y + bar_height / 2 + 4:.1f}\">{escape(format_value(start))}</text>")
+        parts.append(
+            f'<text x="{x_of(start) + 5:.1f}" y="{y + bar_height / 2 + 4:.1f}">{escape(format_value(start))}</text>'
+        )
     for limit in limits:
         x = x_of(limit.value)
-        parts.append(f"<line class=\"limit {limit.style}\" x1=\"{x:.1f}\" x2=\"{x:.1f}\" y1=\"{TOP - 6}\" y2=\"{height - BOTTOM}\">"
-                     f"<title>{escape(limit.name)}: {escape(format_value(limit.value))}</title></line>")
-    legend = [(name, styles[name], False) for name in names] + [(f"{limit.name} {format_value(limit.value)}", limit.style, True) for limit in limits]
+        parts.append(
+            f'<line class="limit {limit.style}" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP - 6}" y2="{height - BOTTOM}">'
+            f"<title>{escape(limit.name)}: {escape(format_value(limit.value))}</title></line>"
+        )
+    legend = [(name, styles[name], False) for name in names] + [
+        (f"{limit.name} {format_value(limit.value)}", limit.style, True) for limit in limits
+    ]
     return _figure(_svg("".join(parts), label, width, height), legend, caption)
 
 
 def scatter(points: Sequence[Point], *, x_axis: Axis, y_axis: Axis, caption: str = "", label: str = "scatter") -> str:
     """Labelled points; the ``best`` one ringed."""
     if not points:
-        return f"<p class=\"note\">No data for {escape(label)}.</p>"
+        return f'<p class="note">No data for {escape(label)}.</p>'
     xs, ys = [point.x for point in points], [point.y for point in points]
     x_low, x_high = min(xs), max(xs)
     if not x_axis.log:  # room on both sides for the labels
@@ -284,31 +351,50 @@ def scatter(points: Sequence[Point], *, x_axis: Axis, y_axis: Axis, caption: str
         x, y = frame.x(point.x), frame.y(point.y)
         title = point.title or f"{point.label}: {x_axis.value(point.x)}, {y_axis.value(point.y)}"
         if point.best:
-            parts.append(f"<circle class=\"best\" cx=\"{x:.1f}\" cy=\"{y:.1f}\" r=\"10\"/>")
-        parts.append(f"<circle class=\"{point.style}\" cx=\"{x:.1f}\" cy=\"{y:.1f}\" r=\"5\"><title>{escape(title)}</title></circle>")
+            parts.append(f'<circle class="best" cx="{x:.1f}" cy="{y:.1f}" r="10"/>')
+        parts.append(
+            f'<circle class="{point.style}" cx="{x:.1f}" cy="{y:.1f}" r="5"><title>{escape(title)}</title></circle>'
+        )
         anchor, dx = ("end", -9) if x > WIDTH * 0.7 else ("start", 9)
-        weight = " font-weight=\"700\"" if point.best else ""
+        weight = ' font-weight="700"' if point.best else ""
         label_y = _free_label_row(placed, x + dx, anchor, y, len(point.label))
-        parts.append(f"<text class=\"label\" x=\"{x + dx:.1f}\" y=\"{label_y:.1f}\" text-anchor=\"{anchor}\"{weight}>{escape(point.label)}</text>")
+        parts.append(
+            f'<text class="label" x="{x + dx:.1f}" y="{label_y:.1f}" '
+            f'text-anchor="{anchor}"{weight}>{escape(point.label)}</text>'
+        )
     return _figure(_svg("".join(parts), label), (), caption)
 
 
-def _free_label_row(placed: list[tuple[float, float, float]], x: float, anchor: str, y: float, characters: int) -> float:
+def _free_label_row(
+    placed: list[tuple[float, float, float]], x: float, anchor: str, y: float, characters: int
+) -> float:
     """A baseline near ``y`` where a label of ``characters`` does not overlap those ``placed``
     (points with the same metric would otherwise print their names over each other)."""
     width = 6.3 * characters
     left, right = (x - width, x) if anchor == "end" else (x, x + width)
     for offset in (-7, 17, -21, 31, -35, 45, -49, 59):
         baseline = y + offset
-        if all(right < other_left or left > other_right or abs(baseline - other_y) >= 13 for other_left, other_right, other_y in placed):
+        if all(
+            right < other_left or left > other_right or abs(baseline - other_y) >= 13
+            for other_left, other_right, other_y in placed
+        ):
             break
     placed.append((left, right, baseline))
     return baseline
 
 
-def heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequence[str], column_labels: Sequence[str], *,
-            format_value: Callable[[float], str] = lambda value: f"{value:g}", highlight: Callable[[float], bool] | None = None,
-            caption: str = "", label: str = "heat map", row_title: str = "", column_title: str = "") -> str:
+def heatmap(
+    matrix: Sequence[Sequence[float | None]],
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    *,
+    format_value: Callable[[float], str] = lambda value: f"{value:g}",
+    highlight: Callable[[float], bool] | None = None,
+    caption: str = "",
+    label: str = "heat map",
+    row_title: str = "",
+    column_title: str = "",
+) -> str:
     """A grid of shaded cells with their values; darker is larger (per matrix). ``highlight``
     picks cells drawn in the ``good`` colour instead (significant p-values)."""
     values = [value for row in matrix for value in row if value is not None]
@@ -320,38 +406,64 @@ def heatmap(matrix: Sequence[Sequence[float | None]], row_labels: Sequence[str],
     height = head + cell * len(row_labels) + 8
     parts = []
     if column_title:
-        parts.append(f"<text class=\"label\" x=\"{label_width + cell * len(column_labels) / 2:.0f}\" y=\"12\" text-anchor=\"middle\">{escape(column_title)}</text>")
+        parts.append(
+            f'<text class="label" x="{label_width + cell * len(column_labels) / 2:.0f}" y="12" '
+            f'text-anchor="middle">{escape(column_title)}</text>'
+        )
     for column, text in enumerate(column_labels):
-        parts.append(f"<text x=\"{label_width + cell * (column + 0.5):.1f}\" y=\"{head - 6}\" text-anchor=\"middle\">{escape(text)}</text>")
+        parts.append(
+            f'<text x="{label_width + cell * (column + 0.5):.1f}" y="{head - 6}" '
+            f'text-anchor="middle">{escape(text)}</text>'
+        )
     for row, text in enumerate(row_labels):
         y = head + cell * row
-        parts.append(f"<text class=\"label\" x=\"{label_width - 6}\" y=\"{y + cell / 2 + 4:.1f}\" text-anchor=\"end\">{escape(text)}</text>")
+        parts.append(
+            f'<text class="label" x="{label_width - 6}" y="{y + cell / 2 + 4:.1f}" '
+            f'text-anchor="end">{escape(text)}</text>'
+        )
         for column, value in enumerate(matrix[row]):
             x = label_width + cell * column
             if value is None:
-                parts.append(f"<rect class=\"muted\" x=\"{x}\" y=\"{y}\" width=\"{cell - 2}\" height=\"{cell - 2}\" opacity=\"0.08\"/>")
+                parts.append(
+                    f'<rect class="muted" x="{x}" y="{y}" width="{cell - 2}" height="{cell - 2}" opacity="0.08"/>'
+                )
                 continue
             style = "good" if highlight is not None and highlight(value) else "s0"
             if highlight is None:
                 opacity = 0.12 + 0.78 * value / top
             else:  # a test: the cells that pass stand out, the others recede
                 opacity = 0.7 if style == "good" else 0.22
-            parts.append(f"<rect class=\"{style}\" x=\"{x}\" y=\"{y}\" width=\"{cell - 2}\" height=\"{cell - 2}\" opacity=\"{opacity:.2f}\">"
-                         f"<title>{escape(row_labels[row])} / {escape(column_labels[column])}: {escape(format_value(value))}</title></rect>")
-            parts.append(f"<text class=\"label\" x=\"{x + (cell - 2) / 2:.1f}\" y=\"{y + cell / 2 + 3:.1f}\" text-anchor=\"middle\">{escape(format_value(value))}</text>")
+            parts.append(
+                f'<rect class="{style}" x="{x}" y="{y}" width="{cell - 2}" height="{cell - 2}" opacity="{opacity:.2f}">'
+                f"<title>{escape(row_labels[row])} / {escape(column_labels[column])}: "
+                f"{escape(format_value(value))}</title></rect>"
+            )
+            parts.append(
+                f'<text class="label" x="{x + (cell - 2) / 2:.1f}" y="{y + cell / 2 + 3:.1f}" '
+                f'text-anchor="middle">{escape(format_value(value))}</text>'
+            )
     if row_title:
-        parts.append(f"<text x=\"4\" y=\"{head - 6}\">{escape(row_title)}</text>")
-    svg = (f"<svg class=\"chart\" viewBox=\"0 0 {width} {height}\" style=\"max-width:{width * 1.3:.0f}px\" role=\"img\" "
-           f"aria-label=\"{escape(label)}\" xmlns=\"http://www.w3.org/2000/svg\">{''.join(parts)}</svg>")
+        parts.append(f'<text x="4" y="{head - 6}">{escape(row_title)}</text>')
+    svg = (
+        f'<svg class="chart" viewBox="0 0 {width} {height}" style="max-width:{width * 1.3:.0f}px" role="img" '
+        f'aria-label="{escape(label)}" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
+    )
     return _figure(svg, (), caption)
 
 
-def intervals(rows: Sequence[tuple[str, float, float | None, float | None]], *, axis: Axis, best: str | None = None,
-              caption: str = "", label: str = "intervals", width: int = WIDE) -> str:
+def intervals(
+    rows: Sequence[tuple[str, float, float | None, float | None]],
+    *,
+    axis: Axis,
+    best: str | None = None,
+    caption: str = "",
+    label: str = "intervals",
+    width: int = WIDE,
+) -> str:
     """A forest plot: one row per ``(label, value, low, high)``, the value as a dot and its
     confidence interval as a bar; the ``best`` row in the ``good`` colour."""
     if not rows:
-        return f"<p class=\"note\">No data for {escape(label)}.</p>"
+        return f'<p class="note">No data for {escape(label)}.</p>'
     values = [value for _, value, low, high in rows for value in (value, low, high) if value is not None]
     ticks = nice_ticks(min(values), max(values))
     label_width = min(260, 24 + 7 * max(len(name) for name, *_ in rows))
@@ -365,19 +477,31 @@ def intervals(rows: Sequence[tuple[str, float, float | None, float | None]], *, 
     parts = []
     for tick in ticks:
         x = x_of(tick)
-        parts.append(f"<line class=\"grid\" x1=\"{x:.1f}\" x2=\"{x:.1f}\" y1=\"{TOP}\" y2=\"{height - BOTTOM}\"/>")
-        parts.append(f"<text x=\"{x:.1f}\" y=\"{height - BOTTOM + 15}\" text-anchor=\"middle\">{escape(axis.format(tick))}</text>")
+        parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{height - BOTTOM}"/>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - BOTTOM + 15}" text-anchor="middle">{escape(axis.format(tick))}</text>'
+        )
     if axis.title:
-        parts.append(f"<text class=\"label\" x=\"{label_width + plot_width / 2:.0f}\" y=\"{height - 4}\" text-anchor=\"middle\">{escape(axis.title)}</text>")
+        parts.append(
+            f'<text class="label" x="{label_width + plot_width / 2:.0f}" y="{height - 4}" '
+            f'text-anchor="middle">{escape(axis.title)}</text>'
+        )
     for index, (name, value, low, high) in enumerate(rows):
         y = TOP + row_height * index + row_height / 2
         style = "good" if name == best else "s0"
-        weight = " font-weight=\"700\"" if name == best else ""
-        parts.append(f"<text class=\"label\" x=\"{label_width - 8}\" y=\"{y + 4:.1f}\" text-anchor=\"end\"{weight}>{escape(name)}</text>")
+        weight = ' font-weight="700"' if name == best else ""
+        parts.append(
+            f'<text class="label" x="{label_width - 8}" y="{y + 4:.1f}" text-anchor="end"{weight}>{escape(name)}</text>'
+        )
         if low is not None and high is not None:
-            parts.append(f"<line class=\"{style}\" x1=\"{x_of(low):.1f}\" x2=\"{x_of(high):.1f}\" y1=\"{y:.1f}\" y2=\"{y:.1f}\" stroke-width=\"3\" opacity=\"0.55\"/>")
+            parts.append(
+                f'<line class="{style}" x1="{x_of(low):.1f}" x2="{x_of(high):.1f}" y1="{y:.1f}" y2="{y:.1f}" '
+                'stroke-width="3" opacity="0.55"/>'
+            )
         interval = f" [{axis.value(low)}, {axis.value(high)}]" if low is not None and high is not None else ""
-        parts.append(f"<circle class=\"{style}\" cx=\"{x_of(value):.1f}\" cy=\"{y:.1f}\" r=\"5\"><title>{escape(name)}: "
-                     f"{escape(axis.value(value))}{escape(interval)}</title></circle>")
-        parts.append(f"<text x=\"{width - RIGHT}\" y=\"{y + 4:.1f}\" text-anchor=\"end\">{escape(axis.value(value))}</text>")
+        parts.append(
+            f'<circle class="{style}" cx="{x_of(value):.1f}" cy="{y:.1f}" r="5"><title>{escape(name)}: '
+            f"{escape(axis.value(value))}{escape(interval)}</title></circle>"
+        )
+        parts.append(f'<text x="{width - RIGHT}" y="{y + 4:.1f}" text-anchor="end">{escape(axis.value(value))}</text>')
     return _figure(_svg("".join(parts), label, width, height), (), caption)

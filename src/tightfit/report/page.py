@@ -71,9 +71,12 @@ table.sortable th[aria-sort=ascending]::after { content: " \\2191"; }
 table.sortable th[aria-sort=descending]::after { content: " \\2193"; }
 tr.best td { background: var(--good-bg); font-weight: 600; }
 tr.flagged td { background: var(--bad-bg); }
-.badge { display:inline-block; padding: 1px 8px; border-radius: 999px; font-size: .8rem; font-weight: 600; white-space: nowrap; }
-.badge.good { background: var(--good-bg); color: var(--good); } .badge.warn { background: var(--warn-bg); color: var(--warn); }
-.badge.bad { background: var(--bad-bg); color: var(--bad); } .badge.info { background: var(--info-bg); color: var(--info); }
+.badge { display:inline-block; padding: 1px 8px; border-radius: 999px; font-size: .8rem; font-weight: 600;
+  white-space: nowrap; }
+.badge.good { background: var(--good-bg); color: var(--good); }
+.badge.warn { background: var(--warn-bg); color: var(--warn); }
+.badge.bad { background: var(--bad-bg); color: var(--bad); }
+.badge.info { background: var(--info-bg); color: var(--info); }
 dl.facts { display:grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 0; font-size: .88rem; }
 dl.facts dt { color: var(--muted); } dl.facts dd { margin: 0; overflow-wrap: anywhere; }
 ul.lines { margin: 0; padding-left: 1.1em; } ul.lines li { margin: 2px 0; }
@@ -94,7 +97,8 @@ svg.chart path.line { fill: none; stroke-width: 2; } svg.chart line.limit { stro
 svg.chart text.good { stroke: none; } svg.chart text.bad { stroke: none; } svg.chart text.warn { stroke: none; }
 svg.chart circle.best { fill: none; stroke: var(--good); stroke-width: 2.5; }
 .legend { display:flex; flex-wrap:wrap; gap: 4px 14px; font-size: .82rem; color: var(--muted); margin-top: 4px; }
-.legend i { display:inline-block; width: 12px; height: 12px; border-radius: 3px; margin-right: 5px; vertical-align: -1px; }
+.legend i { display:inline-block; width: 12px; height: 12px; border-radius: 3px; margin-right: 5px;
+  vertical-align: -1px; }
 footer { color: var(--muted); font-size: .8rem; margin-top: 24px; }
 @media print {
   body { background: #fff; color: #000; font-size: 12px; }
@@ -160,13 +164,14 @@ def document(*, title: str, kind: str, verdict_html: str, sections: Iterable[str
     made = datetime.now().isoformat(timespec="seconds")
     origin = f" from <code>{escape(source)}</code>" if source else ""
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{escape(title)} · tightfit {escape(kind)}</title>\n<style>{CSS}</style>\n</head>\n"
-        f"<body>\n<main data-report-kind=\"{escape(kind)}\">\n"
-        f"<header class=\"top\"><h1>{escape(title)}</h1><span class=\"kind\">tightfit {escape(kind)}</span></header>\n"
-        f"{verdict_html}\n" + "\n".join(sections) +
-        f"\n<footer>Made by tightfit {escape(__version__)} on {made}{origin}. "
+        f'<body>\n<main data-report-kind="{escape(kind)}">\n'
+        f'<header class="top"><h1>{escape(title)}</h1><span class="kind">tightfit {escape(kind)}</span></header>\n'
+        f"{verdict_html}\n"
+        + "\n".join(sections)
+        + f"\n<footer>Made by tightfit {escape(__version__)} on {made}{origin}. "
         "One self-contained file: it needs no network.</footer>\n"
         f"</main>\n<script>{SCRIPT}</script>\n</body>\n</html>\n"
     )
@@ -174,36 +179,40 @@ def document(*, title: str, kind: str, verdict_html: str, sections: Iterable[str
 
 def tile(label: str, value: str, *, key: str, sub: str = "") -> Html:
     """One key figure of the banner; ``key`` names it in the DOM (``data-key``) for scripts and tests."""
-    sub_html = f"<div class=\"sub\">{escape(sub)}</div>" if sub else ""
+    sub_html = f'<div class="sub">{escape(sub)}</div>' if sub else ""
     size = " text" if len(value) > 12 else ""  # a name, not a number: smaller, so the tile stays one line high
-    return Html(f"<div class=\"tile\" data-key=\"{escape(key)}\"><div class=\"label\">{escape(label)}</div>"
-            f"<div class=\"value{size}\">{escape(value)}</div>{sub_html}</div>")
+    return Html(
+        f'<div class="tile" data-key="{escape(key)}"><div class="label">{escape(label)}</div>'
+        f'<div class="value{size}">{escape(value)}</div>{sub_html}</div>'
+    )
 
 
 def verdict(tone: str, headline: str, why: str = "", tiles: Sequence[str] = ()) -> str:
     """The banner a reader sees first: a coloured headline, one sentence of why, the key figures."""
     if tone not in TONES:
         raise ValueError(f"tone must be one of {TONES}, not {tone!r}")
-    why_html = f"<div class=\"why\">{escape(why)}</div>" if why else ""
-    tiles_html = f"<div class=\"tiles\">{''.join(tiles)}</div>" if tiles else ""
-    return Html(f"<div class=\"verdict {tone}\" data-verdict=\"{tone}\"><div class=\"headline\">{escape(headline)}</div>"
-            f"{why_html}{tiles_html}</div>")
+    why_html = f'<div class="why">{escape(why)}</div>' if why else ""
+    tiles_html = f'<div class="tiles">{"".join(tiles)}</div>' if tiles else ""
+    return Html(
+        f'<div class="verdict {tone}" data-verdict="{tone}"><div class="headline">{escape(headline)}</div>'
+        f"{why_html}{tiles_html}</div>"
+    )
 
 
 def section(title: str, *body: str, note: str = "", section_id: str = "") -> Html:
     """A titled card; ``note`` is a muted sentence under the body (what a chart shows, a caveat)."""
-    id_html = f" id=\"{escape(section_id)}\"" if section_id else ""
-    note_html = f"<p class=\"note\">{escape(note)}</p>" if note else ""
+    id_html = f' id="{escape(section_id)}"' if section_id else ""
+    note_html = f'<p class="note">{escape(note)}</p>' if note else ""
     return Html(f"<section{id_html}><h2>{escape(title)}</h2>{''.join(body)}{note_html}</section>")
 
 
 def grid(*sections: str) -> Html:
     """Sections side by side on a wide screen, stacked on a narrow one."""
-    return Html(f"<div class=\"grid2\">{''.join(sections)}</div>")
+    return Html(f'<div class="grid2">{"".join(sections)}</div>')
 
 
 def badge(tone: str, text: str) -> Html:
-    return Html(f"<span class=\"badge {escape(tone)}\">{escape(text)}</span>")
+    return Html(f'<span class="badge {escape(tone)}">{escape(text)}</span>')
 
 
 class Cell:
@@ -221,8 +230,15 @@ class Cell:
         self.numeric = numeric
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, row_classes: Sequence[str] | None = None,
-          sortable: bool = True, numeric: Sequence[int] = (), table_id: str = "") -> str:
+def table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    *,
+    row_classes: Sequence[str] | None = None,
+    sortable: bool = True,
+    numeric: Sequence[int] = (),
+    table_id: str = "",
+) -> str:
     """An HTML table; a cell is a :class:`Cell`, or any value (escaped; numbers right-aligned).
 
     Args:
@@ -234,7 +250,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, row_class
         table_id: the table's ``id``.
     """
     head = "".join(
-        f"<th class=\"num\">{escape(name)}</th>" if index in numeric else f"<th>{escape(name)}</th>"
+        f'<th class="num">{escape(name)}</th>' if index in numeric else f"<th>{escape(name)}</th>"
         for index, name in enumerate(headers)
     )
     body = []
@@ -243,29 +259,31 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, row_class
         cells = []
         for index, cell in enumerate(row):
             if isinstance(cell, Cell):
-                align = " class=\"num\"" if cell.numeric or index in numeric else ""
-                sort = f" data-sort=\"{escape(cell.sort)}\"" if cell.sort is not None else ""
+                align = ' class="num"' if cell.numeric or index in numeric else ""
+                sort = f' data-sort="{escape(cell.sort)}"' if cell.sort is not None else ""
                 cells.append(f"<td{align}{sort}>{cell.html_text}</td>")
             else:
-                align = " class=\"num\"" if index in numeric or isinstance(cell, (int, float)) else ""
+                align = ' class="num"' if index in numeric or isinstance(cell, (int, float)) else ""
                 cells.append(f"<td{align}>{escape(cell)}</td>")
-        class_html = f" class=\"{row_class}\"" if row_class else ""
+        class_html = f' class="{row_class}"' if row_class else ""
         body.append(f"<tr{class_html}>{''.join(cells)}</tr>")
-    classes = " class=\"sortable\"" if sortable else ""
-    id_html = f" id=\"{escape(table_id)}\"" if table_id else ""
-    return Html(f"<div class=\"table-wrap\"><table{classes}{id_html}><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(body)}</tbody></table></div>")
+    classes = ' class="sortable"' if sortable else ""
+    id_html = f' id="{escape(table_id)}"' if table_id else ""
+    return Html(
+        f'<div class="table-wrap"><table{classes}{id_html}><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
 def facts(pairs: Iterable[tuple[str, object]]) -> Html:
     """A two-column list of name / value (values escaped)."""
     items = "".join(f"<dt>{escape(name)}</dt><dd>{escape(value)}</dd>" for name, value in pairs)
-    return Html(f"<dl class=\"facts\">{items}</dl>")
+    return Html(f'<dl class="facts">{items}</dl>')
 
 
 def lines(items: Iterable[object]) -> Html:
     """A bulleted list (items escaped unless :class:`Html`)."""
-    return Html("<ul class=\"lines\">" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>")
+    return Html('<ul class="lines">' + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>")
 
 
 def percent(value: float | None, digits: int = 1) -> str:

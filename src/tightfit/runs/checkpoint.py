@@ -31,8 +31,8 @@ next newest checkpoint.
 import errno
 import json
 import os
-import re
 import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -104,7 +104,11 @@ def weights_metadata(model: torch.nn.Module) -> dict[str, str] | None:
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Write a model's weights (:func:`model_weights`) to a safetensors file."""
-    save_file({name: tensor.cpu() for name, tensor in model_weights(model).items()}, str(path), metadata=weights_metadata(model))
+    save_file(
+        {name: tensor.cpu() for name, tensor in model_weights(model).items()},
+        str(path),
+        metadata=weights_metadata(model),
+    )
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -135,12 +139,18 @@ def resolve_weights_file(path: str | Path, where: str) -> Path:
     candidates = [path, path / WEIGHTS_FILE] + [path / "checkpoints" / name / WEIGHTS_FILE for name in ("best", "last")]
     found = next((candidate for candidate in candidates if candidate.is_file()), None)
     if found is None:
-        raise ConfigError(f"{where}: {path} is neither a weights file, a checkpoint folder nor a run directory with checkpoints")
+        raise ConfigError(
+            f"{where}: {path} is neither a weights file, a checkpoint folder nor a run directory with checkpoints"
+        )
     return found
 
 
 def save_checkpoint(
-    directory: Path, weights: dict[str, torch.Tensor], state: dict, meta: dict, weights_metadata: dict[str, str] | None = None
+    directory: Path,
+    weights: dict[str, torch.Tensor],
+    state: dict,
+    meta: dict,
+    weights_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
@@ -160,14 +170,22 @@ def save_checkpoint(
     temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}{_TEMPORARY_MARK}", dir=directory.parent))
     try:
         try:
-            save_file({name: tensor.cpu() for name, tensor in weights.items()}, str(temporary / WEIGHTS_FILE), metadata=weights_metadata)
+            save_file(
+                {name: tensor.cpu() for name, tensor in weights.items()},
+                str(temporary / WEIGHTS_FILE),
+                metadata=weights_metadata,
+            )
             write_state_and_meta(temporary, state, meta)
         except Exception as error:
             if _is_disk_full(error, directory.parent):
                 needed = _tensor_bytes(weights) + _tensor_bytes(state)
                 shutil.rmtree(temporary, ignore_errors=True)
                 free = shutil.disk_usage(directory.parent).free
-                previous = "the previous checkpoint is intact" if complete_checkpoint(directory) else "no checkpoint was written"
+                previous = (
+                    "the previous checkpoint is intact"
+                    if complete_checkpoint(directory)
+                    else "no checkpoint was written"
+                )
                 raise DiskFullError(
                     f"disk full at {directory.parent}: checkpoint {directory.name} needs about {_mib(needed)}, "
                     f"{_mib(free)} free; {previous}"
@@ -285,16 +303,21 @@ def _file_metadata(weights_file: Path) -> dict[str, str]:
         return handle.metadata() or {}
 
 
-def _apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], directory: Path, metadata: dict[str, str] | None = None) -> None:
+def _apply_weights(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], directory: Path, metadata: dict[str, str] | None = None
+) -> None:
     device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
     if (metadata or {}).get(WEIGHTS_KIND_KEY) == ADAPTERS_ONLY:
-        load_adapter_state(model, {name: tensor.to(device) for name, tensor in weights.items()}, metadata, where=str(directory))
+        load_adapter_state(
+            model, {name: tensor.to(device) for name, tensor in weights.items()}, metadata, where=str(directory)
+        )
         return
     try:
         model.load_state_dict({name: tensor.to(device) for name, tensor in weights.items()})
     except RuntimeError as error:  # missing, unexpected or resized keys: another model
         raise ConfigError(
-            f"checkpoint {directory}: its weights do not fit the model the config builds ({' '.join(str(error).split())[:300]})"
+            f"checkpoint {directory}: its weights do not fit the model the config builds "
+            f"({' '.join(str(error).split())[:300]})"
         ) from None
 
 
@@ -343,7 +366,9 @@ def checkpoint_folders(checkpoints: Path) -> list[Path]:
     """
     checkpoints = Path(checkpoints)
     folders = [
-        child for parent in (checkpoints, checkpoints / "top-k") if parent.is_dir()
+        child
+        for parent in (checkpoints, checkpoints / "top-k")
+        if parent.is_dir()
         for child in sorted(parent.iterdir())
         if child.is_dir() and _TEMPORARY_MARK not in child.name and child.name != "top-k"
     ]

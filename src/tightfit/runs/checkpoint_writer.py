@@ -35,8 +35,14 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, directory: Path, weights: dict[str, torch.Tensor], state: dict, meta: dict,
-             weights_metadata: dict[str, str] | None = None) -> Path:
+    def save(
+        self,
+        directory: Path,
+        weights: dict[str, torch.Tensor],
+        state: dict,
+        meta: dict,
+        weights_metadata: dict[str, str] | None = None,
+    ) -> Path:
         """Snapshot the tensors now, write them in the background; returns the final path."""
         weights, state = tree_map(_host_copy, weights), tree_map(_host_copy, state)
         self._submit(lambda: checkpoint_files.save_checkpoint(directory, weights, state, meta, weights_metadata))

@@ -49,8 +49,14 @@ class ProcessInfo(Protocol):
 # and filesystem.py); dtypes and torch.Size come from ``torch``, layouts via ``_get_layout``.
 _METADATA_GLOBALS = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata",
-        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        "Metadata",
+        "MetadataIndex",
+        "ChunkStorageMetadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "TensorProperties",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
     "torch.serialization": {"_get_layout"},
@@ -111,7 +117,9 @@ def _safe_reader(shards: Path):
                 return super().read_data(plan, planner)
             except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AssertionError, KeyError) as error:
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise ConfigError(f"checkpoint: a shard in {shards} is damaged or not plain tensors ({first})") from None
+                raise ConfigError(
+                    f"checkpoint: a shard in {shards} is damaged or not plain tensors ({first})"
+                ) from None
 
     return SafeFileSystemReader(shards)
 
@@ -129,7 +137,8 @@ def _safe_planner(base):
             except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise ConfigError(
-                    f"checkpoint: the item {read_item.dest_index.fqn} holds Python objects a safe load refuses ({first})"
+                    f"checkpoint: the item {read_item.dest_index.fqn} holds Python objects a safe load refuses "
+                    f"({first})"
                 ) from None
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
@@ -268,10 +277,15 @@ def read_sharded_weights(directory: Path, part: str = "model") -> dict[str, torc
         raise ConfigError(f"export: {directory} holds no complete sharded (DCP) checkpoint")
     state: dict = {}
     _safely(
-        _load_state_dict, state, storage_reader=_safe_reader(found / checkpoint_files.SHARDS_DIR),
-        planner=_safe_planner(_EmptyStateDictLoadPlanner)(keys={part}), no_dist=True,
+        _load_state_dict,
+        state,
+        storage_reader=_safe_reader(found / checkpoint_files.SHARDS_DIR),
+        planner=_safe_planner(_EmptyStateDictLoadPlanner)(keys={part}),
+        no_dist=True,
     )
-    return {name: tensor.contiguous() for name, tensor in _flatten(state[part]).items() if isinstance(tensor, torch.Tensor)}
+    return {
+        name: tensor.contiguous() for name, tensor in _flatten(state[part]).items() if isinstance(tensor, torch.Tensor)
+    }
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tightfit.config import load_config
 from tightfit.errors import ConfigError, TightfitError
 from tightfit.models.generate import LoadedModel, require_causal_lm
 from tightfit.models.lora import (
@@ -27,9 +28,15 @@ from tightfit.models.lora import (
     load_adapters,
     merge_adapters,
 )
-from tightfit.config import load_config
 from tightfit.models.spec import _WEIGHT_FILES, _model_folder, build_model, build_model_for_data
-from tightfit.runs.checkpoint import WEIGHTS_FILE, Restored, load_newest_intact, load_weights, resolve_weights_file, save_weights
+from tightfit.runs.checkpoint import (
+    WEIGHTS_FILE,
+    Restored,
+    load_newest_intact,
+    load_weights,
+    resolve_weights_file,
+    save_weights,
+)
 
 
 def build_run_model(
@@ -52,13 +59,21 @@ def build_run_model(
         SpecError: the spec cannot be built. ConfigError: ``init_weights`` is not a checkpoint.
     """
     prefix, _, folder = config.model.partition(":")
-    if config.lora is not None and not config.init_weights and prefix == "hf" and not any((_model_folder(folder, config.model) / name).is_file() for name in _WEIGHT_FILES):
+    if (
+        config.lora is not None
+        and not config.init_weights
+        and prefix == "hf"
+        and not any((_model_folder(folder, config.model) / name).is_file() for name in _WEIGHT_FILES)
+    ):
         raise ConfigError(
-            f"model {config.model}: the folder has the architecture (config.json) but no weights; LoRA on random weights "
+            f"model {config.model}: the folder has the architecture (config.json) but no weights; LoRA on random "
+            "weights "
             "learns nothing useful: point model= at a local folder with the *.safetensors (or set init_weights)"
         )
     torch.manual_seed(config.seed)
-    model, inferred = build_model_for_data(config.model, config.model_options, num_classes=num_classes, input_shape=input_shape)
+    model, inferred = build_model_for_data(
+        config.model, config.model_options, num_classes=num_classes, input_shape=input_shape
+    )
     if config.init_weights:
         load_weights(model, resolve_weights_file(config.init_weights, where="init_weights"))
     return model, inferred
@@ -146,7 +161,9 @@ def _head_classes(directory: Path) -> int | None:
     from safetensors import safe_open
 
     with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as handle:
-        shapes = [handle.get_slice(key).get_shape() for key in handle.keys() if "lora_" not in key and key.endswith("weight")]
+        shapes = [
+            handle.get_slice(key).get_shape() for key in handle.keys() if "lora_" not in key and key.endswith("weight")
+        ]
     two_dimensional = [shape for shape in shapes if len(shape) == 2]
     return int(two_dimensional[-1][0]) if two_dimensional else None
 
@@ -189,7 +206,14 @@ def _load_final_checkpoint(model: nn.Module, run_dir: Path, config) -> None:
     frozen base still updates while it trains."""
     restore_best = not config.early_stopping.enabled or config.early_stopping.restore_best
     names = ("best", "last") if restore_best else ("last",)
-    found = next((run_dir / "checkpoints" / name / WEIGHTS_FILE for name in names if (run_dir / "checkpoints" / name / WEIGHTS_FILE).is_file()), None)
+    found = next(
+        (
+            run_dir / "checkpoints" / name / WEIGHTS_FILE
+            for name in names
+            if (run_dir / "checkpoints" / name / WEIGHTS_FILE).is_file()
+        ),
+        None,
+    )
     if found is not None:
         load_weights(model, found)
 
@@ -211,7 +235,9 @@ def _copy_tokenizer(config, output: Path) -> Path | None:
     return source
 
 
-def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: bool = False, trust_code: bool = False) -> dict:
+def merge_run(
+    run_dir: str | Path, output: str | Path | None = None, *, force: bool = False, trust_code: bool = False
+) -> dict:
     """Merge a LoRA run's adapters into its base and write the result (``tightfit lora merge``).
 
     Writes into ``output`` (default ``RUN_DIR/merged``):
@@ -287,7 +313,9 @@ def merge_run(run_dir: str | Path, output: str | Path | None = None, *, force: b
             tree["data"]["tokenizer"] = str(output.absolute())
     tree = map_paths(tree, lambda path, key: relative_inside(path, output))  # so the merged folder can move
     (output / "config.yaml").write_text(
-        "# the merged model of " + str(run_dir) + " (LoRA folded into the base weights)\n"
+        "# the merged model of "
+        + str(run_dir)
+        + " (LoRA folded into the base weights)\n"
         + yaml.safe_dump(tree, sort_keys=False)
     )
     files = sorted(str(path.relative_to(output)) for path in output.rglob("*") if path.is_file())
@@ -320,11 +348,15 @@ def load_for_generation(path: str | Path, *, device: str = "cpu", trust_code: bo
         model = build_model(f"hf:{path}")
         require_causal_lm(model, str(path))
         tokenizer = load_tokenizer(resolve_tokenizer_dir(str(path)))
-        loaded = LoadedModel(model, "causal-lm", tokenizer, template=bool(getattr(tokenizer, "chat_template", None)), source=str(path))
+        loaded = LoadedModel(
+            model, "causal-lm", tokenizer, template=bool(getattr(tokenizer, "chat_template", None)), source=str(path)
+        )
     elif not path.exists():
         raise ConfigError(f"{path}: no such run directory or model folder")
     else:
-        raise ConfigError(f"{path}: neither a tightfit run (config.yaml) nor a model folder (config.json or model_index.json)")
+        raise ConfigError(
+            f"{path}: neither a tightfit run (config.yaml) nor a model folder (config.json or model_index.json)"
+        )
     loaded.model.to(device).eval()
     return loaded
 
@@ -335,7 +367,10 @@ def _load_run(run_dir: Path, trust_code: bool) -> LoadedModel:
         model = load_lora_run(run_dir, trust_code=trust_code) if config.lora is not None else build_run_model(config)[0]
         return LoadedModel(model, "diffusion", source=str(run_dir))
     if config.data.source != "text-corpus":
-        raise ConfigError(f"{run_dir}: this run trained {config.model} on {config.data.source} data, not a language model on a text corpus")
+        raise ConfigError(
+            f"{run_dir}: this run trained {config.model} on {config.data.source} data, not a language model on a text "
+            "corpus"
+        )
     model, _ = load_run_model(run_dir, config=config, trust_code=trust_code)
     require_causal_lm(model, str(run_dir))
     from tightfit.data.lm_corpus import corpus_files

@@ -32,9 +32,7 @@ def split_batch(batch: Any) -> tuple[tuple, dict, torch.Tensor | None]:
         return (), kwargs, target
     if isinstance(batch, (tuple, list)):
         if len(batch) != 2:
-            raise ValueError(
-                f"a batch given as a sequence must be (inputs, target); got {len(batch)} items"
-            )
+            raise ValueError(f"a batch given as a sequence must be (inputs, target); got {len(batch)} items")
         inputs, target = batch
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         return inputs, {}, target

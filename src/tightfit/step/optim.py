@@ -12,7 +12,6 @@ from tightfit._optional import import_bitsandbytes, require
 from tightfit.errors import ConfigError
 from tightfit.names import OPTIMIZERS
 
-
 OPTIMIZER_DEVICES = {"adam8bit": ("cuda", "cpu")}  # bitsandbytes registers no 8-bit optimizer kernel for MPS
 
 
@@ -58,7 +57,9 @@ def build_optimizer(
     if name == "sgd":
         if nesterov and momentum <= 0:
             raise ConfigError("optimizer.nesterov: Nesterov momentum needs optimizer.momentum > 0")
-        return torch.optim.SGD(trainable, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, foreach=foreach)
+        return torch.optim.SGD(
+            trainable, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, foreach=foreach
+        )
     if name == "adam":
         return torch.optim.Adam(trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
     if name == "adamw":

@@ -130,7 +130,9 @@ class TrainingStep:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, samples=samples, skipped=skipped)
 
-    def accumulate_gradients(self, window: Any, samples: int, flop_counter: AbstractContextManager | None = None) -> torch.Tensor:
+    def accumulate_gradients(
+        self, window: Any, samples: int, flop_counter: AbstractContextManager | None = None
+    ) -> torch.Tensor:
         """Forward and backward every micro-batch of the window; returns the summed loss."""
         loss_sum = None
         starts = range(0, samples, self.micro_batch_size)
@@ -140,7 +142,11 @@ class TrainingStep:
                 batch = cast_floats(batch, torch.bfloat16)
             micro_samples = count_samples(batch)
             counting = flop_counter if index == 0 and flop_counter is not None else contextlib.nullcontext()
-            syncing = self.sync_context(index == len(starts) - 1) if self.sync_context is not None else contextlib.nullcontext()
+            syncing = (
+                self.sync_context(index == len(starts) - 1)
+                if self.sync_context is not None
+                else contextlib.nullcontext()
+            )
             with counting, syncing:
                 with autocast(self.precision, self.device.type):
                     output, loss = forward_and_loss(self.model, batch)

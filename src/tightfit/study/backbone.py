@@ -58,8 +58,17 @@ def adapt_input_channels(model: nn.Module, channels: int) -> str | None:
     if found is None or found[1].in_channels == channels:
         return None
     name, conv = found
-    replacement = type(conv)(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                             conv.groups, conv.bias is not None, conv.padding_mode)
+    replacement = type(conv)(
+        channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+    )
     with torch.no_grad():
         replacement.weight.copy_(adapt_input_conv(conv.weight, channels))
         if conv.bias is not None:
@@ -71,7 +80,9 @@ def adapt_input_channels(model: nn.Module, channels: int) -> str | None:
 
 
 class Normalize(nn.Module):
-    """ImageNet's per-channel mean and std for 3 channels; their averages for any other count (as for adapted kernels)."""
+    """ImageNet's per-channel mean and std for 3 channels; their averages for any other count (as for
+    adapted kernels).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
@@ -125,8 +136,9 @@ class FeatureExtractor(nn.Module):
         pooling: see :func:`pool`.
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, pooling: str = "auto",
-                 normalize: nn.Module | None = None):
+    def __init__(
+        self, model: nn.Module, layer: str | None = None, pooling: str = "auto", normalize: nn.Module | None = None
+    ):
         super().__init__()
         self.model = model
         self.normalize = normalize
@@ -136,7 +148,9 @@ class FeatureExtractor(nn.Module):
             import difflib
 
             close = difflib.get_close_matches(layer, list(modules), n=1, cutoff=0.5)
-            raise ConfigError(f"layer: the model has no module {layer!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"layer: the model has no module {layer!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            )
         self.layer = layer or last_linear(model)
         self._captured: torch.Tensor | None = None
         target = modules[self.layer]
@@ -192,8 +206,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ConfigError(f"weights: {path} holds pickled Python objects, which a safe load refuses to build; "
-                          "give a .safetensors file or a tensor-only torch.save file") from None
+        raise ConfigError(
+            f"weights: {path} holds pickled Python objects, which a safe load refuses to build; "
+            "give a .safetensors file or a tensor-only torch.save file"
+        ) from None
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"weights: {path} is not a readable weights file ({text})") from None
@@ -210,7 +226,7 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], *, p
         ConfigError: keys or shapes do not match, naming the first offending key.
     """
     if prefix:
-        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     found = first_conv(model)
     if found is not None and f"{found[0]}.weight" in state:  # RGB weights into a model built for other channels
         key = f"{found[0]}.weight"

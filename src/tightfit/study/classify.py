@@ -11,7 +11,8 @@
 * ``logreg`` and ``knn``: standardisation + scikit-learn's logistic regression / k nearest neighbours.
 
 The folds (:func:`shared_folds`) depend only on the labels, the subjects, the fold count, the
-repeats and the seed, and never split a subject: every arm and classifier sees the same splits, so comparisons between them are paired.
+repeats and the seed, and never split a subject: every arm and classifier sees the same splits, so comparisons
+between them are paired.
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ def check_folds(labels: np.ndarray, folds: int, class_names: list[str]) -> None:
     if counts[smallest] < folds:
         raise ConfigError(
             f"cv.folds: {folds} folds, but class {class_names[smallest]!r} has {counts[smallest]} evaluation samples; "
-            + (f"lower cv.folds to at most {counts[smallest]}, or add samples of that class" if counts[smallest] >= 2
-               else "a class needs at least 2; add samples (raise data.limit) or lower data.development_fraction")
+            + (
+                f"lower cv.folds to at most {counts[smallest]}, or add samples of that class"
+                if counts[smallest] >= 2
+                else "a class needs at least 2; add samples (raise data.limit) or lower data.development_fraction"
+            )
         )
 
 
-def shared_folds(labels: np.ndarray, groups: np.ndarray, folds: int, repeats: int,
-                 seed: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+def shared_folds(
+    labels: np.ndarray, groups: np.ndarray, folds: int, repeats: int, seed: int
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """``(repeat, train_indices, test_indices)``: stratified k-fold grouped by subject, repeated with fixed seeds.
 
     ``StratifiedGroupKFold`` keeps every sample of a group (a subject's slices or images) in one
@@ -60,7 +65,9 @@ def shared_folds(labels: np.ndarray, groups: np.ndarray, folds: int, repeats: in
 class SparseRepresentationClassifier(ClassifierMixin, BaseEstimator):
     """SRC (see the module doc). ``decision_function`` returns minus the class-wise residuals."""
 
-    def __init__(self, solver: str = "omp", n_nonzero: int = 20, alpha: float = 0.01, chunk_size: int = 256, n_jobs: int = 1):
+    def __init__(
+        self, solver: str = "omp", n_nonzero: int = 20, alpha: float = 0.01, chunk_size: int = 256, n_jobs: int = 1
+    ):
         self.solver = solver
         self.n_nonzero = n_nonzero
         self.alpha = alpha
@@ -71,7 +78,7 @@ class SparseRepresentationClassifier(ClassifierMixin, BaseEstimator):
         standard = self.scaler_.transform(features)
         return standard / np.maximum(np.linalg.norm(standard, axis=1, keepdims=True), 1e-12)
 
-    def fit(self, features: np.ndarray, labels: np.ndarray) -> "SparseRepresentationClassifier":
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> SparseRepresentationClassifier:
         from sklearn.preprocessing import StandardScaler
 
         self.scaler_ = StandardScaler().fit(features)
@@ -97,11 +104,22 @@ class SparseRepresentationClassifier(ClassifierMixin, BaseEstimator):
                 warnings.filterwarnings("ignore", message="Orthogonal matching pursuit ended prematurely")
                 warnings.filterwarnings("ignore", category=ConvergenceWarning)
                 if self.solver == "omp":
-                    codes = sparse_encode(chunk, self.dictionary_, algorithm="omp",
-                                          n_nonzero_coefs=min(self.n_nonzero, dimension, atoms), n_jobs=self.n_jobs)
+                    codes = sparse_encode(
+                        chunk,
+                        self.dictionary_,
+                        algorithm="omp",
+                        n_nonzero_coefs=min(self.n_nonzero, dimension, atoms),
+                        n_jobs=self.n_jobs,
+                    )
                 else:
-                    codes = sparse_encode(chunk, self.dictionary_, algorithm="lasso_cd", alpha=self.alpha,
-                                          n_jobs=self.n_jobs, max_iter=2000)
+                    codes = sparse_encode(
+                        chunk,
+                        self.dictionary_,
+                        algorithm="lasso_cd",
+                        alpha=self.alpha,
+                        n_jobs=self.n_jobs,
+                        max_iter=2000,
+                    )
             for index in range(len(self.classes_)):
                 mine = self.atom_class_ == index
                 reconstruction = codes[:, mine] @ self.dictionary_[mine]
@@ -186,8 +204,18 @@ def class_scores(estimator, features: np.ndarray, num_classes: int) -> np.ndarra
     return scores
 
 
-def fit_fold(config: ClassifierConfig, features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
-             *, num_classes: int, seed: int, n_jobs: int, groups: np.ndarray | None = None) -> dict:
+def fit_fold(
+    config: ClassifierConfig,
+    features: np.ndarray,
+    labels: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    *,
+    num_classes: int,
+    seed: int,
+    n_jobs: int,
+    groups: np.ndarray | None = None,
+) -> dict:
     """Fit on ``train``, predict ``test``: predictions, scores and (svm) the chosen hyper-parameters.
 
     ``groups`` (per sample) keeps the SVM's inner folds grouped by subject too; default: one group per sample.

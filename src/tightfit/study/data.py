@@ -189,8 +189,12 @@ def _subject_source(config: StudyData, cache_dir: Path | None):
         raise ConfigError(f"data.labels: {labels_path} gives the subjects of {root} only one label ({class_names})")
     labels = np.asarray([class_names.index(table.labels[subject]) for subject in subjects], dtype=np.int64)
     groups = np.asarray([table.groups[subject] for subject in subjects])
-    dataset = PreprocessedSamples(entries, config.preprocess.model_dump(mode="json"), cache_dir,
-                                  spatial_dims=3 if config.source == "medical" else 2)
+    dataset = PreprocessedSamples(
+        entries,
+        config.preprocess.model_dump(mode="json"),
+        cache_dir,
+        spatial_dims=3 if config.source == "medical" else 2,
+    )
     return dataset, labels, ids, class_names, groups
 
 
@@ -204,13 +208,17 @@ def _volume_folder(root: Path):
         files += found
         labels += [label] * len(found)
     if len(class_names) < 2 or not files:
-        raise ConfigError(f"data.path: {root} needs one sub-folder of volumes (.nii, .nii.gz, .npy) per class, at least two")
+        raise ConfigError(
+            f"data.path: {root} needs one sub-folder of volumes (.nii, .nii.gz, .npy) per class, at least two"
+        )
     dataset = VolumeFolder(files)
     first = tuple(dataset[0].shape)
     for path in files[1:]:
         shape = tuple(read_volume(path).shape)
         if shape != first:
-            raise ConfigError(f"data: {path} has shape {shape}, {files[0]} has {first}; resample the volumes to one shape")
+            raise ConfigError(
+                f"data: {path} has shape {shape}, {files[0]} has {first}; resample the volumes to one shape"
+            )
     ids = [str(path.relative_to(root)) for path in files]
     return dataset, np.asarray(labels, dtype=np.int64), ids, class_names
 
@@ -250,6 +258,8 @@ def _split(labels: np.ndarray, groups: np.ndarray, keep: np.ndarray, development
             first, train_size=development_fraction, stratify=group_labels, random_state=seed
         )
     except ValueError as error:
-        raise ConfigError(f"data.development_fraction: cannot split {len(first)} subjects stratified ({error})") from None
+        raise ConfigError(
+            f"data.development_fraction: cannot split {len(first)} subjects stratified ({error})"
+        ) from None
     development = _expand(development, groups, keep)
     return development, np.setdiff1d(keep, development)

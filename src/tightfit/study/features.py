@@ -32,7 +32,9 @@ class FeatureSet:
         return len(self.labels)
 
 
-def write_shard(folder: Path, number: int, features: np.ndarray, labels: np.ndarray, sample_index: np.ndarray, ids: list[str]) -> Path:
+def write_shard(
+    folder: Path, number: int, features: np.ndarray, labels: np.ndarray, sample_index: np.ndarray, ids: list[str]
+) -> Path:
     """Write one shard atomically; returns its path."""
     from safetensors.numpy import save_file
 

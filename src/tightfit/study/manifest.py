@@ -18,8 +18,19 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_FILE = "manifest.json"
-_PACKAGES = ("tightfit", "torch", "numpy", "scikit-learn", "scipy", "safetensors", "mlflow-skinny", "mlflow", "nibabel",
-             "monai", "pydicom")
+_PACKAGES = (
+    "tightfit",
+    "torch",
+    "numpy",
+    "scikit-learn",
+    "scipy",
+    "safetensors",
+    "mlflow-skinny",
+    "mlflow",
+    "nibabel",
+    "monai",
+    "pydicom",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -40,7 +51,9 @@ def fingerprint_path(path: str | Path) -> str:
     files = sorted(item for item in path.rglob("*") if item.is_file()) if path.is_dir() else [path]
     for item in files:
         status = item.stat()
-        digest.update(f"{item.relative_to(path) if path.is_dir() else item.name}:{status.st_size}:{status.st_mtime_ns}\n".encode())
+        digest.update(
+            f"{item.relative_to(path) if path.is_dir() else item.name}:{status.st_size}:{status.st_mtime_ns}\n".encode()
+        )
     return digest.hexdigest()[:16]
 
 

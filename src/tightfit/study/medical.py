@@ -133,8 +133,10 @@ def check_nifti(path: Path) -> None:
         raise ConfigError(f"data: {path} is not a readable NIfTI file ({str(error).splitlines()[0][:120]})") from None
     spatial = [side for side in shape[3:] if side != 1]
     if len(shape) < 3 or spatial:
-        raise ConfigError(f"data: {path} holds a {len(shape)}D image of shape {tuple(shape)}; each modality must be "
-                          "one 3D volume (split a 4D file into one file per modality)")
+        raise ConfigError(
+            f"data: {path} holds a {len(shape)}D image of shape {tuple(shape)}; each modality must be "
+            "one 3D volume (split a 4D file into one file per modality)"
+        )
 
 
 def check_dicom_series(folder: Path) -> None:
@@ -155,8 +157,10 @@ def check_dicom_series(folder: Path) -> None:
         series[uid] = series.get(uid, 0) + 1
     if len(series) > 1:
         counts = ", ".join(f"{uid[-12:]}: {count} files" for uid, count in series.items())
-        raise ConfigError(f"data: DICOM folder {folder} holds {len(series)} series ({counts}); put each series in its "
-                          "own folder and name one per modality")
+        raise ConfigError(
+            f"data: DICOM folder {folder} holds {len(series)} series ({counts}); put each series in its "
+            "own folder and name one per modality"
+        )
 
 
 def preprocess_transforms(settings: dict[str, Any], keys: list[str], *, spatial_dims: int = 3):
@@ -188,8 +192,11 @@ def preprocess_transforms(settings: dict[str, Any], keys: list[str], *, spatial_
     steps.append(ConcatItemsd(keys=keys, name="image", dim=0))
     if settings.get("clip_percentiles"):
         lower, upper = settings["clip_percentiles"]
-        steps.append(ScaleIntensityRangePercentilesd(keys="image", lower=lower, upper=upper, b_min=0.0, b_max=1.0,
-                                                     clip=True, channel_wise=True))
+        steps.append(
+            ScaleIntensityRangePercentilesd(
+                keys="image", lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
+            )
+        )
     if settings.get("zscore"):
         steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
     if settings.get("crop_foreground"):
@@ -297,12 +304,16 @@ class PreprocessedSamples(Dataset):
         try:
             output = self._transform(load_entries(entries))["image"]
         except RuntimeError as error:  # ConcatItemsd: modalities of one subject on different grids
-            raise ConfigError(f"data: subject {entries[0].parent.name!r}: cannot stack its modalities "
-                              f"({str(error).splitlines()[-1][:160]}); they must share one grid") from None
+            raise ConfigError(
+                f"data: subject {entries[0].parent.name!r}: cannot stack its modalities "
+                f"({str(error).splitlines()[-1][:160]}); they must share one grid"
+            ) from None
         image = torch.as_tensor(np.asarray(output), dtype=torch.float32)
         if image.ndim != self.spatial_dims + 1:
-            raise ConfigError(f"data: {entries[0]} gives an image of shape {tuple(image.shape)}, "
-                              f"expected {self.spatial_dims} spatial axes")
+            raise ConfigError(
+                f"data: {entries[0]} gives an image of shape {tuple(image.shape)}, "
+                f"expected {self.spatial_dims} spatial axes"
+            )
         return image.contiguous()
 
 

@@ -69,30 +69,73 @@ def study_pipeline(config: StudyConfig) -> PipelineConfig:
             if stage.kind == "extract":
                 widths[name] = _feature_width(stage, spec, kwargs, shape, config.input)
                 batch = None if stage.batch_size == "auto" else stage.batch_size
-                stages.append(StageConfig(name=name, kind="extract", model=spec, input=shape, batch_size=batch,
-                                          precision=precision, samples=extracted, model_kwargs=kwargs,
-                                          note=note or "frozen backbone"))
+                stages.append(
+                    StageConfig(
+                        name=name,
+                        kind="extract",
+                        model=spec,
+                        input=shape,
+                        batch_size=batch,
+                        precision=precision,
+                        samples=extracted,
+                        model_kwargs=kwargs,
+                        note=note or "frozen backbone",
+                    )
+                )
                 continue
             batch = stage.batch_size * (2 if getattr(stage, "objective", None) == "contrastive" else 1)
             if getattr(stage, "objective", None):
-                note = note or {"mim": "MIM, planned on full images (an upper bound)",
-                                "contrastive": "contrastive: two views per image, planned at 2x batch; "
-                                               "its negatives are the other 2(B-1) views, so B shapes the objective"}[stage.objective]
+                note = (
+                    note
+                    or {
+                        "mim": "MIM, planned on full images (an upper bound)",
+                        "contrastive": "contrastive: two views per image, planned at 2x batch; "
+                        "its negatives are the other 2(B-1) views, so B shapes the objective",
+                    }[stage.objective]
+                )
             checkpointing = stage.trainer.get("checkpointing")
-            stages.append(StageConfig(name=name, kind="train", model=spec, input=shape, batch_size=batch,
-                                      precision=precision, samples=development, model_kwargs=kwargs, note=note,
-                                      checkpointing=bool(checkpointing) if checkpointing is not None else None,
-                                      epochs=stage.epochs))
+            stages.append(
+                StageConfig(
+                    name=name,
+                    kind="train",
+                    model=spec,
+                    input=shape,
+                    batch_size=batch,
+                    precision=precision,
+                    samples=development,
+                    model_kwargs=kwargs,
+                    note=note,
+                    checkpointing=bool(checkpointing) if checkpointing is not None else None,
+                    epochs=stage.epochs,
+                )
+            )
         else:
             sources = [widths.get(source) for source in stage.source]
             features = max(sources) if sources and all(sources) and stage.kind != "evaluate" else None
-            what = {"classify": "classifiers on the widest arm's features", "sparse-code": "dictionary learning",
-                    "evaluate": "statistics"}[stage.kind]
+            what = {
+                "classify": "classifiers on the widest arm's features",
+                "sparse-code": "dictionary learning",
+                "evaluate": "statistics",
+            }[stage.kind]
             seconds, ram = cpu_stage_estimate(config, stage, evaluation, features, len(stage.source))
-            stages.append(StageConfig(name=name, kind="cpu", samples=evaluation, features=features, cpu_seconds=seconds,
-                                      cpu_bytes=ram, note=note or f"{what}, on the CPU"))
-    return PipelineConfig(name=config.name, device=config.plan_device or _profile_name(config.device),
-                          memory=config.memory, margin=config.margin, stages=stages)
+            stages.append(
+                StageConfig(
+                    name=name,
+                    kind="cpu",
+                    samples=evaluation,
+                    features=features,
+                    cpu_seconds=seconds,
+                    cpu_bytes=ram,
+                    note=note or f"{what}, on the CPU",
+                )
+            )
+    return PipelineConfig(
+        name=config.name,
+        device=config.plan_device or _profile_name(config.device),
+        memory=config.memory,
+        margin=config.margin,
+        stages=stages,
+    )
 
 
 # Assumed sustained rates of a laptop CPU (the target hosts do not publish them): scikit-learn's BLAS-backed
@@ -105,8 +148,9 @@ LOGREG_ITERATIONS = 100
 STATISTICS_FIXED_S = 5.0  # plots and files of an evaluate stage
 
 
-def cpu_stage_estimate(config: StudyConfig, stage, samples: int | None, features: int | None,
-                       arms: int) -> tuple[float | None, int | None]:
+def cpu_stage_estimate(
+    config: StudyConfig, stage, samples: int | None, features: int | None, arms: int
+) -> tuple[float | None, int | None]:
     """Seconds and bytes of RAM of a sparse-code, classify or evaluate stage, from operation counts.
 
     ``samples`` is the evaluation part, ``features`` the widest arm's width. Outer folds train on
@@ -145,7 +189,7 @@ def cpu_stage_estimate(config: StudyConfig, stage, samples: int | None, features
         if classifier.name == "svm":
             fits = len(classifier.C) * len(classifier.gamma) * classifier.inner_folds + 1
             inner = train * (1 - 1 / classifier.inner_folds)
-            seconds += fits * SVM_PASSES * inner ** 2 * features * 2 / CPU_SVM_FLOPS
+            seconds += fits * SVM_PASSES * inner**2 * features * 2 / CPU_SVM_FLOPS
             extra = max(extra, 200 * 2**20)  # libsvm's default kernel cache
         elif classifier.name == "src":
             seconds += test * classifier.n_nonzero * train * features * 2 / CPU_BLAS_FLOPS

@@ -32,7 +32,9 @@ CACHE_FOLDER = "cache"  # preprocessed medical samples, keyed by input files and
 def stage_keys(config: StudyConfig) -> dict[str, str]:
     """The cache key of every stage (see :mod:`tightfit.study.manifest`)."""
     shared = {
-        "data": config.data.model_dump(mode="json"), "cv": config.cv.model_dump(mode="json"), "seed": config.seed,
+        "data": config.data.model_dump(mode="json"),
+        "cv": config.cv.model_dump(mode="json"),
+        "seed": config.seed,
         "device": config.device,
     }
     if config.data.path:
@@ -40,7 +42,11 @@ def stage_keys(config: StudyConfig) -> dict[str, str]:
     keys: dict[str, str] = {}
     for name in topological_order(config):
         stage = config.stage(name)
-        parts = {"stage": stage_settings(stage), "shared": shared, "inputs": {source: keys[source] for source in stage.source}}
+        parts = {
+            "stage": stage_settings(stage),
+            "shared": shared,
+            "inputs": {source: keys[source] for source in stage.source},
+        }
         weights = getattr(stage, "weights", None)
         if weights:
             parts["weights"] = fingerprint_path(weights)
@@ -69,7 +75,8 @@ def check_study_folder(folder: Path, *, resume: bool) -> None:
     foreign = [name for name in WRITTEN_FILES if (folder / name).exists()] if not is_study else []
     if foreign:
         raise ConfigError(
-            f"study folder: {folder / foreign[0]} is not from a study run here (no {STAGES_FOLDER}/ beside it) and would "
+            f"study folder: {folder / foreign[0]} is not from a study run here (no {STAGES_FOLDER}/ beside it) and "
+            "would "
             "be overwritten; choose another folder with --folder or folder: in the study file"
         )
 
@@ -93,11 +100,11 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
     import torch
     from rich.console import Console
 
+    from tightfit.hardware.detect import resolve_device
     from tightfit.study.data import load_samples
     from tightfit.study.report import write_results
     from tightfit.study.stages import RUNNERS, StageContext
     from tightfit.study.tracking import StudyTracker
-    from tightfit.hardware.detect import resolve_device
 
     console = console or Console(stderr=True)
     order = topological_order(config)
@@ -111,7 +118,9 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
         for source in config.stage(only).source:
             manifest = read_manifest(stage_dirs[source])
             if not manifest or manifest.get("status") != "complete" or manifest.get("key") != keys[source]:
-                raise ConfigError(f"--only {only}: stage {only!r} reads {source!r}, which has not run with these settings")
+                raise ConfigError(
+                    f"--only {only}: stage {only!r} reads {source!r}, which has not run with these settings"
+                )
     if config.tracking.mlflow:  # a missing extra is reported before anything is written
         require("mlflow", extra="mlflow", purpose="tracking a study in MLflow (tracking.mlflow: true)")
     samples = load_samples(config.data, config.seed, cache_dir=folder / CACHE_FOLDER)
@@ -135,8 +144,13 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
         from tightfit.hardware.profiles import resolve_target
 
         profile = resolve_target(device.type, config.memory)  # detected once: it takes seconds
-    tracker = StudyTracker(folder, config.name, enabled=config.tracking.mlflow, uri=config.tracking.uri,
-                           experiment=config.tracking.experiment)
+    tracker = StudyTracker(
+        folder,
+        config.name,
+        enabled=config.tracking.mlflow,
+        uri=config.tracking.uri,
+        experiment=config.tracking.experiment,
+    )
     status = "FAILED"
     try:
         for name in order if only is None else [only]:
@@ -151,11 +165,15 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
             stage_dir.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]{name}[/] ({stage.kind})")
             run_id = tracker.start_stage(name, stage.kind, stage_settings(stage))
-            context = StageContext(config, samples, folder, device, tracker, run_id, resume, console, stage_dirs, profile)
+            context = StageContext(
+                config, samples, folder, device, tracker, run_id, resume, console, stage_dirs, profile
+            )
             started_at = time.time()
             started = time.perf_counter()
-            write_manifest(stage_dir, {"name": name, "kind": stage.kind, "key": keys[name], "status": "running",
-                                       "started": started_at})
+            write_manifest(
+                stage_dir,
+                {"name": name, "kind": stage.kind, "key": keys[name], "status": "running", "started": started_at},
+            )
             try:
                 outcome = RUNNERS[stage.kind](context, stage, stage_dir)
             except BaseException:
@@ -163,18 +181,40 @@ def run_study(config: StudyConfig, *, resume: bool = False, only: str | None = N
                 raise
             seconds = time.perf_counter() - started
             manifest = {
-                "name": name, "kind": stage.kind, "key": keys[name], "status": "complete",
-                "inputs": {source: keys[source] for source in stage.source}, "settings": stage_settings(stage),
-                "versions": package_versions(), "device": str(device), "started": started_at, "finished": time.time(),
-                "estimated_s": outcome.estimated_s, "measured_s": seconds, "metrics": outcome.metrics, "notes": outcome.notes,
+                "name": name,
+                "kind": stage.kind,
+                "key": keys[name],
+                "status": "complete",
+                "inputs": {source: keys[source] for source in stage.source},
+                "settings": stage_settings(stage),
+                "versions": package_versions(),
+                "device": str(device),
+                "started": started_at,
+                "finished": time.time(),
+                "estimated_s": outcome.estimated_s,
+                "measured_s": seconds,
+                "metrics": outcome.metrics,
+                "notes": outcome.notes,
             }
             write_manifest(stage_dir, manifest)
             estimate = f"estimated {outcome.estimated_s:.1f} s, " if outcome.estimated_s is not None else ""
             console.print(f"  {name}: {estimate}took {seconds:.1f} s; " + "; ".join(outcome.notes))
-            tracker.log_metrics(run_id, {**outcome.metrics, "measured_s": seconds,
-                                         **({"estimated_s": outcome.estimated_s} if outcome.estimated_s is not None else {})})
-            for artifact in ("manifest.json", "statistics.json", "classification.json", "accuracy_ci.png",
-                             "confusion_matrices.png", "run/summary.json"):
+            tracker.log_metrics(
+                run_id,
+                {
+                    **outcome.metrics,
+                    "measured_s": seconds,
+                    **({"estimated_s": outcome.estimated_s} if outcome.estimated_s is not None else {}),
+                },
+            )
+            for artifact in (
+                "manifest.json",
+                "statistics.json",
+                "classification.json",
+                "accuracy_ci.png",
+                "confusion_matrices.png",
+                "run/summary.json",
+            ):
                 tracker.log_artifact(run_id, stage_dir / artifact)
             tracker.end_stage(run_id)
         results = write_results(config, folder, order, stage_dirs)

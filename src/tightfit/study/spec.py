@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 
@@ -89,7 +89,8 @@ class _TrainingStage(_ModelStage):
     lr: float = Field(1e-3, gt=0)
     trainer: dict[str, Any] = Field(
         default_factory=dict,
-        description="any other tightfit train setting (schedule, checkpointing, ...); of data: only num_workers, pin_memory",
+        description="any other tightfit train setting (schedule, checkpointing, ...); of data: only num_workers, "
+        "pin_memory",
     )
 
 
@@ -127,7 +128,9 @@ class ExtractStage(_ModelStage):
 
     kind: Literal["extract"]
     weights: str | None = Field(None, description="a state dict, a .safetensors file or a tightfit run folder")
-    layer: str | None = Field(None, description="module whose output is the feature; default: the input of the last Linear")
+    layer: str | None = Field(
+        None, description="module whose output is the feature; default: the input of the last Linear"
+    )
     pooling: Literal["auto", "cls", "mean", "max", "flatten"] = "auto"
     batch_size: int | Literal["auto"] = "auto"
     slices: SliceConfig | None = None
@@ -188,12 +191,16 @@ class EvaluateStage(_Stage):
 
 
 Stage = Annotated[
-    Union[PretrainStage, TrainStage, ExtractStage, SparseCodeStage, ClassifyStage, EvaluateStage],
+    PretrainStage | TrainStage | ExtractStage | SparseCodeStage | ClassifyStage | EvaluateStage,
     Field(discriminator="kind"),
 ]
 _STAGE_MODELS = {
-    "pretrain": PretrainStage, "train": TrainStage, "extract": ExtractStage,
-    "sparse-code": SparseCodeStage, "classify": ClassifyStage, "evaluate": EvaluateStage,
+    "pretrain": PretrainStage,
+    "train": TrainStage,
+    "extract": ExtractStage,
+    "sparse-code": SparseCodeStage,
+    "classify": ClassifyStage,
+    "evaluate": EvaluateStage,
 }
 
 
@@ -203,7 +210,10 @@ class Preprocess(BaseModel, extra="forbid"):
     orientation: str | None = Field("RAS", description="Orientationd axcodes (volumes); null keeps the stored axes")
     spacing: list[float] | None = Field(None, min_length=3, max_length=3, description="Spacingd pixdim in mm (volumes)")
     clip_percentiles: list[float] | None = Field(
-        None, min_length=2, max_length=2, description="ScaleIntensityRangePercentilesd: clip to these percentiles, per channel"
+        None,
+        min_length=2,
+        max_length=2,
+        description="ScaleIntensityRangePercentilesd: clip to these percentiles, per channel",
     )
     zscore: bool = Field(True, description="NormalizeIntensityd(nonzero=True, channel_wise=True)")
     crop_foreground: bool = Field(False, description="CropForegroundd on the non-zero voxels")
@@ -217,14 +227,20 @@ class StudyData(BaseModel, extra="forbid"):
     path: str | None = Field(
         None, description="volumes: one sub-folder of volumes per class; medical, images: one folder per subject"
     )
-    labels: str | None = Field(None, description="medical, images: CSV subject,label[,group] (default: PATH/labels.csv)")
+    labels: str | None = Field(
+        None, description="medical, images: CSV subject,label[,group] (default: PATH/labels.csv)"
+    )
     modalities: list[str] = Field(
-        default_factory=lambda: ["*.nii.gz"], min_length=1,
-        description="medical: one file-name pattern per channel (a NIfTI file or a DICOM folder in each subject folder)",
+        default_factory=lambda: ["*.nii.gz"],
+        min_length=1,
+        description="medical: one file-name pattern per channel (a NIfTI file or a DICOM folder in each subject "
+        "folder)",
     )
     preprocess: Preprocess = Field(default_factory=Preprocess)
     development_fraction: float = Field(
-        0.5, ge=0, lt=1,
+        0.5,
+        ge=0,
+        lt=1,
         description="share of samples (stratified) that train/pretrain stages learn from; the rest is evaluated",
     )
     limit: int | None = Field(None, ge=10, description="use at most this many samples (stratified), for quick runs")
@@ -284,8 +300,9 @@ def read_study_yaml(path: str | Path) -> dict:
     return read_yaml(path, what="study file")
 
 
-def load_study(path: str | Path, *, check_files: bool = True, trust_code: bool = False,
-               data_path: str | None = None) -> StudyConfig:
+def load_study(
+    path: str | Path, *, check_files: bool = True, trust_code: bool = False, data_path: str | None = None
+) -> StudyConfig:
     """Read, validate and check the graph of a study file.
 
     Args:
@@ -384,7 +401,9 @@ def check_graph(config: StudyConfig) -> list[str]:
                 )
         single = stage.kind in ("sparse-code", "evaluate", "pretrain", "train")
         if single and len(stage.source) > 1:
-            raise ConfigError(f"stage {stage.name!r}: from: a {stage.kind} stage takes one stage, got {len(stage.source)}")
+            raise ConfigError(
+                f"stage {stage.name!r}: from: a {stage.kind} stage takes one stage, got {len(stage.source)}"
+            )
         if stage.kind in ("sparse-code", "classify", "evaluate") and not stage.source:
             raise ConfigError(f"stage {stage.name!r}: from: a {stage.kind} stage needs {' or '.join(allowed)} stages")
     return topological_order(config)
@@ -404,7 +423,7 @@ def topological_order(config: StudyConfig) -> list[str]:
         if state.get(name) == "done":
             return
         if state.get(name) == "visiting":
-            cycle = path[path.index(name):] + [name]
+            cycle = path[path.index(name) :] + [name]
             raise ConfigError(f"stage {name!r}: from: the stages form a cycle ({' -> '.join(cycle)})")
         state[name] = "visiting"
         for source in by_name[name].source:
@@ -438,10 +457,16 @@ def check_stage_settings(config: StudyConfig) -> None:
             model_of(config, stage)
             if stage.kind == "extract" and stage.weights and stage.source:
                 raise ConfigError(f"stage {stage.name!r}: weights: give either weights or from, not both")
-            if stage.kind == "extract" and stage.slices and stage.slices.select == "foreground" \
-                    and stage.slices.aggregate == "all":
-                raise ConfigError(f"stage {stage.name!r}: slices.aggregate: 'all' needs the same slices for every "
-                                  "subject; with select: foreground use mean or max")
+            if (
+                stage.kind == "extract"
+                and stage.slices
+                and stage.slices.select == "foreground"
+                and stage.slices.aggregate == "all"
+            ):
+                raise ConfigError(
+                    f"stage {stage.name!r}: slices.aggregate: 'all' needs the same slices for every "
+                    "subject; with select: foreground use mean or max"
+                )
         if stage.kind in ("pretrain", "train"):
             reserved = {"model", "model_options", "epochs", "run_dir", "device", "seed"} & set(stage.trainer)
             if reserved:
@@ -449,8 +474,10 @@ def check_stage_settings(config: StudyConfig) -> None:
             loader_keys = {"num_workers", "pin_memory"}
             data_keys = set(stage.trainer.get("data") or {}) - loader_keys
             if data_keys:
-                raise ConfigError(f"stage {stage.name!r}: trainer.data.{sorted(data_keys)[0]}: the study gives the data; "
-                                  f"only {', '.join(sorted(loader_keys))} can be set here")
+                raise ConfigError(
+                    f"stage {stage.name!r}: trainer.data.{sorted(data_keys)[0]}: the study gives the data; "
+                    f"only {', '.join(sorted(loader_keys))} can be set here"
+                )
             unknown = set(stage.trainer) - set(TrainConfig.model_fields)
             if unknown:
                 key = sorted(unknown)[0]

@@ -33,7 +33,9 @@ ENCODER_PREFIX = "encoder."
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``(B, C, *spatial)`` -> ``(B, patches, C * patch_size ** dims)`` in the order of a strided conv's ``flatten(2)``."""
+    """``(B, C, *spatial)`` -> ``(B, patches, C * patch_size ** dims)`` in the order of a strided conv's
+    ``flatten(2)``.
+    """
     batch, channels, *spatial = images.shape
     grid = [side // patch_size for side in spatial]
     shape = [batch, channels]

@@ -122,8 +122,9 @@ def _split_development(samples: StudySamples, seed: int) -> tuple[np.ndarray, np
     validation = max(round(VALIDATION_SHARE * len(development)), samples.num_classes)
     if len(development) - validation < samples.num_classes:
         return development, None  # too few samples to hold some out: train on all, keep the last checkpoint
-    train, val = train_test_split(development, test_size=validation, stratify=samples.labels[development],
-                                  random_state=seed)
+    train, val = train_test_split(
+        development, test_size=validation, stratify=samples.labels[development], random_state=seed
+    )
     return np.sort(train), np.sort(val)
 
 
@@ -145,8 +146,9 @@ def _slices_per_sample(shape: tuple[int, ...], slices) -> int:
     return min(slices.count, total) if slices.select == "central" else total
 
 
-def _forward_seconds_per_sample(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, precision: str,
-                                batch_size: int = 32) -> float:
+def _forward_seconds_per_sample(
+    model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, precision: str, batch_size: int = 32
+) -> float:
     """Seconds per sample of a forward pass of ``model`` on this machine (median of 3 batches after a warm-up)."""
     from tightfit.plan.inference import forward_time_per_sample
 
@@ -157,8 +159,15 @@ def _forward_seconds_per_sample(model: torch.nn.Module, shape: tuple[int, ...], 
     return forward_time_per_sample(model, factory, batch_size=batch_size, precision=precision, device=device, batches=3)
 
 
-def _training_step_seconds(model: torch.nn.Module, dataset: Dataset, batch_size: int, precision: str,
-                           device: torch.device, optimizer: str, steps: int = 3) -> float:
+def _training_step_seconds(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    optimizer: str,
+    steps: int = 3,
+) -> float:
     """Seconds of one training step of ``model`` on a real batch of ``dataset``, timed on this machine.
 
     The trainer's own step (:class:`~tightfit.step.step.TrainingStep`) runs on a copy of the model,
@@ -173,8 +182,9 @@ def _training_step_seconds(model: torch.nn.Module, dataset: Dataset, batch_size:
 
     probe = copy.deepcopy(model).to(device).train()
     window = default_collate([dataset[index] for index in range(min(batch_size, len(dataset)))])
-    step = make_step(probe, build_optimizer(optimizer, probe.parameters()), StepSettings(batch_size, precision, optimizer),
-                     device)
+    step = make_step(
+        probe, build_optimizer(optimizer, probe.parameters()), StepSettings(batch_size, precision, optimizer), device
+    )
     step(window)  # warm-up: kernels, optimizer state
     started = time.perf_counter()
     for _ in range(steps):
@@ -188,10 +198,10 @@ def _training_step_seconds(model: torch.nn.Module, dataset: Dataset, batch_size:
 def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
     """pretrain and train: through the Trainer, checkpoints under ``STAGE/run``."""
     from tightfit.config import build_config
+    from tightfit.report.callback import report_callbacks
+    from tightfit.runs.checkpoint import complete_checkpoint
     from tightfit.step.precision import resolve_precision
     from tightfit.study.ssl import wrap_for_objective
-    from tightfit.runs.checkpoint import complete_checkpoint
-    from tightfit.report.callback import report_callbacks
     from tightfit.training.trainer import Trainer
 
     config = context.config
@@ -202,15 +212,25 @@ def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
     precision, _ = resolve_precision(stage.precision, context.device.type)
     train_set = dataset(context.samples, train)
     val_set = dataset(context.samples, val) if val is not None else None
-    step_s = _training_step_seconds(model, train_set, stage.batch_size, precision, context.device,
-                                    stage.trainer.get("optimizer", {}).get("name", "adamw"))
+    step_s = _training_step_seconds(
+        model,
+        train_set,
+        stage.batch_size,
+        precision,
+        context.device,
+        stage.trainer.get("optimizer", {}).get("name", "adamw"),
+    )
     # validation: forward only, about a third of a step per batch
     val_batches = math.ceil(len(val) / stage.batch_size) if val is not None else 0
     estimated = step_s * stage.epochs * (math.ceil(len(train) / stage.batch_size) + val_batches / 3)
     run_dir = stage_dir / RUN_FOLDER
     tree = {
-        "epochs": stage.epochs, "seed": config.seed, "run_dir": str(run_dir), "device": context.device.type,
-        "precision": stage.precision, "threads": config.threads,
+        "epochs": stage.epochs,
+        "seed": config.seed,
+        "run_dir": str(run_dir),
+        "device": context.device.type,
+        "precision": stage.precision,
+        "threads": config.threads,
         "batch": {"micro_batch_size": stage.batch_size},
         "optimizer": {"lr": stage.lr},
         "logging": {"tensorboard": False, "mlflow": False},
@@ -223,11 +243,15 @@ def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
         raise ConfigError(f"stage {stage.name!r}: {error}") from None
     resume_from = run_dir if context.resume and complete_checkpoint(run_dir / "checkpoints" / "last") else None
     trainer = Trainer(
-        train_config, model=model, datasets=(train_set, val_set, None),
+        train_config,
+        model=model,
+        datasets=(train_set, val_set, None),
         callbacks=[TrainerMetrics(context.tracker, context.run_id), *report_callbacks(train_config)],
     )
     summary = trainer.fit(resume_from=resume_from)
-    metrics = {key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    metrics = {
+        key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
     notes = [f"trained on {len(train)} development samples, validated on {len(val) if val is not None else 0}"]
     if resume_from is not None:
         notes.append("resumed from the last checkpoint")
@@ -236,7 +260,14 @@ def run_training(context: StageContext, stage, stage_dir: Path) -> Outcome:
 
 def run_extract(context: StageContext, stage, stage_dir: Path) -> Outcome:
     """Features of every evaluation sample, a shard per batch; ``--resume`` continues after the last shard."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from tightfit.step.precision import autocast
     from tightfit.study.backbone import FeatureExtractor
@@ -265,11 +296,21 @@ def run_extract(context: StageContext, stage, stage_dir: Path) -> Outcome:
     progress_file.write_text(json.dumps({"batch_size": batch_size}))
     order = samples.evaluation
     slices_per_sample = _slices_per_sample(samples.input_shape, stage.slices)
-    per_sample = _forward_seconds_per_sample(extractor, shape, device, precision,
-                                             batch_size=min(batch_size * slices_per_sample, 256)) * slices_per_sample
+    per_sample = (
+        _forward_seconds_per_sample(
+            extractor, shape, device, precision, batch_size=min(batch_size * slices_per_sample, 256)
+        )
+        * slices_per_sample
+    )
     estimated = per_sample * len(order)
     started = time.perf_counter()
-    columns = (TextColumn(f"[bold]extract {stage.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn(f"[bold]extract {stage.name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=context.console, transient=False) as progress:
         task = progress.add_task("extract", total=len(order), completed=done)
         for start in range(done, len(order), batch_size):
@@ -277,13 +318,22 @@ def run_extract(context: StageContext, stage, stage_dir: Path) -> Outcome:
             images = torch.stack([samples.dataset[int(index)] for index in indices]).to(device)
             with torch.inference_mode(), autocast(precision, device.type):
                 features = _features(extractor, images, stage.slices)
-            write_shard(folder, start // batch_size, features.float().cpu().numpy(), samples.labels[indices], indices,
-                        [samples.ids[int(index)] for index in indices])
+            write_shard(
+                folder,
+                start // batch_size,
+                features.float().cpu().numpy(),
+                samples.labels[indices],
+                indices,
+                [samples.ids[int(index)] for index in indices],
+            )
             progress.update(task, advance=len(indices))
     seconds = time.perf_counter() - started
     extracted = len(order) - done
-    metrics = {"samples": len(order), "batch_size": batch_size,
-               "samples_per_s": extracted / seconds if seconds > 0 and extracted else 0.0}
+    metrics = {
+        "samples": len(order),
+        "batch_size": batch_size,
+        "samples_per_s": extracted / seconds if seconds > 0 and extracted else 0.0,
+    }
     notes = [f"{len(order)} evaluation samples, batch {batch_size}, {precision}, layer {extractor.layer}", *built]
     if done:
         notes.append(f"resumed after {done} samples already extracted")
@@ -319,7 +369,9 @@ def _aggregate(features: torch.Tensor, how: str) -> torch.Tensor:
     return features.flatten(1)
 
 
-def _extract_batch_size(context: StageContext, stage, backbone: torch.nn.Module, shape: tuple[int, ...], precision: str) -> int:
+def _extract_batch_size(
+    context: StageContext, stage, backbone: torch.nn.Module, shape: tuple[int, ...], precision: str
+) -> int:
     """``batch_size: auto``: the memory engine's largest forward-only batch on this device.
 
     On a GPU the budget is the device profile's usable memory (with its overhead); on the CPU it
@@ -337,11 +389,28 @@ def _extract_batch_size(context: StageContext, stage, backbone: torch.nn.Module,
     if context.device.type == "cpu":
         import psutil
 
-        profile, budget, cap, where = None, psutil.virtual_memory().available, CPU_AUTO_BATCH_CAP, "this machine's free RAM"
+        profile, budget, cap, where = (
+            None,
+            psutil.virtual_memory().available,
+            CPU_AUTO_BATCH_CAP,
+            "this machine's free RAM",
+        )
     else:
-        profile, budget, cap, where = context.profile, context.profile.usable_bytes, 4096, f"{context.profile.name}'s memory"
-    batch, _ = largest_batch(backbone, factory, budget_bytes=budget, precision=precision, profile=profile,
-                             margin=context.config.margin, max_batch_size=cap)
+        profile, budget, cap, where = (
+            context.profile,
+            context.profile.usable_bytes,
+            4096,
+            f"{context.profile.name}'s memory",
+        )
+    batch, _ = largest_batch(
+        backbone,
+        factory,
+        budget_bytes=budget,
+        precision=precision,
+        profile=profile,
+        margin=context.config.margin,
+        max_batch_size=cap,
+    )
     if batch == 0:
         raise ConfigError(f"stage {stage.name!r}: batch_size: not even one sample fits in {where}")
     return batch
@@ -358,7 +427,10 @@ def run_sparse_code(context: StageContext, stage, stage_dir: Path) -> Outcome:
     standard = StandardScaler().fit_transform(source.features)
     started = time.perf_counter()
     learner = MiniBatchDictionaryLearning(
-        n_components=stage.n_components, alpha=stage.alpha, max_iter=stage.max_iter, random_state=context.config.seed,
+        n_components=stage.n_components,
+        alpha=stage.alpha,
+        max_iter=stage.max_iter,
+        random_state=context.config.seed,
         transform_algorithm="omp" if stage.algorithm == "omp" else "lasso_cd",
         transform_n_nonzero_coefs=stage.n_nonzero if stage.algorithm == "omp" else None,
         transform_alpha=stage.alpha if stage.algorithm == "lasso" else None,
@@ -371,14 +443,27 @@ def run_sparse_code(context: StageContext, stage, stage_dir: Path) -> Outcome:
         codes = learner.fit_transform(standard)
     write_shard(stage_dir / FEATURES_FOLDER, 0, codes, source.labels, source.sample_index, source.ids)
     sparsity = float(np.mean(codes != 0))
-    return Outcome({"nonzero_share": sparsity, "seconds_fit": time.perf_counter() - started}, None,
-                   [f"{stage.n_components} atoms learnt on {len(source)} samples without labels; {sparsity:.1%} of codes non-zero",
-                    *unconverged.note()])
+    return Outcome(
+        {"nonzero_share": sparsity, "seconds_fit": time.perf_counter() - started},
+        None,
+        [
+            f"{stage.n_components} atoms learnt on {len(source)} samples without labels; {sparsity:.1%} of codes "
+            "non-zero",
+            *unconverged.note(),
+        ],
+    )
 
 
 def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
     """Every classifier on every arm over the shared folds; predictions and scores to ``predictions.npz``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from tightfit.study.classify import ConvergenceCount, fit_fold, shared_folds
     from tightfit.study.features import read_features
@@ -394,7 +479,9 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
     groups = context.samples.groups[reference.sample_index]
     folds = shared_folds(labels, groups, config.cv.folds, config.cv.repeats, config.cv.seed)
     repeats = config.cv.repeats
-    units = [(arm, classifier, number) for classifier in stage.classifiers for arm in arms for number in range(len(folds))]
+    units = [
+        (arm, classifier, number) for classifier in stage.classifiers for arm in arms for number in range(len(folds))
+    ]
     # the first fold of the first arm for each classifier runs first: its time gives the estimate
     pilots = [unit for unit in units if unit[0] == stage.source[0] and unit[2] == 0]
     units = pilots + [unit for unit in units if unit not in pilots]
@@ -403,7 +490,9 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             classifier.name: {
                 "predictions": np.full((repeats, len(labels)), -1, dtype=np.int64),
                 "scores": np.zeros((repeats, len(labels), num_classes), dtype=np.float32),
-                "fold_accuracy": [], "chosen": [], "seconds": 0.0,
+                "fold_accuracy": [],
+                "chosen": [],
+                "seconds": 0.0,
             }
             for classifier in stage.classifiers
         }
@@ -412,8 +501,13 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
     estimated = None
     pilot_seconds = 0.0
     unconverged = ConvergenceCount()
-    columns = (TextColumn(f"[bold]classify {stage.name}" + " {task.fields[what]}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn(f"[bold]classify {stage.name}" + " {task.fields[what]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=context.console) as progress:
         task = progress.add_task("classify", total=len(units), what="")
         for position, (arm, classifier, number) in enumerate(units):
@@ -421,8 +515,17 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             repeat, train, test = folds[number]
             started = time.perf_counter()
             with unconverged:
-                fold = fit_fold(classifier, arms[arm].features, labels, train, test, num_classes=num_classes,
-                                seed=config.cv.seed, n_jobs=stage.n_jobs, groups=groups)
+                fold = fit_fold(
+                    classifier,
+                    arms[arm].features,
+                    labels,
+                    train,
+                    test,
+                    num_classes=num_classes,
+                    seed=config.cv.seed,
+                    n_jobs=stage.n_jobs,
+                    groups=groups,
+                )
             elapsed = time.perf_counter() - started
             record = results[arm][classifier.name]
             record["predictions"][repeat, test] = fold["predictions"]
@@ -436,9 +539,17 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
                     estimated = pilot_seconds * len(arms) * len(folds)
             progress.update(task, advance=1)
     arrays = {}
-    summary = {"arms": list(arms), "classifiers": [classifier.name for classifier in stage.classifiers],
-               "labels": labels.tolist(), "ids": reference.ids, "groups": groups.tolist(), "folds": config.cv.folds, "repeats": repeats,
-               "fold_sizes": [[len(train), len(test)] for _, train, test in folds], "results": {}}
+    summary = {
+        "arms": list(arms),
+        "classifiers": [classifier.name for classifier in stage.classifiers],
+        "labels": labels.tolist(),
+        "ids": reference.ids,
+        "groups": groups.tolist(),
+        "folds": config.cv.folds,
+        "repeats": repeats,
+        "fold_sizes": [[len(train), len(test)] for _, train, test in folds],
+        "results": {},
+    }
     metrics = {}
     for arm, by_classifier in results.items():
         summary["results"][arm] = {}
@@ -446,13 +557,18 @@ def run_classify(context: StageContext, stage, stage_dir: Path) -> Outcome:
             arrays[f"{arm}/{name}/predictions"] = record["predictions"]
             arrays[f"{arm}/{name}/scores"] = record["scores"]
             summary["results"][arm][name] = {
-                "fold_accuracy": record["fold_accuracy"], "chosen": record["chosen"], "seconds": record["seconds"],
+                "fold_accuracy": record["fold_accuracy"],
+                "chosen": record["chosen"],
+                "seconds": record["seconds"],
             }
             metrics[f"{arm}.{name}.accuracy"] = float(np.mean(record["fold_accuracy"]))
     np.savez_compressed(stage_dir / "predictions.npz", **arrays)
     (stage_dir / "classification.json").write_text(json.dumps(summary, indent=1))
-    return Outcome(metrics, estimated, [f"{len(arms)} arms x {len(stage.classifiers)} classifiers x {len(folds)} folds",
-                                        *unconverged.note()])
+    return Outcome(
+        metrics,
+        estimated,
+        [f"{len(arms)} arms x {len(stage.classifiers)} classifiers x {len(folds)} folds", *unconverged.note()],
+    )
 
 
 def run_evaluate(context: StageContext, stage, stage_dir: Path) -> Outcome:
@@ -460,8 +576,13 @@ def run_evaluate(context: StageContext, stage, stage_dir: Path) -> Outcome:
     from tightfit.study.evaluate import evaluate_classification
 
     statistics = evaluate_classification(
-        context.stage_dir(stage.source[0]), stage_dir, class_names=context.samples.class_names,
-        resamples=stage.bootstrap, confidence=stage.confidence, posthoc=stage.posthoc, seed=context.config.seed,
+        context.stage_dir(stage.source[0]),
+        stage_dir,
+        class_names=context.samples.class_names,
+        resamples=stage.bootstrap,
+        confidence=stage.confidence,
+        posthoc=stage.posthoc,
+        seed=context.config.seed,
     )
     metrics = {f"{row['arm']}.{row['classifier']}.accuracy": row["accuracy"] for row in statistics["table"]}
     return Outcome(metrics, None, [f"{len(statistics['table'])} arm x classifier rows"])

@@ -41,12 +41,22 @@ def roc_auc_ovr(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(np.mean([roc_auc_score(labels == k, scores[:, k]) for k in range(classes)]))
 
 
-def classification_metrics(labels: np.ndarray, predictions: np.ndarray, scores: np.ndarray | None, num_classes: int) -> dict:
+def classification_metrics(
+    labels: np.ndarray, predictions: np.ndarray, scores: np.ndarray | None, num_classes: int
+) -> dict:
     """The per-arm metrics of the module doc, as JSON-ready numbers and lists."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
 
     classes = list(range(num_classes))
-    precision, recall, _, support = precision_recall_fscore_support(labels, predictions, labels=classes, zero_division=0)
+    precision, recall, _, support = precision_recall_fscore_support(
+        labels, predictions, labels=classes, zero_division=0
+    )
     return {
         "accuracy": float(accuracy_score(labels, predictions)),
         "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
@@ -61,8 +71,15 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, scores: 
     }
 
 
-def bootstrap_interval(labels: np.ndarray, predictions: np.ndarray, metric=None, *, resamples: int = 1000,
-                       confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    metric=None,
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``metric(labels, predictions)`` over samples.
 
     ``metric`` defaults to accuracy, computed for all resamples at once; any other
@@ -80,8 +97,9 @@ def bootstrap_interval(labels: np.ndarray, predictions: np.ndarray, metric=None,
     return float(low), float(high)
 
 
-def group_bootstrap_interval(values: np.ndarray, groups: np.ndarray, *, resamples: int = 1000,
-                             confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def group_bootstrap_interval(
+    values: np.ndarray, groups: np.ndarray, *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``mean(values)`` resampling whole groups (subjects) with replacement.
 
     ``values`` is one number per sample (1/0 for right/wrong gives accuracy; the difference of two
@@ -142,7 +160,11 @@ def corrected_resampled_t_test(differences: np.ndarray, n_train: int, n_test: in
     folds = len(differences)
     mean, variance = differences.mean(), differences.var(ddof=1)
     if variance == 0:
-        return {"t": 0.0 if mean == 0 else math.copysign(math.inf, mean), "p_value": 1.0 if mean == 0 else 0.0, "df": folds - 1}
+        return {
+            "t": 0.0 if mean == 0 else math.copysign(math.inf, mean),
+            "p_value": 1.0 if mean == 0 else 0.0,
+            "df": folds - 1,
+        }
     statistic = mean / math.sqrt((1 / folds + n_test / n_train) * variance)
     return {"t": float(statistic), "p_value": float(2 * student_t.sf(abs(statistic), folds - 1)), "df": folds - 1}
 
@@ -181,7 +203,11 @@ def friedman(scores: np.ndarray) -> dict:
     if np.all(scores == scores[:, :1]):
         return {"statistic": 0.0, "p_value": 1.0, "average_ranks": average_ranks(scores).tolist()}
     result = friedmanchisquare(*scores.T)
-    return {"statistic": float(result.statistic), "p_value": float(result.pvalue), "average_ranks": average_ranks(scores).tolist()}
+    return {
+        "statistic": float(result.statistic),
+        "p_value": float(result.pvalue),
+        "average_ranks": average_ranks(scores).tolist(),
+    }
 
 
 def nemenyi_critical_difference(arms: int, blocks: int, alpha: float = 0.05) -> float:

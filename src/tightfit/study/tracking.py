@@ -34,7 +34,9 @@ class StudyTracker:
         experiment: the experiment; default the study's name.
     """
 
-    def __init__(self, folder: Path, name: str, *, enabled: bool, uri: str | None = None, experiment: str | None = None):
+    def __init__(
+        self, folder: Path, name: str, *, enabled: bool, uri: str | None = None, experiment: str | None = None
+    ):
         self.enabled = enabled
         self.client = None
         self.parent_id: str | None = None
@@ -94,8 +96,11 @@ class StudyTracker:
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        items = [Metric(key.replace("@", "_"), float(value), stamp, step) for key, value in metrics.items()
-                 if isinstance(value, (int, float)) and value == value]
+        items = [
+            Metric(key.replace("@", "_"), float(value), stamp, step)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and value == value
+        ]
         for start in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[start : start + 500])
 
@@ -124,5 +129,6 @@ class TrainerMetrics:
         self.run_id = run_id
 
     def on_epoch_end(self, trainer: Any, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics(self.run_id, {key.replace("/", "_"): value for key, value in metrics.items()},
-                                 step=trainer.global_step)
+        self.tracker.log_metrics(
+            self.run_id, {key.replace("/", "_"): value for key, value in metrics.items()}, step=trainer.global_step
+        )

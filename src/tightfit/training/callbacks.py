@@ -199,7 +199,12 @@ class ModelCheckpoint:
         self.top_k = self.top_k[: self.keep_top_k]
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_path": self.best_path, "top_k": [list(item) for item in self.top_k], "periodic": list(self.periodic)}
+        return {
+            "best": self.best,
+            "best_path": self.best_path,
+            "top_k": [list(item) for item in self.top_k],
+            "periodic": list(self.periodic),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state["best"]

@@ -82,9 +82,12 @@ def check_model_data_contract(
             output = model(*args, **kwargs)
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        builtin = FROM_INPUT_SHAPE.get(model_name.removeprefix("builtin:")) if model_name.startswith("builtin:") else None
+        builtin = (
+            FROM_INPUT_SHAPE.get(model_name.removeprefix("builtin:")) if model_name.startswith("builtin:") else None
+        )
         fix = (
-            f"leave out model_options.{' and '.join(builtin)}: {model_name} takes {'it' if len(builtin) == 1 else 'them'} from the data"
+            f"leave out model_options.{' and '.join(builtin)}: {model_name} takes "
+            f"{'it' if len(builtin) == 1 else 'them'} from the data"
             if builtin
             else "the model's input layer must match the data's samples"
         )
@@ -95,7 +98,9 @@ def check_model_data_contract(
     try:
         rule = loss_rule(output, target)
     except (TypeError, StopIteration):
-        raise ConfigError(f"{where}: the model's output ({type(output).__name__}) holds no tensor to compute a loss from") from None
+        raise ConfigError(
+            f"{where}: the model's output ({type(output).__name__}) holds no tensor to compute a loss from"
+        ) from None
     notes = [] if rule == "model" else _check_output(output, target, rule, where=where, num_classes=num_classes)
     try:
         loss = task_loss(output, target)
@@ -103,12 +108,20 @@ def check_model_data_contract(
         raise ConfigError(f"{where}: the loss cannot be computed: {str(error).strip().splitlines()[0]}") from None
     if not loss.requires_grad:
         trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-        cause = "every parameter is frozen (requires_grad=False)" if not trainable else "the forward pass detaches its output or runs under torch.no_grad()"
-        raise ConfigError(f"{where}: no trainable parameter reaches the loss: {cause}; training would fail at the first backward pass")
+        cause = (
+            "every parameter is frozen (requires_grad=False)"
+            if not trainable
+            else "the forward pass detaches its output or runs under torch.no_grad()"
+        )
+        raise ConfigError(
+            f"{where}: no trainable parameter reaches the loss: {cause}; training would fail at the first backward pass"
+        )
     return notes
 
 
-def _check_output(output: Any, target: torch.Tensor | None, rule: str, *, where: str, num_classes: int | None) -> list[str]:
+def _check_output(
+    output: Any, target: torch.Tensor | None, rule: str, *, where: str, num_classes: int | None
+) -> list[str]:
     """The output-against-target rules of the module doc, for a loss tightfit computes."""
     shape = tuple(model_output_tensor(output).shape)
     if rule == "stand-in":
@@ -120,12 +133,15 @@ def _check_output(output: Any, target: torch.Tensor | None, rule: str, *, where:
         if not target.is_floating_point():
             classes = f"{num_classes} classes" if num_classes else "classes"
             raise ConfigError(
-                f"{where}: the targets are class indices ({classes}) but the model outputs shape {shape}, not (batch, classes); "
-                "use a classifier (e.g. builtin:digits-cnn, builtin:mlp, builtin:small-cnn) or data whose targets have the output's shape"
+                f"{where}: the targets are class indices ({classes}) but the model outputs shape {shape}, not (batch, "
+                "classes); "
+                "use a classifier (e.g. builtin:digits-cnn, builtin:mlp, builtin:small-cnn) or data whose targets "
+                "have the output's shape"
             )
         raise ConfigError(
             f"{where}: the targets have shape {tuple(target.shape)} but the model outputs {shape}; "
-            "for a regression the output must have the targets' shape (change the model's output layer or the data's target columns)"
+            "for a regression the output must have the targets' shape (change the model's output layer or the data's "
+            "target columns)"
         )
     if rule == "cross-entropy" and num_classes is not None and shape[1] != num_classes:
         if shape[1] < num_classes:
@@ -133,5 +149,8 @@ def _check_output(output: Any, target: torch.Tensor | None, rule: str, *, where:
                 f"{where}: the model outputs {shape[1]} classes but the data has {num_classes}; "
                 f"give its last layer {num_classes} outputs"
             )
-        return [f"the model outputs {shape[1]} classes but the data has {num_classes}: {shape[1] - num_classes} outputs are never the answer"]
+        return [
+            f"the model outputs {shape[1]} classes but the data has {num_classes}: {shape[1] - num_classes} outputs "
+            "are never the answer"
+        ]
     return []

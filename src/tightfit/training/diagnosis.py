@@ -9,7 +9,8 @@ Three findings, each with its evidence and what to try:
     differences over the square root of 2, which a trend barely moves) **and** is not a
     significant decrease (t < 3 for the slope), and the loss is not already low: below half of
     the first steps' (a problem solved during the warm-up stays flat at its minimum) or, for a
-    classifier, below half the chance level ln(classes) (a fine-tuned model starts converged). A comparison of two 10-step means (what a
+    classifier, below half the chance level ln(classes) (a fine-tuned model starts converged). A comparison of two
+    10-step means (what a
     tolerance on "start vs end" does) cannot work: on digits the mean of 10 batches moves by
     ~0.013 from noise alone, ten times a 0.1 % tolerance, so a loss stuck at 2.34 for 200
     steps at lr 1e-12 never looked flat. Measured on the digits recipe, first 100 steps after
@@ -87,16 +88,23 @@ def flat_loss_finding(
     if num_classes and num_classes >= 2 and values.mean() < UNDERFIT_FRACTION * math.log(num_classes):
         return None
     last_step = first_step + len(values) - 1
-    rate = f"{lr:.2g}" if base_lr is None or math.isclose(base_lr, lr, rel_tol=0.05) else f"{base_lr:.2g} ({lr:.2g} at step {last_step})"
+    rate = (
+        f"{lr:.2g}"
+        if base_lr is None or math.isclose(base_lr, lr, rel_tol=0.05)
+        else f"{base_lr:.2g} ({lr:.2g} at step {last_step})"
+    )
     return {
         "finding": "flat loss",
         "evidence": (
-            f"the training loss did not move over steps {first_step}-{last_step}: {values[:10].mean():.4g} -> {values[-10:].mean():.4g}, "
-            f"a trend of {change:+.2g} against a batch-to-batch noise of {noise:.2g} (t = {t_decrease:.1f}) at learning rate {rate}"
+            f"the training loss did not move over steps {first_step}-{last_step}: {values[:10].mean():.4g} -> "
+            f"{values[-10:].mean():.4g}, "
+            f"a trend of {change:+.2g} against a batch-to-batch noise of {noise:.2g} (t = {t_decrease:.1f}) at "
+            f"learning rate {rate}"
         ),
         "advice": batch_advice(
             batch_note,
-            "the learning rate is likely too low (find one with tightfit lr-find, or set optimizer.lr: auto), or the labels do not match the inputs",
+            "the learning rate is likely too low (find one with tightfit lr-find, or set optimizer.lr: auto), or the "
+            "labels do not match the inputs",
         ),
     }
 
@@ -106,11 +114,19 @@ def batch_advice(batch_note: str | None, advice: str) -> str:
     changed effective batch changes the steps and the noise of training, and is checked first."""
     if not batch_note:
         return advice
-    return f"first check the batch, which the recipe did not set (effective batch from {batch_note}; set batch.effective_batch_size); then: {advice}"
+    return (
+        f"first check the batch, which the recipe did not set (effective batch from {batch_note}; set "
+        f"batch.effective_batch_size); then: {advice}"
+    )
 
 
 def curve_findings(
-    history: list[dict[str, float]], *, start_loss: float | None, num_classes: int | None, lr: float, batch_note: str | None = None
+    history: list[dict[str, float]],
+    *,
+    start_loss: float | None,
+    num_classes: int | None,
+    lr: float,
+    batch_note: str | None = None,
 ) -> list[dict[str, str]]:
     """Over- and under-fitting read from the validation history.
 
@@ -123,7 +139,11 @@ def curve_findings(
         lr: the base learning rate, for the advice.
         batch_note: see :func:`flat_loss_finding`.
     """
-    records = [record for record in history if math.isfinite(record.get("val_loss", math.nan)) and math.isfinite(record.get("train_loss", math.nan))]
+    records = [
+        record
+        for record in history
+        if math.isfinite(record.get("val_loss", math.nan)) and math.isfinite(record.get("train_loss", math.nan))
+    ]
     findings = []
     if len(records) >= 2 * SMOOTHING:
         # one low validation is luck as often as skill: compare means of SMOOTHING validations
@@ -133,23 +153,29 @@ def curve_findings(
         latest = records[-1]
         rise = means[-1] / means[best_start] - 1
         if best_start < len(means) - 1 and rise >= OVERFIT_RISE and latest["train_loss"] < best["train_loss"]:
-            findings.append({
-                "finding": "overfitting",
-                "evidence": (
-                    f"val_loss (mean of {SMOOTHING} validations) rose from {means[best_start]:.4g} around step {best['step']} "
-                    f"to {means[-1]:.4g} at step {latest['step']} ({100 * rise:+.0f} %) while train_loss fell from "
-                    f"{best['train_loss']:.4g} to {latest['train_loss']:.4g}"
-                ),
-                "advice": (
-                    f"the best checkpoint (lowest val_loss) is the one tested; early_stopping.enabled=true would stop near step {best['step']}, "
-                    "and more data, augmentation, weight_decay or dropout narrow the gap"
-                ),
-            })
+            findings.append(
+                {
+                    "finding": "overfitting",
+                    "evidence": (
+                        f"val_loss (mean of {SMOOTHING} validations) rose from {means[best_start]:.4g} around step "
+                        f"{best['step']} "
+                        f"to {means[-1]:.4g} at step {latest['step']} ({100 * rise:+.0f} %) while train_loss fell from "
+                        f"{best['train_loss']:.4g} to {latest['train_loss']:.4g}"
+                    ),
+                    "advice": (
+                        "the best checkpoint (lowest val_loss) is the one tested; early_stopping.enabled=true would "
+                        f"stop near step {best['step']}, "
+                        "and more data, augmentation, weight_decay or dropout narrow the gap"
+                    ),
+                }
+            )
     if records:
         latest = records[-1]
         if num_classes and num_classes >= 2:
             reference = math.log(num_classes)
-            reference_text = f"{UNDERFIT_FRACTION * reference:.3g}, half the chance level ln({num_classes}) = {reference:.3g}"
+            reference_text = (
+                f"{UNDERFIT_FRACTION * reference:.3g}, half the chance level ln({num_classes}) = {reference:.3g}"
+            )
         elif start_loss is not None and math.isfinite(start_loss) and start_loss > 0:
             reference = start_loss
             reference_text = f"{UNDERFIT_FRACTION * reference:.3g}, half the first steps' loss {reference:.4g}"
@@ -160,14 +186,21 @@ def curve_findings(
             and latest["train_loss"] > UNDERFIT_FRACTION * reference
             and abs(latest["val_loss"] - latest["train_loss"]) <= UNDERFIT_GAP * latest["train_loss"]
         ):
-            findings.append({
-                "finding": "underfitting",
-                "evidence": (
-                    f"train_loss {latest['train_loss']:.4g} and val_loss {latest['val_loss']:.4g} at step {latest['step']}: "
-                    f"both above {reference_text}, and close together"
-                ),
-                "advice": batch_advice(batch_note, f"train longer, with a higher learning rate than {lr:.2g} (tightfit lr-find), or a bigger model"),
-            })
+            findings.append(
+                {
+                    "finding": "underfitting",
+                    "evidence": (
+                        f"train_loss {latest['train_loss']:.4g} and val_loss {latest['val_loss']:.4g} at step "
+                        f"{latest['step']}: "
+                        f"both above {reference_text}, and close together"
+                    ),
+                    "advice": batch_advice(
+                        batch_note,
+                        f"train longer, with a higher learning rate than {lr:.2g} (tightfit lr-find), or a bigger "
+                        "model",
+                    ),
+                }
+            )
     return findings
 
 
@@ -184,7 +217,12 @@ class TrainingDiagnosis:
     """
 
     def __init__(
-        self, flat_loss_steps: int | None, warmup_steps: int, num_classes: int | None, warn: Any = print, batch_note: str | None = None
+        self,
+        flat_loss_steps: int | None,
+        warmup_steps: int,
+        num_classes: int | None,
+        warn: Any = print,
+        batch_note: str | None = None,
     ):
         self.flat_loss_steps = flat_loss_steps
         self.warmup_steps = warmup_steps
@@ -224,18 +262,25 @@ class TrainingDiagnosis:
     def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         if "val_loss" not in metrics or not self.interval_steps:
             return
-        self.history.append({
-            "step": trainer.global_step,
-            "train_loss": self.interval_loss_sum / self.interval_steps,
-            "val_loss": metrics["val_loss"],
-        })
+        self.history.append(
+            {
+                "step": trainer.global_step,
+                "train_loss": self.interval_loss_sum / self.interval_steps,
+                "val_loss": metrics["val_loss"],
+            }
+        )
         self.interval_loss_sum, self.interval_steps = 0.0, 0
 
     def _check_flat(self) -> None:
         self.flat_checked = True
         start_loss = float(np.mean(self.start_losses)) if self.start_losses else None
         finding = flat_loss_finding(
-            self.window, first_step=self.window_start or 1, lr=self.last_lr, base_lr=self.base_lr, start_loss=start_loss, num_classes=self.num_classes,
+            self.window,
+            first_step=self.window_start or 1,
+            lr=self.last_lr,
+            base_lr=self.base_lr,
+            start_loss=start_loss,
+            num_classes=self.num_classes,
             batch_note=self.batch_note,
         )
         self.window = []
@@ -261,10 +306,17 @@ class TrainingDiagnosis:
 
     def state_dict(self) -> dict:
         return {
-            "findings": self.findings, "window": self.window, "window_start": self.window_start,
-            "flat_checked": self.flat_checked, "start_losses": self.start_losses, "recent_losses": self.recent_losses,
-            "interval_loss_sum": self.interval_loss_sum, "interval_steps": self.interval_steps,
-            "history": self.history, "last_lr": self.last_lr, "base_lr": self.base_lr,
+            "findings": self.findings,
+            "window": self.window,
+            "window_start": self.window_start,
+            "flat_checked": self.flat_checked,
+            "start_losses": self.start_losses,
+            "recent_losses": self.recent_losses,
+            "interval_loss_sum": self.interval_loss_sum,
+            "interval_steps": self.interval_steps,
+            "history": self.history,
+            "last_lr": self.last_lr,
+            "base_lr": self.base_lr,
         }
 
     def load_state_dict(self, state: dict) -> None:

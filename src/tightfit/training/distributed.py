@@ -88,7 +88,9 @@ def setup_process(device_type: str, timeout_s: float = 600.0) -> ProcessInfo:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
+        )
     return info
 
 
@@ -142,7 +144,12 @@ def resolve_strategy(strategy: str, info: ProcessInfo) -> str:
 
 # ------------------------------------------------------------------------------ sharing the model
 def shard_model(
-    model: nn.Module, blocks: list[str], *, param_dtype: str = "fp32", reduce_dtype: str = "fp32", cpu_offload: bool = False
+    model: nn.Module,
+    blocks: list[str],
+    *,
+    param_dtype: str = "fp32",
+    reduce_dtype: str = "fp32",
+    cpu_offload: bool = False,
 ) -> list[str]:
     """Shard ``model`` in place with FSDP2: each repeated block is a unit, then the root.
 
@@ -384,6 +391,11 @@ def check_strategy(strategy: str, *, device_type: str, cpu_offload: bool, precis
     if strategy != "fsdp":
         return
     if cpu_offload and device_type != "cuda":
-        raise ConfigError("distributed.cpu_offload: only meaningful when training on CUDA (the model is on the CPU already)")
+        raise ConfigError(
+            "distributed.cpu_offload: only meaningful when training on CUDA (the model is on the CPU already)"
+        )
     if precision == "fp16" and device_type == "cuda":
-        raise ConfigError("precision: fp16 under distributed.strategy=fsdp is not supported (its gradient scaler needs whole gradients); use bf16")
+        raise ConfigError(
+            "precision: fp16 under distributed.strategy=fsdp is not supported (its gradient scaler needs whole "
+            "gradients); use bf16"
+        )

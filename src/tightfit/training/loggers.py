@@ -63,7 +63,9 @@ class ConsoleLogger:
     def log_metrics(self, metrics: dict[str, float], *, step: int, stage: str) -> None:
         if stage == "train":
             return
-        shown = "  ".join(f"{key} {_format_number(value)}" for key, value in metrics.items() if not key.startswith("memory/"))
+        shown = "  ".join(
+            f"{key} {_format_number(value)}" for key, value in metrics.items() if not key.startswith("memory/")
+        )
         self.console.print(f"[bold]{stage:>5}[/] step {step:>6}  {shown}")
 
     def log_artifact(self, path: Path) -> None:

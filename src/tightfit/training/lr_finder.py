@@ -42,7 +42,15 @@ from tightfit.errors import ConfigError
 from tightfit.step.rng import rng_state, set_rng_state
 from tightfit.training.numerics import NumericsError
 
-_COUNTERS = ("global_step", "epoch", "samples_in_epoch", "samples_seen", "micro_batch_size", "accumulation_steps", "oom_recoveries")
+_COUNTERS = (
+    "global_step",
+    "epoch",
+    "samples_in_epoch",
+    "samples_seen",
+    "micro_batch_size",
+    "accumulation_steps",
+    "oom_recoveries",
+)
 
 
 @dataclass
@@ -178,10 +186,20 @@ def find_learning_rate(
                 break
     finally:
         _restore(trainer, saved)
-    suggestion, index, reason, smoothed = suggest_learning_rate(lrs, losses) if losses else (None, None, "no step ran", np.array([]))
+    suggestion, index, reason, smoothed = (
+        suggest_learning_rate(lrs, losses) if losses else (None, None, "no step ran", np.array([]))
+    )
     return LRFindResult(
-        lrs=lrs, losses=losses, smoothed=[float(value) for value in smoothed], suggestion=suggestion, reason=reason,
-        stopped_early=stopped_early, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, suggestion_index=index,
+        lrs=lrs,
+        losses=losses,
+        smoothed=[float(value) for value in smoothed],
+        suggestion=suggestion,
+        reason=reason,
+        stopped_early=stopped_early,
+        min_lr=min_lr,
+        max_lr=max_lr,
+        num_steps=num_steps,
+        suggestion_index=index,
     )
 
 
@@ -194,7 +212,13 @@ def sweep_progress(total: int, enabled: bool = True):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("[bold]lr-find"), BarColumn(), MofNCompleteColumn(), TextColumn("lr {task.fields[lr]}  loss {task.fields[loss]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("[bold]lr-find"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("lr {task.fields[lr]}  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=Console(highlight=False), disable=not enabled, transient=True) as progress:
         task = progress.add_task("sweep", total=total, lr="-", loss="-")
         yield lambda step, lr, loss: progress.update(task, completed=step + 1, lr=f"{lr:.2e}", loss=f"{loss:.4f}")
@@ -215,7 +239,11 @@ def _snapshot(trainer: Any) -> dict[str, Any]:
     return {
         # what a step can change: the trainable parameters and the buffers (BatchNorm statistics);
         # a frozen base (LoRA, QLoRA) is left alone, so the copy costs the adapters, not the model
-        "parameters": {name: parameter.detach().to("cpu", copy=True) for name, parameter in trainer.model.named_parameters() if parameter.requires_grad},
+        "parameters": {
+            name: parameter.detach().to("cpu", copy=True)
+            for name, parameter in trainer.model.named_parameters()
+            if parameter.requires_grad
+        },
         "buffers": {name: buffer.detach().to("cpu", copy=True) for name, buffer in trainer.model.named_buffers()},
         "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
         "schedule": copy.deepcopy(trainer.schedule.state_dict()),
@@ -259,7 +287,14 @@ def plot_lr_find(result: LRFindResult, output: Any) -> Any:
     axis.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss")
     axis.plot(result.lrs, result.smoothed, color="C0", linewidth=2, label="smoothed")
     if result.suggestion is not None and result.suggestion_index is not None:
-        axis.plot([result.suggestion], [result.smoothed[result.suggestion_index]], "o", color="C3", markersize=8, label=f"suggestion {result.suggestion:.2g}")
+        axis.plot(
+            [result.suggestion],
+            [result.smoothed[result.suggestion_index]],
+            "o",
+            color="C3",
+            markersize=8,
+            label=f"suggestion {result.suggestion:.2g}",
+        )
     axis.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate range test")
     if result.smoothed:
         low = min(result.smoothed)

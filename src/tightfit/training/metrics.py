@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from tightfit.training.distributed import ProcessInfo, sum_across_processes
 from tightfit.step.loss import model_output_tensor
+from tightfit.training.distributed import ProcessInfo, sum_across_processes
 
 TOP_K = 5
 
@@ -48,7 +48,9 @@ class MetricAccumulator:
             top_k = logits.topk(TOP_K, dim=1).indices
             self.correct_top_k += int((top_k == target.unsqueeze(1)).any(dim=1).sum())
 
-    def compute(self, prefix: str = "", device: torch.device | None = None, process: ProcessInfo | None = None) -> dict[str, float]:
+    def compute(
+        self, prefix: str = "", device: torch.device | None = None, process: ProcessInfo | None = None
+    ) -> dict[str, float]:
         """The metrics over everything added (and over all ranks), with names like ``val_loss``."""
         totals = [self.samples, self.loss_sum, self.classified, self.correct, self.correct_top_k, self.num_classes]
         if process is not None and process.distributed:

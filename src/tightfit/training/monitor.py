@@ -26,7 +26,13 @@ class ResourceMonitor:
         warn: called with the warning text (default: print).
     """
 
-    def __init__(self, device: torch.device, interval_s: float = 0.5, warn_fraction: float = 0.9, warn: Callable[[str], None] = print):
+    def __init__(
+        self,
+        device: torch.device,
+        interval_s: float = 0.5,
+        warn_fraction: float = 0.9,
+        warn: Callable[[str], None] = print,
+    ):
         self.device = device
         self.interval_s = interval_s
         self.warn_fraction = warn_fraction
@@ -61,7 +67,9 @@ class ResourceMonitor:
             "memory/system_available_bytes": float(system.available),
         }
         if system.percent / 100 >= self.warn_fraction:
-            self._warn_once("system", f"system memory {system.percent:.0f}% used ({system.available / 2**30:.2f} GiB left)")
+            self._warn_once(
+                "system", f"system memory {system.percent:.0f}% used ({system.available / 2**30:.2f} GiB left)"
+            )
         if self.device.type == "cuda":
             sample.update(self._cuda_sample())
         elif self.device.type == "mps":
@@ -80,7 +88,9 @@ class ResourceMonitor:
             "memory/cuda_peak_bytes": float(torch.cuda.max_memory_allocated(index)),
         }
         if reserved / total >= self.warn_fraction:
-            self._warn_once("cuda", f"GPU memory {reserved / total:.0%} reserved ({(total - reserved) / 2**30:.2f} GiB left)")
+            self._warn_once(
+                "cuda", f"GPU memory {reserved / total:.0%} reserved ({(total - reserved) / 2**30:.2f} GiB left)"
+            )
         if self._nvml_handle is not None:
             import pynvml
 
@@ -90,7 +100,10 @@ class ResourceMonitor:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
             self.warned.add(key)
-            self.warn(f"tightfit train: warning: {message}; out of memory may follow (lower batch.micro_batch_size or set checkpointing: auto)")
+            self.warn(
+                f"tightfit train: warning: {message}; out of memory may follow (lower batch.micro_batch_size or set "
+                "checkpointing: auto)"
+            )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -64,7 +64,9 @@ class NumericsGuard:
         self.warnings: list[str] = []
         self.reported_no_gradient = False
 
-    def check(self, model: torch.nn.Module, loss: float, grad_norm: float, *, lr: float, clip_grad_norm: float | None) -> str | None:
+    def check(
+        self, model: torch.nn.Module, loss: float, grad_norm: float, *, lr: float, clip_grad_norm: float | None
+    ) -> str | None:
         """Inspect one step; returns a message when the step must be skipped, None when it is fine.
 
         Raises:
@@ -82,7 +84,8 @@ class NumericsGuard:
         culprit = first_nonfinite_gradient(model)
         where = f"first non-finite gradient in {culprit!r}" if culprit else "gradients finite"
         message = (
-            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} (loss={loss}, grad_norm={grad_norm}); "
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} (loss={loss}, "
+            f"grad_norm={grad_norm}); "
             f"{where}; recent grad norms {history}; likely cause: "
             f"{likely_cause(loss, history, clip_grad_norm, lr)}"
         )
@@ -98,7 +101,11 @@ class NumericsGuard:
             trainable = sum(parameter.requires_grad for parameter in model.parameters())
             self._warn(
                 "no gradient reached the parameters (total norm 0): "
-                + ("every parameter is frozen" if not trainable else "is the forward pass under torch.no_grad(), or the output detached?")
+                + (
+                    "every parameter is frozen"
+                    if not trainable
+                    else "is the forward pass under torch.no_grad(), or the output detached?"
+                )
             )
 
     def _warn(self, message: str) -> None:

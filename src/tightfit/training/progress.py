@@ -105,7 +105,9 @@ class ProgressLines:
         self.console.print(
             f"epoch {trainer.epoch + 1}/{trainer.config.epochs} step {step}/{trainer.steps_per_epoch} "
             f"loss {loss} {rate:.1f} it/s eta {eta}",
-            markup=False, highlight=False, soft_wrap=True,
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
 
 

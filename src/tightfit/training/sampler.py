@@ -59,5 +59,7 @@ class ResumableSampler(Sampler[int]):
         return iter(self.epoch_indices()[self.start_index :])
 
     def __len__(self) -> int:
-        per_rank = -(-self.length // self.world_size) if self.pad else len(range(self.rank, self.length, self.world_size))
+        per_rank = (
+            -(-self.length // self.world_size) if self.pad else len(range(self.rank, self.length, self.world_size))
+        )
         return per_rank - self.start_index

@@ -30,23 +30,31 @@ from tightfit.errors import ConfigError, DistributedRunError, TightfitError
 from tightfit.hardware.detect import resolve_device
 from tightfit.memory.oom import is_out_of_memory
 from tightfit.plan.distributed import fsdp_param_dtype
+from tightfit.runs import checkpoint as checkpoint_files
+from tightfit.runs.checkpoint_writer import CheckpointWriter
+from tightfit.runs.run_folder import mark_run_folder
 from tightfit.step.batch import count_samples, move_to_device
+from tightfit.step.loss import batch_target, forward_and_loss
+from tightfit.step.optim import build_optimizer, check_optimizer_device
+from tightfit.step.precision import autocast, needs_grad_scaler, parameter_dtype, resolve_precision
 from tightfit.step.rng import rng_state, seed_everything, set_rng_state
 from tightfit.step.step import TrainingStep
-from tightfit.runs import checkpoint as checkpoint_files
 from tightfit.training import distributed
 from tightfit.training.callbacks import EarlyStopping, ModelCheckpoint, callback_states, load_callback_states
-from tightfit.runs.checkpoint_writer import CheckpointWriter
 from tightfit.training.diagnosis import TrainingDiagnosis
 from tightfit.training.distributed import setup_process, teardown_process
-from tightfit.training.loggers import ConsoleLogger, JsonlLogger, Logger, MLflowLogger, TensorBoardLogger, WandbLogger, flatten
-from tightfit.step.loss import batch_target, forward_and_loss
+from tightfit.training.loggers import (
+    ConsoleLogger,
+    JsonlLogger,
+    Logger,
+    MLflowLogger,
+    TensorBoardLogger,
+    WandbLogger,
+    flatten,
+)
 from tightfit.training.metrics import MetricAccumulator
 from tightfit.training.monitor import ResourceMonitor
 from tightfit.training.numerics import NumericsGuard
-from tightfit.step.optim import build_optimizer, check_optimizer_device
-from tightfit.step.precision import autocast, needs_grad_scaler, parameter_dtype, resolve_precision
-from tightfit.runs.run_folder import mark_run_folder
 from tightfit.training.sampler import ResumableSampler
 from tightfit.training.schedules import LRSchedule
 from tightfit.units import plural
@@ -87,7 +95,9 @@ class Trainer:
         callbacks: Sequence[Any] = (),
         loggers: Sequence[Logger] | None = None,
     ):
-        self.config = config if isinstance(config, TrainConfig) else build_config(config or {}, source="the Python config")
+        self.config = (
+            config if isinstance(config, TrainConfig) else build_config(config or {}, source="the Python config")
+        )
         self.user_model = model
         self.user_datasets = datasets
         self.extra_callbacks = list(callbacks)
@@ -117,10 +127,14 @@ class Trainer:
         """
         config = self.config
         self.process = setup_process(
-            "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu",
+            "cuda"
+            if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+            else "cpu",
             timeout_s=config.distributed.timeout_s,
         )
-        self.device = resolve_device(config.device, local_rank=self.process.local_rank if self.process.distributed else None)
+        self.device = resolve_device(
+            config.device, local_rank=self.process.local_rank if self.process.distributed else None
+        )
         self.strategy = distributed.resolve_strategy(config.distributed.strategy, self.process)
         # any rank's budget: every rank must average its gradients the same way
         budgeted = distributed.any_across_processes(config.budget is not None, self.device, self.process)
@@ -132,7 +146,9 @@ class Trainer:
         seed_everything(config.seed)
 
         # absolute: summary.json and the checkpoint state are read from other folders later
-        self.run_dir = Path(resume_from or config.run_dir or distributed.broadcast_object(new_run_dir(), self.process)).absolute()
+        self.run_dir = Path(
+            resume_from or config.run_dir or distributed.broadcast_object(new_run_dir(), self.process)
+        ).absolute()
         self.data = self._build_data()
         self.precision, precision_reason = resolve_precision(config.precision, self.device.type)
         self.model = self._build_model()
@@ -150,16 +166,24 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type) if needs_grad_scaler(self.precision, self.device.type) else None
         self.guard = NumericsGuard(config.numerics.on_nonfinite, config.numerics.max_consecutive_skips)
         self.step = TrainingStep(
-            self.train_model, self.optimizer, device=self.device, precision=self.precision,
-            micro_batch_size=micro_batch_size, scaler=scaler, clip_grad_norm=config.clip_grad_norm,
-            sync_context=self._sync_context if self.strategy != "single" else None, skip_check=self._check_numerics,
+            self.train_model,
+            self.optimizer,
+            device=self.device,
+            precision=self.precision,
+            micro_batch_size=micro_batch_size,
+            scaler=scaler,
+            clip_grad_norm=config.clip_grad_norm,
+            sync_context=self._sync_context if self.strategy != "single" else None,
+            skip_check=self._check_numerics,
         )
         self.loaders = self._build_loaders()
         self.steps_per_epoch = len(self.loaders["train"])
         self.total_steps = self.config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        self.schedule = LRSchedule(self.optimizer, config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        self.schedule = LRSchedule(
+            self.optimizer, config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch
+        )
         self.lr_find_result = None
         if config.optimizer.lr == "auto":
             self._find_learning_rate(resuming=resume_from is not None)
@@ -181,7 +205,13 @@ class Trainer:
                 _write_json_atomically(self.run_dir / LR_FIND_FILE, self.lr_find_result.to_dict())
             for logger in self.loggers:
                 logger.log_params(flatten(config.model_dump(mode="json")))
-        self.monitor = ResourceMonitor(self.device, config.monitor.interval_s, config.monitor.warn_fraction, warn=self.console.print) if config.monitor.enabled else None
+        self.monitor = (
+            ResourceMonitor(
+                self.device, config.monitor.interval_s, config.monitor.warn_fraction, warn=self.console.print
+            )
+            if config.monitor.enabled
+            else None
+        )
         self.is_set_up = True
 
     def _build_data(self) -> dict[str, Dataset | None]:
@@ -221,7 +251,9 @@ class Trainer:
 
             require_causal_lm(model, f"model {config.model if self.user_model is None else type(model).__name__}")
             if getattr(getattr(model, "config", None), "use_cache", False):
-                model.config.use_cache = False  # training keeps keys and values for backward anyway; a cache only adds copies
+                model.config.use_cache = (
+                    False  # training keeps keys and values for backward anyway; a cache only adds copies
+                )
         from tightfit.models.prepare import prepare_model
 
         settings = preparation(config, self.precision, self.device, verbose=self.process.is_main)
@@ -249,16 +281,22 @@ class Trainer:
         with sweep_progress(settings.num_steps, enabled=show) as on_step:
             result = find_learning_rate(self, **settings.model_dump(), on_step=on_step)
         if result.suggestion is None:
-            raise ConfigError(f"optimizer.lr: auto found no rate: {result.reason}; set optimizer.lr to a number (see tightfit lr-find)")
+            raise ConfigError(
+                f"optimizer.lr: auto found no rate: {result.reason}; set optimizer.lr to a number (see tightfit "
+                "lr-find)"
+            )
         for group in self.optimizer.param_groups:
             group["lr"] = result.suggestion
             group.pop("initial_lr", None)  # or the rebuilt schedule would keep the placeholder as its base
-        self.schedule = LRSchedule(self.optimizer, self.config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        self.schedule = LRSchedule(
+            self.optimizer, self.config.schedule, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch
+        )
         self.lr_find_result = result
         self.console.print(
             f"optimizer.lr auto: {result.suggestion:.3g} ({result.reason}; range test of {len(result.lrs)} steps "
             f"from {result.min_lr:.2g} to {result.lrs[-1]:.2g})",
-            soft_wrap=True, markup=False,
+            soft_wrap=True,
+            markup=False,
         )
 
     def _check_contract(self) -> None:
@@ -300,9 +338,15 @@ class Trainer:
             effective, stated = batch.effective_batch_size, f"batch.effective_batch_size {batch.effective_batch_size}"
         elif batch.micro_batch_size == "auto":
             effective = DEFAULT_MICRO_BATCH_SIZE * batch.accumulation_steps
-            stated = f"none stated: the default micro-batch {DEFAULT_MICRO_BATCH_SIZE} x accumulation_steps {batch.accumulation_steps}"
+            stated = (
+                f"none stated: the default micro-batch {DEFAULT_MICRO_BATCH_SIZE} x accumulation_steps "
+                f"{batch.accumulation_steps}"
+            )
         else:
-            effective, stated = batch.micro_batch_size * batch.accumulation_steps, "micro_batch_size x accumulation_steps"
+            effective, stated = (
+                batch.micro_batch_size * batch.accumulation_steps,
+                "micro_batch_size x accumulation_steps",
+            )
         # what the diagnosis names before it suspects the learning rate: a batch the recipe did not set
         self.batch_change = stated if batch.micro_batch_size == "auto" and batch.effective_batch_size is None else None
         if effective > train_size:
@@ -323,7 +367,11 @@ class Trainer:
             why = f"effective batch from {stated}"
         accumulation = math.ceil(effective / micro)
         self.batch_reason = why
-        self.console.print(f"batch: micro {micro} x accumulation {accumulation} = effective {effective} ({why})", soft_wrap=True, markup=False)
+        self.console.print(
+            f"batch: micro {micro} x accumulation {accumulation} = effective {effective} ({why})",
+            soft_wrap=True,
+            markup=False,
+        )
         return micro, accumulation, effective
 
     def _find_micro_batch_size(self, effective: int) -> int:
@@ -344,18 +392,25 @@ class Trainer:
             import psutil
 
             budget_bytes = psutil.virtual_memory().available  # no budget given: what the machine has free
-        result = plan(BatchSizeRequest(self.model, batch_factory, options=dict(
-            budget_bytes=budget_bytes,
-            device=self.device,
-            precision=self.precision,
-            optimizer=self.config.optimizer.name,
-            checkpointing=False,  # already applied to the model by _build_model
-            max_batch_size=max(1, effective),
-            accumulation_steps=2 if accumulates else 1,
-            clip_grad_norm=self.config.clip_grad_norm,
-        )))
+        result = plan(
+            BatchSizeRequest(
+                self.model,
+                batch_factory,
+                options=dict(
+                    budget_bytes=budget_bytes,
+                    device=self.device,
+                    precision=self.precision,
+                    optimizer=self.config.optimizer.name,
+                    checkpointing=False,  # already applied to the model by _build_model
+                    max_batch_size=max(1, effective),
+                    accumulation_steps=2 if accumulates else 1,
+                    clip_grad_norm=self.config.clip_grad_norm,
+                ),
+            )
+        )
         self.console.print(
-            f"micro_batch_size auto: {result.batch_size} fits (peak {result.peak_bytes / 2**20:.1f} MiB, {plural(len(result.trials), 'trial step')})"
+            f"micro_batch_size auto: {result.batch_size} fits (peak {result.peak_bytes / 2**20:.1f} MiB, "
+            f"{plural(len(result.trials), 'trial step')})"
         )
         self.batch_search_peak_bytes = result.peak_bytes
         return result.batch_size
@@ -370,7 +425,12 @@ class Trainer:
                 continue
             training = split == "train"
             sampler = ResumableSampler(
-                len(dataset), seed=self.config.seed, shuffle=training, rank=self.process.rank, world_size=self.process.world_size, pad=training
+                len(dataset),
+                seed=self.config.seed,
+                shuffle=training,
+                rank=self.process.rank,
+                world_size=self.process.world_size,
+                pad=training,
             )
             loaders[split] = make_dataloader(
                 dataset,
@@ -389,11 +449,15 @@ class Trainer:
     def _wrap_for_processes(self, model: torch.nn.Module) -> torch.nn.Module:
         """Share the model across ranks as ``distributed.strategy`` says (in place; returns it)."""
         settings = self.config.distributed
-        distributed.check_strategy(self.strategy, device_type=self.device.type, cpu_offload=settings.cpu_offload, precision=self.precision)
+        distributed.check_strategy(
+            self.strategy, device_type=self.device.type, cpu_offload=settings.cpu_offload, precision=self.precision
+        )
         if not self.process.distributed:
             return model
         if self.strategy == "ddp":
-            self.console.print(f"distributed: ddp over {self.process.world_size} processes, gradients averaged {self.gradient_sync}")
+            self.console.print(
+                f"distributed: ddp over {self.process.world_size} processes, gradients averaged {self.gradient_sync}"
+            )
             if self.gradient_sync == "overlap":
                 return distributed.wrap_data_parallel(model, self.device)
             distributed.replicate_model(model)
@@ -402,7 +466,13 @@ class Trainer:
 
             blocks = find_repeated_blocks(model)  # found again: LoRA's wrapper renames the modules
             param_dtype = fsdp_param_dtype(settings.param_dtype, self.precision, model)
-            distributed.shard_model(model, blocks, param_dtype=param_dtype, reduce_dtype=settings.reduce_dtype, cpu_offload=settings.cpu_offload)
+            distributed.shard_model(
+                model,
+                blocks,
+                param_dtype=param_dtype,
+                reduce_dtype=settings.reduce_dtype,
+                cpu_offload=settings.cpu_offload,
+            )
             self.console.print(
                 f"distributed: fsdp over {self.process.world_size} processes, {len(blocks)} blocks sharded as units "
                 f"(parameters gathered in {param_dtype}, gradients reduced in {settings.reduce_dtype}"
@@ -419,14 +489,21 @@ class Trainer:
         saving = config.checkpoint
         callbacks.append(
             ModelCheckpoint(
-                saving.every_n_steps, saving.monitor, saving.mode, saving.keep_top_k,
-                every_n_epochs=saving.every_n_epochs, keep_periodic=saving.keep_periodic,
+                saving.every_n_steps,
+                saving.monitor,
+                saving.mode,
+                saving.keep_top_k,
+                every_n_epochs=saving.every_n_epochs,
+                keep_periodic=saving.keep_periodic,
             )
         )
         callbacks.append(
             TrainingDiagnosis(
-                config.numerics.flat_loss_steps, self.schedule.warmup_steps, self.num_classes,
-                warn=lambda line: self.console.print(line, soft_wrap=True, markup=False), batch_note=self.batch_change,
+                config.numerics.flat_loss_steps,
+                self.schedule.warmup_steps,
+                self.num_classes,
+                warn=lambda line: self.console.print(line, soft_wrap=True, markup=False),
+                batch_note=self.batch_change,
             )
         )
         if config.logging.progress and config.logging.console and self.process.is_main:
@@ -436,7 +513,9 @@ class Trainer:
         # A model may bring callbacks of its own (the diffusion module's validation images);
         # looked up on the class so PEFT's attribute forwarding does not report one twice.
         model_callbacks = [
-            callback for module in self.model.modules() if hasattr(type(module), "training_callbacks")
+            callback
+            for module in self.model.modules()
+            if hasattr(type(module), "training_callbacks")
             for callback in module.training_callbacks()
         ]
         # the caller's come last: a report (``tightfit.report.callback``) reads what the others wrote
@@ -516,7 +595,9 @@ class Trainer:
             self._fire("on_exception", error)
             lost = distributed.lost_peer_message(error, self.process)
             if lost is not None:
-                raise DistributedRunError(f"{lost}; continue from the last checkpoint with --resume {self.run_dir}") from error
+                raise DistributedRunError(
+                    f"{lost}; continue from the last checkpoint with --resume {self.run_dir}"
+                ) from error
             raise
         finally:
             for logger in self.loggers:
@@ -591,9 +672,16 @@ class Trainer:
         self.global_step += 1
         self.samples_in_epoch += result.samples
         self.samples_seen += result.samples
-        loss = distributed.mean_across_processes(float(result.loss), self.device, self.process)  # over all ranks' samples
-        return {"train_loss": loss, "lr": lr, "grad_norm": float(result.grad_norm), "samples": result.samples,
-                "skipped": float(result.skipped is not None)}
+        loss = distributed.mean_across_processes(
+            float(result.loss), self.device, self.process
+        )  # over all ranks' samples
+        return {
+            "train_loss": loss,
+            "lr": lr,
+            "grad_norm": float(result.grad_norm),
+            "samples": result.samples,
+            "skipped": float(result.skipped is not None),
+        }
 
     def _check_numerics(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
         """The step's ``skip_check``: the numerics guard's verdict on the window's loss and gradients.
@@ -665,10 +753,15 @@ class Trainer:
             # stops them when this rank exits
             where = "fsdp" if self.strategy == "fsdp" else "ddp with distributed.gradient_sync=overlap"
             raise DistributedRunError(
-                f"rank {self.process.rank}: out of memory under {where}, where ranks cannot agree mid-step; continue with "
+                f"rank {self.process.rank}: out of memory under {where}, where ranks cannot agree mid-step; continue "
+                "with "
                 f"--resume {self.run_dir} batch.micro_batch_size={max(1, self.micro_batch_size // 2)} "
                 f"batch.effective_batch_size={self.effective_batch_size}"
-                + (" (or distributed.gradient_sync=after_accumulation, which recovers in place)" if self.strategy == "ddp" else "")
+                + (
+                    " (or distributed.gradient_sync=after_accumulation, which recovers in place)"
+                    if self.strategy == "ddp"
+                    else ""
+                )
             ) from error
         if self._agreed:  # past the agreement (in the optimizer step): the others have moved on
             raise DistributedRunError(
@@ -688,7 +781,9 @@ class Trainer:
             torch.mps.empty_cache()  # the freed blocks go back to unified memory, shared with the system
         if self.micro_batch_size == 1:
             if error is None:
-                raise TightfitError("out of memory with a micro-batch of 1 on another rank: the model itself does not fit there")
+                raise TightfitError(
+                    "out of memory with a micro-batch of 1 on another rank: the model itself does not fit there"
+                )
             raise TightfitError(
                 "out of memory with a micro-batch of 1: the model itself does not fit "
                 "(try checkpointing: auto, precision: bf16, optimizer.name: sgd, or lora)"
@@ -698,7 +793,8 @@ class Trainer:
         self.oom_recoveries += 1
         where = "" if not self.process.distributed else f" on {'this' if error is not None else 'another'} rank"
         self.console.print(
-            f"[yellow]out of memory{where} at step {self.global_step + 1}:[/] micro_batch_size -> {self.micro_batch_size}, "
+            f"[yellow]out of memory{where} at step {self.global_step + 1}:[/] micro_batch_size -> "
+            f"{self.micro_batch_size}, "
             f"accumulation_steps -> {self.accumulation_steps} (effective batch {self.effective_batch_size} unchanged)"
         )
 
@@ -780,7 +876,9 @@ class Trainer:
             "best_checkpoint": str(best_path) if best_path else None,
             "last_checkpoint": str(self.run_dir / "checkpoints" / "last"),
             # without validation there is no best: the last checkpoint is the run's result
-            "result_checkpoint": str(best_path if best_path and restore_best else self.run_dir / "checkpoints" / "last"),
+            "result_checkpoint": str(
+                best_path if best_path and restore_best else self.run_dir / "checkpoints" / "last"
+            ),
             "train_loss": diagnosis.recent_train_loss,
             "wall_time_s": round(wall_time_s, 3),
             "steps": self.global_step,
@@ -801,8 +899,13 @@ class Trainer:
             "skipped_steps": self.guard.skipped_steps,
             "warnings": self.guard.warnings,
             "lr": self.base_lr,
-            "lr_find": {"suggestion": self.lr_find_result.suggestion, "reason": self.lr_find_result.reason, "steps": len(self.lr_find_result.lrs)}
-            if self.lr_find_result is not None else None,
+            "lr_find": {
+                "suggestion": self.lr_find_result.suggestion,
+                "reason": self.lr_find_result.reason,
+                "steps": len(self.lr_find_result.lrs),
+            }
+            if self.lr_find_result is not None
+            else None,
             "diagnosis": diagnosis.conclude(base_lr=self.base_lr),
             "stop_reason": self.stop_reason,
             "world_size": self.process.world_size,
@@ -826,11 +929,18 @@ class Trainer:
     def _peak_memory_bytes_per_rank(self) -> list[dict[str, int]]:
         """Every rank's peaks, by rank (one entry in a one-process run)."""
         mine = self._peak_memory_bytes()
-        gathered = {name: distributed.gather_across_processes(value, self.device, self.process) for name, value in mine.items()}
-        return [{name: None if values[rank] is None else int(values[rank]) for name, values in gathered.items()} for rank in range(self.process.world_size)]
+        gathered = {
+            name: distributed.gather_across_processes(value, self.device, self.process) for name, value in mine.items()
+        }
+        return [
+            {name: None if values[rank] is None else int(values[rank]) for name, values in gathered.items()}
+            for rank in range(self.process.world_size)
+        ]
 
     # ------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, name: str, *, weights_only: bool = False, metrics: dict[str, float] | None = None) -> Path:
+    def save_checkpoint(
+        self, name: str, *, weights_only: bool = False, metrics: dict[str, float] | None = None
+    ) -> Path:
         """Write ``RUN_DIR/checkpoints/NAME`` (rank 0 only); ``weights_only`` leaves out the
         optimizer and RNG state (best and top-k checkpoints, which are not resumed from)."""
         directory = self.run_dir / "checkpoints" / name
@@ -853,7 +963,9 @@ class Trainer:
                 directory, self.model, optimizer, state, meta, self.process, trainable_only=self.config.lora is not None
             )
         weights = checkpoint_files.model_weights(self.model)  # adapters only for a LoRA run
-        return self.checkpoint_writer.save(directory, weights, state, meta, checkpoint_files.weights_metadata(self.model))
+        return self.checkpoint_writer.save(
+            directory, weights, state, meta, checkpoint_files.weights_metadata(self.model)
+        )
 
     @property
     def sharded_checkpoints(self) -> bool:
@@ -890,7 +1002,8 @@ class Trainer:
             "epoch": self.epoch + 1 if self.epoch_finished else self.epoch,
             "samples_in_epoch": 0 if self.epoch_finished else self.samples_in_epoch,
             "samples_seen": self.samples_seen,
-            "wall_time_s": self.wall_time_before_s + (time.perf_counter() - self.fit_start_time if self.fit_start_time else 0.0),
+            "wall_time_s": self.wall_time_before_s
+            + (time.perf_counter() - self.fit_start_time if self.fit_start_time else 0.0),
             "micro_batch_size": self.micro_batch_size,
             "oom_recoveries": self.oom_recoveries,
             "world_size": self.process.world_size,
@@ -918,11 +1031,16 @@ class Trainer:
             from tightfit.runs.distributed_checkpoint import load_sharded_checkpoint
 
             newest = next(
-                (folder for folder in checkpoint_files.checkpoint_folders(run_dir / "checkpoints")
-                 if checkpoint_files.holds_full_state(folder) and checkpoint_files.is_sharded(folder)),
+                (
+                    folder
+                    for folder in checkpoint_files.checkpoint_folders(run_dir / "checkpoints")
+                    if checkpoint_files.holds_full_state(folder) and checkpoint_files.is_sharded(folder)
+                ),
                 run_dir / "checkpoints" / "last",
             )
-            restored = load_sharded_checkpoint(newest, self.model, self.optimizer, trainable_only=self.config.lora is not None)
+            restored = load_sharded_checkpoint(
+                newest, self.model, self.optimizer, trainable_only=self.config.lora is not None
+            )
         else:
             restored = checkpoint_files.load_newest_intact(run_dir / "checkpoints", self.model, full_state_first=True)
         for problem in restored.skipped:
@@ -956,7 +1074,8 @@ class Trainer:
             self.console.print(f"resume: saved state of callbacks no longer in the run ignored: {', '.join(unclaimed)}")
         set_rng_state(state["rng"])
         self.console.print(
-            f"resumed from {restored.directory} at step {self.global_step} (epoch {self.epoch + 1}, {self.samples_in_epoch} samples in)"
+            f"resumed from {restored.directory} at step {self.global_step} (epoch {self.epoch + 1}, "
+            f"{self.samples_in_epoch} samples in)"
         )
 
     def _continue_from_weights(self, restored: checkpoint_files.Restored) -> None:
@@ -967,8 +1086,11 @@ class Trainer:
             warnings.simplefilter("ignore")
             for _ in range(self.global_step):
                 self.schedule.step()
-        full_state = [folder.name for folder in checkpoint_files.checkpoint_folders(self.run_dir / "checkpoints")
-                      if checkpoint_files.holds_full_state(folder)]
+        full_state = [
+            folder.name
+            for folder in checkpoint_files.checkpoint_folders(self.run_dir / "checkpoints")
+            if checkpoint_files.holds_full_state(folder)
+        ]
         found = f"{', '.join(full_state)} damaged, see above" if full_state else "the run stopped before writing one"
         self._warn(
             f"resumed from {restored.directory} (weights only) at step {self.global_step}: no intact checkpoint "
@@ -1006,8 +1128,12 @@ def preparation(config: TrainConfig, precision: str, device: torch.device, *, ve
     """The :func:`tightfit.models.prepare.prepare_model` settings of a run (its device and precision
     resolved): checkpointing, LoRA, parameter dtype, device. The trainer prepares its model with them."""
     return dict(
-        checkpointing=config.checkpointing.activation, lora=config.lora, base_model=config.model,
-        dtype=parameter_dtype(precision) if precision == "bf16-pure" else None, device=device, verbose=verbose,
+        checkpointing=config.checkpointing.activation,
+        lora=config.lora,
+        base_model=config.model,
+        dtype=parameter_dtype(precision) if precision == "bf16-pure" else None,
+        device=device,
+        verbose=verbose,
         precision=precision,
     )
 
