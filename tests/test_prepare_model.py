@@ -30,7 +30,8 @@ pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml")) + sorted((ROOT / "src/tightfit/recipes").glob("*.yaml"))
 NOT_TRAINING = {"compress-digits.yaml": "a compression recipe: its model is a trained run folder, not a spec"}
-META_ONLY = {"qlora-7b.yaml"}
+# the 7B bases ship as an architecture only (no weights): compared with a planning build
+META_ONLY = {"qlora-7b.yaml", "qlora-7b-rtx3050-laptop-6gb.yaml"}
 
 
 def _config(recipe: Path):
@@ -45,7 +46,10 @@ def _trainer_base(config, num_classes):
     """The base ``Trainer.setup`` builds (``build_run_model``); without the recipe's stage-1
     ``init_weights`` in this checkout, the same build without loading them (weights change values,
     not names, dtypes or what trains)."""
-    if config.init_weights and not (ROOT / config.init_weights).exists():
+    stage_one_missing = config.init_weights and not (ROOT / config.init_weights).exists()
+    # the LoRA recipe takes stage 1's run on the command line (init_weights=); without it the
+    # trainer refuses a weightless base, so the same build is made without loading any
+    if stage_one_missing or (config.lora is not None and config.init_weights is None):
         return build_model_for_data(config.model, config.model_options, num_classes=num_classes, input_shape=None)[0]
     return build_run_model(config, num_classes=num_classes)[0]
 
@@ -58,7 +62,7 @@ def _planner(config) -> _Planner:
     input_spec, num_classes = input_spec_for(config)
     quantize_base = None
     if config.lora is not None and config.lora.quantize_base is not None:
-        quantize_base, _ = resolve_quantize_base(config.lora.quantize_base, "cpu")
+        quantize_base = resolve_quantize_base(config.lora.quantize_base, "cpu").method
     model_kwargs = dict(config.model_options, **({"num_classes": num_classes} if num_classes is not None else {}))
     return _Planner(
         config.model,

@@ -204,9 +204,12 @@ def _complete_run(run_dir, config) -> str | None:
     its last checkpoint at the end of the last epoch, at max_steps, or stopped early), else None."""
     import json
 
-    summary_file, meta_file = run_dir / "summary.json", run_dir / "checkpoints" / "last" / "meta.json"
-    if not summary_file.is_file() or not meta_file.is_file():
-        return None
+    from tightfit.runs.checkpoint import is_intact
+
+    last = run_dir / "checkpoints" / "last"
+    summary_file, meta_file = run_dir / "summary.json", last / "meta.json"
+    if not summary_file.is_file() or not meta_file.is_file() or not is_intact(last):
+        return None  # damaged or tampered with: the trainer's own checks say what is wrong
     try:
         summary, meta = json.loads(summary_file.read_text()), json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):

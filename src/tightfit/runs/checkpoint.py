@@ -347,6 +347,25 @@ def complete_checkpoint(directory: Path) -> Path | None:
     return None
 
 
+def is_intact(directory: Path) -> bool:
+    """Whether a checkpoint folder reads back whole, through the same safe readers a resume uses
+    (a sharded one: its metadata through the restricted unpickler; its shards are read on load)."""
+    directory = Path(directory)
+    if is_sharded(directory):
+        from tightfit.runs.distributed_checkpoint import read_metadata
+
+        try:
+            read_metadata(directory / SHARDS_DIR)
+        except ConfigError:
+            return False
+        return all((directory / name).is_file() for name in (STATE_FILE, META_FILE))
+    try:
+        _read(directory)
+    except DamagedCheckpointError:
+        return False
+    return True
+
+
 def is_sharded(directory: Path) -> bool:
     """Whether a checkpoint holds its weights as DCP shards (``runs/distributed_checkpoint.py``)."""
     return (Path(directory) / SHARDS_DIR / ".metadata").is_file()

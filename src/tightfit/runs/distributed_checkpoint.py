@@ -76,7 +76,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
 
-def _read_metadata(shards: Path):
+def read_metadata(shards: Path):
     """``shards/.metadata`` through :class:`_MetadataUnpickler`.
 
     Raises:
@@ -101,10 +101,10 @@ def _read_metadata(shards: Path):
 
 def _safe_reader(shards: Path):
     """A DCP storage reader for ``shards`` whose metadata is read (now, before DCP runs) by
-    :func:`_read_metadata`; DCP's own reader loads the tensors with ``weights_only=True``."""
+    :func:`read_metadata`; DCP's own reader loads the tensors with ``weights_only=True``."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    metadata = _read_metadata(shards)
+    metadata = read_metadata(shards)
 
     class SafeFileSystemReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):

@@ -336,7 +336,10 @@ def load_for_generation(path: str | Path, *, device: str = "cpu", trust_code: bo
             model, a missing tokenizer.
     """
     path = Path(path).expanduser()
-    if (path / "config.yaml").is_file():
+    # a merged folder holds the config.yaml of its run beside its own config.json and weights, but
+    # no checkpoints/: it is a transformers folder first
+    merged = (path / "config.json").is_file() and not (path / "checkpoints").is_dir()
+    if (path / "config.yaml").is_file() and not merged:
         loaded = _load_run(path, trust_code)
     elif (path / "model_index.json").is_file():
         from tightfit.models.diffusion import build_diffusion_model
